@@ -1,0 +1,396 @@
+//! The chunked system allocator: 2 MiB chunks mapped from the kernel and
+//! carved into 4 KiB pages, with anonymous, HugeTLB or `memfd_secret` backing.
+
+use std::collections::HashMap;
+use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+use std::sync::Mutex;
+
+use super::{AllocError, AllocatorId, PAGE_SIZE, PageAllocator, check_aligned};
+
+/// Size of one chunk: 2 MiB, the x86 huge page size.
+pub const CHUNK_SIZE: usize = 2 << 20;
+const CHUNK_SHIFT: u32 = CHUNK_SIZE.trailing_zeros();
+const PAGES_PER_CHUNK: usize = CHUNK_SIZE / PAGE_SIZE;
+const BITMAP_WORDS: usize = PAGES_PER_CHUNK / 64;
+/// `memfd_secret(2)` on x86_64; libc does not name it.
+const SYS_MEMFD_SECRET: libc::c_long = 447;
+const HUGETLB_2M_POOL: &str = "hugepages-2048kB";
+
+/// Where a [`ChunkAllocator`]'s chunks come from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChunkBacking {
+    /// Private anonymous memory.
+    Anonymous,
+    /// 2 MiB HugeTLB pages (each chunk is one huge page, populated at map time).
+    HugeTlb,
+    /// `memfd_secret(2)` memory: not in the kernel direct map, not readable by
+    /// other processes or the kernel. Pages are not zeroed by the allocator.
+    Secret,
+}
+
+impl ChunkBacking {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Anonymous => "chunk(anonymous)",
+            Self::HugeTlb => "chunk(hugetlb-2M)",
+            Self::Secret => "chunk(secret)",
+        }
+    }
+}
+
+/// One 2 MiB chunk and which of its pages are out.
+#[derive(Debug)]
+struct Chunk {
+    base: usize,
+    out: [u64; BITMAP_WORDS],
+    nr_out: usize,
+}
+
+#[derive(Debug, Default)]
+struct ChunkPool {
+    /// Chunks by `base >> CHUNK_SHIFT`.
+    chunks: HashMap<usize, Chunk>,
+    /// Free page addresses, popped from the end.
+    free: Vec<usize>,
+}
+
+/// Maps 2 MiB chunks and carves them into pages.
+///
+/// Chunks are 2 MiB aligned, so the chunk of a page is found by shifting its
+/// address; a per-chunk bitmap tells which pages are out, which makes
+/// foreign and double frees detectable at no extra memory cost. Chunks stay
+/// mapped until [`ChunkAllocator::trim`] or drop.
+///
+/// ```
+/// use mmu_cache::alloc::{ChunkAllocator, PageAllocator};
+///
+/// let chunks = ChunkAllocator::anonymous();
+/// let page = chunks.page_get()?;
+/// assert_eq!(chunks.chunks_mapped(), 1);
+/// // SAFETY: the page is not used after this.
+/// unsafe { chunks.page_free(page)? };
+/// assert_eq!(chunks.trim(), 1);
+/// # Ok::<(), mmu_cache::alloc::AllocError>(())
+/// ```
+#[derive(Debug)]
+pub struct ChunkAllocator {
+    id: AllocatorId,
+    backing: ChunkBacking,
+    pool: Mutex<ChunkPool>,
+}
+
+/// The secret allocator: a [`ChunkAllocator`] over `memfd_secret(2)` chunks.
+///
+/// The user-space analogue of `__GFP_UNMAPPED`: pages are removed from the
+/// kernel's direct map. Zeroing is not forced, since a trusted consumer may
+/// initialise pages itself.
+pub struct SecretAllocator;
+
+impl SecretAllocator {
+    /// A chunk allocator with [`ChunkBacking::Secret`], after checking that the
+    /// kernel offers `memfd_secret(2)` (a clear error when it does not).
+    #[allow(clippy::new_ret_no_self)]
+    pub fn new() -> Result<ChunkAllocator, AllocError> {
+        let fd = memfd_secret()?;
+        drop(fd);
+        Ok(ChunkAllocator::new(ChunkBacking::Secret))
+    }
+}
+
+impl ChunkAllocator {
+    /// An allocator whose chunks have the given backing. Nothing is mapped
+    /// until the first `page_get`.
+    pub fn new(backing: ChunkBacking) -> Self {
+        Self {
+            id: AllocatorId::fresh(),
+            backing,
+            pool: Mutex::new(ChunkPool::default()),
+        }
+    }
+
+    /// An allocator over private anonymous chunks.
+    pub fn anonymous() -> Self {
+        Self::new(ChunkBacking::Anonymous)
+    }
+
+    /// An allocator over 2 MiB HugeTLB chunks. Fails at once, naming the pool,
+    /// when the pool has no free page.
+    pub fn hugetlb() -> Result<Self, AllocError> {
+        let free = hugetlb_free_pages(HUGETLB_2M_POOL);
+        if free == 0 {
+            return Err(AllocError::HugeTlbPoolEmpty {
+                pool: HUGETLB_2M_POOL.to_owned(),
+                free,
+            });
+        }
+        Ok(Self::new(ChunkBacking::HugeTlb))
+    }
+
+    /// The backing of this allocator's chunks.
+    pub fn backing(&self) -> ChunkBacking {
+        self.backing
+    }
+
+    /// Number of chunks currently mapped.
+    pub fn chunks_mapped(&self) -> usize {
+        self.lock().chunks.len()
+    }
+
+    /// Unmaps every chunk with no page out; returns how many were unmapped.
+    pub fn trim(&self) -> usize {
+        let mut pool = self.lock();
+        let idle: Vec<usize> = pool
+            .chunks
+            .iter()
+            .filter(|(_, chunk)| chunk.nr_out == 0)
+            .map(|(&key, _)| key)
+            .collect();
+        if idle.is_empty() {
+            return 0;
+        }
+        pool.free.retain(|addr| !idle.contains(&(addr >> CHUNK_SHIFT)));
+        for key in &idle {
+            if let Some(chunk) = pool.chunks.remove(key) {
+                // SAFETY: the chunk was mapped by `map_chunk` and none of its
+                // pages is out, so nothing refers to it any more.
+                unsafe { unmap(chunk.base, CHUNK_SIZE) };
+            }
+        }
+        idle.len()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ChunkPool> {
+        self.pool.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn map_chunk(&self) -> Result<usize, AllocError> {
+        let base = reserve_aligned_chunk()?;
+        let mapped = match self.backing {
+            ChunkBacking::Anonymous => map_fixed(
+                base,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                "mmap(anonymous chunk)",
+            ),
+            ChunkBacking::HugeTlb => map_fixed(
+                base,
+                libc::MAP_PRIVATE
+                    | libc::MAP_ANONYMOUS
+                    | libc::MAP_HUGETLB
+                    | libc::MAP_HUGE_2MB
+                    | libc::MAP_POPULATE,
+                -1,
+                "mmap(hugetlb chunk)",
+            )
+            .map_err(|err| match err {
+                AllocError::Os { source, .. }
+                    if source.raw_os_error() == Some(libc::ENOMEM) =>
+                {
+                    AllocError::HugeTlbPoolEmpty {
+                        pool: HUGETLB_2M_POOL.to_owned(),
+                        free: hugetlb_free_pages(HUGETLB_2M_POOL),
+                    }
+                }
+                other => other,
+            }),
+            ChunkBacking::Secret => map_secret_chunk(base),
+        };
+        if let Err(err) = mapped {
+            // SAFETY: `base..base + CHUNK_SIZE` is our own reservation (or what
+            // a failed MAP_FIXED left of it); nothing else uses it.
+            unsafe { unmap(base, CHUNK_SIZE) };
+            return Err(err);
+        }
+        Ok(base)
+    }
+}
+
+fn hugetlb_free_pages(pool: &str) -> u64 {
+    std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/{pool}/free_hugepages"))
+        .ok()
+        .and_then(|text| text.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn memfd_secret() -> Result<OwnedFd, AllocError> {
+    // SAFETY: memfd_secret takes one flags argument and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(SYS_MEMFD_SECRET, libc::O_CLOEXEC as libc::c_long) };
+    if fd < 0 {
+        return Err(AllocError::SecretMemUnavailable {
+            source: io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: the kernel just returned this fd and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+}
+
+fn map_secret_chunk(base: usize) -> Result<(), AllocError> {
+    use std::os::fd::AsRawFd;
+    let fd = memfd_secret()?;
+    // SAFETY: ftruncate on an fd we own.
+    if unsafe { libc::ftruncate(fd.as_raw_fd(), CHUNK_SIZE as libc::off_t) } != 0 {
+        return Err(AllocError::Os {
+            operation: "ftruncate(memfd_secret)",
+            source: io::Error::last_os_error(),
+        });
+    }
+    // The mapping keeps the file alive after `fd` is closed.
+    map_fixed(base, libc::MAP_SHARED, fd.as_raw_fd(), "mmap(memfd_secret chunk)")
+}
+
+/// Reserves `2 * CHUNK_SIZE` of address space and keeps the aligned
+/// `CHUNK_SIZE` inside it (as PROT_NONE, to be replaced with MAP_FIXED).
+fn reserve_aligned_chunk() -> Result<usize, AllocError> {
+    let span = 2 * CHUNK_SIZE;
+    // SAFETY: a fresh PROT_NONE reservation at an address the kernel picks.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            span,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return Err(AllocError::Os {
+            operation: "mmap(reserve chunk)",
+            source: io::Error::last_os_error(),
+        });
+    }
+    let start = raw as usize;
+    let base = start.next_multiple_of(CHUNK_SIZE);
+    // SAFETY: both pieces lie inside the reservation made above and are not
+    // part of the aligned chunk we keep.
+    unsafe {
+        unmap(start, base - start);
+        unmap(base + CHUNK_SIZE, start + span - (base + CHUNK_SIZE));
+    }
+    Ok(base)
+}
+
+fn map_fixed(
+    base: usize,
+    flags: libc::c_int,
+    fd: libc::c_int,
+    operation: &'static str,
+) -> Result<(), AllocError> {
+    // SAFETY: `base..base + CHUNK_SIZE` is a reservation this allocator owns,
+    // so replacing it with MAP_FIXED cannot clobber anyone else's mapping.
+    let raw = unsafe {
+        libc::mmap(
+            base as *mut libc::c_void,
+            CHUNK_SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags | libc::MAP_FIXED,
+            fd,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return Err(AllocError::Os {
+            operation,
+            source: io::Error::last_os_error(),
+        });
+    }
+    Ok(())
+}
+
+/// # Safety
+///
+/// `addr..addr + len` must be a mapping (or part of one) that this module
+/// created and that nothing refers to any more.
+unsafe fn unmap(addr: usize, len: usize) {
+    if len == 0 {
+        return;
+    }
+    // SAFETY: guaranteed by the caller.
+    let rc = unsafe { libc::munmap(addr as *mut libc::c_void, len) };
+    debug_assert_eq!(rc, 0, "munmap({addr:#x}, {len:#x})");
+}
+
+// SAFETY: pages are carved from chunks this allocator mapped read/write; the
+// per-chunk bitmap guarantees a page is out at most once, and `page_free`
+// refuses (without touching memory) addresses outside its chunks or whose bit
+// is clear. Chunks are unmapped only when no page of theirs is out, or on drop.
+unsafe impl PageAllocator for ChunkAllocator {
+    fn id(&self) -> AllocatorId {
+        self.id
+    }
+
+    fn name(&self) -> &str {
+        self.backing.name()
+    }
+
+    fn page_get(&self) -> Result<NonNull<u8>, AllocError> {
+        let mut pool = self.lock();
+        if pool.free.is_empty() {
+            let base = self.map_chunk()?;
+            pool.chunks.insert(
+                base >> CHUNK_SHIFT,
+                Chunk {
+                    base,
+                    out: [0; BITMAP_WORDS],
+                    nr_out: 0,
+                },
+            );
+            pool.free
+                .extend((0..PAGES_PER_CHUNK).rev().map(|i| base + i * PAGE_SIZE));
+        }
+        let addr = pool.free.pop().expect("a chunk was just mapped");
+        let chunk = pool
+            .chunks
+            .get_mut(&(addr >> CHUNK_SHIFT))
+            .expect("free pages belong to mapped chunks");
+        let index = (addr - chunk.base) / PAGE_SIZE;
+        chunk.out[index / 64] |= 1 << (index % 64);
+        chunk.nr_out += 1;
+        Ok(NonNull::new(addr as *mut u8).expect("chunks are never at address 0"))
+    }
+
+    unsafe fn page_free(&self, page: NonNull<u8>) -> Result<(), AllocError> {
+        let addr = page.as_ptr() as usize;
+        check_aligned(self.name(), addr)?;
+        let mut pool = self.lock();
+        let Some(chunk) = pool.chunks.get_mut(&(addr >> CHUNK_SHIFT)) else {
+            return Err(AllocError::NotOwned {
+                allocator: self.name().to_owned(),
+                addr,
+            });
+        };
+        let index = (addr - chunk.base) / PAGE_SIZE;
+        let bit = 1u64 << (index % 64);
+        if chunk.out[index / 64] & bit == 0 {
+            return Err(AllocError::DoubleFree {
+                allocator: self.name().to_owned(),
+                addr,
+            });
+        }
+        chunk.out[index / 64] &= !bit;
+        chunk.nr_out -= 1;
+        pool.free.push(addr);
+        Ok(())
+    }
+
+    fn pages_outstanding(&self) -> usize {
+        self.lock().chunks.values().map(|chunk| chunk.nr_out).sum()
+    }
+}
+
+impl Drop for ChunkAllocator {
+    fn drop(&mut self) {
+        let pool = self.pool.get_mut().unwrap_or_else(|p| p.into_inner());
+        let leaked: usize = pool.chunks.values().map(|chunk| chunk.nr_out).sum();
+        if leaked != 0 {
+            tracing::warn!(leaked, allocator = self.backing.name(), "chunk allocator dropped with pages still out");
+        }
+        for chunk in pool.chunks.values() {
+            // SAFETY: the allocator is being dropped, so by the PageAllocator
+            // contract no page of this chunk may be used any more.
+            unsafe { unmap(chunk.base, CHUNK_SIZE) };
+        }
+    }
+}

@@ -1,0 +1,209 @@
+//! Page allocators: the `page_get` / `page_free` hook behind every page cache.
+//!
+//! A [`PageAllocator`] hands out 4 KiB, 4 KiB-aligned pages and takes them back.
+//! Every allocator here keeps a ledger of the pages it has handed out, so that
+//! a page it does not own, or a page freed twice, is reported as an
+//! [`AllocError`] instead of corrupting its free lists.
+//!
+//! Provided allocators:
+//! - [`ChunkAllocator`]: maps 2 MiB chunks and carves them into pages; the
+//!   chunks are anonymous memory, HugeTLB pages, or `memfd_secret(2)` memory
+//!   (the [`SecretAllocator`] constructor) that is gone from the kernel
+//!   direct map.
+//! - [`HeapAllocator`]: one `std::alloc` allocation per page.
+//! - [`CountingAllocator`] and [`FailingAllocator`]: wrappers for tests and
+//!   fuzzing that count calls, trip on allocation inside a forbidden section,
+//!   and fail on demand.
+
+mod chunk;
+mod heap;
+mod ledger;
+mod testing;
+
+use std::fmt;
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub use chunk::{ChunkAllocator, ChunkBacking, SecretAllocator, CHUNK_SIZE};
+pub use heap::HeapAllocator;
+pub use testing::{CountingAllocator, FailPolicy, FailingAllocator, NoAllocSection};
+
+/// Size in bytes of every page an allocator hands out.
+pub const PAGE_SIZE: usize = 4096;
+
+/// Errors of page allocators.
+#[derive(Debug, thiserror::Error)]
+pub enum AllocError {
+    /// The allocator has no memory left (its backing store refused more).
+    #[error("{allocator}: out of memory")]
+    OutOfMemory {
+        /// Name of the allocator that ran out.
+        allocator: String,
+    },
+    /// A test allocator refused the request on purpose.
+    #[error("{allocator}: injected allocation failure (call {call})")]
+    Injected {
+        /// Name of the failing allocator.
+        allocator: String,
+        /// The 1-based number of the `page_get` call that failed.
+        call: u64,
+    },
+    /// The HugeTLB pool that backs a chunk has too few free pages.
+    #[error(
+        "HugeTLB pool {pool} has {free} free pages, a 2 MiB chunk needs 1: \
+         reserve pages with `echo N > /proc/sys/vm/nr_hugepages` (as root)"
+    )]
+    HugeTlbPoolEmpty {
+        /// The sysfs name of the pool, e.g. `hugepages-2048kB`.
+        pool: String,
+        /// Free pages in that pool when the mapping failed.
+        free: u64,
+    },
+    /// `memfd_secret(2)` is not available.
+    #[error(
+        "memfd_secret(2) is not available ({source}): the kernel needs CONFIG_SECRETMEM \
+         and must not be booted with secretmem.enable=0"
+    )]
+    SecretMemUnavailable {
+        /// The error the kernel returned.
+        source: std::io::Error,
+    },
+    /// A system call that maps or sizes chunk memory failed.
+    #[error("{operation} failed: {source}")]
+    Os {
+        /// What was being done.
+        operation: &'static str,
+        /// The error the kernel returned.
+        source: std::io::Error,
+    },
+    /// The page was not handed out by this allocator.
+    #[error("{allocator}: page {addr:#x} was not handed out by this allocator")]
+    NotOwned {
+        /// Name of the allocator the page was given to.
+        allocator: String,
+        /// Address of the page.
+        addr: usize,
+    },
+    /// The page was handed out by this allocator but is already free.
+    #[error("{allocator}: page {addr:#x} freed twice")]
+    DoubleFree {
+        /// Name of the allocator the page was given to.
+        allocator: String,
+        /// Address of the page.
+        addr: usize,
+    },
+    /// The address is not 4 KiB aligned, so it cannot be a page.
+    #[error("{allocator}: address {addr:#x} is not page aligned")]
+    Misaligned {
+        /// Name of the allocator the address was given to.
+        allocator: String,
+        /// The address.
+        addr: usize,
+    },
+    /// A test allocator was called inside a section where allocation is forbidden.
+    #[error("{allocator}: page_get called inside a section where allocation is forbidden")]
+    Forbidden {
+        /// Name of the allocator.
+        allocator: String,
+    },
+}
+
+/// Identity of one allocator instance, unique for the life of the process.
+///
+/// Pages remember the identity of the allocator that handed them out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AllocatorId(u64);
+
+impl AllocatorId {
+    /// A fresh identity, never returned before in this process.
+    pub fn fresh() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Self(NEXT.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The raw number, for logs.
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+impl fmt::Display for AllocatorId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "allocator#{}", self.0)
+    }
+}
+
+/// A source of 4 KiB pages: the `page_get` / `page_free` pair.
+///
+/// # Safety
+///
+/// Implementers promise, for every address `page_get` returns:
+/// - it is non-null, [`PAGE_SIZE`]-aligned, and the start of `PAGE_SIZE` bytes
+///   that are readable and writable by this process;
+/// - those bytes overlap no other page that is handed out and not yet freed;
+/// - they stay valid until the page is passed back to `page_free` (or the
+///   allocator is dropped, which callers must not do while pages are out:
+///   [`crate::PagePool`] keeps its allocator alive for that reason).
+///
+/// and, for `page_free`, that an address it did not hand out, or one already
+/// freed, is refused with [`AllocError::NotOwned`] or
+/// [`AllocError::DoubleFree`] without touching any memory.
+///
+/// Page contents on return from `page_get` are unspecified (callers fill them).
+pub unsafe trait PageAllocator: Send + Sync {
+    /// The identity of this allocator instance.
+    fn id(&self) -> AllocatorId;
+
+    /// A short name for messages, e.g. `chunk(anonymous)`.
+    fn name(&self) -> &str;
+
+    /// Hands out one page.
+    fn page_get(&self) -> Result<NonNull<u8>, AllocError>;
+
+    /// Takes back a page that `page_get` of this allocator handed out.
+    ///
+    /// # Safety
+    ///
+    /// The caller must not access the page after this call returns `Ok`.
+    unsafe fn page_free(&self, page: NonNull<u8>) -> Result<(), AllocError>;
+
+    /// Number of pages handed out and not yet freed.
+    fn pages_outstanding(&self) -> usize;
+}
+
+// SAFETY: forwards to the shared allocator, which upholds the contract.
+unsafe impl<A: PageAllocator + ?Sized> PageAllocator for Arc<A> {
+    fn id(&self) -> AllocatorId {
+        (**self).id()
+    }
+
+    fn name(&self) -> &str {
+        (**self).name()
+    }
+
+    fn page_get(&self) -> Result<NonNull<u8>, AllocError> {
+        (**self).page_get()
+    }
+
+    unsafe fn page_free(&self, page: NonNull<u8>) -> Result<(), AllocError> {
+        // SAFETY: forwarded with the caller's guarantee.
+        unsafe { (**self).page_free(page) }
+    }
+
+    fn pages_outstanding(&self) -> usize {
+        (**self).pages_outstanding()
+    }
+}
+
+/// Checks that `addr` is page aligned, for allocators' `page_free`.
+pub(crate) fn check_aligned(name: &str, addr: usize) -> Result<(), AllocError> {
+    if addr.is_multiple_of(PAGE_SIZE) {
+        Ok(())
+    } else {
+        Err(AllocError::Misaligned {
+            allocator: name.to_owned(),
+            addr,
+        })
+    }
+}

@@ -1,0 +1,265 @@
+//! Owned pages and the pools they come from.
+//!
+//! A [`PagePool`] pairs a [`PageAllocator`] with an optional [`Account`].
+//! A [`Page<K>`] is an owned 4 KiB page that remembers its pool: dropping it
+//! returns it to the allocator that handed it out, and to no other. The kind
+//! parameter `K` keeps pools of different purpose apart at compile time
+//! (a PAMT page cannot be passed where a page-table page is expected).
+
+use std::fmt;
+use std::marker::PhantomData;
+use std::ptr::NonNull;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::account::{Account, AccountError};
+use crate::alloc::{AllocError, AllocatorId, PAGE_SIZE, PageAllocator};
+
+/// Number of 64-bit words in a page.
+pub const WORDS_PER_PAGE: usize = PAGE_SIZE / 8;
+
+/// Errors of page pools.
+#[derive(Debug, thiserror::Error)]
+pub enum PageError {
+    /// The allocator refused or failed.
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+    /// The pool's account refused the charge.
+    #[error(transparent)]
+    Account(#[from] AccountError),
+}
+
+/// A purpose a page serves; a type-level tag on [`Page`].
+///
+/// Define one uninhabited type per pool whose pages must not be mixed with
+/// another's:
+///
+/// ```
+/// use mmu_cache::PageKind;
+///
+/// /// Pages that hold page tables.
+/// pub enum TablePage {}
+/// impl PageKind for TablePage {}
+/// ```
+pub trait PageKind: 'static {}
+
+/// The kind of pages with no particular purpose.
+#[derive(Debug)]
+pub enum PlainPage {}
+impl PageKind for PlainPage {}
+
+/// A page allocator and the account charged for its pages.
+pub struct PagePool {
+    allocator: Arc<dyn PageAllocator>,
+    account: Option<Arc<Account>>,
+    free_errors: AtomicU64,
+}
+
+impl fmt::Debug for PagePool {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PagePool")
+            .field("allocator", &self.allocator.name())
+            .field("account", &self.account.as_ref().map(|a| a.name()))
+            .finish()
+    }
+}
+
+impl PagePool {
+    /// A pool over `allocator`, without accounting.
+    pub fn new(allocator: impl PageAllocator + 'static) -> Arc<Self> {
+        Self::from_shared(Arc::new(allocator), None)
+    }
+
+    /// A pool over `allocator` whose pages are charged to `account`.
+    pub fn with_account(allocator: impl PageAllocator + 'static, account: Arc<Account>) -> Arc<Self> {
+        Self::from_shared(Arc::new(allocator), Some(account))
+    }
+
+    /// A pool over an allocator that is shared with other users.
+    pub fn from_shared(allocator: Arc<dyn PageAllocator>, account: Option<Arc<Account>>) -> Arc<Self> {
+        Arc::new(Self {
+            allocator,
+            account,
+            free_errors: AtomicU64::new(0),
+        })
+    }
+
+    /// The allocator behind this pool.
+    pub fn allocator(&self) -> &dyn PageAllocator {
+        &*self.allocator
+    }
+
+    /// The account charged for this pool's pages.
+    pub fn account(&self) -> Option<&Arc<Account>> {
+        self.account.as_ref()
+    }
+
+    /// Frees refused by the allocator when a page was dropped (always 0 unless
+    /// a page was rebuilt with [`Page::from_raw`] from a wrong address).
+    pub fn free_errors(&self) -> u64 {
+        self.free_errors.load(Ordering::Relaxed)
+    }
+
+    /// Takes a page from the allocator, charging the account first. Page
+    /// contents are unspecified.
+    pub fn get<K: PageKind>(self: &Arc<Self>) -> Result<Page<K>, PageError> {
+        if let Some(account) = &self.account {
+            account.try_charge(PAGE_SIZE as u64)?;
+        }
+        match self.allocator.page_get() {
+            Ok(addr) => Ok(Page {
+                addr,
+                pool: Arc::clone(self),
+                kind: PhantomData,
+            }),
+            Err(err) => {
+                self.uncharge();
+                Err(err.into())
+            }
+        }
+    }
+
+    /// Returns a page by address alone: the untyped path.
+    ///
+    /// The allocator checks the address, so a page it never handed out, or one
+    /// already freed, is refused with an error and nothing is touched.
+    ///
+    /// # Safety
+    ///
+    /// Nothing may use the page afterwards: in particular no [`Page`] for this
+    /// address may still exist (its drop would free the page a second time,
+    /// which is detected but lost).
+    pub unsafe fn free_raw(&self, addr: NonNull<u8>) -> Result<(), AllocError> {
+        // SAFETY: the caller guarantees the page is not used afterwards.
+        unsafe { self.allocator.page_free(addr) }?;
+        self.uncharge();
+        Ok(())
+    }
+
+    fn uncharge(&self) {
+        if let Some(account) = &self.account {
+            account.uncharge(PAGE_SIZE as u64);
+        }
+    }
+}
+
+/// An owned 4 KiB page of kind `K`, returned to its own allocator on drop.
+///
+/// ```
+/// use mmu_cache::{Page, PagePool, alloc::HeapAllocator};
+///
+/// let pool = PagePool::new(HeapAllocator::new());
+/// let mut page: Page = pool.get()?;
+/// page.fill(1 << 63);
+/// assert!(page.words().iter().all(|&w| w == 1 << 63));
+/// drop(page); // back to the heap allocator
+/// assert_eq!(pool.allocator().pages_outstanding(), 0);
+/// # Ok::<(), mmu_cache::PageError>(())
+/// ```
+pub struct Page<K: PageKind = PlainPage> {
+    addr: NonNull<u8>,
+    pool: Arc<PagePool>,
+    kind: PhantomData<fn() -> K>,
+}
+
+// SAFETY: a Page is the only handle to its memory (the allocator hands each
+// page out once), so moving it to another thread moves exclusive access.
+unsafe impl<K: PageKind> Send for Page<K> {}
+// SAFETY: shared references only allow reads of the page.
+unsafe impl<K: PageKind> Sync for Page<K> {}
+
+impl<K: PageKind> fmt::Debug for Page<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Page({:#x} from {})", self.addr(), self.pool.allocator.name())
+    }
+}
+
+impl<K: PageKind> Page<K> {
+    /// The page's address.
+    pub fn addr(&self) -> usize {
+        self.addr.as_ptr() as usize
+    }
+
+    /// The page's address as a pointer.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.addr.as_ptr()
+    }
+
+    /// The identity of the allocator that owns the page.
+    pub fn owner(&self) -> AllocatorId {
+        self.pool.allocator.id()
+    }
+
+    /// The pool the page returns to.
+    pub fn pool(&self) -> &Arc<PagePool> {
+        &self.pool
+    }
+
+    /// The page as 512 words.
+    pub fn words(&self) -> &[u64; WORDS_PER_PAGE] {
+        // SAFETY: the page is PAGE_SIZE bytes, page aligned, owned by `self`,
+        // and any bit pattern is a valid u64.
+        unsafe { &*self.addr.as_ptr().cast::<[u64; WORDS_PER_PAGE]>() }
+    }
+
+    /// The page as 512 mutable words.
+    pub fn words_mut(&mut self) -> &mut [u64; WORDS_PER_PAGE] {
+        // SAFETY: as in `words`, and `&mut self` makes the access exclusive.
+        unsafe { &mut *self.addr.as_ptr().cast::<[u64; WORDS_PER_PAGE]>() }
+    }
+
+    /// Writes `value` to every word of the page.
+    pub fn fill(&mut self, value: u64) {
+        self.words_mut().fill(value);
+    }
+
+    /// Zeroes the page.
+    pub fn zero(&mut self) {
+        // SAFETY: the page is PAGE_SIZE writable bytes owned by `self`.
+        unsafe { std::ptr::write_bytes(self.addr.as_ptr(), 0, PAGE_SIZE) };
+    }
+
+    /// Returns the page now, reporting an allocator refusal instead of only
+    /// logging it as drop does.
+    pub fn free(self) -> Result<(), AllocError> {
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: `this` is never used again; the Arc is moved out exactly once.
+        let pool = unsafe { std::ptr::read(&this.pool) };
+        // SAFETY: the page is consumed, so nothing uses it after the free.
+        unsafe { pool.free_raw(this.addr) }
+    }
+
+    /// Gives up ownership without freeing: the page stays out (and charged)
+    /// until [`Page::from_raw`] rebuilds it or [`PagePool::free_raw`] frees it.
+    pub fn into_raw(self) -> NonNull<u8> {
+        let this = std::mem::ManuallyDrop::new(self);
+        // SAFETY: dropping the pool reference exactly once; the page itself
+        // is deliberately not returned.
+        drop(unsafe { std::ptr::read(&this.pool) });
+        this.addr
+    }
+
+    /// Rebuilds a page given up with [`Page::into_raw`].
+    ///
+    /// # Safety
+    ///
+    /// `addr` must come from `into_raw` of a `Page<K>` of this `pool`, and be
+    /// rebuilt at most once.
+    pub unsafe fn from_raw(pool: Arc<PagePool>, addr: NonNull<u8>) -> Self {
+        Self {
+            addr,
+            pool,
+            kind: PhantomData,
+        }
+    }
+}
+
+impl<K: PageKind> Drop for Page<K> {
+    fn drop(&mut self) {
+        // SAFETY: the page is being dropped, so nothing uses it afterwards.
+        if let Err(err) = unsafe { self.pool.free_raw(self.addr) } {
+            self.pool.free_errors.fetch_add(1, Ordering::Relaxed);
+            tracing::error!(%err, "page refused by its allocator on drop");
+        }
+    }
+}
