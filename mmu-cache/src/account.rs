@@ -128,6 +128,10 @@ impl Account {
     /// In debug builds, when more is uncharged than was charged.
     pub fn uncharge(&self, bytes: u64) {
         let before = self.charged.fetch_sub(bytes, Ordering::Relaxed);
-        debug_assert!(before >= bytes, "account {}: uncharge of {bytes} with {before} charged", self.name);
+        debug_assert!(
+            before >= bytes,
+            "account {}: uncharge of {bytes} with {before} charged",
+            self.name
+        );
     }
 }

@@ -41,6 +41,20 @@ pub enum PageError {
 /// pub enum TablePage {}
 /// impl PageKind for TablePage {}
 /// ```
+///
+/// Pages of one kind cannot be used as pages of another:
+///
+/// ```compile_fail
+/// use mmu_cache::{Page, PageKind, PagePool, alloc::HeapAllocator};
+/// enum TablePage {}
+/// impl PageKind for TablePage {}
+/// enum PamtPage {}
+/// impl PageKind for PamtPage {}
+///
+/// let pool = PagePool::new(HeapAllocator::new());
+/// let pamt: Page<PamtPage> = pool.get().unwrap();
+/// let table: Page<TablePage> = pamt; // mismatched kinds
+/// ```
 pub trait PageKind: 'static {}
 
 /// The kind of pages with no particular purpose.
@@ -71,12 +85,18 @@ impl PagePool {
     }
 
     /// A pool over `allocator` whose pages are charged to `account`.
-    pub fn with_account(allocator: impl PageAllocator + 'static, account: Arc<Account>) -> Arc<Self> {
+    pub fn with_account(
+        allocator: impl PageAllocator + 'static,
+        account: Arc<Account>,
+    ) -> Arc<Self> {
         Self::from_shared(Arc::new(allocator), Some(account))
     }
 
     /// A pool over an allocator that is shared with other users.
-    pub fn from_shared(allocator: Arc<dyn PageAllocator>, account: Option<Arc<Account>>) -> Arc<Self> {
+    pub fn from_shared(
+        allocator: Arc<dyn PageAllocator>,
+        account: Option<Arc<Account>>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             allocator,
             account,
@@ -170,7 +190,12 @@ unsafe impl<K: PageKind> Sync for Page<K> {}
 
 impl<K: PageKind> fmt::Debug for Page<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Page({:#x} from {})", self.addr(), self.pool.allocator.name())
+        write!(
+            f,
+            "Page({:#x} from {})",
+            self.addr(),
+            self.pool.allocator.name()
+        )
     }
 }
 
@@ -261,5 +286,84 @@ impl<K: PageKind> Drop for Page<K> {
             self.pool.free_errors.fetch_add(1, Ordering::Relaxed);
             tracing::error!(%err, "page refused by its allocator on drop");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alloc::{ChunkAllocator, HeapAllocator};
+
+    /// Pages for a purpose of their own.
+    enum OtherPage {}
+    impl PageKind for OtherPage {}
+
+    #[test]
+    fn pages_go_back_to_their_own_allocator() {
+        let heap = PagePool::new(HeapAllocator::new());
+        let chunks = PagePool::new(ChunkAllocator::anonymous());
+        let a: Page = heap.get().unwrap();
+        let b: Page<OtherPage> = chunks.get().unwrap();
+        assert_ne!(a.owner(), b.owner());
+        drop(a);
+        drop(b);
+        assert_eq!(heap.allocator().pages_outstanding(), 0);
+        assert_eq!(chunks.allocator().pages_outstanding(), 0);
+        assert_eq!(heap.free_errors() + chunks.free_errors(), 0);
+    }
+
+    #[test]
+    fn the_untyped_path_detects_wrong_owner_and_double_free() {
+        let heap = PagePool::new(HeapAllocator::new());
+        let chunks = PagePool::new(ChunkAllocator::anonymous());
+        let page: Page = heap.get().unwrap();
+        let raw = page.into_raw();
+        // SAFETY: the page is not used through `raw` afterwards; the call is
+        // refused, which is what is tested.
+        let err = unsafe { chunks.free_raw(raw) }.unwrap_err();
+        assert!(matches!(err, AllocError::NotOwned { .. }), "{err}");
+        // SAFETY: `raw` came from into_raw of a page of `heap`.
+        let page: Page = unsafe { Page::from_raw(heap.clone(), raw) };
+        page.free().unwrap();
+        // SAFETY: refused: the page is already free.
+        let err = unsafe { heap.free_raw(raw) }.unwrap_err();
+        assert!(matches!(err, AllocError::DoubleFree { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_refused_drop_is_counted_not_hidden() {
+        let heap = PagePool::new(HeapAllocator::new());
+        let page: Page = heap.get().unwrap();
+        let raw = page.into_raw();
+        // SAFETY: deliberately rebuilt twice to provoke a double free, which
+        // the allocator refuses without touching memory.
+        let (first, second): (Page, Page) = unsafe {
+            (
+                Page::from_raw(heap.clone(), raw),
+                Page::from_raw(heap.clone(), raw),
+            )
+        };
+        drop(first);
+        drop(second);
+        assert_eq!(heap.free_errors(), 1);
+    }
+
+    #[test]
+    fn accounted_pools_charge_while_pages_live() {
+        let account = Arc::new(Account::with_limit("pool", PAGE_SIZE as u64));
+        let pool = PagePool::with_account(HeapAllocator::new(), account.clone());
+        let page: Page = pool.get().unwrap();
+        assert_eq!(account.charged(), PAGE_SIZE as u64);
+        assert!(matches!(
+            pool.get::<PlainPage>(),
+            Err(PageError::Account(_))
+        ));
+        assert_eq!(
+            pool.allocator().pages_outstanding(),
+            1,
+            "a refused charge allocates nothing"
+        );
+        drop(page);
+        assert_eq!(account.charged(), 0);
     }
 }

@@ -16,7 +16,9 @@ use crate::page::{Page, PageError, PageKind, PagePool};
 #[derive(Debug, thiserror::Error)]
 pub enum SlabError {
     /// The object type does not fit in a page.
-    #[error("{type_name}: {size} bytes with alignment {align} does not fit in a {PAGE_SIZE}-byte page")]
+    #[error(
+        "{type_name}: {size} bytes with alignment {align} does not fit in a {PAGE_SIZE}-byte page"
+    )]
     TooLarge {
         /// The object type.
         type_name: &'static str,
@@ -133,13 +135,17 @@ impl<T> Slab<T> {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SlabState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Places `value` in a free slot, taking a new page when none is free.
     pub fn alloc(self: &Arc<Self>, value: T) -> Result<SlabBox<T>, SlabError> {
         if let Some(account) = &self.account {
-            account.try_charge(self.object_bytes()).map_err(PageError::from)?;
+            account
+                .try_charge(self.object_bytes())
+                .map_err(PageError::from)?;
         }
         match self.take_slot() {
             Ok(slot) => {
@@ -170,7 +176,8 @@ impl<T> Slab<T> {
             let count = self.objects_per_page();
             state.free.extend((0..count).rev().map(|i| {
                 // SAFETY: `i * slot_size < PAGE_SIZE`, inside the page.
-                NonNull::new(unsafe { base.add(i * self.slot_size) }).expect("page addresses are non-null")
+                NonNull::new(unsafe { base.add(i * self.slot_size) })
+                    .expect("page addresses are non-null")
             }));
             state.pages.push(page);
         }

@@ -150,7 +150,8 @@ impl ChunkAllocator {
         if idle.is_empty() {
             return 0;
         }
-        pool.free.retain(|addr| !idle.contains(&(addr >> CHUNK_SHIFT)));
+        pool.free
+            .retain(|addr| !idle.contains(&(addr >> CHUNK_SHIFT)));
         for key in &idle {
             if let Some(chunk) = pool.chunks.remove(key) {
                 // SAFETY: the chunk was mapped by `map_chunk` and none of its
@@ -162,7 +163,9 @@ impl ChunkAllocator {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, ChunkPool> {
-        self.pool.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.pool
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     fn map_chunk(&self) -> Result<usize, AllocError> {
@@ -185,9 +188,7 @@ impl ChunkAllocator {
                 "mmap(hugetlb chunk)",
             )
             .map_err(|err| match err {
-                AllocError::Os { source, .. }
-                    if source.raw_os_error() == Some(libc::ENOMEM) =>
-                {
+                AllocError::Os { source, .. } if source.raw_os_error() == Some(libc::ENOMEM) => {
                     AllocError::HugeTlbPoolEmpty {
                         pool: HUGETLB_2M_POOL.to_owned(),
                         free: hugetlb_free_pages(HUGETLB_2M_POOL),
@@ -237,7 +238,12 @@ fn map_secret_chunk(base: usize) -> Result<(), AllocError> {
         });
     }
     // The mapping keeps the file alive after `fd` is closed.
-    map_fixed(base, libc::MAP_SHARED, fd.as_raw_fd(), "mmap(memfd_secret chunk)")
+    map_fixed(
+        base,
+        libc::MAP_SHARED,
+        fd.as_raw_fd(),
+        "mmap(memfd_secret chunk)",
+    )
 }
 
 /// Reserves `2 * CHUNK_SIZE` of address space and keeps the aligned
@@ -385,7 +391,11 @@ impl Drop for ChunkAllocator {
         let pool = self.pool.get_mut().unwrap_or_else(|p| p.into_inner());
         let leaked: usize = pool.chunks.values().map(|chunk| chunk.nr_out).sum();
         if leaked != 0 {
-            tracing::warn!(leaked, allocator = self.backing.name(), "chunk allocator dropped with pages still out");
+            tracing::warn!(
+                leaked,
+                allocator = self.backing.name(),
+                "chunk allocator dropped with pages still out"
+            );
         }
         for chunk in pool.chunks.values() {
             // SAFETY: the allocator is being dropped, so by the PageAllocator

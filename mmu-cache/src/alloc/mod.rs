@@ -25,7 +25,7 @@ use std::ptr::NonNull;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-pub use chunk::{ChunkAllocator, ChunkBacking, SecretAllocator, CHUNK_SIZE};
+pub use chunk::{CHUNK_SIZE, ChunkAllocator, ChunkBacking, SecretAllocator};
 pub use heap::HeapAllocator;
 pub use testing::{CountingAllocator, FailPolicy, FailingAllocator, NoAllocSection};
 
@@ -205,5 +205,203 @@ pub(crate) fn check_aligned(name: &str, addr: usize) -> Result<(), AllocError> {
             allocator: name.to_owned(),
             addr,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(page: NonNull<u8>) -> usize {
+        page.as_ptr() as usize
+    }
+
+    fn exercise(allocator: &dyn PageAllocator, pages: usize) {
+        let got: Vec<NonNull<u8>> = (0..pages).map(|_| allocator.page_get().unwrap()).collect();
+        let mut addrs: Vec<usize> = got.iter().map(|&page| addr(page)).collect();
+        assert!(addrs.iter().all(|a| a % PAGE_SIZE == 0));
+        addrs.sort_unstable();
+        assert!(
+            addrs.windows(2).all(|w| w[1] - w[0] >= PAGE_SIZE),
+            "pages overlap"
+        );
+        for (i, &page) in got.iter().enumerate() {
+            // SAFETY: each page is PAGE_SIZE writable bytes owned by this test.
+            unsafe { std::ptr::write_bytes(page.as_ptr(), i as u8, PAGE_SIZE) };
+        }
+        for (i, &page) in got.iter().enumerate() {
+            // SAFETY: as above; nothing else writes these pages.
+            let bytes = unsafe { std::slice::from_raw_parts(page.as_ptr(), PAGE_SIZE) };
+            assert!(
+                bytes.iter().all(|&b| b == i as u8),
+                "page {i} was overwritten"
+            );
+        }
+        assert_eq!(allocator.pages_outstanding(), pages);
+        for page in got {
+            // SAFETY: not used after this.
+            unsafe { allocator.page_free(page) }.unwrap();
+        }
+        assert_eq!(allocator.pages_outstanding(), 0);
+    }
+
+    fn assert_refuses_foreign_and_double_frees(allocator: &dyn PageAllocator) {
+        let foreign = HeapAllocator::new();
+        let stranger = foreign.page_get().unwrap();
+        // SAFETY: refused without touching memory (the contract under test).
+        let err = unsafe { allocator.page_free(stranger) }.unwrap_err();
+        // The heap may have given `stranger` the address of a page this
+        // allocator once handed out and took back: then it is reported as a
+        // double free. Either way it is refused.
+        assert!(
+            matches!(
+                err,
+                AllocError::NotOwned { .. } | AllocError::DoubleFree { .. }
+            ),
+            "{err}"
+        );
+        // SAFETY: back to its real owner, not used afterwards.
+        unsafe { foreign.page_free(stranger) }.unwrap();
+
+        let page = allocator.page_get().unwrap();
+        // SAFETY: not used after this.
+        unsafe { allocator.page_free(page) }.unwrap();
+        // SAFETY: refused without touching memory.
+        let err = unsafe { allocator.page_free(page) }.unwrap_err();
+        assert!(matches!(err, AllocError::DoubleFree { .. }), "{err}");
+
+        let page = allocator.page_get().unwrap();
+        let inside = NonNull::new(addr(page).wrapping_add(8) as *mut u8).unwrap();
+        // SAFETY: refused without touching memory.
+        let err = unsafe { allocator.page_free(inside) }.unwrap_err();
+        assert!(matches!(err, AllocError::Misaligned { .. }), "{err}");
+        // SAFETY: not used after this.
+        unsafe { allocator.page_free(page) }.unwrap();
+    }
+
+    #[test]
+    fn chunk_allocator_carves_2m_chunks() {
+        let chunks = ChunkAllocator::anonymous();
+        exercise(&chunks, 1000);
+        assert_eq!(
+            chunks.chunks_mapped(),
+            2,
+            "1000 pages need two chunks of 512"
+        );
+        let page = chunks.page_get().unwrap();
+        assert_eq!(chunks.trim(), 1, "the chunk with a page out stays");
+        assert_eq!(chunks.chunks_mapped(), 1);
+        // SAFETY: not used after this.
+        unsafe { chunks.page_free(page) }.unwrap();
+        assert_eq!(chunks.trim(), 1);
+        assert_eq!(chunks.chunks_mapped(), 0);
+        assert_refuses_foreign_and_double_frees(&chunks);
+    }
+
+    #[test]
+    fn heap_allocator_hands_out_aligned_pages_and_checks_frees() {
+        let heap = HeapAllocator::new();
+        exercise(&heap, 100);
+        assert_refuses_foreign_and_double_frees(&heap);
+    }
+
+    #[test]
+    fn hugetlb_chunks_work_or_name_the_empty_pool() {
+        match ChunkAllocator::hugetlb() {
+            Ok(chunks) => match chunks.page_get() {
+                Ok(page) => {
+                    // SAFETY: not used after this.
+                    unsafe { chunks.page_free(page) }.unwrap();
+                    exercise(&chunks, 512);
+                    assert_refuses_foreign_and_double_frees(&chunks);
+                }
+                // Another process may have taken the last page meanwhile.
+                Err(err) => assert!(matches!(err, AllocError::HugeTlbPoolEmpty { .. }), "{err}"),
+            },
+            Err(err) => {
+                eprintln!("skipped: no free 2 MiB HugeTLB page on this host ({err})");
+                assert!(err.to_string().contains("hugepages-2048kB"), "{err}");
+                assert!(err.to_string().contains("nr_hugepages"), "{err}");
+            }
+        }
+    }
+
+    #[test]
+    fn secret_chunks_work_or_say_why_not() {
+        match SecretAllocator::new() {
+            Ok(secret) => {
+                assert_eq!(secret.backing(), ChunkBacking::Secret);
+                exercise(&secret, 600);
+                assert_refuses_foreign_and_double_frees(&secret);
+            }
+            Err(err) => {
+                eprintln!("skipped: memfd_secret unavailable ({err})");
+                assert!(
+                    matches!(err, AllocError::SecretMemUnavailable { .. }),
+                    "{err}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn failing_allocator_policies() {
+        let outcomes = |policy, calls: usize| {
+            let failing = FailingAllocator::new(HeapAllocator::new(), policy);
+            let results: Vec<bool> = (0..calls)
+                .map(|_| match failing.page_get() {
+                    Ok(page) => {
+                        // SAFETY: not used after this.
+                        unsafe { failing.page_free(page) }.unwrap();
+                        true
+                    }
+                    Err(err) => {
+                        assert!(matches!(err, AllocError::Injected { .. }));
+                        false
+                    }
+                })
+                .collect();
+            assert_eq!(
+                failing.failures() as usize,
+                results.iter().filter(|ok| !**ok).count()
+            );
+            results
+        };
+        assert_eq!(outcomes(FailPolicy::Never, 3), [true, true, true]);
+        assert_eq!(outcomes(FailPolicy::Always, 2), [false, false]);
+        assert_eq!(
+            outcomes(FailPolicy::AfterN(2), 4),
+            [true, true, false, false]
+        );
+        assert_eq!(
+            outcomes(FailPolicy::EveryKth(3), 6),
+            [true, true, false, true, true, false]
+        );
+        assert_eq!(outcomes(FailPolicy::EveryKth(0), 2), [true, true]);
+    }
+
+    #[test]
+    fn counting_allocator_counts_and_shares_the_inner_identity() {
+        let counting = CountingAllocator::new(FailingAllocator::new(
+            HeapAllocator::new(),
+            FailPolicy::EveryKth(2),
+        ));
+        assert_eq!(counting.id(), counting.inner().inner().id());
+        let page = counting.page_get().unwrap();
+        assert!(counting.page_get().is_err());
+        // SAFETY: freed through the inner allocator, which owns it; not used after.
+        unsafe { counting.inner().inner().page_free(page) }.unwrap();
+        assert_eq!(
+            (counting.gets(), counting.get_failures(), counting.frees()),
+            (1, 1, 0)
+        );
+    }
+
+    #[test]
+    fn allocator_ids_are_unique() {
+        let a = HeapAllocator::new();
+        let b = HeapAllocator::new();
+        assert_ne!(a.id(), b.id());
+        assert_ne!(ChunkAllocator::anonymous().id(), a.id());
     }
 }
