@@ -114,11 +114,18 @@ fn main() {
     println!("(a) alloc() from a topped-up cache          {a:>10.2}");
     println!("(d) memset of {BATCH} allocated pages (bound)    {d:>10.2}");
     println!();
-    println!("{:<20} {:>12} {:>10} {:>16} {:>10}", "allocator", "(b) page_get", "(b)/(a)", "(c) topup+init", "(c)/(d)");
+    println!(
+        "{:<20} {:>12} {:>10} {:>16} {:>10}",
+        "allocator", "(b) page_get", "(b)/(a)", "(c) topup+init", "(c)/(d)"
+    );
     for (name, allocator) in &allocators {
         let pool = PagePool::from_shared(allocator.clone(), None);
         let b = page_get(&**allocator);
         let c = topup_with_init_value(&pool);
-        println!("{name:<20} {b:>12.2} {:>10.1} {c:>16.2} {:>10.2}", b / a, c / d);
+        println!(
+            "{name:<20} {b:>12.2} {:>10.1} {c:>16.2} {:>10.2}",
+            b / a,
+            c / d
+        );
     }
 }
