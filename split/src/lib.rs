@@ -1,0 +1,53 @@
+//! # split
+//!
+//! EPT page tables and a TDP MMU for a software or hardware-assisted
+//! hypervisor, with dirty logging and eager huge-page splitting that never
+//! allocates while the MMU lock is held.
+//!
+//! - [`ept`]: EPT entries as typed values, with validation of
+//!   misconfigurations.
+//! - [`TdpMmu`]: the tree, faults under a shared lock with
+//!   compare-and-exchange, zap, translate, page stats, dirty logging (classic
+//!   and manual-protect with "initially set"), eager and boundary splits.
+//! - [`Memslot`]: guest frame ranges and their dirty bitmaps.
+//! - [`ExternalPageTable`]: hooks that keep an external copy of the tree
+//!   (the TDX S-EPT) identical to the MMU's.
+//!
+//! Tables are pages from an `mmu-cache` page cache filled with the
+//! non-present value (suppress-#VE set). Every operation tops up its caches
+//! first, then takes the lock; a splitter that runs out drops the lock,
+//! tops up and resumes.
+//!
+//! ```
+//! use split::{LogMode, Memslot, MmuConfig, TdpMmu};
+//! use mmu_cache::{PagePool, alloc::ChunkAllocator};
+//!
+//! let mmu = TdpMmu::new(PagePool::new(ChunkAllocator::anonymous()), MmuConfig::default())?;
+//! // 8 MiB of guest memory at gpa 0, on host frames from 0x100000.
+//! mmu.add_memslot(Memslot::new(0, 0, 2048, 0x100000)?)?;
+//! let mut vcpu = mmu.new_vcpu_caches();
+//! for gpa in (0..8 << 20).step_by(2 << 20) {
+//!     mmu.write(&mut vcpu, gpa)?;
+//! }
+//! assert_eq!(mmu.page_stats().pages_2m, 4);
+//!
+//! mmu.enable_dirty_logging(0, LogMode::Classic)?;
+//! assert_eq!(mmu.page_stats().pages_4k, 2048);
+//! mmu.write(&mut vcpu, 0x5000)?;
+//! let log = mmu.get_dirty_log(0)?;
+//! assert_eq!(log[0], 1 << 5);
+//! # Ok::<(), split::MmuError>(())
+//! ```
+
+pub mod ept;
+pub mod hooks;
+pub mod memslot;
+pub mod tdp;
+
+pub use ept::{Entry, EptError, Level, MemType};
+pub use hooks::{ExternalPageTable, HookError, NoExternal};
+pub use memslot::{LogMode, Memslot, MemslotError};
+pub use tdp::{
+    Access, MmuConfig, MmuCounters, MmuError, PageStats, TableHeader, TablePage, TdpMmu,
+    Translation, VcpuCaches,
+};

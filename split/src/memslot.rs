@@ -1,0 +1,231 @@
+//! Memory slots: ranges of guest frames, where they map on the host, and
+//! their dirty-logging state.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+use crate::ept::Level;
+
+/// Errors of memory slots.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum MemslotError {
+    /// A slot with no pages.
+    #[error("memslot {id}: zero pages")]
+    Empty {
+        /// The slot id.
+        id: u32,
+    },
+    /// The slot's range overflows the guest physical address space.
+    #[error("memslot {id}: gfn range {base_gfn:#x} + {npages:#x} overflows")]
+    Overflow {
+        /// The slot id.
+        id: u32,
+        /// First guest frame.
+        base_gfn: u64,
+        /// Number of pages.
+        npages: u64,
+    },
+    /// The slot overlaps another slot, or reuses its id.
+    #[error("memslot {id} overlaps or reuses memslot {other}")]
+    Overlap {
+        /// The new slot's id.
+        id: u32,
+        /// The existing slot's id.
+        other: u32,
+    },
+    /// No slot has this id.
+    #[error("no memslot {id}")]
+    NoSuchSlot {
+        /// The id asked for.
+        id: u32,
+    },
+    /// A dirty-log range that is not inside the slot or not 64-page aligned.
+    #[error(
+        "memslot {id}: dirty-log range at page {first_page} ({num_pages} pages) is outside the slot or not 64-aligned"
+    )]
+    BadLogRange {
+        /// The slot id.
+        id: u32,
+        /// First page, relative to the slot.
+        first_page: u64,
+        /// Number of pages.
+        num_pages: u64,
+    },
+    /// Dirty logging is not enabled on the slot.
+    #[error("memslot {id}: dirty logging is not enabled")]
+    NotLogging {
+        /// The slot id.
+        id: u32,
+    },
+}
+
+/// How dirty logging behaves on a slot, fixed when it is enabled.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogMode {
+    /// Get returns and clears the log; huge pages split at enable.
+    Classic,
+    /// Manual protect with "initially set": every bit starts set, nothing
+    /// is split or protected at enable; clear splits and protects per range.
+    ManualInitiallySet,
+}
+
+/// One memory slot.
+#[derive(Debug)]
+pub struct Memslot {
+    id: u32,
+    base_gfn: u64,
+    npages: u64,
+    host_base_pfn: u64,
+    logging: AtomicBool,
+    manual: AtomicBool,
+    bitmap: Vec<AtomicU64>,
+}
+
+impl Memslot {
+    /// A slot of `npages` guest frames from `base_gfn`, backed by host frames
+    /// from `host_base_pfn` (no host memory is touched: frames are numbers).
+    pub fn new(
+        id: u32,
+        base_gfn: u64,
+        npages: u64,
+        host_base_pfn: u64,
+    ) -> Result<Self, MemslotError> {
+        if npages == 0 {
+            return Err(MemslotError::Empty { id });
+        }
+        let overflow = MemslotError::Overflow {
+            id,
+            base_gfn,
+            npages,
+        };
+        let end = base_gfn.checked_add(npages).ok_or(overflow.clone())?;
+        host_base_pfn.checked_add(npages).ok_or(overflow.clone())?;
+        if end > 1 << 45 {
+            return Err(overflow);
+        }
+        Ok(Self {
+            id,
+            base_gfn,
+            npages,
+            host_base_pfn,
+            logging: AtomicBool::new(false),
+            manual: AtomicBool::new(false),
+            bitmap: (0..npages.div_ceil(64))
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        })
+    }
+
+    /// The slot id.
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// First guest frame.
+    pub fn base_gfn(&self) -> u64 {
+        self.base_gfn
+    }
+
+    /// Number of guest frames.
+    pub fn npages(&self) -> u64 {
+        self.npages
+    }
+
+    /// One past the last guest frame.
+    pub fn end_gfn(&self) -> u64 {
+        self.base_gfn + self.npages
+    }
+
+    /// Whether `gfn` is in the slot.
+    pub fn contains(&self, gfn: u64) -> bool {
+        (self.base_gfn..self.end_gfn()).contains(&gfn)
+    }
+
+    /// The host frame `gfn` maps to.
+    pub fn host_pfn(&self, gfn: u64) -> u64 {
+        debug_assert!(self.contains(gfn));
+        self.host_base_pfn + (gfn - self.base_gfn)
+    }
+
+    /// The largest leaf level that may map `gfn`: the aligned region must
+    /// lie inside the slot and the host frames must share its alignment.
+    pub fn max_level(&self, gfn: u64) -> Level {
+        for level in [Level::L1G, Level::L2M] {
+            let pages = level.entry_pages();
+            let start = gfn & !(pages - 1);
+            let host_aligned = (self.host_base_pfn.wrapping_sub(self.base_gfn)) % pages == 0;
+            if host_aligned && start >= self.base_gfn && start + pages <= self.end_gfn() {
+                return level;
+            }
+        }
+        Level::L4K
+    }
+
+    /// Whether dirty logging is on.
+    pub fn logging(&self) -> bool {
+        self.logging.load(Ordering::Acquire)
+    }
+
+    /// The log mode, when logging is on.
+    pub fn log_mode(&self) -> Option<LogMode> {
+        self.logging().then(|| {
+            if self.manual.load(Ordering::Relaxed) {
+                LogMode::ManualInitiallySet
+            } else {
+                LogMode::Classic
+            }
+        })
+    }
+
+    pub(crate) fn start_logging(&self, mode: LogMode) {
+        let manual = mode == LogMode::ManualInitiallySet;
+        self.manual.store(manual, Ordering::Relaxed);
+        let fill = if manual { !0 } else { 0 };
+        for (i, word) in self.bitmap.iter().enumerate() {
+            word.store(fill & self.word_mask(i), Ordering::Relaxed);
+        }
+        self.logging.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn stop_logging(&self) {
+        self.logging.store(false, Ordering::Release);
+        for word in &self.bitmap {
+            word.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// The valid bits of bitmap word `index`.
+    fn word_mask(&self, index: usize) -> u64 {
+        let bits = self.npages - index as u64 * 64;
+        if bits >= 64 { !0 } else { (1 << bits) - 1 }
+    }
+
+    /// Marks `gfn` dirty.
+    pub(crate) fn mark_dirty(&self, gfn: u64) {
+        let page = gfn - self.base_gfn;
+        self.bitmap[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Relaxed);
+    }
+
+    /// A copy of the bitmap.
+    pub(crate) fn snapshot(&self) -> Vec<u64> {
+        self.bitmap
+            .iter()
+            .map(|word| word.load(Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Takes the bitmap, leaving it clear.
+    pub(crate) fn take(&self) -> Vec<u64> {
+        self.bitmap
+            .iter()
+            .map(|word| word.swap(0, Ordering::Relaxed))
+            .collect()
+    }
+
+    /// Clears the bits of `mask` from page `first_page` (a multiple of 64).
+    pub(crate) fn clear_bits(&self, first_page: u64, mask: &[u64]) {
+        let first_word = (first_page / 64) as usize;
+        for (offset, &bits) in mask.iter().enumerate() {
+            self.bitmap[first_word + offset].fetch_and(!bits, Ordering::Relaxed);
+        }
+    }
+}

@@ -1,0 +1,1170 @@
+//! The TDP MMU: one EPT tree per VM, faulted in by vCPUs under a shared
+//! lock with compare-and-exchange, with dirty logging and eager splitting.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use mmu_cache::alloc::NoAllocSection;
+use mmu_cache::{CacheError, ObjectCache, Page, PageCache, PageKind, PagePool, Slab, SlabError};
+
+use crate::ept::{self, ACCESSED, DIRTY, Entry, Level, MemType, WRITE};
+use crate::hooks::{ExternalPageTable, HookError, NoExternal};
+use crate::memslot::{LogMode, Memslot, MemslotError};
+
+/// Pages that hold EPT tables.
+#[derive(Debug)]
+pub enum TablePage {}
+impl PageKind for TablePage {}
+
+/// The value an entry holds while an external hook runs on it.
+const FROZEN: u64 = ept::NON_PRESENT | 0x5a0;
+/// Splits between two voluntary releases of the lock.
+const SPLITS_PER_YIELD: u64 = 64;
+
+/// Errors of the TDP MMU.
+#[derive(Debug, thiserror::Error)]
+pub enum MmuError {
+    /// No memslot holds the guest frame (an MMIO access in KVM terms).
+    #[error("no memslot holds gpa {gpa:#x}")]
+    NoSlot {
+        /// The guest physical address.
+        gpa: u64,
+    },
+    /// The address is beyond what the paging depth translates.
+    #[error("gpa {gpa:#x} is beyond the {levels}-level address space")]
+    AddressTooWide {
+        /// The guest physical address.
+        gpa: u64,
+        /// The paging depth.
+        levels: u8,
+    },
+    /// A topup of the MMU's caches failed.
+    #[error("topping up the MMU caches: {0}")]
+    Cache(#[from] CacheError),
+    /// A memslot operation failed.
+    #[error(transparent)]
+    Memslot(#[from] MemslotError),
+    /// An external page-table hook failed; the tree is unchanged there.
+    #[error(transparent)]
+    Hook(#[from] HookError),
+    /// The header slab could not be created.
+    #[error(transparent)]
+    Slab(#[from] SlabError),
+    /// The configuration is invalid.
+    #[error("invalid MMU configuration: {0}")]
+    Config(&'static str),
+}
+
+/// The bookkeeping of one table: where it sits and the page that holds it
+/// (the kernel's `struct kvm_mmu_page`).
+#[derive(Debug, Default)]
+pub struct TableHeader {
+    gfn: u64,
+    level: u8,
+    page: Option<Page<TablePage>>,
+}
+
+impl TableHeader {
+    /// First guest frame the table covers.
+    pub fn gfn(&self) -> u64 {
+        self.gfn
+    }
+
+    /// The level of the table's entries.
+    pub fn level(&self) -> Level {
+        Level::new(self.level).expect("headers of linked tables have a level")
+    }
+
+    /// The address of the table page, once linked.
+    pub fn table_hpa(&self) -> Option<u64> {
+        self.page.as_ref().map(|page| page.addr() as u64)
+    }
+}
+
+mmu_cache::cache_set! {
+    /// What one fault needs: enough for every level of a 5-level walk.
+    #[derive(Debug)]
+    pub struct VcpuCaches {
+        /// Table pages, filled with the non-present value.
+        pub tables: PageCache<TablePage> => [min 5],
+        /// Table headers.
+        pub headers: ObjectCache<TableHeader> => [min 5],
+    }
+}
+
+/// Configuration of a [`TdpMmu`].
+#[derive(Clone, Copy, Debug)]
+pub struct MmuConfig {
+    /// Paging depth: 4 or 5.
+    pub levels: u8,
+    /// Split huge pages when dirty logging starts (or at the first clear in
+    /// manual mode). Off: writes split lazily, one fault at a time.
+    pub eager_split: bool,
+    /// Capacity of the split caches (tables topped up per lock hold while
+    /// splitting).
+    pub split_cache_capacity: usize,
+    /// Memory type of leaves.
+    pub memtype: MemType,
+}
+
+impl Default for MmuConfig {
+    fn default() -> Self {
+        Self {
+            levels: 4,
+            eager_split: true,
+            split_cache_capacity: 256,
+            memtype: MemType::Wb,
+        }
+    }
+}
+
+/// Leaf counts, as `KVM_GET_STATS` reports them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PageStats {
+    /// 4K leaves.
+    pub pages_4k: u64,
+    /// 2M leaves.
+    pub pages_2m: u64,
+    /// 1G leaves.
+    pub pages_1g: u64,
+}
+
+/// Counters of MMU work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MmuCounters {
+    /// Faults handled.
+    pub faults: u64,
+    /// Walks retried after losing a race.
+    pub retries: u64,
+    /// Huge leaves split (eagerly or for a boundary).
+    pub splits: u64,
+    /// Huge leaves replaced lazily by a fault.
+    pub lazy_splits: u64,
+    /// Times a splitter dropped the lock to top up or to yield.
+    pub lock_drops: u64,
+    /// Tables linked.
+    pub tables_linked: u64,
+    /// Tables freed.
+    pub tables_freed: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    faults: AtomicU64,
+    retries: AtomicU64,
+    splits: AtomicU64,
+    lazy_splits: AtomicU64,
+    lock_drops: AtomicU64,
+    tables_linked: AtomicU64,
+    tables_freed: AtomicU64,
+}
+
+/// What a translation found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Translation {
+    /// The host physical address of the guest address.
+    pub hpa: u64,
+    /// The leaf's R/W/X bits.
+    pub perms: u64,
+    /// The leaf's memory type field.
+    pub memtype: u8,
+    /// The leaf's level.
+    pub level: Level,
+    /// The leaf itself.
+    pub entry: Entry,
+}
+
+/// What a software vCPU access found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Access {
+    /// Served by the tree; the host physical address.
+    Hit(u64),
+    /// Needs a fault: not mapped, or a write to a write-protected leaf.
+    Miss,
+}
+
+/// The TDP MMU of one VM.
+///
+/// ```
+/// use split::{Memslot, MmuConfig, TdpMmu};
+/// use mmu_cache::{PagePool, alloc::ChunkAllocator};
+///
+/// let mmu = TdpMmu::new(PagePool::new(ChunkAllocator::anonymous()), MmuConfig::default())?;
+/// mmu.add_memslot(Memslot::new(0, 0, 1 << 18, 1 << 18)?)?; // 1 GiB at gpa 0
+/// let mut caches = mmu.new_vcpu_caches();
+/// mmu.fault(&mut caches, 0x1234_5000, true)?;
+/// assert_eq!(mmu.page_stats().pages_1g, 1);
+/// mmu.enable_dirty_logging(0, split::LogMode::Classic)?;
+/// assert_eq!(mmu.page_stats().pages_4k, 1 << 18); // split eagerly
+/// # Ok::<(), split::MmuError>(())
+/// ```
+pub struct TdpMmu {
+    config: MmuConfig,
+    lock: RwLock<()>,
+    pool: Arc<PagePool>,
+    header_slab: Arc<Slab<TableHeader>>,
+    root: Page<TablePage>,
+    tables: Mutex<HashMap<u64, mmu_cache::SlabBox<TableHeader>>>,
+    slots: RwLock<Vec<Arc<Memslot>>>,
+    split_caches: Mutex<VcpuCaches>,
+    hooks: Box<dyn ExternalPageTable>,
+    stats: [AtomicU64; 3],
+    counters: Counters,
+}
+
+impl std::fmt::Debug for TdpMmu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TdpMmu")
+            .field("config", &self.config)
+            .field("stats", &self.page_stats())
+            .field("tables", &self.live_tables())
+            .finish()
+    }
+}
+
+/// Borrows the 512 entries of the table at `hpa`.
+///
+/// # Safety
+///
+/// `hpa` must be the address of a table page of this MMU that stays linked
+/// (or owned by the caller) for `'a`; callers hold the MMU lock, and tables
+/// are freed only under the write lock.
+unsafe fn entries<'a>(hpa: u64) -> &'a [AtomicU64; 512] {
+    // SAFETY: guaranteed by the caller; a table page is 4 KiB, page aligned,
+    // and only ever accessed atomically while linked.
+    unsafe { &*(hpa as *const [AtomicU64; 512]) }
+}
+
+fn load(table: &[AtomicU64; 512], index: usize) -> Entry {
+    Entry::from_bits(table[index].load(Ordering::Acquire))
+}
+
+fn cas(table: &[AtomicU64; 512], index: usize, old: Entry, new: Entry) -> bool {
+    table[index]
+        .compare_exchange(old.bits(), new.bits(), Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+}
+
+fn stat_index(level: Level) -> usize {
+    usize::from(level.get() - 1)
+}
+
+impl TdpMmu {
+    /// An MMU whose tables come from `pool`, without external hooks.
+    pub fn new(pool: Arc<PagePool>, config: MmuConfig) -> Result<Self, MmuError> {
+        Self::with_hooks(pool, config, Box::new(NoExternal))
+    }
+
+    /// An MMU that mirrors its tree into an external page table.
+    pub fn with_hooks(
+        pool: Arc<PagePool>,
+        config: MmuConfig,
+        hooks: Box<dyn ExternalPageTable>,
+    ) -> Result<Self, MmuError> {
+        if !(4..=5).contains(&config.levels) {
+            return Err(MmuError::Config("levels must be 4 or 5"));
+        }
+        if config.split_cache_capacity == 0 {
+            return Err(MmuError::Config("split_cache_capacity must be at least 1"));
+        }
+        let mut root: Page<TablePage> =
+            pool.get().map_err(|err| CacheError::EmptyFallbackFailed {
+                cache: "root",
+                source: Box::new(err),
+            })?;
+        root.fill(ept::NON_PRESENT);
+        let header_slab = Slab::new(pool.clone(), None)?;
+        let split_caches = VcpuCaches {
+            tables: PageCache::new(pool.clone())
+                .with_init_value(ept::NON_PRESENT)
+                .named("split-tables"),
+            headers: ObjectCache::new(header_slab.clone()).named("split-headers"),
+        };
+        Ok(Self {
+            config,
+            lock: RwLock::new(()),
+            pool,
+            header_slab,
+            root,
+            tables: Mutex::new(HashMap::new()),
+            slots: RwLock::new(Vec::new()),
+            split_caches: Mutex::new(split_caches),
+            hooks,
+            stats: Default::default(),
+            counters: Counters::default(),
+        })
+    }
+
+    /// A fresh cache set for one vCPU.
+    pub fn new_vcpu_caches(&self) -> VcpuCaches {
+        VcpuCaches {
+            tables: PageCache::new(self.pool.clone())
+                .with_init_value(ept::NON_PRESENT)
+                .named("vcpu-tables"),
+            headers: ObjectCache::new(self.header_slab.clone()).named("vcpu-headers"),
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> MmuConfig {
+        self.config
+    }
+
+    /// The root table's address (the EPT pointer's frame).
+    pub fn root_hpa(&self) -> u64 {
+        self.root.addr() as u64
+    }
+
+    fn top_level(&self) -> Level {
+        Level::new(self.config.levels).expect("validated at construction")
+    }
+
+    fn read_lock(&self) -> RwLockReadGuard<'_, ()> {
+        self.lock
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write_lock(&self) -> RwLockWriteGuard<'_, ()> {
+        self.lock
+            .write()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn table_map(&self) -> MutexGuard<'_, HashMap<u64, mmu_cache::SlabBox<TableHeader>>> {
+        self.tables
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    // ----- memslots -------------------------------------------------------
+
+    /// Adds a slot; it must not overlap another or reuse its id.
+    pub fn add_memslot(&self, slot: Memslot) -> Result<Arc<Memslot>, MmuError> {
+        if slot.end_gfn() > 1 << (self.top_level().shift() + 9 - 12) {
+            return Err(MmuError::AddressTooWide {
+                gpa: slot.end_gfn() << 12,
+                levels: self.config.levels,
+            });
+        }
+        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(other) = slots.iter().find(|other| {
+            other.id() == slot.id()
+                || (slot.base_gfn() < other.end_gfn() && other.base_gfn() < slot.end_gfn())
+        }) {
+            return Err(MemslotError::Overlap {
+                id: slot.id(),
+                other: other.id(),
+            }
+            .into());
+        }
+        let slot = Arc::new(slot);
+        slots.push(slot.clone());
+        Ok(slot)
+    }
+
+    /// Removes a slot and zaps its mappings.
+    pub fn remove_memslot(&self, id: u32) -> Result<(), MmuError> {
+        let slot = self.slot(id)?;
+        self.zap_range(slot.base_gfn(), slot.end_gfn())?;
+        self.slots
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|s| s.id() != id);
+        Ok(())
+    }
+
+    /// The slot with this id.
+    pub fn slot(&self, id: u32) -> Result<Arc<Memslot>, MmuError> {
+        self.slots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|slot| slot.id() == id)
+            .cloned()
+            .ok_or(MmuError::Memslot(MemslotError::NoSuchSlot { id }))
+    }
+
+    fn slot_for_gfn(&self, gfn: u64) -> Option<Arc<Memslot>> {
+        self.slots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|slot| slot.contains(gfn))
+            .cloned()
+    }
+
+    // ----- faults ---------------------------------------------------------
+
+    /// Handles a fault at `gpa`: tops up `caches` (outside the lock), then
+    /// maps the frame under the shared lock, with the largest leaf the slot
+    /// allows unless dirty logging forbids huge ones.
+    pub fn fault(
+        &self,
+        caches: &mut VcpuCaches,
+        gpa: u64,
+        write: bool,
+    ) -> Result<Translation, MmuError> {
+        let gfn = gpa >> 12;
+        if gpa >> (self.top_level().shift() + 9) != 0 {
+            return Err(MmuError::AddressTooWide {
+                gpa,
+                levels: self.config.levels,
+            });
+        }
+        let slot = self.slot_for_gfn(gfn).ok_or(MmuError::NoSlot { gpa })?;
+        self.counters.faults.fetch_add(1, Ordering::Relaxed);
+        loop {
+            caches.topup()?;
+            self.table_map().reserve(self.config.levels as usize);
+            let _guard = self.read_lock();
+            let _no_alloc = NoAllocSection::enter();
+            match self.map(caches, &slot, gfn, write)? {
+                Some(translation) => {
+                    return Ok(Translation {
+                        hpa: translation.hpa | (gpa & 0xfff),
+                        ..translation
+                    });
+                }
+                None => {
+                    self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+    }
+
+    /// One attempt at mapping `gfn`; `None` means a race was lost: retry.
+    fn map(
+        &self,
+        caches: &mut VcpuCaches,
+        slot: &Memslot,
+        gfn: u64,
+        write: bool,
+    ) -> Result<Option<Translation>, MmuError> {
+        let goal = if slot.logging() {
+            Level::L4K
+        } else {
+            slot.max_level(gfn)
+        };
+        let mut table_hpa = self.root_hpa();
+        let mut level = self.top_level();
+        loop {
+            // SAFETY: `table_hpa` is the root or a table linked below it, and
+            // the read lock keeps linked tables alive.
+            let table = unsafe { entries(table_hpa) };
+            let index = level.index(gfn);
+            let entry = load(table, index);
+            if entry.bits() == FROZEN {
+                return Ok(None);
+            }
+            let at_goal = level <= goal;
+            if entry.is_leaf(level) && (at_goal || !entry.is_huge_leaf(level)) {
+                return Ok(self.touch_leaf(table, index, level, entry, gfn, write));
+            }
+            if entry.is_present() && !entry.is_leaf(level) {
+                // A table, above the goal or where a huge leaf could go (left
+                // by dirty logging): map inside it.
+                table_hpa = entry.addr(level);
+                level = level.below().expect("tables are above 4K");
+                continue;
+            }
+            if at_goal {
+                return self.install_leaf(table, index, level, slot, gfn, write);
+            }
+            // Above the goal: descend, installing a table where needed.
+            // Above the goal, non-present or a huge leaf: link a new table.
+            let Some(new_hpa) = self.link_new_table(caches, table, index, level, entry, gfn)?
+            else {
+                return Ok(None);
+            };
+            table_hpa = new_hpa;
+            level = level.below().expect("the goal is at or above 4K");
+        }
+    }
+
+    /// A present leaf was found: mark it accessed (and dirty on write), or
+    /// make a write-protected one writable. Returns the translation.
+    fn touch_leaf(
+        &self,
+        table: &[AtomicU64; 512],
+        index: usize,
+        level: Level,
+        entry: Entry,
+        gfn: u64,
+        write: bool,
+    ) -> Option<Translation> {
+        let wanted = if write {
+            entry.with(WRITE | ACCESSED | DIRTY)
+        } else {
+            entry.with(ACCESSED)
+        };
+        if wanted != entry && !cas(table, index, entry, wanted) {
+            return None;
+        }
+        Some(self.translation(wanted, level, gfn))
+    }
+
+    fn translation(&self, leaf: Entry, level: Level, gfn: u64) -> Translation {
+        let offset_pages = gfn & (level.entry_pages() - 1);
+        Translation {
+            hpa: leaf.addr(level) + (offset_pages << 12),
+            perms: leaf.perms(),
+            memtype: leaf.memtype_bits(),
+            level,
+            entry: leaf,
+        }
+    }
+
+    /// Installs a leaf in the non-present `table[index]`; `None` on a lost race.
+    fn install_leaf(
+        &self,
+        table: &[AtomicU64; 512],
+        index: usize,
+        level: Level,
+        slot: &Memslot,
+        gfn: u64,
+        write: bool,
+    ) -> Result<Option<Translation>, MmuError> {
+        let base_gfn = gfn & !(level.entry_pages() - 1);
+        let mut leaf = Entry::leaf(
+            level,
+            slot.host_pfn(base_gfn) << 12,
+            ept::RWX,
+            self.config.memtype,
+        )
+        .with(ACCESSED);
+        if write {
+            leaf = leaf.with(DIRTY);
+        }
+        let old = Entry::NON_PRESENT;
+        if !cas(table, index, old, Entry::from_bits(FROZEN)) {
+            return Ok(None);
+        }
+        if let Err(err) = self.hooks.set_leaf(base_gfn, level, leaf) {
+            table[index].store(old.bits(), Ordering::Release);
+            return match err {
+                HookError::Busy { .. } => Ok(None),
+                refused => Err(refused.into()),
+            };
+        }
+        table[index].store(leaf.bits(), Ordering::Release);
+        self.stats[stat_index(level)].fetch_add(1, Ordering::Relaxed);
+        Ok(Some(self.translation(leaf, level, gfn)))
+    }
+
+    /// Links a new empty table at `table[index]` (level `level`), replacing
+    /// `old` (non-present, or a huge leaf that is dropped: the lazy split).
+    /// Returns the new table's address, or `None` on a lost race.
+    fn link_new_table(
+        &self,
+        caches: &mut VcpuCaches,
+        table: &[AtomicU64; 512],
+        index: usize,
+        level: Level,
+        old: Entry,
+        gfn: u64,
+    ) -> Result<Option<u64>, MmuError> {
+        let base_gfn = gfn & !(level.entry_pages() - 1);
+        let below = level.below().expect("tables live above 4K");
+        let page = caches.tables.alloc()?;
+        let hpa = page.addr() as u64;
+        if !cas(table, index, old, Entry::from_bits(FROZEN)) {
+            caches.tables.free(page);
+            return Ok(None);
+        }
+        let hooked = if old.is_present() {
+            self.hooks
+                .remove_leaf(base_gfn, level, old)
+                .and_then(|()| self.hooks.link_table(base_gfn, below, hpa))
+        } else {
+            self.hooks.link_table(base_gfn, below, hpa)
+        };
+        if let Err(err) = hooked {
+            table[index].store(old.bits(), Ordering::Release);
+            caches.tables.free(page);
+            return match err {
+                HookError::Busy { .. } => Ok(None),
+                refused => Err(refused.into()),
+            };
+        }
+        let mut header = caches.headers.alloc()?;
+        *header = TableHeader {
+            gfn: base_gfn,
+            level: below.get(),
+            page: Some(page),
+        };
+        self.table_map().insert(hpa, header);
+        table[index].store(Entry::table(hpa).bits(), Ordering::Release);
+        self.counters.tables_linked.fetch_add(1, Ordering::Relaxed);
+        if old.is_present() {
+            self.stats[stat_index(level)].fetch_sub(1, Ordering::Relaxed);
+            self.counters.lazy_splits.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(Some(hpa))
+    }
+
+    // ----- software vCPU accesses ----------------------------------------
+
+    /// What the hardware walker does for a guest access: under the shared
+    /// lock, find the leaf and set its accessed (and on write dirty) bit;
+    /// a missing leaf or a write-protected one is a miss, to be handled by
+    /// [`fault`](Self::fault).
+    pub fn access(&self, gpa: u64, write: bool) -> Access {
+        let gfn = gpa >> 12;
+        let _guard = self.read_lock();
+        let mut table_hpa = self.root_hpa();
+        let mut level = self.top_level();
+        loop {
+            // SAFETY: the root or a linked table, kept alive by the read lock.
+            let table = unsafe { entries(table_hpa) };
+            let index = level.index(gfn);
+            let entry = load(table, index);
+            if !entry.is_present() {
+                return Access::Miss;
+            }
+            if entry.is_leaf(level) {
+                if write && !entry.has(WRITE) {
+                    return Access::Miss;
+                }
+                let bits = if write { ACCESSED | DIRTY } else { ACCESSED };
+                if !entry.has(bits) {
+                    table[index].fetch_or(bits, Ordering::AcqRel);
+                }
+                return Access::Hit(self.translation(entry, level, gfn).hpa | (gpa & 0xfff));
+            }
+            table_hpa = entry.addr(level);
+            level = level.below().expect("4K entries are leaves");
+        }
+    }
+
+    /// A guest write: [`access`](Self::access), faulting on a miss.
+    pub fn write(&self, caches: &mut VcpuCaches, gpa: u64) -> Result<u64, MmuError> {
+        match self.access(gpa, true) {
+            Access::Hit(hpa) => Ok(hpa),
+            Access::Miss => self.fault(caches, gpa, true).map(|t| t.hpa),
+        }
+    }
+
+    /// A guest read: [`access`](Self::access), faulting on a miss.
+    pub fn read(&self, caches: &mut VcpuCaches, gpa: u64) -> Result<u64, MmuError> {
+        match self.access(gpa, false) {
+            Access::Hit(hpa) => Ok(hpa),
+            Access::Miss => self.fault(caches, gpa, false).map(|t| t.hpa),
+        }
+    }
+
+    // ----- translation and stats -----------------------------------------
+
+    /// Translates `gpa` through the tree, without side effects.
+    pub fn translate(&self, gpa: u64) -> Option<Translation> {
+        let gfn = gpa >> 12;
+        let _guard = self.read_lock();
+        let mut table_hpa = self.root_hpa();
+        let mut level = self.top_level();
+        loop {
+            // SAFETY: the root or a linked table, kept alive by the read lock.
+            let entry = load(unsafe { entries(table_hpa) }, level.index(gfn));
+            if !entry.is_present() {
+                return None;
+            }
+            if entry.is_leaf(level) {
+                let t = self.translation(entry, level, gfn);
+                return Some(Translation {
+                    hpa: t.hpa | (gpa & 0xfff),
+                    ..t
+                });
+            }
+            table_hpa = entry.addr(level);
+            level = level.below()?;
+        }
+    }
+
+    /// Leaf counts kept incrementally.
+    pub fn page_stats(&self) -> PageStats {
+        let [pages_4k, pages_2m, pages_1g] =
+            self.stats.each_ref().map(|c| c.load(Ordering::Relaxed));
+        PageStats {
+            pages_4k,
+            pages_2m,
+            pages_1g,
+        }
+    }
+
+    /// Leaf and table counts from a walk of the whole tree; the leaf counts
+    /// must equal [`page_stats`](Self::page_stats).
+    pub fn recount(&self) -> (PageStats, usize) {
+        let _guard = self.write_lock();
+        let mut stats = PageStats::default();
+        let mut tables = 0;
+        self.walk_all(self.root_hpa(), self.top_level(), &mut |entry, level| {
+            if entry.is_leaf(level) {
+                match level.get() {
+                    1 => stats.pages_4k += 1,
+                    2 => stats.pages_2m += 1,
+                    _ => stats.pages_1g += 1,
+                }
+            } else {
+                tables += 1;
+            }
+        });
+        (stats, tables)
+    }
+
+    fn walk_all(&self, table_hpa: u64, level: Level, visit: &mut impl FnMut(Entry, Level)) {
+        // SAFETY: callers hold the lock; the table is linked.
+        let table = unsafe { entries(table_hpa) };
+        for index in 0..512 {
+            let entry = load(table, index);
+            if !entry.is_present() {
+                continue;
+            }
+            visit(entry, level);
+            if !entry.is_leaf(level) {
+                self.walk_all(
+                    entry.addr(level),
+                    level.below().expect("tables above 4K"),
+                    visit,
+                );
+            }
+        }
+    }
+
+    /// Tables linked below the root.
+    pub fn live_tables(&self) -> usize {
+        self.table_map().len()
+    }
+
+    /// Work counters.
+    pub fn counters(&self) -> MmuCounters {
+        let c = &self.counters;
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        MmuCounters {
+            faults: get(&c.faults),
+            retries: get(&c.retries),
+            splits: get(&c.splits),
+            lazy_splits: get(&c.lazy_splits),
+            lock_drops: get(&c.lock_drops),
+            tables_linked: get(&c.tables_linked),
+            tables_freed: get(&c.tables_freed),
+        }
+    }
+
+    // ----- zap ------------------------------------------------------------
+
+    /// Unmaps every leaf that overlaps `[start_gfn, end_gfn)` (a huge leaf
+    /// that overlaps only partly goes whole) and frees tables left empty
+    /// inside the range.
+    pub fn zap_range(&self, start_gfn: u64, end_gfn: u64) -> Result<(), MmuError> {
+        let _guard = self.write_lock();
+        let _no_alloc = NoAllocSection::enter();
+        self.zap_table(self.root_hpa(), self.top_level(), 0, start_gfn, end_gfn)
+    }
+
+    fn zap_table(
+        &self,
+        table_hpa: u64,
+        level: Level,
+        table_gfn: u64,
+        start: u64,
+        end: u64,
+    ) -> Result<(), MmuError> {
+        // SAFETY: the write lock is held and the table is linked.
+        let table = unsafe { entries(table_hpa) };
+        let pages = level.entry_pages();
+        for index in 0..512 {
+            let gfn = table_gfn + index as u64 * pages;
+            if gfn + pages <= start || gfn >= end {
+                continue;
+            }
+            let entry = load(table, index);
+            if !entry.is_present() {
+                continue;
+            }
+            if entry.is_leaf(level) {
+                self.hooks.remove_leaf(gfn, level, entry)?;
+                table[index].store(ept::NON_PRESENT, Ordering::Release);
+                self.stats[stat_index(level)].fetch_sub(1, Ordering::Relaxed);
+                continue;
+            }
+            let below = level.below().expect("tables above 4K");
+            let child = entry.addr(level);
+            self.zap_table(child, below, gfn, start, end)?;
+            if gfn >= start && gfn + pages <= end {
+                self.hooks.free_table(gfn, below, child)?;
+                table[index].store(ept::NON_PRESENT, Ordering::Release);
+                self.free_table(child);
+            }
+        }
+        Ok(())
+    }
+
+    fn free_table(&self, hpa: u64) {
+        let header = self.table_map().remove(&hpa);
+        debug_assert!(header.is_some(), "table {hpa:#x} has no header");
+        drop(header);
+        self.counters.tables_freed.fetch_add(1, Ordering::Relaxed);
+    }
+
+    // ----- splitting -----------------------------------------------------
+
+    /// Splits every huge leaf overlapping `[start_gfn, end_gfn)` down to
+    /// `target` (pre-order: 1G to 2M to 4K). Never allocates under the lock:
+    /// when the split caches run dry the lock is dropped, the caches are
+    /// topped up, and the walk resumes where it stopped.
+    pub fn split_huge_pages(
+        &self,
+        start_gfn: u64,
+        end_gfn: u64,
+        target: Level,
+    ) -> Result<u64, MmuError> {
+        self.split_where(start_gfn, end_gfn, target, |_, _| true)
+    }
+
+    /// Splits only the huge leaves that straddle `start_gfn` or `end_gfn`, as
+    /// far as needed for the boundary to fall between leaves (needed before
+    /// converting part of a huge page). Returns the number of splits.
+    pub fn split_cross_boundary(&self, start_gfn: u64, end_gfn: u64) -> Result<u64, MmuError> {
+        let mut splits =
+            self.split_where(start_gfn, start_gfn + 1, Level::L4K, |leaf_gfn, _| {
+                leaf_gfn < start_gfn
+            })?;
+        if end_gfn > start_gfn {
+            splits += self.split_where(end_gfn - 1, end_gfn, Level::L4K, |leaf_gfn, pages| {
+                leaf_gfn + pages > end_gfn
+            })?;
+        }
+        Ok(splits)
+    }
+
+    fn split_where(
+        &self,
+        start: u64,
+        end: u64,
+        target: Level,
+        should_split: impl Fn(u64, u64) -> bool,
+    ) -> Result<u64, MmuError> {
+        let mut caches = self.split_caches.lock().unwrap_or_else(|p| p.into_inner());
+        let capacity = self.config.split_cache_capacity;
+        let mut cursor = start;
+        let mut splits = 0;
+        while cursor < end {
+            caches.tables.topup_with_capacity(capacity, 1)?;
+            caches.headers.topup_with_capacity(capacity, 1)?;
+            self.table_map().reserve(caches.tables.nr_free());
+            let guard = self.write_lock();
+            let no_alloc = NoAllocSection::enter();
+            let mut since_yield = 0;
+            while cursor < end {
+                if caches.tables.nr_free() == 0
+                    || caches.headers.nr_free() == 0
+                    || since_yield == SPLITS_PER_YIELD
+                {
+                    break;
+                }
+                match self.split_step(&mut caches, cursor, target, &should_split)? {
+                    Step::Split => {
+                        splits += 1;
+                        since_yield += 1;
+                    }
+                    Step::Skip(next) => cursor = next,
+                }
+            }
+            drop(no_alloc);
+            drop(guard);
+            if cursor < end {
+                self.counters.lock_drops.fetch_add(1, Ordering::Relaxed);
+                std::thread::yield_now();
+            }
+        }
+        Ok(splits)
+    }
+
+    /// One step of a split walk at `cursor`: split the first huge leaf met
+    /// above `target`, or say where the walk continues.
+    fn split_step(
+        &self,
+        caches: &mut VcpuCaches,
+        cursor: u64,
+        target: Level,
+        should_split: &impl Fn(u64, u64) -> bool,
+    ) -> Result<Step, MmuError> {
+        let mut table_hpa = self.root_hpa();
+        let mut level = self.top_level();
+        loop {
+            // SAFETY: write lock held; root or linked table.
+            let table = unsafe { entries(table_hpa) };
+            let index = level.index(cursor);
+            let entry = load(table, index);
+            let pages = level.entry_pages();
+            let leaf_gfn = cursor & !(pages - 1);
+            let next = leaf_gfn + pages;
+            if !entry.is_present()
+                || (entry.is_leaf(level) && (level <= target || !should_split(leaf_gfn, pages)))
+            {
+                return Ok(Step::Skip(next));
+            }
+            if entry.is_leaf(level) {
+                self.split_leaf(caches, table, index, level, entry, leaf_gfn)?;
+                return Ok(Step::Split);
+            }
+            let below = level.below().expect("tables above 4K");
+            if below <= target {
+                return Ok(Step::Skip(next));
+            }
+            table_hpa = entry.addr(level);
+            level = below;
+        }
+    }
+
+    fn split_leaf(
+        &self,
+        caches: &mut VcpuCaches,
+        table: &[AtomicU64; 512],
+        index: usize,
+        level: Level,
+        leaf: Entry,
+        gfn: u64,
+    ) -> Result<(), MmuError> {
+        let below = level.below().expect("huge leaves are above 4K");
+        let page = caches.tables.alloc()?;
+        let hpa = page.addr() as u64;
+        {
+            // SAFETY: the page is ours and not yet linked; nothing else sees it.
+            let child = unsafe { entries(hpa) };
+            for (i, slot) in child.iter().enumerate() {
+                slot.store(leaf.split_child(level, i).bits(), Ordering::Relaxed);
+            }
+        }
+        if let Err(err) = self.hooks.split_leaf(gfn, level, leaf, hpa) {
+            caches.tables.free(page);
+            return Err(err.into());
+        }
+        let mut header = caches.headers.alloc()?;
+        *header = TableHeader {
+            gfn,
+            level: below.get(),
+            page: Some(page),
+        };
+        self.table_map().insert(hpa, header);
+        // Release: the filled children are visible before the link.
+        table[index].store(Entry::table(hpa).bits(), Ordering::Release);
+        self.stats[stat_index(level)].fetch_sub(1, Ordering::Relaxed);
+        self.stats[stat_index(below)].fetch_add(512, Ordering::Relaxed);
+        self.counters.splits.fetch_add(1, Ordering::Relaxed);
+        self.counters.tables_linked.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    // ----- dirty logging ---------------------------------------------------
+
+    /// Starts dirty logging on slot `id`.
+    ///
+    /// Classic mode: huge leaves are split now (eager) and every leaf's dirty
+    /// bit is cleared; with eager splitting off, huge leaves are
+    /// write-protected instead and split by later write faults. Manual mode
+    /// with "initially set": every bit of the log starts set, and nothing is
+    /// split or protected until [`clear_dirty_log`](Self::clear_dirty_log).
+    pub fn enable_dirty_logging(&self, id: u32, mode: LogMode) -> Result<(), MmuError> {
+        let slot = self.slot(id)?;
+        slot.start_logging(mode);
+        if mode == LogMode::Classic {
+            self.protect_range(slot.base_gfn(), slot.end_gfn())?;
+        }
+        Ok(())
+    }
+
+    /// Stops dirty logging on slot `id` and zaps the slot's mappings, so
+    /// that later faults map huge pages again.
+    pub fn disable_dirty_logging(&self, id: u32) -> Result<(), MmuError> {
+        let slot = self.slot(id)?;
+        slot.stop_logging();
+        self.zap_range(slot.base_gfn(), slot.end_gfn())
+    }
+
+    /// Splits (when eager) and clears dirty bits over a range, so that the
+    /// next write to each page is logged.
+    fn protect_range(&self, start: u64, end: u64) -> Result<(), MmuError> {
+        if self.config.eager_split {
+            self.split_huge_pages(start, end, Level::L4K)?;
+        }
+        let _guard = self.write_lock();
+        let _no_alloc = NoAllocSection::enter();
+        self.for_each_leaf(start, end, |table, index, level, entry| {
+            let protected = if level > Level::L4K {
+                entry.without(DIRTY | WRITE)
+            } else {
+                entry.without(DIRTY)
+            };
+            if protected != entry {
+                table[index].store(protected.bits(), Ordering::Release);
+            }
+        });
+        Ok(())
+    }
+
+    /// Returns the dirty log of slot `id`, one bit per page from the slot's
+    /// first page. Classic mode: the log is cleared and the pages are
+    /// protected again. Manual mode: the log is returned as is; use
+    /// [`clear_dirty_log`](Self::clear_dirty_log).
+    pub fn get_dirty_log(&self, id: u32) -> Result<Vec<u64>, MmuError> {
+        let slot = self.slot(id)?;
+        let mode = slot.log_mode().ok_or(MemslotError::NotLogging { id })?;
+        self.harvest_into(&slot);
+        Ok(match mode {
+            LogMode::Classic => slot.take(),
+            LogMode::ManualInitiallySet => slot.snapshot(),
+        })
+    }
+
+    /// Manual mode: clears the bits of `mask` (bit i stands for page
+    /// `first_page + i` of the slot; `first_page` a multiple of 64), and
+    /// splits and protects those pages so that their next write is logged.
+    pub fn clear_dirty_log(&self, id: u32, first_page: u64, mask: &[u64]) -> Result<(), MmuError> {
+        let slot = self.slot(id)?;
+        if slot.log_mode().is_none() {
+            return Err(MemslotError::NotLogging { id }.into());
+        }
+        let num_pages = mask.len() as u64 * 64;
+        if first_page % 64 != 0
+            || first_page >= slot.npages()
+            || first_page + num_pages > slot.npages().next_multiple_of(64)
+        {
+            return Err(MemslotError::BadLogRange {
+                id,
+                first_page,
+                num_pages,
+            }
+            .into());
+        }
+        let (Some(first_set), Some(last_set)) = (
+            mask.iter().position(|&w| w != 0),
+            mask.iter().rposition(|&w| w != 0),
+        ) else {
+            return Ok(());
+        };
+        let start = slot.base_gfn()
+            + first_page
+            + first_set as u64 * 64
+            + u64::from(mask[first_set].trailing_zeros());
+        let end = (slot.base_gfn() + first_page + last_set as u64 * 64 + 64
+            - u64::from(mask[last_set].leading_zeros()))
+        .min(slot.end_gfn());
+        slot.clear_bits(first_page, mask);
+        if self.config.eager_split {
+            self.split_huge_pages(start, end, Level::L4K)?;
+        }
+        let _guard = self.write_lock();
+        let _no_alloc = NoAllocSection::enter();
+        let base = slot.base_gfn() + first_page;
+        self.for_each_leaf_gfn(start, end, |table, index, level, entry, gfn| {
+            let page = gfn.max(base) - base;
+            let selected =
+                level > Level::L4K || mask[(page / 64) as usize] & (1 << (page % 64)) != 0;
+            if !selected {
+                return;
+            }
+            let protected = if level > Level::L4K {
+                entry.without(DIRTY | WRITE)
+            } else {
+                entry.without(DIRTY)
+            };
+            if protected != entry {
+                table[index].store(protected.bits(), Ordering::Release);
+            }
+        });
+        Ok(())
+    }
+
+    /// Moves the dirty bits of the slot's leaves into its bitmap, clearing
+    /// them in the leaves (what a PML buffer flush does).
+    fn harvest_into(&self, slot: &Memslot) {
+        let _guard = self.read_lock();
+        self.for_each_leaf_gfn(
+            slot.base_gfn(),
+            slot.end_gfn(),
+            |table, index, level, entry, gfn| {
+                if !entry.has(DIRTY) {
+                    return;
+                }
+                let old = Entry::from_bits(table[index].fetch_and(!DIRTY, Ordering::AcqRel));
+                if old.has(DIRTY) {
+                    let first = gfn.max(slot.base_gfn());
+                    let last = (gfn + level.entry_pages()).min(slot.end_gfn());
+                    for page in first..last {
+                        slot.mark_dirty(page);
+                    }
+                }
+            },
+        );
+    }
+
+    fn for_each_leaf(
+        &self,
+        start: u64,
+        end: u64,
+        mut visit: impl FnMut(&[AtomicU64; 512], usize, Level, Entry),
+    ) {
+        self.for_each_leaf_gfn(start, end, |table, index, level, entry, _| {
+            visit(table, index, level, entry)
+        });
+    }
+
+    /// Visits every present leaf overlapping `[start, end)`; callers hold the lock.
+    fn for_each_leaf_gfn(
+        &self,
+        start: u64,
+        end: u64,
+        mut visit: impl FnMut(&[AtomicU64; 512], usize, Level, Entry, u64),
+    ) {
+        fn walk(
+            table_hpa: u64,
+            level: Level,
+            table_gfn: u64,
+            start: u64,
+            end: u64,
+            visit: &mut dyn FnMut(&[AtomicU64; 512], usize, Level, Entry, u64),
+        ) {
+            // SAFETY: the caller holds the MMU lock; the table is linked.
+            let table = unsafe { entries(table_hpa) };
+            let pages = level.entry_pages();
+            let first = (start.saturating_sub(table_gfn) / pages).min(512) as usize;
+            for index in first..512 {
+                let gfn = table_gfn + index as u64 * pages;
+                if gfn >= end {
+                    break;
+                }
+                let entry = load(table, index);
+                if !entry.is_present() {
+                    continue;
+                }
+                if entry.is_leaf(level) {
+                    visit(table, index, level, entry, gfn);
+                } else {
+                    walk(
+                        entry.addr(level),
+                        level.below().expect("tables above 4K"),
+                        gfn,
+                        start,
+                        end,
+                        visit,
+                    );
+                }
+            }
+        }
+        walk(self.root_hpa(), self.top_level(), 0, start, end, &mut visit);
+    }
+}
+
+enum Step {
+    Split,
+    Skip(u64),
+}
+
+impl Drop for TdpMmu {
+    fn drop(&mut self) {
+        // Tables go back to their pool through their headers.
+        let tables = std::mem::take(self.tables.get_mut().unwrap_or_else(|p| p.into_inner()));
+        drop(tables);
+    }
+}
