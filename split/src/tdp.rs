@@ -730,6 +730,13 @@ impl TdpMmu {
         }
     }
 
+    /// Pages this MMU holds from its pool: the root, linked tables, the
+    /// split caches and the header slab's pages (vCPU caches not included).
+    pub fn pages_held(&self) -> usize {
+        let split = self.split_caches.lock().unwrap_or_else(|p| p.into_inner());
+        1 + self.live_tables() + split.tables.nr_free() + self.header_slab.pages()
+    }
+
     /// Tables linked below the root.
     pub fn live_tables(&self) -> usize {
         self.table_map().len()

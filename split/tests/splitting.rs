@@ -1,0 +1,341 @@
+//! Splits, boundary splits, and the kernel's dirty_log_page_splitting check.
+
+mod common;
+
+use common::{GIB_PAGES, MIB_PAGES, checked_stats, mmu};
+use mmu_cache::alloc::PageAllocator;
+use split::ept::{ADDR_MASK, PAGE_SIZE_BIT};
+use split::{Level, LogMode, Memslot, MmuConfig, PageStats};
+
+#[test]
+fn a_2m_leaf_splits_into_512_4k_leaves_with_the_same_bits() {
+    let (_, mmu) = mmu(MmuConfig::default());
+    mmu.add_memslot(Memslot::new(0, 0, 2 * MIB_PAGES, 0x40000).unwrap())
+        .unwrap();
+    let mut vcpu = mmu.new_vcpu_caches();
+    let huge = mmu.fault(&mut vcpu, 0, true).unwrap();
+    assert_eq!(huge.level, Level::L2M);
+    assert_eq!(
+        checked_stats(&mmu),
+        PageStats {
+            pages_2m: 1,
+            ..Default::default()
+        }
+    );
+    assert_eq!(mmu.split_huge_pages(0, 512, Level::L4K).unwrap(), 1);
+    assert_eq!(
+        checked_stats(&mmu),
+        PageStats {
+            pages_4k: 512,
+            ..Default::default()
+        }
+    );
+    for page in 0..512u64 {
+        let leaf = mmu.translate(page << 12).unwrap();
+        assert_eq!(leaf.level, Level::L4K);
+        assert_eq!(leaf.hpa, (0x40000 + page) << 12, "translation unchanged");
+        assert_eq!(
+            leaf.entry.bits() & !ADDR_MASK,
+            huge.entry.bits() & !ADDR_MASK & !PAGE_SIZE_BIT,
+            "every bit but the size bit copied"
+        );
+    }
+}
+
+#[test]
+fn a_1g_leaf_split_to_4k_makes_513_tables_and_262144_leaves() {
+    let (_, mmu) = mmu(MmuConfig::default());
+    mmu.add_memslot(Memslot::new(0, GIB_PAGES, GIB_PAGES, GIB_PAGES).unwrap())
+        .unwrap();
+    let mut vcpu = mmu.new_vcpu_caches();
+    assert_eq!(
+        mmu.fault(&mut vcpu, 1 << 30, false).unwrap().level,
+        Level::L1G
+    );
+    let tables_before = mmu.live_tables();
+    assert_eq!(
+        mmu.split_huge_pages(GIB_PAGES, 2 * GIB_PAGES, Level::L2M)
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        checked_stats(&mmu),
+        PageStats {
+            pages_2m: 512,
+            ..Default::default()
+        }
+    );
+    assert_eq!(
+        mmu.split_huge_pages(GIB_PAGES, 2 * GIB_PAGES, Level::L4K)
+            .unwrap(),
+        512
+    );
+    assert_eq!(
+        checked_stats(&mmu),
+        PageStats {
+            pages_4k: 262_144,
+            ..Default::default()
+        }
+    );
+    assert_eq!(mmu.live_tables() - tables_before, 513);
+    for gpa in [1 << 30, (1 << 30) + 0x1234_5678, (2 << 30) - 1] {
+        assert_eq!(mmu.translate(gpa).unwrap().hpa, gpa);
+    }
+}
+
+#[test]
+fn stats_move_by_512_per_split() {
+    let (_, mmu) = mmu(MmuConfig::default());
+    mmu.add_memslot(Memslot::new(0, 0, 16 * MIB_PAGES, 0).unwrap())
+        .unwrap();
+    let mut vcpu = mmu.new_vcpu_caches();
+    for gpa in (0..16u64 << 20).step_by(2 << 20) {
+        mmu.fault(&mut vcpu, gpa, false).unwrap();
+    }
+    for (done, start) in (0..8u64).map(|i| i * 512).enumerate() {
+        mmu.split_huge_pages(start, start + 512, Level::L4K)
+            .unwrap();
+        let stats = checked_stats(&mmu);
+        assert_eq!(stats.pages_2m, 7 - done as u64);
+        assert_eq!(stats.pages_4k, 512 * (done as u64 + 1));
+    }
+}
+
+#[test]
+fn split_cross_boundary_splits_only_the_straddling_leaves() {
+    let (_, mmu) = mmu(MmuConfig::default());
+    mmu.add_memslot(Memslot::new(0, 0, 8 * MIB_PAGES, 0).unwrap())
+        .unwrap();
+    let mut vcpu = mmu.new_vcpu_caches();
+    for gpa in (0..8u64 << 20).step_by(2 << 20) {
+        mmu.fault(&mut vcpu, gpa, false).unwrap();
+    }
+    assert_eq!(
+        mmu.split_cross_boundary(3 * MIB_PAGES, 5 * MIB_PAGES)
+            .unwrap(),
+        2
+    );
+    let level_at = |mib: u64| mmu.translate(mib << 20).unwrap().level;
+    assert_eq!(
+        [0, 1, 2, 3, 4, 5, 6, 7].map(level_at),
+        [
+            Level::L2M,
+            Level::L2M,
+            Level::L4K,
+            Level::L4K,
+            Level::L4K,
+            Level::L4K,
+            Level::L2M,
+            Level::L2M
+        ]
+    );
+    // Aligned boundaries straddle nothing.
+    assert_eq!(mmu.split_cross_boundary(0, 2 * MIB_PAGES).unwrap(), 0);
+    checked_stats(&mmu);
+}
+
+#[test]
+fn boundary_splits_of_a_1g_leaf_go_only_as_deep_as_needed() {
+    let (_, mmu) = mmu(MmuConfig::default());
+    mmu.add_memslot(Memslot::new(0, 0, GIB_PAGES, 0).unwrap())
+        .unwrap();
+    let mut vcpu = mmu.new_vcpu_caches();
+    mmu.fault(&mut vcpu, 0, false).unwrap();
+    // [2M, 6M): 2M-aligned, so the 1G leaf splits to 2M and no further.
+    assert_eq!(
+        mmu.split_cross_boundary(2 * MIB_PAGES, 6 * MIB_PAGES)
+            .unwrap(),
+        1
+    );
+    assert_eq!(
+        checked_stats(&mmu),
+        PageStats {
+            pages_2m: 512,
+            ..Default::default()
+        }
+    );
+    // [3M, 5M): now the 2M leaves at 2M and 4M split too.
+    assert_eq!(
+        mmu.split_cross_boundary(3 * MIB_PAGES, 5 * MIB_PAGES)
+            .unwrap(),
+        2
+    );
+    assert_eq!(
+        checked_stats(&mmu),
+        PageStats {
+            pages_4k: 1024,
+            pages_2m: 510,
+            pages_1g: 0
+        }
+    );
+}
+
+fn populate(mmu: &split::TdpMmu, npages: u64) {
+    let mut vcpu = mmu.new_vcpu_caches();
+    for gfn in 0..npages {
+        mmu.write(&mut vcpu, gfn << 12).unwrap();
+    }
+}
+
+/// The kernel's dirty_log_page_splitting_test checks, on a 1 GiB + 4 MiB slot
+/// mapped with 1G and 2M leaves.
+#[test]
+fn dirty_log_page_splitting_classic() {
+    let npages = GIB_PAGES + 4 * MIB_PAGES;
+    let (_, mmu) = mmu(MmuConfig::default());
+    mmu.add_memslot(Memslot::new(0, 0, npages, 0).unwrap())
+        .unwrap();
+    populate(&mmu, npages);
+    let stats = checked_stats(&mmu);
+    assert_eq!(stats.pages_2m * 512 + stats.pages_1g * 512 * 512, npages);
+    assert_eq!((stats.pages_1g, stats.pages_2m), (1, 2));
+
+    mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
+    let stats = checked_stats(&mmu);
+    assert_eq!(stats.pages_2m + stats.pages_1g, 0);
+    assert!(stats.pages_4k >= npages);
+
+    // Every page written in a pass is in the log, and only those.
+    let mut vcpu = mmu.new_vcpu_caches();
+    let written: Vec<u64> = (0..npages).step_by(7).collect();
+    for &gfn in &written {
+        mmu.write(&mut vcpu, gfn << 12).unwrap();
+    }
+    let log = mmu.get_dirty_log(0).unwrap();
+    let logged: Vec<u64> = (0..npages)
+        .filter(|&p| log[(p / 64) as usize] & (1 << (p % 64)) != 0)
+        .collect();
+    assert_eq!(logged, written);
+    assert!(
+        mmu.get_dirty_log(0).unwrap().iter().all(|&w| w == 0),
+        "get clears the log"
+    );
+
+    mmu.disable_dirty_logging(0).unwrap();
+    populate(&mmu, npages);
+    let stats = checked_stats(&mmu);
+    assert_eq!(
+        (stats.pages_1g, stats.pages_2m, stats.pages_4k),
+        (1, 2, 0),
+        "huge pages return"
+    );
+}
+
+#[test]
+fn dirty_log_page_splitting_manual_initially_set() {
+    let npages = GIB_PAGES + 4 * MIB_PAGES;
+    let (_, mmu) = mmu(MmuConfig::default());
+    mmu.add_memslot(Memslot::new(0, 0, npages, 0).unwrap())
+        .unwrap();
+    populate(&mmu, npages);
+    let before = checked_stats(&mmu);
+    mmu.enable_dirty_logging(0, LogMode::ManualInitiallySet)
+        .unwrap();
+    assert_eq!(checked_stats(&mmu), before, "nothing splits at enable");
+    let log = mmu.get_dirty_log(0).unwrap();
+    assert!(log.iter().all(|&w| w == !0), "initially set");
+
+    // Clearing part of the log splits and protects only that part.
+    mmu.clear_dirty_log(0, 0, &[!0; 8]).unwrap();
+    let partial = checked_stats(&mmu);
+    assert_eq!((partial.pages_1g, partial.pages_2m), (0, 512 + 2 - 1));
+    assert_eq!(partial.pages_4k, 512);
+
+    mmu.clear_dirty_log(0, 0, &log).unwrap();
+    let stats = checked_stats(&mmu);
+    assert_eq!(stats.pages_2m + stats.pages_1g, 0);
+    assert!(stats.pages_4k >= npages);
+    assert!(mmu.get_dirty_log(0).unwrap().iter().all(|&w| w == 0));
+
+    let mut vcpu = mmu.new_vcpu_caches();
+    mmu.write(&mut vcpu, 0x7000).unwrap();
+    let log = mmu.get_dirty_log(0).unwrap();
+    assert_eq!(log[0], 1 << 7);
+    assert_eq!(
+        mmu.get_dirty_log(0).unwrap()[0],
+        1 << 7,
+        "manual get does not clear"
+    );
+    mmu.clear_dirty_log(0, 0, &[1 << 7]).unwrap();
+    assert_eq!(mmu.get_dirty_log(0).unwrap()[0], 0);
+    assert!(
+        mmu.clear_dirty_log(0, 3, &[1]).is_err(),
+        "first_page must be 64-aligned"
+    );
+}
+
+#[test]
+fn lazy_splitting_maps_4k_on_write_faults_one_at_a_time() {
+    let (_, mmu) = mmu(MmuConfig {
+        eager_split: false,
+        ..MmuConfig::default()
+    });
+    mmu.add_memslot(Memslot::new(0, 0, 4 * MIB_PAGES, 0).unwrap())
+        .unwrap();
+    populate(&mmu, 4 * MIB_PAGES);
+    mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
+    assert_eq!(checked_stats(&mmu).pages_2m, 2, "no eager split");
+    let mut vcpu = mmu.new_vcpu_caches();
+    mmu.write(&mut vcpu, 0x3000).unwrap();
+    let stats = checked_stats(&mmu);
+    assert_eq!(
+        (stats.pages_2m, stats.pages_4k),
+        (1, 1),
+        "the written huge page went; one 4K leaf came"
+    );
+    assert_eq!(mmu.counters().lazy_splits, 1);
+    assert_eq!(mmu.get_dirty_log(0).unwrap()[0], 1 << 3);
+}
+
+#[test]
+fn a_1g_split_with_a_tiny_cache_completes_without_allocating_under_the_lock() {
+    // The counting allocator panics on any allocation inside the MMU's lock.
+    let (counting, mmu) = mmu(MmuConfig {
+        split_cache_capacity: 3,
+        ..MmuConfig::default()
+    });
+    mmu.add_memslot(Memslot::new(0, 0, GIB_PAGES, 0).unwrap())
+        .unwrap();
+    let mut vcpu = mmu.new_vcpu_caches();
+    mmu.fault(&mut vcpu, 0, true).unwrap();
+    mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
+    assert_eq!(
+        checked_stats(&mmu),
+        PageStats {
+            pages_4k: GIB_PAGES,
+            ..Default::default()
+        }
+    );
+    assert!(
+        mmu.counters().lock_drops >= 513 / 3,
+        "dropped the lock to top up"
+    );
+    drop(vcpu);
+    let held = mmu.pages_held();
+    assert_eq!(counting.pages_outstanding(), held);
+    drop(mmu);
+    assert_eq!(
+        counting.pages_outstanding(),
+        0,
+        "every page back with its owner"
+    );
+}
+
+#[test]
+fn five_level_paging_maps_high_addresses() {
+    let (_, five) = mmu(MmuConfig {
+        levels: 5,
+        ..MmuConfig::default()
+    });
+    let base = 1u64 << 40; // gfn of a gpa at 4 PiB, beyond 4-level paging
+    five.add_memslot(Memslot::new(0, base, 512, 7).unwrap())
+        .unwrap();
+    let mut vcpu = five.new_vcpu_caches();
+    let t = five.fault(&mut vcpu, (base + 3) << 12, true).unwrap();
+    assert_eq!(t.hpa, 10 << 12);
+    let (_, four) = mmu(MmuConfig::default());
+    assert!(
+        four.add_memslot(Memslot::new(0, base, 512, 7).unwrap())
+            .is_err()
+    );
+}
