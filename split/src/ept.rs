@@ -360,7 +360,7 @@ mod tests {
     #[test]
     fn leaves_round_trip_for_every_flag_combination_and_level() {
         for level in LEVELS {
-            let addr = 0x1234_5u64 << 30 & level.leaf_addr_mask();
+            let addr = 0x0001_2345_u64 << 30 & level.leaf_addr_mask();
             for perms in 0..8u64 {
                 for memtype in MEMTYPES {
                     for extra in [
@@ -382,7 +382,7 @@ mod tests {
                         assert_eq!(entry.addr(level), addr);
                         assert_eq!(entry.perms(), perms);
                         assert_eq!(MemType::from_bits(entry.memtype_bits()), Some(memtype));
-                        assert_eq!(entry.has(extra), true);
+                        assert!(entry.has(extra));
                         assert_eq!(Entry::from_bits(entry.bits()), entry);
                         let valid = entry.validate(level);
                         if perms & WRITE != 0 && perms & READ == 0 {

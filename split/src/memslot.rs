@@ -152,7 +152,10 @@ impl Memslot {
         for level in [Level::L1G, Level::L2M] {
             let pages = level.entry_pages();
             let start = gfn & !(pages - 1);
-            let host_aligned = (self.host_base_pfn.wrapping_sub(self.base_gfn)) % pages == 0;
+            let host_aligned = self
+                .host_base_pfn
+                .wrapping_sub(self.base_gfn)
+                .is_multiple_of(pages);
             if host_aligned && start >= self.base_gfn && start + pages <= self.end_gfn() {
                 return level;
             }

@@ -459,7 +459,11 @@ impl TdpMmu {
                 return Ok(None);
             }
             let at_goal = level <= goal;
-            if entry.is_leaf(level) && (at_goal || !entry.is_huge_leaf(level)) {
+            // A leaf that already allows the access makes the fault spurious:
+            // keep it. Only a write to a write-protected huge leaf above the
+            // goal replaces it (the lazy split).
+            let usable = !write || entry.has(WRITE);
+            if entry.is_leaf(level) && (at_goal || !entry.is_huge_leaf(level) || usable) {
                 return Ok(self.touch_leaf(table, index, level, entry, gfn, write));
             }
             if entry.is_present() && !entry.is_leaf(level) {
@@ -1033,7 +1037,7 @@ impl TdpMmu {
             return Err(MemslotError::NotLogging { id }.into());
         }
         let num_pages = mask.len() as u64 * 64;
-        if first_page % 64 != 0
+        if !first_page.is_multiple_of(64)
             || first_page >= slot.npages()
             || first_page + num_pages > slot.npages().next_multiple_of(64)
         {
@@ -1130,7 +1134,7 @@ impl TdpMmu {
             table_gfn: u64,
             start: u64,
             end: u64,
-            visit: &mut dyn FnMut(&[AtomicU64; 512], usize, Level, Entry, u64),
+            visit: &mut LeafVisitor<'_>,
         ) {
             // SAFETY: the caller holds the MMU lock; the table is linked.
             let table = unsafe { entries(table_hpa) };
@@ -1162,6 +1166,9 @@ impl TdpMmu {
         walk(self.root_hpa(), self.top_level(), 0, start, end, &mut visit);
     }
 }
+
+/// A callback over leaves: table, index, level, entry, first gfn.
+type LeafVisitor<'a> = dyn FnMut(&[AtomicU64; 512], usize, Level, Entry, u64) + 'a;
 
 enum Step {
     Split,
