@@ -276,9 +276,9 @@ impl TdpMmu {
         root.fill(ept::NON_PRESENT);
         let header_slab = Slab::new(pool.clone(), None)?;
         let split_caches = VcpuCaches {
-            tables: PageCache::new(pool.clone())
-                .with_init_value(ept::NON_PRESENT)
-                .named("split-tables"),
+            // Split tables are filled with the children before they are
+            // linked, so they skip the non-present fill.
+            tables: PageCache::new(pool.clone()).named("split-tables"),
             headers: ObjectCache::new(header_slab.clone()).named("split-headers"),
         };
         Ok(Self {

@@ -1,0 +1,157 @@
+//! Side-by-side costs of the software MMU, from one run:
+//! eager split of 2M and of 1G leaves to 4K (time per new table, GiB/s of
+//! guest memory covered), a memset of as many pages as tables created (the
+//! bandwidth bound), and a software dirty_log_perf_test with eager splitting
+//! on and off. `MMUKIT_BENCH_GIB` sets the slot size (default 16).
+//! Run with `cargo bench -p split --bench table`.
+
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use mmu_cache::alloc::ChunkAllocator;
+use mmu_cache::{PAGE_SIZE, Page, PagePool};
+use split::{Level, LogMode, Memslot, MmuConfig, TdpMmu};
+
+const VCPUS: u64 = 2;
+
+/// A pool whose first `warm_pages` pages were touched once, so that the
+/// measurements below see reused memory, not the kernel's first-touch faults.
+fn warm_pool(warm_pages: usize) -> std::sync::Arc<PagePool> {
+    let pool = PagePool::new(ChunkAllocator::anonymous());
+    let mut pages: Vec<Page> = (0..warm_pages).map(|_| pool.get().unwrap()).collect();
+    pages.iter_mut().for_each(|page| page.zero());
+    drop(pages);
+    pool
+}
+
+/// An MMU with one slot of `gib` GiB at gpa 0 on host frames from
+/// `host_base_pfn` (its alignment decides the largest leaf).
+fn new_mmu(gib: u64, eager: bool, host_base_pfn: u64) -> TdpMmu {
+    let pool = warm_pool((gib as usize) * 530);
+    let mmu = TdpMmu::new(
+        pool,
+        MmuConfig {
+            eager_split: eager,
+            ..MmuConfig::default()
+        },
+    )
+    .unwrap();
+    mmu.add_memslot(Memslot::new(0, 0, gib << 18, host_base_pfn).unwrap())
+        .unwrap();
+    mmu
+}
+
+fn populate(mmu: &TdpMmu, gib: u64, step: u64) {
+    let mut caches = mmu.new_vcpu_caches();
+    for gpa in (0..gib << 30).step_by(step as usize) {
+        mmu.fault(&mut caches, gpa, true).unwrap();
+    }
+}
+
+fn memset_bound(pages: usize) -> Duration {
+    let pool = warm_pool(pages);
+    let held: Vec<Page> = (0..pages).map(|_| pool.get().unwrap()).collect();
+    let mut best = Duration::MAX;
+    for _ in 0..3 {
+        let start = Instant::now();
+        for page in &held {
+            // SAFETY: each page is PAGE_SIZE writable bytes owned here.
+            unsafe { std::ptr::write_bytes(std::hint::black_box(page.as_ptr()), 0x80, PAGE_SIZE) };
+        }
+        best = best.min(start.elapsed());
+    }
+    best
+}
+
+fn split_row(name: &str, gib: u64, leaf: Level) {
+    // Host frames aligned only as far as the leaf size: the slot maps with
+    // leaves of exactly that size.
+    let host_base_pfn = (1 << 30) + if leaf == Level::L2M { 512 } else { 0 };
+    let mmu = new_mmu(gib, true, host_base_pfn);
+    populate(&mmu, gib, leaf.entry_bytes());
+    assert_eq!(mmu.translate(0).unwrap().level, leaf);
+    let tables_before = mmu.live_tables();
+    let start = Instant::now();
+    let splits = mmu.split_huge_pages(0, gib << 18, Level::L4K).unwrap();
+    let elapsed = start.elapsed();
+    let tables = mmu.live_tables() - tables_before;
+    assert_eq!(splits as usize, tables);
+    let bound = memset_bound(tables);
+    let per_table = elapsed.as_nanos() as f64 / tables as f64;
+    let bound_per_table = bound.as_nanos() as f64 / tables as f64;
+    println!(
+        "{name:<22} {tables:>8} tables  {per_table:>8.0} ns/table  {:>7.1} GiB/s  memset {bound_per_table:>6.0} ns/page  ratio {:>5.2}",
+        gib as f64 / elapsed.as_secs_f64(),
+        per_table / bound_per_table
+    );
+}
+
+/// One dirty-memory pass: every vCPU writes every page of its share.
+fn dirty_pass(mmu: &Arc<TdpMmu>, gib: u64) -> Duration {
+    let barrier = Arc::new(Barrier::new(VCPUS as usize + 1));
+    let npages = gib << 18;
+    let workers: Vec<_> = (0..VCPUS)
+        .map(|id| {
+            let (mmu, barrier) = (mmu.clone(), barrier.clone());
+            thread::spawn(move || {
+                let mut caches = mmu.new_vcpu_caches();
+                let share = npages / VCPUS;
+                barrier.wait();
+                for gfn in id * share..(id + 1) * share {
+                    mmu.write(&mut caches, gfn << 12).unwrap();
+                }
+            })
+        })
+        .collect();
+    barrier.wait();
+    let start = Instant::now();
+    workers.into_iter().for_each(|w| w.join().unwrap());
+    start.elapsed()
+}
+
+fn dirty_log_perf(gib: u64, eager: bool) -> Vec<Duration> {
+    let mmu = Arc::new(new_mmu(gib, eager, 1 << 30));
+    let populate = dirty_pass(&mmu, gib);
+    let start = Instant::now();
+    mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
+    let enable = start.elapsed();
+    let mut times = vec![populate, enable];
+    println!(
+        "  eager split {:<5}  populate {:>9.3?}  enable dirty logging {:>9.3?}",
+        eager, populate, enable
+    );
+    for iteration in 1..=3 {
+        let dirty = dirty_pass(&mmu, gib);
+        let start = Instant::now();
+        let log = mmu.get_dirty_log(0).unwrap();
+        let get = start.elapsed();
+        let dirty_pages: u64 = log.iter().map(|w| u64::from(w.count_ones())).sum();
+        assert_eq!(dirty_pages, gib << 18, "every written page is logged");
+        println!(
+            "    iteration {iteration}: dirty memory {dirty:>9.3?}  get+clear dirty log {get:>9.3?}"
+        );
+        times.push(dirty);
+    }
+    times
+}
+
+fn main() {
+    if std::env::args().any(|arg| arg == "--list") {
+        return;
+    }
+    let gib: u64 = std::env::var("MMUKIT_BENCH_GIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(16);
+    println!("split: software MMU costs over a {gib} GiB slot (guest memory itself not allocated)");
+    split_row("eager split 2M -> 4K", gib, Level::L2M);
+    split_row("eager split 1G -> 4K", gib, Level::L1G);
+    println!("software dirty_log_perf_test, {VCPUS} vCPU threads:");
+    let eager = dirty_log_perf(gib, true);
+    let lazy = dirty_log_perf(gib, false);
+    println!(
+        "iteration-1 dirty memory time, eager / lazy: {:.3}",
+        eager[2].as_secs_f64() / lazy[2].as_secs_f64()
+    );
+}
