@@ -246,6 +246,20 @@ fn cas(table: &[AtomicU64; 512], index: usize, old: Entry, new: Entry) -> bool {
         .is_ok()
 }
 
+/// Makes the next write to a leaf's memory visible to dirty logging: clears
+/// the dirty bit, and write-protects a huge leaf (whose dirty bit could not
+/// say which 4K page was written). Callers hold the write lock.
+fn protect_leaf(table: &[AtomicU64; 512], index: usize, level: Level, entry: Entry) {
+    let protected = if level > Level::L4K {
+        entry.without(DIRTY | WRITE)
+    } else {
+        entry.without(DIRTY)
+    };
+    if protected != entry {
+        table[index].store(protected.bits(), Ordering::Release);
+    }
+}
+
 fn stat_index(level: Level) -> usize {
     usize::from(level.get() - 1)
 }
@@ -1001,16 +1015,7 @@ impl TdpMmu {
         }
         let _guard = self.write_lock();
         let _no_alloc = NoAllocSection::enter();
-        self.for_each_leaf(start, end, |table, index, level, entry| {
-            let protected = if level > Level::L4K {
-                entry.without(DIRTY | WRITE)
-            } else {
-                entry.without(DIRTY)
-            };
-            if protected != entry {
-                table[index].store(protected.bits(), Ordering::Release);
-            }
-        });
+        self.for_each_leaf(start, end, protect_leaf);
         Ok(())
     }
 
@@ -1072,16 +1077,8 @@ impl TdpMmu {
             let page = gfn.max(base) - base;
             let selected =
                 level > Level::L4K || mask[(page / 64) as usize] & (1 << (page % 64)) != 0;
-            if !selected {
-                return;
-            }
-            let protected = if level > Level::L4K {
-                entry.without(DIRTY | WRITE)
-            } else {
-                entry.without(DIRTY)
-            };
-            if protected != entry {
-                table[index].store(protected.bits(), Ordering::Release);
+            if selected {
+                protect_leaf(table, index, level, entry);
             }
         });
         Ok(())
