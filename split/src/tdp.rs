@@ -629,30 +629,37 @@ impl TdpMmu {
     /// a missing leaf or a write-protected one is a miss, to be handled by
     /// [`fault`](Self::fault).
     pub fn access(&self, gpa: u64, write: bool) -> Access {
-        let gfn = gpa >> 12;
         let _guard = self.read_lock();
+        let Some((table, index, level, entry)) = self.find_leaf(gpa >> 12) else {
+            return Access::Miss;
+        };
+        if write && !entry.has(WRITE) {
+            return Access::Miss;
+        }
+        let bits = if write { ACCESSED | DIRTY } else { ACCESSED };
+        if !entry.has(bits) {
+            table[index].fetch_or(bits, Ordering::AcqRel);
+        }
+        Access::Hit(self.translation(entry, level, gpa >> 12).hpa | (gpa & 0xfff))
+    }
+
+    /// Walks to the present leaf that maps `gfn`; callers hold the lock.
+    fn find_leaf(&self, gfn: u64) -> Option<(&[AtomicU64; 512], usize, Level, Entry)> {
         let mut table_hpa = self.root_hpa();
         let mut level = self.top_level();
         loop {
-            // SAFETY: the root or a linked table, kept alive by the read lock.
+            // SAFETY: the root or a linked table; the caller's lock keeps it alive.
             let table = unsafe { entries(table_hpa) };
             let index = level.index(gfn);
             let entry = load(table, index);
             if !entry.is_present() {
-                return Access::Miss;
+                return None;
             }
             if entry.is_leaf(level) {
-                if write && !entry.has(WRITE) {
-                    return Access::Miss;
-                }
-                let bits = if write { ACCESSED | DIRTY } else { ACCESSED };
-                if !entry.has(bits) {
-                    table[index].fetch_or(bits, Ordering::AcqRel);
-                }
-                return Access::Hit(self.translation(entry, level, gfn).hpa | (gpa & 0xfff));
+                return Some((table, index, level, entry));
             }
             table_hpa = entry.addr(level);
-            level = level.below().expect("4K entries are leaves");
+            level = level.below()?;
         }
     }
 
@@ -678,24 +685,12 @@ impl TdpMmu {
     pub fn translate(&self, gpa: u64) -> Option<Translation> {
         let gfn = gpa >> 12;
         let _guard = self.read_lock();
-        let mut table_hpa = self.root_hpa();
-        let mut level = self.top_level();
-        loop {
-            // SAFETY: the root or a linked table, kept alive by the read lock.
-            let entry = load(unsafe { entries(table_hpa) }, level.index(gfn));
-            if !entry.is_present() {
-                return None;
-            }
-            if entry.is_leaf(level) {
-                let t = self.translation(entry, level, gfn);
-                return Some(Translation {
-                    hpa: t.hpa | (gpa & 0xfff),
-                    ..t
-                });
-            }
-            table_hpa = entry.addr(level);
-            level = level.below()?;
-        }
+        let (_, _, level, entry) = self.find_leaf(gfn)?;
+        let t = self.translation(entry, level, gfn);
+        Some(Translation {
+            hpa: t.hpa | (gpa & 0xfff),
+            ..t
+        })
     }
 
     /// Leaf counts kept incrementally.
