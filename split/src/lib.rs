@@ -40,8 +40,10 @@
 //! ```
 
 pub mod ept;
+pub mod guest;
 pub mod hooks;
 pub mod memslot;
+pub mod shadow;
 pub mod tdp;
 
 pub use ept::{Entry, EptError, Level, MemType};

@@ -146,6 +146,18 @@ impl Memslot {
         self.host_base_pfn + (gfn - self.base_gfn)
     }
 
+    /// The guest frame that host frame `pfn` backs, if this slot maps it.
+    pub fn gfn_of_host_pfn(&self, pfn: u64) -> Option<u64> {
+        let offset = pfn.checked_sub(self.host_base_pfn)?;
+        (offset < self.npages).then(|| self.base_gfn + offset)
+    }
+
+    /// Whether the host frames of two slots overlap.
+    pub fn host_overlaps(&self, other: &Memslot) -> bool {
+        self.host_base_pfn < other.host_base_pfn + other.npages
+            && other.host_base_pfn < self.host_base_pfn + self.npages
+    }
+
     /// The largest leaf level that may map `gfn`: the aligned region must
     /// lie inside the slot and the host frames must share its alignment.
     pub fn max_level(&self, gfn: u64) -> Level {
