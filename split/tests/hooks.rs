@@ -1,0 +1,259 @@
+//! External page-table hooks: a mirror kept through the hooks stays
+//! identical to the MMU's tree, and a failing hook leaves both unchanged.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+use mmu_cache::PagePool;
+use mmu_cache::alloc::{ChunkAllocator, CountingAllocator, PageAllocator};
+use split::{
+    Entry, ExternalPageTable, HookError, Level, LogMode, Memslot, MmuConfig, MmuError, TdpMmu,
+};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Link,
+    SetLeaf,
+    RemoveLeaf,
+    FreeTable,
+    SplitLeaf,
+}
+
+#[derive(Default)]
+struct MirrorState {
+    leaves: HashMap<(u64, u8), Entry>,
+    tables: HashSet<(u64, u8, u64)>,
+    /// Fail `op` this many more times, with Busy or Refused.
+    fail: Option<(Op, u32, bool)>,
+    calls: Vec<Op>,
+}
+
+/// An external page table that records what the hooks tell it.
+#[derive(Clone, Default)]
+struct Mirror(Arc<Mutex<MirrorState>>);
+
+impl Mirror {
+    fn state(&self) -> std::sync::MutexGuard<'_, MirrorState> {
+        self.0.lock().unwrap()
+    }
+
+    fn fail(&self, op: Op, times: u32, busy: bool) {
+        self.state().fail = Some((op, times, busy));
+    }
+
+    fn check(&self, op: Op) -> Result<(), HookError> {
+        let mut state = self.state();
+        state.calls.push(op);
+        if let Some((failing, times, busy)) = state.fail
+            && failing == op
+            && times > 0
+        {
+            state.fail = Some((failing, times - 1, busy));
+            let what = format!("{op:?}");
+            return Err(if busy {
+                HookError::Busy { what }
+            } else {
+                HookError::Refused { what }
+            });
+        }
+        Ok(())
+    }
+
+    fn leaves(&self) -> HashMap<(u64, u8), Entry> {
+        self.state().leaves.clone()
+    }
+
+    fn tables(&self) -> usize {
+        self.state().tables.len()
+    }
+}
+
+impl ExternalPageTable for Mirror {
+    fn link_table(&self, gfn: u64, level: Level, table_hpa: u64) -> Result<(), HookError> {
+        self.check(Op::Link)?;
+        self.state().tables.insert((gfn, level.get(), table_hpa));
+        Ok(())
+    }
+
+    fn set_leaf(&self, gfn: u64, level: Level, entry: Entry) -> Result<(), HookError> {
+        self.check(Op::SetLeaf)?;
+        let old = self.state().leaves.insert((gfn, level.get()), entry);
+        assert!(old.is_none(), "set_leaf over a leaf at {gfn:#x}");
+        Ok(())
+    }
+
+    fn remove_leaf(&self, gfn: u64, level: Level, old: Entry) -> Result<(), HookError> {
+        self.check(Op::RemoveLeaf)?;
+        let removed = self.state().leaves.remove(&(gfn, level.get()));
+        assert_eq!(removed.map(|e| e.addr(level)), Some(old.addr(level)));
+        Ok(())
+    }
+
+    fn free_table(&self, gfn: u64, level: Level, table_hpa: u64) -> Result<(), HookError> {
+        self.check(Op::FreeTable)?;
+        assert!(
+            self.state().tables.remove(&(gfn, level.get(), table_hpa)),
+            "free of an unknown table"
+        );
+        Ok(())
+    }
+
+    fn split_leaf(
+        &self,
+        gfn: u64,
+        level: Level,
+        old: Entry,
+        new_table_hpa: u64,
+    ) -> Result<(), HookError> {
+        self.check(Op::SplitLeaf)?;
+        let below = level.below().unwrap();
+        let mut state = self.state();
+        assert!(state.leaves.remove(&(gfn, level.get())).is_some());
+        for i in 0..512 {
+            state.leaves.insert(
+                (gfn + i as u64 * below.entry_pages(), below.get()),
+                old.split_child(level, i),
+            );
+        }
+        state.tables.insert((gfn, below.get(), new_table_hpa));
+        Ok(())
+    }
+}
+
+fn mirrored_mmu() -> (Arc<CountingAllocator<ChunkAllocator>>, Mirror, TdpMmu) {
+    let counting = Arc::new(CountingAllocator::new(ChunkAllocator::anonymous()));
+    let pool = PagePool::from_shared(counting.clone(), None);
+    let mirror = Mirror::default();
+    let mmu = TdpMmu::with_hooks(pool, MmuConfig::default(), Box::new(mirror.clone())).unwrap();
+    // 8 MiB at gpa 0.
+    mmu.add_memslot(Memslot::new(0, 0, 2048, 0x40000).unwrap())
+        .unwrap();
+    (counting, mirror, mmu)
+}
+
+/// The mirror holds exactly the MMU's leaves, and as many tables.
+fn assert_identical(mirror: &Mirror, mmu: &TdpMmu) {
+    let leaves = mirror.leaves();
+    let stats = common::checked_stats(mmu);
+    assert_eq!(
+        leaves.len() as u64,
+        stats.pages_4k + stats.pages_2m + stats.pages_1g,
+        "leaf count differs"
+    );
+    for (&(gfn, level), &entry) in &leaves {
+        let t = mmu
+            .translate(gfn << 12)
+            .expect("mirror leaf not in the MMU");
+        assert_eq!(t.level.get(), level);
+        assert_eq!(t.entry.addr(t.level), entry.addr(t.level), "gfn {gfn:#x}");
+        assert_eq!(t.entry.perms(), entry.perms());
+    }
+    assert_eq!(mirror.tables(), mmu.live_tables(), "table count differs");
+}
+
+#[test]
+fn the_mirror_follows_faults_splits_and_zaps() {
+    let (_, mirror, mmu) = mirrored_mmu();
+    let mut vcpu = mmu.new_vcpu_caches();
+    for gpa in (0..8u64 << 20).step_by(2 << 20) {
+        mmu.fault(&mut vcpu, gpa, true).unwrap();
+    }
+    assert_identical(&mirror, &mmu);
+    mmu.split_huge_pages(0, 1024, Level::L4K).unwrap();
+    assert_identical(&mirror, &mmu);
+    mmu.zap_range(0, 512).unwrap();
+    assert_identical(&mirror, &mmu);
+    mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
+    mmu.fault(&mut vcpu, 0x3000, true).unwrap();
+    assert_identical(&mirror, &mmu);
+    mmu.zap_range(0, 2048).unwrap();
+    assert_identical(&mirror, &mmu);
+    assert!(mirror.leaves().is_empty());
+}
+
+#[test]
+fn a_refused_set_leaf_leaves_both_unchanged() {
+    let (counting, mirror, mmu) = mirrored_mmu();
+    let mut vcpu = mmu.new_vcpu_caches();
+    mmu.fault(&mut vcpu, 0, true).unwrap();
+    let stats = mmu.page_stats();
+    let tables = mmu.live_tables();
+    mirror.fail(Op::SetLeaf, 1, false);
+    let err = mmu.fault(&mut vcpu, 2 << 20, true).unwrap_err();
+    assert!(matches!(err, MmuError::Hook(HookError::Refused { .. })));
+    assert_eq!(mmu.translate(2 << 20), None);
+    assert_eq!(mmu.page_stats(), stats);
+    assert_eq!(mmu.live_tables(), tables);
+    assert_identical(&mirror, &mmu);
+    // The next attempt goes through.
+    mmu.fault(&mut vcpu, 2 << 20, true).unwrap();
+    assert_identical(&mirror, &mmu);
+    drop(vcpu);
+    drop(mmu);
+    assert_eq!(counting.pages_outstanding(), 0);
+}
+
+#[test]
+fn a_busy_hook_is_retried() {
+    let (_, mirror, mmu) = mirrored_mmu();
+    let mut vcpu = mmu.new_vcpu_caches();
+    mirror.fail(Op::SetLeaf, 3, true);
+    mmu.fault(&mut vcpu, 0, true).unwrap();
+    assert_eq!(mmu.counters().retries, 3);
+    assert_identical(&mirror, &mmu);
+}
+
+#[test]
+fn a_refused_link_returns_the_table_page_and_links_nothing() {
+    let (counting, mirror, mmu) = mirrored_mmu();
+    let mut vcpu = mmu.new_vcpu_caches();
+    mirror.fail(Op::Link, 1, false);
+    assert!(mmu.fault(&mut vcpu, 0x5000, true).is_err());
+    assert_eq!(mmu.live_tables(), 0);
+    assert_eq!(mmu.translate(0x5000), None);
+    assert_identical(&mirror, &mmu);
+    mmu.fault(&mut vcpu, 0x5000, true).unwrap();
+    assert_identical(&mirror, &mmu);
+    drop(vcpu);
+    drop(mmu);
+    assert_eq!(counting.pages_outstanding(), 0);
+}
+
+#[test]
+fn a_refused_split_keeps_the_huge_leaf_in_both() {
+    let (counting, mirror, mmu) = mirrored_mmu();
+    let mut vcpu = mmu.new_vcpu_caches();
+    mmu.fault(&mut vcpu, 0, true).unwrap();
+    let before = mmu.translate(0x1000).unwrap();
+    mirror.fail(Op::SplitLeaf, 1, false);
+    assert!(mmu.split_huge_pages(0, 512, Level::L4K).is_err());
+    assert_eq!(mmu.translate(0x1000), Some(before));
+    assert_eq!(mmu.page_stats().pages_2m, 1);
+    assert_identical(&mirror, &mmu);
+    assert_eq!(mmu.split_huge_pages(0, 512, Level::L4K).unwrap(), 1);
+    assert_identical(&mirror, &mmu);
+    drop(vcpu);
+    drop(mmu);
+    assert_eq!(counting.pages_outstanding(), 0);
+}
+
+#[test]
+fn a_refused_remove_stops_the_zap_where_it_is() {
+    let (_, mirror, mmu) = mirrored_mmu();
+    let mut vcpu = mmu.new_vcpu_caches();
+    for gpa in (0..8u64 << 20).step_by(2 << 20) {
+        mmu.fault(&mut vcpu, gpa, true).unwrap();
+    }
+    mirror.fail(Op::RemoveLeaf, 1, false);
+    assert!(mmu.zap_range(0, 2048).is_err());
+    // Nothing was removed from either side.
+    assert_eq!(mmu.page_stats().pages_2m, 4);
+    assert_identical(&mirror, &mmu);
+    // The whole address space: the now empty tables are freed too.
+    mmu.zap_range(0, 1 << 36).unwrap();
+    assert_identical(&mirror, &mmu);
+    assert_eq!(mmu.live_tables(), 0);
+    assert!(mirror.state().calls.contains(&Op::FreeTable));
+}
