@@ -1,6 +1,6 @@
 //! # split
 //!
-//! EPT page tables and a TDP MMU for a software or hardware-assisted
+//! EPT page tables, a TDP MMU and a shadow MMU for a software or hardware-assisted
 //! hypervisor, with dirty logging and eager huge-page splitting that never
 //! allocates while the MMU lock is held.
 //!
@@ -12,6 +12,9 @@
 //! - [`Memslot`]: guest frame ranges and their dirty bitmaps.
 //! - [`ExternalPageTable`]: hooks that keep an external copy of the tree
 //!   (the TDX S-EPT) identical to the MMU's.
+//! - [`shadow::ShadowMmu`]: the shadow MMU for nested TDP, which combines a
+//!   guest hypervisor's EPT ([`guest::GuestTables`]) with the memslots, with
+//!   rmaps, unsync pages, dirty logging and eager splitting without a vCPU.
 //!
 //! Tables are pages from an `mmu-cache` page cache filled with the
 //! non-present value (suppress-#VE set). Every operation tops up its caches
@@ -42,6 +45,7 @@
 pub mod ept;
 pub mod guest;
 pub mod hooks;
+mod lock;
 pub mod memslot;
 pub mod shadow;
 pub mod tdp;

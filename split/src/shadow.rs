@@ -1548,18 +1548,39 @@ impl ShadowMmu {
         let gfn = state.leaf_gfn(huge, level);
         let role = Role::direct(below, guest_access(huge));
         let (child, _) = self.get_sp(state, caches, None, gfn, role)?;
-        for index in 0..512u64 {
-            let child_addr = child + index * 8;
-            if state.spte(child_addr).is_present() {
+        let si = state
+            .slot_index(gfn)
+            .expect("huge leaves lie inside a memslot");
+        let State {
+            pages,
+            slots,
+            stats,
+            ..
+        } = &mut *state;
+        let words = pages
+            .get_mut(&child)
+            .and_then(|sp| sp.page.as_mut())
+            .expect("a live shadow page")
+            .words_mut();
+        let rmaps = &mut slots[si];
+        let first = rmaps.index(below, gfn);
+        let lists = &mut rmaps.levels[usize::from(below.get() - 1)][first..first + 512];
+        let mut added = 0;
+        let mut result = Ok(());
+        for (index, (word, list)) in words.iter_mut().zip(lists).enumerate() {
+            if Entry::from_bits(*word).is_present() {
                 continue;
             }
-            let entry = huge.split_child(level, index as usize);
-            state
-                .rmap(below, gfn + index * below.entry_pages())
-                .add(child_addr, &mut caches.descriptors)?;
-            state.set_spte(child_addr, entry);
-            state.stats[stat_index(below)] += 1;
+            let child_addr = child + index as u64 * 8;
+            if let Err(err) = list.add(child_addr, &mut caches.descriptors) {
+                result = Err(err);
+                break;
+            }
+            *word = huge.split_child(level, index).bits();
+            added += 1;
         }
+        stats[stat_index(below)] += added;
+        result?;
         let removed = state.rmap(level, gfn).remove(addr);
         debug_assert!(removed, "huge leaf {addr:#x} was not in its rmap");
         state.stats[stat_index(level)] -= 1;

@@ -3,13 +3,14 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use mmu_cache::alloc::NoAllocSection;
 use mmu_cache::{CacheError, ObjectCache, Page, PageCache, PageKind, PagePool, Slab, SlabError};
 
 use crate::ept::{self, ACCESSED, DIRTY, Entry, Level, MemType, WRITE};
 use crate::hooks::{ExternalPageTable, HookError, NoExternal};
+use crate::lock::{MmuLock, ReadGuard, WriteGuard};
 use crate::memslot::{LogMode, Memslot, MemslotError};
 
 /// Pages that hold EPT tables.
@@ -201,7 +202,7 @@ pub enum Access {
 /// ```
 pub struct TdpMmu {
     config: MmuConfig,
-    lock: RwLock<()>,
+    lock: MmuLock,
     pool: Arc<PagePool>,
     header_slab: Arc<Slab<TableHeader>>,
     root: Page<TablePage>,
@@ -297,7 +298,7 @@ impl TdpMmu {
         };
         Ok(Self {
             config,
-            lock: RwLock::new(()),
+            lock: MmuLock::default(),
             pool,
             header_slab,
             root,
@@ -334,16 +335,12 @@ impl TdpMmu {
         Level::new(self.config.levels).expect("validated at construction")
     }
 
-    fn read_lock(&self) -> RwLockReadGuard<'_, ()> {
-        self.lock
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn read_lock(&self) -> ReadGuard<'_> {
+        self.lock.read()
     }
 
-    fn write_lock(&self) -> RwLockWriteGuard<'_, ()> {
-        self.lock
-            .write()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    fn write_lock(&self) -> WriteGuard<'_> {
+        self.lock.write()
     }
 
     fn table_map(&self) -> MutexGuard<'_, HashMap<u64, mmu_cache::SlabBox<TableHeader>>> {
