@@ -1,0 +1,200 @@
+//! What this host offers: KVM and its guest_memfd capabilities, HugeTLB
+//! pools, and memfd_secret.
+
+use std::fmt;
+use std::path::Path;
+
+use kvm_ioctls::Kvm;
+
+use crate::consts::{
+    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
+    KVM_CAP_GUEST_MEMFD, KVM_CAP_GUEST_MEMFD_FLAGS, KVM_CAP_MEMORY_ATTRIBUTES,
+    KVM_CAP_USER_MEMORY2, KVM_CAP_VM_TYPES,
+};
+
+/// KVM's answers, when `/dev/kvm` could be opened.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KvmCaps {
+    /// `KVM_CAP_GUEST_MEMFD`.
+    pub guest_memfd: bool,
+    /// `KVM_CAP_GUEST_MEMFD_FLAGS`: the flag bits guest_memfd accepts.
+    pub guest_memfd_flags: u64,
+    /// `KVM_CAP_USER_MEMORY2`.
+    pub user_memory2: bool,
+    /// `KVM_CAP_MEMORY_ATTRIBUTES`: the attribute bits (private = 8).
+    pub memory_attributes: u64,
+    /// `KVM_CAP_VM_TYPES`: a bitmask of VM types.
+    pub vm_types: u64,
+}
+
+impl KvmCaps {
+    /// Reads the capabilities from an open `/dev/kvm`.
+    pub fn read(kvm: &Kvm) -> Self {
+        let cap = |c: u32| kvm.check_extension_raw(libc::c_ulong::from(c)).max(0) as u64;
+        Self {
+            guest_memfd: cap(KVM_CAP_GUEST_MEMFD) != 0,
+            guest_memfd_flags: cap(KVM_CAP_GUEST_MEMFD_FLAGS),
+            user_memory2: cap(KVM_CAP_USER_MEMORY2) != 0,
+            memory_attributes: cap(KVM_CAP_MEMORY_ATTRIBUTES),
+            vm_types: cap(KVM_CAP_VM_TYPES),
+        }
+    }
+}
+
+/// One HugeTLB pool.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HugetlbPool {
+    /// The pool's directory name, such as `hugepages-2048kB`.
+    pub name: String,
+    /// The page size in bytes.
+    pub page_size: u64,
+    /// Pages in the pool.
+    pub total: u64,
+    /// Free pages not promised to a reservation.
+    pub available: u64,
+}
+
+impl HugetlbPool {
+    /// The pool of `page_size` bytes, read from sysfs.
+    pub fn read(page_size: u64) -> Option<Self> {
+        let name = format!("hugepages-{}kB", page_size >> 10);
+        let dir = Path::new("/sys/kernel/mm/hugepages").join(&name);
+        let read = |file: &str| -> Option<u64> {
+            std::fs::read_to_string(dir.join(file))
+                .ok()?
+                .trim()
+                .parse()
+                .ok()
+        };
+        let total = read("nr_hugepages")?;
+        let free = read("free_hugepages")?;
+        let reserved = read("resv_hugepages").unwrap_or(0);
+        Some(Self {
+            name,
+            page_size,
+            total,
+            available: free.saturating_sub(reserved),
+        })
+    }
+}
+
+/// Everything gmem probes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct HostCaps {
+    /// KVM's capabilities, or `None` without a usable `/dev/kvm`.
+    pub kvm: Option<KvmCaps>,
+    /// Why KVM is not usable, when it is not.
+    pub kvm_error: Option<String>,
+    /// The 2 MiB and 1 GiB HugeTLB pools that exist.
+    pub hugetlb: Vec<HugetlbPool>,
+    /// Whether `memfd_secret(2)` works.
+    pub memfd_secret: bool,
+}
+
+impl HostCaps {
+    /// Probes the host.
+    pub fn probe() -> Self {
+        let (kvm, kvm_error) = match Kvm::new() {
+            Ok(kvm) => (Some(KvmCaps::read(&kvm)), None),
+            Err(err) => (None, Some(format!("/dev/kvm: {err}"))),
+        };
+        Self {
+            kvm,
+            kvm_error,
+            hugetlb: [2 << 20, 1 << 30]
+                .into_iter()
+                .filter_map(HugetlbPool::read)
+                .collect(),
+            memfd_secret: crate::sys::memfd_secret().is_ok(),
+        }
+    }
+
+    /// The pool of `page_size` bytes, if the kernel has one.
+    pub fn pool(&self, page_size: u64) -> Option<&HugetlbPool> {
+        self.hugetlb.iter().find(|pool| pool.page_size == page_size)
+    }
+}
+
+fn flag_names(flags: u64) -> String {
+    let names: Vec<&str> = [
+        (GUEST_MEMFD_FLAG_MMAP, "MMAP"),
+        (GUEST_MEMFD_FLAG_INIT_SHARED, "INIT_SHARED"),
+        (GUEST_MEMFD_FLAG_NO_DIRECT_MAP, "NO_DIRECT_MAP"),
+    ]
+    .into_iter()
+    .filter(|(bit, _)| flags & bit != 0)
+    .map(|(_, name)| name)
+    .collect();
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join("|")
+    }
+}
+
+impl fmt::Display for HostCaps {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (&self.kvm, &self.kvm_error) {
+            (Some(kvm), _) => {
+                writeln!(f, "kvm: yes")?;
+                writeln!(
+                    f,
+                    "guest_memfd: {}",
+                    if kvm.guest_memfd { "yes" } else { "no" }
+                )?;
+                writeln!(
+                    f,
+                    "guest_memfd flags: {:#x} ({})",
+                    kvm.guest_memfd_flags,
+                    flag_names(kvm.guest_memfd_flags)
+                )?;
+                writeln!(
+                    f,
+                    "user memory2: {}",
+                    if kvm.user_memory2 { "yes" } else { "no" }
+                )?;
+                writeln!(f, "memory attributes: {:#x}", kvm.memory_attributes)?;
+                writeln!(f, "vm types: {:#x}", kvm.vm_types)?;
+            }
+            (None, error) => writeln!(f, "kvm: no ({})", error.as_deref().unwrap_or("absent"))?,
+        }
+        for size in [2u64 << 20, 1 << 30] {
+            match self.pool(size) {
+                Some(pool) => writeln!(
+                    f,
+                    "hugetlb {}: {} pages, {} available",
+                    pool.name, pool.total, pool.available
+                )?,
+                None => writeln!(f, "hugetlb {}kB: no pool", size >> 10)?,
+            }
+        }
+        write!(
+            f,
+            "memfd_secret: {}",
+            if self.memfd_secret { "yes" } else { "no" }
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_reports_every_line() {
+        let caps = HostCaps::probe();
+        let text = caps.to_string();
+        assert!(text.contains("kvm: "));
+        assert!(text.contains("hugetlb hugepages-2048kB") || text.contains("hugetlb 2048kB"));
+        assert!(text.contains("memfd_secret: "));
+        if let Some(kvm) = caps.kvm {
+            assert!(kvm.guest_memfd_flags & !7 == 0, "unknown flag bits");
+        }
+    }
+
+    #[test]
+    fn flag_names_are_spelled_out() {
+        assert_eq!(flag_names(3), "MMAP|INIT_SHARED");
+        assert_eq!(flag_names(0), "none");
+    }
+}

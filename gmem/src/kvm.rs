@@ -1,0 +1,297 @@
+//! KVM binding: a VM, its guest_memfd files, and memslots registered with
+//! `KVM_SET_USER_MEMORY_REGION2`.
+
+use std::collections::HashMap;
+use std::os::fd::AsRawFd;
+use std::sync::{Arc, Mutex};
+
+use kvm_bindings::{kvm_memory_attributes, kvm_userspace_memory_region2};
+use kvm_ioctls::{Kvm, VmFd};
+
+use crate::caps::KvmCaps;
+use crate::consts::{
+    GUEST_MEMFD_FLAG_NO_DIRECT_MAP, KVM_CAP_GUEST_MEMFD_FLAGS, KVM_MEM_GUEST_MEMFD,
+    KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_X86_TDX_VM,
+};
+use crate::file::{BackendKind, PAGE_SIZE};
+use crate::region::GuestRegion;
+
+/// Errors of the KVM binding. Each has the errno the kernel gives in the
+/// same case ([`KvmError::errno`]).
+#[derive(Debug, thiserror::Error)]
+pub enum KvmError {
+    /// `/dev/kvm` is missing or cannot be opened.
+    #[error("KVM is not available: {0}")]
+    NoKvm(String),
+    /// An invalid slot (EINVAL).
+    #[error("invalid memslot: {0}")]
+    Invalid(String),
+    /// The memory cannot back a KVM guest (EINVAL).
+    #[error("{0}")]
+    Refused(String),
+    /// The host lacks a capability (EOPNOTSUPP).
+    #[error("not supported by this host's KVM: {0}")]
+    NotSupported(String),
+    /// An ioctl failed.
+    #[error("{op}: {source}")]
+    Ioctl {
+        /// The ioctl.
+        op: &'static str,
+        /// The kernel's error.
+        source: std::io::Error,
+    },
+}
+
+impl KvmError {
+    /// The errno of this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            Self::NoKvm(_) => libc::ENODEV,
+            Self::Invalid(_) | Self::Refused(_) => libc::EINVAL,
+            Self::NotSupported(_) => libc::EOPNOTSUPP,
+            Self::Ioctl { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
+        }
+    }
+
+    fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Self {
+        move |err| Self::Ioctl {
+            op,
+            source: std::io::Error::from_raw_os_error(err.errno()),
+        }
+    }
+}
+
+/// Checks that memory of `backend` with guest_memfd `flags` can back a VM
+/// of `vm_type` on a KVM with `caps`:
+/// - `secret` memory has no direct map, which KVM needs to map it into a
+///   guest (unless the kernel offers NO_DIRECT_MAP guest_memfd, which is
+///   then the way to ask for it);
+/// - NO_DIRECT_MAP on a TDX VM is refused: TDX needs the direct map.
+pub fn check_memory(
+    backend: BackendKind,
+    flags: u64,
+    vm_type: u64,
+    caps: &KvmCaps,
+) -> Result<(), KvmError> {
+    let no_direct_map = caps.guest_memfd_flags & GUEST_MEMFD_FLAG_NO_DIRECT_MAP != 0;
+    if backend == BackendKind::Secret {
+        return Err(KvmError::Refused(if no_direct_map {
+            "memfd_secret memory cannot back a KVM memslot; this kernel offers \
+             GUEST_MEMFD_FLAG_NO_DIRECT_MAP: use the guest_memfd backend with that flag"
+                .into()
+        } else {
+            "memfd_secret memory has no kernel direct map, and KVM can only map guest \
+             memory it can reach through the direct map; this kernel has no \
+             GUEST_MEMFD_FLAG_NO_DIRECT_MAP, so use another backend"
+                .into()
+        }));
+    }
+    if flags & GUEST_MEMFD_FLAG_NO_DIRECT_MAP != 0 {
+        if vm_type == KVM_X86_TDX_VM {
+            return Err(KvmError::Refused(
+                "GUEST_MEMFD_FLAG_NO_DIRECT_MAP with a TDX VM: TDX needs the direct map \
+                 (the TDX module's page conversions and cache flushes go through it)"
+                    .into(),
+            ));
+        }
+        if !no_direct_map {
+            return Err(KvmError::NotSupported(
+                "GUEST_MEMFD_FLAG_NO_DIRECT_MAP (the kernel does not offer it)".into(),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// A KVM VM and the guest memory bound to it.
+#[derive(Debug)]
+pub struct KvmVm {
+    kvm: Kvm,
+    vm: VmFd,
+    vm_type: u64,
+    caps: KvmCaps,
+    slots: Mutex<HashMap<u32, Arc<GuestRegion>>>,
+}
+
+impl KvmVm {
+    /// A default-type VM.
+    pub fn new() -> Result<Arc<Self>, KvmError> {
+        Self::with_type(0)
+    }
+
+    /// A VM of `vm_type` (`KVM_CREATE_VM`'s argument).
+    pub fn with_type(vm_type: u64) -> Result<Arc<Self>, KvmError> {
+        let kvm = Kvm::new().map_err(|err| KvmError::NoKvm(format!("/dev/kvm: {err}")))?;
+        let vm = kvm
+            .create_vm_with_type(vm_type)
+            .map_err(KvmError::ioctl("KVM_CREATE_VM"))?;
+        let mut caps = KvmCaps::read(&kvm);
+        // The VM's own answer is the one that counts for guest_memfd flags.
+        let flags = vm.check_extension_raw(libc::c_ulong::from(KVM_CAP_GUEST_MEMFD_FLAGS));
+        if flags >= 0 {
+            caps.guest_memfd_flags = flags as u64;
+        }
+        Ok(Arc::new(Self {
+            kvm,
+            vm,
+            vm_type,
+            caps,
+            slots: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// The VM file descriptor.
+    pub fn vm(&self) -> &VmFd {
+        &self.vm
+    }
+
+    /// The `/dev/kvm` handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The VM type.
+    pub fn vm_type(&self) -> u64 {
+        self.vm_type
+    }
+
+    /// The capabilities.
+    pub fn caps(&self) -> &KvmCaps {
+        &self.caps
+    }
+
+    /// Whether the VM takes `KVM_SET_MEMORY_ATTRIBUTES` with the private bit.
+    pub fn supports_private_attributes(&self) -> bool {
+        self.caps.memory_attributes & u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE) != 0
+    }
+
+    /// Registers `region` as memslot `slot` with `flags` (`KVM_MEM_*`). A
+    /// guest_memfd region is bound with `KVM_MEM_GUEST_MEMFD`, its file
+    /// offset, and its own mapping as the userspace address; other backends
+    /// are plain slots. The VM keeps the region until [`unbind`](Self::unbind).
+    pub fn bind(&self, slot: u32, region: Arc<GuestRegion>, flags: u32) -> Result<(), KvmError> {
+        let file = region.file();
+        check_memory(file.backend(), file.flags(), self.vm_type, &self.caps)?;
+        if flags & !(KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY) != 0 {
+            return Err(KvmError::Invalid(format!(
+                "unknown memslot flags {flags:#x}"
+            )));
+        }
+        let mut memory = kvm_userspace_memory_region2 {
+            slot,
+            flags,
+            guest_phys_addr: region.guest_addr(),
+            memory_size: region.size(),
+            userspace_addr: region.host_addr() as u64,
+            ..Default::default()
+        };
+        if file.backend() == BackendKind::Kvm {
+            if flags & (KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY) != 0 {
+                return Err(KvmError::Invalid(
+                    "dirty logging and read-only are not supported on a guest_memfd slot".into(),
+                ));
+            }
+            let offset = region.file_offset();
+            if !offset.is_multiple_of(PAGE_SIZE) {
+                return Err(KvmError::Invalid(format!(
+                    "guest_memfd offset {offset:#x} is not page aligned"
+                )));
+            }
+            if offset + region.size() > file.size() {
+                return Err(KvmError::Invalid(format!(
+                    "guest_memfd range {offset:#x}+{:#x} passes the file's end {:#x}",
+                    region.size(),
+                    file.size()
+                )));
+            }
+            memory.flags |= KVM_MEM_GUEST_MEMFD;
+            memory.guest_memfd =
+                file.fd().expect("guest_memfd has a descriptor").as_raw_fd() as u32;
+            memory.guest_memfd_offset = offset;
+        }
+        // SAFETY: the userspace range is the region's own mapping, which the
+        // VM keeps alive (it holds the region) until the slot is deleted.
+        unsafe { self.vm.set_user_memory_region2(memory) }
+            .map_err(KvmError::ioctl("KVM_SET_USER_MEMORY_REGION2"))?;
+        self.slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(slot, region);
+        Ok(())
+    }
+
+    /// Deletes memslot `slot` and lets its region go.
+    pub fn unbind(&self, slot: u32) -> Result<Arc<GuestRegion>, KvmError> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let region = slots
+            .get(&slot)
+            .cloned()
+            .ok_or_else(|| KvmError::Invalid(format!("memslot {slot} is not bound")))?;
+        let mut memory = kvm_userspace_memory_region2 {
+            slot,
+            ..Default::default()
+        };
+        if region.file().backend() == BackendKind::Kvm {
+            memory.flags = KVM_MEM_GUEST_MEMFD;
+        }
+        // SAFETY: a zero-sized region deletes the slot; no memory is named.
+        unsafe { self.vm.set_user_memory_region2(memory) }
+            .map_err(KvmError::ioctl("KVM_SET_USER_MEMORY_REGION2"))?;
+        slots.remove(&slot);
+        Ok(region)
+    }
+
+    /// Sets or clears the private attribute of `[gpa, gpa + size)`.
+    pub fn set_private(&self, gpa: u64, size: u64, private: bool) -> Result<(), KvmError> {
+        if !self.supports_private_attributes() {
+            return Err(KvmError::NotSupported(
+                "KVM_SET_MEMORY_ATTRIBUTES (KVM_CAP_MEMORY_ATTRIBUTES has no private bit)".into(),
+            ));
+        }
+        self.vm
+            .set_memory_attributes(kvm_memory_attributes {
+                address: gpa,
+                size,
+                attributes: if private {
+                    u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE)
+                } else {
+                    0
+                },
+                flags: 0,
+            })
+            .map_err(KvmError::ioctl("KVM_SET_MEMORY_ATTRIBUTES"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn caps(flags: u64) -> KvmCaps {
+        KvmCaps {
+            guest_memfd: true,
+            guest_memfd_flags: flags,
+            ..KvmCaps::default()
+        }
+    }
+
+    #[test]
+    fn secret_memory_is_refused_with_the_reason() {
+        let err = check_memory(BackendKind::Secret, 0, 0, &caps(3)).unwrap_err();
+        assert_eq!(err.errno(), libc::EINVAL);
+        assert!(err.to_string().contains("direct map"), "{err}");
+        let err = check_memory(BackendKind::Secret, 0, 0, &caps(7)).unwrap_err();
+        assert!(err.to_string().contains("NO_DIRECT_MAP"), "{err}");
+    }
+
+    #[test]
+    fn no_direct_map_needs_the_cap_and_no_tdx() {
+        let flag = GUEST_MEMFD_FLAG_NO_DIRECT_MAP;
+        assert!(check_memory(BackendKind::Kvm, flag, 0, &caps(7)).is_ok());
+        let err = check_memory(BackendKind::Kvm, flag, 0, &caps(3)).unwrap_err();
+        assert_eq!(err.errno(), libc::EOPNOTSUPP);
+        let err = check_memory(BackendKind::Kvm, flag, KVM_X86_TDX_VM, &caps(7)).unwrap_err();
+        assert!(err.to_string().contains("TDX"), "{err}");
+        assert!(check_memory(BackendKind::Memfd, 1, 0, &caps(3)).is_ok());
+    }
+}

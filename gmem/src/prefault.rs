@@ -1,0 +1,88 @@
+//! Parallel prefault: `MADV_POPULATE_WRITE` over a range, split in chunks
+//! that worker threads take in turn.
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use crate::file::GmemError;
+use crate::sys;
+
+/// Bytes each worker populates per step (and per progress report).
+pub const CHUNK: u64 = 4 << 20;
+
+/// What a prefault did.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct PrefaultReport {
+    /// Bytes populated.
+    pub bytes: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Worker threads used.
+    pub threads: usize,
+}
+
+impl PrefaultReport {
+    /// Throughput in GiB/s.
+    pub fn gib_per_s(&self) -> f64 {
+        self.bytes as f64 / (1u64 << 30) as f64 / self.elapsed.as_secs_f64().max(1e-9)
+    }
+}
+
+/// Populates `[base, base + len)` of a mapping the caller owns.
+pub(crate) fn populate(
+    base: usize,
+    len: u64,
+    threads: usize,
+    progress: &(dyn Fn(u64, u64) + Sync),
+) -> Result<PrefaultReport, GmemError> {
+    if threads == 0 {
+        return Err(GmemError::Invalid {
+            what: "prefault needs at least one thread".into(),
+        });
+    }
+    let start = Instant::now();
+    let cursor = AtomicU64::new(0);
+    let done = AtomicU64::new(0);
+    let failure = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..threads.min(len.div_ceil(CHUNK).max(1) as usize) {
+            scope.spawn(|| {
+                loop {
+                    let at = cursor.fetch_add(CHUNK, Ordering::Relaxed);
+                    if at >= len || failure.lock().map(|f| f.is_some()).unwrap_or(true) {
+                        return;
+                    }
+                    let chunk = CHUNK.min(len - at);
+                    // SAFETY: the caller owns the mapping of [base, base + len);
+                    // populating does not change its contents.
+                    let result = unsafe {
+                        sys::madvise(
+                            (base + at as usize) as *mut u8,
+                            chunk as usize,
+                            libc::MADV_POPULATE_WRITE,
+                        )
+                    };
+                    if let Err(source) = result {
+                        let mut slot = failure.lock().unwrap_or_else(|p| p.into_inner());
+                        slot.get_or_insert(GmemError::Os {
+                            op: "madvise(MADV_POPULATE_WRITE)",
+                            source,
+                        });
+                        return;
+                    }
+                    let total = done.fetch_add(chunk, Ordering::Relaxed) + chunk;
+                    progress(total, len);
+                }
+            });
+        }
+    });
+    if let Some(err) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
+        return Err(err);
+    }
+    Ok(PrefaultReport {
+        bytes: len,
+        elapsed: start.elapsed(),
+        threads,
+    })
+}
