@@ -652,7 +652,13 @@ impl GuestMemFile {
                 }
                 Ok(())
             }
-            BackendKind::Secret | BackendKind::Anonymous => {
+            BackendKind::Secret => {
+                let master = inner.master.as_ref().expect("secret memory is mapped");
+                // memfd_secret takes no MADV_POPULATE_WRITE: fault each page in.
+                crate::prefault::touch_pages(master.addr() as usize + start as usize, end - start);
+                Ok(())
+            }
+            BackendKind::Anonymous => {
                 let master = inner.master.as_ref().expect("has an internal mapping");
                 // SAFETY: inside the internal mapping; populating does not
                 // change contents.
@@ -797,6 +803,27 @@ impl GuestMemFile {
         }
         let mapping = match inner.kind {
             BackendKind::Anonymous => self.alias_master(offset, len)?,
+            // hugetlbfs grows a file that is mapped past its end: map only
+            // the part inside it, and leave the rest inaccessible.
+            BackendKind::Hugetlb if offset + len > inner.size => {
+                let reserve = Mapping::reserve_aligned(len as usize, inner.granule as usize)
+                    .map_err(GmemError::os("mmap"))?;
+                let inside = inner.size.saturating_sub(offset);
+                if inside > 0 {
+                    // SAFETY: the start of our fresh reservation.
+                    unsafe {
+                        sys::map_fixed(
+                            reserve.addr(),
+                            inside as usize,
+                            prot,
+                            inner.fd.as_ref().expect("HugeTLB files have a descriptor"),
+                            offset,
+                        )
+                    }
+                    .map_err(GmemError::os("mmap"))?;
+                }
+                reserve
+            }
             _ => Mapping::new(
                 len as usize,
                 prot,
@@ -955,7 +982,8 @@ impl GuestMemFile {
                 temporary.addr() as usize
             }
         };
-        crate::prefault::populate(base, len, threads, progress)
+        let by_touch = self.inner.kind == BackendKind::Secret;
+        crate::prefault::populate(base, len, threads, by_touch, progress)
     }
 }
 

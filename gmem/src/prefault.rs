@@ -29,11 +29,23 @@ impl PrefaultReport {
     }
 }
 
-/// Populates `[base, base + len)` of a mapping the caller owns.
+/// Faults in every page of `[base, base + len)`, a readable mapping the
+/// caller owns, by reading one byte of each.
+pub(crate) fn touch_pages(base: usize, len: u64) {
+    for offset in (0..len).step_by(crate::file::PAGE_SIZE as usize) {
+        // SAFETY: inside a readable mapping the caller owns; a volatile read
+        // of one byte changes nothing.
+        unsafe { std::ptr::read_volatile((base + offset as usize) as *const u8) };
+    }
+}
+
+/// Populates `[base, base + len)` of a mapping the caller owns (by touch
+/// when the memory takes no `MADV_POPULATE_WRITE`).
 pub(crate) fn populate(
     base: usize,
     len: u64,
     threads: usize,
+    by_touch: bool,
     progress: &(dyn Fn(u64, u64) + Sync),
 ) -> Result<PrefaultReport, GmemError> {
     if threads == 0 {
@@ -54,6 +66,12 @@ pub(crate) fn populate(
                         return;
                     }
                     let chunk = CHUNK.min(len - at);
+                    if by_touch {
+                        touch_pages(base + at as usize, chunk);
+                        let total = done.fetch_add(chunk, Ordering::Relaxed) + chunk;
+                        progress(total, len);
+                        continue;
+                    }
                     // SAFETY: the caller owns the mapping of [base, base + len);
                     // populating does not change its contents.
                     let result = unsafe {

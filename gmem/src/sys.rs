@@ -107,6 +107,36 @@ impl Mapping {
         })
     }
 
+    /// An inaccessible reservation of `len` bytes aligned to `align` (a
+    /// power of two), to map files into with [`map_fixed`].
+    pub(crate) fn reserve_aligned(len: usize, align: usize) -> io::Result<Self> {
+        let padded = Self::new(
+            len + align,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            None,
+            0,
+        )?;
+        let base = padded.addr() as usize;
+        let aligned = base.next_multiple_of(align);
+        let (head, tail) = (aligned - base, base + len + align - (aligned + len));
+        std::mem::forget(padded);
+        // SAFETY: head and tail are the unaligned ends of the reservation
+        // just made, which nothing else knows about.
+        unsafe {
+            if head > 0 {
+                libc::munmap(base as *mut libc::c_void, head);
+            }
+            if tail > 0 {
+                libc::munmap((aligned + len) as *mut libc::c_void, tail);
+            }
+        }
+        Ok(Self {
+            addr: NonNull::new(aligned as *mut u8).expect("non-null"),
+            len,
+        })
+    }
+
     pub(crate) fn addr(&self) -> *mut u8 {
         self.addr.as_ptr()
     }

@@ -1,0 +1,273 @@
+//! The kernel's guest_memfd selftest cases, on every backend this host can
+//! run: sizes, flags, multiple files, read/write, mmap rules, punch hole,
+//! faults past the end and on private memory, the fallocate table, the
+//! invalid punch-hole cases, and fallocate without KEEP_SIZE.
+
+mod common;
+
+use common::{SHARED_MMAP, cases, killing_signal, touch};
+use gmem::consts::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
+use gmem::{GmemError, ViewKind};
+
+const KEEP: i32 = libc::FALLOC_FL_KEEP_SIZE;
+const PUNCH: i32 = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE;
+
+fn errno<T: std::fmt::Debug>(result: Result<T, GmemError>) -> i32 {
+    result.expect_err("expected an error").errno()
+}
+
+#[test]
+fn invalid_sizes_are_einval() {
+    for case in cases(4) {
+        let sizes: Vec<u64> = if case.page == 4096 {
+            (0..case.page).collect()
+        } else {
+            // Every 4 KiB multiple below a huge page, and a few odd sizes.
+            (0..case.page)
+                .step_by(4096)
+                .chain([1, 4095, case.page - 1, case.page + 4096])
+                .collect()
+        };
+        for size in sizes {
+            assert_eq!(
+                errno(case.create(size, SHARED_MMAP)),
+                libc::EINVAL,
+                "{}: size {size}",
+                case.name
+            );
+        }
+    }
+}
+
+#[test]
+fn each_flag_bit_is_accepted_only_when_supported() {
+    for case in cases(4) {
+        let supported = case.supported_flags();
+        for bit in 0..64 {
+            let flag = 1u64 << bit;
+            let result = case.create(case.page, flag);
+            if flag & supported != 0 {
+                assert!(result.is_ok(), "{}: flag {flag:#x}: {result:?}", case.name);
+            } else {
+                assert_eq!(errno(result), libc::EINVAL, "{}: flag {flag:#x}", case.name);
+            }
+        }
+    }
+}
+
+#[test]
+fn two_files_of_different_sizes_coexist() {
+    for case in cases(4) {
+        let one = case.create(case.page, SHARED_MMAP).unwrap();
+        let two = case.create(2 * case.page, SHARED_MMAP).unwrap();
+        assert_eq!(one.stat_size().unwrap(), case.page, "{}", case.name);
+        assert_eq!(two.stat_size().unwrap(), 2 * case.page, "{}", case.name);
+        assert_eq!((one.size(), two.size()), (case.page, 2 * case.page));
+    }
+}
+
+#[test]
+fn read_write_and_resize_fail() {
+    for case in cases(4) {
+        let file = case.create(4 * case.page, SHARED_MMAP).unwrap();
+        let mut buf = [0u8; 16];
+        assert!(file.read(&mut buf).is_err(), "{}: read", case.name);
+        assert!(file.write(&buf).is_err(), "{}: write", case.name);
+        assert!(
+            file.set_len(8 * case.page).is_err(),
+            "{}: resize",
+            case.name
+        );
+        assert_eq!(file.stat_size().unwrap(), 4 * case.page);
+    }
+}
+
+#[test]
+fn mmap_needs_the_flag_and_a_shared_mapping() {
+    for case in cases(4) {
+        let unmappable = case
+            .create(case.page, GUEST_MEMFD_FLAG_INIT_SHARED)
+            .unwrap();
+        assert_eq!(
+            errno(unmappable.map(0, case.page)),
+            libc::ENODEV,
+            "{}: mmap without MMAP",
+            case.name
+        );
+        let file = case.create(case.page, SHARED_MMAP).unwrap();
+        assert_eq!(
+            errno(file.mmap(0, case.page, libc::MAP_PRIVATE, ViewKind::Host)),
+            libc::EINVAL,
+            "{}: MAP_PRIVATE",
+            case.name
+        );
+        assert!(file.map(0, case.page).is_ok(), "{}", case.name);
+    }
+}
+
+#[test]
+fn punched_pages_read_back_zero() {
+    for case in cases(4) {
+        let total = 4 * case.page;
+        let file = case.create(total, SHARED_MMAP).unwrap();
+        let view = file.map(0, total).unwrap();
+        view.fill(0, total, 0xaa).unwrap();
+        file.punch_hole(0, case.page).unwrap();
+        let mut page = vec![0u8; case.page as usize];
+        view.read_at(0, &mut page).unwrap();
+        assert!(
+            page.iter().all(|&b| b == 0),
+            "{}: page 0 not zero",
+            case.name
+        );
+        for i in 1..4 {
+            view.read_at(i * case.page, &mut page).unwrap();
+            assert!(
+                page.iter().all(|&b| b == 0xaa),
+                "{}: page {i} lost its data",
+                case.name
+            );
+        }
+        // A 4 KiB punch inside a bigger page zeroes just that part.
+        file.punch_hole(case.page + 4096, 4096).unwrap();
+        let mut small = [0u8; 4096];
+        view.read_at(case.page + 4096, &mut small).unwrap();
+        assert_eq!(small, [0; 4096], "{}", case.name);
+        view.read_at(case.page, &mut small).unwrap();
+        assert_eq!(small, [0xaa; 4096], "{}", case.name);
+    }
+}
+
+#[test]
+fn access_past_the_end_faults() {
+    for case in cases(4) {
+        let total = 4 * case.page;
+        let file = case.create(total, SHARED_MMAP).unwrap();
+        // A mapping one page longer than the file.
+        let view = file.map(0, total + case.page).unwrap();
+        view.fill(0, total, 1).unwrap();
+        let inside = view.as_ptr();
+        let signal = killing_signal(|| {
+            // SAFETY: inside the mapping and the file.
+            unsafe { touch(inside) };
+        });
+        assert_eq!(signal, None, "{}: access inside the file", case.name);
+        // SAFETY: past the end of the file but inside the mapping.
+        let past = unsafe { view.as_ptr().add(total as usize) };
+        let signal = killing_signal(|| {
+            // SAFETY: inside the mapping; the access is expected to fault.
+            unsafe { touch(past) };
+        });
+        assert!(
+            matches!(signal, Some(libc::SIGBUS | libc::SIGSEGV)),
+            "{}: access past the end gave {signal:?}",
+            case.name
+        );
+        assert!(matches!(
+            view.read_at(total, &mut [0; 1]),
+            Err(GmemError::Fault { .. })
+        ));
+    }
+}
+
+#[test]
+fn access_to_private_memory_faults() {
+    for case in cases(4) {
+        // Created private (no INIT_SHARED): the host cannot touch it.
+        let file = case.create(case.page, GUEST_MEMFD_FLAG_MMAP).unwrap();
+        let view = file.map(0, case.page).unwrap();
+        let ptr = view.as_ptr();
+        let signal = killing_signal(|| {
+            // SAFETY: inside the mapping; the access is expected to fault.
+            unsafe { touch(ptr) };
+        });
+        assert!(
+            matches!(signal, Some(libc::SIGBUS | libc::SIGSEGV)),
+            "{}: access to private memory gave {signal:?}",
+            case.name
+        );
+        assert!(matches!(
+            view.read_at(0, &mut [0; 1]),
+            Err(GmemError::Fault { .. })
+        ));
+    }
+}
+
+#[test]
+fn the_fallocate_table() {
+    for case in cases(4) {
+        let page = case.page;
+        let total = 4 * page;
+        let file = case.create(total, SHARED_MMAP).unwrap();
+        let steps: [(i32, u64, u64, bool); 9] = [
+            (KEEP, 0, total, true),
+            (KEEP, page - 1, page, false),
+            (KEEP, total, page, false),
+            (KEEP, total + page, page, false),
+            (PUNCH, total, page, true),
+            (PUNCH, total + page, page, true),
+            (PUNCH, page, page - 1, false),
+            (PUNCH, page, page, true),
+            (KEEP, page, page, true),
+        ];
+        for (i, (mode, offset, len, ok)) in steps.into_iter().enumerate() {
+            let result = file.fallocate(mode, offset, len);
+            assert_eq!(
+                result.is_ok(),
+                ok,
+                "{}: step {} fallocate({mode:#x}, {offset:#x}, {len:#x}) gave {result:?}",
+                case.name,
+                i + 1
+            );
+        }
+    }
+}
+
+#[test]
+fn unaligned_punch_holes_are_einval() {
+    for case in cases(4) {
+        let page = 4096;
+        let file = case.create(4 * case.page, SHARED_MMAP).unwrap();
+        let cases: [(u64, u64); 10] = [
+            (0, 1),
+            (0, page - 1),
+            (0, page + 1),
+            (1, 1),
+            (1, page - 1),
+            (1, page),
+            (1, page + 1),
+            (page, 1),
+            (page, page - 1),
+            (page, page + 1),
+        ];
+        for (offset, len) in cases {
+            assert_eq!(
+                errno(file.punch_hole(offset, len)),
+                libc::EINVAL,
+                "{}: punch {offset:#x}+{len:#x}",
+                case.name
+            );
+        }
+    }
+}
+
+#[test]
+fn fallocate_without_keep_size_is_eopnotsupp() {
+    for case in cases(4) {
+        let file = case.create(4 * case.page, SHARED_MMAP).unwrap();
+        for mode in [0, libc::FALLOC_FL_PUNCH_HOLE] {
+            assert_eq!(
+                errno(file.fallocate(mode, 0, case.page)),
+                libc::EOPNOTSUPP,
+                "{}: mode {mode:#x}",
+                case.name
+            );
+        }
+        assert_eq!(
+            errno(file.fallocate(KEEP | libc::FALLOC_FL_ZERO_RANGE, 0, case.page)),
+            libc::EOPNOTSUPP,
+            "{}",
+            case.name
+        );
+    }
+}
