@@ -13,7 +13,7 @@ use crate::consts::{
     GUEST_MEMFD_FLAG_NO_DIRECT_MAP, KVM_CAP_GUEST_MEMFD_FLAGS, KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_X86_TDX_VM,
 };
-use crate::file::{BackendKind, PAGE_SIZE};
+use crate::file::{BackendKind, GuestMemFile, PAGE_SIZE};
 use crate::region::GuestRegion;
 
 /// Errors of the KVM binding. Each has the errno the kernel gives in the
@@ -103,6 +103,21 @@ pub fn check_memory(
     Ok(())
 }
 
+/// Where a memslot goes and what backs it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SlotBinding {
+    /// The memslot number.
+    pub slot: u32,
+    /// Its guest physical address.
+    pub guest_addr: u64,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The file offset of its first byte.
+    pub file_offset: u64,
+    /// `KVM_MEM_LOG_DIRTY_PAGES` and/or `KVM_MEM_READONLY`.
+    pub flags: u32,
+}
+
 /// A KVM VM and the guest memory bound to it.
 #[derive(Debug)]
 pub struct KvmVm {
@@ -170,45 +185,15 @@ impl KvmVm {
     /// offset, and its own mapping as the userspace address; other backends
     /// are plain slots. The VM keeps the region until [`unbind`](Self::unbind).
     pub fn bind(&self, slot: u32, region: Arc<GuestRegion>, flags: u32) -> Result<(), KvmError> {
-        let file = region.file();
-        check_memory(file.backend(), file.flags(), self.vm_type, &self.caps)?;
-        if flags & !(KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY) != 0 {
-            return Err(KvmError::Invalid(format!(
-                "unknown memslot flags {flags:#x}"
-            )));
-        }
-        let mut memory = kvm_userspace_memory_region2 {
+        let binding = SlotBinding {
             slot,
+            guest_addr: region.guest_addr(),
+            size: region.size(),
+            file_offset: region.file_offset(),
             flags,
-            guest_phys_addr: region.guest_addr(),
-            memory_size: region.size(),
-            userspace_addr: region.host_addr() as u64,
-            ..Default::default()
         };
-        if file.backend() == BackendKind::Kvm {
-            if flags & (KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY) != 0 {
-                return Err(KvmError::Invalid(
-                    "dirty logging and read-only are not supported on a guest_memfd slot".into(),
-                ));
-            }
-            let offset = region.file_offset();
-            if !offset.is_multiple_of(PAGE_SIZE) {
-                return Err(KvmError::Invalid(format!(
-                    "guest_memfd offset {offset:#x} is not page aligned"
-                )));
-            }
-            if offset + region.size() > file.size() {
-                return Err(KvmError::Invalid(format!(
-                    "guest_memfd range {offset:#x}+{:#x} passes the file's end {:#x}",
-                    region.size(),
-                    file.size()
-                )));
-            }
-            memory.flags |= KVM_MEM_GUEST_MEMFD;
-            memory.guest_memfd =
-                file.fd().expect("guest_memfd has a descriptor").as_raw_fd() as u32;
-            memory.guest_memfd_offset = offset;
-        }
+        let mut memory = self.check_binding(region.file(), &binding)?;
+        memory.userspace_addr = region.host_addr() as u64;
         // SAFETY: the userspace range is the region's own mapping, which the
         // VM keeps alive (it holds the region) until the slot is deleted.
         unsafe { self.vm.set_user_memory_region2(memory) }
@@ -218,6 +203,65 @@ impl KvmVm {
             .unwrap_or_else(|p| p.into_inner())
             .insert(slot, region);
         Ok(())
+    }
+
+    /// Checks a memslot over `file` as KVM would, and builds the ioctl's
+    /// argument (without the userspace address): guest_memfd slots take no
+    /// dirty logging or read-only flag, a page-aligned offset, and a range
+    /// inside the file; secret memory and NO_DIRECT_MAP on TDX are refused.
+    pub fn check_binding(
+        &self,
+        file: &GuestMemFile,
+        binding: &SlotBinding,
+    ) -> Result<kvm_userspace_memory_region2, KvmError> {
+        check_memory(file.backend(), file.flags(), self.vm_type, &self.caps)?;
+        let flags = binding.flags;
+        if flags & !(KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY) != 0 {
+            return Err(KvmError::Invalid(format!(
+                "unknown memslot flags {flags:#x}"
+            )));
+        }
+        if binding.size == 0 || !binding.size.is_multiple_of(PAGE_SIZE) {
+            return Err(KvmError::Invalid(format!(
+                "memslot size {:#x} is not a non-zero multiple of the page size",
+                binding.size
+            )));
+        }
+        let mut memory = kvm_userspace_memory_region2 {
+            slot: binding.slot,
+            flags,
+            guest_phys_addr: binding.guest_addr,
+            memory_size: binding.size,
+            ..Default::default()
+        };
+        if file.backend() == BackendKind::Kvm {
+            if flags & (KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY) != 0 {
+                return Err(KvmError::Invalid(
+                    "dirty logging and read-only are not supported on a guest_memfd slot".into(),
+                ));
+            }
+            let offset = binding.file_offset;
+            if !offset.is_multiple_of(PAGE_SIZE) {
+                return Err(KvmError::Invalid(format!(
+                    "guest_memfd offset {offset:#x} is not page aligned"
+                )));
+            }
+            if offset
+                .checked_add(binding.size)
+                .is_none_or(|end| end > file.size())
+            {
+                return Err(KvmError::Invalid(format!(
+                    "guest_memfd range {offset:#x}+{:#x} passes the file's end {:#x}",
+                    binding.size,
+                    file.size()
+                )));
+            }
+            memory.flags |= KVM_MEM_GUEST_MEMFD;
+            memory.guest_memfd =
+                file.fd().expect("guest_memfd has a descriptor").as_raw_fd() as u32;
+            memory.guest_memfd_offset = offset;
+        }
+        Ok(memory)
     }
 
     /// Deletes memslot `slot` and lets its region go.

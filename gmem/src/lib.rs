@@ -58,6 +58,6 @@ pub use file::{
     Backend, BackendKind, FileMetrics, GmemConfig, GmemError, GuestMemFile, PAGE_SIZE, Protection,
     View, ViewKind,
 };
-pub use kvm::{KvmError, KvmVm};
+pub use kvm::{KvmError, KvmVm, SlotBinding};
 pub use prefault::PrefaultReport;
 pub use region::{GuestMemoryLayout, GuestRegion, RegionError};

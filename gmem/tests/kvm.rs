@@ -1,0 +1,188 @@
+//! guest_memfd on real KVM: a guest reads what the host wrote through the
+//! guest_memfd's own mapping and writes back; memslot binding errors match
+//! the kernel's. Skipped, with the reason, where the host has no KVM with
+//! mappable guest_memfd.
+
+mod common;
+
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+
+use common::{SHARED_MMAP, kvm_vm};
+use gmem::consts::{KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES};
+use gmem::{Backend, GmemConfig, GuestMemFile, GuestRegion, KvmVm, SlotBinding};
+use kvm_bindings::kvm_userspace_memory_region2;
+use kvm_ioctls::VcpuExit;
+
+const MEM: u64 = 64 << 10;
+const DATA: u64 = 0x1000;
+
+/// Real mode at address 0: read the byte at 0x1000; if it is 0xaa write
+/// 0xff there, else 0xee; halt.
+const GUEST: [u8; 19] = [
+    0xa0, 0x00, 0x10, // mov al, [0x1000]
+    0x3c, 0xaa, // cmp al, 0xaa
+    0x75, 0x06, // jne fail
+    0xc6, 0x06, 0x00, 0x10, 0xff, // mov byte [0x1000], 0xff
+    0xf4, // hlt
+    0xc6, 0x06, 0x00, 0x10, 0xee, // fail: mov byte [0x1000], 0xee
+    0xf4, // hlt
+];
+
+fn vm_or_skip(test: &str) -> Option<Arc<KvmVm>> {
+    match kvm_vm() {
+        Ok(vm) => Some(vm),
+        Err(why) => {
+            eprintln!("skip {test}: {why}");
+            None
+        }
+    }
+}
+
+fn gmem_file(vm: &Arc<KvmVm>, size: u64) -> GuestMemFile {
+    GuestMemFile::create(
+        &Backend::Kvm(vm.clone()),
+        GmemConfig {
+            size,
+            flags: SHARED_MMAP,
+            huge_page_size_log2: 0,
+        },
+    )
+    .expect("guest_memfd")
+}
+
+#[test]
+fn a_guest_reads_and_writes_guest_memfd_memory() {
+    let Some(vm) = vm_or_skip("guest run") else {
+        return;
+    };
+    let file = gmem_file(&vm, MEM);
+    let region = Arc::new(GuestRegion::new(&file, 0, MEM, 0, false).unwrap());
+    let view = region.view();
+    view.write_at(0, &GUEST).unwrap();
+    view.fill(DATA, 1, 0xaa).unwrap();
+    vm.bind(0, region.clone(), 0).unwrap();
+
+    let vcpu = vm.vm().create_vcpu(0).unwrap();
+    let mut sregs = vcpu.get_sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    sregs.ds.base = 0;
+    sregs.ds.selector = 0;
+    vcpu.set_sregs(&sregs).unwrap();
+    let mut regs = vcpu.get_regs().unwrap();
+    regs.rip = 0;
+    regs.rflags = 2;
+    vcpu.set_regs(&regs).unwrap();
+    let mut vcpu = vcpu;
+    match vcpu.run().unwrap() {
+        VcpuExit::Hlt => {}
+        other => panic!("unexpected exit {other:?}"),
+    }
+    let mut byte = [0u8];
+    region.view().read_at(DATA, &mut byte).unwrap();
+    assert_eq!(byte[0], 0xff, "the guest saw 0xaa and wrote 0xff");
+    vm.unbind(0).unwrap();
+}
+
+#[test]
+fn binding_errors_are_einval_like_the_kernel() {
+    let Some(vm) = vm_or_skip("binding errors") else {
+        return;
+    };
+    let file = gmem_file(&vm, MEM);
+    let good = SlotBinding {
+        slot: 1,
+        guest_addr: 0x10_0000,
+        size: MEM,
+        file_offset: 0,
+        flags: 0,
+    };
+    assert!(vm.check_binding(&file, &good).is_ok());
+    let bad = [
+        (
+            "unaligned offset",
+            SlotBinding {
+                file_offset: 0x800,
+                size: MEM - 0x1000,
+                ..good
+            },
+        ),
+        (
+            "past the end",
+            SlotBinding {
+                file_offset: 0x1000,
+                ..good
+            },
+        ),
+        (
+            "dirty logging",
+            SlotBinding {
+                flags: KVM_MEM_LOG_DIRTY_PAGES,
+                ..good
+            },
+        ),
+    ];
+    for (what, binding) in bad {
+        let err = vm.check_binding(&file, &binding).unwrap_err();
+        assert_eq!(err.errno(), libc::EINVAL, "{what}: {err}");
+    }
+    // The kernel agrees: the same slots go straight to the ioctl.
+    let view = file.map_guest(0, MEM).unwrap();
+    for (what, offset, size, flags) in [
+        ("unaligned offset", 0x800, MEM - 0x1000, 0),
+        ("past the end", 0x1000, MEM, 0),
+        ("dirty logging", 0, MEM, KVM_MEM_LOG_DIRTY_PAGES),
+    ] {
+        let region = kvm_userspace_memory_region2 {
+            slot: 2,
+            flags: flags | KVM_MEM_GUEST_MEMFD,
+            guest_phys_addr: 0x20_0000,
+            memory_size: size,
+            userspace_addr: view.as_ptr() as u64,
+            guest_memfd_offset: offset,
+            guest_memfd: file.fd().unwrap().as_raw_fd() as u32,
+            ..Default::default()
+        };
+        // SAFETY: the userspace address is a live mapping of the file; the
+        // call is expected to fail, and the slot is deleted if it does not.
+        let result = unsafe { vm.vm().set_user_memory_region2(region) };
+        assert_eq!(
+            result.map_err(|e| e.errno()),
+            Err(libc::EINVAL),
+            "kernel: {what}"
+        );
+    }
+}
+
+#[test]
+fn plain_backends_bind_as_ordinary_slots_and_secret_is_refused() {
+    let Some(vm) = vm_or_skip("plain slots") else {
+        return;
+    };
+    let memfd = GuestMemFile::create(
+        &Backend::Memfd,
+        GmemConfig {
+            size: MEM,
+            flags: SHARED_MMAP,
+            huge_page_size_log2: 0,
+        },
+    )
+    .unwrap();
+    let region = Arc::new(GuestRegion::new(&memfd, 0, MEM, 0x40_0000, false).unwrap());
+    vm.bind(3, region, KVM_MEM_LOG_DIRTY_PAGES).unwrap();
+    vm.unbind(3).unwrap();
+    if let Ok(secret) = GuestMemFile::create(
+        &Backend::Secret,
+        GmemConfig {
+            size: MEM,
+            flags: SHARED_MMAP,
+            huge_page_size_log2: 0,
+        },
+    ) {
+        let region = Arc::new(GuestRegion::new(&secret, 0, MEM, 0x80_0000, false).unwrap());
+        let err = vm.bind(4, region, 0).unwrap_err();
+        assert_eq!(err.errno(), libc::EINVAL);
+        assert!(err.to_string().contains("direct map"), "{err}");
+    }
+}
