@@ -1,0 +1,252 @@
+//! Shared/private conversion on every backend, and HugeTLB split and merge:
+//! data is kept, private pages fault in host views, and every view follows.
+
+mod common;
+
+use common::{SHARED_MMAP, cases, hugetlb_available, killing_signal, touch};
+use gmem::{Attribute, Backend, GmemConfig, GmemError, GuestMemFile, Protection};
+
+/// The page size the kernel uses for the mapping that holds `addr`.
+fn kernel_page_size(addr: usize) -> Option<u64> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ')
+            && let Some((start, end)) = range.split_once('-')
+            && let (Ok(start), Ok(end)) = (
+                usize::from_str_radix(start, 16),
+                usize::from_str_radix(end, 16),
+            )
+        {
+            inside = (start..end).contains(&addr);
+            continue;
+        }
+        if inside && let Some(rest) = line.strip_prefix("KernelPageSize:") {
+            let kb: u64 = rest.trim().trim_end_matches("kB").trim().parse().ok()?;
+            return Some(kb << 10);
+        }
+    }
+    None
+}
+
+fn pattern(offset: u64) -> u8 {
+    (offset / 4096 % 251) as u8 + 1
+}
+
+/// Pages filled and checked: every page of small files, a sample of
+/// 1 GiB ones (every page would take the test minutes).
+fn stride(len: u64) -> usize {
+    if len > 64 << 20 { 509 * 4096 } else { 4096 }
+}
+
+fn fill_pattern(view: &gmem::View, len: u64) {
+    for page in (0..len).step_by(stride(len)) {
+        view.fill(page, 4096, pattern(page)).unwrap();
+    }
+}
+
+/// The filled pages inside `[offset, offset + len)`: one page asked for
+/// alone, or the sample grid of the whole file.
+fn sampled(offset: u64, len: u64) -> Vec<u64> {
+    if len == 4096 {
+        return vec![offset];
+    }
+    let step = stride(offset + len) as u64;
+    (offset.next_multiple_of(step)..offset + len)
+        .step_by(step as usize)
+        .collect()
+}
+
+fn assert_pattern(view: &gmem::View, offset: u64, len: u64, what: &str) {
+    let mut buf = vec![0u8; 4096];
+    for page in sampled(offset, len) {
+        view.read_at(page, &mut buf).unwrap();
+        assert!(
+            buf.iter().all(|&b| b == pattern(page)),
+            "{what}: page {page:#x} lost its data"
+        );
+    }
+}
+
+#[test]
+fn private_pages_fault_in_host_views_and_keep_their_data() {
+    for case in cases(4) {
+        let total = 4 * case.page;
+        let file = case.create(total, SHARED_MMAP).unwrap();
+        let host = file.map(0, total).unwrap();
+        let guest = file.map_guest(0, total).unwrap();
+        fill_pattern(&host, total);
+        let private = case.page + 4096;
+        let protection = file.convert(private, 4096, Attribute::Private).unwrap();
+        assert_eq!(protection, Protection::HostViewOnly);
+        assert_eq!(file.attribute(private), Attribute::Private);
+        assert!(matches!(
+            host.read_at(private, &mut [0; 8]),
+            Err(GmemError::Fault { .. })
+        ));
+        // SAFETY: a pointer inside the host view.
+        let ptr = unsafe { host.as_ptr().add(private as usize) };
+        let signal = killing_signal(|| {
+            // SAFETY: inside the mapping; expected to fault.
+            unsafe { touch(ptr) };
+        });
+        assert_eq!(signal, Some(libc::SIGSEGV), "{}: host access", case.name);
+        // The guest view still reaches it, and the rest of the host view too.
+        assert_pattern(&guest, private, 4096, case.name);
+        assert_pattern(&host, 0, private, case.name);
+        assert_pattern(&host, private + 4096, total - private - 4096, case.name);
+        guest.fill(private, 8, 0x5a).unwrap();
+        file.convert(private, 4096, Attribute::Shared).unwrap();
+        let mut back = [0u8; 16];
+        host.read_at(private, &mut back).unwrap();
+        assert_eq!(back[..8], [0x5a; 8], "{}", case.name);
+        assert_eq!(back[8..], [pattern(private); 8], "{}", case.name);
+        let metrics = file.metrics();
+        assert_eq!((metrics.to_private, metrics.to_shared), (1, 1));
+    }
+}
+
+#[test]
+fn bad_conversions_are_einval() {
+    let file = GuestMemFile::create(
+        &Backend::Memfd,
+        GmemConfig {
+            size: 1 << 20,
+            flags: SHARED_MMAP,
+            huge_page_size_log2: 0,
+        },
+    )
+    .unwrap();
+    for (offset, len) in [(1, 4096), (0, 4095), (0, 0), (1 << 20, 4096), (0, 2 << 20)] {
+        let err = file.convert(offset, len, Attribute::Private).unwrap_err();
+        assert_eq!(err.errno(), libc::EINVAL, "{offset:#x}+{len:#x}");
+    }
+    assert_eq!(file.attribute(0), Attribute::Shared);
+}
+
+fn hugetlb_split_and_merge(log2: u8) {
+    let huge = 1u64 << log2;
+    if let Err(why) = hugetlb_available(huge, 2) {
+        eprintln!("skip HugeTLB {}M split/merge: {why}", huge >> 20);
+        return;
+    }
+    let total = 2 * huge;
+    let file = GuestMemFile::create(
+        &Backend::Hugetlb,
+        GmemConfig {
+            size: total,
+            flags: SHARED_MMAP,
+            huge_page_size_log2: log2,
+        },
+    )
+    .unwrap();
+    let host = file.map(0, total).unwrap();
+    let guest = file.map_guest(0, total).unwrap();
+    fill_pattern(&host, total);
+    let private = huge + 7 * 4096;
+    for page in [private - 4096, private, private + 4096] {
+        host.fill(page, 4096, pattern(page)).unwrap();
+    }
+    let base = host.as_ptr() as usize;
+    assert_eq!(kernel_page_size(base), Some(huge));
+
+    // One 4 KiB page inside the second huge page goes private: that huge
+    // page splits, the first does not.
+    file.convert(private, 4096, Attribute::Private).unwrap();
+    let metrics = file.metrics();
+    assert_eq!((metrics.splits, metrics.split_now), (1, 1));
+    assert_eq!(file.split_huge_pages(), vec![1]);
+    assert_eq!(kernel_page_size(base + huge as usize), Some(4096));
+    assert_eq!(
+        kernel_page_size(guest.as_ptr() as usize + huge as usize),
+        Some(4096)
+    );
+    assert_eq!(
+        kernel_page_size(base),
+        Some(huge),
+        "the other huge page stays"
+    );
+    assert_pattern(&host, huge, private - huge, "before the private page");
+    assert_pattern(&host, private + 4096, total - private - 4096, "after it");
+    assert_pattern(&guest, private, 4096, "through the guest view");
+    let ptr = (base + private as usize) as *mut u8;
+    let signal = killing_signal(|| {
+        // SAFETY: inside the host view; expected to fault.
+        unsafe { touch(ptr) };
+    });
+    assert_eq!(signal, Some(libc::SIGSEGV));
+    // A view made while the page is split sees the split backing.
+    let late = file.map(0, total).unwrap();
+    assert_pattern(&late, private + 4096, 4096, "late view");
+    assert_pattern(&late, private - 4096, 4096, "late view");
+    guest.fill(private, 4096, 0x77).unwrap();
+
+    // Back to shared: the huge page is uniform again and merges.
+    file.convert(private, 4096, Attribute::Shared).unwrap();
+    let metrics = file.metrics();
+    assert_eq!((metrics.merges, metrics.split_now), (1, 0));
+    assert!(file.split_huge_pages().is_empty());
+    assert_eq!(kernel_page_size(base + huge as usize), Some(huge));
+    assert_eq!(
+        kernel_page_size(late.as_ptr() as usize + huge as usize),
+        Some(huge)
+    );
+    let mut page = vec![0u8; 4096];
+    host.read_at(private, &mut page).unwrap();
+    assert!(
+        page.iter().all(|&b| b == 0x77),
+        "the guest's write survived"
+    );
+    assert_pattern(&host, 0, private, "after the merge");
+    assert_pattern(
+        &late,
+        private + 4096,
+        total - private - 4096,
+        "after the merge",
+    );
+
+    // A whole huge page private is uniform: no split, and it faults.
+    file.convert(0, huge, Attribute::Private).unwrap();
+    assert_eq!(file.metrics().splits, 1);
+    assert!(host.read_at(4096, &mut page).is_err());
+    file.convert(0, huge, Attribute::Shared).unwrap();
+    assert_pattern(&host, 0, huge, "whole huge page round trip");
+}
+
+#[test]
+fn hugetlb_2m_split_and_merge_keep_data() {
+    hugetlb_split_and_merge(21);
+}
+
+#[test]
+fn hugetlb_1g_split_and_merge_keep_data() {
+    hugetlb_split_and_merge(30);
+}
+
+#[test]
+fn a_hugetlb_shortfall_fails_at_creation_with_the_numbers() {
+    let available = gmem::HostCaps::probe()
+        .pool(2 << 20)
+        .map_or(0, |pool| pool.available);
+    let needed = available + 1;
+    let err = GuestMemFile::create(
+        &Backend::Hugetlb,
+        GmemConfig {
+            size: needed * (2 << 20),
+            flags: SHARED_MMAP,
+            huge_page_size_log2: 21,
+        },
+    )
+    .unwrap_err();
+    assert_eq!(err.errno(), libc::ENOMEM);
+    let message = err.to_string();
+    assert!(message.contains("hugepages-2048kB"), "{message}");
+    assert!(
+        message.contains(&format!("needs {needed} pages")),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!("{available} are free")),
+        "{message}"
+    );
+}
