@@ -956,6 +956,9 @@ impl GuestMemFile {
         threads: usize,
         progress: &(dyn Fn(u64, u64) + Sync),
     ) -> Result<crate::prefault::PrefaultReport, GmemError> {
+        if threads == 0 {
+            return Err(GmemError::invalid("prefault needs at least one thread"));
+        }
         let end = offset
             .checked_add(len)
             .filter(|&end| end <= self.inner.size);

@@ -1,0 +1,151 @@
+//! Random convert / punch / write / read sequences against a model of
+//! (attribute, contents) per 4 KiB page, on memfd and HugeTLB files.
+
+mod common;
+
+use common::{SHARED_MMAP, hugetlb_available};
+use gmem::{Attribute, Backend, GmemConfig, GmemError, GuestMemFile};
+use proptest::prelude::*;
+
+#[derive(Clone, Debug)]
+enum Op {
+    Convert {
+        first: u64,
+        pages: u64,
+        private: bool,
+    },
+    Punch {
+        first: u64,
+        pages: u64,
+    },
+    Write {
+        page: u64,
+        byte: u8,
+    },
+    Read {
+        page: u64,
+    },
+}
+
+fn ops(pages: u64) -> impl Strategy<Value = Vec<Op>> {
+    let op = prop_oneof![
+        3 => (0..pages, 1..pages / 2, any::<bool>())
+            .prop_map(|(first, pages, private)| Op::Convert { first, pages, private }),
+        1 => (0..pages, 1..8u64).prop_map(|(first, pages)| Op::Punch { first, pages }),
+        3 => (0..pages, 1..=255u8).prop_map(|(page, byte)| Op::Write { page, byte }),
+        2 => (0..pages).prop_map(|page| Op::Read { page }),
+    ];
+    prop::collection::vec(op, 1..40)
+}
+
+fn run(backend: Backend, log2: u8, pages: u64, ops: Vec<Op>) -> Result<(), TestCaseError> {
+    let size = pages * 4096;
+    let file = GuestMemFile::create(
+        &backend,
+        GmemConfig {
+            size,
+            flags: SHARED_MMAP,
+            huge_page_size_log2: log2,
+        },
+    )
+    .unwrap();
+    let host = file.map(0, size).unwrap();
+    let guest = file.map_guest(0, size).unwrap();
+    let mut model = vec![(Attribute::Shared, 0u8); pages as usize];
+    for op in ops {
+        match op {
+            Op::Convert {
+                first,
+                pages: count,
+                private,
+            } => {
+                let end = (first + count).min(pages);
+                let to = if private {
+                    Attribute::Private
+                } else {
+                    Attribute::Shared
+                };
+                file.convert(first * 4096, (end - first) * 4096, to)
+                    .unwrap();
+                for page in &mut model[first as usize..end as usize] {
+                    page.0 = to;
+                }
+            }
+            Op::Punch {
+                first,
+                pages: count,
+            } => {
+                // A punch may pass the end of the file.
+                file.punch_hole(first * 4096, count * 4096).unwrap();
+                let end = (first + count).min(pages);
+                for page in &mut model[first as usize..end as usize] {
+                    page.1 = 0;
+                }
+            }
+            Op::Write { page, byte } => {
+                let result = host.fill(page * 4096, 4096, byte);
+                if model[page as usize].0 == Attribute::Private {
+                    let faulted = matches!(result, Err(GmemError::Fault { .. }));
+                    prop_assert!(faulted);
+                } else {
+                    result.unwrap();
+                    model[page as usize].1 = byte;
+                }
+            }
+            Op::Read { page } => {
+                let mut buf = [0u8; 64];
+                let result = host.read_at(page * 4096 + 4032, &mut buf);
+                match model[page as usize] {
+                    (Attribute::Private, _) => prop_assert!(result.is_err()),
+                    (Attribute::Shared, byte) => {
+                        result.unwrap();
+                        prop_assert_eq!(buf, [byte; 64]);
+                    }
+                }
+            }
+        }
+        // The file agrees with the model everywhere, through the guest view.
+        for (page, &(attr, byte)) in model.iter().enumerate() {
+            let offset = page as u64 * 4096;
+            prop_assert_eq!(file.attribute(offset), attr);
+            let mut head = [0u8; 8];
+            guest.read_at(offset, &mut head).unwrap();
+            prop_assert_eq!(head, [byte; 8], "page {}", page);
+        }
+        // HugeTLB: a huge page is split exactly when its pages disagree.
+        if log2 != 0 {
+            let per_huge = (1u64 << log2) / 4096;
+            let expected: Vec<u64> = (0..pages / per_huge)
+                .filter(|&huge| {
+                    let slice =
+                        &model[(huge * per_huge) as usize..((huge + 1) * per_huge) as usize];
+                    slice.iter().any(|p| p.0 != slice[0].0)
+                })
+                .collect();
+            prop_assert_eq!(file.split_huge_pages(), expected);
+        }
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
+
+    #[test]
+    fn memfd_agrees_with_the_model(ops in ops(24)) {
+        run(Backend::Memfd, 0, 24, ops)?;
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
+
+    #[test]
+    fn hugetlb_agrees_with_the_model(ops in ops(1024)) {
+        if let Err(why) = hugetlb_available(2 << 20, 2) {
+            eprintln!("skip HugeTLB model: {why}");
+            return Ok(());
+        }
+        run(Backend::Hugetlb, 21, 1024, ops)?;
+    }
+}
