@@ -1088,6 +1088,16 @@ impl Inner {
         let backing = state.split_backing.as_ref().expect("created above");
         let master = self.master.as_ref().expect("HugeTLB files are mapped");
         let offset = (huge * self.granule) as usize;
+        // Allocate the 4 KiB pages in one call rather than one fault each.
+        // SAFETY: inside the internal mapping of the backing.
+        unsafe {
+            sys::madvise(
+                backing.map.addr().add(offset),
+                self.granule as usize,
+                libc::MADV_POPULATE_WRITE,
+            )
+        }
+        .map_err(GmemError::os("madvise(MADV_POPULATE_WRITE)"))?;
         // SAFETY: both internal mappings cover the whole file; the ranges are
         // the same huge page in two different files.
         unsafe {

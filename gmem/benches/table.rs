@@ -1,0 +1,226 @@
+//! Side-by-side costs of populating guest memory, from one run: for 1 GiB
+//! (and 4 GiB where memory allows) on each backend, prefault with 1 and 2
+//! threads, first touch without prefault (one write per page), and a memset
+//! over already-populated memory (the bandwidth bound), with ratios (best of
+//! three fresh files each, after a warm-up); then
+//! HugeTLB split and merge latency per 2 MiB page against a 2 MiB copy.
+//! Run with `cargo bench -p gmem --bench table`; `MMUKIT_BENCH_GIB` picks
+//! the sizes (default "1,4").
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use gmem::consts::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
+use gmem::{Attribute, Backend, GmemConfig, GuestMemFile, HostCaps, KvmVm};
+
+const FLAGS: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+
+struct Row {
+    name: &'static str,
+    backend: Backend,
+    log2: u8,
+}
+
+fn create(row: &Row, size: u64) -> Option<GuestMemFile> {
+    match GuestMemFile::create(
+        &row.backend,
+        GmemConfig {
+            size,
+            flags: FLAGS,
+            huge_page_size_log2: row.log2,
+        },
+    ) {
+        Ok(file) => Some(file),
+        Err(err) => {
+            println!("{:<12} {:>4} GiB  skipped: {err}", row.name, size >> 30);
+            None
+        }
+    }
+}
+
+fn prefault(file: &GuestMemFile, threads: usize) -> Duration {
+    file.prefault(0, file.size(), threads, &|_, _| {})
+        .expect("prefault")
+        .elapsed
+}
+
+/// One write per page of a fresh mapping: the page-fault path.
+fn first_touch(file: &GuestMemFile) -> Duration {
+    let view = file.map(0, file.size()).expect("map");
+    let start = Instant::now();
+    for offset in (0..file.size()).step_by(4096) {
+        // SAFETY: inside the view; every page is shared.
+        unsafe { std::ptr::write_volatile(view.as_ptr().add(offset as usize), 1) };
+    }
+    start.elapsed()
+}
+
+/// A memset over memory that is already populated: the bound.
+fn memset(file: &GuestMemFile) -> Duration {
+    let view = file.map(0, file.size()).expect("map");
+    let len = file.size() as usize;
+    // Populate through this mapping first, then time a second pass.
+    // SAFETY: the view is `len` writable bytes, all shared.
+    unsafe { std::ptr::write_bytes(view.as_ptr(), 0x11, len) };
+    let start = Instant::now();
+    // SAFETY: as above.
+    unsafe { std::ptr::write_bytes(black_box(view.as_ptr()), 0x22, len) };
+    start.elapsed()
+}
+
+fn gib_s(size: u64, time: Duration) -> f64 {
+    size as f64 / (1u64 << 30) as f64 / time.as_secs_f64()
+}
+
+fn row(row: &Row, size: u64) {
+    // Warm-up pass, not measured: the first use of physical memory is far
+    // slower here than any later one, and would favour whichever run is
+    // second.
+    let Some(file) = create(row, size) else { return };
+    prefault(&file, 2);
+    drop(file);
+    // Best of three, alternating 1 and 2 threads, on fresh files.
+    let (mut one, mut two) = (Duration::MAX, Duration::MAX);
+    for _ in 0..3 {
+        for (threads, best) in [(1, &mut one), (2, &mut two)] {
+            let Some(file) = create(row, size) else { return };
+            *best = (*best).min(prefault(&file, threads));
+        }
+    }
+    let Some(file) = create(row, size) else { return };
+    let touch = first_touch(&file);
+    let bound = memset(&file);
+    drop(file);
+    println!(
+        "{:<12} {:>4} GiB  prefault 1T {:>8.1?} {:>5.2} GiB/s  2T {:>8.1?} {:>5.2} GiB/s  first touch {:>8.1?}  memset {:>7.1?} {:>5.2} GiB/s  ratios 1T {:>5.2} 2T {:>5.2} touch {:>5.2}",
+        row.name,
+        size >> 30,
+        one,
+        gib_s(size, one),
+        two,
+        gib_s(size, two),
+        touch,
+        bound,
+        gib_s(size, bound),
+        one.as_secs_f64() / bound.as_secs_f64(),
+        two.as_secs_f64() / bound.as_secs_f64(),
+        touch.as_secs_f64() / bound.as_secs_f64(),
+    );
+}
+
+/// Splits and merges `pages` 2 MiB pages, one at a time.
+fn split_merge(pages: u64) {
+    let huge = 2u64 << 20;
+    let Ok(file) = GuestMemFile::create(
+        &Backend::Hugetlb,
+        GmemConfig {
+            size: pages * huge,
+            flags: FLAGS,
+            huge_page_size_log2: 21,
+        },
+    ) else {
+        println!("hugetlb split/merge: skipped (no 2 MiB pages)");
+        return;
+    };
+    let view = file.map(0, file.size()).expect("map");
+    view.fill(0, file.size(), 0x33).expect("fill");
+    for page in 0..pages {
+        file.convert(page * huge + 4096, 4096, Attribute::Private)
+            .expect("split");
+    }
+    for page in 0..pages {
+        file.convert(page * huge + 4096, 4096, Attribute::Shared)
+            .expect("merge");
+    }
+    let metrics = file.metrics();
+    assert_eq!((metrics.splits, metrics.merges), (pages, pages));
+    let split = metrics.split_time / pages as u32;
+    let merge = metrics.merge_time / pages as u32;
+    let src = vec![1u8; huge as usize];
+    let mut dst = vec![0u8; huge as usize];
+    dst.copy_from_slice(&src);
+    let start = Instant::now();
+    for _ in 0..pages {
+        black_box(&mut dst).copy_from_slice(black_box(&src));
+    }
+    let copy = start.elapsed() / pages as u32;
+    println!(
+        "hugetlb 2M split {split:>8.1?}  merge {merge:>8.1?}  (2 MiB copy {copy:>7.1?}: ratios {:.1} / {:.1}; {pages} pages)",
+        split.as_secs_f64() / copy.as_secs_f64(),
+        merge.as_secs_f64() / copy.as_secs_f64(),
+    );
+}
+
+fn available_bytes() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find_map(|line| line.strip_prefix("MemAvailable:"))
+                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb << 10)
+}
+
+fn main() {
+    if std::env::args().any(|arg| arg == "--list") {
+        return;
+    }
+    let sizes: Vec<u64> = std::env::var("MMUKIT_BENCH_GIB")
+        .unwrap_or_else(|_| "1,4".into())
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect();
+    let caps = HostCaps::probe();
+    let mut rows = vec![
+        Row {
+            name: "anonymous",
+            backend: Backend::Anonymous,
+            log2: 0,
+        },
+        Row {
+            name: "memfd",
+            backend: Backend::Memfd,
+            log2: 0,
+        },
+        Row {
+            name: "hugetlb-2M",
+            backend: Backend::Hugetlb,
+            log2: 21,
+        },
+    ];
+    if caps.memfd_secret {
+        rows.push(Row {
+            name: "secret",
+            backend: Backend::Secret,
+            log2: 0,
+        });
+    }
+    match KvmVm::new() {
+        Ok(vm) if vm.caps().guest_memfd_flags & GUEST_MEMFD_FLAG_MMAP != 0 => rows.push(Row {
+            name: "guest_memfd",
+            backend: Backend::Kvm(Arc::clone(&vm)),
+            log2: 0,
+        }),
+        Ok(_) => println!("guest_memfd: skipped (no mappable guest_memfd)"),
+        Err(err) => println!("guest_memfd: skipped ({err})"),
+    }
+    println!("gmem: populating guest memory, side by side (memset over populated memory is the bound)");
+    // Warm up: the first touch of memory this machine never used is far
+    // slower than any later one.
+    if let Some(file) = create(&rows[0], 1 << 30) {
+        memset(&file);
+    }
+    for &gib in &sizes {
+        let size = gib << 30;
+        if available_bytes() < 2 * size {
+            println!("{gib} GiB: skipped (MemAvailable is {} GiB)", available_bytes() >> 30);
+            continue;
+        }
+        for r in &rows {
+            row(r, size);
+        }
+    }
+    split_merge(32);
+}
