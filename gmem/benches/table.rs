@@ -77,18 +77,24 @@ fn row(row: &Row, size: u64) {
     // Warm-up pass, not measured: the first use of physical memory is far
     // slower here than any later one, and would favour whichever run is
     // second.
-    let Some(file) = create(row, size) else { return };
+    let Some(file) = create(row, size) else {
+        return;
+    };
     prefault(&file, 2);
     drop(file);
     // Best of three, alternating 1 and 2 threads, on fresh files.
     let (mut one, mut two) = (Duration::MAX, Duration::MAX);
     for _ in 0..3 {
         for (threads, best) in [(1, &mut one), (2, &mut two)] {
-            let Some(file) = create(row, size) else { return };
+            let Some(file) = create(row, size) else {
+                return;
+            };
             *best = (*best).min(prefault(&file, threads));
         }
     }
-    let Some(file) = create(row, size) else { return };
+    let Some(file) = create(row, size) else {
+        return;
+    };
     let touch = first_touch(&file);
     let bound = memset(&file);
     drop(file);
@@ -158,7 +164,13 @@ fn available_bytes() -> u64 {
         .and_then(|text| {
             text.lines()
                 .find_map(|line| line.strip_prefix("MemAvailable:"))
-                .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .and_then(|rest| {
+                    rest.trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
         })
         .map_or(0, |kb| kb << 10)
 }
@@ -206,7 +218,9 @@ fn main() {
         Ok(_) => println!("guest_memfd: skipped (no mappable guest_memfd)"),
         Err(err) => println!("guest_memfd: skipped ({err})"),
     }
-    println!("gmem: populating guest memory, side by side (memset over populated memory is the bound)");
+    println!(
+        "gmem: populating guest memory, side by side (memset over populated memory is the bound)"
+    );
     // Warm up: the first touch of memory this machine never used is far
     // slower than any later one.
     if let Some(file) = create(&rows[0], 1 << 30) {
@@ -215,7 +229,10 @@ fn main() {
     for &gib in &sizes {
         let size = gib << 30;
         if available_bytes() < 2 * size {
-            println!("{gib} GiB: skipped (MemAvailable is {} GiB)", available_bytes() >> 30);
+            println!(
+                "{gib} GiB: skipped (MemAvailable is {} GiB)",
+                available_bytes() >> 30
+            );
             continue;
         }
         for r in &rows {
