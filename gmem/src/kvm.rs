@@ -8,12 +8,13 @@ use std::sync::{Arc, Mutex};
 use kvm_bindings::{kvm_memory_attributes, kvm_userspace_memory_region2};
 use kvm_ioctls::{Kvm, VmFd};
 
+use crate::attrs::Attribute;
 use crate::caps::KvmCaps;
 use crate::consts::{
     GUEST_MEMFD_FLAG_NO_DIRECT_MAP, KVM_CAP_GUEST_MEMFD_FLAGS, KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_X86_TDX_VM,
 };
-use crate::file::{BackendKind, GuestMemFile, PAGE_SIZE};
+use crate::file::{BackendKind, GuestMemFile, PAGE_SIZE, Protection};
 use crate::region::GuestRegion;
 
 /// Errors of the KVM binding. Each has the errno the kernel gives in the
@@ -101,6 +102,90 @@ pub fn check_memory(
         }
     }
     Ok(())
+}
+
+/// Picks what really backs guest memory of the `requested` kind on a KVM
+/// VM: `secret` memory becomes guest_memfd with NO_DIRECT_MAP where the
+/// kernel offers it (KVM cannot map memfd_secret memory), and is refused
+/// with the reason otherwise. Returns the backend kind and the guest_memfd
+/// flags to add.
+pub fn choose_backend(
+    requested: BackendKind,
+    vm_type: u64,
+    caps: &KvmCaps,
+) -> Result<(BackendKind, u64), KvmError> {
+    if requested == BackendKind::Secret
+        && caps.guest_memfd_flags & GUEST_MEMFD_FLAG_NO_DIRECT_MAP != 0
+    {
+        check_memory(
+            BackendKind::Kvm,
+            GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
+            vm_type,
+            caps,
+        )?;
+        return Ok((BackendKind::Kvm, GUEST_MEMFD_FLAG_NO_DIRECT_MAP));
+    }
+    check_memory(requested, 0, vm_type, caps)?;
+    Ok((requested, 0))
+}
+
+/// Where KVM learns which guest pages are private: `KVM_SET_MEMORY_ATTRIBUTES`
+/// on a VM, or a stand-in.
+pub trait MemoryAttributes {
+    /// Whether the private attribute can be set at all.
+    fn supports_private(&self) -> bool;
+
+    /// Sets (or clears) the private attribute of `[gpa, gpa + size)`.
+    fn set_private(&self, gpa: u64, size: u64, private: bool) -> Result<(), KvmError>;
+}
+
+impl MemoryAttributes for KvmVm {
+    fn supports_private(&self) -> bool {
+        self.supports_private_attributes()
+    }
+
+    fn set_private(&self, gpa: u64, size: u64, private: bool) -> Result<(), KvmError> {
+        KvmVm::set_private(self, gpa, size, private)
+    }
+}
+
+/// Converts `[gpa, gpa + size)` of `region` to `to`: KVM's attributes first
+/// (where `kvm` takes them; a refusal leaves everything unchanged), then the
+/// file's. Says which protection is in force.
+pub fn convert_guest_range(
+    region: &GuestRegion,
+    gpa: u64,
+    size: u64,
+    to: Attribute,
+    kvm: Option<&dyn MemoryAttributes>,
+) -> Result<Protection, KvmError> {
+    let inside = gpa >= region.guest_addr()
+        && gpa
+            .checked_add(size)
+            .is_some_and(|end| end <= region.guest_addr() + region.size());
+    if !inside {
+        return Err(KvmError::Invalid(format!(
+            "range {gpa:#x}+{size:#x} is not inside the region at {:#x}",
+            region.guest_addr()
+        )));
+    }
+    let offset = region.file_offset() + (gpa - region.guest_addr());
+    let told_kvm = match kvm {
+        Some(kvm) if kvm.supports_private() => {
+            kvm.set_private(gpa, size, to == Attribute::Private)?;
+            true
+        }
+        _ => false,
+    };
+    region
+        .file()
+        .convert(offset, size, to)
+        .map_err(|err| KvmError::Invalid(err.to_string()))?;
+    Ok(if told_kvm {
+        Protection::HostViewAndKvm
+    } else {
+        Protection::HostViewOnly
+    })
 }
 
 /// Where a memslot goes and what backs it.
@@ -326,6 +411,20 @@ mod tests {
         assert!(err.to_string().contains("direct map"), "{err}");
         let err = check_memory(BackendKind::Secret, 0, 0, &caps(7)).unwrap_err();
         assert!(err.to_string().contains("NO_DIRECT_MAP"), "{err}");
+    }
+
+    #[test]
+    fn secret_becomes_no_direct_map_guest_memfd_where_offered() {
+        assert_eq!(
+            choose_backend(BackendKind::Secret, 0, &caps(7)).unwrap(),
+            (BackendKind::Kvm, GUEST_MEMFD_FLAG_NO_DIRECT_MAP)
+        );
+        assert!(choose_backend(BackendKind::Secret, 0, &caps(3)).is_err());
+        assert!(choose_backend(BackendKind::Secret, KVM_X86_TDX_VM, &caps(7)).is_err());
+        assert_eq!(
+            choose_backend(BackendKind::Hugetlb, 0, &caps(3)).unwrap(),
+            (BackendKind::Hugetlb, 0)
+        );
     }
 
     #[test]

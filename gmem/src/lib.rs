@@ -58,6 +58,9 @@ pub use file::{
     Backend, BackendKind, FileMetrics, GmemConfig, GmemError, GuestMemFile, PAGE_SIZE, Protection,
     View, ViewKind,
 };
-pub use kvm::{KvmError, KvmVm, SlotBinding};
+pub use kvm::{
+    KvmError, KvmVm, MemoryAttributes, SlotBinding, check_memory, choose_backend,
+    convert_guest_range,
+};
 pub use prefault::PrefaultReport;
 pub use region::{GuestMemoryLayout, GuestRegion, RegionError};

@@ -186,3 +186,81 @@ fn plain_backends_bind_as_ordinary_slots_and_secret_is_refused() {
         assert!(err.to_string().contains("direct map"), "{err}");
     }
 }
+
+/// A stand-in for KVM_SET_MEMORY_ATTRIBUTES, which this host's KVM lacks.
+#[derive(Default)]
+struct RecordingAttributes {
+    calls: std::sync::Mutex<Vec<(u64, u64, bool)>>,
+    refuse: bool,
+}
+
+impl gmem::MemoryAttributes for RecordingAttributes {
+    fn supports_private(&self) -> bool {
+        true
+    }
+
+    fn set_private(&self, gpa: u64, size: u64, private: bool) -> Result<(), gmem::KvmError> {
+        if self.refuse {
+            return Err(gmem::KvmError::NotSupported("refused by the test".into()));
+        }
+        self.calls.lock().unwrap().push((gpa, size, private));
+        Ok(())
+    }
+}
+
+#[test]
+fn conversion_tells_kvm_where_it_can_and_says_so() {
+    use gmem::{Attribute, Protection, convert_guest_range};
+    let file = GuestMemFile::create(
+        &Backend::Memfd,
+        GmemConfig {
+            size: MEM,
+            flags: SHARED_MMAP,
+            huge_page_size_log2: 0,
+        },
+    )
+    .unwrap();
+    let region = GuestRegion::new(&file, 0x4000, 0x8000, 0x10_0000, false).unwrap();
+    // With attributes (a stand-in): KVM is told the gpa range, the file the offset.
+    let kvm = RecordingAttributes::default();
+    let protection =
+        convert_guest_range(&region, 0x10_1000, 0x2000, Attribute::Private, Some(&kvm)).unwrap();
+    assert_eq!(protection, Protection::HostViewAndKvm);
+    assert_eq!(*kvm.calls.lock().unwrap(), vec![(0x10_1000, 0x2000, true)]);
+    assert_eq!(file.attribute(0x5000), Attribute::Private);
+    assert_eq!(file.attribute(0x7000), Attribute::Shared);
+    // A refusal changes nothing.
+    let refusing = RecordingAttributes {
+        refuse: true,
+        ..Default::default()
+    };
+    assert!(
+        convert_guest_range(
+            &region,
+            0x10_3000,
+            0x1000,
+            Attribute::Private,
+            Some(&refusing)
+        )
+        .is_err()
+    );
+    assert_eq!(file.attribute(0x7000), Attribute::Shared);
+    // Outside the region.
+    assert!(convert_guest_range(&region, 0x10_7000, 0x2000, Attribute::Private, None).is_err());
+    // This host's KVM has no memory attributes: only host views protect.
+    match kvm_vm() {
+        Ok(vm) => {
+            let vm: &KvmVm = &vm;
+            let protection =
+                convert_guest_range(&region, 0x10_1000, 0x1000, Attribute::Shared, Some(vm))
+                    .unwrap();
+            let expected = if vm.supports_private_attributes() {
+                Protection::HostViewAndKvm
+            } else {
+                Protection::HostViewOnly
+            };
+            assert_eq!(protection, expected);
+        }
+        Err(why) => eprintln!("skip the real VM part: {why}"),
+    }
+}
