@@ -5,6 +5,10 @@
 //! with the entry frozen so that no other walker acts on it; if the hook
 //! fails, the entry is restored and the mirror is left unchanged.
 
+use std::sync::Arc;
+
+use mmu_cache::{PageKind, PagePool};
+
 use crate::ept::{Entry, Level};
 
 /// Errors of external page-table hooks.
@@ -24,14 +28,66 @@ pub enum HookError {
     },
 }
 
+/// Pages that hold the external copy of a table (the TDX S-EPT page that
+/// mirrors a mirror-tree table). They belong to the MMU: it takes them from
+/// its external-table cache and frees them when the hooks let them go.
+#[derive(Debug)]
+pub enum ExternalTablePage {}
+impl PageKind for ExternalTablePage {}
+
+/// A table as the hooks see it: the MMU's own table page and, when the
+/// hooks ask for them, the external page that mirrors it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TableRef {
+    /// The MMU's table page.
+    pub hpa: u64,
+    /// The external page (see [`ExternalPageTable::external_tables`]).
+    pub external: Option<u64>,
+}
+
+/// What an operation is about to need, told to the hooks before the MMU
+/// takes its lock so that they can top up their own caches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Topup {
+    /// A fault that may link a table at each of `levels` levels and map a leaf.
+    Fault {
+        /// The paging depth.
+        levels: u8,
+    },
+    /// A splitter about to do up to `splits` splits under the write lock.
+    Split {
+        /// Splits before the next topup.
+        splits: usize,
+    },
+}
+
 /// Callbacks that keep an external page table identical to the MMU's tree.
 ///
 /// Every method has a no-op default, so an implementation overrides only
-/// what it mirrors.
+/// what it mirrors. Calls that change the tree are made with the MMU lock
+/// held; [`topup`](Self::topup) is made before it is taken.
 pub trait ExternalPageTable: Send + Sync {
-    /// A table at `table_hpa` is being linked under the entry for `gfn` at `level`.
-    fn link_table(&self, gfn: u64, level: Level, table_hpa: u64) -> Result<(), HookError> {
-        let _ = (gfn, level, table_hpa);
+    /// Whether the MMU must provide an external page for every table it
+    /// links (passed in [`TableRef::external`]). Read once, at construction.
+    fn external_tables(&self) -> bool {
+        false
+    }
+
+    /// The pool external pages come from (`None`: the MMU's own pool).
+    fn external_pool(&self) -> Option<Arc<PagePool>> {
+        None
+    }
+
+    /// Tops up the hooks' own caches for what is about to happen.
+    fn topup(&self, need: Topup) -> Result<(), HookError> {
+        let _ = need;
+        Ok(())
+    }
+
+    /// `table` is being linked under the entry for `gfn` at `level` (the
+    /// level of the table's entries).
+    fn link_table(&self, gfn: u64, level: Level, table: TableRef) -> Result<(), HookError> {
+        let _ = (gfn, level, table);
         Ok(())
     }
 
@@ -47,23 +103,32 @@ pub trait ExternalPageTable: Send + Sync {
         Ok(())
     }
 
-    /// The table at `table_hpa`, linked for `gfn` at `level`, is being freed
-    /// (its entries are already gone).
-    fn free_table(&self, gfn: u64, level: Level, table_hpa: u64) -> Result<(), HookError> {
-        let _ = (gfn, level, table_hpa);
+    /// `table`, linked for `gfn` at `level`, is being freed (its entries
+    /// are already gone). On an error the MMU keeps the table linked, or,
+    /// at teardown, keeps the external page out of the allocator (leaked).
+    fn free_table(&self, gfn: u64, level: Level, table: TableRef) -> Result<(), HookError> {
+        let _ = (gfn, level, table);
         Ok(())
     }
 
     /// The huge leaf `old` for `gfn` at `level` is being replaced by the
-    /// filled table at `new_table_hpa` mapping the same memory.
+    /// filled `new_table` mapping the same memory. `exclusive` is true when
+    /// the caller holds the MMU lock for write.
     fn split_leaf(
         &self,
         gfn: u64,
         level: Level,
         old: Entry,
-        new_table_hpa: u64,
+        new_table: TableRef,
+        exclusive: bool,
     ) -> Result<(), HookError> {
-        let _ = (gfn, level, old, new_table_hpa);
+        let _ = (gfn, level, old, new_table, exclusive);
+        Ok(())
+    }
+
+    /// The VM is going away: after this, leaves and tables are only taken
+    /// back (the TDX key is released; pages are reclaimed).
+    fn teardown(&self) -> Result<(), HookError> {
         Ok(())
     }
 }

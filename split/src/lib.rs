@@ -51,9 +51,9 @@ pub mod shadow;
 pub mod tdp;
 
 pub use ept::{Entry, EptError, Level, MemType};
-pub use hooks::{ExternalPageTable, HookError, NoExternal};
+pub use hooks::{ExternalPageTable, ExternalTablePage, HookError, NoExternal, TableRef, Topup};
 pub use memslot::{LogMode, Memslot, MemslotError};
 pub use tdp::{
     Access, MmuConfig, MmuCounters, MmuError, PageStats, TableHeader, TablePage, TdpMmu,
-    Translation, VcpuCaches,
+    TeardownReport, Translation, VcpuCaches,
 };

@@ -9,7 +9,7 @@ use mmu_cache::alloc::NoAllocSection;
 use mmu_cache::{CacheError, ObjectCache, Page, PageCache, PageKind, PagePool, Slab, SlabError};
 
 use crate::ept::{self, ACCESSED, DIRTY, Entry, Level, MemType, WRITE};
-use crate::hooks::{ExternalPageTable, HookError, NoExternal};
+use crate::hooks::{ExternalPageTable, ExternalTablePage, HookError, NoExternal, TableRef, Topup};
 use crate::lock::{MmuLock, ReadGuard, WriteGuard};
 use crate::memslot::{LogMode, Memslot, MemslotError};
 
@@ -64,6 +64,7 @@ pub struct TableHeader {
     gfn: u64,
     level: u8,
     page: Option<Page<TablePage>>,
+    external: Option<Page<ExternalTablePage>>,
 }
 
 impl TableHeader {
@@ -81,6 +82,18 @@ impl TableHeader {
     pub fn table_hpa(&self) -> Option<u64> {
         self.page.as_ref().map(|page| page.addr() as u64)
     }
+
+    /// The address of the external page that mirrors the table, if any.
+    pub fn external_hpa(&self) -> Option<u64> {
+        self.external.as_ref().map(|page| page.addr() as u64)
+    }
+
+    fn table_ref(&self) -> TableRef {
+        TableRef {
+            hpa: self.table_hpa().unwrap_or(0),
+            external: self.external_hpa(),
+        }
+    }
 }
 
 mmu_cache::cache_set! {
@@ -91,6 +104,8 @@ mmu_cache::cache_set! {
         pub tables: PageCache<TablePage> => [min 5],
         /// Table headers.
         pub headers: ObjectCache<TableHeader> => [min 5],
+        /// External table pages, topped up only when the hooks ask for them.
+        pub external: PageCache<ExternalTablePage> => [min 0],
     }
 }
 
@@ -148,6 +163,9 @@ pub struct MmuCounters {
     pub tables_linked: u64,
     /// Tables freed.
     pub tables_freed: u64,
+    /// External pages kept out of the allocator because the hooks could
+    /// not take them back (they may still belong to the external side).
+    pub external_leaked: u64,
 }
 
 #[derive(Default)]
@@ -159,6 +177,7 @@ struct Counters {
     lock_drops: AtomicU64,
     tables_linked: AtomicU64,
     tables_freed: AtomicU64,
+    external_leaked: AtomicU64,
 }
 
 /// What a translation found.
@@ -210,6 +229,9 @@ pub struct TdpMmu {
     slots: RwLock<Vec<Arc<Memslot>>>,
     split_caches: Mutex<VcpuCaches>,
     hooks: Box<dyn ExternalPageTable>,
+    external_tables: bool,
+    external_pool: Arc<PagePool>,
+    torn_down: std::sync::atomic::AtomicBool,
     stats: [AtomicU64; 3],
     counters: Counters,
 }
@@ -290,11 +312,14 @@ impl TdpMmu {
             })?;
         root.fill(ept::NON_PRESENT);
         let header_slab = Slab::new(pool.clone(), None)?;
+        let external_tables = hooks.external_tables();
+        let external_pool = hooks.external_pool().unwrap_or_else(|| pool.clone());
         let split_caches = VcpuCaches {
             // Split tables are filled with the children before they are
             // linked, so they skip the non-present fill.
             tables: PageCache::new(pool.clone()).named("split-tables"),
             headers: ObjectCache::new(header_slab.clone()).named("split-headers"),
+            external: PageCache::new(external_pool.clone()).named("split-external"),
         };
         Ok(Self {
             config,
@@ -306,6 +331,9 @@ impl TdpMmu {
             slots: RwLock::new(Vec::new()),
             split_caches: Mutex::new(split_caches),
             hooks,
+            external_tables,
+            external_pool,
+            torn_down: std::sync::atomic::AtomicBool::new(false),
             stats: Default::default(),
             counters: Counters::default(),
         })
@@ -318,7 +346,13 @@ impl TdpMmu {
                 .with_init_value(ept::NON_PRESENT)
                 .named("vcpu-tables"),
             headers: ObjectCache::new(self.header_slab.clone()).named("vcpu-headers"),
+            external: PageCache::new(self.external_pool.clone()).named("vcpu-external"),
         }
+    }
+
+    /// Whether the MMU provides an external page for every table.
+    pub fn has_external_tables(&self) -> bool {
+        self.external_tables
     }
 
     /// The configuration.
@@ -428,6 +462,15 @@ impl TdpMmu {
         self.counters.faults.fetch_add(1, Ordering::Relaxed);
         loop {
             caches.topup()?;
+            if self.external_tables {
+                caches
+                    .external
+                    .topup(usize::from(self.config.levels))
+                    .map_err(|err| CacheError::in_set("external", err))?;
+            }
+            self.hooks.topup(Topup::Fault {
+                levels: self.config.levels,
+            })?;
             self.table_map().reserve(self.config.levels as usize);
             let _guard = self.read_lock();
             let _no_alloc = NoAllocSection::enter();
@@ -583,21 +626,37 @@ impl TdpMmu {
         let base_gfn = gfn & !(level.entry_pages() - 1);
         let below = level.below().expect("tables live above 4K");
         let page = caches.tables.alloc()?;
+        let external = if self.external_tables {
+            Some(caches.external.alloc()?)
+        } else {
+            None
+        };
         let hpa = page.addr() as u64;
+        let table_ref = TableRef {
+            hpa,
+            external: external.as_ref().map(|p| p.addr() as u64),
+        };
+        let give_back =
+            |caches: &mut VcpuCaches, page, external: Option<Page<ExternalTablePage>>| {
+                caches.tables.free(page);
+                if let Some(external) = external {
+                    caches.external.free(external);
+                }
+            };
         if !cas(table, index, old, Entry::from_bits(FROZEN)) {
-            caches.tables.free(page);
+            give_back(caches, page, external);
             return Ok(None);
         }
         let hooked = if old.is_present() {
             self.hooks
                 .remove_leaf(base_gfn, level, old)
-                .and_then(|()| self.hooks.link_table(base_gfn, below, hpa))
+                .and_then(|()| self.hooks.link_table(base_gfn, below, table_ref))
         } else {
-            self.hooks.link_table(base_gfn, below, hpa)
+            self.hooks.link_table(base_gfn, below, table_ref)
         };
         if let Err(err) = hooked {
             table[index].store(old.bits(), Ordering::Release);
-            caches.tables.free(page);
+            give_back(caches, page, external);
             return match err {
                 HookError::Busy { .. } => Ok(None),
                 refused => Err(refused.into()),
@@ -608,6 +667,7 @@ impl TdpMmu {
             gfn: base_gfn,
             level: below.get(),
             page: Some(page),
+            external,
         };
         self.table_map().insert(hpa, header);
         table[index].store(Entry::table(hpa).bits(), Ordering::Release);
@@ -764,6 +824,7 @@ impl TdpMmu {
             lock_drops: get(&c.lock_drops),
             tables_linked: get(&c.tables_linked),
             tables_freed: get(&c.tables_freed),
+            external_leaked: get(&c.external_leaked),
         }
     }
 
@@ -808,12 +869,90 @@ impl TdpMmu {
             let child = entry.addr(level);
             self.zap_table(child, below, gfn, start, end)?;
             if gfn >= start && gfn + pages <= end {
-                self.hooks.free_table(gfn, below, child)?;
+                let table_ref = self.table_map().get(&child).map_or(
+                    TableRef {
+                        hpa: child,
+                        external: None,
+                    },
+                    |h| h.table_ref(),
+                );
+                self.hooks.free_table(gfn, below, table_ref)?;
                 table[index].store(ept::NON_PRESENT, Ordering::Release);
                 self.free_table(child);
             }
         }
         Ok(())
+    }
+
+    /// Tears the MMU down for a VM that is going away: the hooks are told
+    /// first ([`ExternalPageTable::teardown`]), then every leaf and table is
+    /// taken back through them. A table whose external page the hooks
+    /// cannot take back keeps that page out of the allocator (leaked and
+    /// counted) rather than let the host reuse memory the external side
+    /// may still own. Afterwards only the root is left. A second call does
+    /// nothing.
+    pub fn teardown(&self) -> Result<TeardownReport, MmuError> {
+        let _guard = self.write_lock();
+        let _no_alloc = NoAllocSection::enter();
+        if self.torn_down.load(Ordering::Acquire) {
+            return Ok(TeardownReport::default());
+        }
+        self.hooks.teardown()?;
+        self.torn_down.store(true, Ordering::Release);
+        let mut report = TeardownReport::default();
+        self.teardown_table(self.root_hpa(), self.top_level(), 0, &mut report);
+        Ok(report)
+    }
+
+    fn teardown_table(
+        &self,
+        table_hpa: u64,
+        level: Level,
+        table_gfn: u64,
+        report: &mut TeardownReport,
+    ) {
+        // SAFETY: the write lock is held and the table is linked.
+        let table = unsafe { entries(table_hpa) };
+        let pages = level.entry_pages();
+        for index in 0..512 {
+            let entry = load(table, index);
+            if !entry.is_present() {
+                continue;
+            }
+            let gfn = table_gfn + index as u64 * pages;
+            if entry.is_leaf(level) {
+                match self.hooks.remove_leaf(gfn, level, entry) {
+                    Ok(()) => report.leaves += 1,
+                    Err(_) => report.leaf_errors += 1,
+                }
+                table[index].store(ept::NON_PRESENT, Ordering::Release);
+                self.stats[stat_index(level)].fetch_sub(1, Ordering::Relaxed);
+                continue;
+            }
+            let below = level.below().expect("tables above 4K");
+            let child = entry.addr(level);
+            self.teardown_table(child, below, gfn, report);
+            table[index].store(ept::NON_PRESENT, Ordering::Release);
+            let Some(mut header) = self.table_map().remove(&child) else {
+                continue;
+            };
+            if self
+                .hooks
+                .free_table(gfn, below, header.table_ref())
+                .is_err()
+                && let Some(external) = header.external.take()
+            {
+                // The external side may still own it: never back to the host.
+                let _ = external.into_raw();
+                report.external_leaked += 1;
+                self.counters
+                    .external_leaked
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            drop(header);
+            report.tables += 1;
+            self.counters.tables_freed.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     fn free_table(&self, hpa: u64) {
@@ -868,6 +1007,10 @@ impl TdpMmu {
         while cursor < end {
             caches.tables.topup_with_capacity(capacity, 1)?;
             caches.headers.topup_with_capacity(capacity, 1)?;
+            if self.external_tables {
+                caches.external.topup_with_capacity(capacity, 1)?;
+            }
+            self.hooks.topup(Topup::Split { splits: capacity })?;
             self.table_map().reserve(caches.tables.nr_free());
             let guard = self.write_lock();
             let no_alloc = NoAllocSection::enter();
@@ -875,6 +1018,7 @@ impl TdpMmu {
             while cursor < end {
                 if caches.tables.nr_free() == 0
                     || caches.headers.nr_free() == 0
+                    || (self.external_tables && caches.external.nr_free() == 0)
                     || since_yield == SPLITS_PER_YIELD
                 {
                     break;
@@ -953,8 +1097,20 @@ impl TdpMmu {
                 slot.store(leaf.split_child(level, i).bits(), Ordering::Relaxed);
             }
         }
-        if let Err(err) = self.hooks.split_leaf(gfn, level, leaf, hpa) {
+        let external = if self.external_tables {
+            Some(caches.external.alloc()?)
+        } else {
+            None
+        };
+        let table_ref = TableRef {
+            hpa,
+            external: external.as_ref().map(|p| p.addr() as u64),
+        };
+        if let Err(err) = self.hooks.split_leaf(gfn, level, leaf, table_ref, true) {
             caches.tables.free(page);
+            if let Some(external) = external {
+                caches.external.free(external);
+            }
             return Err(err.into());
         }
         let mut header = caches.headers.alloc()?;
@@ -962,6 +1118,7 @@ impl TdpMmu {
             gfn,
             level: below.get(),
             page: Some(page),
+            external,
         };
         self.table_map().insert(hpa, header);
         // Release: the filled children are visible before the link.
@@ -1164,8 +1321,36 @@ enum Step {
     Skip(u64),
 }
 
+/// What [`TdpMmu::teardown`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TeardownReport {
+    /// Leaves taken back.
+    pub leaves: u64,
+    /// Leaves whose hook failed (cleared from the tree all the same).
+    pub leaf_errors: u64,
+    /// Tables freed.
+    pub tables: u64,
+    /// External pages leaked because the hooks could not take them back.
+    pub external_leaked: u64,
+}
+
 impl Drop for TdpMmu {
     fn drop(&mut self) {
+        if self.external_tables
+            && !self.torn_down.load(Ordering::Acquire)
+            && let Err(err) = self.teardown()
+        {
+            tracing::warn!(%err, "teardown of a mirrored MMU failed; its external pages are leaked");
+            let tables = std::mem::take(self.tables.get_mut().unwrap_or_else(|p| p.into_inner()));
+            for (_, mut header) in tables {
+                if let Some(external) = header.external.take() {
+                    let _ = external.into_raw();
+                    self.counters
+                        .external_leaked
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
         // Tables go back to their pool through their headers.
         let tables = std::mem::take(self.tables.get_mut().unwrap_or_else(|p| p.into_inner()));
         drop(tables);

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use mmu_cache::PagePool;
 use mmu_cache::alloc::{ChunkAllocator, CountingAllocator, PageAllocator};
 use split::{
-    Entry, ExternalPageTable, HookError, Level, LogMode, Memslot, MmuConfig, MmuError, TdpMmu,
+    Entry, ExternalPageTable, HookError, Level, LogMode, Memslot, MmuConfig, MmuError, TableRef,
+    TdpMmu,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -71,9 +72,9 @@ impl Mirror {
 }
 
 impl ExternalPageTable for Mirror {
-    fn link_table(&self, gfn: u64, level: Level, table_hpa: u64) -> Result<(), HookError> {
+    fn link_table(&self, gfn: u64, level: Level, table: TableRef) -> Result<(), HookError> {
         self.check(Op::Link)?;
-        self.state().tables.insert((gfn, level.get(), table_hpa));
+        self.state().tables.insert((gfn, level.get(), table.hpa));
         Ok(())
     }
 
@@ -91,10 +92,10 @@ impl ExternalPageTable for Mirror {
         Ok(())
     }
 
-    fn free_table(&self, gfn: u64, level: Level, table_hpa: u64) -> Result<(), HookError> {
+    fn free_table(&self, gfn: u64, level: Level, table: TableRef) -> Result<(), HookError> {
         self.check(Op::FreeTable)?;
         assert!(
-            self.state().tables.remove(&(gfn, level.get(), table_hpa)),
+            self.state().tables.remove(&(gfn, level.get(), table.hpa)),
             "free of an unknown table"
         );
         Ok(())
@@ -105,9 +106,11 @@ impl ExternalPageTable for Mirror {
         gfn: u64,
         level: Level,
         old: Entry,
-        new_table_hpa: u64,
+        new_table: TableRef,
+        exclusive: bool,
     ) -> Result<(), HookError> {
         self.check(Op::SplitLeaf)?;
+        assert!(exclusive, "splits run under the write lock");
         let below = level.below().unwrap();
         let mut state = self.state();
         assert!(state.leaves.remove(&(gfn, level.get())).is_some());
@@ -117,7 +120,7 @@ impl ExternalPageTable for Mirror {
                 old.split_child(level, i),
             );
         }
-        state.tables.insert((gfn, below.get(), new_table_hpa));
+        state.tables.insert((gfn, below.get(), new_table.hpa));
         Ok(())
     }
 }
@@ -256,4 +259,107 @@ fn a_refused_remove_stops_the_zap_where_it_is() {
     assert_identical(&mirror, &mmu);
     assert_eq!(mmu.live_tables(), 0);
     assert!(mirror.state().calls.contains(&Op::FreeTable));
+}
+
+/// Hooks that ask for an external page per table and record them.
+#[derive(Clone, Default)]
+struct ExternalRecorder {
+    state: Arc<Mutex<(HashSet<u64>, bool, u32, u32)>>,
+}
+
+impl ExternalRecorder {
+    fn live(&self) -> usize {
+        self.state.lock().unwrap().0.len()
+    }
+}
+
+impl ExternalPageTable for ExternalRecorder {
+    fn external_tables(&self) -> bool {
+        true
+    }
+
+    fn topup(&self, _need: split::Topup) -> Result<(), HookError> {
+        self.state.lock().unwrap().3 += 1;
+        Ok(())
+    }
+
+    fn link_table(&self, _gfn: u64, _level: Level, table: TableRef) -> Result<(), HookError> {
+        let external = table.external.expect("an external page for every table");
+        assert_ne!(external, table.hpa);
+        assert!(self.state.lock().unwrap().0.insert(external));
+        Ok(())
+    }
+
+    fn free_table(&self, _gfn: u64, _level: Level, table: TableRef) -> Result<(), HookError> {
+        let mut state = self.state.lock().unwrap();
+        // After teardown, refuse the first table: its page must be leaked.
+        if state.1 && state.2 == 0 {
+            state.2 += 1;
+            return Err(HookError::Refused {
+                what: "reclaim".into(),
+            });
+        }
+        assert!(state.0.remove(&table.external.unwrap()));
+        Ok(())
+    }
+
+    fn split_leaf(
+        &self,
+        _gfn: u64,
+        _level: Level,
+        _old: Entry,
+        new_table: TableRef,
+        _exclusive: bool,
+    ) -> Result<(), HookError> {
+        let external = new_table
+            .external
+            .expect("an external page for every table");
+        assert!(self.state.lock().unwrap().0.insert(external));
+        Ok(())
+    }
+
+    fn teardown(&self) -> Result<(), HookError> {
+        self.state.lock().unwrap().1 = true;
+        Ok(())
+    }
+}
+
+#[test]
+fn external_pages_follow_tables_and_a_refused_reclaim_leaks_one() {
+    let counting = Arc::new(CountingAllocator::new(ChunkAllocator::anonymous()));
+    let pool = PagePool::from_shared(counting.clone(), None);
+    let hooks = ExternalRecorder::default();
+    let mmu = TdpMmu::with_hooks(pool, MmuConfig::default(), Box::new(hooks.clone())).unwrap();
+    assert!(mmu.has_external_tables());
+    mmu.add_memslot(Memslot::new(0, 0, 4096, 0x40000).unwrap())
+        .unwrap();
+    let mut vcpu = mmu.new_vcpu_caches();
+    mmu.fault(&mut vcpu, 0, true).unwrap();
+    assert_eq!(hooks.live(), mmu.live_tables());
+    assert!(
+        hooks.state.lock().unwrap().3 >= 1,
+        "topped up before the lock"
+    );
+    mmu.split_huge_pages(0, 4096, Level::L4K).unwrap();
+    assert_eq!(hooks.live(), mmu.live_tables());
+    mmu.zap_range(0, 1 << 36).unwrap();
+    assert_eq!((hooks.live(), mmu.live_tables()), (0, 0));
+    for gpa in (0..16u64 << 20).step_by(2 << 20) {
+        mmu.fault(&mut vcpu, gpa, true).unwrap();
+    }
+    let tables = mmu.live_tables() as u64;
+    let report = mmu.teardown().unwrap();
+    assert_eq!(report.tables, tables);
+    assert_eq!(report.external_leaked, 1);
+    assert_eq!(mmu.counters().external_leaked, 1);
+    assert_eq!(mmu.live_tables(), 0);
+    assert_eq!(mmu.teardown().unwrap(), split::TeardownReport::default());
+    vcpu.free_all();
+    drop(vcpu);
+    drop(mmu);
+    assert_eq!(
+        counting.pages_outstanding(),
+        1,
+        "only the leaked page is out"
+    );
 }
