@@ -262,14 +262,22 @@ fn a_refused_remove_stops_the_zap_where_it_is() {
 }
 
 /// Hooks that ask for an external page per table and record them.
+#[derive(Default)]
+struct RecorderState {
+    live: HashSet<u64>,
+    torn_down: bool,
+    refused: u32,
+    topups: u32,
+}
+
 #[derive(Clone, Default)]
 struct ExternalRecorder {
-    state: Arc<Mutex<(HashSet<u64>, bool, u32, u32)>>,
+    state: Arc<Mutex<RecorderState>>,
 }
 
 impl ExternalRecorder {
     fn live(&self) -> usize {
-        self.state.lock().unwrap().0.len()
+        self.state.lock().unwrap().live.len()
     }
 }
 
@@ -279,27 +287,27 @@ impl ExternalPageTable for ExternalRecorder {
     }
 
     fn topup(&self, _need: split::Topup) -> Result<(), HookError> {
-        self.state.lock().unwrap().3 += 1;
+        self.state.lock().unwrap().topups += 1;
         Ok(())
     }
 
     fn link_table(&self, _gfn: u64, _level: Level, table: TableRef) -> Result<(), HookError> {
         let external = table.external.expect("an external page for every table");
         assert_ne!(external, table.hpa);
-        assert!(self.state.lock().unwrap().0.insert(external));
+        assert!(self.state.lock().unwrap().live.insert(external));
         Ok(())
     }
 
     fn free_table(&self, _gfn: u64, _level: Level, table: TableRef) -> Result<(), HookError> {
         let mut state = self.state.lock().unwrap();
         // After teardown, refuse the first table: its page must be leaked.
-        if state.1 && state.2 == 0 {
-            state.2 += 1;
+        if state.torn_down && state.refused == 0 {
+            state.refused += 1;
             return Err(HookError::Refused {
                 what: "reclaim".into(),
             });
         }
-        assert!(state.0.remove(&table.external.unwrap()));
+        assert!(state.live.remove(&table.external.unwrap()));
         Ok(())
     }
 
@@ -314,12 +322,12 @@ impl ExternalPageTable for ExternalRecorder {
         let external = new_table
             .external
             .expect("an external page for every table");
-        assert!(self.state.lock().unwrap().0.insert(external));
+        assert!(self.state.lock().unwrap().live.insert(external));
         Ok(())
     }
 
     fn teardown(&self) -> Result<(), HookError> {
-        self.state.lock().unwrap().1 = true;
+        self.state.lock().unwrap().torn_down = true;
         Ok(())
     }
 }
@@ -337,7 +345,7 @@ fn external_pages_follow_tables_and_a_refused_reclaim_leaks_one() {
     mmu.fault(&mut vcpu, 0, true).unwrap();
     assert_eq!(hooks.live(), mmu.live_tables());
     assert!(
-        hooks.state.lock().unwrap().3 >= 1,
+        hooks.state.lock().unwrap().topups >= 1,
         "topped up before the lock"
     );
     mmu.split_huge_pages(0, 4096, Level::L4K).unwrap();
