@@ -84,6 +84,12 @@ pub trait ExternalPageTable: Send + Sync {
         Ok(())
     }
 
+    /// How many splits the hooks' caches can serve after a
+    /// [`Topup::Split`]; the splitter tops up again after that many.
+    fn split_budget(&self) -> usize {
+        usize::MAX
+    }
+
     /// `table` is being linked under the entry for `gfn` at `level` (the
     /// level of the table's entries).
     fn link_table(&self, gfn: u64, level: Level, table: TableRef) -> Result<(), HookError> {
@@ -130,6 +136,55 @@ pub trait ExternalPageTable: Send + Sync {
     /// back (the TDX key is released; pages are reclaimed).
     fn teardown(&self) -> Result<(), HookError> {
         Ok(())
+    }
+}
+
+impl<T: ExternalPageTable + ?Sized> ExternalPageTable for Arc<T> {
+    fn external_tables(&self) -> bool {
+        (**self).external_tables()
+    }
+
+    fn external_pool(&self) -> Option<Arc<PagePool>> {
+        (**self).external_pool()
+    }
+
+    fn topup(&self, need: Topup) -> Result<(), HookError> {
+        (**self).topup(need)
+    }
+
+    fn split_budget(&self) -> usize {
+        (**self).split_budget()
+    }
+
+    fn link_table(&self, gfn: u64, level: Level, table: TableRef) -> Result<(), HookError> {
+        (**self).link_table(gfn, level, table)
+    }
+
+    fn set_leaf(&self, gfn: u64, level: Level, entry: Entry) -> Result<(), HookError> {
+        (**self).set_leaf(gfn, level, entry)
+    }
+
+    fn remove_leaf(&self, gfn: u64, level: Level, old: Entry) -> Result<(), HookError> {
+        (**self).remove_leaf(gfn, level, old)
+    }
+
+    fn free_table(&self, gfn: u64, level: Level, table: TableRef) -> Result<(), HookError> {
+        (**self).free_table(gfn, level, table)
+    }
+
+    fn split_leaf(
+        &self,
+        gfn: u64,
+        level: Level,
+        old: Entry,
+        new_table: TableRef,
+        exclusive: bool,
+    ) -> Result<(), HookError> {
+        (**self).split_leaf(gfn, level, old, new_table, exclusive)
+    }
+
+    fn teardown(&self) -> Result<(), HookError> {
+        (**self).teardown()
     }
 }
 

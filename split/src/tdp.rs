@@ -1011,6 +1011,7 @@ impl TdpMmu {
                 caches.external.topup_with_capacity(capacity, 1)?;
             }
             self.hooks.topup(Topup::Split { splits: capacity })?;
+            let budget = self.hooks.split_budget();
             self.table_map().reserve(caches.tables.nr_free());
             let guard = self.write_lock();
             let no_alloc = NoAllocSection::enter();
@@ -1020,6 +1021,7 @@ impl TdpMmu {
                     || caches.headers.nr_free() == 0
                     || (self.external_tables && caches.external.nr_free() == 0)
                     || since_yield == SPLITS_PER_YIELD
+                    || since_yield as usize >= budget
                 {
                     break;
                 }

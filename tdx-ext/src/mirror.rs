@@ -1,0 +1,416 @@
+//! The mirror/external S-EPT: split's external page-table hooks over a
+//! [`TdxModule`], so that a TDP MMU marked as mirror keeps the module's
+//! S-EPT identical to its own tree.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::ThreadId;
+
+use mmu_cache::alloc::PageAllocator;
+use mmu_cache::{Account, PageCache, PagePool};
+use split::{Entry, ExternalPageTable, HookError, Level, TableRef, Topup};
+
+use crate::module::{SeamcallResult, TdxModule};
+use crate::pamt::{DynamicPamt, PamtBackedAllocator, PamtPage, PamtPolicy};
+use crate::status::TdxStatus;
+
+/// PAMT pages one split may need: a pair for the new S-EPT page's region
+/// and a pair for the demoted range.
+const PAMT_PER_SPLIT: usize = 4;
+/// Capacity of the split path's PAMT cache.
+const SPLIT_PAMT_CAPACITY: usize = 64;
+
+/// Counters of the mirror.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MirrorCounters {
+    /// SEAMCALLs retried after OPERAND_BUSY (and a vCPU kick).
+    pub busy_retries: u64,
+    /// Hook operations that failed and left the mirror unchanged.
+    pub failures: u64,
+    /// Pages kept out of the host because the module may still own them.
+    pub leaked_pages: u64,
+    /// PAMT pages idle in the mirror's caches right now.
+    pub pamt_cached: u64,
+}
+
+/// Keeps a TDX module's S-EPT identical to a mirror TDP MMU.
+///
+/// Give it to [`split::TdpMmu::with_hooks`] (as an `Arc`): the MMU then takes
+/// an S-EPT page from its external-table cache for every table, and calls
+/// the hooks, which make the SEAMCALLs:
+/// - link: TDH.MEM.SEPT.ADD; set leaf: TDH.MEM.PAGE.AUG (or PAGE.ADD before
+///   the TD is finalized);
+/// - remove leaf: RANGE.BLOCK, TRACK, kick, PAGE.REMOVE, PHYMEM.PAGE.WBINVD,
+///   then the PAMT reference goes;
+/// - split of a 2M leaf (write lock only): BLOCK, TRACK, kick, PAMT for the
+///   new S-EPT page and the 4K PAMT of the range, PAGE.DEMOTE;
+/// - teardown: the key is released; pages come back by RECLAIM.
+///
+/// OPERAND_BUSY is retried once after kicking the vCPUs; any other failure
+/// leaves the mirror unchanged and is reported.
+pub struct TdxMirror {
+    module: Arc<dyn TdxModule>,
+    pamt: Arc<DynamicPamt>,
+    policy: PamtPolicy,
+    table_pool: Arc<PagePool>,
+    vcpu_caches: Mutex<HashMap<ThreadId, PageCache<PamtPage>>>,
+    split_cache: Mutex<PageCache<PamtPage>>,
+    torn_down: AtomicBool,
+    busy_retries: AtomicU64,
+    failures: AtomicU64,
+    leaked: AtomicU64,
+}
+
+impl std::fmt::Debug for TdxMirror {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TdxMirror")
+            .field("policy", &self.policy)
+            .field("counters", &self.counters())
+            .finish()
+    }
+}
+
+fn refused(what: impl Into<String>) -> HookError {
+    HookError::Refused { what: what.into() }
+}
+
+fn from_status(call: &str, status: TdxStatus) -> HookError {
+    let what = format!("{call}: {status}");
+    if status.is_busy() {
+        HookError::Busy { what }
+    } else {
+        HookError::Refused { what }
+    }
+}
+
+impl TdxMirror {
+    /// A mirror over `module`. S-EPT pages come from `table_allocator` and
+    /// PAMT pages from `pamt`'s pool; both charge `account`. With
+    /// [`PamtPolicy::OnCacheEntry`], the S-EPT pages' allocator makes every
+    /// page PAMT-backed as it enters the MMU's cache.
+    pub fn new(
+        module: Arc<dyn TdxModule>,
+        pamt: Arc<DynamicPamt>,
+        table_allocator: impl PageAllocator + 'static,
+        account: Option<Arc<Account>>,
+        policy: PamtPolicy,
+    ) -> Arc<Self> {
+        let table_pool = match policy {
+            PamtPolicy::OnCacheEntry => PagePool::from_shared(
+                Arc::new(PamtBackedAllocator::new(table_allocator, pamt.clone())),
+                account,
+            ),
+            PamtPolicy::OnInstall => PagePool::from_shared(Arc::new(table_allocator), account),
+        };
+        Arc::new(Self {
+            split_cache: Mutex::new(pamt.new_cache()),
+            module,
+            pamt,
+            policy,
+            table_pool,
+            vcpu_caches: Mutex::new(HashMap::new()),
+            torn_down: AtomicBool::new(false),
+            busy_retries: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            leaked: AtomicU64::new(0),
+        })
+    }
+
+    /// The module.
+    pub fn module(&self) -> &Arc<dyn TdxModule> {
+        &self.module
+    }
+
+    /// Dynamic PAMT.
+    pub fn pamt(&self) -> &Arc<DynamicPamt> {
+        &self.pamt
+    }
+
+    /// The PAMT policy.
+    pub fn policy(&self) -> PamtPolicy {
+        self.policy
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> MirrorCounters {
+        let vcpu: usize = self
+            .vcpu_caches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|c| c.nr_free())
+            .sum();
+        let split = self
+            .split_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .nr_free();
+        MirrorCounters {
+            busy_retries: self.busy_retries.load(Ordering::Relaxed),
+            failures: self.failures.load(Ordering::Relaxed),
+            leaked_pages: self.leaked.load(Ordering::Relaxed),
+            pamt_cached: (vcpu + split) as u64,
+        }
+    }
+
+    /// Returns every PAMT page idle in the mirror's caches to its pool.
+    pub fn free_cached(&self) -> usize {
+        let mut freed = self
+            .split_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .free_all();
+        for cache in self
+            .vcpu_caches
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values_mut()
+        {
+            freed += cache.free_all();
+        }
+        freed
+    }
+
+    /// Finalizes the TD: pages come by AUG from now on.
+    pub fn finalize(&self) -> Result<(), TdxStatus> {
+        self.module.finalize()
+    }
+
+    fn retry<T>(&self, call: impl Fn() -> SeamcallResult<T>) -> SeamcallResult<T> {
+        match call() {
+            Err(status) if status.is_busy() => {
+                self.busy_retries.fetch_add(1, Ordering::Relaxed);
+                self.module.kick_vcpus();
+                call()
+            }
+            other => other,
+        }
+    }
+
+    fn fail(&self, err: HookError) -> HookError {
+        self.failures.fetch_add(1, Ordering::Relaxed);
+        err
+    }
+
+    fn with_vcpu_cache<R>(&self, body: impl FnOnce(&mut PageCache<PamtPage>) -> R) -> R {
+        let mut caches = self.vcpu_caches.lock().unwrap_or_else(|p| p.into_inner());
+        let cache = caches
+            .entry(std::thread::current().id())
+            .or_insert_with(|| self.pamt.new_cache());
+        body(cache)
+    }
+
+    /// BLOCK, TRACK and kick: the entry may then be removed or demoted.
+    fn block_and_track(&self, gpa: u64, level: Level) -> Result<(), HookError> {
+        self.retry(|| self.module.range_block(gpa, level))
+            .map_err(|s| from_status("TDH.MEM.RANGE.BLOCK", s))?;
+        self.retry(|| self.module.track())
+            .map_err(|s| from_status("TDH.MEM.TRACK", s))?;
+        self.module.kick_vcpus();
+        Ok(())
+    }
+
+    fn pamt_get(&self, page: u64, count: u32, split: bool) -> Result<(), HookError> {
+        let result = if split {
+            let mut cache = self.split_cache.lock().unwrap_or_else(|p| p.into_inner());
+            self.pamt.get_many(page, count, &mut cache)
+        } else {
+            self.with_vcpu_cache(|cache| self.pamt.get_many(page, count, cache))
+        };
+        result.map_err(|err| refused(err.to_string()))
+    }
+
+    fn flush(&self, page: u64, pages: u64) -> bool {
+        let mut clean = true;
+        for i in 0..pages {
+            if self
+                .retry(|| self.module.page_wbinvd(page + i * 4096))
+                .is_err()
+            {
+                self.leaked.fetch_add(1, Ordering::Relaxed);
+                clean = false;
+            }
+        }
+        clean
+    }
+}
+
+impl ExternalPageTable for TdxMirror {
+    fn external_tables(&self) -> bool {
+        true
+    }
+
+    fn external_pool(&self) -> Option<Arc<PagePool>> {
+        Some(self.table_pool.clone())
+    }
+
+    fn topup(&self, need: Topup) -> Result<(), HookError> {
+        match need {
+            Topup::Fault { levels } => self.with_vcpu_cache(|cache| {
+                // A pair for each S-EPT page a walk may add, and for the page.
+                cache.topup(2 * (usize::from(levels) + 1))
+            }),
+            Topup::Split { .. } => self
+                .split_cache
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .topup_with_capacity(SPLIT_PAMT_CAPACITY, PAMT_PER_SPLIT),
+        }
+        .map_err(|err| refused(format!("PAMT cache: {err}")))
+    }
+
+    fn split_budget(&self) -> usize {
+        self.split_cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .nr_free()
+            / PAMT_PER_SPLIT
+    }
+
+    fn link_table(&self, gfn: u64, level: Level, table: TableRef) -> Result<(), HookError> {
+        let page = table
+            .external
+            .ok_or_else(|| refused("a mirror table without an S-EPT page"))?;
+        if self.policy == PamtPolicy::OnInstall {
+            self.pamt_get(page, 1, false)?;
+        }
+        if let Err(status) = self.retry(|| self.module.sept_add(gfn << 12, level, page)) {
+            if self.policy == PamtPolicy::OnInstall {
+                self.pamt.put(page);
+            }
+            return Err(self.fail(from_status("TDH.MEM.SEPT.ADD", status)));
+        }
+        Ok(())
+    }
+
+    fn set_leaf(&self, gfn: u64, level: Level, entry: Entry) -> Result<(), HookError> {
+        let page = entry.addr(level);
+        let gpa = gfn << 12;
+        if level == Level::L4K {
+            self.pamt_get(page, 1, false)?;
+        }
+        let result = if self.module.is_finalized() {
+            self.retry(|| self.module.page_aug(gpa, level, page))
+                .map_err(|s| from_status("TDH.MEM.PAGE.AUG", s))
+        } else if level == Level::L4K {
+            self.retry(|| self.module.page_add(gpa, page))
+                .map_err(|s| from_status("TDH.MEM.PAGE.ADD", s))
+        } else {
+            Err(refused(
+                "huge pages are added only after the TD is finalized",
+            ))
+        };
+        if let Err(err) = result {
+            if level == Level::L4K {
+                self.pamt.put(page);
+            }
+            return Err(self.fail(err));
+        }
+        Ok(())
+    }
+
+    fn remove_leaf(&self, gfn: u64, level: Level, old: Entry) -> Result<(), HookError> {
+        let page = old.addr(level);
+        let pages = level.entry_bytes() / 4096;
+        if self.torn_down.load(Ordering::Acquire) {
+            if let Err(status) = self.retry(|| self.module.page_reclaim(page)) {
+                self.leaked.fetch_add(pages, Ordering::Relaxed);
+                return Err(self.fail(from_status("TDH.PHYMEM.PAGE.RECLAIM", status)));
+            }
+            if level == Level::L4K {
+                self.pamt.put(page);
+            }
+            return Ok(());
+        }
+        let gpa = gfn << 12;
+        self.block_and_track(gpa, level)
+            .map_err(|err| self.fail(err))?;
+        self.retry(|| self.module.page_remove(gpa, level))
+            .map_err(|s| self.fail(from_status("TDH.MEM.PAGE.REMOVE", s)))?;
+        // The page is the host's again only after WBINVD; until then (or if
+        // it fails) it keeps its PAMT reference and is never reused.
+        if self.flush(page, pages) && level == Level::L4K {
+            self.pamt.put(page);
+        }
+        Ok(())
+    }
+
+    fn free_table(&self, gfn: u64, level: Level, table: TableRef) -> Result<(), HookError> {
+        let page = table
+            .external
+            .ok_or_else(|| refused("a mirror table without an S-EPT page"))?;
+        if self.torn_down.load(Ordering::Acquire) {
+            if let Err(status) = self.retry(|| self.module.page_reclaim(page)) {
+                self.leaked.fetch_add(1, Ordering::Relaxed);
+                return Err(self.fail(from_status("TDH.PHYMEM.PAGE.RECLAIM", status)));
+            }
+        } else {
+            let gpa = gfn << 12;
+            let parent = Level::new(level.get() + 1).ok_or_else(|| refused("the root"))?;
+            self.block_and_track(gpa, parent)
+                .map_err(|err| self.fail(err))?;
+            self.retry(|| self.module.sept_remove(gpa, level))
+                .map_err(|s| self.fail(from_status("TDH.MEM.SEPT.REMOVE", s)))?;
+            if !self.flush(page, 1) {
+                return Err(self.fail(refused("TDH.PHYMEM.PAGE.WBINVD of an S-EPT page")));
+            }
+        }
+        if self.policy == PamtPolicy::OnInstall {
+            self.pamt.put(page);
+        }
+        Ok(())
+    }
+
+    fn split_leaf(
+        &self,
+        gfn: u64,
+        level: Level,
+        old: Entry,
+        new_table: TableRef,
+        exclusive: bool,
+    ) -> Result<(), HookError> {
+        if !exclusive {
+            return Err(self.fail(refused(
+                "TDH.MEM.PAGE.DEMOTE needs the MMU lock held for write",
+            )));
+        }
+        let sept = new_table
+            .external
+            .ok_or_else(|| refused("a mirror table without an S-EPT page"))?;
+        let gpa = gfn << 12;
+        let page = old.addr(level);
+        self.block_and_track(gpa, level)
+            .map_err(|err| self.fail(err))?;
+        if self.policy == PamtPolicy::OnInstall {
+            self.pamt_get(sept, 1, true)?;
+        }
+        let range = if level == Level::L2M { 512 } else { 0 };
+        if range > 0
+            && let Err(err) = self.pamt_get(page, range, true)
+        {
+            if self.policy == PamtPolicy::OnInstall {
+                self.pamt.put(sept);
+            }
+            return Err(self.fail(err));
+        }
+        if let Err(status) = self.retry(|| self.module.page_demote(gpa, level, sept)) {
+            if range > 0 {
+                self.pamt.put_many(page, range);
+            }
+            if self.policy == PamtPolicy::OnInstall {
+                self.pamt.put(sept);
+            }
+            return Err(self.fail(from_status("TDH.MEM.PAGE.DEMOTE", status)));
+        }
+        Ok(())
+    }
+
+    fn teardown(&self) -> Result<(), HookError> {
+        self.module
+            .release_key()
+            .map_err(|s| from_status("release key", s))?;
+        self.torn_down.store(true, Ordering::Release);
+        Ok(())
+    }
+}

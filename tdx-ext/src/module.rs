@@ -1,0 +1,74 @@
+//! The TDX module interface: the SEAMCALLs that S-EPT and PAMT management
+//! need, plus the TD lifecycle steps and the vCPU kick they depend on.
+
+use split::Level;
+
+use crate::status::TdxStatus;
+
+/// Result of a SEAMCALL: `Ok` for TDX_SUCCESS, the decoded status otherwise.
+pub type SeamcallResult<T = ()> = Result<T, TdxStatus>;
+
+/// The SEAMCALLs the MMU side of a TDX host makes, on one TD.
+///
+/// Addresses are guest physical (`gpa`, aligned to the level) or host
+/// physical (`hpa`, 4 KiB pages; a 2 MiB region for PAMT calls). `level`
+/// is the level of the entry: 1 = 4K, 2 = 2M, 3 = 1G; for S-EPT pages, the
+/// level of the page's own entries.
+pub trait TdxModule: Send + Sync {
+    /// TDH.MEM.SEPT.ADD: link S-EPT page `page` as the table of `level`
+    /// entries that covers `gpa`.
+    fn sept_add(&self, gpa: u64, level: Level, page: u64) -> SeamcallResult;
+
+    /// TDH.MEM.PAGE.AUG: map `page` at `gpa` with a leaf of `level` in a
+    /// finalized TD.
+    fn page_aug(&self, gpa: u64, level: Level, page: u64) -> SeamcallResult;
+
+    /// TDH.MEM.PAGE.ADD: add `page` at `gpa` (4K) before the TD is finalized.
+    fn page_add(&self, gpa: u64, page: u64) -> SeamcallResult;
+
+    /// TDH.MEM.RANGE.BLOCK: block the entry of `level` at `gpa`.
+    fn range_block(&self, gpa: u64, level: Level) -> SeamcallResult;
+
+    /// TDH.MEM.TRACK: start a new TLB epoch.
+    fn track(&self) -> SeamcallResult;
+
+    /// TDH.MEM.PAGE.REMOVE: remove the blocked, tracked leaf; returns its page.
+    fn page_remove(&self, gpa: u64, level: Level) -> SeamcallResult<u64>;
+
+    /// TDH.MEM.SEPT.REMOVE: remove the empty S-EPT page of `level` entries
+    /// at `gpa` whose parent entry is blocked and tracked; returns the page.
+    fn sept_remove(&self, gpa: u64, level: Level) -> SeamcallResult<u64>;
+
+    /// TDH.MEM.PAGE.DEMOTE: split the blocked, tracked leaf of `level` at
+    /// `gpa` into `new_sept_page` holding its children.
+    fn page_demote(&self, gpa: u64, level: Level, new_sept_page: u64) -> SeamcallResult;
+
+    /// TDH.PHYMEM.PAGE.RECLAIM: take back a page of a TD whose key is
+    /// released.
+    fn page_reclaim(&self, page: u64) -> SeamcallResult;
+
+    /// TDH.PHYMEM.PAGE.WBINVD: flush a removed page; afterwards it is the
+    /// host's again.
+    fn page_wbinvd(&self, page: u64) -> SeamcallResult;
+
+    /// TDH.PHYMEM.PAMT.ADD: give the module the pair of pages that hold the
+    /// 4K PAMT of the 2 MiB `region`.
+    fn pamt_add(&self, region: u64, pages: [u64; 2]) -> SeamcallResult;
+
+    /// TDH.PHYMEM.PAMT.REMOVE: take the pair back; returns it.
+    fn pamt_remove(&self, region: u64) -> SeamcallResult<[u64; 2]>;
+
+    /// Not a SEAMCALL: the host kicks every vCPU of the TD out and back in,
+    /// which completes the latest TRACK epoch.
+    fn kick_vcpus(&self);
+
+    /// TD lifecycle (TDH.MR.FINALIZE): from now on pages come by AUG.
+    fn finalize(&self) -> SeamcallResult;
+
+    /// Whether the TD is finalized.
+    fn is_finalized(&self) -> bool;
+
+    /// TD teardown (the key is freed): from now on pages come back only by
+    /// RECLAIM.
+    fn release_key(&self) -> SeamcallResult;
+}

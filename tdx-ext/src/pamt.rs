@@ -1,0 +1,355 @@
+//! Dynamic PAMT: the 4K PAMT of a 2 MiB region of host memory exists only
+//! while some page of the region is used at 4K by the TDX module. A
+//! refcount per region decides: the first user adds the pair of PAMT pages
+//! (TDH.PHYMEM.PAMT.ADD), the last removes it (TDH.PHYMEM.PAMT.REMOVE).
+
+use std::collections::HashMap;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use mmu_cache::alloc::{AllocError, AllocatorId, PageAllocator};
+use mmu_cache::{CacheError, Page, PageCache, PageKind, PagePool};
+
+use crate::module::TdxModule;
+use crate::status::TdxStatus;
+
+/// Size of a PAMT region.
+pub const REGION: u64 = 2 << 20;
+
+/// Pages that hold PAMT entries. They belong to the PAMT side: a page of
+/// this kind cannot be handed to a function that takes page-table pages,
+/// and the other way round.
+///
+/// ```compile_fail
+/// use mmu_cache::{Page, PagePool, alloc::HeapAllocator};
+/// use split::ExternalTablePage;
+/// use tdx_ext::pamt::PamtPage;
+///
+/// fn free_table_page(page: Page<ExternalTablePage>) { drop(page) }
+/// let pool = PagePool::new(HeapAllocator::new());
+/// let pamt: Page<PamtPage> = pool.get().unwrap();
+/// free_table_page(pamt); // a PAMT page is not a page-table page
+/// ```
+#[derive(Debug)]
+pub enum PamtPage {}
+impl PageKind for PamtPage {}
+
+/// Errors of Dynamic PAMT.
+#[derive(Debug, thiserror::Error)]
+pub enum PamtError {
+    /// The PAMT cache could not provide the pair of pages.
+    #[error("PAMT cache: {0}")]
+    Cache(#[from] CacheError),
+    /// TDH.PHYMEM.PAMT.ADD failed; the refcount stays 0 and the pages went back.
+    #[error("TDH.PHYMEM.PAMT.ADD of region {region:#x}: {status}")]
+    Add {
+        /// The region.
+        region: u64,
+        /// The module's answer.
+        status: TdxStatus,
+    },
+}
+
+/// When an S-EPT page becomes PAMT-backed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PamtPolicy {
+    /// When it enters the MMU's external-table cache: the cache's allocator
+    /// takes a PAMT reference in `page_get` and drops it in `page_free`.
+    OnCacheEntry,
+    /// Just before it is handed to the module, and released when the module
+    /// gives it back.
+    OnInstall,
+}
+
+/// Counters of Dynamic PAMT.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PamtCounters {
+    /// Regions with a 4K PAMT now.
+    pub regions: u64,
+    /// PAMT pages in use (two per region).
+    pub pages_in_use: u64,
+    /// TDH.PHYMEM.PAMT.ADD calls that succeeded.
+    pub adds: u64,
+    /// TDH.PHYMEM.PAMT.REMOVE calls that succeeded.
+    pub removes: u64,
+    /// REMOVE failures: the pair is kept (leaked) and the refcount restored.
+    pub leaked_pages: u64,
+    /// Gets served by the lock-free fast path.
+    pub fast_gets: u64,
+}
+
+/// The refcounts and the PAMT pages of every region.
+pub struct DynamicPamt {
+    module: Arc<dyn TdxModule>,
+    pool: Arc<PagePool>,
+    refcounts: RwLock<HashMap<u64, Arc<AtomicU32>>>,
+    installed: Mutex<HashMap<u64, [Page<PamtPage>; 2]>>,
+    slow: Mutex<()>,
+    adds: AtomicU64,
+    removes: AtomicU64,
+    leaked: AtomicU64,
+    fast_gets: AtomicU64,
+}
+
+impl std::fmt::Debug for DynamicPamt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DynamicPamt")
+            .field("counters", &self.counters())
+            .finish()
+    }
+}
+
+impl DynamicPamt {
+    /// Dynamic PAMT over `module`, with PAMT pages from `pool`.
+    pub fn new(module: Arc<dyn TdxModule>, pool: Arc<PagePool>) -> Arc<Self> {
+        Arc::new(Self {
+            module,
+            pool,
+            refcounts: RwLock::new(HashMap::new()),
+            installed: Mutex::new(HashMap::new()),
+            slow: Mutex::new(()),
+            adds: AtomicU64::new(0),
+            removes: AtomicU64::new(0),
+            leaked: AtomicU64::new(0),
+            fast_gets: AtomicU64::new(0),
+        })
+    }
+
+    /// A cache of PAMT pages from this PAMT's pool (one per vCPU).
+    pub fn new_cache(&self) -> PageCache<PamtPage> {
+        PageCache::new(self.pool.clone()).named("pamt")
+    }
+
+    /// The pool PAMT pages come from.
+    pub fn pool(&self) -> &Arc<PagePool> {
+        &self.pool
+    }
+
+    fn counter(&self, region: u64) -> Arc<AtomicU32> {
+        if let Some(counter) = self
+            .refcounts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&region)
+        {
+            return counter.clone();
+        }
+        self.refcounts
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(region)
+            .or_default()
+            .clone()
+    }
+
+    /// The refcount of the region holding `hpa`.
+    pub fn refcount(&self, hpa: u64) -> u32 {
+        self.refcounts
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(hpa & !(REGION - 1)))
+            .map_or(0, |c| c.load(Ordering::Acquire))
+    }
+
+    /// Takes one reference on the region of `hpa`.
+    pub fn get(&self, hpa: u64, cache: &mut PageCache<PamtPage>) -> Result<(), PamtError> {
+        self.get_many(hpa, 1, cache)
+    }
+
+    /// Takes `count` references on the region of `hpa` (512 for the 4K
+    /// children of a demoted 2 MiB page): the first adds the PAMT pages.
+    pub fn get_many(
+        &self,
+        hpa: u64,
+        count: u32,
+        cache: &mut PageCache<PamtPage>,
+    ) -> Result<(), PamtError> {
+        let region = hpa & !(REGION - 1);
+        let counter = self.counter(region);
+        // Fast path: the region is backed; just count.
+        let mut current = counter.load(Ordering::Acquire);
+        while current != 0 {
+            match counter.compare_exchange_weak(
+                current,
+                current + count,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    self.fast_gets.fetch_add(1, Ordering::Relaxed);
+                    return Ok(());
+                }
+                Err(seen) => current = seen,
+            }
+        }
+        // Slow path, under the lock, with a re-check.
+        let _slow = self.slow.lock().unwrap_or_else(|p| p.into_inner());
+        let current = counter.load(Ordering::Acquire);
+        if current != 0 {
+            counter.store(current + count, Ordering::Release);
+            return Ok(());
+        }
+        let first = cache.alloc()?;
+        let second = cache.alloc()?;
+        let pages = [first.addr() as u64, second.addr() as u64];
+        if let Err(status) = self.module.pamt_add(region, pages) {
+            // The pages were never the module's: back to the cache.
+            cache.free(first);
+            cache.free(second);
+            return Err(PamtError::Add { region, status });
+        }
+        self.installed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(region, [first, second]);
+        self.adds.fetch_add(1, Ordering::Relaxed);
+        counter.store(count, Ordering::Release);
+        Ok(())
+    }
+
+    /// Drops one reference on the region of `hpa`.
+    pub fn put(&self, hpa: u64) {
+        self.put_many(hpa, 1);
+    }
+
+    /// Drops `count` references; the last removes the PAMT pages and gives
+    /// them back to their pool. Cannot fail: if the module refuses the
+    /// removal, the refcount is restored, the pages are kept out of the
+    /// pool (leaked, counted), and the failure is logged.
+    pub fn put_many(&self, hpa: u64, count: u32) {
+        let region = hpa & !(REGION - 1);
+        let counter = self.counter(region);
+        let mut current = counter.load(Ordering::Acquire);
+        while current > count {
+            match counter.compare_exchange_weak(
+                current,
+                current - count,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return,
+                Err(seen) => current = seen,
+            }
+        }
+        let _slow = self.slow.lock().unwrap_or_else(|p| p.into_inner());
+        let current = counter.load(Ordering::Acquire);
+        assert!(current >= count, "PAMT refcount of {region:#x} underflows");
+        if current > count {
+            counter.store(current - count, Ordering::Release);
+            return;
+        }
+        match self.module.pamt_remove(region) {
+            Ok(_) => {
+                counter.store(0, Ordering::Release);
+                self.removes.fetch_add(1, Ordering::Relaxed);
+                let pages = self
+                    .installed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&region);
+                drop(pages);
+            }
+            Err(status) => {
+                tracing::error!(region, %status, "PAMT.REMOVE failed; its pages are leaked");
+                // The module may still use the pair: never back to the host.
+                if let Some(pages) = self
+                    .installed
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&region)
+                {
+                    for page in pages {
+                        let _ = page.into_raw();
+                        self.leaked.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+                counter.store(current, Ordering::Release);
+            }
+        }
+    }
+
+    /// Counters.
+    pub fn counters(&self) -> PamtCounters {
+        let regions = self
+            .installed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len() as u64;
+        PamtCounters {
+            regions,
+            pages_in_use: regions * 2,
+            adds: self.adds.load(Ordering::Relaxed),
+            removes: self.removes.load(Ordering::Relaxed),
+            leaked_pages: self.leaked.load(Ordering::Relaxed),
+            fast_gets: self.fast_gets.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A page allocator whose pages are PAMT-backed from the moment they are
+/// handed out (the [`PamtPolicy::OnCacheEntry`] design): `page_get` takes a
+/// PAMT reference on the page's region, `page_free` drops it.
+pub struct PamtBackedAllocator<A> {
+    inner: A,
+    pamt: Arc<DynamicPamt>,
+    cache: Mutex<PageCache<PamtPage>>,
+    id: AllocatorId,
+}
+
+impl<A: PageAllocator> PamtBackedAllocator<A> {
+    /// Wraps `inner`.
+    pub fn new(inner: A, pamt: Arc<DynamicPamt>) -> Self {
+        let cache = Mutex::new(pamt.new_cache());
+        Self {
+            inner,
+            pamt,
+            cache,
+            id: AllocatorId::fresh(),
+        }
+    }
+}
+
+// SAFETY: pages come from `inner`, which upholds the contract; this wrapper
+// only adds PAMT bookkeeping around its calls and checks frees through it.
+unsafe impl<A: PageAllocator> PageAllocator for PamtBackedAllocator<A> {
+    fn id(&self) -> AllocatorId {
+        self.id
+    }
+
+    fn name(&self) -> &str {
+        "pamt-backed"
+    }
+
+    fn page_get(&self) -> Result<NonNull<u8>, AllocError> {
+        let page = self.inner.page_get()?;
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let backed = cache
+            .topup(2)
+            .map_err(|err| err.to_string())
+            .and_then(|()| {
+                self.pamt
+                    .get(page.as_ptr() as u64, &mut cache)
+                    .map_err(|err| err.to_string())
+            });
+        if let Err(why) = backed {
+            // SAFETY: the page came from `inner` just now and is unused.
+            let _ = unsafe { self.inner.page_free(page) };
+            return Err(AllocError::OutOfMemory {
+                allocator: format!("pamt-backed ({why})"),
+            });
+        }
+        Ok(page)
+    }
+
+    unsafe fn page_free(&self, page: NonNull<u8>) -> Result<(), AllocError> {
+        // SAFETY: forwarded under the caller's guarantee.
+        unsafe { self.inner.page_free(page) }?;
+        self.pamt.put(page.as_ptr() as u64);
+        Ok(())
+    }
+
+    fn pages_outstanding(&self) -> usize {
+        self.inner.pages_outstanding()
+    }
+}

@@ -1,0 +1,626 @@
+//! A software TDX module: it keeps one TD's S-EPT, the state of every page
+//! it was handed, and the 4K PAMT regions, and refuses every call that
+//! breaks a rule with the status the real module gives.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Mutex, MutexGuard};
+
+use split::Level;
+
+use crate::module::{SeamcallResult, TdxModule};
+use crate::status::{Seamcall, TdxStatus};
+
+const PAGE: u64 = 4096;
+const REGION: u64 = 2 << 20;
+
+/// What the module holds a host page as.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PageState {
+    /// A Secure-EPT page.
+    Sept,
+    /// Guest memory, mapped by a leaf of this level (1 = 4K).
+    Guest {
+        /// The leaf level.
+        level: u8,
+    },
+    /// Removed from the TD; needs WBINVD before the host may reuse it.
+    Removed,
+    /// Holds 4K PAMT entries of some region.
+    Pamt,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Leaf {
+    page: u64,
+    blocked: Option<u64>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Table {
+    page: Option<u64>,
+    blocked: Option<u64>,
+    children: u32,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Injection {
+    leaf: Seamcall,
+    at_call: u64,
+    status: TdxStatus,
+    remaining: u32,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    tables: HashMap<(u8, u64), Table>,
+    leaves: HashMap<(u8, u64), Leaf>,
+    pages: HashMap<u64, PageState>,
+    pamt: HashMap<u64, [u64; 2]>,
+    epoch: u64,
+    kicked: u64,
+    finalized: bool,
+    key_released: bool,
+    calls: HashMap<Seamcall, u64>,
+    failures: HashMap<Seamcall, u64>,
+    injections: Vec<Injection>,
+}
+
+/// The software TDX module of one TD.
+///
+/// ```
+/// use split::Level;
+/// use tdx_ext::{SimTdxModule, TdxModule, TdxStatus};
+///
+/// let module = SimTdxModule::new(4);
+/// module.pamt_add(0x20_0000, [0x40_0000, 0x40_1000]).unwrap();
+/// // A page table needs its parent: the 1G-level table comes first.
+/// assert_eq!(
+///     module.sept_add(0, Level::L2M, 0x20_0000),
+///     Err(TdxStatus::EptWalkFailed)
+/// );
+/// module.sept_add(0, Level::L1G, 0x20_0000).unwrap();
+/// module.sept_add(0, Level::L2M, 0x20_1000).unwrap();
+/// # Ok::<(), TdxStatus>(())
+/// ```
+#[derive(Debug)]
+pub struct SimTdxModule {
+    levels: u8,
+    state: Mutex<State>,
+    pamt_in_flight: Mutex<HashSet<u64>>,
+}
+
+fn bytes(level: u8) -> u64 {
+    PAGE << (9 * u32::from(level - 1))
+}
+
+impl SimTdxModule {
+    /// A module for a TD with `levels`-level S-EPT (4 or 5).
+    pub fn new(levels: u8) -> Self {
+        let mut state = State::default();
+        state.tables.insert(
+            (levels, 0),
+            Table {
+                page: None,
+                blocked: None,
+                children: 0,
+            },
+        );
+        Self {
+            levels,
+            state: Mutex::new(state),
+            pamt_in_flight: Mutex::new(HashSet::new()),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes call number `after` from now (1 = the next) of `leaf`, and the
+    /// `times - 1` after it, return `status` without doing anything.
+    pub fn inject(&self, leaf: Seamcall, after: u64, status: TdxStatus, times: u32) {
+        let mut state = self.lock();
+        let at_call = state.calls.get(&leaf).copied().unwrap_or(0) + after;
+        state.injections.push(Injection {
+            leaf,
+            at_call,
+            status,
+            remaining: times,
+        });
+    }
+
+    /// Calls made of `leaf`.
+    pub fn calls(&self, leaf: Seamcall) -> u64 {
+        self.lock().calls.get(&leaf).copied().unwrap_or(0)
+    }
+
+    /// Calls of `leaf` that failed.
+    pub fn failures(&self, leaf: Seamcall) -> u64 {
+        self.lock().failures.get(&leaf).copied().unwrap_or(0)
+    }
+
+    /// Every leaf of the S-EPT: (level, gpa) -> (page, blocked).
+    pub fn leaves(&self) -> BTreeMap<(u8, u64), (u64, bool)> {
+        self.lock()
+            .leaves
+            .iter()
+            .map(|(&key, leaf)| (key, (leaf.page, leaf.blocked.is_some())))
+            .collect()
+    }
+
+    /// Every S-EPT page: (level of its entries, gpa) -> page (the root has none).
+    pub fn tables(&self) -> BTreeMap<(u8, u64), Option<u64>> {
+        self.lock()
+            .tables
+            .iter()
+            .map(|(&key, table)| (key, table.page))
+            .collect()
+    }
+
+    /// How the module holds `page`, if at all.
+    pub fn page_state(&self, page: u64) -> Option<PageState> {
+        self.lock().pages.get(&page).copied()
+    }
+
+    /// Pages the module holds, per state.
+    pub fn pages_held(&self) -> HashMap<PageState, usize> {
+        let mut counts = HashMap::new();
+        for state in self.lock().pages.values() {
+            *counts.entry(*state).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Regions with a 4K PAMT.
+    pub fn pamt_regions(&self) -> usize {
+        self.lock().pamt.len()
+    }
+
+    /// The current TLB epoch.
+    pub fn epoch(&self) -> u64 {
+        self.lock().epoch
+    }
+
+    fn begin(&self, state: &mut State, leaf: Seamcall) -> SeamcallResult {
+        let call = {
+            let count = state.calls.entry(leaf).or_insert(0);
+            *count += 1;
+            *count
+        };
+        let injected = state
+            .injections
+            .iter_mut()
+            .find(|i| i.leaf == leaf && i.remaining > 0 && i.at_call <= call)
+            .map(|i| {
+                i.remaining -= 1;
+                i.status
+            });
+        state.injections.retain(|i| i.remaining > 0);
+        match injected {
+            Some(status) => Err(status),
+            None => Ok(()),
+        }
+    }
+
+    fn finish<T>(
+        state: &mut State,
+        leaf: Seamcall,
+        result: SeamcallResult<T>,
+    ) -> SeamcallResult<T> {
+        if result.is_err() {
+            *state.failures.entry(leaf).or_insert(0) += 1;
+        }
+        result
+    }
+
+    fn call<T>(
+        &self,
+        leaf: Seamcall,
+        body: impl FnOnce(&mut State) -> SeamcallResult<T>,
+    ) -> SeamcallResult<T> {
+        let mut state = self.lock();
+        let result = self.begin(&mut state, leaf).and_then(|()| body(&mut state));
+        Self::finish(&mut state, leaf, result)
+    }
+
+    fn table_base(&self, level: u8, gpa: u64) -> u64 {
+        if level >= self.levels {
+            0
+        } else {
+            gpa & !(bytes(level + 1) - 1)
+        }
+    }
+
+    fn check_level(&self, level: Level, max: u8) -> SeamcallResult<u8> {
+        let level = level.get();
+        if level == 0 || level > max.min(self.levels) {
+            return Err(TdxStatus::OperandInvalid);
+        }
+        Ok(level)
+    }
+
+    /// The entry of `level` at `gpa` is free: no leaf there, no table below.
+    fn entry_free(state: &State, level: u8, gpa: u64) -> bool {
+        !state.leaves.contains_key(&(level, gpa))
+            && (level == 1 || !state.tables.contains_key(&(level - 1, gpa)))
+    }
+
+    fn pamt_backed(state: &State, page: u64) -> bool {
+        state.pamt.contains_key(&(page & !(REGION - 1)))
+    }
+
+    fn tracked(state: &State, blocked: Option<u64>) -> SeamcallResult {
+        let Some(epoch) = blocked else {
+            return Err(TdxStatus::GpaRangeNotBlocked);
+        };
+        if state.epoch > epoch && state.kicked > epoch {
+            Ok(())
+        } else {
+            Err(TdxStatus::TlbTrackingNotDone)
+        }
+    }
+
+    fn adjust_parent(&self, state: &mut State, level: u8, gpa: u64, delta: i32) {
+        let key = (level, self.table_base(level, gpa));
+        if let Some(parent) = state.tables.get_mut(&key) {
+            parent.children = parent.children.saturating_add_signed(delta);
+        }
+    }
+
+    fn map_leaf(&self, state: &mut State, level: u8, gpa: u64, page: u64) -> SeamcallResult {
+        if !gpa.is_multiple_of(bytes(level)) || !page.is_multiple_of(bytes(level)) {
+            return Err(TdxStatus::OperandInvalid);
+        }
+        if !state
+            .tables
+            .contains_key(&(level, self.table_base(level, gpa)))
+        {
+            return Err(TdxStatus::EptWalkFailed);
+        }
+        if !Self::entry_free(state, level, gpa) {
+            return Err(TdxStatus::EptEntryNotFree);
+        }
+        let pages = bytes(level) / PAGE;
+        let all_free = (0..pages).all(|i| !state.pages.contains_key(&(page + i * PAGE)));
+        if !all_free || (level == 1 && !Self::pamt_backed(state, page)) {
+            return Err(TdxStatus::PageMetadataIncorrect);
+        }
+        for i in 0..pages {
+            state
+                .pages
+                .insert(page + i * PAGE, PageState::Guest { level });
+        }
+        state.leaves.insert(
+            (level, gpa),
+            Leaf {
+                page,
+                blocked: None,
+            },
+        );
+        self.adjust_parent(state, level, gpa, 1);
+        Ok(())
+    }
+}
+
+impl TdxModule for SimTdxModule {
+    fn sept_add(&self, gpa: u64, level: Level, page: u64) -> SeamcallResult {
+        self.call(Seamcall::MemSeptAdd, |state| {
+            if state.key_released {
+                return Err(TdxStatus::LifecycleStateIncorrect);
+            }
+            let level = self.check_level(level, self.levels - 1)?;
+            let parent = level + 1;
+            if !gpa.is_multiple_of(bytes(parent)) || !page.is_multiple_of(PAGE) {
+                return Err(TdxStatus::OperandInvalid);
+            }
+            if !state
+                .tables
+                .contains_key(&(parent, self.table_base(parent, gpa)))
+            {
+                return Err(TdxStatus::EptWalkFailed);
+            }
+            if !Self::entry_free(state, parent, gpa) {
+                return Err(TdxStatus::EptEntryNotFree);
+            }
+            if state.pages.contains_key(&page) || !Self::pamt_backed(state, page) {
+                return Err(TdxStatus::PageMetadataIncorrect);
+            }
+            state.pages.insert(page, PageState::Sept);
+            state.tables.insert(
+                (level, gpa),
+                Table {
+                    page: Some(page),
+                    blocked: None,
+                    children: 0,
+                },
+            );
+            self.adjust_parent(state, parent, gpa, 1);
+            Ok(())
+        })
+    }
+
+    fn page_aug(&self, gpa: u64, level: Level, page: u64) -> SeamcallResult {
+        self.call(Seamcall::MemPageAug, |state| {
+            if state.key_released || !state.finalized {
+                return Err(TdxStatus::LifecycleStateIncorrect);
+            }
+            let level = self.check_level(level, 3)?;
+            self.map_leaf(state, level, gpa, page)
+        })
+    }
+
+    fn page_add(&self, gpa: u64, page: u64) -> SeamcallResult {
+        self.call(Seamcall::MemPageAdd, |state| {
+            if state.key_released || state.finalized {
+                return Err(TdxStatus::LifecycleStateIncorrect);
+            }
+            self.map_leaf(state, 1, gpa, page)
+        })
+    }
+
+    fn range_block(&self, gpa: u64, level: Level) -> SeamcallResult {
+        self.call(Seamcall::MemRangeBlock, |state| {
+            let level = self.check_level(level, self.levels - 1)?;
+            let epoch = state.epoch;
+            let blocked = if let Some(leaf) = state.leaves.get_mut(&(level, gpa)) {
+                &mut leaf.blocked
+            } else if let Some(table) = state
+                .tables
+                .get_mut(&(level - 1, gpa))
+                .filter(|_| level > 1)
+            {
+                &mut table.blocked
+            } else {
+                return Err(TdxStatus::EptEntryNotPresent);
+            };
+            if blocked.is_some() {
+                return Err(TdxStatus::GpaRangeAlreadyBlocked);
+            }
+            *blocked = Some(epoch);
+            Ok(())
+        })
+    }
+
+    fn track(&self) -> SeamcallResult {
+        self.call(Seamcall::MemTrack, |state| {
+            state.epoch += 1;
+            Ok(())
+        })
+    }
+
+    fn page_remove(&self, gpa: u64, level: Level) -> SeamcallResult<u64> {
+        self.call(Seamcall::MemPageRemove, |state| {
+            let level = self.check_level(level, 3)?;
+            let leaf = *state
+                .leaves
+                .get(&(level, gpa))
+                .ok_or(TdxStatus::EptEntryNotPresent)?;
+            Self::tracked(state, leaf.blocked)?;
+            state.leaves.remove(&(level, gpa));
+            for i in 0..bytes(level) / PAGE {
+                state.pages.insert(leaf.page + i * PAGE, PageState::Removed);
+            }
+            self.adjust_parent(state, level, gpa, -1);
+            Ok(leaf.page)
+        })
+    }
+
+    fn sept_remove(&self, gpa: u64, level: Level) -> SeamcallResult<u64> {
+        self.call(Seamcall::MemSeptRemove, |state| {
+            let level = self.check_level(level, self.levels - 1)?;
+            let table = *state
+                .tables
+                .get(&(level, gpa))
+                .ok_or(TdxStatus::EptEntryNotPresent)?;
+            Self::tracked(state, table.blocked)?;
+            if table.children != 0 {
+                return Err(TdxStatus::EptPageNotFree);
+            }
+            let page = table.page.ok_or(TdxStatus::OperandInvalid)?;
+            state.tables.remove(&(level, gpa));
+            state.pages.insert(page, PageState::Removed);
+            self.adjust_parent(state, level + 1, gpa, -1);
+            Ok(page)
+        })
+    }
+
+    fn page_demote(&self, gpa: u64, level: Level, new_sept_page: u64) -> SeamcallResult {
+        self.call(Seamcall::MemPageDemote, |state| {
+            let level = self.check_level(level, 3)?;
+            if level < 2 {
+                return Err(TdxStatus::OperandInvalid);
+            }
+            let leaf = *state
+                .leaves
+                .get(&(level, gpa))
+                .ok_or(TdxStatus::EptEntryNotPresent)?;
+            Self::tracked(state, leaf.blocked)?;
+            if state.pages.contains_key(&new_sept_page) || !Self::pamt_backed(state, new_sept_page)
+            {
+                return Err(TdxStatus::PageMetadataIncorrect);
+            }
+            if level == 2 && !Self::pamt_backed(state, leaf.page) {
+                // The 4K children need the 4K PAMT of the range.
+                return Err(TdxStatus::PageMetadataIncorrect);
+            }
+            let below = level - 1;
+            state.leaves.remove(&(level, gpa));
+            state.pages.insert(new_sept_page, PageState::Sept);
+            state.tables.insert(
+                (below, gpa),
+                Table {
+                    page: Some(new_sept_page),
+                    blocked: None,
+                    children: 512,
+                },
+            );
+            let step = bytes(below);
+            for i in 0..512 {
+                state.leaves.insert(
+                    (below, gpa + i * step),
+                    Leaf {
+                        page: leaf.page + i * step,
+                        blocked: None,
+                    },
+                );
+            }
+            for i in 0..bytes(level) / PAGE {
+                state
+                    .pages
+                    .insert(leaf.page + i * PAGE, PageState::Guest { level: below });
+            }
+            Ok(())
+        })
+    }
+
+    fn page_reclaim(&self, page: u64) -> SeamcallResult {
+        self.call(Seamcall::PhymemPageReclaim, |state| {
+            if !state.key_released {
+                return Err(TdxStatus::LifecycleStateIncorrect);
+            }
+            match state.pages.get(&page) {
+                Some(PageState::Sept) => {
+                    let key = state
+                        .tables
+                        .iter()
+                        .find(|(_, t)| t.page == Some(page))
+                        .map(|(&k, _)| k);
+                    if let Some(key) = key {
+                        state.tables.remove(&key);
+                    }
+                    state.pages.remove(&page);
+                }
+                Some(PageState::Guest { level }) => {
+                    let level = *level;
+                    let key = state
+                        .leaves
+                        .iter()
+                        .find(|(key, leaf)| key.0 == level && leaf.page == page)
+                        .map(|(&k, _)| k);
+                    if let Some(key) = key {
+                        state.leaves.remove(&key);
+                    }
+                    for i in 0..bytes(level) / PAGE {
+                        state.pages.remove(&(page + i * PAGE));
+                    }
+                }
+                _ => return Err(TdxStatus::PageMetadataIncorrect),
+            }
+            Ok(())
+        })
+    }
+
+    fn page_wbinvd(&self, page: u64) -> SeamcallResult {
+        self.call(Seamcall::PhymemPageWbinvd, |state| {
+            if state.pages.get(&page) != Some(&PageState::Removed) {
+                return Err(TdxStatus::PageMetadataIncorrect);
+            }
+            state.pages.remove(&page);
+            Ok(())
+        })
+    }
+
+    fn pamt_add(&self, region: u64, pages: [u64; 2]) -> SeamcallResult {
+        if !self
+            .pamt_in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(region)
+        {
+            let mut state = self.lock();
+            *state.calls.entry(Seamcall::PhymemPamtAdd).or_insert(0) += 1;
+            return Self::finish(
+                &mut state,
+                Seamcall::PhymemPamtAdd,
+                Err(TdxStatus::OperandBusy),
+            );
+        }
+        let result = self.call(Seamcall::PhymemPamtAdd, |state| {
+            if !region.is_multiple_of(REGION) || pages.iter().any(|p| !p.is_multiple_of(PAGE)) {
+                return Err(TdxStatus::OperandInvalid);
+            }
+            if state.pamt.contains_key(&region) {
+                return Err(TdxStatus::HpaRangeNotFree);
+            }
+            if pages[0] == pages[1] || pages.iter().any(|p| state.pages.contains_key(p)) {
+                return Err(TdxStatus::PageMetadataIncorrect);
+            }
+            for page in pages {
+                state.pages.insert(page, PageState::Pamt);
+            }
+            state.pamt.insert(region, pages);
+            Ok(())
+        });
+        self.pamt_in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&region);
+        result
+    }
+
+    fn pamt_remove(&self, region: u64) -> SeamcallResult<[u64; 2]> {
+        if !self
+            .pamt_in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(region)
+        {
+            let mut state = self.lock();
+            *state.calls.entry(Seamcall::PhymemPamtRemove).or_insert(0) += 1;
+            return Self::finish(
+                &mut state,
+                Seamcall::PhymemPamtRemove,
+                Err(TdxStatus::OperandBusy),
+            );
+        }
+        let result = self.call(Seamcall::PhymemPamtRemove, |state| {
+            let pages = *state.pamt.get(&region).ok_or(TdxStatus::OperandInvalid)?;
+            let in_use = (0..REGION / PAGE).any(|i| {
+                matches!(
+                    state.pages.get(&(region + i * PAGE)),
+                    Some(PageState::Sept | PageState::Guest { level: 1 } | PageState::Removed)
+                )
+            });
+            if in_use {
+                return Err(TdxStatus::HpaRangeNotFree);
+            }
+            state.pamt.remove(&region);
+            for page in pages {
+                state.pages.remove(&page);
+            }
+            Ok(pages)
+        });
+        self.pamt_in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&region);
+        result
+    }
+
+    fn kick_vcpus(&self) {
+        let mut state = self.lock();
+        state.kicked = state.epoch;
+    }
+
+    fn finalize(&self) -> SeamcallResult {
+        let mut state = self.lock();
+        if state.finalized {
+            return Err(TdxStatus::LifecycleStateIncorrect);
+        }
+        state.finalized = true;
+        Ok(())
+    }
+
+    fn is_finalized(&self) -> bool {
+        self.lock().finalized
+    }
+
+    fn release_key(&self) -> SeamcallResult {
+        let mut state = self.lock();
+        if state.key_released {
+            return Err(TdxStatus::LifecycleStateIncorrect);
+        }
+        state.key_released = true;
+        Ok(())
+    }
+}

@@ -1,0 +1,211 @@
+//! SEAMCALL leaf numbers and TDX status codes, with their real encodings.
+
+use std::fmt;
+
+/// The SEAMCALL leaves the MMU side uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[repr(u64)]
+pub enum Seamcall {
+    /// TDH.MEM.PAGE.ADD: add a page to a TD before it is finalized.
+    MemPageAdd = 2,
+    /// TDH.MEM.SEPT.ADD: add a Secure-EPT page.
+    MemSeptAdd = 3,
+    /// TDH.MEM.PAGE.AUG: add a page to a finalized TD.
+    MemPageAug = 6,
+    /// TDH.MEM.RANGE.BLOCK: block a S-EPT entry.
+    MemRangeBlock = 7,
+    /// TDH.MEM.PAGE.DEMOTE: split a huge leaf into a new S-EPT page.
+    MemPageDemote = 15,
+    /// TDH.PHYMEM.PAGE.RECLAIM: take a page back from a torn-down TD.
+    PhymemPageReclaim = 28,
+    /// TDH.MEM.PAGE.REMOVE: remove a blocked, tracked leaf.
+    MemPageRemove = 29,
+    /// TDH.MEM.SEPT.REMOVE: remove an empty, blocked, tracked S-EPT page.
+    MemSeptRemove = 30,
+    /// TDH.MEM.TRACK: start a new TLB-tracking epoch.
+    MemTrack = 38,
+    /// TDH.PHYMEM.PAGE.WBINVD: write back and invalidate a removed page.
+    PhymemPageWbinvd = 41,
+    /// TDH.PHYMEM.PAMT.ADD: add the 4K PAMT of a 2 MiB region.
+    PhymemPamtAdd = 58,
+    /// TDH.PHYMEM.PAMT.REMOVE: remove the 4K PAMT of a 2 MiB region.
+    PhymemPamtRemove = 59,
+}
+
+impl Seamcall {
+    /// Every leaf, in number order.
+    pub const ALL: [Seamcall; 12] = [
+        Self::MemPageAdd,
+        Self::MemSeptAdd,
+        Self::MemPageAug,
+        Self::MemRangeBlock,
+        Self::MemPageDemote,
+        Self::PhymemPageReclaim,
+        Self::MemPageRemove,
+        Self::MemSeptRemove,
+        Self::MemTrack,
+        Self::PhymemPageWbinvd,
+        Self::PhymemPamtAdd,
+        Self::PhymemPamtRemove,
+    ];
+
+    /// The leaf number.
+    pub fn number(self) -> u64 {
+        self as u64
+    }
+
+    /// The architectural name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::MemPageAdd => "TDH.MEM.PAGE.ADD",
+            Self::MemSeptAdd => "TDH.MEM.SEPT.ADD",
+            Self::MemPageAug => "TDH.MEM.PAGE.AUG",
+            Self::MemRangeBlock => "TDH.MEM.RANGE.BLOCK",
+            Self::MemPageDemote => "TDH.MEM.PAGE.DEMOTE",
+            Self::PhymemPageReclaim => "TDH.PHYMEM.PAGE.RECLAIM",
+            Self::MemPageRemove => "TDH.MEM.PAGE.REMOVE",
+            Self::MemSeptRemove => "TDH.MEM.SEPT.REMOVE",
+            Self::MemTrack => "TDH.MEM.TRACK",
+            Self::PhymemPageWbinvd => "TDH.PHYMEM.PAGE.WBINVD",
+            Self::PhymemPamtAdd => "TDH.PHYMEM.PAMT.ADD",
+            Self::PhymemPamtRemove => "TDH.PHYMEM.PAMT.REMOVE",
+        }
+    }
+}
+
+/// A SEAMCALL completion status (bits 63:32 of RAX; the operand id in the
+/// low bits is not modelled).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]
+pub enum TdxStatus {
+    /// TDX_SUCCESS.
+    #[error("TDX_SUCCESS")]
+    Success,
+    /// TDX_OPERAND_BUSY: another caller holds a resource; retry.
+    #[error("TDX_OPERAND_BUSY")]
+    OperandBusy,
+    /// TDX_OPERAND_INVALID.
+    #[error("TDX_OPERAND_INVALID")]
+    OperandInvalid,
+    /// TDX_PAGE_METADATA_INCORRECT: the page's PAMT state does not allow it.
+    #[error("TDX_PAGE_METADATA_INCORRECT")]
+    PageMetadataIncorrect,
+    /// TDX_HPA_RANGE_NOT_FREE: PAMT pages of the range are still needed.
+    #[error("TDX_HPA_RANGE_NOT_FREE")]
+    HpaRangeNotFree,
+    /// TDX_LIFECYCLE_STATE_INCORRECT: wrong TD state (finalized or not, key).
+    #[error("TDX_LIFECYCLE_STATE_INCORRECT")]
+    LifecycleStateIncorrect,
+    /// TDX_EPT_WALK_FAILED: a parent S-EPT page is missing.
+    #[error("TDX_EPT_WALK_FAILED")]
+    EptWalkFailed,
+    /// TDX_EPT_ENTRY_NOT_FREE.
+    #[error("TDX_EPT_ENTRY_NOT_FREE")]
+    EptEntryNotFree,
+    /// TDX_EPT_ENTRY_NOT_PRESENT.
+    #[error("TDX_EPT_ENTRY_NOT_PRESENT")]
+    EptEntryNotPresent,
+    /// TDX_GPA_RANGE_NOT_BLOCKED.
+    #[error("TDX_GPA_RANGE_NOT_BLOCKED")]
+    GpaRangeNotBlocked,
+    /// TDX_GPA_RANGE_ALREADY_BLOCKED (a warning, not an error).
+    #[error("TDX_GPA_RANGE_ALREADY_BLOCKED")]
+    GpaRangeAlreadyBlocked,
+    /// TDX_TLB_TRACKING_NOT_DONE: no TRACK and kick since the BLOCK.
+    #[error("TDX_TLB_TRACKING_NOT_DONE")]
+    TlbTrackingNotDone,
+    /// TDX_EPT_ENTRY_STATE_INCORRECT.
+    #[error("TDX_EPT_ENTRY_STATE_INCORRECT")]
+    EptEntryStateIncorrect,
+    /// TDX_EPT_PAGE_NOT_FREE: the S-EPT page still maps something.
+    #[error("TDX_EPT_PAGE_NOT_FREE")]
+    EptPageNotFree,
+    /// Any other status.
+    #[error("TDX status {0:#018x}")]
+    Other(u64),
+}
+
+const TABLE: [(TdxStatus, u64); 15] = [
+    (TdxStatus::Success, 0),
+    (TdxStatus::OperandBusy, 0x8000_0200_0000_0000),
+    (TdxStatus::OperandInvalid, 0xC000_0100_0000_0000),
+    (TdxStatus::PageMetadataIncorrect, 0xC000_0300_0000_0000),
+    (TdxStatus::HpaRangeNotFree, 0xC000_0304_0000_0000),
+    (TdxStatus::LifecycleStateIncorrect, 0xC000_0607_0000_0000),
+    (TdxStatus::EptWalkFailed, 0xC000_0B00_0000_0000),
+    (TdxStatus::EptEntryNotFree, 0xC000_0B02_0000_0000),
+    (TdxStatus::EptEntryNotPresent, 0xC000_0B03_0000_0000),
+    (TdxStatus::GpaRangeNotBlocked, 0xC000_0B06_0000_0000),
+    (TdxStatus::GpaRangeAlreadyBlocked, 0x0000_0B07_0000_0000),
+    (TdxStatus::TlbTrackingNotDone, 0xC000_0B08_0000_0000),
+    (TdxStatus::EptEntryStateIncorrect, 0xC000_0B0D_0000_0000),
+    (TdxStatus::EptPageNotFree, 0xC000_0B0E_0000_0000),
+    (TdxStatus::Other(0), 0),
+];
+
+/// Bits 63:32 hold the status class and code.
+pub const STATUS_MASK: u64 = 0xFFFF_FFFF_0000_0000;
+
+impl TdxStatus {
+    /// The encoding in RAX.
+    pub fn raw(self) -> u64 {
+        match self {
+            Self::Other(raw) => raw,
+            known => TABLE
+                .iter()
+                .find(|(status, _)| *status == known)
+                .map(|(_, raw)| *raw)
+                .expect("every named status has an encoding"),
+        }
+    }
+
+    /// Decodes RAX (the operand id in bits 31:0 is ignored).
+    pub fn from_raw(raw: u64) -> Self {
+        let status = raw & STATUS_MASK;
+        TABLE[..TABLE.len() - 1]
+            .iter()
+            .find(|(_, code)| *code == status)
+            .map_or(Self::Other(raw), |(status, _)| *status)
+    }
+
+    /// Whether the call succeeded.
+    pub fn is_success(self) -> bool {
+        self == Self::Success
+    }
+
+    /// Whether it is worth retrying (after kicking vCPUs).
+    pub fn is_busy(self) -> bool {
+        self == Self::OperandBusy
+    }
+}
+
+impl fmt::LowerHex for TdxStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::LowerHex::fmt(&self.raw(), f)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn encodings_round_trip_and_ignore_the_operand_id() {
+        for (status, raw) in &TABLE[..TABLE.len() - 1] {
+            assert_eq!(status.raw(), *raw);
+            assert_eq!(TdxStatus::from_raw(*raw), *status);
+            assert_eq!(TdxStatus::from_raw(*raw | 0x92), *status);
+        }
+        assert_eq!(TdxStatus::OperandBusy.raw(), 0x8000020000000000);
+        assert_eq!(TdxStatus::EptEntryStateIncorrect.raw(), 0xC0000B0D00000000);
+        assert_eq!(
+            TdxStatus::from_raw(0xC000_0999_0000_0000),
+            TdxStatus::Other(0xC000_0999_0000_0000)
+        );
+    }
+
+    #[test]
+    fn leaf_numbers_are_the_architectural_ones() {
+        let numbers: Vec<u64> = Seamcall::ALL.iter().map(|s| s.number()).collect();
+        assert_eq!(numbers, [2, 3, 6, 7, 15, 28, 29, 30, 38, 41, 58, 59]);
+    }
+}
