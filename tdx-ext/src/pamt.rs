@@ -185,9 +185,10 @@ impl DynamicPamt {
         }
         // Slow path, under the lock, with a re-check.
         let _slow = self.slow.lock().unwrap_or_else(|p| p.into_inner());
-        let current = counter.load(Ordering::Acquire);
-        if current != 0 {
-            counter.store(current + count, Ordering::Release);
+        // Outside the lock a count only moves while it is non-zero, and
+        // never down to zero, so a non-zero count here stays non-zero.
+        if counter.load(Ordering::Acquire) != 0 {
+            counter.fetch_add(count, Ordering::AcqRel);
             return Ok(());
         }
         let first = cache.alloc()?;
@@ -233,15 +234,34 @@ impl DynamicPamt {
             }
         }
         let _slow = self.slow.lock().unwrap_or_else(|p| p.into_inner());
-        let current = counter.load(Ordering::Acquire);
-        assert!(current >= count, "PAMT refcount of {region:#x} underflows");
-        if current > count {
-            counter.store(current - count, Ordering::Release);
-            return;
-        }
+        let current = loop {
+            let current = counter.load(Ordering::Acquire);
+            assert!(current >= count, "PAMT refcount of {region:#x} underflows");
+            if current > count {
+                if counter
+                    .compare_exchange(
+                        current,
+                        current - count,
+                        Ordering::AcqRel,
+                        Ordering::Acquire,
+                    )
+                    .is_ok()
+                {
+                    return;
+                }
+                continue;
+            }
+            // Zero first, so that no fast-path get can slip in while the
+            // pages are removed; getters now wait for the lock.
+            if counter
+                .compare_exchange(current, 0, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+            {
+                break current;
+            }
+        };
         match self.module.pamt_remove(region) {
             Ok(_) => {
-                counter.store(0, Ordering::Release);
                 self.removes.fetch_add(1, Ordering::Relaxed);
                 let pages = self
                     .installed

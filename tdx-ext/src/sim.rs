@@ -171,6 +171,11 @@ impl SimTdxModule {
         counts
     }
 
+    /// The PAMT pages of `region`, if it has a 4K PAMT.
+    pub fn pamt_pair(&self, region: u64) -> Option<[u64; 2]> {
+        self.lock().pamt.get(&region).copied()
+    }
+
     /// Regions with a 4K PAMT.
     pub fn pamt_regions(&self) -> usize {
         self.lock().pamt.len()
@@ -360,7 +365,7 @@ impl TdxModule for SimTdxModule {
 
     fn range_block(&self, gpa: u64, level: Level) -> SeamcallResult {
         self.call(Seamcall::MemRangeBlock, |state| {
-            let level = self.check_level(level, self.levels - 1)?;
+            let level = self.check_level(level, self.levels)?;
             let epoch = state.epoch;
             let blocked = if let Some(leaf) = state.leaves.get_mut(&(level, gpa)) {
                 &mut leaf.blocked

@@ -1,0 +1,228 @@
+//! The mirror: the module's S-EPT follows the TDP MMU through faults, zaps,
+//! splits and teardown; the removal and demote orders; BUSY and failures;
+//! page ownership and accounting.
+
+mod common;
+
+use common::{assert_mirrored, td, teardown_and_check};
+use split::{Entry, ExternalPageTable, Level, TableRef};
+use tdx_ext::pamt::PamtPolicy;
+use tdx_ext::{PageState, Seamcall, TdxModule, TdxStatus};
+
+const POLICIES: [PamtPolicy; 2] = [PamtPolicy::OnInstall, PamtPolicy::OnCacheEntry];
+
+#[test]
+fn faults_zaps_and_teardown_keep_the_sept_identical_and_return_every_page() {
+    for policy in POLICIES {
+        for (pfn_offset, leaf) in [(0, Level::L2M), (1, Level::L4K)] {
+            let t = td(policy, 4096, pfn_offset);
+            let mut vcpu = t.mmu.new_vcpu_caches();
+            for gpa in (0..16u64 << 20).step_by(0x3_1000) {
+                t.mmu.fault(&mut vcpu, gpa, true).unwrap();
+            }
+            assert_eq!(t.mmu.translate(0).unwrap().level, leaf);
+            assert_mirrored(&t);
+            assert!(t.account.charged() > 0, "S-EPT and PAMT pages are charged");
+            t.mmu.zap_range(0, 1024).unwrap();
+            assert_mirrored(&t);
+            t.mmu.zap_range(0, 1 << 36).unwrap();
+            assert_mirrored(&t);
+            assert_eq!(t.mmu.live_tables(), 0);
+            for gpa in (0..8u64 << 20).step_by(0x2_0000) {
+                t.mmu.fault(&mut vcpu, gpa, true).unwrap();
+            }
+            assert_mirrored(&t);
+            teardown_and_check(t, vec![vcpu]);
+        }
+    }
+}
+
+#[test]
+fn a_removal_is_block_track_kick_remove_wbinvd_then_the_pamt_reference() {
+    let t = td(PamtPolicy::OnInstall, 1024, 1);
+    let mut vcpu = t.mmu.new_vcpu_caches();
+    t.mmu.fault(&mut vcpu, 0x5000, true).unwrap();
+    let page = t.mmu.translate(0x5000).unwrap().hpa;
+    let pamt = t.mirror.pamt();
+    assert_eq!(pamt.refcount(page), 1);
+    let before: Vec<u64> = [
+        Seamcall::MemRangeBlock,
+        Seamcall::MemTrack,
+        Seamcall::MemPageRemove,
+        Seamcall::PhymemPageWbinvd,
+    ]
+    .iter()
+    .map(|&leaf| t.module.calls(leaf))
+    .collect();
+    // REMOVE before the TRACK epoch completes is refused by the module...
+    t.module.range_block(0x5000, Level::L4K).unwrap();
+    assert_eq!(
+        t.module.page_remove(0x5000, Level::L4K),
+        Err(TdxStatus::TlbTrackingNotDone)
+    );
+    // ...so a fresh leaf goes through the whole order.
+    t.mmu.fault(&mut vcpu, 0x6000, true).unwrap();
+    let other = t.mmu.translate(0x6000).unwrap().hpa;
+    t.mmu.zap_range(6, 7).unwrap();
+    let after: Vec<u64> = [
+        Seamcall::MemRangeBlock,
+        Seamcall::MemTrack,
+        Seamcall::MemPageRemove,
+        Seamcall::PhymemPageWbinvd,
+    ]
+    .iter()
+    .map(|&leaf| t.module.calls(leaf))
+    .collect();
+    assert_eq!(
+        after
+            .iter()
+            .zip(&before)
+            .map(|(a, b)| a - b)
+            .collect::<Vec<_>>(),
+        [2, 1, 2, 1],
+        "one extra BLOCK and REMOVE were the refused attempt above"
+    );
+    assert_eq!(
+        t.module.page_state(other),
+        None,
+        "the page is the host's again"
+    );
+    assert_eq!(
+        pamt.refcount(page),
+        1,
+        "the blocked page keeps its reference"
+    );
+    assert_eq!(
+        t.module.page_state(page),
+        Some(PageState::Guest { level: 1 })
+    );
+}
+
+#[test]
+fn busy_is_retried_once_after_a_kick() {
+    let t = td(PamtPolicy::OnInstall, 1024, 1);
+    let mut vcpu = t.mmu.new_vcpu_caches();
+    t.mmu.fault(&mut vcpu, 0x5000, true).unwrap();
+    t.module
+        .inject(Seamcall::MemPageRemove, 1, TdxStatus::OperandBusy, 1);
+    t.mmu.zap_range(5, 6).unwrap();
+    assert_eq!(t.mirror.counters().busy_retries, 1);
+    assert!(t.mmu.translate(0x5000).is_none());
+    assert_mirrored(&t);
+    teardown_and_check(t, vec![vcpu]);
+}
+
+#[test]
+fn a_failing_seamcall_leaves_mirror_sept_and_pamt_unchanged() {
+    for policy in POLICIES {
+        let t = td(policy, 1024, 1);
+        let mut vcpu = t.mmu.new_vcpu_caches();
+        t.mmu.fault(&mut vcpu, 0, true).unwrap();
+        let pamt_before = t.mirror.pamt().counters();
+        let tables = t.mmu.live_tables();
+        // A new 4K leaf in the same table: AUG refused.
+        t.module
+            .inject(Seamcall::MemPageAug, 1, TdxStatus::OperandInvalid, 1);
+        assert!(t.mmu.fault(&mut vcpu, 0x1000, true).is_err());
+        assert!(t.mmu.translate(0x1000).is_none());
+        assert_mirrored(&t);
+        assert_eq!(t.mirror.pamt().counters().regions, pamt_before.regions);
+        // A new table: SEPT.ADD refused twice (BUSY, then BUSY on the retry).
+        t.module
+            .inject(Seamcall::MemSeptAdd, 1, TdxStatus::OperandBusy, 2);
+        let far = 1u64 << 30;
+        t.mmu
+            .add_memslot(split::Memslot::new(1, far >> 12, 512, (2 << 20) + 1).unwrap())
+            .unwrap();
+        let result = t.mmu.fault(&mut vcpu, far, true);
+        // Busy is the retryable kind: the MMU retries the fault, which then works.
+        assert!(result.is_ok(), "{result:?}");
+        assert!(t.mirror.counters().busy_retries >= 1);
+        assert_mirrored(&t);
+        assert!(t.mmu.live_tables() > tables);
+        assert_eq!(t.mirror.pamt().counters().leaked_pages, 0);
+        teardown_and_check(t, vec![vcpu]);
+    }
+}
+
+#[test]
+fn demote_splits_a_private_2m_leaf_under_the_write_lock_only() {
+    for policy in POLICIES {
+        let t = td(policy, 1024, 0);
+        let mut vcpu = t.mmu.new_vcpu_caches();
+        t.mmu.fault(&mut vcpu, 0x20_0000, true).unwrap();
+        let huge = t.mmu.translate(0x20_0000).unwrap();
+        assert_eq!(huge.level, Level::L2M);
+        assert_eq!(
+            t.mirror.pamt().refcount(huge.hpa),
+            0,
+            "2M pages need no 4K PAMT"
+        );
+        let (blocks, tracks) = (
+            t.module.calls(Seamcall::MemRangeBlock),
+            t.module.calls(Seamcall::MemTrack),
+        );
+        assert_eq!(t.mmu.split_huge_pages(512, 1024, Level::L4K).unwrap(), 1);
+        assert_eq!(t.module.calls(Seamcall::MemPageDemote), 1);
+        assert_eq!(t.module.calls(Seamcall::MemRangeBlock), blocks + 1);
+        assert_eq!(t.module.calls(Seamcall::MemTrack), tracks + 1);
+        assert_eq!(t.mirror.pamt().refcount(huge.hpa), 512);
+        assert_eq!(t.module.leaves().len(), 512);
+        assert_mirrored(&t);
+        // The hook refuses a demote without the write lock.
+        let err = t
+            .mirror
+            .split_leaf(
+                0,
+                Level::L2M,
+                Entry::NON_PRESENT,
+                TableRef {
+                    hpa: 0,
+                    external: Some(0),
+                },
+                false,
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("write"), "{err}");
+        teardown_and_check(t, vec![vcpu]);
+    }
+}
+
+#[test]
+fn pamt_pages_and_table_pages_are_told_apart_at_run_time() {
+    let t = td(PamtPolicy::OnInstall, 1024, 1);
+    let mut vcpu = t.mmu.new_vcpu_caches();
+    t.mmu.fault(&mut vcpu, 0, true).unwrap();
+    // A page holding PAMT, offered as an S-EPT page, is refused by the module.
+    let guest = t.mmu.translate(0).unwrap().hpa;
+    let [pamt_held, _] = t
+        .module
+        .pamt_pair(guest & !((2 << 20) - 1))
+        .expect("the guest page's region has a 4K PAMT");
+    assert_eq!(t.module.page_state(pamt_held), Some(PageState::Pamt));
+    assert_eq!(
+        t.module.sept_add(1 << 39, Level::L1G, pamt_held),
+        Err(TdxStatus::PageMetadataIncorrect)
+    );
+    let mut cache = t.mirror.pamt().new_cache();
+    cache.topup(1).unwrap();
+    let pamt_page = cache.alloc().unwrap();
+    // The untyped path: a PAMT page freed into the S-EPT pool is refused.
+    let table_pool = t.mirror.external_pool().unwrap();
+    let raw = pamt_page.into_raw();
+    // SAFETY: the pool checks ownership before touching the page; the page
+    // is a live PAMT-pool page that the table pool did not hand out.
+    let refused = unsafe { table_pool.free_raw(raw) };
+    assert!(
+        matches!(refused, Err(mmu_cache::alloc::AllocError::NotOwned { .. })),
+        "{refused:?}"
+    );
+    // SAFETY: the page came from the PAMT pool by `into_raw` above and was
+    // not freed (the table pool refused it).
+    let page = unsafe {
+        mmu_cache::Page::<tdx_ext::pamt::PamtPage>::from_raw(t.mirror.pamt().pool().clone(), raw)
+    };
+    drop(page);
+    drop(cache);
+    teardown_and_check(t, vec![vcpu]);
+}

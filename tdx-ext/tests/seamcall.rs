@@ -1,0 +1,285 @@
+//! Every rule the software module enforces, broken by a call that gets the
+//! right status, and the calls that follow the rules.
+
+use split::Level;
+use tdx_ext::{PageState, Seamcall, SimTdxModule, TdxModule, TdxStatus};
+
+const MB2: u64 = 2 << 20;
+/// Host pages used as S-EPT pages, PAMT pages and guest pages: fake frames.
+const SEPT_REGION: u64 = 0x1_0000_0000;
+const GUEST_REGION: u64 = 0x2_0000_0000;
+const PAMT: u64 = 0x3_0000_0000;
+
+fn module_with_tables() -> SimTdxModule {
+    let module = SimTdxModule::new(4);
+    module.pamt_add(SEPT_REGION, [PAMT, PAMT + 0x1000]).unwrap();
+    module.sept_add(0, Level::L1G, SEPT_REGION).unwrap();
+    module
+        .sept_add(0, Level::L2M, SEPT_REGION + 0x1000)
+        .unwrap();
+    module
+        .sept_add(0, Level::L4K, SEPT_REGION + 0x2000)
+        .unwrap();
+    module
+}
+
+fn with_guest_pamt(module: &SimTdxModule) {
+    module
+        .pamt_add(GUEST_REGION, [PAMT + 0x2000, PAMT + 0x3000])
+        .unwrap();
+}
+
+#[test]
+fn sept_add_needs_a_parent_a_free_entry_and_a_pamt_backed_free_page() {
+    let module = SimTdxModule::new(4);
+    assert_eq!(
+        module.sept_add(0, Level::L1G, SEPT_REGION),
+        Err(TdxStatus::PageMetadataIncorrect),
+        "not PAMT-backed"
+    );
+    module.pamt_add(SEPT_REGION, [PAMT, PAMT + 0x1000]).unwrap();
+    assert_eq!(
+        module.sept_add(0, Level::L2M, SEPT_REGION),
+        Err(TdxStatus::EptWalkFailed),
+        "no parent"
+    );
+    module.sept_add(0, Level::L1G, SEPT_REGION).unwrap();
+    assert_eq!(
+        module.sept_add(0, Level::L1G, SEPT_REGION + 0x1000),
+        Err(TdxStatus::EptEntryNotFree)
+    );
+    assert_eq!(
+        module.sept_add(0, Level::L2M, SEPT_REGION),
+        Err(TdxStatus::PageMetadataIncorrect),
+        "already an S-EPT page"
+    );
+    assert_eq!(
+        module.sept_add(0, Level::L2M, PAMT),
+        Err(TdxStatus::PageMetadataIncorrect),
+        "a PAMT page is not a table page"
+    );
+    assert_eq!(
+        module.sept_add(0x1000, Level::L2M, SEPT_REGION + 0x1000),
+        Err(TdxStatus::OperandInvalid),
+        "unaligned"
+    );
+    module
+        .sept_add(0, Level::L2M, SEPT_REGION + 0x1000)
+        .unwrap();
+    assert_eq!(module.page_state(SEPT_REGION), Some(PageState::Sept));
+}
+
+#[test]
+fn aug_only_after_finalize_and_add_only_before() {
+    let module = module_with_tables();
+    with_guest_pamt(&module);
+    assert_eq!(
+        module.page_aug(0, Level::L4K, GUEST_REGION),
+        Err(TdxStatus::LifecycleStateIncorrect)
+    );
+    module.page_add(0, GUEST_REGION).unwrap();
+    module.finalize().unwrap();
+    assert_eq!(
+        module.page_add(0x1000, GUEST_REGION + 0x1000),
+        Err(TdxStatus::LifecycleStateIncorrect)
+    );
+    assert_eq!(
+        module.page_aug(0, Level::L4K, GUEST_REGION + 0x1000),
+        Err(TdxStatus::EptEntryNotFree),
+        "the entry is taken"
+    );
+    assert_eq!(
+        module.page_aug(0x1000, Level::L4K, GUEST_REGION),
+        Err(TdxStatus::PageMetadataIncorrect),
+        "the page is taken"
+    );
+    assert_eq!(
+        module.page_aug(0x1000, Level::L4K, 0x5_0000_0000),
+        Err(TdxStatus::PageMetadataIncorrect),
+        "a 4K page without 4K PAMT"
+    );
+    assert_eq!(
+        module.page_aug(0x20_0000, Level::L4K, GUEST_REGION + 0x1000),
+        Err(TdxStatus::EptWalkFailed),
+        "no 4K table there"
+    );
+    module
+        .page_aug(0x1000, Level::L4K, GUEST_REGION + 0x1000)
+        .unwrap();
+    // A 2M leaf needs no 4K PAMT.
+    module
+        .page_aug(0x20_0000, Level::L2M, 0x6_0000_0000)
+        .unwrap();
+    assert_eq!(
+        module.page_state(0x6_0000_0000 + 0x5000),
+        Some(PageState::Guest { level: 2 })
+    );
+}
+
+#[test]
+fn remove_needs_block_track_and_kick_then_wbinvd_returns_the_page() {
+    let module = module_with_tables();
+    with_guest_pamt(&module);
+    module.finalize().unwrap();
+    module.page_aug(0, Level::L4K, GUEST_REGION).unwrap();
+    assert_eq!(
+        module.page_remove(0, Level::L4K),
+        Err(TdxStatus::GpaRangeNotBlocked)
+    );
+    assert_eq!(
+        module.range_block(0x1000, Level::L4K),
+        Err(TdxStatus::EptEntryNotPresent)
+    );
+    module.range_block(0, Level::L4K).unwrap();
+    assert_eq!(
+        module.range_block(0, Level::L4K),
+        Err(TdxStatus::GpaRangeAlreadyBlocked)
+    );
+    assert_eq!(
+        module.page_remove(0, Level::L4K),
+        Err(TdxStatus::TlbTrackingNotDone),
+        "no TRACK yet"
+    );
+    module.track().unwrap();
+    assert_eq!(
+        module.page_remove(0, Level::L4K),
+        Err(TdxStatus::TlbTrackingNotDone),
+        "vCPUs not kicked"
+    );
+    module.kick_vcpus();
+    assert_eq!(
+        module.page_wbinvd(GUEST_REGION),
+        Err(TdxStatus::PageMetadataIncorrect),
+        "still mapped"
+    );
+    assert_eq!(module.page_remove(0, Level::L4K), Ok(GUEST_REGION));
+    assert_eq!(module.page_state(GUEST_REGION), Some(PageState::Removed));
+    assert_eq!(
+        module.pamt_remove(GUEST_REGION),
+        Err(TdxStatus::HpaRangeNotFree),
+        "a removed page still needs its PAMT until WBINVD"
+    );
+    module.page_wbinvd(GUEST_REGION).unwrap();
+    assert_eq!(module.page_state(GUEST_REGION), None);
+    assert_eq!(module.pamt_remove(GUEST_REGION).unwrap()[0], PAMT + 0x2000);
+}
+
+#[test]
+fn sept_remove_needs_an_empty_blocked_tracked_page() {
+    let module = module_with_tables();
+    with_guest_pamt(&module);
+    module.finalize().unwrap();
+    module.page_aug(0, Level::L4K, GUEST_REGION).unwrap();
+    module.range_block(0, Level::L2M).unwrap();
+    module.track().unwrap();
+    module.kick_vcpus();
+    assert_eq!(
+        module.sept_remove(0, Level::L4K),
+        Err(TdxStatus::EptPageNotFree)
+    );
+    module.range_block(0, Level::L4K).unwrap();
+    module.track().unwrap();
+    module.kick_vcpus();
+    module.page_remove(0, Level::L4K).unwrap();
+    assert_eq!(module.sept_remove(0, Level::L4K), Ok(SEPT_REGION + 0x2000));
+    assert_eq!(
+        module.page_state(SEPT_REGION + 0x2000),
+        Some(PageState::Removed)
+    );
+}
+
+#[test]
+fn demote_needs_a_blocked_tracked_leaf_a_new_page_and_the_range_pamt() {
+    let module = module_with_tables();
+    module.finalize().unwrap();
+    let huge = 0x6_0000_0000;
+    module.page_aug(0x20_0000, Level::L2M, huge).unwrap();
+    let new_page = SEPT_REGION + 0x3000;
+    assert_eq!(
+        module.page_demote(0x20_0000, Level::L2M, new_page),
+        Err(TdxStatus::GpaRangeNotBlocked)
+    );
+    module.range_block(0x20_0000, Level::L2M).unwrap();
+    module.track().unwrap();
+    module.kick_vcpus();
+    assert_eq!(
+        module.page_demote(0x20_0000, Level::L2M, new_page),
+        Err(TdxStatus::PageMetadataIncorrect),
+        "no 4K PAMT for the range"
+    );
+    module
+        .pamt_add(huge, [PAMT + 0x4000, PAMT + 0x5000])
+        .unwrap();
+    assert_eq!(
+        module.page_demote(0x20_0000, Level::L2M, 0x7_0000_0000),
+        Err(TdxStatus::PageMetadataIncorrect),
+        "the new S-EPT page has no PAMT"
+    );
+    module.page_demote(0x20_0000, Level::L2M, new_page).unwrap();
+    let leaves = module.leaves();
+    assert_eq!(leaves.len(), 512);
+    for i in 0..512u64 {
+        assert_eq!(
+            leaves[&(1, 0x20_0000 + i * 0x1000)],
+            (huge + i * 0x1000, false)
+        );
+    }
+}
+
+#[test]
+fn reclaim_only_after_the_key_is_released() {
+    let module = module_with_tables();
+    assert_eq!(
+        module.page_reclaim(SEPT_REGION + 0x2000),
+        Err(TdxStatus::LifecycleStateIncorrect)
+    );
+    module.release_key().unwrap();
+    assert_eq!(
+        module.sept_add(0x20_0000, Level::L4K, SEPT_REGION + 0x4000),
+        Err(TdxStatus::LifecycleStateIncorrect)
+    );
+    for page in [0x2000, 0x1000, 0] {
+        module.page_reclaim(SEPT_REGION + page).unwrap();
+    }
+    assert_eq!(
+        module.page_reclaim(SEPT_REGION),
+        Err(TdxStatus::PageMetadataIncorrect)
+    );
+    assert_eq!(
+        module.pamt_remove(SEPT_REGION).unwrap(),
+        [PAMT, PAMT + 0x1000]
+    );
+}
+
+#[test]
+fn pamt_add_and_remove_guard_their_pages_and_region() {
+    let module = SimTdxModule::new(4);
+    assert_eq!(
+        module.pamt_add(0x1000, [PAMT, PAMT + 0x1000]),
+        Err(TdxStatus::OperandInvalid)
+    );
+    module.pamt_add(0, [PAMT, PAMT + 0x1000]).unwrap();
+    assert_eq!(
+        module.pamt_add(0, [PAMT + 0x2000, PAMT + 0x3000]),
+        Err(TdxStatus::HpaRangeNotFree)
+    );
+    assert_eq!(
+        module.pamt_add(MB2, [PAMT, PAMT + 0x2000]),
+        Err(TdxStatus::PageMetadataIncorrect),
+        "a page already holds PAMT"
+    );
+    assert_eq!(module.pamt_remove(MB2), Err(TdxStatus::OperandInvalid));
+    assert_eq!(module.pamt_regions(), 1);
+}
+
+#[test]
+fn injected_statuses_hit_the_nth_call_and_are_counted() {
+    let module = SimTdxModule::new(4);
+    module.inject(Seamcall::MemTrack, 2, TdxStatus::OperandBusy, 1);
+    module.track().unwrap();
+    assert_eq!(module.track(), Err(TdxStatus::OperandBusy));
+    module.track().unwrap();
+    assert_eq!(module.calls(Seamcall::MemTrack), 3);
+    assert_eq!(module.failures(Seamcall::MemTrack), 1);
+    assert_eq!(module.epoch(), 2, "the failed call did nothing");
+}
