@@ -203,8 +203,12 @@ impl TdxMirror {
 
     /// BLOCK, TRACK and kick: the entry may then be removed or demoted.
     fn block_and_track(&self, gpa: u64, level: Level) -> Result<(), HookError> {
-        self.retry(|| self.module.range_block(gpa, level))
-            .map_err(|s| from_status("TDH.MEM.RANGE.BLOCK", s))?;
+        // Already blocked: an earlier removal or demote stopped after its
+        // BLOCK; carry on from there.
+        match self.retry(|| self.module.range_block(gpa, level)) {
+            Ok(()) | Err(TdxStatus::GpaRangeAlreadyBlocked) => {}
+            Err(status) => return Err(from_status("TDH.MEM.RANGE.BLOCK", status)),
+        }
         self.retry(|| self.module.track())
             .map_err(|s| from_status("TDH.MEM.TRACK", s))?;
         self.module.kick_vcpus();

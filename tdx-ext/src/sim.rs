@@ -176,6 +176,11 @@ impl SimTdxModule {
         self.lock().pamt.get(&region).copied()
     }
 
+    /// Every page that holds PAMT entries.
+    pub fn pamt_pages(&self) -> Vec<u64> {
+        self.lock().pamt.values().flatten().copied().collect()
+    }
+
     /// Regions with a 4K PAMT.
     pub fn pamt_regions(&self) -> usize {
         self.lock().pamt.len()
