@@ -122,6 +122,8 @@ pub struct MmuConfig {
     pub split_cache_capacity: usize,
     /// Memory type of leaves.
     pub memtype: MemType,
+    /// Capacity of each vCPU cache (objects per topup, at least 5).
+    pub vcpu_cache_capacity: usize,
 }
 
 impl Default for MmuConfig {
@@ -131,6 +133,7 @@ impl Default for MmuConfig {
             eager_split: true,
             split_cache_capacity: 256,
             memtype: MemType::Wb,
+            vcpu_cache_capacity: mmu_cache::DEFAULT_CAPACITY,
         }
     }
 }
@@ -305,6 +308,11 @@ impl TdpMmu {
         if config.split_cache_capacity == 0 {
             return Err(MmuError::Config("split_cache_capacity must be at least 1"));
         }
+        if config.vcpu_cache_capacity < 5 {
+            return Err(MmuError::Config(
+                "vcpu_cache_capacity must be at least 5 (one 5-level walk)",
+            ));
+        }
         let mut root: Page<TablePage> =
             pool.get().map_err(|err| CacheError::EmptyFallbackFailed {
                 cache: "root",
@@ -460,12 +468,20 @@ impl TdpMmu {
         }
         let slot = self.slot_for_gfn(gfn).ok_or(MmuError::NoSlot { gpa })?;
         self.counters.faults.fetch_add(1, Ordering::Relaxed);
+        let capacity = self.config.vcpu_cache_capacity;
         loop {
-            caches.topup()?;
+            caches
+                .tables
+                .topup_with_capacity(capacity, 5)
+                .map_err(|err| CacheError::in_set("tables", err))?;
+            caches
+                .headers
+                .topup_with_capacity(capacity, 5)
+                .map_err(|err| CacheError::in_set("headers", err))?;
             if self.external_tables {
                 caches
                     .external
-                    .topup(usize::from(self.config.levels))
+                    .topup_with_capacity(capacity, usize::from(self.config.levels))
                     .map_err(|err| CacheError::in_set("external", err))?;
             }
             self.hooks.topup(Topup::Fault {

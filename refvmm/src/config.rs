@@ -1,0 +1,468 @@
+//! The configuration: one serde struct, the only source of defaults.
+//! Unknown fields are errors, and every check names the field.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Errors of configurations; each names the field and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The JSON does not fit the schema (serde names the field).
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// serde's message, with line and column.
+        message: String,
+    },
+    /// A value is out of range or a combination is refused.
+    #[error("{field}: {message}")]
+    Invalid {
+        /// The field, as a JSON path.
+        field: &'static str,
+        /// What is wrong and what to do.
+        message: String,
+    },
+}
+
+fn invalid(field: &'static str, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field,
+        message: message.into(),
+    }
+}
+
+/// Which accelerator runs the VM.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Accel {
+    /// Real KVM.
+    #[default]
+    Kvm,
+    /// The software MMU stack.
+    Soft,
+}
+
+/// Where guest memory comes from.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BackendName {
+    /// Shared anonymous memory.
+    #[default]
+    Anonymous,
+    /// memfd.
+    Memfd,
+    /// HugeTLB memfd.
+    Hugetlb,
+    /// memfd_secret.
+    Secret,
+    /// KVM guest_memfd.
+    GuestMemfd,
+}
+
+impl BackendName {
+    /// The name used in configurations.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Anonymous => "anonymous",
+            Self::Memfd => "memfd",
+            Self::Hugetlb => "hugetlb",
+            Self::Secret => "secret",
+            Self::GuestMemfd => "guest_memfd",
+        }
+    }
+}
+
+/// HugeTLB page size.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HugePageSize {
+    /// 2 MiB.
+    #[default]
+    #[serde(rename = "2M")]
+    Size2M,
+    /// 1 GiB.
+    #[serde(rename = "1G")]
+    Size1G,
+}
+
+impl HugePageSize {
+    /// log2 of the size.
+    pub fn log2(self) -> u8 {
+        match self {
+            Self::Size2M => 21,
+            Self::Size1G => 30,
+        }
+    }
+}
+
+/// Guest memory.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MemoryConfig {
+    /// Size in MiB.
+    pub size_mib: u64,
+    /// Backend.
+    pub backend: BackendName,
+    /// HugeTLB page size (hugetlb backend only).
+    pub huge_page_size: HugePageSize,
+    /// Populate all memory before the guest runs.
+    pub prefault: bool,
+    /// Threads for the prefault.
+    pub prefault_threads: usize,
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self {
+            size_mib: 64,
+            backend: BackendName::Anonymous,
+            huge_page_size: HugePageSize::Size2M,
+            prefault: false,
+            prefault_threads: 2,
+        }
+    }
+}
+
+/// The software MMU (soft accelerator).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MmuConfig {
+    /// Split huge pages when dirty logging starts.
+    pub eager_split: bool,
+    /// Manual-protect dirty logging with "initially set".
+    pub manual_protect: bool,
+    /// Capacity of the per-vCPU caches.
+    pub cache_capacity: usize,
+}
+
+impl Default for MmuConfig {
+    fn default() -> Self {
+        Self {
+            eager_split: true,
+            manual_protect: false,
+            cache_capacity: 40,
+        }
+    }
+}
+
+/// When S-EPT pages become PAMT-backed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PamtPolicyName {
+    /// Just before they are handed to the module.
+    #[default]
+    OnInstall,
+    /// When they enter the MMU's cache.
+    OnCacheEntry,
+}
+
+/// TDX (soft accelerator only).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TdxConfig {
+    /// Run the guest memory as a TD over the software TDX module.
+    pub enabled: bool,
+    /// PAMT policy.
+    pub pamt_policy: PamtPolicyName,
+}
+
+/// Processor mode a binary starts in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BinaryMode {
+    /// 16-bit real mode.
+    #[default]
+    Real,
+    /// 64-bit long mode with the first 1 GiB identity mapped.
+    Long,
+}
+
+/// What the guest runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Workload {
+    /// Prints a line on the serial port and halts.
+    Hello,
+    /// The kernel's dirty_log_perf_test.
+    DirtyLog {
+        /// Passes after the populating one.
+        #[serde(default = "default_iterations")]
+        iterations: u32,
+        /// Memory each vCPU writes, in MiB.
+        #[serde(default = "default_bytes_per_vcpu_mib")]
+        bytes_per_vcpu_mib: u64,
+        /// Percentage of pages written (the rest are read).
+        #[serde(default = "default_write_percent")]
+        write_percent: u32,
+    },
+    /// Prints 0 to 9, with a checkpoint after 4 (snapshot and restore).
+    Counter,
+    /// A flat binary from a file.
+    Binary {
+        /// The file.
+        path: PathBuf,
+        /// Where it is loaded.
+        load_gpa: u64,
+        /// Where execution starts.
+        entry_gpa: u64,
+        /// Processor mode.
+        #[serde(default)]
+        mode: BinaryMode,
+    },
+}
+
+fn default_iterations() -> u32 {
+    3
+}
+
+fn default_bytes_per_vcpu_mib() -> u64 {
+    8
+}
+
+fn default_write_percent() -> u32 {
+    100
+}
+
+impl Default for Workload {
+    fn default() -> Self {
+        Self::Hello
+    }
+}
+
+/// A VM and what it runs.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Accelerator.
+    pub accel: Accel,
+    /// Memory.
+    pub memory: MemoryConfig,
+    /// Software MMU.
+    pub mmu: MmuConfig,
+    /// TDX.
+    pub tdx: TdxConfig,
+    /// Workload.
+    pub workload: Workload,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            vcpus: 2,
+            accel: Accel::Kvm,
+            memory: MemoryConfig::default(),
+            mmu: MmuConfig::default(),
+            tdx: TdxConfig::default(),
+            workload: Workload::Hello,
+        }
+    }
+}
+
+/// Guest-physical layout used by the built-in workloads.
+pub mod layout {
+    /// Where built-in programs are loaded.
+    pub const CODE: u64 = 0x1000;
+    /// Where the dirty-log shares of the vCPUs start.
+    pub const SHARES: u64 = 1 << 20;
+}
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::parse(&text).map_err(|err| match err {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// Parses and checks configuration text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config: Self = serde_json::from_str(text).map_err(|err| ConfigError::Parse {
+            path: PathBuf::from("<config>"),
+            message: err.to_string(),
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Memory size in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        self.memory.size_mib << 20
+    }
+
+    /// Checks ranges and combinations, naming the field.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=64).contains(&self.vcpus) {
+            return Err(invalid("vcpus", "must be between 1 and 64"));
+        }
+        if self.memory.size_mib == 0 {
+            return Err(invalid("memory.size_mib", "must be at least 1"));
+        }
+        if self.memory.size_mib > 1 << 20 {
+            return Err(invalid(
+                "memory.size_mib",
+                "must be at most 1 TiB (1048576)",
+            ));
+        }
+        if self.memory.backend == BackendName::Hugetlb {
+            let huge_mib = (1u64 << self.memory.huge_page_size.log2()) >> 20;
+            if !self.memory.size_mib.is_multiple_of(huge_mib) {
+                return Err(invalid(
+                    "memory.size_mib",
+                    format!(
+                        "{} MiB is not a multiple of the {} MiB huge page size",
+                        self.memory.size_mib, huge_mib
+                    ),
+                ));
+            }
+        }
+        if self.memory.prefault_threads == 0 || self.memory.prefault_threads > 256 {
+            return Err(invalid(
+                "memory.prefault_threads",
+                "must be between 1 and 256",
+            ));
+        }
+        if self.mmu.cache_capacity < 5 || self.mmu.cache_capacity > 4096 {
+            return Err(invalid(
+                "mmu.cache_capacity",
+                "must be between 5 (one 5-level walk) and 4096",
+            ));
+        }
+        if self.tdx.enabled && self.accel == Accel::Kvm {
+            return Err(invalid(
+                "tdx.enabled",
+                "TDX needs TDX hardware, which this host does not have; use \"accel\": \"soft\" \
+                 to run the TD over the software TDX module",
+            ));
+        }
+        if self.accel == Accel::Kvm && self.memory.backend == BackendName::Secret {
+            return Err(invalid(
+                "memory.backend",
+                "memfd_secret memory has no kernel direct map, and KVM can only map guest memory \
+                 it reaches through the direct map; use another backend",
+            ));
+        }
+        match &self.workload {
+            Workload::DirtyLog {
+                iterations,
+                bytes_per_vcpu_mib,
+                write_percent,
+            } => {
+                if *iterations == 0 || *iterations > 1000 {
+                    return Err(invalid("workload.iterations", "must be between 1 and 1000"));
+                }
+                if *bytes_per_vcpu_mib == 0 {
+                    return Err(invalid("workload.bytes_per_vcpu_mib", "must be at least 1"));
+                }
+                if *write_percent > 100 {
+                    return Err(invalid("workload.write_percent", "must be at most 100"));
+                }
+                let needed = (layout::SHARES >> 20) + u64::from(self.vcpus) * bytes_per_vcpu_mib;
+                if needed > self.memory.size_mib {
+                    return Err(invalid(
+                        "memory.size_mib",
+                        format!(
+                            "{} MiB is too small: the dirty_log shares start at 1 MiB and need \
+                             {} vCPUs x {} MiB, so at least {needed} MiB",
+                            self.memory.size_mib, self.vcpus, bytes_per_vcpu_mib
+                        ),
+                    ));
+                }
+                if self.accel == Accel::Kvm && self.memory.backend == BackendName::GuestMemfd {
+                    return Err(invalid(
+                        "memory.backend",
+                        "KVM does not log dirty pages of guest_memfd slots; use anonymous, memfd \
+                         or hugetlb memory for dirty_log",
+                    ));
+                }
+            }
+            Workload::Binary {
+                path,
+                load_gpa,
+                entry_gpa,
+                ..
+            } => {
+                if !path.is_file() {
+                    return Err(invalid(
+                        "workload.path",
+                        format!("{} is not a readable file", path.display()),
+                    ));
+                }
+                if *load_gpa >= self.memory_bytes() || *entry_gpa >= self.memory_bytes() {
+                    return Err(invalid(
+                        "workload.load_gpa",
+                        "the binary and its entry point must be inside guest memory",
+                    ));
+                }
+            }
+            Workload::Hello | Workload::Counter => {}
+        }
+        if self.accel == Accel::Soft && !matches!(self.workload, Workload::DirtyLog { .. }) {
+            return Err(invalid(
+                "workload.kind",
+                "the soft accelerator runs no guest code: only \"dirty_log\" runs on it",
+            ));
+        }
+        if self.accel == Accel::Kvm && self.memory.size_mib < 2 {
+            return Err(invalid("memory.size_mib", "guests need at least 2 MiB"));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_empty_object_is_the_default_config() {
+        assert_eq!(Config::parse("{}").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_values_name_the_field() {
+        let cases = [
+            (r#"{"vcpu": 2}"#, "vcpu"),
+            (r#"{"memory": {"size": 4}}"#, "size"),
+            (r#"{"memory": {"size_mib": 0}}"#, "memory.size_mib"),
+            (r#"{"vcpus": "two"}"#, "vcpus"),
+            (
+                r#"{"memory": {"backend": "hugetlb", "size_mib": 3}}"#,
+                "memory.size_mib",
+            ),
+            (r#"{"tdx": {"enabled": true}}"#, "tdx.enabled"),
+            (r#"{"memory": {"backend": "secret"}}"#, "memory.backend"),
+            (r#"{"accel": "soft"}"#, "workload.kind"),
+            (
+                r#"{"workload": {"kind": "dirty_log", "write_percent": 101}}"#,
+                "workload.write_percent",
+            ),
+            (
+                r#"{"workload": {"kind": "binary", "path": "/nonexistent", "load_gpa": 0, "entry_gpa": 0}}"#,
+                "workload.path",
+            ),
+        ];
+        for (text, field) in cases {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(err.contains(field), "{text}: {err}");
+        }
+    }
+}

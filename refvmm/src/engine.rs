@@ -1,0 +1,121 @@
+//! What both accelerators share: errors with their exit codes, guest
+//! memory from gmem, prefault with a progress bar.
+
+use std::io::IsTerminal;
+use std::sync::Arc;
+
+use gmem::consts::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
+use gmem::{Backend, GmemConfig, GuestMemFile, KvmVm};
+
+use crate::config::{BackendName, Config};
+
+/// Errors of a run; [`RunError::exit_code`] maps them to 1 (the guest or
+/// the workload failed) or 2 (configuration or host).
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The host lacks something the configuration needs.
+    #[error("{what}: {fix}")]
+    Host {
+        /// What is missing.
+        what: String,
+        /// What to do.
+        fix: String,
+    },
+    /// Guest memory could not be made.
+    #[error("memory.backend: {0}")]
+    Memory(#[from] gmem::GmemError),
+    /// A KVM call failed.
+    #[error("KVM: {0}")]
+    Kvm(String),
+    /// The guest or the workload failed.
+    #[error("guest: {0}")]
+    Guest(String),
+    /// A snapshot could not be saved or restored.
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+}
+
+impl RunError {
+    /// The process exit code for this error.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Self::Guest(_) => 1,
+            _ => 2,
+        }
+    }
+}
+
+/// Maps a kvm-ioctls error into a run error naming the call.
+pub fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> RunError {
+    move |err| RunError::Kvm(format!("{what}: {err}"))
+}
+
+/// Creates the guest memory file the configuration asks for.
+pub fn create_memory(config: &Config, vm: Option<&Arc<KvmVm>>) -> Result<GuestMemFile, RunError> {
+    let backend = match config.memory.backend {
+        BackendName::Anonymous => Backend::Anonymous,
+        BackendName::Memfd => Backend::Memfd,
+        BackendName::Hugetlb => Backend::Hugetlb,
+        BackendName::Secret => Backend::Secret,
+        BackendName::GuestMemfd => Backend::Kvm(vm.cloned().ok_or_else(|| RunError::Host {
+            what: "memory.backend guest_memfd needs KVM".into(),
+            fix: "run on a host with /dev/kvm, or pick another backend".into(),
+        })?),
+    };
+    let log2 = if config.memory.backend == BackendName::Hugetlb {
+        config.memory.huge_page_size.log2()
+    } else {
+        0
+    };
+    Ok(GuestMemFile::create(
+        &backend,
+        GmemConfig {
+            size: config.memory_bytes(),
+            flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+            huge_page_size_log2: log2,
+        },
+    )?)
+}
+
+/// Opens KVM, or says why not.
+pub fn open_kvm() -> Result<Arc<KvmVm>, RunError> {
+    KvmVm::new().map_err(|err| RunError::Host {
+        what: format!("accel kvm: {err}"),
+        fix: "run on a host with /dev/kvm (and access to it), or use \"accel\": \"soft\" for \
+              the dirty_log workload"
+            .into(),
+    })
+}
+
+/// Prefaults all of `file` when the configuration asks for it, with a
+/// progress bar on a terminal; returns GiB/s.
+pub fn prefault(config: &Config, file: &GuestMemFile) -> Result<Option<f64>, RunError> {
+    if !config.memory.prefault {
+        return Ok(None);
+    }
+    let bar = std::io::stderr().is_terminal().then(|| {
+        let bar = indicatif::ProgressBar::new(file.size());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "prefault {bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec}",
+            )
+            .expect("a valid template"),
+        );
+        bar
+    });
+    let report = file.prefault(
+        0,
+        file.size(),
+        config.memory.prefault_threads,
+        &|done, _| {
+            if let Some(bar) = &bar {
+                bar.set_position(done);
+            }
+        },
+    )?;
+    if let Some(bar) = bar {
+        bar.finish_and_clear();
+    }
+    tracing::info!(gib_s = report.gib_per_s(), "prefault done");
+    Ok(Some(report.gib_per_s()))
+}

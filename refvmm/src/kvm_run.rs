@@ -1,0 +1,496 @@
+//! The `kvm` accelerator: a real KVM VM over gmem memory.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::Instant;
+
+use gmem::consts::KVM_MEM_LOG_DIRTY_PAGES;
+use gmem::{GuestRegion, KvmVm};
+use kvm_bindings::{kvm_clear_dirty_log, kvm_enable_cap, kvm_segment};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::ioctl::ioctl_with_ref;
+
+use crate::config::{BinaryMode, Config, Workload, layout};
+use crate::engine::{RunError, create_memory, kvm_err, open_kvm, prefault};
+use crate::programs::{self, CHECKPOINT_PORT, PASS_PORT, SERIAL, SERIAL_LSR, SHUTDOWN_PORT};
+use crate::report::{DirtyLog, Iteration, Report};
+use crate::snapshot::{self, Snapshot};
+
+vmm_sys_util::ioctl_iow_nr!(KVM_CLEAR_DIRTY_LOG, 0xae, 0xc0, kvm_clear_dirty_log);
+
+/// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`.
+const KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: u32 = 168;
+/// Manual protect, with every bit initially set.
+const MANUAL_PROTECT_FLAGS: u64 = 1 | 2;
+/// Page tables for long mode live here (3 pages).
+const LONG_MODE_TABLES: u64 = 0x9000;
+
+/// What the run does besides the workload.
+#[derive(Debug, Default)]
+pub struct KvmOptions {
+    /// Save a snapshot here at the counter's checkpoint.
+    pub snapshot_dir: Option<std::path::PathBuf>,
+    /// Resume from this snapshot.
+    pub restore: Option<Snapshot>,
+}
+
+/// Set by SIGINT/SIGTERM: every vCPU loop stops at its next exit.
+pub static STOP: AtomicBool = AtomicBool::new(false);
+
+struct Vm {
+    vm: Arc<KvmVm>,
+    region: Arc<GuestRegion>,
+    prefault_gib_s: Option<f64>,
+}
+
+fn build(config: &Config) -> Result<Vm, RunError> {
+    let vm = open_kvm()?;
+    let file = create_memory(config, Some(&vm))?;
+    let prefault_gib_s = prefault(config, &file)?;
+    let region = Arc::new(
+        GuestRegion::new(&file, 0, file.size(), 0, false)
+            .map_err(|err| RunError::Kvm(format!("guest region: {err}")))?,
+    );
+    vm.bind(0, region.clone(), 0)
+        .map_err(|err| RunError::Host {
+            what: format!("memslot: {err}"),
+            fix: "check the memory backend against the host's KVM (refvmm --check-host)".into(),
+        })?;
+    Ok(Vm {
+        vm,
+        region,
+        prefault_gib_s,
+    })
+}
+
+fn write_guest(region: &GuestRegion, gpa: u64, bytes: &[u8]) -> Result<(), RunError> {
+    region
+        .view()
+        .write_at(gpa, bytes)
+        .map_err(|err| RunError::Guest(format!("loading the program at {gpa:#x}: {err}")))
+}
+
+fn real_mode(vcpu: &VcpuFd, rip: u64) -> Result<(), RunError> {
+    let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+    for segment in [
+        &mut sregs.cs,
+        &mut sregs.ds,
+        &mut sregs.es,
+        &mut sregs.fs,
+        &mut sregs.gs,
+        &mut sregs.ss,
+    ] {
+        segment.base = 0;
+        segment.selector = 0;
+    }
+    vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
+    let mut regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+    regs.rip = rip;
+    regs.rflags = 2;
+    regs.rsp = 0x8000;
+    vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))
+}
+
+fn flat_segments(long: bool) -> (kvm_segment, kvm_segment) {
+    let code = kvm_segment {
+        base: 0,
+        limit: 0xffff_ffff,
+        selector: 0x8,
+        type_: 0xb,
+        present: 1,
+        dpl: 0,
+        db: u8::from(!long),
+        s: 1,
+        l: u8::from(long),
+        g: 1,
+        avl: 0,
+        unusable: 0,
+        padding: 0,
+    };
+    let data = kvm_segment {
+        selector: 0x10,
+        type_: 0x3,
+        db: 1,
+        l: 0,
+        ..code
+    };
+    (code, data)
+}
+
+fn protected_mode(vcpu: &VcpuFd, long: bool) -> Result<(), RunError> {
+    let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
+    let (code, data) = flat_segments(long);
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.cr0 |= 1;
+    if long {
+        sregs.cr3 = LONG_MODE_TABLES;
+        sregs.cr4 |= 1 << 5; // PAE
+        sregs.efer |= (1 << 8) | (1 << 10); // LME, LMA
+        sregs.cr0 |= 1 << 31; // PG
+    }
+    vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))
+}
+
+/// Identity-maps the first 1 GiB with 2 MiB pages for long mode.
+fn long_mode_tables(region: &GuestRegion) -> Result<(), RunError> {
+    let pml4 = LONG_MODE_TABLES;
+    let pdpt = pml4 + 0x1000;
+    let pd = pml4 + 0x2000;
+    write_guest(region, pml4, &(pdpt | 3).to_le_bytes())?;
+    write_guest(region, pdpt, &(pd | 3).to_le_bytes())?;
+    let mut entries = Vec::with_capacity(512 * 8);
+    for i in 0..512u64 {
+        entries.extend_from_slice(&((i << 21) | 0x83).to_le_bytes());
+    }
+    write_guest(region, pd, &entries)
+}
+
+/// Runs KVM_RUN on `vcpu` until the guest halts, writes the shutdown port,
+/// or (`checkpoint`) reaches the counter's checkpoint; serial output goes
+/// to `serial`. Returns the reason.
+fn run_until_done(
+    vcpu: &mut VcpuFd,
+    serial: &mut dyn Write,
+    serial_bytes: &mut u64,
+    stop_at_checkpoint: bool,
+) -> Result<String, RunError> {
+    loop {
+        if STOP.load(Ordering::Relaxed) {
+            return Ok("stopped by a signal".into());
+        }
+        match vcpu.run() {
+            Ok(VcpuExit::IoOut(SERIAL, data)) => {
+                serial
+                    .write_all(data)
+                    .map_err(|err| RunError::Guest(format!("serial output: {err}")))?;
+                *serial_bytes += data.len() as u64;
+            }
+            Ok(VcpuExit::IoOut(SHUTDOWN_PORT, _)) => return Ok("shutdown port".into()),
+            Ok(VcpuExit::IoOut(CHECKPOINT_PORT, _)) if stop_at_checkpoint => {
+                return Ok("checkpoint".into());
+            }
+            Ok(VcpuExit::IoOut(_, _)) => {}
+            Ok(VcpuExit::IoIn(port, data)) => {
+                // A transmitter that is always ready; nothing else answers.
+                data.fill(if port == SERIAL_LSR { 0x60 } else { 0xff });
+            }
+            Ok(VcpuExit::Hlt) => return Ok("halted".into()),
+            Ok(VcpuExit::Shutdown) => {
+                return Err(RunError::Guest("the guest shut down (triple fault)".into()));
+            }
+            Ok(other) => return Err(RunError::Guest(format!("unexpected exit {other:?}"))),
+            Err(err) if err.errno() == libc::EINTR => {}
+            Err(err) => return Err(RunError::Guest(format!("KVM_RUN: {err}"))),
+        }
+    }
+}
+
+fn base_report(config: &Config, vm: &Vm) -> Report {
+    Report {
+        accel: "kvm".into(),
+        backend: config.memory.backend.name().into(),
+        vcpus: config.vcpus,
+        memory_bytes: config.memory_bytes(),
+        prefault_gib_s: vm.prefault_gib_s,
+        workload: crate::workload_name(&config.workload).into(),
+        ..Report::default()
+    }
+}
+
+/// Runs `config` on KVM.
+pub fn run(
+    config: &Config,
+    serial: &mut dyn Write,
+    options: KvmOptions,
+) -> Result<Report, RunError> {
+    let vm = build(config)?;
+    let mut report = base_report(config, &vm);
+    match &config.workload {
+        Workload::DirtyLog {
+            iterations,
+            bytes_per_vcpu_mib,
+            write_percent,
+        } => {
+            report.dirty_log = Some(dirty_log(
+                config,
+                &vm,
+                *iterations,
+                *bytes_per_vcpu_mib << 20,
+                *write_percent,
+            )?);
+            report.exit = "iterations done".into();
+        }
+        workload => {
+            let mut vcpu = vm
+                .vm
+                .vm()
+                .create_vcpu(0)
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            if let Some(snapshot) = &options.restore {
+                snapshot::restore_into(snapshot, &vcpu, &vm.region)?;
+            } else {
+                match workload {
+                    Workload::Hello => {
+                        write_guest(
+                            &vm.region,
+                            layout::CODE,
+                            &programs::hello(layout::CODE as u16),
+                        )?;
+                        real_mode(&vcpu, layout::CODE)?;
+                    }
+                    Workload::Counter => {
+                        write_guest(&vm.region, layout::CODE, &programs::counter())?;
+                        real_mode(&vcpu, layout::CODE)?;
+                    }
+                    Workload::Binary {
+                        path,
+                        load_gpa,
+                        entry_gpa,
+                        mode,
+                    } => {
+                        let bytes = std::fs::read(path).map_err(|err| RunError::Host {
+                            what: format!("workload.path {}: {err}", path.display()),
+                            fix: "give a readable flat binary".into(),
+                        })?;
+                        if *load_gpa + bytes.len() as u64 > config.memory_bytes() {
+                            return Err(RunError::Host {
+                                what: "workload.path: the binary does not fit in guest memory"
+                                    .into(),
+                                fix: "raise memory.size_mib or lower workload.load_gpa".into(),
+                            });
+                        }
+                        write_guest(&vm.region, *load_gpa, &bytes)?;
+                        match mode {
+                            BinaryMode::Real => real_mode(&vcpu, *entry_gpa)?,
+                            BinaryMode::Long => {
+                                long_mode_tables(&vm.region)?;
+                                protected_mode(&vcpu, true)?;
+                                let mut regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+                                regs.rip = *entry_gpa;
+                                regs.rflags = 2;
+                                vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+                            }
+                        }
+                    }
+                    Workload::DirtyLog { .. } => unreachable!("handled above"),
+                }
+            }
+            let snapshot_here =
+                options.snapshot_dir.is_some() && matches!(workload, Workload::Counter);
+            let mut serial_bytes = 0;
+            let exit = run_until_done(&mut vcpu, serial, &mut serial_bytes, snapshot_here)?;
+            if exit == "checkpoint" {
+                let dir = options.snapshot_dir.as_ref().expect("checked above");
+                // Complete the pending port write, so that the saved state
+                // resumes after it.
+                vcpu.set_kvm_immediate_exit(1);
+                let _ = vcpu.run();
+                vcpu.set_kvm_immediate_exit(0);
+                snapshot::save(dir, config, &vcpu, &vm.region)?;
+                report.exit = format!("snapshot saved to {}", dir.display());
+            } else {
+                report.exit = exit;
+            }
+            report.serial_bytes = serial_bytes;
+            serial
+                .flush()
+                .map_err(|err| RunError::Guest(format!("serial output: {err}")))?;
+        }
+    }
+    Ok(report)
+}
+
+/// The kernel's dirty_log_perf_test on KVM: the guest writes, KVM logs.
+fn dirty_log(
+    config: &Config,
+    vm: &Vm,
+    iterations: u32,
+    share_bytes: u64,
+    write_percent: u32,
+) -> Result<DirtyLog, RunError> {
+    let vcpus = config.vcpus as usize;
+    let pages_per_share = share_bytes / 4096;
+    write_guest(&vm.region, layout::CODE, &programs::dirty_loop())?;
+    let mut fds = Vec::with_capacity(vcpus);
+    for id in 0..vcpus {
+        let vcpu = vm
+            .vm
+            .vm()
+            .create_vcpu(id as u64)
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        protected_mode(&vcpu, false)?;
+        let mut regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
+        regs.rip = layout::CODE;
+        regs.rflags = 2;
+        regs.rsi = layout::SHARES + id as u64 * share_bytes;
+        regs.rbx = pages_per_share;
+        regs.rdx = u64::from(PASS_PORT);
+        regs.rsp = u64::from(write_percent);
+        regs.rax = 1;
+        vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
+        fds.push(vcpu);
+    }
+    let barrier = Arc::new(Barrier::new(vcpus + 1));
+    let done = Arc::new(AtomicBool::new(false));
+    let failure: Arc<Mutex<Option<String>>> = Arc::default();
+    let mut result = DirtyLog::default();
+    std::thread::scope(|scope| -> Result<(), RunError> {
+        for mut vcpu in fds {
+            let (barrier, done, failure) = (barrier.clone(), done.clone(), failure.clone());
+            scope.spawn(move || {
+                loop {
+                    let outcome = loop {
+                        match vcpu.run() {
+                            Ok(VcpuExit::IoOut(PASS_PORT, _)) => break Ok(()),
+                            Ok(VcpuExit::IoOut(_, _)) => {}
+                            Ok(VcpuExit::IoIn(_, data)) => data.fill(0xff),
+                            Ok(other) => break Err(format!("unexpected exit {other:?}")),
+                            Err(err) if err.errno() == libc::EINTR => {}
+                            Err(err) => break Err(format!("KVM_RUN: {err}")),
+                        }
+                    };
+                    if let Err(why) = outcome {
+                        failure
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .get_or_insert(why);
+                        done.store(true, Ordering::Relaxed);
+                    }
+                    barrier.wait(); // the pass is done
+                    barrier.wait(); // go on, or stop
+                    if done.load(Ordering::Relaxed) {
+                        return;
+                    }
+                }
+            });
+        }
+        let check_failure = || -> Result<(), RunError> {
+            match failure.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+                Some(why) => Err(RunError::Guest(why)),
+                None => Ok(()),
+            }
+        };
+        let finish = |done: &AtomicBool| {
+            done.store(true, Ordering::Relaxed);
+            barrier.wait();
+        };
+        let start = Instant::now();
+        barrier.wait();
+        result.populate_s = start.elapsed().as_secs_f64();
+        if let Err(err) = check_failure() {
+            finish(&done);
+            return Err(err);
+        }
+        let manual = config.mmu.manual_protect;
+        let start = Instant::now();
+        if manual {
+            let cap = kvm_enable_cap {
+                cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                args: [MANUAL_PROTECT_FLAGS, 0, 0, 0],
+                ..Default::default()
+            };
+            if let Err(err) = vm.vm.vm().enable_cap(&cap) {
+                finish(&done);
+                return Err(RunError::Host {
+                    what: format!("mmu.manual_protect: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: {err}"),
+                    fix: "turn manual_protect off on this host".into(),
+                });
+            }
+        }
+        if let Err(err) = vm.vm.bind(0, vm.region.clone(), KVM_MEM_LOG_DIRTY_PAGES) {
+            finish(&done);
+            return Err(RunError::Kvm(format!("enabling dirty logging: {err}")));
+        }
+        result.enable_dirty_log_s = start.elapsed().as_secs_f64();
+        for iteration in 1..=iterations {
+            let start = Instant::now();
+            barrier.wait(); // go
+            barrier.wait(); // pass done
+            let dirty_s = start.elapsed().as_secs_f64();
+            if let Err(err) = check_failure() {
+                finish(&done);
+                return Err(err);
+            }
+            let start = Instant::now();
+            let log = match vm.vm.vm().get_dirty_log(0, config.memory_bytes() as usize) {
+                Ok(log) => log,
+                Err(err) => {
+                    finish(&done);
+                    return Err(RunError::Kvm(format!("KVM_GET_DIRTY_LOG: {err}")));
+                }
+            };
+            let get_s = start.elapsed().as_secs_f64();
+            let mut clear_s = 0.0;
+            if manual {
+                let start = Instant::now();
+                let mut bitmap = log.clone();
+                let clear = kvm_clear_dirty_log {
+                    slot: 0,
+                    num_pages: (config.memory_bytes() / 4096) as u32,
+                    first_page: 0,
+                    __bindgen_anon_1: kvm_bindings::kvm_clear_dirty_log__bindgen_ty_1 {
+                        dirty_bitmap: bitmap.as_mut_ptr().cast(),
+                    },
+                };
+                // SAFETY: the VM fd is open; `clear` points at a bitmap of
+                // num_pages bits that lives until the call returns.
+                let ret = unsafe { ioctl_with_ref(vm.vm.vm(), KVM_CLEAR_DIRTY_LOG(), &clear) };
+                if ret < 0 {
+                    finish(&done);
+                    return Err(RunError::Kvm(format!(
+                        "KVM_CLEAR_DIRTY_LOG: {}",
+                        std::io::Error::last_os_error()
+                    )));
+                }
+                clear_s = start.elapsed().as_secs_f64();
+            }
+            let dirty_pages: u64 = log.iter().map(|w| u64::from(w.count_ones())).sum();
+            if let Err(err) = verify_log(&log, vcpus, share_bytes, write_percent, iteration) {
+                finish(&done);
+                return Err(err);
+            }
+            result.iterations.push(Iteration {
+                dirty_s,
+                get_dirty_log_s: get_s,
+                clear_dirty_log_s: clear_s,
+                dirty_pages,
+            });
+        }
+        finish(&done);
+        Ok(())
+    })?;
+    Ok(result)
+}
+
+/// Every page written in the pass must be in the log.
+pub fn verify_log(
+    log: &[u64],
+    vcpus: usize,
+    share_bytes: u64,
+    write_percent: u32,
+    iteration: u32,
+) -> Result<(), RunError> {
+    for vcpu in 0..vcpus as u64 {
+        let first = (layout::SHARES + vcpu * share_bytes) / 4096;
+        for i in 0..share_bytes / 4096 {
+            if i % 100 >= u64::from(write_percent) {
+                continue;
+            }
+            let page = first + i;
+            if log[(page / 64) as usize] & (1 << (page % 64)) == 0 {
+                return Err(RunError::Guest(format!(
+                    "iteration {iteration}: vCPU {vcpu} wrote gpa {:#x}, which is not in the \
+                     dirty log",
+                    page * 4096
+                )));
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,178 @@
+//! # refvmm
+//!
+//! The reference VMM of mmukit. `refvmm --config vm.json` runs one VM and
+//! exits: 0 when the run succeeded, 1 when the guest or the workload
+//! failed, 2 on a configuration or host error (the message names the field
+//! or the missing host feature).
+//!
+//! - `accel: "kvm"` boots a small guest on real KVM with memory from a gmem
+//!   backend (guest_memfd slots bound with `KVM_SET_USER_MEMORY_REGION2`).
+//! - `accel: "soft"` drives split's TDP MMU (and tdx-ext's mirror over the
+//!   software TDX module when `tdx.enabled`) through the kernel's
+//!   dirty_log_perf_test with software vCPU threads.
+//!
+//! `refvmm --check-host` says what this host offers; `refvmm --print-config
+//! FILE` prints a configuration with every default filled in.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, ValueEnum};
+
+mod config;
+mod engine;
+mod kvm_run;
+mod programs;
+mod report;
+mod snapshot;
+mod soft_run;
+
+use config::{Accel, Config, Workload};
+use engine::RunError;
+
+/// How the report is printed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
+enum ReportFormat {
+    /// Text for people (serial output goes to stdout).
+    #[default]
+    Human,
+    /// One JSON object on stdout (serial output goes to stderr).
+    Json,
+}
+
+/// The reference VMM of mmukit: runs one VM from a configuration file.
+#[derive(Debug, Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    /// Run the VM described by this JSON file.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["check_host", "print_config", "restore"])]
+    config: Option<PathBuf>,
+    /// Report format.
+    #[arg(long, value_enum, default_value_t = ReportFormat::Human)]
+    report: ReportFormat,
+    /// Print what this host offers, one line each.
+    #[arg(long)]
+    check_host: bool,
+    /// Print the configuration in FILE with every default filled in.
+    #[arg(long, value_name = "FILE")]
+    print_config: Option<PathBuf>,
+    /// Save a snapshot here when the counter workload reaches its checkpoint.
+    #[arg(long, value_name = "DIR", requires = "config")]
+    snapshot: Option<PathBuf>,
+    /// Resume the guest saved in this snapshot directory.
+    #[arg(long, value_name = "DIR")]
+    restore: Option<PathBuf>,
+}
+
+/// The workload's name in reports.
+pub fn workload_name(workload: &Workload) -> &'static str {
+    match workload {
+        Workload::Hello => "hello",
+        Workload::DirtyLog { .. } => "dirty_log",
+        Workload::Counter => "counter",
+        Workload::Binary { .. } => "binary",
+    }
+}
+
+extern "C" fn on_signal(_: libc::c_int) {
+    kvm_run::STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn install_signal_handlers() {
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic, which is
+        // async-signal-safe; the sigaction struct is fully initialized.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("refvmm: {message}");
+    ExitCode::from(code)
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    if cli.check_host {
+        println!("{}", gmem::HostCaps::probe());
+        return ExitCode::SUCCESS;
+    }
+    if let Some(path) = &cli.print_config {
+        return match Config::load(path) {
+            Ok(config) => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&config).expect("configs serialize")
+                );
+                ExitCode::SUCCESS
+            }
+            Err(err) => fail(2, err),
+        };
+    }
+    install_signal_handlers();
+    let (config, restore) = match (&cli.config, &cli.restore) {
+        (Some(path), None) => match Config::load(path) {
+            Ok(config) => (config, None),
+            Err(err) => return fail(2, err),
+        },
+        (None, Some(dir)) => match snapshot::load(dir) {
+            Ok(snapshot) => (snapshot.config.clone(), Some(snapshot)),
+            Err(err) => return fail(2, err),
+        },
+        _ => {
+            return fail(
+                2,
+                "give --config FILE (or --restore DIR, --check-host, --print-config FILE); \
+                 see --help",
+            );
+        }
+    };
+    if cli.snapshot.is_some() && !matches!(config.workload, Workload::Counter) {
+        return fail(2, "--snapshot: only the counter workload has a checkpoint");
+    }
+    let json = cli.report == ReportFormat::Json;
+    let mut stdout = std::io::stdout();
+    let mut stderr = std::io::stderr();
+    let serial: &mut dyn Write = if json { &mut stderr } else { &mut stdout };
+    let result = match config.accel {
+        Accel::Kvm => kvm_run::run(
+            &config,
+            serial,
+            kvm_run::KvmOptions {
+                snapshot_dir: cli.snapshot.clone(),
+                restore,
+            },
+        ),
+        Accel::Soft => soft_run::run(&config),
+    };
+    match result {
+        Ok(report) => {
+            let text = if json {
+                report.to_json()
+            } else {
+                report.to_human()
+            };
+            let mut out = std::io::stdout();
+            let _ = writeln!(out, "{text}");
+            if report.exit == "stopped by a signal" {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            }
+        }
+        Err(err) => fail(err.exit_code() as u8, &err as &RunError),
+    }
+}

@@ -1,0 +1,177 @@
+//! The run report: human text, or one JSON object.
+
+use std::fmt::Write as _;
+
+use serde::Serialize;
+
+/// Leaf counts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Pages {
+    /// 4K leaves.
+    #[serde(rename = "4k")]
+    pub pages_4k: u64,
+    /// 2M leaves.
+    #[serde(rename = "2m")]
+    pub pages_2m: u64,
+    /// 1G leaves.
+    #[serde(rename = "1g")]
+    pub pages_1g: u64,
+}
+
+impl From<split::PageStats> for Pages {
+    fn from(stats: split::PageStats) -> Self {
+        Self {
+            pages_4k: stats.pages_4k,
+            pages_2m: stats.pages_2m,
+            pages_1g: stats.pages_1g,
+        }
+    }
+}
+
+/// One dirty-log iteration.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Iteration {
+    /// Time for every vCPU to finish its pass.
+    pub dirty_s: f64,
+    /// Time to get the dirty log.
+    pub get_dirty_log_s: f64,
+    /// Time to clear it (manual protect), else 0.
+    pub clear_dirty_log_s: f64,
+    /// Pages in the log.
+    pub dirty_pages: u64,
+}
+
+/// The dirty_log figures.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct DirtyLog {
+    /// The populating pass.
+    pub populate_s: f64,
+    /// Enabling dirty logging.
+    pub enable_dirty_log_s: f64,
+    /// Each iteration.
+    pub iterations: Vec<Iteration>,
+    /// Leaf counts before enabling, where the accelerator knows them.
+    pub pages_before_enable: Option<Pages>,
+    /// Leaf counts after enabling.
+    pub pages_after_enable: Option<Pages>,
+}
+
+/// Memory-cache figures (soft accelerator).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct CacheFigures {
+    /// Topups that filled.
+    pub topups: u64,
+    /// Pages taken from the allocator by topups.
+    pub pages_taken: u64,
+    /// Allocations that found a cache empty and fell back.
+    pub fallback_allocations: u64,
+}
+
+/// TDX figures.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct TdxFigures {
+    /// SEAMCALLs made.
+    pub seamcalls: u64,
+    /// PAMT pages in use at the end of the run.
+    pub pamt_pages: u64,
+}
+
+/// The report of one run.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Report {
+    /// `kvm` or `soft`.
+    pub accel: String,
+    /// The memory backend.
+    pub backend: String,
+    /// vCPUs.
+    pub vcpus: u32,
+    /// Guest memory.
+    pub memory_bytes: u64,
+    /// Prefault throughput, when prefault was on.
+    pub prefault_gib_s: Option<f64>,
+    /// The workload kind.
+    pub workload: String,
+    /// dirty_log figures.
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub dirty_log: Option<DirtyLog>,
+    /// Cache figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheFigures>,
+    /// TDX figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tdx: Option<TdxFigures>,
+    /// Bytes the guest wrote to the serial port.
+    pub serial_bytes: u64,
+    /// Why the run ended.
+    pub exit: String,
+}
+
+impl Report {
+    /// The report as one JSON object.
+    pub fn to_json(&self) -> String {
+        serde_json::to_string_pretty(self).expect("reports serialize")
+    }
+
+    /// The report as text for people.
+    pub fn to_human(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "refvmm: {} on {} memory, {} vCPUs, {} MiB, workload {}: {}",
+            self.accel,
+            self.backend,
+            self.vcpus,
+            self.memory_bytes >> 20,
+            self.workload,
+            self.exit
+        );
+        if let Some(rate) = self.prefault_gib_s {
+            let _ = writeln!(out, "  prefault: {rate:.2} GiB/s");
+        }
+        if let Some(log) = &self.dirty_log {
+            let _ = writeln!(
+                out,
+                "  populate {:.3}s, enable dirty logging {:.3}s",
+                log.populate_s, log.enable_dirty_log_s
+            );
+            for (i, it) in log.iterations.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "  iteration {}: dirty {:.3}s, get {:.3}s, clear {:.3}s, {} dirty pages",
+                    i + 1,
+                    it.dirty_s,
+                    it.get_dirty_log_s,
+                    it.clear_dirty_log_s,
+                    it.dirty_pages
+                );
+            }
+            if let (Some(before), Some(after)) = (log.pages_before_enable, log.pages_after_enable) {
+                let _ = writeln!(
+                    out,
+                    "  pages before enable 4k/2m/1g {}/{}/{}, after {}/{}/{}",
+                    before.pages_4k,
+                    before.pages_2m,
+                    before.pages_1g,
+                    after.pages_4k,
+                    after.pages_2m,
+                    after.pages_1g
+                );
+            }
+        }
+        if let Some(cache) = &self.cache {
+            let _ = writeln!(
+                out,
+                "  caches: {} topups, {} pages taken, {} fallback allocations",
+                cache.topups, cache.pages_taken, cache.fallback_allocations
+            );
+        }
+        if let Some(tdx) = &self.tdx {
+            let _ = writeln!(
+                out,
+                "  tdx: {} SEAMCALLs, {} PAMT pages in use",
+                tdx.seamcalls, tdx.pamt_pages
+            );
+        }
+        out
+    }
+}

@@ -1,0 +1,225 @@
+//! Snapshot and restore of a one-vCPU KVM guest: vCPU registers, the
+//! configuration (memory layout), guest memory and its attributes, with an
+//! explicit format version and CRC-64 checksums.
+
+use std::path::{Path, PathBuf};
+
+use gmem::{Attribute, GuestRegion};
+use kvm_bindings::{kvm_regs, kvm_sregs};
+use kvm_ioctls::VcpuFd;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::engine::{RunError, kvm_err};
+
+/// The format this refvmm writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+const STATE_FILE: &str = "snapshot.json";
+const MEMORY_FILE: &str = "memory.bin";
+
+/// CRC-64/XZ (ECMA-182 polynomial, reflected).
+pub fn crc64(bytes: &[u8]) -> u64 {
+    const POLY: u64 = 0xC96C_5795_D787_0F42;
+    static TABLE: std::sync::OnceLock<[u64; 256]> = std::sync::OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let mut table = [0u64; 256];
+        for (i, slot) in table.iter_mut().enumerate() {
+            let mut crc = i as u64;
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ POLY
+                } else {
+                    crc >> 1
+                };
+            }
+            *slot = crc;
+        }
+        table
+    });
+    !bytes.iter().fold(!0u64, |crc, &b| {
+        table[((crc ^ u64::from(b)) & 0xff) as usize] ^ (crc >> 8)
+    })
+}
+
+/// What a snapshot holds.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Snapshot {
+    /// The format version.
+    pub format_version: u32,
+    /// The configuration the guest ran with (its memory layout).
+    pub config: Config,
+    /// General registers.
+    pub regs: kvm_regs,
+    /// Segment and control registers.
+    pub sregs: kvm_sregs,
+    /// Guest memory size.
+    pub memory_bytes: u64,
+    /// CRC-64 of the memory file.
+    pub memory_crc64: u64,
+    /// Private ranges of guest memory, `[start, end)` in bytes.
+    pub private_ranges: Vec<(u64, u64)>,
+    /// Where the snapshot was read from.
+    #[serde(skip)]
+    pub dir: PathBuf,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    format_version: u32,
+    checksum: u64,
+    body: String,
+}
+
+fn err(what: impl Into<String>) -> RunError {
+    RunError::Snapshot(what.into())
+}
+
+/// Saves the vCPU, the configuration and guest memory to `dir`.
+pub fn save(
+    dir: &Path,
+    config: &Config,
+    vcpu: &VcpuFd,
+    region: &GuestRegion,
+) -> Result<(), RunError> {
+    std::fs::create_dir_all(dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
+    let size = region.size();
+    let mut memory = vec![0u8; size as usize];
+    region
+        .view()
+        .read_at(0, &mut memory)
+        .map_err(|e| err(format!("reading guest memory: {e}")))?;
+    std::fs::write(dir.join(MEMORY_FILE), &memory)
+        .map_err(|e| err(format!("{}: {e}", dir.join(MEMORY_FILE).display())))?;
+    let private_ranges = region
+        .file()
+        .attribute_runs(0, size)
+        .into_iter()
+        .filter(|run| run.2 == Attribute::Private)
+        .map(|(start, end, _)| (start, end))
+        .collect();
+    let snapshot = Snapshot {
+        format_version: FORMAT_VERSION,
+        config: config.clone(),
+        regs: vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?,
+        sregs: vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?,
+        memory_bytes: size,
+        memory_crc64: crc64(&memory),
+        private_ranges,
+        dir: dir.to_owned(),
+    };
+    let body = serde_json::to_string(&snapshot).map_err(|e| err(e.to_string()))?;
+    let envelope = Envelope {
+        format_version: FORMAT_VERSION,
+        checksum: crc64(body.as_bytes()),
+        body,
+    };
+    let text = serde_json::to_string_pretty(&envelope).map_err(|e| err(e.to_string()))?;
+    std::fs::write(dir.join(STATE_FILE), text)
+        .map_err(|e| err(format!("{}: {e}", dir.join(STATE_FILE).display())))
+}
+
+/// Reads a snapshot, refusing unknown versions and bad checksums.
+pub fn load(dir: &Path) -> Result<Snapshot, RunError> {
+    let path = dir.join(STATE_FILE);
+    let text =
+        std::fs::read_to_string(&path).map_err(|e| err(format!("{}: {e}", path.display())))?;
+    decode(&text, dir)
+}
+
+/// Decodes the state file's text (`dir` locates the memory file).
+pub fn decode(text: &str, dir: &Path) -> Result<Snapshot, RunError> {
+    let envelope: Envelope =
+        serde_json::from_str(text).map_err(|e| err(format!("not a refvmm snapshot: {e}")))?;
+    if envelope.format_version != FORMAT_VERSION {
+        return Err(err(format!(
+            "format version {} is unknown (this refvmm reads version {FORMAT_VERSION})",
+            envelope.format_version
+        )));
+    }
+    if crc64(envelope.body.as_bytes()) != envelope.checksum {
+        return Err(err(
+            "the state checksum does not match: the snapshot is damaged",
+        ));
+    }
+    let mut snapshot: Snapshot =
+        serde_json::from_str(&envelope.body).map_err(|e| err(format!("state: {e}")))?;
+    if snapshot.format_version != FORMAT_VERSION {
+        return Err(err(
+            "the state's format version disagrees with its envelope",
+        ));
+    }
+    snapshot.dir = dir.to_owned();
+    Ok(snapshot)
+}
+
+/// Loads the snapshot's memory and registers into a fresh vCPU and region.
+pub fn restore_into(
+    snapshot: &Snapshot,
+    vcpu: &VcpuFd,
+    region: &GuestRegion,
+) -> Result<(), RunError> {
+    let path = snapshot.dir.join(MEMORY_FILE);
+    let memory = std::fs::read(&path).map_err(|e| err(format!("{}: {e}", path.display())))?;
+    if memory.len() as u64 != snapshot.memory_bytes || memory.len() as u64 != region.size() {
+        return Err(err(format!(
+            "{}: {} bytes, the snapshot says {}",
+            path.display(),
+            memory.len(),
+            snapshot.memory_bytes
+        )));
+    }
+    if crc64(&memory) != snapshot.memory_crc64 {
+        return Err(err(
+            "the memory checksum does not match: the snapshot is damaged",
+        ));
+    }
+    region
+        .view()
+        .write_at(0, &memory)
+        .map_err(|e| err(format!("writing guest memory: {e}")))?;
+    for &(start, end) in &snapshot.private_ranges {
+        region
+            .file()
+            .convert(start, end - start, Attribute::Private)
+            .map_err(|e| err(format!("restoring attributes: {e}")))?;
+    }
+    vcpu.set_sregs(&snapshot.sregs)
+        .map_err(kvm_err("KVM_SET_SREGS"))?;
+    vcpu.set_regs(&snapshot.regs)
+        .map_err(kvm_err("KVM_SET_REGS"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc64_matches_the_xz_check_value() {
+        assert_eq!(crc64(b"123456789"), 0x995D_C9BB_DF19_39FA);
+    }
+
+    #[test]
+    fn damaged_or_foreign_snapshots_are_refused() {
+        let dir = Path::new("/nonexistent");
+        assert!(
+            decode("not json", dir)
+                .unwrap_err()
+                .to_string()
+                .contains("not a refvmm")
+        );
+        let wrong_version = r#"{"format_version": 9, "checksum": 0, "body": "{}"}"#;
+        assert!(
+            decode(wrong_version, dir)
+                .unwrap_err()
+                .to_string()
+                .contains("version 9")
+        );
+        let bad_sum = r#"{"format_version": 1, "checksum": 1, "body": "{}"}"#;
+        assert!(
+            decode(bad_sum, dir)
+                .unwrap_err()
+                .to_string()
+                .contains("checksum")
+        );
+    }
+}

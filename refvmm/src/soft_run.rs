@@ -1,0 +1,254 @@
+//! The `soft` accelerator: split's TDP MMU (a mirror over tdx-ext's software
+//! TDX module when TDX is on) and software vCPU threads that write guest
+//! memory through it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+use std::time::Instant;
+
+use mmu_cache::PagePool;
+use mmu_cache::alloc::ChunkAllocator;
+use split::{LogMode, Memslot, MmuConfig, TdpMmu, VcpuCaches};
+use tdx_ext::pamt::{DynamicPamt, PamtPolicy};
+use tdx_ext::{Seamcall, SimTdxModule, TdxMirror};
+
+use crate::config::{BackendName, Config, PamtPolicyName, Workload, layout};
+use crate::engine::{RunError, create_memory, open_kvm, prefault};
+use crate::kvm_run::{STOP, verify_log};
+use crate::report::{CacheFigures, DirtyLog, Iteration, Report, TdxFigures};
+
+struct Td {
+    module: Arc<SimTdxModule>,
+    mirror: Arc<TdxMirror>,
+}
+
+/// Runs the dirty_log workload on the software MMU stack.
+pub fn run(config: &Config) -> Result<Report, RunError> {
+    let Workload::DirtyLog {
+        iterations,
+        bytes_per_vcpu_mib,
+        write_percent,
+    } = config.workload
+    else {
+        return Err(RunError::Host {
+            what: "workload.kind".into(),
+            fix: "the soft accelerator runs only dirty_log".into(),
+        });
+    };
+    let vm = if config.memory.backend == BackendName::GuestMemfd {
+        Some(open_kvm()?)
+    } else {
+        None
+    };
+    let file = create_memory(config, vm.as_ref())?;
+    let prefault_gib_s = prefault(config, &file)?;
+    // Software vCPUs write real guest memory, at the host addresses the MMU
+    // translates to.
+    let view = file.map_guest(0, file.size())?;
+    let npages = file.size() / 4096;
+    let mmu_config = MmuConfig {
+        eager_split: config.mmu.eager_split,
+        vcpu_cache_capacity: config.mmu.cache_capacity,
+        ..MmuConfig::default()
+    };
+    let pool = PagePool::new(ChunkAllocator::anonymous());
+    let td = config.tdx.enabled.then(|| {
+        let module = Arc::new(SimTdxModule::new(mmu_config.levels));
+        let pamt = DynamicPamt::new(module.clone(), PagePool::new(ChunkAllocator::anonymous()));
+        let policy = match config.tdx.pamt_policy {
+            PamtPolicyName::OnInstall => PamtPolicy::OnInstall,
+            PamtPolicyName::OnCacheEntry => PamtPolicy::OnCacheEntry,
+        };
+        let mirror = TdxMirror::new(
+            module.clone(),
+            pamt,
+            ChunkAllocator::anonymous(),
+            None,
+            policy,
+        );
+        Td { module, mirror }
+    });
+    let mmu = match &td {
+        Some(td) => {
+            td.mirror
+                .finalize()
+                .map_err(|status| RunError::Kvm(format!("finalize the TD: {status}")))?;
+            TdpMmu::with_hooks(pool, mmu_config, Box::new(td.mirror.clone()))
+        }
+        None => TdpMmu::new(pool, mmu_config),
+    }
+    .map_err(|err| RunError::Kvm(format!("software MMU: {err}")))?;
+    mmu.add_memslot(
+        Memslot::new(0, 0, npages, view.as_ptr() as u64 >> 12)
+            .map_err(|err| RunError::Kvm(format!("memslot: {err}")))?,
+    )
+    .map_err(|err| RunError::Kvm(format!("memslot: {err}")))?;
+
+    let share_bytes = bytes_per_vcpu_mib << 20;
+    let vcpus = config.vcpus as usize;
+    let barrier = Barrier::new(vcpus + 1);
+    let done = AtomicBool::new(false);
+    let failure: Mutex<Option<String>> = Mutex::new(None);
+    let mut log_report = DirtyLog::default();
+    let mut cache = CacheFigures::default();
+    let caches: Vec<VcpuCaches> =
+        std::thread::scope(|scope| -> Result<Vec<VcpuCaches>, RunError> {
+            let handles: Vec<_> = (0..vcpus as u64)
+                .map(|id| {
+                    let (mmu, barrier, done, failure) = (&mmu, &barrier, &done, &failure);
+                    scope.spawn(move || {
+                        let mut caches = mmu.new_vcpu_caches();
+                        let first = layout::SHARES + id * share_bytes;
+                        let mut value = 1u64;
+                        loop {
+                            for i in 0..share_bytes / 4096 {
+                                let gpa = first + i * 4096;
+                                let result = if i % 100 < u64::from(write_percent) {
+                                    mmu.write(&mut caches, gpa).map(|hpa| {
+                                        // SAFETY: the MMU translated into the
+                                        // guest view, which outlives this thread.
+                                        unsafe { std::ptr::write_volatile(hpa as *mut u64, value) }
+                                    })
+                                } else {
+                                    mmu.read(&mut caches, gpa).map(|hpa| {
+                                        // SAFETY: as above.
+                                        unsafe { std::ptr::read_volatile(hpa as *const u64) };
+                                    })
+                                };
+                                if let Err(err) = result {
+                                    failure
+                                        .lock()
+                                        .unwrap_or_else(|p| p.into_inner())
+                                        .get_or_insert(format!("vCPU {id} at gpa {gpa:#x}: {err}"));
+                                    break;
+                                }
+                            }
+                            value += 1;
+                            barrier.wait();
+                            barrier.wait();
+                            if done.load(Ordering::Relaxed) {
+                                return caches;
+                            }
+                        }
+                    })
+                })
+                .collect();
+            let outcome = drive(
+                &mmu,
+                config,
+                iterations,
+                share_bytes,
+                write_percent,
+                &barrier,
+                &failure,
+                &mut log_report,
+            );
+            done.store(true, Ordering::Relaxed);
+            barrier.wait();
+            let caches: Vec<VcpuCaches> = handles
+                .into_iter()
+                .map(|h| h.join().expect("vCPU threads do not panic"))
+                .collect();
+            outcome?;
+            Ok(caches)
+        })?;
+    for vcpu in &caches {
+        for stats in [vcpu.tables.stats(), vcpu.headers.stats()] {
+            cache.topups += stats.fills;
+            cache.pages_taken += stats.obtained;
+            cache.fallback_allocations += stats.empty_allocs;
+        }
+    }
+    let tdx = td.as_ref().map(|td| TdxFigures {
+        seamcalls: Seamcall::ALL.iter().map(|&s| td.module.calls(s)).sum(),
+        pamt_pages: td.mirror.pamt().counters().pages_in_use,
+    });
+    if td.is_some() {
+        mmu.teardown()
+            .map_err(|err| RunError::Kvm(format!("TD teardown: {err}")))?;
+    }
+    drop(caches);
+    Ok(Report {
+        accel: "soft".into(),
+        backend: config.memory.backend.name().into(),
+        vcpus: config.vcpus,
+        memory_bytes: config.memory_bytes(),
+        prefault_gib_s,
+        workload: "dirty_log".into(),
+        dirty_log: Some(log_report),
+        cache: Some(cache),
+        tdx,
+        serial_bytes: 0,
+        exit: "iterations done".into(),
+    })
+}
+
+/// The host side of the test: populate, enable, iterate, verify.
+#[allow(clippy::too_many_arguments)]
+fn drive(
+    mmu: &TdpMmu,
+    config: &Config,
+    iterations: u32,
+    share_bytes: u64,
+    write_percent: u32,
+    barrier: &Barrier,
+    failure: &Mutex<Option<String>>,
+    report: &mut DirtyLog,
+) -> Result<(), RunError> {
+    let check = || match failure.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+        Some(why) => Err(RunError::Guest(why)),
+        None => Ok(()),
+    };
+    let start = Instant::now();
+    barrier.wait();
+    report.populate_s = start.elapsed().as_secs_f64();
+    check()?;
+    report.pages_before_enable = Some(mmu.page_stats().into());
+    let manual = config.mmu.manual_protect;
+    let mode = if manual {
+        LogMode::ManualInitiallySet
+    } else {
+        LogMode::Classic
+    };
+    let start = Instant::now();
+    mmu.enable_dirty_logging(0, mode)
+        .map_err(|err| RunError::Kvm(format!("enable dirty logging: {err}")))?;
+    report.enable_dirty_log_s = start.elapsed().as_secs_f64();
+    report.pages_after_enable = Some(mmu.page_stats().into());
+    for iteration in 1..=iterations {
+        if STOP.load(Ordering::Relaxed) {
+            return Err(RunError::Guest("stopped by a signal".into()));
+        }
+        let start = Instant::now();
+        barrier.wait();
+        barrier.wait();
+        let dirty_s = start.elapsed().as_secs_f64();
+        check()?;
+        let start = Instant::now();
+        let log = mmu
+            .get_dirty_log(0)
+            .map_err(|err| RunError::Kvm(format!("get dirty log: {err}")))?;
+        let get_s = start.elapsed().as_secs_f64();
+        let mut clear_s = 0.0;
+        if manual {
+            let start = Instant::now();
+            mmu.clear_dirty_log(0, 0, &log)
+                .map_err(|err| RunError::Kvm(format!("clear dirty log: {err}")))?;
+            clear_s = start.elapsed().as_secs_f64();
+        }
+        verify_log(
+            &log,
+            config.vcpus as usize,
+            share_bytes,
+            write_percent,
+            iteration,
+        )?;
+        report.iterations.push(Iteration {
+            dirty_s,
+            get_dirty_log_s: get_s,
+            clear_dirty_log_s: clear_s,
+            dirty_pages: log.iter().map(|w| u64::from(w.count_ones())).sum(),
+        });
+    }
+    Ok(())
+}
