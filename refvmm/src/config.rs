@@ -187,10 +187,11 @@ pub enum BinaryMode {
 }
 
 /// What the guest runs.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Workload {
     /// Prints a line on the serial port and halts.
+    #[default]
     Hello,
     /// The kernel's dirty_log_perf_test.
     DirtyLog {
@@ -232,11 +233,6 @@ fn default_write_percent() -> u32 {
     100
 }
 
-impl Default for Workload {
-    fn default() -> Self {
-        Self::Hello
-    }
-}
 
 /// A VM and what it runs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -295,9 +291,18 @@ impl Config {
 
     /// Parses and checks configuration text.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
-        let config: Self = serde_json::from_str(text).map_err(|err| ConfigError::Parse {
-            path: PathBuf::from("<config>"),
-            message: err.to_string(),
+        let deserializer = &mut serde_json::Deserializer::from_str(text);
+        let config: Self = serde_path_to_error::deserialize(deserializer).map_err(|err| {
+            let field = err.path().to_string();
+            let inner = err.into_inner();
+            ConfigError::Parse {
+                path: PathBuf::from("<config>"),
+                message: if field == "." {
+                    inner.to_string()
+                } else {
+                    format!("{field}: {inner}")
+                },
+            }
         })?;
         config.validate()?;
         Ok(config)
