@@ -772,10 +772,25 @@ impl GuestMemFile {
     ) -> Result<View, GmemError> {
         let inner = &self.inner;
         let prot = libc::PROT_READ | libc::PROT_WRITE;
+        // Views start on a 2 MiB boundary when they are that big (a huge
+        // page boundary for HugeTLB), so huge mappings line up with them.
+        let align = if inner.kind == BackendKind::Hugetlb {
+            inner.granule
+        } else if len >= 2 << 20 {
+            2 << 20
+        } else {
+            PAGE_SIZE
+        } as usize;
         if inner.kind == BackendKind::Kvm {
             let fd = inner.fd.as_ref().expect("KVM files have a descriptor");
-            let mapping = Mapping::new(len as usize, prot, map_flags, Some(fd), offset)
-                .map_err(GmemError::os("mmap"))?;
+            let mapping =
+                Mapping::reserve_aligned(len as usize, align).map_err(GmemError::os("mmap"))?;
+            // SAFETY: the whole of our fresh reservation; the kernel applies
+            // guest_memfd's rules to the flags.
+            unsafe {
+                sys::map_fixed_flags(mapping.addr(), len as usize, prot, map_flags, fd, offset)
+            }
+            .map_err(GmemError::os("mmap"))?;
             let view = self.register(mapping, offset, len, kind);
             let end_page = (offset + len).min(inner.size).div_ceil(PAGE_SIZE);
             let state = self.state();
@@ -802,21 +817,26 @@ impl GuestMemFile {
             )));
         }
         let mapping = match inner.kind {
-            BackendKind::Anonymous => self.alias_master(offset, len)?,
-            // hugetlbfs grows a file that is mapped past its end: map only
-            // the part inside it, and leave the rest inaccessible.
-            BackendKind::Hugetlb if offset + len > inner.size => {
-                let reserve = Mapping::reserve_aligned(len as usize, inner.granule as usize)
-                    .map_err(GmemError::os("mmap"))?;
-                let inside = inner.size.saturating_sub(offset);
-                if inside > 0 {
+            BackendKind::Anonymous => self.alias_master(offset, len, align)?,
+            _ => {
+                let reserve =
+                    Mapping::reserve_aligned(len as usize, align).map_err(GmemError::os("mmap"))?;
+                // hugetlbfs grows a file that is mapped past its end: map
+                // only the part inside it, and leave the rest inaccessible.
+                // Other files fault (SIGBUS) past their end, as guest_memfd.
+                let mapped = if inner.kind == BackendKind::Hugetlb {
+                    len.min(inner.size.saturating_sub(offset))
+                } else {
+                    len
+                };
+                if mapped > 0 {
                     // SAFETY: the start of our fresh reservation.
                     unsafe {
                         sys::map_fixed(
                             reserve.addr(),
-                            inside as usize,
+                            mapped as usize,
                             prot,
-                            inner.fd.as_ref().expect("HugeTLB files have a descriptor"),
+                            inner.fd.as_ref().expect("file backends have a descriptor"),
                             offset,
                         )
                     }
@@ -824,14 +844,6 @@ impl GuestMemFile {
                 }
                 reserve
             }
-            _ => Mapping::new(
-                len as usize,
-                prot,
-                libc::MAP_SHARED,
-                inner.fd.as_ref(),
-                offset,
-            )
-            .map_err(GmemError::os("mmap"))?,
         };
         let view = self.register(mapping, offset, len, kind);
         {
@@ -849,20 +861,14 @@ impl GuestMemFile {
 
     /// Anonymous memory: a second mapping of the same pages (mremap with an
     /// old size of 0), with any part past the end left inaccessible.
-    fn alias_master(&self, offset: u64, len: u64) -> Result<Mapping, GmemError> {
+    fn alias_master(&self, offset: u64, len: u64, align: usize) -> Result<Mapping, GmemError> {
         let master = self
             .inner
             .master
             .as_ref()
             .expect("anonymous memory is mapped");
-        let reserve = Mapping::new(
-            len as usize,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            None,
-            0,
-        )
-        .map_err(GmemError::os("mmap"))?;
+        let reserve =
+            Mapping::reserve_aligned(len as usize, align).map_err(GmemError::os("mmap"))?;
         let inside = len.min(self.inner.size.saturating_sub(offset));
         if inside > 0 {
             // SAFETY: the source is the shared internal mapping; the target is

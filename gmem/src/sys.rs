@@ -181,6 +181,36 @@ pub(crate) unsafe fn map_fixed(
     Ok(())
 }
 
+/// `mmap(addr, len, prot, flags | MAP_FIXED, fd, offset)`.
+///
+/// # Safety
+///
+/// As for [`map_fixed`].
+pub(crate) unsafe fn map_fixed_flags(
+    addr: *mut u8,
+    len: usize,
+    prot: i32,
+    flags: i32,
+    fd: &OwnedFd,
+    offset: u64,
+) -> io::Result<()> {
+    // SAFETY: guaranteed by the caller.
+    let ret = unsafe {
+        libc::mmap(
+            addr.cast(),
+            len,
+            prot,
+            flags | libc::MAP_FIXED,
+            fd.as_raw_fd(),
+            offset as libc::off_t,
+        )
+    };
+    if ret == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// `mremap(old, 0, len, MREMAP_MAYMOVE | MREMAP_FIXED, new)`: a second
 /// mapping of the same shared pages at `new`.
 ///

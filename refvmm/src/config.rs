@@ -233,7 +233,6 @@ fn default_write_percent() -> u32 {
     100
 }
 
-
 /// A VM and what it runs.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]

@@ -71,7 +71,15 @@ fn write_guest(region: &GuestRegion, gpa: u64, bytes: &[u8]) -> Result<(), RunEr
         .map_err(|err| RunError::Guest(format!("loading the program at {gpa:#x}: {err}")))
 }
 
-fn real_mode(vcpu: &VcpuFd, rip: u64) -> Result<(), RunError> {
+/// Real mode at linear address `entry`: CS holds the 64 KiB segment of
+/// the entry point (so it may lie above 64 KiB), data segments start at 0.
+fn real_mode(vcpu: &VcpuFd, entry: u64) -> Result<(), RunError> {
+    if entry >= 1 << 20 {
+        return Err(RunError::Host {
+            what: format!("workload.entry_gpa {entry:#x} is above 1 MiB"),
+            fix: "real mode reaches only the first 1 MiB; use \"mode\": \"long\"".into(),
+        });
+    }
     let mut sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
     for segment in [
         &mut sregs.cs,
@@ -84,9 +92,11 @@ fn real_mode(vcpu: &VcpuFd, rip: u64) -> Result<(), RunError> {
         segment.base = 0;
         segment.selector = 0;
     }
+    sregs.cs.base = entry & !0xffff;
+    sregs.cs.selector = (sregs.cs.base >> 4) as u16;
     vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))?;
     let mut regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
-    regs.rip = rip;
+    regs.rip = entry & 0xffff;
     regs.rflags = 2;
     regs.rsp = 0x8000;
     vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))

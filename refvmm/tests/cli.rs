@@ -1,0 +1,303 @@
+//! refvmm end to end: the examples run and report what they should, bad
+//! configurations exit 2 naming the problem and leave nothing behind, a
+//! signal stops a run cleanly, and snapshot + restore print what one
+//! uninterrupted run prints.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn refvmm() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_refvmm"))
+}
+
+fn example(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../examples")
+        .join(name)
+}
+
+fn run(args: &[&str]) -> Output {
+    refvmm().args(args).output().expect("refvmm runs")
+}
+
+fn json_report(config: &Path) -> serde_json::Value {
+    let out = run(&["--config", config.to_str().unwrap(), "--report", "json"]);
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        config.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
+}
+
+fn have_kvm() -> bool {
+    let caps = gmem::HostCaps::probe();
+    if caps.kvm.is_none() {
+        eprintln!("skip: no usable /dev/kvm ({:?})", caps.kvm_error);
+        return false;
+    }
+    true
+}
+
+fn free_2m_pages() -> u64 {
+    gmem::HostCaps::probe()
+        .pool(2 << 20)
+        .map_or(0, |pool| pool.available)
+}
+
+fn write_config(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("refvmm-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[test]
+fn hello_prints_its_line_on_anonymous_and_guest_memfd_memory() {
+    if !have_kvm() {
+        return;
+    }
+    for name in ["hello.json", "hello-guest-memfd.json"] {
+        let out = run(&["--config", example(name).to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(stdout.starts_with("Hello from mmukit guest\n"), "{stdout}");
+        let report = json_report(&example(name));
+        assert_eq!(report["exit"], "halted");
+        assert_eq!(report["serial_bytes"], 24);
+    }
+}
+
+#[test]
+fn dirty_log_on_kvm_verifies_every_iteration() {
+    if !have_kvm() {
+        return;
+    }
+    if free_2m_pages() < 16 {
+        eprintln!("skip: fewer than 16 free 2 MiB pages (scripts/setup reserves them)");
+        return;
+    }
+    let report = json_report(&example("dirty-log-hugetlb.json"));
+    let iterations = report["iterations"].as_array().unwrap();
+    assert_eq!(iterations.len(), 3);
+    for it in iterations {
+        assert!(it["dirty_pages"].as_u64().unwrap() >= 2 * 1024);
+    }
+    assert!(report["prefault_gib_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn soft_dirty_log_splits_eagerly_or_lazily_and_runs_tdx() {
+    let eager = json_report(&example("dirty-log-soft-eager.json"));
+    assert_eq!(eager["iterations"].as_array().unwrap().len(), 3);
+    assert!(eager["pages_before_enable"]["2m"].as_u64().unwrap() > 0);
+    assert_eq!(eager["pages_after_enable"]["2m"], 0);
+    assert_eq!(eager["pages_after_enable"]["1g"], 0);
+    assert_eq!(eager["cache"]["fallback_allocations"], 0);
+    let lazy = json_report(&example("dirty-log-soft-lazy.json"));
+    assert!(lazy["pages_after_enable"]["2m"].as_u64().unwrap() > 0);
+    let tdx = json_report(&example("soft-tdx.json"));
+    assert!(tdx["tdx"]["seamcalls"].as_u64().unwrap() > 0);
+    assert_eq!(
+        tdx["pages_after_enable"]["2m"], 0,
+        "demoted for dirty logging"
+    );
+}
+
+#[test]
+fn manual_protect_and_partial_writes_are_verified_too() {
+    let config = write_config(
+        "manual.json",
+        r#"{"vcpus": 2, "accel": "soft", "memory": {"size_mib": 64},
+            "mmu": {"manual_protect": true},
+            "workload": {"kind": "dirty_log", "iterations": 2, "bytes_per_vcpu_mib": 8,
+                         "write_percent": 50}}"#,
+    );
+    let report = json_report(&config);
+    let iterations = report["iterations"].as_array().unwrap();
+    assert!(iterations[1]["clear_dirty_log_s"].as_f64().unwrap() > 0.0);
+    // Half the pages of 2 x 8 MiB are written each pass.
+    assert!(iterations[1]["dirty_pages"].as_u64().unwrap() >= 2048);
+}
+
+#[test]
+fn bad_configs_exit_2_naming_the_problem_and_leave_nothing_behind() {
+    let free_before = free_2m_pages();
+    let cases = [
+        (r#"{"vcpus": 1, "colour": "red"}"#, "colour"),
+        (r#"{"memory": {"size_mib": 0}}"#, "memory.size_mib"),
+        (
+            r#"{"memory": {"size_mib": 3, "backend": "hugetlb"}}"#,
+            "memory.size_mib",
+        ),
+        (r#"{"tdx": {"enabled": true}}"#, "tdx.enabled"),
+        (r#"{"memory": {"backend": "secret"}}"#, "memory.backend"),
+        (r#"{"accel": "soft"}"#, "workload.kind"),
+        (
+            r#"{"workload": {"kind": "binary", "path": "/no/such/file", "load_gpa": 4096, "entry_gpa": 4096}}"#,
+            "workload.path",
+        ),
+        (
+            r#"{"memory": {"size_mib": 1048576, "backend": "hugetlb", "huge_page_size": "2M"}, "accel": "soft", "workload": {"kind": "dirty_log"}}"#,
+            "hugepages-2048kB",
+        ),
+    ];
+    for (i, (text, needle)) in cases.into_iter().enumerate() {
+        let path = write_config(&format!("bad{i}.json"), text);
+        let out = run(&["--config", path.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{text}: {stderr}");
+        assert!(stderr.contains(needle), "{text}: {stderr}");
+    }
+    // Other tests may hold pages for a moment; ours must all come back.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while free_2m_pages() < free_before && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        free_2m_pages() >= free_before,
+        "no huge pages kept reserved"
+    );
+    let out = run(&["--config", "/no/such/config.json"]);
+    assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn print_config_fills_every_default_and_check_host_answers() {
+    let out = run(&["--print-config", example("hello.json").to_str().unwrap()]);
+    assert!(out.status.success());
+    let config: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(config["memory"]["prefault_threads"], 2);
+    assert_eq!(config["mmu"]["cache_capacity"], 40);
+    assert_eq!(config["tdx"]["pamt_policy"], "on_install");
+    let out = run(&["--check-host"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in ["kvm:", "hugetlb", "memfd_secret:"] {
+        assert!(text.contains(line), "{text}");
+    }
+}
+
+#[test]
+fn sigterm_stops_a_run_cleanly() {
+    let config = write_config(
+        "long.json",
+        r#"{"vcpus": 2, "accel": "soft", "memory": {"size_mib": 64},
+            "workload": {"kind": "dirty_log", "iterations": 1000, "bytes_per_vcpu_mib": 16}}"#,
+    );
+    let mut child = refvmm()
+        .args(["--config", config.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "it stopped promptly"
+    );
+    assert_eq!(out.status.code(), Some(1), "a stopped run is not a success");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stopped by a signal"));
+}
+
+#[test]
+fn snapshot_then_restore_prints_what_one_run_prints() {
+    if !have_kvm() {
+        return;
+    }
+    let config = example("counter.json");
+    let whole = run(&["--config", config.to_str().unwrap(), "--report", "json"]);
+    assert!(whole.status.success());
+    let dir = std::env::temp_dir().join(format!("refvmm-snap-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let first = run(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--snapshot",
+        dir.to_str().unwrap(),
+        "--report",
+        "json",
+    ]);
+    assert!(
+        first.status.success(),
+        "{}",
+        String::from_utf8_lossy(&first.stderr)
+    );
+    let second = run(&["--restore", dir.to_str().unwrap(), "--report", "json"]);
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    // With --report json the serial output is on stderr.
+    let joined = [first.stderr.clone(), second.stderr.clone()].concat();
+    assert_eq!(
+        String::from_utf8_lossy(&joined),
+        String::from_utf8_lossy(&whole.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&whole.stderr),
+        "0\n1\n2\n3\n4\n5\n6\n7\n8\n9\n"
+    );
+    // A damaged snapshot is refused.
+    let memory = dir.join("memory.bin");
+    let mut bytes = std::fs::read(&memory).unwrap();
+    bytes[0x1000] ^= 0xff;
+    std::fs::write(&memory, bytes).unwrap();
+    let damaged = run(&["--restore", dir.to_str().unwrap()]);
+    assert_eq!(damaged.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&damaged.stderr).contains("checksum"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_flat_binary_runs_in_real_and_long_mode() {
+    if !have_kvm() {
+        return;
+    }
+    // Real mode: out 0x3f8 'R'; hlt.
+    let real = write_config("real.bin", "");
+    std::fs::write(&real, [0xba, 0xf8, 0x03, 0xb0, b'R', 0xee, 0xf4]).unwrap();
+    // Long mode: mov dx, 0x3f8; mov al, 'L'; out dx, al; mov dx, 0x501; out dx, al.
+    let long = write_config("long.bin", "");
+    std::fs::write(
+        &long,
+        [
+            0x66, 0xba, 0xf8, 0x03, 0xb0, b'L', 0xee, 0x66, 0xba, 0x01, 0x05, 0xee,
+        ],
+    )
+    .unwrap();
+    for (binary, mode, expected, exit) in [
+        (&real, "real", "R", "halted"),
+        (&long, "long", "L", "shutdown port"),
+    ] {
+        let config = write_config(
+            &format!("{mode}.json"),
+            &format!(
+                r#"{{"vcpus": 1, "memory": {{"size_mib": 4}}, "workload": {{"kind": "binary",
+                    "path": "{}", "load_gpa": 65536, "entry_gpa": 65536, "mode": "{mode}"}}}}"#,
+                binary.display()
+            ),
+        );
+        let out = run(&["--config", config.to_str().unwrap(), "--report", "json"]);
+        assert!(
+            out.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stderr), expected);
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["exit"], exit);
+    }
+}
