@@ -192,7 +192,7 @@ fn sigterm_stops_a_run_cleanly() {
         r#"{"vcpus": 2, "accel": "soft", "memory": {"size_mib": 64},
             "workload": {"kind": "dirty_log", "iterations": 1000, "bytes_per_vcpu_mib": 16}}"#,
     );
-    let mut child = refvmm()
+    let child = refvmm()
         .args(["--config", config.to_str().unwrap()])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
