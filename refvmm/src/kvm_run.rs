@@ -13,6 +13,7 @@ use vmm_sys_util::ioctl::ioctl_with_ref;
 
 use crate::config::{BinaryMode, Config, Workload, layout};
 use crate::engine::{RunError, create_memory, kvm_err, open_kvm, prefault};
+use crate::events::{self, Metrics};
 use crate::programs::{self, CHECKPOINT_PORT, PASS_PORT, SERIAL, SERIAL_LSR, SHUTDOWN_PORT};
 use crate::report::{DirtyLog, Iteration, Report};
 use crate::snapshot::{self, Snapshot};
@@ -169,17 +170,23 @@ fn run_until_done(
     serial: &mut dyn Write,
     serial_bytes: &mut u64,
     stop_at_checkpoint: bool,
+    metrics: &Metrics,
 ) -> Result<String, RunError> {
     loop {
         if STOP.load(Ordering::Relaxed) {
             return Ok("stopped by a signal".into());
         }
-        match vcpu.run() {
+        let exit = vcpu.run();
+        metrics.vcpu_exits.fetch_add(1, Ordering::Relaxed);
+        match exit {
             Ok(VcpuExit::IoOut(SERIAL, data)) => {
                 serial
                     .write_all(data)
                     .map_err(|err| RunError::Guest(format!("serial output: {err}")))?;
                 *serial_bytes += data.len() as u64;
+                metrics
+                    .serial_bytes
+                    .fetch_add(data.len() as u64, Ordering::Relaxed);
             }
             Ok(VcpuExit::IoOut(SHUTDOWN_PORT, _)) => return Ok("shutdown port".into()),
             Ok(VcpuExit::IoOut(CHECKPOINT_PORT, _)) if stop_at_checkpoint => {
@@ -218,6 +225,7 @@ pub fn run(
     config: &Config,
     serial: &mut dyn Write,
     options: KvmOptions,
+    metrics: &Metrics,
 ) -> Result<Report, RunError> {
     let vm = build(config)?;
     let mut report = base_report(config, &vm);
@@ -233,6 +241,7 @@ pub fn run(
                 *iterations,
                 *bytes_per_vcpu_mib << 20,
                 *write_percent,
+                metrics,
             )?);
             report.exit = "iterations done".into();
         }
@@ -294,7 +303,10 @@ pub fn run(
             let snapshot_here =
                 options.snapshot_dir.is_some() && matches!(workload, Workload::Counter);
             let mut serial_bytes = 0;
-            let exit = run_until_done(&mut vcpu, serial, &mut serial_bytes, snapshot_here)?;
+            events::register_vcpu_thread();
+            let exit = run_until_done(&mut vcpu, serial, &mut serial_bytes, snapshot_here, metrics);
+            events::unregister_vcpu_thread();
+            let exit = exit?;
             if exit == "checkpoint" {
                 let dir = options.snapshot_dir.as_ref().expect("checked above");
                 // Complete the pending port write, so that the saved state
@@ -323,6 +335,7 @@ fn dirty_log(
     iterations: u32,
     share_bytes: u64,
     write_percent: u32,
+    metrics: &Metrics,
 ) -> Result<DirtyLog, RunError> {
     let vcpus = config.vcpus as usize;
     let pages_per_share = share_bytes / 4096;
@@ -354,9 +367,15 @@ fn dirty_log(
         for mut vcpu in fds {
             let (barrier, done, failure) = (barrier.clone(), done.clone(), failure.clone());
             scope.spawn(move || {
+                events::register_vcpu_thread();
                 loop {
                     let outcome = loop {
-                        match vcpu.run() {
+                        if STOP.load(Ordering::Relaxed) {
+                            break Err("stopped by a signal".to_string());
+                        }
+                        let exit = vcpu.run();
+                        metrics.vcpu_exits.fetch_add(1, Ordering::Relaxed);
+                        match exit {
                             Ok(VcpuExit::IoOut(PASS_PORT, _)) => break Ok(()),
                             Ok(VcpuExit::IoOut(_, _)) => {}
                             Ok(VcpuExit::IoIn(_, data)) => data.fill(0xff),
@@ -375,6 +394,7 @@ fn dirty_log(
                     barrier.wait(); // the pass is done
                     barrier.wait(); // go on, or stop
                     if done.load(Ordering::Relaxed) {
+                        events::unregister_vcpu_thread();
                         return;
                     }
                 }
@@ -423,6 +443,7 @@ fn dirty_log(
             barrier.wait(); // go
             barrier.wait(); // pass done
             let dirty_s = start.elapsed().as_secs_f64();
+            metrics.passes.fetch_add(1, Ordering::Relaxed);
             if let Err(err) = check_failure() {
                 finish(&done);
                 return Err(err);

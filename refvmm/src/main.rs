@@ -22,6 +22,7 @@ use clap::{Parser, ValueEnum};
 
 mod config;
 mod engine;
+mod events;
 mod kvm_run;
 mod programs;
 mod report;
@@ -75,23 +76,6 @@ pub fn workload_name(workload: &Workload) -> &'static str {
     }
 }
 
-extern "C" fn on_signal(_: libc::c_int) {
-    kvm_run::STOP.store(true, std::sync::atomic::Ordering::Relaxed);
-}
-
-fn install_signal_handlers() {
-    for signal in [libc::SIGINT, libc::SIGTERM] {
-        // SAFETY: the handler only stores to an atomic, which is
-        // async-signal-safe; the sigaction struct is fully initialized.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = on_signal as extern "C" fn(libc::c_int) as usize;
-            libc::sigemptyset(&mut action.sa_mask);
-            libc::sigaction(signal, &action, std::ptr::null_mut());
-        }
-    }
-}
-
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
     eprintln!("refvmm: {message}");
     ExitCode::from(code)
@@ -122,7 +106,7 @@ fn main() -> ExitCode {
             Err(err) => fail(2, err),
         };
     }
-    install_signal_handlers();
+    events::install_signal_handlers();
     let (config, restore) = match (&cli.config, &cli.restore) {
         (Some(path), None) => match Config::load(path) {
             Ok(config) => (config, None),
@@ -144,20 +128,35 @@ fn main() -> ExitCode {
         return fail(2, "--snapshot: only the counter workload has a checkpoint");
     }
     let json = cli.report == ReportFormat::Json;
-    let mut stdout = std::io::stdout();
-    let mut stderr = std::io::stderr();
-    let serial: &mut dyn Write = if json { &mut stderr } else { &mut stdout };
-    let result = match config.accel {
-        Accel::Kvm => kvm_run::run(
-            &config,
-            serial,
-            kvm_run::KvmOptions {
-                snapshot_dir: cli.snapshot.clone(),
-                restore,
-            },
-        ),
-        Accel::Soft => soft_run::run(&config),
+    let metrics = std::sync::Arc::new(events::Metrics::default());
+    let snapshot_dir = cli.snapshot.clone();
+    let outcome = events::run_with_event_loop(metrics.clone(), || {
+        let mut serial: Box<dyn Write + Send> = if json {
+            Box::new(std::io::stderr())
+        } else {
+            Box::new(std::io::stdout())
+        };
+        match config.accel {
+            Accel::Kvm => kvm_run::run(
+                &config,
+                &mut *serial,
+                kvm_run::KvmOptions {
+                    snapshot_dir,
+                    restore,
+                },
+                &metrics,
+            ),
+            Accel::Soft => soft_run::run(&config, &metrics),
+        }
+    });
+    let (result, live) = match outcome {
+        Ok(outcome) => outcome,
+        Err(err) => return fail(2, format!("event loop: {err}")),
     };
+    let result = result.map(|mut report| {
+        report.vcpu_exits = live.vcpu_exits;
+        report
+    });
     match result {
         Ok(report) => {
             let text = if json {

@@ -102,6 +102,8 @@ pub struct Report {
     pub tdx: Option<TdxFigures>,
     /// Bytes the guest wrote to the serial port.
     pub serial_bytes: u64,
+    /// vCPU exits handled (KVM), from the live metrics.
+    pub vcpu_exits: u64,
     /// Why the run ended.
     pub exit: String,
 }

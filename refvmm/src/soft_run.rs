@@ -14,6 +14,7 @@ use tdx_ext::{Seamcall, SimTdxModule, TdxMirror};
 
 use crate::config::{BackendName, Config, PamtPolicyName, Workload, layout};
 use crate::engine::{RunError, create_memory, open_kvm, prefault};
+use crate::events::Metrics;
 use crate::kvm_run::{STOP, verify_log};
 use crate::report::{CacheFigures, DirtyLog, Iteration, Report, TdxFigures};
 
@@ -23,7 +24,7 @@ struct Td {
 }
 
 /// Runs the dirty_log workload on the software MMU stack.
-pub fn run(config: &Config) -> Result<Report, RunError> {
+pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
     let Workload::DirtyLog {
         iterations,
         bytes_per_vcpu_mib,
@@ -142,6 +143,7 @@ pub fn run(config: &Config) -> Result<Report, RunError> {
                 &barrier,
                 &failure,
                 &mut log_report,
+                metrics,
             );
             done.store(true, Ordering::Relaxed);
             barrier.wait();
@@ -179,6 +181,7 @@ pub fn run(config: &Config) -> Result<Report, RunError> {
         cache: Some(cache),
         tdx,
         serial_bytes: 0,
+        vcpu_exits: 0,
         exit: "iterations done".into(),
     })
 }
@@ -194,6 +197,7 @@ fn drive(
     barrier: &Barrier,
     failure: &Mutex<Option<String>>,
     report: &mut DirtyLog,
+    metrics: &Metrics,
 ) -> Result<(), RunError> {
     let check = || match failure.lock().unwrap_or_else(|p| p.into_inner()).clone() {
         Some(why) => Err(RunError::Guest(why)),
@@ -223,6 +227,7 @@ fn drive(
         barrier.wait();
         barrier.wait();
         let dirty_s = start.elapsed().as_secs_f64();
+        metrics.passes.fetch_add(1, Ordering::Relaxed);
         check()?;
         let start = Instant::now();
         let log = mmu

@@ -301,3 +301,38 @@ fn a_flat_binary_runs_in_real_and_long_mode() {
         assert_eq!(report["exit"], exit);
     }
 }
+
+#[test]
+fn sigterm_kicks_a_spinning_kvm_guest_out_and_stops_cleanly() {
+    if !have_kvm() {
+        return;
+    }
+    // Real mode: jmp $ (the guest never exits on its own).
+    let binary = write_config("spin.bin", "");
+    std::fs::write(&binary, [0xeb, 0xfe]).unwrap();
+    let config = write_config(
+        "spin.json",
+        &format!(
+            r#"{{"vcpus": 1, "memory": {{"size_mib": 4}}, "workload": {{"kind": "binary",
+                "path": "{}", "load_gpa": 4096, "entry_gpa": 4096}}}}"#,
+            binary.display()
+        ),
+    );
+    let child = refvmm()
+        .args(["--config", config.to_str().unwrap()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let start = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        start.elapsed() < Duration::from_secs(20),
+        "it stopped promptly"
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("stopped by a signal"));
+}

@@ -1,0 +1,212 @@
+//! The main thread's event loop (event-manager): the end of the run's work,
+//! SIGINT/SIGTERM, and a stats timer that publishes live metrics through an
+//! arc-swap snapshot.
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
+use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::timerfd::TimerFd;
+
+use crate::kvm_run::STOP;
+
+/// Counters the vCPU threads bump.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// vCPU exits handled.
+    pub vcpu_exits: AtomicU64,
+    /// Bytes written to the serial port.
+    pub serial_bytes: AtomicU64,
+    /// Dirty-log passes finished (all vCPUs).
+    pub passes: AtomicU64,
+}
+
+/// A point-in-time copy of [`Metrics`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MetricsSnapshot {
+    /// vCPU exits handled.
+    pub vcpu_exits: u64,
+    /// Bytes written to the serial port.
+    pub serial_bytes: u64,
+    /// Dirty-log passes finished.
+    pub passes: u64,
+}
+
+impl Metrics {
+    /// A copy of the counters.
+    pub fn snapshot(&self) -> MetricsSnapshot {
+        MetricsSnapshot {
+            vcpu_exits: self.vcpu_exits.load(Ordering::Relaxed),
+            serial_bytes: self.serial_bytes.load(Ordering::Relaxed),
+            passes: self.passes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// The eventfd the signal handler writes to (-1 before the loop starts).
+static SIGNAL_EVENT: AtomicI32 = AtomicI32::new(-1);
+/// Threads to kick out of KVM_RUN when a signal stops the run.
+static VCPU_THREADS: Mutex<Vec<libc::pthread_t>> = Mutex::new(Vec::new());
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::Relaxed);
+    let fd = SIGNAL_EVENT.load(Ordering::Relaxed);
+    if fd >= 0 {
+        let one = 1u64.to_ne_bytes();
+        // SAFETY: write(2) is async-signal-safe; the buffer is 8 valid bytes.
+        unsafe { libc::write(fd, one.as_ptr().cast(), one.len()) };
+    }
+}
+
+extern "C" fn on_kick(_: libc::c_int) {}
+
+/// Installs SIGINT/SIGTERM (stop the run) and SIGUSR1 (kick a vCPU out of
+/// KVM_RUN; no SA_RESTART, so the ioctl returns EINTR).
+pub fn install_signal_handlers() {
+    let handlers: [(libc::c_int, extern "C" fn(libc::c_int)); 3] = [
+        (libc::SIGINT, on_stop_signal),
+        (libc::SIGTERM, on_stop_signal),
+        (libc::SIGUSR1, on_kick),
+    ];
+    for (signal, handler) in handlers {
+        // SAFETY: the handlers only touch atomics and call write(2), both
+        // async-signal-safe; the sigaction struct is fully initialized.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = handler as usize;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(signal, &action, std::ptr::null_mut());
+        }
+    }
+}
+
+/// Registers the calling thread as a vCPU thread to kick on a stop.
+pub fn register_vcpu_thread() {
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() };
+    VCPU_THREADS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(me);
+}
+
+/// Unregisters the calling thread.
+pub fn unregister_vcpu_thread() {
+    // SAFETY: pthread_self has no preconditions.
+    let me = unsafe { libc::pthread_self() };
+    VCPU_THREADS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .retain(|&t| t != me);
+}
+
+fn kick_vcpu_threads() {
+    for &thread in VCPU_THREADS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .iter()
+    {
+        // SAFETY: registered threads unregister before they exit, under the
+        // same lock, so `thread` is alive.
+        unsafe { libc::pthread_kill(thread, libc::SIGUSR1) };
+    }
+}
+
+struct Controller {
+    done: EventFd,
+    signal: EventFd,
+    timer: TimerFd,
+    metrics: Arc<Metrics>,
+    live: Arc<ArcSwap<MetricsSnapshot>>,
+    finished: bool,
+}
+
+impl MutEventSubscriber for Controller {
+    fn init(&mut self, ops: &mut EventOps) {
+        for fd in [
+            self.done.as_raw_fd(),
+            self.signal.as_raw_fd(),
+            self.timer.as_raw_fd(),
+        ] {
+            ops.add(Events::new_raw(fd, EventSet::IN))
+                .expect("registering a fresh fd");
+        }
+    }
+
+    fn process(&mut self, events: Events, _ops: &mut EventOps) {
+        let fd: RawFd = events.fd();
+        if fd == self.done.as_raw_fd() {
+            let _ = self.done.read();
+            self.finished = true;
+        } else if fd == self.signal.as_raw_fd() {
+            let _ = self.signal.read();
+            tracing::warn!("signal: stopping the run");
+            kick_vcpu_threads();
+        } else if fd == self.timer.as_raw_fd() {
+            let _ = self.timer.wait();
+            let snapshot = self.metrics.snapshot();
+            self.live.store(Arc::new(snapshot));
+            tracing::info!(
+                exits = snapshot.vcpu_exits,
+                serial = snapshot.serial_bytes,
+                passes = snapshot.passes,
+                "stats"
+            );
+        }
+    }
+}
+
+/// Runs `work` on a thread while the main thread runs the event loop; the
+/// loop ends when the work does. Returns the work's result and the last
+/// metrics snapshot.
+pub fn run_with_event_loop<T: Send>(
+    metrics: Arc<Metrics>,
+    work: impl FnOnce() -> T + Send,
+) -> std::io::Result<(T, MetricsSnapshot)> {
+    let live = Arc::new(ArcSwap::from_pointee(MetricsSnapshot::default()));
+    let done = EventFd::new(EFD_NONBLOCK)?;
+    let signal = EventFd::new(EFD_NONBLOCK)?;
+    let mut timer = TimerFd::new()?;
+    timer.reset(Duration::from_secs(1), Some(Duration::from_secs(1)))?;
+    SIGNAL_EVENT.store(signal.as_raw_fd(), Ordering::Relaxed);
+    if STOP.load(Ordering::Relaxed) {
+        signal.write(1)?;
+    }
+    let done_writer = done.try_clone()?;
+    let controller = Arc::new(Mutex::new(Controller {
+        done,
+        signal,
+        timer,
+        metrics: metrics.clone(),
+        live: live.clone(),
+        finished: false,
+    }));
+    let mut manager: EventManager<Arc<Mutex<Controller>>> =
+        EventManager::new().map_err(|e| std::io::Error::other(format!("{e:?}")))?;
+    manager.add_subscriber(controller.clone());
+    let result = std::thread::scope(|scope| {
+        let worker = scope.spawn(move || {
+            let result = work();
+            let _ = done_writer.write(1);
+            result
+        });
+        while !controller
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .finished
+        {
+            if let Err(err) = manager.run_with_timeout(500) {
+                tracing::warn!(?err, "event loop");
+            }
+        }
+        worker.join().expect("the run's thread does not panic")
+    });
+    SIGNAL_EVENT.store(-1, Ordering::Relaxed);
+    let last = metrics.snapshot();
+    live.store(Arc::new(last));
+    Ok((result, **live.load()))
+}
