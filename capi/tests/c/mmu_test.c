@@ -1,0 +1,64 @@
+/* A fault / split / dirty-log cycle through C, on the plain MMU and a TD. */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "mmukit.h"
+
+#define CHECK(cond)                                                        \
+    do {                                                                   \
+        if (!(cond)) {                                                     \
+            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
+            exit(1);                                                       \
+        }                                                                  \
+    } while (0)
+
+static void cycle(struct mmukit_tdp_mmu *mmu) {
+    /* 8 MiB of guest memory on 2 MiB-aligned host frames at 4 GiB. */
+    CHECK(mmukit_tdp_mmu_add_slot(mmu, 0, 0, 2048, 1u << 20) == 0);
+    CHECK(mmukit_tdp_mmu_add_slot(mmu, 0, 0, 2048, 1u << 20) == -EEXIST);
+    for (uint64_t gpa = 0; gpa < (8u << 20); gpa += 2u << 20)
+        CHECK(mmukit_tdp_mmu_fault(mmu, gpa, true) == 0);
+    CHECK(mmukit_tdp_mmu_fault(mmu, 1ull << 32, true) == -ENOENT);
+    struct mmukit_mmu_stats stats;
+    CHECK(mmukit_tdp_mmu_stats(mmu, &stats) == 0);
+    CHECK(stats.pages_2m == 4 && stats.pages_4k == 0);
+    uint64_t hpa = 0;
+    uint8_t level = 0;
+    CHECK(mmukit_tdp_mmu_translate(mmu, 0x5000, &hpa, &level) == 0);
+    CHECK(level == 2 && hpa == (1ull << 32) + 0x5000);
+    CHECK(mmukit_tdp_mmu_split(mmu, 0) == 4);
+    CHECK(mmukit_tdp_mmu_stats(mmu, &stats) == 0);
+    CHECK(stats.pages_2m == 0 && stats.pages_4k == 2048);
+    CHECK(mmukit_tdp_mmu_enable_dirty_log(mmu, 0) == 0);
+    CHECK(mmukit_tdp_mmu_fault(mmu, 0x3000, true) == 0);
+    uint64_t log[32];
+    CHECK(mmukit_tdp_mmu_get_dirty_log(mmu, 0, log, 1) == -EINVAL);
+    CHECK(mmukit_tdp_mmu_get_dirty_log(mmu, 0, log, 32) == 0);
+    CHECK(log[0] == (1u << 3));
+    CHECK(mmukit_tdp_mmu_translate(mmu, 1ull << 40, &hpa, &level) == -ENOENT);
+}
+
+int main(void) {
+    struct mmukit_tdp_mmu *mmu = NULL;
+    CHECK(mmukit_tdp_mmu_new(3, true, &mmu) == -EINVAL);
+    CHECK(mmukit_tdp_mmu_new(4, true, &mmu) == 0);
+    cycle(mmu);
+    mmukit_tdp_mmu_destroy(mmu);
+
+    struct mmukit_tdx *tdx = NULL;
+    CHECK(mmukit_tdx_new(4, 7, &tdx) == -EINVAL);
+    CHECK(mmukit_tdx_new(4, MMUKIT_PAMT_ON_INSTALL, &tdx) == 0);
+    cycle(mmukit_tdx_mmu(tdx));
+    uint64_t seamcalls = 0, pamt_pages = 0;
+    CHECK(mmukit_tdx_counts(tdx, &seamcalls, &pamt_pages) == 0);
+    CHECK(seamcalls > 0 && pamt_pages > 0);
+    mmukit_tdx_destroy(tdx);
+
+    CHECK(mmukit_tdp_mmu_fault(NULL, 0, true) == -EINVAL);
+    CHECK(mmukit_tdx_mmu(NULL) == NULL);
+    mmukit_tdp_mmu_destroy(NULL);
+    mmukit_tdx_destroy(NULL);
+    puts("mmu_test: ok");
+    return 0;
+}

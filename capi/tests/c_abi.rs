@@ -1,0 +1,164 @@
+//! The C ABI from C: the test programs in `tests/c/` and the example in
+//! `examples/` are compiled with `cc -std=c11 -Wall -Wextra -Werror` against
+//! the committed header, linked statically and dynamically, and run (under
+//! valgrind too when it is installed). Also: the committed header equals a
+//! fresh cbindgen run, and every exported function is in it, documented.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The directory with libmmukit.a and libmmukit.so: the profile directory
+/// this test binary was built into.
+fn lib_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent().unwrap().parent().unwrap().to_owned()
+}
+
+fn have(tool: &str) -> bool {
+    Command::new(tool)
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+fn compile_and_run(source: &Path) {
+    let lib = lib_dir();
+    let stat = lib.join("libmmukit.a");
+    assert!(stat.exists(), "{} missing", stat.display());
+    let stem = source.file_stem().unwrap().to_str().unwrap();
+    let out_dir = std::env::temp_dir().join(format!("mmukit-capi-{}", std::process::id()));
+    std::fs::create_dir_all(&out_dir).unwrap();
+    let include = root().join("include");
+    let common = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-g"];
+    let static_bin = out_dir.join(format!("{stem}-static"));
+    let dynamic_bin = out_dir.join(format!("{stem}-dynamic"));
+    let status = Command::new("cc")
+        .args(common)
+        .arg("-I")
+        .arg(&include)
+        .arg(source)
+        .arg(&stat)
+        .args(["-lpthread", "-ldl", "-lm", "-lrt", "-lutil", "-o"])
+        .arg(&static_bin)
+        .status()
+        .unwrap();
+    assert!(status.success(), "static link of {stem}");
+    let status = Command::new("cc")
+        .args(common)
+        .arg("-I")
+        .arg(&include)
+        .arg(source)
+        .arg("-L")
+        .arg(&lib)
+        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .args(["-lmmukit", "-o"])
+        .arg(&dynamic_bin)
+        .status()
+        .unwrap();
+    assert!(status.success(), "dynamic link of {stem}");
+    for bin in [&static_bin, &dynamic_bin] {
+        let out = Command::new(bin).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}{}",
+            bin.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    if have("valgrind") {
+        let out = Command::new("valgrind")
+            .args([
+                "--error-exitcode=99",
+                "--leak-check=full",
+                "--errors-for-leak-kinds=definite",
+                "--quiet",
+            ])
+            .arg(&dynamic_bin)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "valgrind {stem}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    } else {
+        eprintln!("valgrind not installed: {stem} ran without it");
+    }
+}
+
+#[test]
+fn c_tests_and_the_example_pass_static_and_dynamic() {
+    if !have("cc") {
+        panic!("the C ABI tests need a C compiler (scripts/setup installs one)");
+    }
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(root().join("capi/tests/c"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "c"))
+        .collect();
+    sources.push(root().join("capi/examples/hypervisor.c"));
+    sources.sort();
+    assert!(sources.len() >= 4);
+    for source in &sources {
+        compile_and_run(source);
+    }
+}
+
+#[test]
+fn the_committed_header_is_fresh() {
+    let fresh = include_str!(concat!(env!("OUT_DIR"), "/mmukit.h"));
+    let committed = std::fs::read_to_string(root().join("include/mmukit.h")).unwrap();
+    assert!(
+        fresh == committed,
+        "include/mmukit.h is stale: run `MMUKIT_WRITE_HEADER=1 cargo build -p mmukit-capi` and commit it"
+    );
+}
+
+#[test]
+fn every_export_is_in_the_header_and_documented() {
+    let source = std::fs::read_to_string(root().join("capi/src/lib.rs")).unwrap();
+    let header = std::fs::read_to_string(root().join("include/mmukit.h")).unwrap();
+    let lines: Vec<&str> = source.lines().collect();
+    let mut exports = 0;
+    for (i, line) in lines.iter().enumerate() {
+        let Some(rest) = line
+            .trim_start()
+            .strip_prefix("pub unsafe extern \"C\" fn ")
+            .or_else(|| line.trim_start().strip_prefix("pub extern \"C\" fn "))
+        else {
+            continue;
+        };
+        let name = rest.split('(').next().unwrap();
+        exports += 1;
+        assert!(name.starts_with("mmukit_"), "{name} lacks the prefix");
+        assert!(
+            header.contains(&format!("{name}(")),
+            "{name} is not in the header"
+        );
+        assert_eq!(lines[i - 1].trim(), "#[unsafe(no_mangle)]", "{name}");
+        assert!(
+            lines[..i - 1]
+                .iter()
+                .rev()
+                .take_while(|l| l.trim_start().starts_with("///"))
+                .count()
+                > 0,
+            "{name} has no documentation"
+        );
+        let documented = header
+            .split(&format!("{name}("))
+            .next()
+            .unwrap()
+            .lines()
+            .rev()
+            .nth(1)
+            .is_some_and(|l| l.trim_start().starts_with("//"));
+        assert!(documented, "{name} has no comment in the header");
+    }
+    assert!(exports >= 25, "only {exports} exports found");
+}
