@@ -18,7 +18,11 @@ use crate::programs::{self, CHECKPOINT_PORT, PASS_PORT, SERIAL, SERIAL_LSR, SHUT
 use crate::report::{DirtyLog, Iteration, Report};
 use crate::snapshot::{self, Snapshot};
 
-vmm_sys_util::ioctl_iow_nr!(KVM_CLEAR_DIRTY_LOG, 0xae, 0xc0, kvm_clear_dirty_log);
+mod ioctls {
+    use kvm_bindings::kvm_clear_dirty_log;
+    vmm_sys_util::ioctl_iow_nr!(KVM_CLEAR_DIRTY_LOG, 0xae, 0xc0, kvm_clear_dirty_log);
+}
+use ioctls::KVM_CLEAR_DIRTY_LOG;
 
 /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`.
 const KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: u32 = 168;

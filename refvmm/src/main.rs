@@ -20,17 +20,9 @@ use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
 
-mod config;
-mod engine;
-mod events;
-mod kvm_run;
-mod programs;
-mod report;
-mod snapshot;
-mod soft_run;
-
-use config::{Accel, Config, Workload};
-use engine::RunError;
+use refvmm::config::{Accel, Config, Workload};
+use refvmm::engine::RunError;
+use refvmm::{events, kvm_run, snapshot, soft_run};
 
 /// How the report is printed.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, ValueEnum)]
@@ -64,16 +56,6 @@ struct Cli {
     /// Resume the guest saved in this snapshot directory.
     #[arg(long, value_name = "DIR")]
     restore: Option<PathBuf>,
-}
-
-/// The workload's name in reports.
-pub fn workload_name(workload: &Workload) -> &'static str {
-    match workload {
-        Workload::Hello => "hello",
-        Workload::DirtyLog { .. } => "dirty_log",
-        Workload::Counter => "counter",
-        Workload::Binary { .. } => "binary",
-    }
 }
 
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
