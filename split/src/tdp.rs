@@ -877,8 +877,12 @@ impl TdpMmu {
             }
             if entry.is_leaf(level) {
                 self.hooks.remove_leaf(gfn, level, entry)?;
-                table[index].store(ept::NON_PRESENT, Ordering::Release);
+                let old = Entry::from_bits(table[index].swap(ept::NON_PRESENT, Ordering::AcqRel));
                 self.stats[stat_index(level)].fetch_sub(1, Ordering::Relaxed);
+                // A write the log has not seen yet must not vanish with the leaf.
+                if old.has(DIRTY) {
+                    self.log_zapped_dirty(gfn, level);
+                }
                 continue;
             }
             let below = level.below().expect("tables above 4K");
@@ -968,6 +972,20 @@ impl TdpMmu {
             drop(header);
             report.tables += 1;
             self.counters.tables_freed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn log_zapped_dirty(&self, gfn: u64, level: Level) {
+        let Some(slot) = self.slot_for_gfn(gfn) else {
+            return;
+        };
+        if !slot.logging() {
+            return;
+        }
+        let first = gfn.max(slot.base_gfn());
+        let last = (gfn + level.entry_pages()).min(slot.end_gfn());
+        for page in first..last {
+            slot.mark_dirty(page);
         }
     }
 
