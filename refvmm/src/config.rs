@@ -188,7 +188,7 @@ pub enum BinaryMode {
 
 /// What the guest runs.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(tag = "kind", rename_all = "snake_case", try_from = "RawWorkload")]
 pub enum Workload {
     /// Prints a line on the serial port and halts.
     #[default]
@@ -219,6 +219,95 @@ pub enum Workload {
         #[serde(default)]
         mode: BinaryMode,
     },
+}
+
+/// The kinds of workload.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum WorkloadKind {
+    Hello,
+    DirtyLog,
+    Counter,
+    Binary,
+}
+
+/// The workload as written: every field named on its own (so that a wrong
+/// type names its field), checked against the kind afterwards.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkload {
+    kind: WorkloadKind,
+    iterations: Option<u32>,
+    bytes_per_vcpu_mib: Option<u64>,
+    write_percent: Option<u32>,
+    path: Option<PathBuf>,
+    load_gpa: Option<u64>,
+    entry_gpa: Option<u64>,
+    mode: Option<BinaryMode>,
+}
+
+impl TryFrom<RawWorkload> for Workload {
+    type Error = String;
+
+    fn try_from(raw: RawWorkload) -> Result<Self, String> {
+        let dirty_log_fields = [
+            ("iterations", raw.iterations.is_some()),
+            ("bytes_per_vcpu_mib", raw.bytes_per_vcpu_mib.is_some()),
+            ("write_percent", raw.write_percent.is_some()),
+        ];
+        let binary_fields = [
+            ("path", raw.path.is_some()),
+            ("load_gpa", raw.load_gpa.is_some()),
+            ("entry_gpa", raw.entry_gpa.is_some()),
+            ("mode", raw.mode.is_some()),
+        ];
+        let foreign = |fields: &[(&str, bool)], kind: &str| -> Result<(), String> {
+            match fields.iter().find(|(_, set)| *set) {
+                Some((name, _)) => Err(format!("`{name}` does not apply to kind \"{kind}\"")),
+                None => Ok(()),
+            }
+        };
+        let need = |value: Option<u64>, name: &str| {
+            value.ok_or_else(|| format!("kind \"binary\" needs `{name}`"))
+        };
+        Ok(match raw.kind {
+            WorkloadKind::Hello | WorkloadKind::Counter => {
+                let kind = if raw.kind == WorkloadKind::Hello {
+                    "hello"
+                } else {
+                    "counter"
+                };
+                foreign(&dirty_log_fields, kind)?;
+                foreign(&binary_fields, kind)?;
+                if raw.kind == WorkloadKind::Hello {
+                    Self::Hello
+                } else {
+                    Self::Counter
+                }
+            }
+            WorkloadKind::DirtyLog => {
+                foreign(&binary_fields, "dirty_log")?;
+                Self::DirtyLog {
+                    iterations: raw.iterations.unwrap_or_else(default_iterations),
+                    bytes_per_vcpu_mib: raw
+                        .bytes_per_vcpu_mib
+                        .unwrap_or_else(default_bytes_per_vcpu_mib),
+                    write_percent: raw.write_percent.unwrap_or_else(default_write_percent),
+                }
+            }
+            WorkloadKind::Binary => {
+                foreign(&dirty_log_fields, "binary")?;
+                Self::Binary {
+                    path: raw
+                        .path
+                        .ok_or_else(|| "kind \"binary\" needs `path`".to_string())?,
+                    load_gpa: need(raw.load_gpa, "load_gpa")?,
+                    entry_gpa: need(raw.entry_gpa, "entry_gpa")?,
+                    mode: raw.mode.unwrap_or_default(),
+                }
+            }
+        })
+    }
 }
 
 fn default_iterations() -> u32 {
@@ -467,6 +556,138 @@ mod tests {
         for (text, field) in cases {
             let err = Config::parse(text).unwrap_err().to_string();
             assert!(err.contains(field), "{text}: {err}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod bad_input {
+    use super::*;
+
+    /// Sets `path` (dotted) to `value` in a valid dirty_log config.
+    fn with(path: &str, value: serde_json::Value) -> String {
+        let mut config = serde_json::json!({
+            "vcpus": 1,
+            "accel": "kvm",
+            "memory": {"size_mib": 64, "backend": "anonymous", "huge_page_size": "2M",
+                       "prefault": false, "prefault_threads": 2},
+            "mmu": {"eager_split": true, "manual_protect": false, "cache_capacity": 40},
+            "tdx": {"enabled": false, "pamt_policy": "on_install"},
+            "workload": {"kind": "dirty_log", "iterations": 1, "bytes_per_vcpu_mib": 1,
+                         "write_percent": 100}
+        });
+        let mut at = &mut config;
+        let parts: Vec<&str> = path.split('.').collect();
+        for part in &parts[..parts.len() - 1] {
+            at = &mut at[*part];
+        }
+        at[parts[parts.len() - 1]] = value;
+        config.to_string()
+    }
+
+    #[test]
+    fn every_field_with_a_wrong_type_is_named() {
+        let fields = [
+            "vcpus",
+            "accel",
+            "memory.size_mib",
+            "memory.backend",
+            "memory.huge_page_size",
+            "memory.prefault",
+            "memory.prefault_threads",
+            "mmu.eager_split",
+            "mmu.manual_protect",
+            "mmu.cache_capacity",
+            "tdx.enabled",
+            "tdx.pamt_policy",
+            "workload.iterations",
+            "workload.bytes_per_vcpu_mib",
+            "workload.write_percent",
+        ];
+        for field in fields {
+            for wrong in [serde_json::json!([1]), serde_json::json!({"x": 1})] {
+                let err = Config::parse(&with(field, wrong.clone()))
+                    .unwrap_err()
+                    .to_string();
+                let leaf = field.rsplit('.').next().unwrap();
+                assert!(err.contains(leaf), "{field} = {wrong}: {err}");
+            }
+        }
+        for (text, named) in [
+            (
+                r#"{"workload": {"kind": "hello", "iterations": 3}}"#,
+                "iterations",
+            ),
+            (
+                r#"{"workload": {"kind": "binary", "path": "/bin/true"}}"#,
+                "load_gpa",
+            ),
+            (
+                r#"{"workload": {"kind": "dirty_log", "mode": "long"}}"#,
+                "mode",
+            ),
+            (
+                r#"{"workload": {"kind": "counter", "colour": 1}}"#,
+                "colour",
+            ),
+        ] {
+            let err = Config::parse(text).unwrap_err().to_string();
+            assert!(err.contains(named), "{text}: {err}");
+        }
+        let err = Config::parse(&with("workload.kind", serde_json::json!("dance")))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("workload") && err.contains("dance"), "{err}");
+    }
+
+    #[test]
+    fn out_of_range_values_are_named() {
+        let cases = [
+            ("vcpus", serde_json::json!(0), "vcpus"),
+            ("vcpus", serde_json::json!(65), "vcpus"),
+            ("vcpus", serde_json::json!(-1), "vcpus"),
+            ("memory.size_mib", serde_json::json!(0), "memory.size_mib"),
+            (
+                "memory.size_mib",
+                serde_json::json!(u64::MAX),
+                "memory.size_mib",
+            ),
+            (
+                "memory.prefault_threads",
+                serde_json::json!(0),
+                "memory.prefault_threads",
+            ),
+            (
+                "mmu.cache_capacity",
+                serde_json::json!(4),
+                "mmu.cache_capacity",
+            ),
+            (
+                "workload.iterations",
+                serde_json::json!(0),
+                "workload.iterations",
+            ),
+            (
+                "workload.bytes_per_vcpu_mib",
+                serde_json::json!(0),
+                "workload.bytes_per_vcpu_mib",
+            ),
+            (
+                "workload.bytes_per_vcpu_mib",
+                serde_json::json!(1u64 << 40),
+                "memory.size_mib",
+            ),
+            (
+                "workload.write_percent",
+                serde_json::json!(101),
+                "workload.write_percent",
+            ),
+        ];
+        for (field, value, named) in cases {
+            let err = Config::parse(&with(field, value.clone()))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(named), "{field} = {value}: {err}");
         }
     }
 }
