@@ -12,7 +12,7 @@ use mmu_cache::{Account, PageCache, PagePool};
 use split::{Entry, ExternalPageTable, HookError, Level, TableRef, Topup};
 
 use crate::module::{SeamcallResult, TdxModule};
-use crate::pamt::{DynamicPamt, PamtBackedAllocator, PamtPage, PamtPolicy};
+use crate::pamt::{DynamicPamt, PamtBackedAllocator, PamtCache, PamtPage, PamtPolicy};
 use crate::status::TdxStatus;
 
 /// PAMT pages one split may need: a pair for the new S-EPT page's region
@@ -54,6 +54,7 @@ pub struct TdxMirror {
     pamt: Arc<DynamicPamt>,
     policy: PamtPolicy,
     table_pool: Arc<PagePool>,
+    backed_allocator: Option<Arc<dyn PamtCache>>,
     vcpu_caches: Mutex<HashMap<ThreadId, PageCache<PamtPage>>>,
     split_cache: Mutex<PageCache<PamtPage>>,
     torn_down: AtomicBool,
@@ -96,12 +97,16 @@ impl TdxMirror {
         account: Option<Arc<Account>>,
         policy: PamtPolicy,
     ) -> Arc<Self> {
-        let table_pool = match policy {
-            PamtPolicy::OnCacheEntry => PagePool::from_shared(
-                Arc::new(PamtBackedAllocator::new(table_allocator, pamt.clone())),
-                account,
+        let (table_pool, backed_allocator) = match policy {
+            PamtPolicy::OnCacheEntry => {
+                let backed = Arc::new(PamtBackedAllocator::new(table_allocator, pamt.clone()));
+                let cache: Arc<dyn PamtCache> = backed.clone();
+                (PagePool::from_shared(backed, account), Some(cache))
+            }
+            PamtPolicy::OnInstall => (
+                PagePool::from_shared(Arc::new(table_allocator), account),
+                None,
             ),
-            PamtPolicy::OnInstall => PagePool::from_shared(Arc::new(table_allocator), account),
         };
         Arc::new(Self {
             split_cache: Mutex::new(pamt.new_cache()),
@@ -109,6 +114,7 @@ impl TdxMirror {
             pamt,
             policy,
             table_pool,
+            backed_allocator,
             vcpu_caches: Mutex::new(HashMap::new()),
             torn_down: AtomicBool::new(false),
             busy_retries: AtomicU64::new(0),
@@ -150,17 +156,22 @@ impl TdxMirror {
             busy_retries: self.busy_retries.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
             leaked_pages: self.leaked.load(Ordering::Relaxed),
-            pamt_cached: (vcpu + split) as u64,
+            pamt_cached: (vcpu + split + self.backed_allocator.as_ref().map_or(0, |a| a.cached()))
+                as u64,
         }
     }
 
-    /// Returns every PAMT page idle in the mirror's caches to its pool.
+    /// Returns every PAMT page idle in the mirror's caches (and in the
+    /// S-EPT allocator's, with [`PamtPolicy::OnCacheEntry`]) to its pool.
     pub fn free_cached(&self) -> usize {
         let mut freed = self
             .split_cache
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .free_all();
+        if let Some(backed) = &self.backed_allocator {
+            freed += backed.free_cached();
+        }
         for cache in self
             .vcpu_caches
             .lock()

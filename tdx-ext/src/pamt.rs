@@ -330,6 +330,41 @@ impl<A: PageAllocator> PamtBackedAllocator<A> {
     }
 }
 
+impl<A> PamtBackedAllocator<A> {
+    /// PAMT pages idle in this allocator's own cache.
+    pub fn pamt_cached(&self) -> usize {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .nr_free()
+    }
+
+    /// Returns the PAMT pages idle in this allocator's cache to their pool.
+    pub fn free_cached(&self) -> usize {
+        self.cache
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .free_all()
+    }
+}
+
+/// What the mirror needs of a PAMT-backed allocator whose page type it
+/// does not know.
+pub(crate) trait PamtCache: Send + Sync {
+    fn cached(&self) -> usize;
+    fn free_cached(&self) -> usize;
+}
+
+impl<A: Send + Sync> PamtCache for PamtBackedAllocator<A> {
+    fn cached(&self) -> usize {
+        self.pamt_cached()
+    }
+
+    fn free_cached(&self) -> usize {
+        PamtBackedAllocator::free_cached(self)
+    }
+}
+
 // SAFETY: pages come from `inner`, which upholds the contract; this wrapper
 // only adds PAMT bookkeeping around its calls and checks frees through it.
 unsafe impl<A: PageAllocator> PageAllocator for PamtBackedAllocator<A> {
