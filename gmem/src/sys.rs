@@ -165,20 +165,7 @@ pub(crate) unsafe fn map_fixed(
     offset: u64,
 ) -> io::Result<()> {
     // SAFETY: guaranteed by the caller.
-    let ret = unsafe {
-        libc::mmap(
-            addr.cast(),
-            len,
-            prot,
-            libc::MAP_SHARED | libc::MAP_FIXED,
-            fd.as_raw_fd(),
-            offset as libc::off_t,
-        )
-    };
-    if ret == libc::MAP_FAILED {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    unsafe { map_fixed_flags(addr, len, prot, libc::MAP_SHARED, fd, offset) }
 }
 
 /// `mmap(addr, len, prot, flags | MAP_FIXED, fd, offset)`.

@@ -236,6 +236,28 @@ impl Memslot {
             .collect()
     }
 
+    /// Checks a manual-protect clear of `mask` words from page `first_page`:
+    /// the slot logs, `first_page` is a multiple of 64 inside the slot, and
+    /// the mask does not pass the slot's last bitmap word.
+    pub(crate) fn check_clear(&self, first_page: u64, mask: &[u64]) -> Result<(), MemslotError> {
+        let id = self.id;
+        if self.log_mode().is_none() {
+            return Err(MemslotError::NotLogging { id });
+        }
+        let num_pages = mask.len() as u64 * 64;
+        if !first_page.is_multiple_of(64)
+            || first_page >= self.npages
+            || first_page + num_pages > self.npages.next_multiple_of(64)
+        {
+            return Err(MemslotError::BadLogRange {
+                id,
+                first_page,
+                num_pages,
+            });
+        }
+        Ok(())
+    }
+
     /// Clears the bits of `mask` from page `first_page` (a multiple of 64).
     pub(crate) fn clear_bits(&self, first_page: u64, mask: &[u64]) {
         let first_word = (first_page / 64) as usize;

@@ -1641,21 +1641,8 @@ impl ShadowMmu {
         mask: &[u64],
     ) -> Result<(), ShadowError> {
         let slot = self.slot(id)?;
-        if slot.log_mode().is_none() {
-            return Err(MemslotError::NotLogging { id }.into());
-        }
+        slot.check_clear(first_page, mask)?;
         let num_pages = mask.len() as u64 * 64;
-        if !first_page.is_multiple_of(64)
-            || first_page >= slot.npages()
-            || first_page + num_pages > slot.npages().next_multiple_of(64)
-        {
-            return Err(MemslotError::BadLogRange {
-                id,
-                first_page,
-                num_pages,
-            }
-            .into());
-        }
         slot.clear_bits(first_page, mask);
         let start = slot.base_gfn() + first_page;
         let end = (start + num_pages).min(slot.end_gfn());

@@ -1223,21 +1223,7 @@ impl TdpMmu {
     /// splits and protects those pages so that their next write is logged.
     pub fn clear_dirty_log(&self, id: u32, first_page: u64, mask: &[u64]) -> Result<(), MmuError> {
         let slot = self.slot(id)?;
-        if slot.log_mode().is_none() {
-            return Err(MemslotError::NotLogging { id }.into());
-        }
-        let num_pages = mask.len() as u64 * 64;
-        if !first_page.is_multiple_of(64)
-            || first_page >= slot.npages()
-            || first_page + num_pages > slot.npages().next_multiple_of(64)
-        {
-            return Err(MemslotError::BadLogRange {
-                id,
-                first_page,
-                num_pages,
-            }
-            .into());
-        }
+        slot.check_clear(first_page, mask)?;
         let (Some(first_set), Some(last_set)) = (
             mask.iter().position(|&w| w != 0),
             mask.iter().rposition(|&w| w != 0),

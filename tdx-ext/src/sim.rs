@@ -233,6 +233,29 @@ impl SimTdxModule {
         Self::finish(&mut state, leaf, result)
     }
 
+    /// A PAMT call on `region`: OPERAND_BUSY while another caller is inside
+    /// a PAMT call on the same region.
+    fn pamt_call<T>(
+        &self,
+        leaf: Seamcall,
+        region: u64,
+        body: impl FnOnce(&mut State) -> SeamcallResult<T>,
+    ) -> SeamcallResult<T> {
+        let in_flight = || {
+            self.pamt_in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+        };
+        if !in_flight().insert(region) {
+            let mut state = self.lock();
+            *state.calls.entry(leaf).or_insert(0) += 1;
+            return Self::finish(&mut state, leaf, Err(TdxStatus::OperandBusy));
+        }
+        let result = self.call(leaf, body);
+        in_flight().remove(&region);
+        result
+    }
+
     fn table_base(&self, level: u8, gpa: u64) -> u64 {
         if level >= self.levels {
             0
@@ -531,21 +554,7 @@ impl TdxModule for SimTdxModule {
     }
 
     fn pamt_add(&self, region: u64, pages: [u64; 2]) -> SeamcallResult {
-        if !self
-            .pamt_in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(region)
-        {
-            let mut state = self.lock();
-            *state.calls.entry(Seamcall::PhymemPamtAdd).or_insert(0) += 1;
-            return Self::finish(
-                &mut state,
-                Seamcall::PhymemPamtAdd,
-                Err(TdxStatus::OperandBusy),
-            );
-        }
-        let result = self.call(Seamcall::PhymemPamtAdd, |state| {
+        self.pamt_call(Seamcall::PhymemPamtAdd, region, |state| {
             if !region.is_multiple_of(REGION) || pages.iter().any(|p| !p.is_multiple_of(PAGE)) {
                 return Err(TdxStatus::OperandInvalid);
             }
@@ -560,30 +569,11 @@ impl TdxModule for SimTdxModule {
             }
             state.pamt.insert(region, pages);
             Ok(())
-        });
-        self.pamt_in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&region);
-        result
+        })
     }
 
     fn pamt_remove(&self, region: u64) -> SeamcallResult<[u64; 2]> {
-        if !self
-            .pamt_in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(region)
-        {
-            let mut state = self.lock();
-            *state.calls.entry(Seamcall::PhymemPamtRemove).or_insert(0) += 1;
-            return Self::finish(
-                &mut state,
-                Seamcall::PhymemPamtRemove,
-                Err(TdxStatus::OperandBusy),
-            );
-        }
-        let result = self.call(Seamcall::PhymemPamtRemove, |state| {
+        self.pamt_call(Seamcall::PhymemPamtRemove, region, |state| {
             let pages = *state.pamt.get(&region).ok_or(TdxStatus::OperandInvalid)?;
             let in_use = (0..REGION / PAGE).any(|i| {
                 matches!(
@@ -599,12 +589,7 @@ impl TdxModule for SimTdxModule {
                 state.pages.remove(&page);
             }
             Ok(pages)
-        });
-        self.pamt_in_flight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&region);
-        result
+        })
     }
 
     fn kick_vcpus(&self) {

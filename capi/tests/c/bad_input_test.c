@@ -7,14 +7,8 @@
 #include <stdlib.h>
 
 #include "mmukit.h"
+#include "check.h"
 
-#define CHECK(cond)                                                        \
-    do {                                                                   \
-        if (!(cond)) {                                                     \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-            exit(1);                                                       \
-        }                                                                  \
-    } while (0)
 
 int main(void) {
     _Alignas(8) unsigned char buffer[64];

@@ -6,6 +6,7 @@
 #include <string.h>
 
 #include "mmukit.h"
+#include "check.h"
 
 struct counting {
     unsigned gets, frees, limit;
@@ -28,13 +29,6 @@ static void counting_free(void *opaque, uint64_t page) {
     free((void *)(uintptr_t)page);
 }
 
-#define CHECK(cond)                                                        \
-    do {                                                                   \
-        if (!(cond)) {                                                     \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-            exit(1);                                                       \
-        }                                                                  \
-    } while (0)
 
 int main(void) {
     struct counting counts = {0, 0, 0};

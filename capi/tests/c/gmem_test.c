@@ -7,14 +7,8 @@
 #include <string.h>
 
 #include "mmukit.h"
+#include "check.h"
 
-#define CHECK(cond)                                                        \
-    do {                                                                   \
-        if (!(cond)) {                                                     \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-            exit(1);                                                       \
-        }                                                                  \
-    } while (0)
 
 #define KEEP FALLOC_FL_KEEP_SIZE
 #define PUNCH (FALLOC_FL_KEEP_SIZE | FALLOC_FL_PUNCH_HOLE)

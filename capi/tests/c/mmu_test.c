@@ -4,14 +4,8 @@
 #include <stdlib.h>
 
 #include "mmukit.h"
+#include "check.h"
 
-#define CHECK(cond)                                                        \
-    do {                                                                   \
-        if (!(cond)) {                                                     \
-            fprintf(stderr, "%s:%d: check failed: %s\n", __FILE__, __LINE__, #cond); \
-            exit(1);                                                       \
-        }                                                                  \
-    } while (0)
 
 static void cycle(struct mmukit_tdp_mmu *mmu) {
     /* 8 MiB of guest memory on 2 MiB-aligned host frames at 4 GiB. */
