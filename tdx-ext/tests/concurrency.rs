@@ -4,36 +4,40 @@
 
 mod common;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::{assert_mirrored, td, teardown_and_check};
 use split::Level;
 use tdx_ext::pamt::PamtPolicy;
 
+const FAULTS_PER_VCPU: u64 = 3000;
+
 #[test]
 fn faults_zaps_and_splits_race_without_breaking_the_mirror() {
     for policy in [PamtPolicy::OnInstall, PamtPolicy::OnCacheEntry] {
         let t = td(policy, 8192, 0);
-        let stop = AtomicBool::new(false);
+        // Each vCPU makes a fixed number of faults; the zapper runs until
+        // both are done, so the race lasts as long as they do, however slow
+        // the machine.
+        let running = AtomicUsize::new(2);
         let caches = std::thread::scope(|scope| {
             let vcpus: Vec<_> = (0..2u64)
                 .map(|id| {
-                    let (mmu, stop) = (&t.mmu, &stop);
+                    let (mmu, running) = (&t.mmu, &running);
                     scope.spawn(move || {
                         let mut caches = mmu.new_vcpu_caches();
                         let mut gfn = id * 7;
-                        while !stop.load(Ordering::Relaxed) {
+                        for _ in 0..FAULTS_PER_VCPU {
                             mmu.fault(&mut caches, (gfn % 8192) << 12, true).unwrap();
                             gfn += 13;
                         }
+                        running.fetch_sub(1, Ordering::Release);
                         caches
                     })
                 })
                 .collect();
-            let start = Instant::now();
             let mut round = 0u64;
-            while start.elapsed() < Duration::from_millis(800) {
+            while running.load(Ordering::Acquire) > 0 {
                 let first = (round * 1536) % 8192;
                 t.mmu
                     .split_huge_pages(first, first + 1024, Level::L4K)
@@ -41,14 +45,13 @@ fn faults_zaps_and_splits_race_without_breaking_the_mirror() {
                 t.mmu.zap_range(first, first + 512).unwrap();
                 round += 1;
             }
-            stop.store(true, Ordering::Relaxed);
             vcpus
                 .into_iter()
                 .map(|v| v.join().unwrap())
                 .collect::<Vec<_>>()
         });
         assert_mirrored(&t);
-        assert!(t.mmu.counters().faults > 100);
+        assert_eq!(t.mmu.counters().faults, 2 * FAULTS_PER_VCPU);
         teardown_and_check(t, caches);
     }
 }
