@@ -185,13 +185,9 @@ fn print_config_fills_every_default_and_check_host_answers() {
     }
 }
 
-#[test]
-fn sigterm_stops_a_run_cleanly() {
-    let config = write_config(
-        "long.json",
-        r#"{"vcpus": 2, "accel": "soft", "memory": {"size_mib": 64},
-            "workload": {"kind": "dirty_log", "iterations": 1000, "bytes_per_vcpu_mib": 16}}"#,
-    );
+/// Starts refvmm on `config`, sends SIGTERM after half a second, and
+/// returns its output once it has stopped (promptly).
+fn run_then_sigterm(config: &Path) -> Output {
     let child = refvmm()
         .args(["--config", config.to_str().unwrap()])
         .stdout(Stdio::piped())
@@ -207,6 +203,17 @@ fn sigterm_stops_a_run_cleanly() {
         start.elapsed() < Duration::from_secs(20),
         "it stopped promptly"
     );
+    out
+}
+
+#[test]
+fn sigterm_stops_a_run_cleanly() {
+    let config = write_config(
+        "long.json",
+        r#"{"vcpus": 2, "accel": "soft", "memory": {"size_mib": 64},
+            "workload": {"kind": "dirty_log", "iterations": 1000, "bytes_per_vcpu_mib": 16}}"#,
+    );
+    let out = run_then_sigterm(&config);
     assert_eq!(out.status.code(), Some(1), "a stopped run is not a success");
     assert!(String::from_utf8_lossy(&out.stderr).contains("stopped by a signal"));
 }
@@ -318,21 +325,7 @@ fn sigterm_kicks_a_spinning_kvm_guest_out_and_stops_cleanly() {
             binary.display()
         ),
     );
-    let child = refvmm()
-        .args(["--config", config.to_str().unwrap()])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(Duration::from_millis(500));
-    // SAFETY: signals our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let start = Instant::now();
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        start.elapsed() < Duration::from_secs(20),
-        "it stopped promptly"
-    );
+    let out = run_then_sigterm(&config);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("stopped by a signal"));
 }
