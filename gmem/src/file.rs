@@ -781,42 +781,40 @@ impl GuestMemFile {
         } else {
             PAGE_SIZE
         } as usize;
-        if inner.kind == BackendKind::Kvm {
-            let fd = inner.fd.as_ref().expect("KVM files have a descriptor");
-            let mapping =
-                Mapping::reserve_aligned(len as usize, align).map_err(GmemError::os("mmap"))?;
-            // SAFETY: the whole of our fresh reservation; the kernel applies
-            // guest_memfd's rules to the flags.
-            unsafe {
-                sys::map_fixed_flags(mapping.addr(), len as usize, prot, map_flags, fd, offset)
+        // guest_memfd: the kernel itself applies these rules to the mmap.
+        if inner.kind != BackendKind::Kvm {
+            if inner.flags & GUEST_MEMFD_FLAG_MMAP == 0 {
+                return Err(GmemError::NoMmap);
             }
-            .map_err(GmemError::os("mmap"))?;
-            let view = self.register(mapping, offset, len, kind);
-            let end_page = (offset + len).min(inner.size).div_ceil(PAGE_SIZE);
-            let state = self.state();
-            inner.protect(&state, offset / PAGE_SIZE, end_page, Some(view.id))?;
-            drop(state);
-            return Ok(view);
-        }
-        if inner.flags & GUEST_MEMFD_FLAG_MMAP == 0 {
-            return Err(GmemError::NoMmap);
-        }
-        if map_flags & libc::MAP_SHARED == 0 || map_flags & libc::MAP_PRIVATE != 0 {
-            return Err(GmemError::invalid("guest memory can only be mapped shared"));
-        }
-        if len == 0 || !offset.is_multiple_of(inner.granule) || !len.is_multiple_of(PAGE_SIZE) {
-            return Err(GmemError::invalid(format!(
-                "mapping {offset:#x}+{len:#x} is not aligned to {:#x}",
-                inner.granule
-            )));
-        }
-        if inner.kind == BackendKind::Hugetlb && !len.is_multiple_of(inner.granule) {
-            return Err(GmemError::invalid(format!(
-                "HugeTLB mappings are whole {:#x}-byte pages",
-                inner.granule
-            )));
+            if map_flags & libc::MAP_SHARED == 0 || map_flags & libc::MAP_PRIVATE != 0 {
+                return Err(GmemError::invalid("guest memory can only be mapped shared"));
+            }
+            if len == 0 || !offset.is_multiple_of(inner.granule) || !len.is_multiple_of(PAGE_SIZE) {
+                return Err(GmemError::invalid(format!(
+                    "mapping {offset:#x}+{len:#x} is not aligned to {:#x}",
+                    inner.granule
+                )));
+            }
+            if inner.kind == BackendKind::Hugetlb && !len.is_multiple_of(inner.granule) {
+                return Err(GmemError::invalid(format!(
+                    "HugeTLB mappings are whole {:#x}-byte pages",
+                    inner.granule
+                )));
+            }
         }
         let mapping = match inner.kind {
+            BackendKind::Kvm => {
+                let fd = inner.fd.as_ref().expect("KVM files have a descriptor");
+                let mapping =
+                    Mapping::reserve_aligned(len as usize, align).map_err(GmemError::os("mmap"))?;
+                // SAFETY: the whole of our fresh reservation; the kernel
+                // applies guest_memfd's rules to the flags.
+                unsafe {
+                    sys::map_fixed_flags(mapping.addr(), len as usize, prot, map_flags, fd, offset)
+                }
+                .map_err(GmemError::os("mmap"))?;
+                mapping
+            }
             BackendKind::Anonymous => self.alias_master(offset, len, align)?,
             _ => {
                 let reserve =

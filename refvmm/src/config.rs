@@ -196,13 +196,10 @@ pub enum Workload {
     /// The kernel's dirty_log_perf_test.
     DirtyLog {
         /// Passes after the populating one.
-        #[serde(default = "default_iterations")]
         iterations: u32,
         /// Memory each vCPU writes, in MiB.
-        #[serde(default = "default_bytes_per_vcpu_mib")]
         bytes_per_vcpu_mib: u64,
         /// Percentage of pages written (the rest are read).
-        #[serde(default = "default_write_percent")]
         write_percent: u32,
     },
     /// Prints 0 to 9, with a checkpoint after 4 (snapshot and restore).
@@ -216,7 +213,6 @@ pub enum Workload {
         /// Where execution starts.
         entry_gpa: u64,
         /// Processor mode.
-        #[serde(default)]
         mode: BinaryMode,
     },
 }
@@ -272,18 +268,13 @@ impl TryFrom<RawWorkload> for Workload {
         };
         Ok(match raw.kind {
             WorkloadKind::Hello | WorkloadKind::Counter => {
-                let kind = if raw.kind == WorkloadKind::Hello {
-                    "hello"
-                } else {
-                    "counter"
+                let (kind, workload) = match raw.kind {
+                    WorkloadKind::Hello => ("hello", Self::Hello),
+                    _ => ("counter", Self::Counter),
                 };
                 foreign(&dirty_log_fields, kind)?;
                 foreign(&binary_fields, kind)?;
-                if raw.kind == WorkloadKind::Hello {
-                    Self::Hello
-                } else {
-                    Self::Counter
-                }
+                workload
             }
             WorkloadKind::DirtyLog => {
                 foreign(&binary_fields, "dirty_log")?;
