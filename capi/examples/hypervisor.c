@@ -3,7 +3,8 @@
  * cache (topped up before its MMU lock, popped under it), and the software
  * TDP MMU runs a fault / dirty-log / split cycle.
  *
- * Build: cc -std=c11 -I include capi/examples/hypervisor.c target/debug/libmmukit.a \
+ * Build (after `cargo build -p mmukit-capi`):
+ *        cc -std=c11 -I include capi/examples/hypervisor.c target/debug/libmmukit.a \
  *        -lpthread -ldl -lm -lrt -lutil
  */
 #include <errno.h>

@@ -11,11 +11,13 @@ fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The directory with libmmukit.a and libmmukit.so: the profile directory
-/// this test binary was built into.
+/// The directory with the libmmukit.a and libmmukit.so built alongside this
+/// test binary: its own `deps` directory. (Cargo copies a library up to the
+/// profile directory only when it was asked to build it directly, so the copy
+/// there can be missing or older than the sources under test.)
 fn lib_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
-    exe.parent().unwrap().parent().unwrap().to_owned()
+    exe.parent().unwrap().to_owned()
 }
 
 fn have(tool: &str) -> bool {
