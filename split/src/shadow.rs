@@ -189,7 +189,23 @@ enum PteList {
 }
 
 impl PteList {
+    /// Adds `spte`. The empty case, which every split child and most faults
+    /// meet, is inlined; the rest takes descriptors from `descs`.
+    #[inline]
     fn add(&mut self, spte: u64, descs: &mut ObjectCache<PteListDesc>) -> Result<(), CacheError> {
+        if let Self::Empty = self {
+            *self = Self::One(spte);
+            return Ok(());
+        }
+        self.add_to_list(spte, descs)
+    }
+
+    #[inline(never)]
+    fn add_to_list(
+        &mut self,
+        spte: u64,
+        descs: &mut ObjectCache<PteListDesc>,
+    ) -> Result<(), CacheError> {
         match self {
             Self::Empty => *self = Self::One(spte),
             Self::One(first) => {
