@@ -237,7 +237,40 @@ pub struct TdpMmu {
     torn_down: std::sync::atomic::AtomicBool,
     stats: [AtomicU64; 3],
     counters: Counters,
+    /// Tells this MMU's entries in the per-thread walk caches from another's.
+    id: u64,
+    /// Bumped whenever a table is unlinked (under the write lock): a walk
+    /// cache entry taken at an older generation may name a freed table.
+    table_generation: AtomicU64,
 }
+
+/// The leaf table a thread's last access walked to: the software vCPU's
+/// paging-structure cache. Valid for the MMU `mmu` while its table
+/// generation is still `generation`, since a linked table stays linked
+/// at its place until one is unlinked.
+#[derive(Clone, Copy)]
+struct WalkCache {
+    mmu: u64,
+    generation: u64,
+    /// `gfn >> 9` of the 2 MiB region the table maps.
+    region: u64,
+    table_hpa: u64,
+}
+
+thread_local! {
+    static LAST_LEAF_TABLE: std::cell::Cell<WalkCache> = const {
+        std::cell::Cell::new(WalkCache {
+            mmu: 0,
+            generation: 0,
+            region: 0,
+            table_hpa: 0,
+        })
+    };
+}
+
+/// Identifiers of MMUs; 0 is never given, so an empty walk cache matches
+/// none.
+static NEXT_MMU_ID: AtomicU64 = AtomicU64::new(1);
 
 impl std::fmt::Debug for TdpMmu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -344,6 +377,8 @@ impl TdpMmu {
             torn_down: std::sync::atomic::AtomicBool::new(false),
             stats: Default::default(),
             counters: Counters::default(),
+            id: NEXT_MMU_ID.fetch_add(1, Ordering::Relaxed),
+            table_generation: AtomicU64::new(0),
         })
     }
 
@@ -703,7 +738,7 @@ impl TdpMmu {
     /// [`fault`](Self::fault).
     pub fn access(&self, gpa: u64, write: bool) -> Access {
         let _guard = self.read_lock();
-        let Some((table, index, level, entry)) = self.find_leaf(gpa >> 12) else {
+        let Some((table, index, level, entry)) = self.find_leaf_cached(gpa >> 12) else {
             return Access::Miss;
         };
         if write && !entry.has(WRITE) {
@@ -714,6 +749,39 @@ impl TdpMmu {
             table[index].fetch_or(bits, Ordering::AcqRel);
         }
         Access::Hit(self.translation(entry, level, gpa >> 12).hpa | (gpa & 0xfff))
+    }
+
+    /// [`find_leaf`](Self::find_leaf) through this thread's walk cache: an
+    /// access in the same 2 MiB region as the thread's last one reads the
+    /// leaf table directly instead of walking from the root. Callers hold
+    /// the lock.
+    fn find_leaf_cached(&self, gfn: u64) -> Option<(&[AtomicU64; 512], usize, Level, Entry)> {
+        // Stable while the caller holds the lock: it moves only under the
+        // write lock.
+        let generation = self.table_generation.load(Ordering::Relaxed);
+        let cached = LAST_LEAF_TABLE.get();
+        if cached.mmu == self.id && cached.generation == generation && cached.region == gfn >> 9 {
+            // SAFETY: the table was linked for this region of this MMU when
+            // it was cached, and no table has been unlinked since (the
+            // generation is unchanged), so it is still linked there; the
+            // caller's lock keeps it so.
+            let table = unsafe { entries(cached.table_hpa) };
+            let index = Level::L4K.index(gfn);
+            let entry = load(table, index);
+            return entry
+                .is_present()
+                .then_some((table, index, Level::L4K, entry));
+        }
+        let found = self.find_leaf(gfn)?;
+        if found.2 == Level::L4K {
+            LAST_LEAF_TABLE.set(WalkCache {
+                mmu: self.id,
+                generation,
+                region: gfn >> 9,
+                table_hpa: found.0.as_ptr() as u64,
+            });
+        }
+        Some(found)
     }
 
     /// Walks to the present leaf that maps `gfn`; callers hold the lock.
@@ -898,6 +966,7 @@ impl TdpMmu {
                 );
                 self.hooks.free_table(gfn, below, table_ref)?;
                 table[index].store(ept::NON_PRESENT, Ordering::Release);
+                self.table_generation.fetch_add(1, Ordering::Relaxed);
                 self.free_table(child);
             }
         }
@@ -953,6 +1022,7 @@ impl TdpMmu {
             let child = entry.addr(level);
             self.teardown_table(child, below, gfn, report);
             table[index].store(ept::NON_PRESENT, Ordering::Release);
+            self.table_generation.fetch_add(1, Ordering::Relaxed);
             let Some(mut header) = self.table_map().remove(&child) else {
                 continue;
             };

@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 
 use mmu_cache::PagePool;
 use mmu_cache::alloc::{ChunkAllocator, CountingAllocator, PageAllocator};
+use split::tdp::Access;
 use split::{
     Entry, ExternalPageTable, HookError, Level, LogMode, Memslot, MmuConfig, MmuError, TableRef,
     TdpMmu,
@@ -68,6 +69,16 @@ impl Mirror {
 
     fn tables(&self) -> usize {
         self.state().tables.len()
+    }
+
+    /// The address of the 4K-level table linked for `gfn`'s 2 MiB region.
+    fn leaf_table(&self, gfn: u64) -> Option<u64> {
+        let region = gfn & !511;
+        self.state()
+            .tables
+            .iter()
+            .find(|&&(g, level, _)| level == 1 && g == region)
+            .map(|&(_, _, hpa)| hpa)
     }
 }
 
@@ -370,4 +381,31 @@ fn external_pages_follow_tables_and_a_refused_reclaim_leaks_one() {
         1,
         "only the leaked page is out"
     );
+}
+
+/// A thread's walk cache remembers the leaf table of its last access. Once
+/// a zap frees that table and a fault links another one for the region, an
+/// access must go through the new table, not the freed one.
+#[test]
+fn an_access_after_its_table_was_freed_walks_the_new_one() {
+    let mirror = Mirror::default();
+    let pool = PagePool::new(ChunkAllocator::anonymous());
+    let mmu = TdpMmu::with_hooks(pool, MmuConfig::default(), Box::new(mirror.clone())).unwrap();
+    // 64 MiB with host frames that are not 2M-aligned: 4K leaves only.
+    mmu.add_memslot(Memslot::new(0, 0, 16384, 0x40001).unwrap())
+        .unwrap();
+    let mut vcpu = mmu.new_vcpu_caches();
+    mmu.fault(&mut vcpu, 0, true).unwrap();
+    let freed = mirror.leaf_table(0).unwrap();
+    assert!(matches!(mmu.access(0, true), Access::Hit(_)));
+    mmu.zap_range(0, 512).unwrap();
+    assert_eq!(mirror.leaf_table(0), None, "the zap freed the table");
+    assert_eq!(mmu.access(0, true), Access::Miss);
+    mmu.fault(&mut vcpu, 0x5000, true).unwrap();
+    let linked = mirror.leaf_table(0).unwrap();
+    assert_ne!(linked, freed, "the region has a new table");
+    let hpa = mmu.translate(0x5000).unwrap().hpa;
+    assert_eq!(mmu.access(0x5000, true), Access::Hit(hpa));
+    assert_eq!(mmu.access(0, false), Access::Miss);
+    assert_identical(&mirror, &mmu);
 }
