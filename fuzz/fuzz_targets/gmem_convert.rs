@@ -4,16 +4,29 @@
 #![no_main]
 
 use arbitrary::Arbitrary;
-use libfuzzer_sys::fuzz_target;
 use gmem::consts::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 use gmem::{Attribute, Backend, GmemConfig, GuestMemFile};
+use libfuzzer_sys::fuzz_target;
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    Convert { first: u16, pages: u16, private: bool },
-    Fallocate { mode: u8, offset: u32, len: u32 },
-    Write { page: u16, byte: u8 },
-    Read { page: u16 },
+    Convert {
+        first: u16,
+        pages: u16,
+        private: bool,
+    },
+    Fallocate {
+        mode: u8,
+        offset: u32,
+        len: u32,
+    },
+    Write {
+        page: u16,
+        byte: u8,
+    },
+    Read {
+        page: u16,
+    },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -43,10 +56,18 @@ fuzz_target!(|input: Input| {
     let mut model = vec![(Attribute::Shared, 0u8); pages as usize];
     for op in input.ops.into_iter().take(40) {
         match op {
-            Op::Convert { first, pages: count, private } => {
+            Op::Convert {
+                first,
+                pages: count,
+                private,
+            } => {
                 let first = u64::from(first) % pages;
                 let count = (u64::from(count) % 64).max(1);
-                let to = if private { Attribute::Private } else { Attribute::Shared };
+                let to = if private {
+                    Attribute::Private
+                } else {
+                    Attribute::Shared
+                };
                 let result = file.convert(first * 4096, count * 4096, to);
                 if first + count <= pages {
                     result.unwrap();
@@ -59,11 +80,18 @@ fuzz_target!(|input: Input| {
             }
             Op::Fallocate { mode, offset, len } => {
                 let mode = i32::from(mode & 0x3f);
-                let (offset, len) = (u64::from(offset) % (pages * 8192), u64::from(len) % (pages * 8192));
+                let (offset, len) = (
+                    u64::from(offset) % (pages * 8192),
+                    u64::from(len) % (pages * 8192),
+                );
                 let result = file.fallocate(mode, offset, len);
                 let punch = mode == 0x3; // KEEP_SIZE | PUNCH_HOLE
                 if let Err(err) = &result {
-                    assert!([22, 95].contains(&err.errno()), "unexpected errno {}", err.errno());
+                    assert!(
+                        [22, 95].contains(&err.errno()),
+                        "unexpected errno {}",
+                        err.errno()
+                    );
                 } else if punch {
                     let end = (offset + len).min(pages * 4096);
                     for page in offset / 4096..end / 4096 {

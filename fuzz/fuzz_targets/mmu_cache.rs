@@ -6,7 +6,9 @@ use std::sync::Arc;
 
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
-use mmu_cache::alloc::{ChunkAllocator, CountingAllocator, FailPolicy, FailingAllocator, PageAllocator};
+use mmu_cache::alloc::{
+    ChunkAllocator, CountingAllocator, FailPolicy, FailingAllocator, PageAllocator,
+};
 use mmu_cache::{Page, PageCache, PagePool};
 
 #[derive(Arbitrary, Debug)]
@@ -43,7 +45,8 @@ fuzz_target!(|input: Input| {
     for op in input.ops.into_iter().take(64) {
         match op {
             Op::Topup { min, capacity } => {
-                let _ = cache.topup_with_capacity(usize::from(capacity % 64), usize::from(min % 64));
+                let _ =
+                    cache.topup_with_capacity(usize::from(capacity % 64), usize::from(min % 64));
             }
             Op::Alloc => {
                 if cache.nr_free() > 0 {

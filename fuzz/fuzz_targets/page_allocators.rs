@@ -56,7 +56,10 @@ fuzz_target!(|input: Input| {
                     // SAFETY: the allocator must refuse without touching it.
                     let result = unsafe { allocator.page_free(page) };
                     assert!(
-                        matches!(result, Err(AllocError::DoubleFree { .. } | AllocError::NotOwned { .. })),
+                        matches!(
+                            result,
+                            Err(AllocError::DoubleFree { .. } | AllocError::NotOwned { .. })
+                        ),
                         "{result:?}"
                     );
                 }
@@ -75,8 +78,9 @@ fuzz_target!(|input: Input| {
                     let page = live[usize::from(index) % live.len()];
                     let off = usize::from(offset % 4095) + 1;
                     // SAFETY: not a page address: refused untouched.
-                    let result =
-                        unsafe { allocator.page_free(NonNull::new(page.as_ptr().wrapping_add(off)).unwrap()) };
+                    let result = unsafe {
+                        allocator.page_free(NonNull::new(page.as_ptr().wrapping_add(off)).unwrap())
+                    };
                     assert!(result.is_err());
                 }
             }

@@ -18,13 +18,29 @@ const HOST: u64 = 1 << 20;
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    Map { ngfn: u16, gfn: u16, huge: bool, perms: u8 },
-    Unmap { ngfn: u16 },
-    Fault { ngfn: u16, write: bool },
+    Map {
+        ngfn: u16,
+        gfn: u16,
+        huge: bool,
+        perms: u8,
+    },
+    Unmap {
+        ngfn: u16,
+    },
+    Fault {
+        ngfn: u16,
+        write: bool,
+    },
     Sync,
-    Split { first: u16, pages: u16 },
+    Split {
+        first: u16,
+        pages: u16,
+    },
     ZapAll,
-    ZapRange { first: u16, pages: u16 },
+    ZapRange {
+        first: u16,
+        pages: u16,
+    },
     Enable,
     GetLog,
 }
@@ -41,14 +57,24 @@ fuzz_target!(|input: Input| {
         ..ShadowConfig::default()
     };
     let mmu = ShadowMmu::new(PagePool::new(ChunkAllocator::anonymous()), config).unwrap();
-    mmu.add_memslot(Memslot::new(0, 0, PAGES, HOST).unwrap()).unwrap();
+    mmu.add_memslot(Memslot::new(0, 0, PAGES, HOST).unwrap())
+        .unwrap();
     let guest = Arc::new(GuestEpt::new(4, 0x10_0000..0x10_0400).unwrap());
     let mut vcpu = Vcpu::new(0, guest.clone());
     let mut caches = mmu.new_caches();
     for op in input.ops.into_iter().take(48) {
         match op {
-            Op::Map { ngfn, gfn, huge, perms } => {
-                let (level, mask) = if huge { (Level::L2M, !511u64) } else { (Level::L4K, !0) };
+            Op::Map {
+                ngfn,
+                gfn,
+                huge,
+                perms,
+            } => {
+                let (level, mask) = if huge {
+                    (Level::L2M, !511u64)
+                } else {
+                    (Level::L4K, !0)
+                };
                 let ngfn = u64::from(ngfn) % PAGES & mask;
                 let gfn = u64::from(gfn) % PAGES & mask;
                 // Readable, maybe writable and executable.
@@ -65,14 +91,20 @@ fuzz_target!(|input: Input| {
                 }
             }
             Op::Fault { ngfn, write } => {
-                let _ = mmu.fault(&mut caches, &mut vcpu, (u64::from(ngfn) % PAGES) << 12, write);
+                let _ = mmu.fault(
+                    &mut caches,
+                    &mut vcpu,
+                    (u64::from(ngfn) % PAGES) << 12,
+                    write,
+                );
             }
             Op::Sync => {
                 mmu.sync(&vcpu);
             }
             Op::Split { first, pages } => {
                 let first = u64::from(first) % PAGES;
-                mmu.split_huge_pages(first, first + u64::from(pages) % 1024, Level::L4K).unwrap();
+                mmu.split_huge_pages(first, first + u64::from(pages) % 1024, Level::L4K)
+                    .unwrap();
             }
             Op::ZapAll => mmu.zap_all(),
             Op::ZapRange { first, pages } => {

@@ -1,7 +1,8 @@
 //! Fault / zap / split / dirty-log operations on the TDP MMU against a flat
 //! model: translation agrees with the memslot mapping wherever the model
 //! says a page is mapped, never maps where it is not, and stats equal a
-//! recount.
+//! recount. Software accesses (through the walk cache) agree with a fresh
+//! translation.
 #![no_main]
 
 use std::collections::HashSet;
@@ -10,6 +11,7 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use mmu_cache::PagePool;
 use mmu_cache::alloc::ChunkAllocator;
+use split::tdp::Access;
 use split::{Level, LogMode, Memslot, MmuConfig, TdpMmu};
 
 const PAGES: u64 = 4096;
@@ -25,6 +27,7 @@ enum Op {
     GetLog,
     Clear { word: u8, mask: u64 },
     Disable,
+    Access { page: u16, write: bool },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -41,7 +44,8 @@ fuzz_target!(|input: Input| {
     };
     let mmu = TdpMmu::new(PagePool::new(ChunkAllocator::anonymous()), config).unwrap();
     let host = HOST + u64::from(input.unaligned);
-    mmu.add_memslot(Memslot::new(0, 0, PAGES, host).unwrap()).unwrap();
+    mmu.add_memslot(Memslot::new(0, 0, PAGES, host).unwrap())
+        .unwrap();
     let mut caches = mmu.new_vcpu_caches();
     let mut faulted: HashSet<u64> = HashSet::new();
     for op in input.ops.into_iter().take(48) {
@@ -50,6 +54,14 @@ fuzz_target!(|input: Input| {
                 let gfn = u64::from(page) % PAGES;
                 mmu.fault(&mut caches, gfn << 12, write).unwrap();
                 faulted.insert(gfn);
+            }
+            Op::Access { page, write } => {
+                let gfn = u64::from(page) % PAGES;
+                let expected = match mmu.translate(gfn << 12) {
+                    Some(t) if !write || t.perms & split::ept::WRITE != 0 => Access::Hit(t.hpa),
+                    _ => Access::Miss,
+                };
+                assert_eq!(mmu.access(gfn << 12, write), expected, "gfn {gfn:#x}");
             }
             Op::Zap { first, pages } => {
                 let first = u64::from(first) % PAGES;
@@ -63,14 +75,20 @@ fuzz_target!(|input: Input| {
             }
             Op::Split { first, pages } => {
                 let first = u64::from(first) % PAGES;
-                mmu.split_huge_pages(first, first + u64::from(pages) % 2048, Level::L4K).unwrap();
+                mmu.split_huge_pages(first, first + u64::from(pages) % 2048, Level::L4K)
+                    .unwrap();
             }
             Op::Boundary { first, pages } => {
                 let first = u64::from(first) % PAGES;
-                mmu.split_cross_boundary(first, first + u64::from(pages) % 2048).unwrap();
+                mmu.split_cross_boundary(first, first + u64::from(pages) % 2048)
+                    .unwrap();
             }
             Op::Enable { manual } => {
-                let mode = if manual { LogMode::ManualInitiallySet } else { LogMode::Classic };
+                let mode = if manual {
+                    LogMode::ManualInitiallySet
+                } else {
+                    LogMode::Classic
+                };
                 mmu.enable_dirty_logging(0, mode).unwrap();
             }
             Op::GetLog => {

@@ -14,21 +14,56 @@ const PAMT: u64 = 0x3_0000_0000;
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    SeptAdd { gpa: u8, level: u8, page: u8, undo: bool },
-    Aug { gpa: u16, level: u8, page: u16, undo: bool },
-    Add { gpa: u16, page: u16 },
-    Block { gpa: u16, level: u8 },
+    SeptAdd {
+        gpa: u8,
+        level: u8,
+        page: u8,
+        undo: bool,
+    },
+    Aug {
+        gpa: u16,
+        level: u8,
+        page: u16,
+        undo: bool,
+    },
+    Add {
+        gpa: u16,
+        page: u16,
+    },
+    Block {
+        gpa: u16,
+        level: u8,
+    },
     Track,
     Kick,
-    Remove { gpa: u16, level: u8 },
-    SeptRemove { gpa: u8, level: u8 },
-    Demote { gpa: u8, page: u8 },
-    Wbinvd { page: u16 },
-    PamtAdd { region: u8, pages: u8, undo: bool },
-    PamtRemove { region: u8 },
+    Remove {
+        gpa: u16,
+        level: u8,
+    },
+    SeptRemove {
+        gpa: u8,
+        level: u8,
+    },
+    Demote {
+        gpa: u8,
+        page: u8,
+    },
+    Wbinvd {
+        page: u16,
+    },
+    PamtAdd {
+        region: u8,
+        pages: u8,
+        undo: bool,
+    },
+    PamtRemove {
+        region: u8,
+    },
     Finalize,
     ReleaseKey,
-    Reclaim { page: u16 },
+    Reclaim {
+        page: u16,
+    },
 }
 
 fn level(raw: u8) -> Level {
@@ -36,7 +71,9 @@ fn level(raw: u8) -> Level {
 }
 
 fn block_track_kick(module: &SimTdxModule, gpa: u64, level: Level) {
-    module.range_block(gpa, level).expect("block after a successful add");
+    module
+        .range_block(gpa, level)
+        .expect("block after a successful add");
     module.track().unwrap();
     module.kick_vcpus();
 }
@@ -45,18 +82,32 @@ fuzz_target!(|ops: Vec<Op>| {
     let module = SimTdxModule::new(4);
     for op in ops.into_iter().take(64) {
         match op {
-            Op::SeptAdd { gpa, level: l, page, undo } => {
+            Op::SeptAdd {
+                gpa,
+                level: l,
+                page,
+                undo,
+            } => {
                 let lvl = level(l % 3);
                 let gpa = u64::from(gpa) << (12 + 9 * u32::from(lvl.get()));
                 let page = SEPT + u64::from(page) * 4096;
                 if module.sept_add(gpa, lvl, page).is_ok() && undo {
                     let parent = Level::new(lvl.get() + 1).unwrap();
                     block_track_kick(&module, gpa, parent);
-                    assert_eq!(module.sept_remove(gpa, lvl), Ok(page), "the inverse of SEPT.ADD");
+                    assert_eq!(
+                        module.sept_remove(gpa, lvl),
+                        Ok(page),
+                        "the inverse of SEPT.ADD"
+                    );
                     module.page_wbinvd(page).unwrap();
                 }
             }
-            Op::Aug { gpa, level: l, page, undo } => {
+            Op::Aug {
+                gpa,
+                level: l,
+                page,
+                undo,
+            } => {
                 let lvl = level(l % 2);
                 let shift = 12 + 9 * u32::from(lvl.get() - 1);
                 let gpa = (u64::from(gpa) << shift) & ((1 << 39) - 1);
@@ -87,20 +138,37 @@ fuzz_target!(|ops: Vec<Op>| {
                 let _ = module.sept_remove(u64::from(gpa) << (12 + 9 * u32::from(lvl.get())), lvl);
             }
             Op::Demote { gpa, page } => {
-                let _ = module.page_demote(u64::from(gpa) << 21, Level::L2M, SEPT + u64::from(page) * 4096);
+                let _ = module.page_demote(
+                    u64::from(gpa) << 21,
+                    Level::L2M,
+                    SEPT + u64::from(page) * 4096,
+                );
             }
             Op::Wbinvd { page } => {
                 let _ = module.page_wbinvd(GUEST + (u64::from(page) << 12));
             }
-            Op::PamtAdd { region, pages, undo } => {
-                let region = [SEPT, GUEST][usize::from(region & 1)] + (u64::from(region >> 1) << 21);
-                let pair = [PAMT + u64::from(pages) * 8192, PAMT + u64::from(pages) * 8192 + 4096];
+            Op::PamtAdd {
+                region,
+                pages,
+                undo,
+            } => {
+                let region =
+                    [SEPT, GUEST][usize::from(region & 1)] + (u64::from(region >> 1) << 21);
+                let pair = [
+                    PAMT + u64::from(pages) * 8192,
+                    PAMT + u64::from(pages) * 8192 + 4096,
+                ];
                 if module.pamt_add(region, pair).is_ok() && undo {
-                    assert_eq!(module.pamt_remove(region), Ok(pair), "the inverse of PAMT.ADD");
+                    assert_eq!(
+                        module.pamt_remove(region),
+                        Ok(pair),
+                        "the inverse of PAMT.ADD"
+                    );
                 }
             }
             Op::PamtRemove { region } => {
-                let region = [SEPT, GUEST][usize::from(region & 1)] + (u64::from(region >> 1) << 21);
+                let region =
+                    [SEPT, GUEST][usize::from(region & 1)] + (u64::from(region >> 1) << 21);
                 let _ = module.pamt_remove(region);
             }
             Op::Finalize => {
@@ -123,12 +191,22 @@ fuzz_target!(|ops: Vec<Op>| {
             if lvl < 4 {
                 let parent_base = gpa & !((4096u64 << (9 * u32::from(lvl + 1))) - 1);
                 let parent_base = if lvl + 1 == 4 { 0 } else { parent_base };
-                assert!(tables.contains_key(&(lvl + 1, parent_base)), "orphan table {lvl}/{gpa:#x}");
+                assert!(
+                    tables.contains_key(&(lvl + 1, parent_base)),
+                    "orphan table {lvl}/{gpa:#x}"
+                );
             }
         }
         for (&(lvl, gpa), &(page, _)) in &module.leaves() {
-            assert!(matches!(module.page_state(page), Some(PageState::Guest { .. })));
-            let base = if lvl == 4 { 0 } else { gpa & !((4096u64 << (9 * u32::from(lvl))) - 1) };
+            assert!(matches!(
+                module.page_state(page),
+                Some(PageState::Guest { .. })
+            ));
+            let base = if lvl == 4 {
+                0
+            } else {
+                gpa & !((4096u64 << (9 * u32::from(lvl))) - 1)
+            };
             assert!(tables.contains_key(&(lvl, base)), "leaf without a table");
         }
     }
