@@ -40,7 +40,7 @@ use gmem::{Attribute, Backend, GmemConfig, GmemError, GuestMemFile, KvmVm, View}
 use mmu_cache::alloc::{AllocError, AllocatorId, ChunkAllocator, PageAllocator};
 use mmu_cache::{CacheError, PageCache, PagePool};
 use split::{Level, LogMode, Memslot, MmuConfig, MmuError, TdpMmu, VcpuCaches};
-use tdx_ext::pamt::{DynamicPamt, PamtPolicy};
+use tdx_ext::pamt::PamtPolicy;
 use tdx_ext::{Seamcall, SimTdxModule, TdxMirror};
 
 /// Runs `body`, turning a panic into -EIO so that nothing unwinds into C.
@@ -899,18 +899,9 @@ pub unsafe extern "C" fn mmukit_tdx_new(
             MMUKIT_PAMT_ON_CACHE_ENTRY => PamtPolicy::OnCacheEntry,
             _ => return -libc::EINVAL,
         };
-        let module = Arc::new(SimTdxModule::new(levels));
-        let pamt = DynamicPamt::new(module.clone(), PagePool::new(ChunkAllocator::anonymous()));
-        let mirror = TdxMirror::new(
-            module.clone(),
-            pamt,
-            ChunkAllocator::anonymous(),
-            None,
-            policy,
-        );
-        if mirror.finalize().is_err() {
+        let Ok((module, mirror)) = TdxMirror::finalized_on_sim(levels, policy) else {
             return -libc::EIO;
-        }
+        };
         match new_mmu(levels, true, Some(mirror.clone())) {
             Ok(mmu) => {
                 let handle = Box::new(mmukit_tdx {

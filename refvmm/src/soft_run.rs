@@ -9,7 +9,7 @@ use std::time::Instant;
 use mmu_cache::PagePool;
 use mmu_cache::alloc::ChunkAllocator;
 use split::{LogMode, Memslot, MmuConfig, TdpMmu, VcpuCaches};
-use tdx_ext::pamt::{DynamicPamt, PamtPolicy};
+use tdx_ext::pamt::PamtPolicy;
 use tdx_ext::{Seamcall, SimTdxModule, TdxMirror};
 
 use crate::config::{BackendName, Config, PamtPolicyName, Workload, layout};
@@ -53,29 +53,19 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
         ..MmuConfig::default()
     };
     let pool = PagePool::new(ChunkAllocator::anonymous());
-    let td = config.tdx.enabled.then(|| {
-        let module = Arc::new(SimTdxModule::new(mmu_config.levels));
-        let pamt = DynamicPamt::new(module.clone(), PagePool::new(ChunkAllocator::anonymous()));
+    let td = if config.tdx.enabled {
         let policy = match config.tdx.pamt_policy {
             PamtPolicyName::OnInstall => PamtPolicy::OnInstall,
             PamtPolicyName::OnCacheEntry => PamtPolicy::OnCacheEntry,
         };
-        let mirror = TdxMirror::new(
-            module.clone(),
-            pamt,
-            ChunkAllocator::anonymous(),
-            None,
-            policy,
-        );
-        Td { module, mirror }
-    });
+        let (module, mirror) = TdxMirror::finalized_on_sim(mmu_config.levels, policy)
+            .map_err(|status| RunError::Kvm(format!("finalize the TD: {status}")))?;
+        Some(Td { module, mirror })
+    } else {
+        None
+    };
     let mmu = match &td {
-        Some(td) => {
-            td.mirror
-                .finalize()
-                .map_err(|status| RunError::Kvm(format!("finalize the TD: {status}")))?;
-            TdpMmu::with_hooks(pool, mmu_config, Box::new(td.mirror.clone()))
-        }
+        Some(td) => TdpMmu::with_hooks(pool, mmu_config, Box::new(td.mirror.clone())),
         None => TdpMmu::new(pool, mmu_config),
     }
     .map_err(|err| RunError::Kvm(format!("software MMU: {err}")))?;

@@ -16,16 +16,13 @@
 //!   the module refuses a page that is already something else.
 //!
 //! ```
-//! use std::sync::Arc;
 //! use mmu_cache::{PagePool, alloc::ChunkAllocator};
 //! use split::{Memslot, MmuConfig, TdpMmu};
-//! use tdx_ext::{SimTdxModule, TdxMirror, TdxModule, pamt::{DynamicPamt, PamtPolicy}};
+//! use tdx_ext::{TdxMirror, TdxModule, pamt::PamtPolicy};
 //!
-//! let module = Arc::new(SimTdxModule::new(4));
-//! let pamt = DynamicPamt::new(module.clone(), PagePool::new(ChunkAllocator::anonymous()));
-//! let mirror = TdxMirror::new(module.clone(), pamt, ChunkAllocator::anonymous(), None,
-//!                             PamtPolicy::OnInstall);
-//! mirror.finalize()?;
+//! // A finalized TD on the software module; `TdxMirror::new` takes your own
+//! // module, PAMT, allocator and account instead.
+//! let (module, mirror) = TdxMirror::finalized_on_sim(4, PamtPolicy::OnInstall)?;
 //! let mmu = TdpMmu::with_hooks(PagePool::new(ChunkAllocator::anonymous()),
 //!                              MmuConfig::default(), Box::new(mirror.clone()))?;
 //! // 4 MiB of private memory on host frames at 4 GiB.

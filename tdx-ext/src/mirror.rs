@@ -7,12 +7,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::ThreadId;
 
-use mmu_cache::alloc::PageAllocator;
+use mmu_cache::alloc::{ChunkAllocator, PageAllocator};
 use mmu_cache::{Account, PageCache, PagePool};
 use split::{Entry, ExternalPageTable, HookError, Level, TableRef, Topup};
 
 use crate::module::{SeamcallResult, TdxModule};
 use crate::pamt::{DynamicPamt, PamtBackedAllocator, PamtCache, PamtPage, PamtPolicy};
+use crate::sim::SimTdxModule;
 use crate::status::TdxStatus;
 
 /// PAMT pages one split may need: a pair for the new S-EPT page's region
@@ -186,6 +187,26 @@ impl TdxMirror {
     /// Finalizes the TD: pages come by AUG from now on.
     pub fn finalize(&self) -> Result<(), TdxStatus> {
         self.module.finalize()
+    }
+
+    /// A finalized TD on a fresh [`SimTdxModule`] with a `levels`-level
+    /// S-EPT: S-EPT and PAMT pages come from anonymous memory, and no
+    /// account is charged. This is the TD a VMM without TDX hardware runs.
+    pub fn finalized_on_sim(
+        levels: u8,
+        policy: PamtPolicy,
+    ) -> Result<(Arc<SimTdxModule>, Arc<Self>), TdxStatus> {
+        let module = Arc::new(SimTdxModule::new(levels));
+        let pamt = DynamicPamt::new(module.clone(), PagePool::new(ChunkAllocator::anonymous()));
+        let mirror = Self::new(
+            module.clone(),
+            pamt,
+            ChunkAllocator::anonymous(),
+            None,
+            policy,
+        );
+        mirror.finalize()?;
+        Ok((module, mirror))
     }
 
     fn retry<T>(&self, call: impl Fn() -> SeamcallResult<T>) -> SeamcallResult<T> {
