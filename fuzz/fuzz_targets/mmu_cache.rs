@@ -1,5 +1,7 @@
 //! Topup / alloc / free / free_all on a page cache over a failing, counting
-//! allocator: the counts always balance and nothing is freed twice.
+//! allocator: the counts always balance, nothing is freed twice, a topup
+//! with `min` cached returns at once, and a page given back never comes out
+//! stale.
 #![no_main]
 
 use std::sync::Arc;
@@ -45,13 +47,22 @@ fuzz_target!(|input: Input| {
     for op in input.ops.into_iter().take(64) {
         match op {
             Op::Topup { min, capacity } => {
-                let _ =
-                    cache.topup_with_capacity(usize::from(capacity % 64), usize::from(min % 64));
+                let before = cache.nr_free();
+                let min = usize::from(min % 64);
+                let result = cache.topup_with_capacity(usize::from(capacity % 64), min);
+                if before >= min {
+                    // The kernel returns before any check when min is cached.
+                    assert!(result.is_ok());
+                    assert_eq!(cache.nr_free(), before);
+                } else if result.is_ok() {
+                    assert!(cache.nr_free() >= min);
+                }
             }
             Op::Alloc => {
                 if cache.nr_free() > 0 {
                     let page = cache.alloc().expect("a non-empty cache pops");
                     if input.init {
+                        // Fresh or given back, never stale.
                         assert!(page.words().iter().all(|&w| w == 1 << 63));
                     }
                     held.push(page);
@@ -59,7 +70,8 @@ fuzz_target!(|input: Input| {
             }
             Op::Free { index } => {
                 if !held.is_empty() {
-                    let page = held.swap_remove(usize::from(index) % held.len());
+                    let mut page = held.swap_remove(usize::from(index) % held.len());
+                    page.words_mut()[usize::from(index)] = u64::from(index);
                     cache.free(page);
                 }
             }

@@ -58,11 +58,16 @@ pub enum CacheError {
         /// The configured value.
         init_value: u64,
     },
-    /// The account cannot take what reaching the minimum needs; nothing was allocated.
-    #[error("cache {cache}: {source}")]
+    /// The account refused a charge before the minimum was reached (a
+    /// memcg charge failing part-way); what was obtained stays cached.
+    #[error("cache {cache}: {obtained} of the {min} objects needed: {source}")]
     AccountLimit {
         /// The cache's name.
         cache: &'static str,
+        /// Objects in the cache after the failed fill.
+        obtained: usize,
+        /// The minimum asked for.
+        min: usize,
         /// The refusal, with the bytes asked and left.
         source: AccountError,
     },
@@ -124,6 +129,14 @@ pub trait CacheSource {
 
     /// Obtains one new item from the allocator.
     fn obtain(&self) -> Result<Self::Item, Self::Error>;
+
+    /// The account's refusal inside an [`obtain`](Self::obtain) error, if
+    /// that is why it failed.
+    fn charge_refusal(err: &Self::Error) -> Option<&AccountError>;
+
+    /// Makes an item handed back to the cache as good as a new one (its
+    /// fill restored), or returns `None` to send it back to its allocator.
+    fn recycle(&self, item: Self::Item) -> Option<Self::Item>;
 }
 
 /// Counters of a cache's life.
@@ -211,18 +224,23 @@ impl<S: CacheSource> MemoryCache<S> {
         self.topup_with_capacity(DEFAULT_CAPACITY, min)
     }
 
-    /// Ensures at least `min` objects are cached, filling up to `capacity`.
+    /// Ensures at least `min` objects are cached, filling up to `capacity`
+    /// (the kernel's `__kvm_mmu_topup_memory_cache`).
     ///
-    /// The configuration is checked first, whether or not a fill is needed,
-    /// and an error is returned before anything is allocated: capacity 0, a
-    /// minimum above the capacity, a capacity other than the one fixed by an
-    /// earlier fill (until [`free_all`](Self::free_all)), a conflicting fill
-    /// configuration, or an account that cannot take `min` objects. Then,
-    /// when `nr_free() >= min`, nothing happens. Otherwise the cache fills to
-    /// `capacity`; if the allocator fails on the way, the topup still
-    /// succeeds when `min` objects were reached, and otherwise fails with
-    /// what was obtained kept in the cache.
+    /// When `nr_free() >= min` the call returns at once, before any other
+    /// check, as the kernel's does. Otherwise the configuration is checked
+    /// before anything is allocated: capacity 0, a minimum above the
+    /// capacity, a capacity other than the one fixed by an earlier fill
+    /// (until [`free_all`](Self::free_all)), or a conflicting fill
+    /// configuration. Then the cache fills to `capacity`. If the allocator
+    /// or the account (a memcg charge, in kernel terms) fails on the way,
+    /// what was obtained stays cached, and the topup still succeeds when
+    /// `min` objects were reached; otherwise it fails with
+    /// [`CacheError::AccountLimit`] or [`CacheError::OutOfMemory`].
     pub fn topup_with_capacity(&mut self, capacity: usize, min: usize) -> Result<(), CacheError> {
+        if self.objects.len() >= min {
+            return Ok(());
+        }
         let cache = self.name;
         if capacity == 0 {
             return Err(CacheError::ZeroCapacity { cache });
@@ -242,24 +260,6 @@ impl<S: CacheSource> MemoryCache<S> {
             });
         }
         self.source.check(cache)?;
-        if self.objects.len() >= min {
-            return Ok(());
-        }
-        if let Some(account) = self.source.account() {
-            let asked = (min - self.objects.len()) as u64 * self.source.item_bytes();
-            let left = account.remaining();
-            if left < asked {
-                return Err(CacheError::AccountLimit {
-                    cache,
-                    source: AccountError::LimitExceeded {
-                        account: account.name().to_owned(),
-                        asked,
-                        left,
-                        limit: account.limit().unwrap_or(u64::MAX),
-                    },
-                });
-            }
-        }
         self.capacity = capacity;
         self.objects.reserve_exact(capacity - self.objects.len());
         self.stats.fills += 1;
@@ -271,11 +271,20 @@ impl<S: CacheSource> MemoryCache<S> {
                 }
                 Err(_) if self.objects.len() >= min => return Ok(()),
                 Err(err) => {
-                    return Err(CacheError::OutOfMemory {
-                        cache,
-                        obtained: self.objects.len(),
-                        min,
-                        source: Box::new(err),
+                    let obtained = self.objects.len();
+                    return Err(match S::charge_refusal(&err) {
+                        Some(refusal) => CacheError::AccountLimit {
+                            cache,
+                            obtained,
+                            min,
+                            source: refusal.clone(),
+                        },
+                        None => CacheError::OutOfMemory {
+                            cache,
+                            obtained,
+                            min,
+                            source: Box::new(err),
+                        },
                     });
                 }
             }
@@ -323,10 +332,14 @@ impl<S: CacheSource> MemoryCache<S> {
         Ok(item)
     }
 
-    /// Gives an unused object back: kept if the cache has room under its
-    /// capacity, otherwise returned to its allocator.
+    /// Gives an object back: kept if the cache has room under its capacity,
+    /// with its fill restored (zero, `init_value`, or `T::default()`), so
+    /// that no object ever comes out of the cache stale; otherwise returned
+    /// to its allocator.
     pub fn free(&mut self, item: S::Item) {
-        if self.objects.len() < self.capacity {
+        if self.objects.len() < self.capacity
+            && let Some(item) = self.source.recycle(item)
+        {
             self.objects.push(item);
         }
     }
@@ -367,6 +380,18 @@ impl<K: PageKind> PageSource<K> {
     }
 }
 
+impl<K: PageKind> PageSource<K> {
+    /// Writes the configured fill into `page`: `init_value` in every word,
+    /// or zeroes; nothing when neither is configured.
+    fn fill(&self, page: &mut Page<K>) {
+        if let Some(value) = self.init_value {
+            page.fill(value);
+        } else if self.zero {
+            page.zero();
+        }
+    }
+}
+
 impl<K: PageKind> CacheSource for PageSource<K> {
     type Item = Page<K>;
     type Error = PageError;
@@ -381,7 +406,9 @@ impl<K: PageKind> CacheSource for PageSource<K> {
 
     fn check(&self, cache: &'static str) -> Result<(), CacheError> {
         match self.init_value {
-            Some(init_value) if self.zero => {
+            // The kernel's rule is `init_value && gfp_zero`: a zero
+            // init_value is what zeroing writes anyway.
+            Some(init_value) if self.zero && init_value != 0 => {
                 Err(CacheError::InitValueWithZero { cache, init_value })
             }
             _ => Ok(()),
@@ -390,12 +417,20 @@ impl<K: PageKind> CacheSource for PageSource<K> {
 
     fn obtain(&self) -> Result<Page<K>, PageError> {
         let mut page = self.pool.get::<K>()?;
-        if let Some(value) = self.init_value {
-            page.fill(value);
-        } else if self.zero {
-            page.zero();
-        }
+        self.fill(&mut page);
         Ok(page)
+    }
+
+    fn charge_refusal(err: &PageError) -> Option<&AccountError> {
+        match err {
+            PageError::Account(refusal) => Some(refusal),
+            PageError::Alloc(_) => None,
+        }
+    }
+
+    fn recycle(&self, mut page: Page<K>) -> Option<Page<K>> {
+        self.fill(&mut page);
+        Some(page)
     }
 }
 
@@ -423,7 +458,8 @@ impl<K: PageKind> MemoryCache<PageSource<K>> {
 
     /// Write `value` to all 512 words of every new page (the kernel's
     /// `init_value`, e.g. `1 << 63` for EPT's suppress-#VE non-present
-    /// entries). Combined with [`zeroed`](Self::zeroed), the next topup fails.
+    /// entries). A non-zero value combined with [`zeroed`](Self::zeroed)
+    /// makes the next filling topup fail; 0 with zeroing is no conflict.
     pub fn with_init_value(mut self, value: u64) -> Self {
         self.source.init_value = Some(value);
         self
@@ -461,6 +497,18 @@ impl<T: Default> CacheSource for ObjectSource<T> {
 
     fn obtain(&self) -> Result<SlabBox<T>, SlabError> {
         self.slab.alloc(T::default())
+    }
+
+    fn charge_refusal(err: &SlabError) -> Option<&AccountError> {
+        match err {
+            SlabError::Page(PageError::Account(refusal)) => Some(refusal),
+            _ => None,
+        }
+    }
+
+    fn recycle(&self, mut object: SlabBox<T>) -> Option<SlabBox<T>> {
+        *object = T::default();
+        Some(object)
     }
 }
 
@@ -643,7 +691,8 @@ mod tests {
             7,
             "contents unchanged by the refused topup"
         );
-        let err = cache.topup(1).unwrap_err();
+        cache.topup(1).unwrap(); // 7 >= 1: returns before the capacity check
+        let err = cache.topup(8).unwrap_err();
         assert!(matches!(
             err,
             CacheError::CapacityMismatch {
@@ -662,7 +711,7 @@ mod tests {
     fn bad_configurations_fail_before_anything_is_allocated() {
         let (counting, mut cache) = page_cache(FailPolicy::Never);
         assert!(matches!(
-            cache.topup_with_capacity(0, 0),
+            cache.topup_with_capacity(0, 1),
             Err(CacheError::ZeroCapacity { .. })
         ));
         assert!(matches!(
@@ -823,6 +872,70 @@ mod tests {
     }
 
     #[test]
+    fn topup_returns_before_any_check_when_min_is_cached() {
+        // __kvm_mmu_topup_memory_cache: `if (mc->nobjs >= min) return 0;`
+        // comes first, so a call that needs no fill never fails.
+        let (counting, mut cache) = page_cache(FailPolicy::Never);
+        cache.topup_with_capacity(8, 4).unwrap();
+        let gets = counting.gets();
+        cache.topup_with_capacity(16, 8).unwrap();
+        cache.topup_with_capacity(0, 0).unwrap();
+        cache.topup_with_capacity(2, 3).unwrap();
+        assert_eq!(counting.gets(), gets);
+        assert!(matches!(
+            cache.topup_with_capacity(16, 9),
+            Err(CacheError::CapacityMismatch { fixed: 8, .. })
+        ));
+        let mut empty: PageCache = PageCache::new(cache.source().pool().clone())
+            .zeroed()
+            .with_init_value(7);
+        empty.topup_with_capacity(0, 0).unwrap();
+        assert!(matches!(
+            empty.topup(1),
+            Err(CacheError::InitValueWithZero { init_value: 7, .. })
+        ));
+    }
+
+    #[test]
+    fn init_value_zero_with_zeroing_is_no_conflict() {
+        let (_, cache) = page_cache(FailPolicy::Never);
+        let mut cache = cache.zeroed().with_init_value(0);
+        cache.topup(1).unwrap();
+        assert!(cache.alloc().unwrap().words().iter().all(|&w| w == 0));
+    }
+
+    #[test]
+    fn freed_objects_come_back_with_their_fill_restored() {
+        let (_, cache) = page_cache(FailPolicy::Never);
+        let mut cache = cache.with_init_value(1 << 63);
+        cache.topup_with_capacity(2, 1).unwrap();
+        let mut page = cache.alloc().unwrap();
+        page.words_mut()[17] = 0xdead;
+        cache.free(page);
+        let page = cache.alloc().unwrap();
+        assert!(page.words().iter().all(|&w| w == 1 << 63));
+        cache.free(page);
+
+        let (_, cache) = page_cache(FailPolicy::Never);
+        let mut cache = cache.zeroed();
+        cache.topup_with_capacity(1, 1).unwrap();
+        let mut page = cache.alloc().unwrap();
+        page.words_mut()[511] = 5;
+        cache.free(page);
+        assert!(cache.alloc().unwrap().words().iter().all(|&w| w == 0));
+
+        let slab = Slab::<Descriptor>::new(PagePool::new(HeapAllocator::new()), None).unwrap();
+        let mut objects = ObjectCache::new(slab);
+        objects.topup_with_capacity(1, 1).unwrap();
+        let mut desc = objects.alloc().unwrap();
+        desc.entries[3] = 9;
+        desc.count = 4;
+        objects.free(desc);
+        let desc = objects.alloc().unwrap();
+        assert_eq!((desc.entries, desc.count), ([0; 14], 0));
+    }
+
+    #[test]
     fn accounting_charges_caches_and_refuses_past_the_limit() {
         let account = Arc::new(Account::with_limit("vm", 10 * PAGE_SIZE as u64));
         let counting = Arc::new(CountingAllocator::new(HeapAllocator::new()));
@@ -841,22 +954,21 @@ mod tests {
         let gets = counting.gets();
         let err = other.topup_with_capacity(20, 12).unwrap_err();
         let CacheError::AccountLimit {
+            obtained,
+            min,
             source: AccountError::LimitExceeded { asked, left, .. },
             ..
         } = &err
         else {
             panic!("unexpected {err}");
         };
-        assert_eq!(
-            (*asked, *left),
-            (12 * PAGE_SIZE as u64, 9 * PAGE_SIZE as u64)
-        );
-        assert!(
-            err.to_string()
-                .contains("49152 bytes asked, 36864 bytes left"),
-            "{err}"
-        );
-        assert_eq!(counting.gets(), gets, "nothing allocated");
+        assert_eq!((*obtained, *min), (9, 12), "a charge failing part-way");
+        assert_eq!((*asked, *left), (PAGE_SIZE as u64, 0));
+        assert!(err.to_string().contains("9 of the 12 objects"), "{err}");
+        assert_eq!(counting.gets(), gets + 9, "what the account took stays");
+        assert_eq!(other.nr_free(), 9);
+        other.topup_with_capacity(20, 9).unwrap();
+        assert_eq!(other.free_all(), 9);
         drop(held);
         assert_eq!(account.charged(), 0);
         assert_eq!(account.peak(), 10 * PAGE_SIZE as u64);

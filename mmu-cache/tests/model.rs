@@ -69,14 +69,15 @@ proptest! {
                     let before = model.stack.len();
                     let result = cache.topup_with_capacity(capacity, min);
                     let mismatch = model.capacity != 0 && model.capacity != capacity;
-                    if min > capacity {
+                    // The kernel's order: enough cached returns before any check.
+                    if before >= min {
+                        prop_assert!(result.is_ok());
+                    } else if min > capacity {
                         let is_min_above = matches!(result, Err(CacheError::MinAboveCapacity { .. }));
                         prop_assert!(is_min_above);
                     } else if mismatch {
                         let is_mismatch = matches!(result, Err(CacheError::CapacityMismatch { .. }));
                         prop_assert!(is_mismatch);
-                    } else if before >= min {
-                        prop_assert!(result.is_ok());
                     } else {
                         model.capacity = capacity;
                         let after = cache.nr_free();
@@ -103,9 +104,8 @@ proptest! {
                             if let Some(Some(addr)) = expected {
                                 prop_assert_eq!(page.addr(), addr, "alloc is LIFO");
                             }
-                            if expected.is_some() {
-                                prop_assert!(page.words().iter().all(|&w| w == !0));
-                            }
+                            // Fresh or given back, never stale.
+                            prop_assert!(page.words().iter().all(|&w| w == !0));
                             held.push(page);
                         }
                         Err(err) => {
@@ -116,7 +116,8 @@ proptest! {
                     }
                 }
                 Op::Free(index) if !held.is_empty() => {
-                    let page = held.swap_remove(index % held.len());
+                    let mut page = held.swap_remove(index % held.len());
+                    page.words_mut()[index % 512] = index as u64;
                     if model.stack.len() < model.capacity {
                         model.stack.push(Some(page.addr()));
                     }
