@@ -1,6 +1,9 @@
-//! Guest EPT changes, faults, syncs, splits, zaps and dirty logging on the
+//! Guest EPT changes (every R/W/X combination, at leaves and tables),
+//! faults of every access kind, syncs, splits, zaps and dirty logging on the
 //! shadow MMU: stats equal a recount, rmaps match the leaves, parent
-//! pointers hold, and every translation agrees with the guest and the slot.
+//! pointers hold, every translation stays inside the slot, a fault succeeds
+//! exactly when the guest's walk allows its access, and after a sync no
+//! shadow leaf allows more than the guest's EPT does.
 #![no_main]
 
 use std::sync::Arc;
@@ -9,9 +12,10 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use mmu_cache::PagePool;
 use mmu_cache::alloc::ChunkAllocator;
-use split::guest::GuestEpt;
+use split::guest::{GuestEpt, GuestTables};
+use split::shadow::ShadowError;
 use split::shadow::{ShadowConfig, ShadowMmu, Vcpu};
-use split::{Level, LogMode, Memslot};
+use split::{AccessKind, Entry, Level, LogMode, Memslot};
 
 const PAGES: u64 = 2048;
 const HOST: u64 = 1 << 20;
@@ -29,7 +33,12 @@ enum Op {
     },
     Fault {
         ngfn: u16,
-        write: bool,
+        kind: u8,
+    },
+    TablePerms {
+        ngfn: u16,
+        level: u8,
+        perms: u8,
     },
     Sync,
     Split {
@@ -77,8 +86,8 @@ fuzz_target!(|input: Input| {
                 };
                 let ngfn = u64::from(ngfn) % PAGES & mask;
                 let gfn = u64::from(gfn) % PAGES & mask;
-                // Readable, maybe writable and executable.
-                let perms = 1 | (u64::from(perms) & 0b110);
+                // Any R/W/X: read-only, execute-only, none, misconfigured.
+                let perms = u64::from(perms) & 0b111;
                 if let Ok(written) = guest.map(ngfn, gfn, level, perms) {
                     for table in written {
                         mmu.guest_table_written(table);
@@ -90,16 +99,42 @@ fuzz_target!(|input: Input| {
                     mmu.guest_table_written(table);
                 }
             }
-            Op::Fault { ngfn, write } => {
-                let _ = mmu.fault(
-                    &mut caches,
-                    &mut vcpu,
-                    (u64::from(ngfn) % PAGES) << 12,
-                    write,
-                );
+            Op::Fault { ngfn, kind } => {
+                let ngfn = u64::from(ngfn) % PAGES;
+                let kind = AccessKind::ALL[usize::from(kind) % 3];
+                let allowed = guest_walk(&guest, ngfn, Some(kind)).map(|p| kind.allowed_by(p));
+                match mmu.fault(&mut caches, &mut vcpu, ngfn << 12, kind) {
+                    Ok(t) => {
+                        assert_eq!(allowed, Some(true), "{kind} at {ngfn:#x}");
+                        assert!(kind.allowed_by(t.perms));
+                    }
+                    Err(ShadowError::GuestViolation { .. }) => {
+                        assert_eq!(allowed, Some(false), "{kind} at {ngfn:#x}")
+                    }
+                    Err(ShadowError::GuestMisconfig { .. }) => assert_eq!(allowed, None),
+                    Err(_) => {}
+                }
+            }
+            Op::TablePerms { ngfn, level, perms } => {
+                let level = Level::new(2 + level % 3).expect("2 to 4");
+                let ngfn = u64::from(ngfn) % PAGES;
+                if let Ok(table) = guest.set_table_perms(ngfn, level, u64::from(perms) & 0b111) {
+                    mmu.guest_table_written(table);
+                }
             }
             Op::Sync => {
                 mmu.sync(&vcpu);
+                for ngfn in (0..PAGES).step_by(7) {
+                    let Some(t) = mmu.translate(&vcpu, ngfn << 12) else {
+                        continue;
+                    };
+                    let guest = guest_walk(&guest, ngfn, None).unwrap_or(0);
+                    assert_eq!(
+                        t.perms & !guest,
+                        0,
+                        "shadow leaf above the guest's permissions"
+                    );
+                }
             }
             Op::Split { first, pages } => {
                 let first = u64::from(first) % PAGES;
@@ -132,3 +167,25 @@ fuzz_target!(|input: Input| {
     }
     mmu.unload_root(&mut vcpu);
 });
+
+/// What the CPU's walk of the guest's EPT gives for `ngfn`: the effective
+/// R/W/X (the AND over the walk; 0 when not mapped), stopping as soon as an
+/// access of `kind` is denied; `None` when it meets a misconfiguration first.
+fn guest_walk(guest: &GuestEpt, ngfn: u64, kind: Option<AccessKind>) -> Option<u64> {
+    let mut table = guest.root_gfn();
+    let mut level = Level::new(guest.levels()).expect("4 or 5");
+    let mut perms = 0b111;
+    loop {
+        let entry: Entry = guest.read_entry(table, level.index(ngfn));
+        entry.validate(level).ok()?;
+        if !entry.is_present() {
+            return Some(0);
+        }
+        perms &= entry.perms();
+        if kind.is_some_and(|kind| !kind.allowed_by(perms)) || entry.is_leaf(level) {
+            return Some(perms);
+        }
+        table = entry.addr(level) >> 12;
+        level = level.below()?;
+    }
+}

@@ -1,7 +1,10 @@
-//! Fault / zap / split / dirty-log operations on the TDP MMU against a flat
-//! model: translation agrees with the memslot mapping wherever the model
-//! says a page is mapped, never maps where it is not, and stats equal a
-//! recount. Software accesses (through the walk cache) agree with a fresh
+//! Fault / zap / split / dirty-log operations on the TDP MMU, with the page
+//! allocator failing at times, against a flat model: translation agrees with
+//! the memslot mapping, a faulted page stays mapped until a zap or a disable
+//! of dirty logging takes it (lazy splits keep neighbours; disabling keeps
+//! 4K-only ranges), dirty logging never fails for lack of memory, a huge leaf
+//! over a page whose log bit was cleared is write-protected, and stats equal
+//! a recount. Software accesses (through the walk cache) agree with a fresh
 //! translation.
 #![no_main]
 
@@ -10,7 +13,7 @@ use std::collections::HashSet;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use mmu_cache::PagePool;
-use mmu_cache::alloc::ChunkAllocator;
+use mmu_cache::alloc::{ChunkAllocator, FailPolicy, FailingAllocator};
 use split::tdp::Access;
 use split::{Level, LogMode, Memslot, MmuConfig, TdpMmu};
 
@@ -19,15 +22,39 @@ const HOST: u64 = 1 << 20;
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    Fault { page: u16, write: bool },
-    Zap { first: u16, pages: u16 },
-    Split { first: u16, pages: u16 },
-    Boundary { first: u16, pages: u16 },
-    Enable { manual: bool },
+    Fault {
+        page: u16,
+        write: bool,
+    },
+    Zap {
+        first: u16,
+        pages: u16,
+    },
+    Split {
+        first: u16,
+        pages: u16,
+    },
+    Boundary {
+        first: u16,
+        pages: u16,
+    },
+    Enable {
+        manual: bool,
+    },
     GetLog,
-    Clear { word: u8, mask: u64 },
+    Clear {
+        word: u8,
+        mask: u64,
+    },
     Disable,
-    Access { page: u16, write: bool },
+    Access {
+        page: u16,
+        write: bool,
+    },
+    /// Make the page allocator fail every `k`th call (0: never, 1: always).
+    Fail {
+        k: u8,
+    },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -42,7 +69,12 @@ fuzz_target!(|input: Input| {
         eager_split: input.eager,
         ..MmuConfig::default()
     };
-    let mmu = TdpMmu::new(PagePool::new(ChunkAllocator::anonymous()), config).unwrap();
+    let failing = std::sync::Arc::new(FailingAllocator::new(
+        ChunkAllocator::anonymous(),
+        FailPolicy::Never,
+    ));
+    let mmu = TdpMmu::new(PagePool::from_shared(failing.clone(), None), config).unwrap();
+    let mut failing_now = false;
     let host = HOST + u64::from(input.unaligned);
     mmu.add_memslot(Memslot::new(0, 0, PAGES, host).unwrap())
         .unwrap();
@@ -52,8 +84,13 @@ fuzz_target!(|input: Input| {
         match op {
             Op::Fault { page, write } => {
                 let gfn = u64::from(page) % PAGES;
-                mmu.fault(&mut caches, gfn << 12, write).unwrap();
-                faulted.insert(gfn);
+                match mmu.fault(&mut caches, gfn << 12, write) {
+                    Ok(_) => {
+                        faulted.insert(gfn);
+                    }
+                    Err(split::MmuError::Cache(_)) if failing_now => {}
+                    Err(err) => panic!("fault: {err}"),
+                }
             }
             Op::Access { page, write } => {
                 let gfn = u64::from(page) % PAGES;
@@ -75,13 +112,14 @@ fuzz_target!(|input: Input| {
             }
             Op::Split { first, pages } => {
                 let first = u64::from(first) % PAGES;
-                mmu.split_huge_pages(first, first + u64::from(pages) % 2048, Level::L4K)
-                    .unwrap();
+                let result =
+                    mmu.split_huge_pages(first, first + u64::from(pages) % 2048, Level::L4K);
+                assert!(result.is_ok() || failing_now);
             }
             Op::Boundary { first, pages } => {
                 let first = u64::from(first) % PAGES;
-                mmu.split_cross_boundary(first, first + u64::from(pages) % 2048)
-                    .unwrap();
+                let result = mmu.split_cross_boundary(first, first + u64::from(pages) % 2048);
+                assert!(result.is_ok() || failing_now);
             }
             Op::Enable { manual } => {
                 let mode = if manual {
@@ -96,21 +134,56 @@ fuzz_target!(|input: Input| {
             }
             Op::Clear { word, mask } => {
                 let word = u64::from(word) % (PAGES / 64);
-                let _ = mmu.clear_dirty_log(0, word * 64, &[mask]);
+                let manual = mmu.slot(0).unwrap().log_mode() == Some(LogMode::ManualInitiallySet);
+                if !manual {
+                    let _ = mmu.clear_dirty_log(0, word * 64, &[mask]);
+                    continue;
+                }
+                let before = mmu.get_dirty_log(0).unwrap()[word as usize];
+                mmu.clear_dirty_log(0, word * 64, &[mask]).unwrap();
+                let cleared = before & mask;
+                for bit in (0..64).filter(|bit| cleared & (1 << bit) != 0) {
+                    if let Some(t) = mmu.translate((word * 64 + bit) << 12)
+                        && t.level > Level::L4K
+                    {
+                        assert_eq!(t.perms & split::ept::WRITE, 0, "huge leaf left writable");
+                    }
+                }
             }
             Op::Disable => {
                 mmu.disable_dirty_logging(0).unwrap();
-                faulted.clear();
+                if input.unaligned {
+                    // 4K-only memory: nothing can be huge again, nothing goes.
+                    for &gfn in &faulted {
+                        assert!(mmu.translate(gfn << 12).is_some(), "gfn {gfn:#x} zapped");
+                    }
+                } else {
+                    for &gfn in &faulted {
+                        if let Some(t) = mmu.translate(gfn << 12) {
+                            assert!(t.level > Level::L4K, "a 4K leaf stayed at {gfn:#x}");
+                        }
+                    }
+                    faulted.clear();
+                }
+            }
+            Op::Fail { k } => {
+                let policy = match k % 4 {
+                    0 => FailPolicy::Never,
+                    1 => FailPolicy::Always,
+                    k => FailPolicy::EveryKth(u64::from(k)),
+                };
+                failing.set_policy(policy);
+                failing_now = policy != FailPolicy::Never;
             }
         }
         let (recount, tables) = mmu.recount();
         assert_eq!(mmu.page_stats(), recount);
         assert_eq!(mmu.live_tables(), tables);
         for &gfn in &faulted {
-            let t = mmu.translate(gfn << 12);
-            if let Some(t) = t {
-                assert_eq!(t.hpa, (host + gfn) << 12, "gfn {gfn:#x}");
-            }
+            let t = mmu
+                .translate(gfn << 12)
+                .expect("a faulted page stays mapped");
+            assert_eq!(t.hpa, (host + gfn) << 12, "gfn {gfn:#x}");
         }
         for gfn in (0..PAGES).step_by(97) {
             if let Some(t) = mmu.translate(gfn << 12) {

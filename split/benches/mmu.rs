@@ -69,7 +69,8 @@ fn split(c: &mut Criterion) {
                 let mut vcpu = Vcpu::new(0, guest);
                 let mut caches = mmu.new_caches();
                 for leaf in 0..LEAVES {
-                    mmu.fault(&mut caches, &mut vcpu, leaf << 21, true).unwrap();
+                    mmu.fault(&mut caches, &mut vcpu, leaf << 21, split::AccessKind::Write)
+                        .unwrap();
                 }
                 let start = Instant::now();
                 black_box(mmu.split_huge_pages(0, LEAVES * 512, Level::L4K).unwrap());

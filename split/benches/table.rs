@@ -104,7 +104,8 @@ fn shadow_split_row(gib: u64) {
     let mut vcpu = Vcpu::new(0, guest);
     let mut caches = mmu.new_caches();
     for gfn in (0..npages).step_by(512) {
-        mmu.fault(&mut caches, &mut vcpu, gfn << 12, true).unwrap();
+        mmu.fault(&mut caches, &mut vcpu, gfn << 12, split::AccessKind::Write)
+            .unwrap();
     }
     let start = Instant::now();
     let tables = mmu.split_huge_pages(0, npages, Level::L4K).unwrap() as usize;

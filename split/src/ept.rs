@@ -69,12 +69,51 @@ pub enum EptError {
         /// The leaf level.
         level: Level,
     },
-    /// The page-size bit at a level that has no huge leaves.
+    /// A leaf asked for at a level that cannot hold one (PML4, PML5).
     #[error("level {level} cannot hold a leaf")]
     NoLeafAtLevel {
         /// The level.
         level: Level,
     },
+    /// An execute-only entry (X set, R and W clear) on a CPU without
+    /// execute-only EPT translations (IA32_VMX_EPT_VPID_CAP bit 0 clear).
+    #[error("{entry}: execute-only entries are a misconfiguration on this CPU")]
+    ExecuteOnlyUnsupported {
+        /// The entry.
+        entry: Entry,
+    },
+}
+
+/// What the CPU supports, as far as the validity of EPT entries goes.
+///
+/// The SDM's EPT misconfiguration rules depend on two of them: whether
+/// execute-only translations are supported (IA32_VMX_EPT_VPID_CAP bit 0),
+/// and MAXPHYADDR (address bits 51:MAXPHYADDR are reserved).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EptCaps {
+    /// Execute-only entries (bits 2:0 = 100b) are allowed.
+    pub execute_only: bool,
+    /// The physical-address width, 36 to 52.
+    pub maxphyaddr: u8,
+}
+
+impl Default for EptCaps {
+    /// A CPU with execute-only support and a 52-bit physical address width,
+    /// the most permissive the SDM allows.
+    fn default() -> Self {
+        Self {
+            execute_only: true,
+            maxphyaddr: 52,
+        }
+    }
+}
+
+impl EptCaps {
+    /// The address bits an entry may use: 51:12 cut at MAXPHYADDR.
+    pub fn addr_mask(self) -> u64 {
+        let width = u32::from(self.maxphyaddr.clamp(36, 52));
+        ADDR_MASK & ((1u64 << width) - 1)
+    }
 }
 
 /// A paging level: 1 holds 4K leaves, 2 holds 2M leaves or tables, 3 holds
@@ -152,6 +191,54 @@ impl fmt::Display for Level {
     }
 }
 
+/// The kind of a guest access, as an EPT violation's exit qualification
+/// reports it (bits 2:0: read, write, instruction fetch).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum AccessKind {
+    /// A data read: needs R at every level of the walk.
+    Read,
+    /// A data write: needs W at every level of the walk.
+    Write,
+    /// An instruction fetch: needs X at every level of the walk (user-mode
+    /// execute of mode-based execute control is not modelled).
+    Fetch,
+}
+
+impl AccessKind {
+    /// All three, in exit-qualification order.
+    pub const ALL: [Self; 3] = [Self::Read, Self::Write, Self::Fetch];
+
+    /// The permission bit the access needs in every entry of the walk.
+    pub fn required_bit(self) -> u64 {
+        match self {
+            Self::Read => READ,
+            Self::Write => WRITE,
+            Self::Fetch => EXEC,
+        }
+    }
+
+    /// Whether effective permissions `perms` (the AND of every level's R/W/X)
+    /// allow this access.
+    pub fn allowed_by(self, perms: u64) -> bool {
+        perms & self.required_bit() != 0
+    }
+
+    /// `Write` for a write, `Read` otherwise.
+    pub fn data(write: bool) -> Self {
+        if write { Self::Write } else { Self::Read }
+    }
+}
+
+impl fmt::Display for AccessKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::Fetch => "fetch",
+        })
+    }
+}
+
 /// EPT memory types for leaves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -187,8 +274,9 @@ impl MemType {
 /// ```
 /// use split::ept::{Entry, Level, MemType, READ, WRITE};
 ///
-/// let leaf = Entry::leaf(Level::L2M, 0x4020_0000, READ | WRITE, MemType::Wb);
+/// let leaf = Entry::leaf(Level::L2M, 0x4020_0000, READ | WRITE, MemType::Wb)?;
 /// leaf.validate(Level::L2M)?;
+/// assert!(Entry::leaf(Level::L2M, 0x4020_1000, READ, MemType::Wb).is_err());
 /// assert!(leaf.is_leaf(Level::L2M));
 /// assert_eq!(leaf.addr(Level::L2M), 0x4020_0000);
 /// assert!(Entry::from_bits(WRITE).validate(Level::L4K).is_err());
@@ -225,14 +313,21 @@ impl Entry {
 
     /// A leaf at `level` mapping the frame at `addr` (the page-size bit is set
     /// for 2M and 1G leaves).
-    pub fn leaf(level: Level, addr: u64, perms: u64, memtype: MemType) -> Self {
+    ///
+    /// A level that cannot hold a leaf is [`EptError::NoLeafAtLevel`]; an
+    /// address that is not aligned to the leaf's size, or that does not fit
+    /// the 52 address bits of an entry, is [`EptError::MisalignedFrame`].
+    pub fn leaf(level: Level, addr: u64, perms: u64, memtype: MemType) -> Result<Self, EptError> {
+        if !level.can_be_leaf() {
+            return Err(EptError::NoLeafAtLevel { level });
+        }
+        if addr & !level.leaf_addr_mask() != 0 {
+            return Err(EptError::MisalignedFrame { addr, level });
+        }
         let size = if level > Level::L4K { PAGE_SIZE_BIT } else { 0 };
-        Self(
-            (addr & level.leaf_addr_mask())
-                | (perms & RWX)
-                | ((memtype as u64) << MEMTYPE_SHIFT)
-                | size,
-        )
+        Ok(Self(
+            addr | (perms & RWX) | ((memtype as u64) << MEMTYPE_SHIFT) | size,
+        ))
     }
 
     /// A pointer to a next-level table at `addr`, with full permissions
@@ -305,13 +400,34 @@ impl Entry {
         Self(bits)
     }
 
-    /// Checks the entry as found at `level`; a non-present entry is valid.
+    /// Checks the entry as found at `level` on a CPU with every capability
+    /// ([`EptCaps::default`]); a non-present entry is valid.
     pub fn validate(self, level: Level) -> Result<(), EptError> {
+        self.validate_with(level, EptCaps::default())
+    }
+
+    /// Checks the entry as found at `level` on a CPU with `caps`, as the SDM
+    /// decides EPT misconfigurations: write without read; execute-only
+    /// without the capability; a reserved memory type; address bits at or
+    /// above MAXPHYADDR; frame bits below a huge leaf's alignment; bits 7:3
+    /// of a non-leaf entry. A non-present entry is valid.
+    pub fn validate_with(self, level: Level, caps: EptCaps) -> Result<(), EptError> {
         if !self.is_present() {
             return Ok(());
         }
         if self.has(WRITE) && !self.has(READ) {
             return Err(EptError::WriteWithoutRead { entry: self });
+        }
+        if self.perms() == EXEC && !caps.execute_only {
+            return Err(EptError::ExecuteOnlyUnsupported { entry: self });
+        }
+        let beyond_width = self.0 & ADDR_MASK & !caps.addr_mask();
+        if beyond_width != 0 {
+            return Err(EptError::ReservedBits {
+                entry: self,
+                level,
+                bits: beyond_width,
+            });
         }
         let leaf = self.is_leaf(level);
         let reserved = if leaf {
@@ -372,7 +488,7 @@ mod tests {
                         SUPPRESS_VE,
                     ] {
                         let entry = Entry::from_bits(
-                            Entry::leaf(level, addr, perms, memtype).bits() | extra,
+                            Entry::leaf(level, addr, perms, memtype).unwrap().bits() | extra,
                         );
                         if perms == 0 {
                             assert!(!entry.is_present());
@@ -414,12 +530,16 @@ mod tests {
             ));
         }
         // Bits 20:12 of a 2M leaf and 29:12 of a 1G leaf are reserved.
-        let leaf_2m = Entry::leaf(Level::L2M, 0x20_0000, READ, wb).with(1 << 12);
+        let leaf_2m = Entry::leaf(Level::L2M, 0x20_0000, READ, wb)
+            .unwrap()
+            .with(1 << 12);
         assert!(matches!(
             leaf_2m.validate(Level::L2M),
             Err(EptError::ReservedBits { bits: 0x1000, .. })
         ));
-        let leaf_1g = Entry::leaf(Level::L1G, 0x4000_0000, READ, wb).with(1 << 29);
+        let leaf_1g = Entry::leaf(Level::L1G, 0x4000_0000, READ, wb)
+            .unwrap()
+            .with(1 << 29);
         assert!(matches!(
             leaf_1g.validate(Level::L1G),
             Err(EptError::ReservedBits { .. })
@@ -427,6 +547,7 @@ mod tests {
         // Bit 29 is a frame bit of a 2M leaf, not a reserved one.
         assert_eq!(
             Entry::leaf(Level::L2M, 0x4000_0000, READ, wb)
+                .unwrap()
                 .with(1 << 29)
                 .validate(Level::L2M),
             Ok(())
@@ -451,8 +572,81 @@ mod tests {
     }
 
     #[test]
+    fn leaf_refuses_misaligned_frames_and_levels_without_leaves() {
+        let wb = MemType::Wb;
+        for (level, bad) in [
+            (Level::L4K, 0x1234),
+            (Level::L2M, 0x4000_1000),
+            (Level::L2M, 0x1_0010_0000),
+            (Level::L1G, 0x4020_0000),
+            (Level::L4K, 1 << 52),
+        ] {
+            assert_eq!(
+                Entry::leaf(level, bad, READ, wb),
+                Err(EptError::MisalignedFrame { addr: bad, level }),
+                "{bad:#x} at {level}"
+            );
+        }
+        for level in [Level::PML4, Level::PML5] {
+            assert_eq!(
+                Entry::leaf(level, 0, READ, wb),
+                Err(EptError::NoLeafAtLevel { level })
+            );
+        }
+        assert!(Entry::leaf(Level::L1G, 0xc000_0000, READ, wb).is_ok());
+    }
+
+    #[test]
+    fn execute_only_and_address_width_follow_the_cpu() {
+        let x_only = Entry::leaf(Level::L4K, 0x5000, EXEC, MemType::Wb).unwrap();
+        assert_eq!(x_only.validate(Level::L4K), Ok(()));
+        let no_x_only = EptCaps {
+            execute_only: false,
+            maxphyaddr: 52,
+        };
+        assert_eq!(
+            x_only.validate_with(Level::L4K, no_x_only),
+            Err(EptError::ExecuteOnlyUnsupported { entry: x_only })
+        );
+        // A table pointer with only X is execute-only too (SDM 29.3.3.1).
+        assert!(
+            Entry::from_bits(0x5000 | EXEC)
+                .validate_with(Level::L2M, no_x_only)
+                .is_err()
+        );
+        assert!(
+            Entry::leaf(Level::L4K, 0x5000, READ | EXEC, MemType::Wb)
+                .unwrap()
+                .validate_with(Level::L4K, no_x_only)
+                .is_ok()
+        );
+        let narrow = EptCaps {
+            execute_only: true,
+            maxphyaddr: 39,
+        };
+        let high = Entry::leaf(Level::L4K, 1 << 40, READ, MemType::Wb).unwrap();
+        assert_eq!(high.validate(Level::L4K), Ok(()));
+        assert_eq!(
+            high.validate_with(Level::L4K, narrow),
+            Err(EptError::ReservedBits {
+                entry: high,
+                level: Level::L4K,
+                bits: 1 << 40
+            })
+        );
+        let table = Entry::table(1 << 45);
+        assert!(table.validate_with(Level::PML4, narrow).is_err());
+        assert!(
+            Entry::table((1 << 39) - 4096)
+                .validate_with(Level::PML4, narrow)
+                .is_ok()
+        );
+    }
+
+    #[test]
     fn split_children_copy_every_bit_but_page_size_at_4k() {
         let parent = Entry::leaf(Level::L2M, 0x8000_0000, READ | WRITE | EXEC, MemType::Wb)
+            .unwrap()
             .with(IGNORE_PAT | ACCESSED | DIRTY | SUPPRESS_VE);
         for index in [0, 1, 255, 511] {
             let child = parent.split_child(Level::L2M, index);
@@ -463,7 +657,7 @@ mod tests {
             assert_eq!(child.addr(Level::L4K), 0x8000_0000 + index as u64 * 4096);
             assert!(child.is_leaf(Level::L4K) && child.validate(Level::L4K).is_ok());
         }
-        let giant = Entry::leaf(Level::L1G, 0x40_0000_0000, READ, MemType::Wt);
+        let giant = Entry::leaf(Level::L1G, 0x40_0000_0000, READ, MemType::Wt).unwrap();
         let child = giant.split_child(Level::L1G, 3);
         assert!(
             child.is_huge_leaf(Level::L2M),

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::Mutex;
 
-use crate::ept::{Entry, Level, MemType, RWX};
+use crate::ept::{ADDR_MASK, Entry, EptError, Level, MemType, RWX};
 
 /// Errors of building a [`GuestEpt`].
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -42,6 +42,17 @@ pub enum GuestEptError {
         ngfn: u64,
         /// The depth.
         levels: u8,
+    },
+    /// The leaf could not be encoded.
+    #[error(transparent)]
+    Entry(#[from] EptError),
+    /// Nothing maps the nested frame at the level asked for.
+    #[error("nested gfn {ngfn:#x}: no table entry at level {level:?}")]
+    NotMapped {
+        /// The nested guest frame.
+        ngfn: u64,
+        /// The level asked for.
+        level: Level,
     },
     /// A huge leaf already covers the place where a table is needed.
     #[error("nested gfn {ngfn:#x}: a {level:?} leaf is in the way")]
@@ -179,7 +190,7 @@ impl GuestEpt {
             }
             at = below;
         }
-        let leaf = Entry::leaf(level, gfn << 12, perms & RWX, MemType::Wb);
+        let leaf = Entry::leaf(level, gfn << 12, perms & RWX, MemType::Wb)?;
         state.tables.get_mut(&table).expect("linked")[level.index(ngfn)] = leaf.bits();
         written.push(table);
         Ok(written)
@@ -203,6 +214,37 @@ impl GuestEpt {
             }
             table = entry.addr(at) >> 12;
             at = at.below()?;
+        }
+    }
+
+    /// Sets the R/W/X bits of the non-leaf entry at `level` on the walk to
+    /// `ngfn` to `perms`, as a guest hypervisor narrowing a whole range
+    /// does (the other bits, the table address, stay). Returns the frame of
+    /// the table written. Any `perms` is written as is, a misconfiguration
+    /// included: the walker, not the writer, judges entries.
+    pub fn set_table_perms(
+        &self,
+        ngfn: u64,
+        level: Level,
+        perms: u64,
+    ) -> Result<u64, GuestEptError> {
+        self.check_width(ngfn)?;
+        let mut state = self.state();
+        let mut table = self.root_gfn;
+        let mut at = self.top();
+        loop {
+            let index = at.index(ngfn);
+            let entry = Entry::from_bits(state.tables[&table][index]);
+            if !entry.is_present() || entry.is_leaf(at) {
+                return Err(GuestEptError::NotMapped { ngfn, level });
+            }
+            if at == level {
+                let bits = (entry.bits() & !RWX) | (perms & RWX);
+                state.tables.get_mut(&table).expect("linked")[index] = bits;
+                return Ok(table);
+            }
+            table = (entry.bits() & ADDR_MASK) >> 12;
+            at = at.below().ok_or(GuestEptError::NotMapped { ngfn, level })?;
         }
     }
 

@@ -50,7 +50,7 @@ pub mod memslot;
 pub mod shadow;
 pub mod tdp;
 
-pub use ept::{Entry, EptError, Level, MemType};
+pub use ept::{AccessKind, Entry, EptCaps, EptError, Level, MemType};
 pub use hooks::{ExternalPageTable, ExternalTablePage, HookError, NoExternal, TableRef, Topup};
 pub use memslot::{LogMode, Memslot, MemslotError};
 pub use tdp::{

@@ -259,10 +259,52 @@ impl Memslot {
     }
 
     /// Clears the bits of `mask` from page `first_page` (a multiple of 64).
-    pub(crate) fn clear_bits(&self, first_page: u64, mask: &[u64]) {
+    /// `KVM_CLEAR_DIRTY_LOG`'s bitmap step, one 64-page word at a time:
+    /// clears the bits of `mask` (bit i is slot page `first_page + i`) and
+    /// returns, for each word where any bit was really cleared, the word's
+    /// first page and the bits that were set both in the log and in the mask
+    /// (the kernel's `mask &= atomic_long_fetch_andnot(mask, p)`). Only
+    /// those pages need protecting again.
+    pub(crate) fn clear_words(&self, first_page: u64, mask: &[u64]) -> Vec<ClearedWord> {
         let first_word = (first_page / 64) as usize;
-        for (offset, &bits) in mask.iter().enumerate() {
-            self.bitmap[first_word + offset].fetch_and(!bits, Ordering::Relaxed);
-        }
+        mask.iter()
+            .enumerate()
+            .filter(|&(_, &bits)| bits != 0)
+            .filter_map(|(offset, &bits)| {
+                let word = first_word + offset;
+                let cleared = bits & self.bitmap[word].fetch_and(!bits, Ordering::Relaxed);
+                (cleared != 0).then_some(ClearedWord {
+                    first_page: word as u64 * 64,
+                    bits: cleared,
+                })
+            })
+            .collect()
+    }
+}
+
+/// One word of a dirty-log clear: the bits that were set in the log and in
+/// the mask, and are now clear.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct ClearedWord {
+    /// The slot page of bit 0 (a multiple of 64).
+    pub(crate) first_page: u64,
+    /// The cleared bits.
+    pub(crate) bits: u64,
+}
+
+impl ClearedWord {
+    /// The guest frames from the first to the last cleared page (the range
+    /// the kernel splits and write-protects: `__ffs(mask)` to `__fls(mask)`),
+    /// for a slot starting at `base_gfn`.
+    pub(crate) fn gfn_range(self, base_gfn: u64) -> std::ops::Range<u64> {
+        let first = base_gfn + self.first_page;
+        first + u64::from(self.bits.trailing_zeros())
+            ..first + 64 - u64::from(self.bits.leading_zeros())
+    }
+
+    /// Whether the page at guest frame `gfn` is among the cleared ones.
+    pub(crate) fn has(self, base_gfn: u64, gfn: u64) -> bool {
+        let page = gfn.wrapping_sub(base_gfn + self.first_page);
+        page < 64 && self.bits & (1 << page) != 0
     }
 }

@@ -34,7 +34,9 @@ use mmu_cache::{
     CacheError, ObjectCache, Page, PageCache, PageKind, PagePool, Slab, SlabBox, SlabError,
 };
 
-use crate::ept::{self, ACCESSED, DIRTY, EXEC, Entry, EptError, Level, MemType, READ, RWX, WRITE};
+use crate::ept::{
+    self, ACCESSED, AccessKind, DIRTY, Entry, EptCaps, EptError, Level, MemType, RWX, WRITE,
+};
 use crate::guest::GuestTables;
 use crate::memslot::{LogMode, Memslot, MemslotError};
 use crate::tdp::{Access, PageStats, Translation};
@@ -66,15 +68,18 @@ const GUEST_ACCESS_SHIFT: u32 = 52;
 pub enum ShadowError {
     /// The guest's EPT does not allow the access: an EPT violation to be
     /// reflected to the guest hypervisor.
-    #[error("guest EPT violation at nested gpa {ngpa:#x} (level {level:?}, write {write})")]
+    #[error("guest EPT violation at nested gpa {ngpa:#x} (level {level:?}, {access})")]
     GuestViolation {
         /// The nested (L2) guest physical address.
         ngpa: u64,
         /// The guest level where the walk stopped.
         level: Level,
-        /// Whether the access was a write.
-        write: bool,
+        /// The access that was denied.
+        access: AccessKind,
     },
+    /// Building a shadow leaf failed (a frame not aligned to its level).
+    #[error("building a shadow leaf: {0}")]
+    Entry(#[from] EptError),
     /// The guest's EPT holds an invalid entry: an EPT misconfiguration to
     /// be reflected to the guest hypervisor.
     #[error("guest EPT misconfiguration at nested gpa {ngpa:#x}: {source}")]
@@ -459,6 +464,10 @@ pub struct ShadowConfig {
     pub eager_split: bool,
     /// Memory type of leaves.
     pub memtype: MemType,
+    /// The EPT capabilities exposed to the guest hypervisor: an entry of
+    /// its EPT that they make invalid (execute-only without support,
+    /// address bits at or above MAXPHYADDR) is a misconfiguration.
+    pub ept_caps: EptCaps,
 }
 
 impl Default for ShadowConfig {
@@ -466,6 +475,7 @@ impl Default for ShadowConfig {
         Self {
             eager_split: true,
             memtype: MemType::Wb,
+            ept_caps: EptCaps::default(),
         }
     }
 }
@@ -657,7 +667,18 @@ struct GuestWalk {
     access_above: [u64; 6],
 }
 
-fn walk_guest(guest: &dyn GuestTables, ngpa: u64, write: bool) -> Result<GuestWalk, ShadowError> {
+/// Walks the guest's EPT for an access of `kind` at `ngpa`, as the CPU
+/// walks an EPT (SDM "EPT Translation Mechanism"): every entry on the way
+/// is checked for misconfiguration against `caps`, the permissions are the
+/// AND of every level's, and the access needs its own bit (R for a read, W
+/// for a write, X for a fetch) in that AND. A non-present entry or a
+/// missing bit is a violation at the level where the walk stopped.
+fn walk_guest(
+    guest: &dyn GuestTables,
+    caps: EptCaps,
+    ngpa: u64,
+    kind: AccessKind,
+) -> Result<GuestWalk, ShadowError> {
     let ngfn = ngpa >> 12;
     let mut walk = GuestWalk {
         tables: [0; 6],
@@ -673,14 +694,15 @@ fn walk_guest(guest: &dyn GuestTables, ngpa: u64, write: bool) -> Result<GuestWa
         walk.access_above[usize::from(level.get())] = walk.access;
         let entry = guest.read_entry(table, level.index(ngfn));
         entry
-            .validate(level)
+            .validate_with(level, caps)
             .map_err(|source| ShadowError::GuestMisconfig { ngpa, source })?;
         walk.access &= entry.perms();
-        let denied = !entry.is_present()
-            || (write && walk.access & WRITE == 0)
-            || walk.access & (READ | EXEC) == 0;
-        if denied {
-            return Err(ShadowError::GuestViolation { ngpa, level, write });
+        if !entry.is_present() || !kind.allowed_by(walk.access) {
+            return Err(ShadowError::GuestViolation {
+                ngpa,
+                level,
+                access: kind,
+            });
         }
         if entry.is_leaf(level) {
             walk.leaf_level = level;
@@ -1112,7 +1134,9 @@ impl ShadowMmu {
             }
             let wanted = guest.read_entry(table_gfn, index as usize);
             let keep = wanted.is_present()
-                && wanted.validate(Level::L4K).is_ok()
+                && wanted
+                    .validate_with(Level::L4K, self.config.ept_caps)
+                    .is_ok()
                 && guest_access(leaf) == wanted.perms() & access_above
                 && state
                     .slot_index(wanted.addr(Level::L4K) >> 12)
@@ -1179,14 +1203,19 @@ impl ShadowMmu {
     /// (outside the lock), walks the guest's EPT, and builds the shadow path
     /// with the largest leaf that both the guest mapping and the memslot
     /// allow (4K while dirty logging). A guest EPT that denies the access
-    /// is reported as [`ShadowError::GuestViolation`].
+    /// (see [`AccessKind`]: a read needs R at every level, a write W, a
+    /// fetch X) is reported as [`ShadowError::GuestViolation`], and no
+    /// shadow leaf is made for it. The shadow leaf carries the guest's
+    /// effective permissions, so an execute-only guest mapping gives an
+    /// execute-only shadow leaf that a read cannot use.
     pub fn fault(
         &self,
         caches: &mut ShadowCaches,
         vcpu: &mut Vcpu,
         ngpa: u64,
-        write: bool,
+        kind: AccessKind,
     ) -> Result<Translation, ShadowError> {
+        let write = kind == AccessKind::Write;
         Self::check_width(vcpu, ngpa)?;
         caches.topup()?;
         let levels = usize::from(vcpu.guest.levels());
@@ -1194,7 +1223,7 @@ impl ShadowMmu {
         state.pages.reserve(levels + 1);
         let _no_alloc = NoAllocSection::enter();
         state.counters.faults += 1;
-        let walk = walk_guest(&*vcpu.guest, ngpa, write)?;
+        let walk = walk_guest(&*vcpu.guest, self.config.ept_caps, ngpa, kind)?;
         let slot = state
             .slot_index(walk.gfn)
             .map(|si| state.slots[si].slot.clone())
@@ -1315,7 +1344,7 @@ impl ShadowMmu {
             slot.host_pfn(base_gfn) << 12,
             perms,
             self.config.memtype,
-        )
+        )?
         .with(ACCESSED | (walk.access << GUEST_ACCESS_SHIFT));
         if write {
             leaf = leaf.with(DIRTY);
@@ -1333,9 +1362,10 @@ impl ShadowMmu {
 
     /// What the hardware walker does for a nested guest access: follow the
     /// vCPU's shadow tables and set the accessed (and dirty) bits; a missing
-    /// leaf or a write to a read-only one is a miss for
-    /// [`fault`](Self::fault).
-    pub fn access(&self, vcpu: &Vcpu, ngpa: u64, write: bool) -> Access {
+    /// leaf, or a leaf without the access's bit (R for a read, W for a
+    /// write, X for a fetch), is a miss for [`fault`](Self::fault).
+    pub fn access(&self, vcpu: &Vcpu, ngpa: u64, kind: AccessKind) -> Access {
+        let write = kind == AccessKind::Write;
         let Some(root) = vcpu.root else {
             return Access::Miss;
         };
@@ -1347,7 +1377,7 @@ impl ShadowMmu {
         else {
             return Access::Miss;
         };
-        if write && !leaf.has(WRITE) {
+        if !kind.allowed_by(leaf.perms()) {
             return Access::Miss;
         }
         let bits = if write { ACCESSED | DIRTY } else { ACCESSED };
@@ -1380,9 +1410,11 @@ impl ShadowMmu {
         vcpu: &mut Vcpu,
         ngpa: u64,
     ) -> Result<u64, ShadowError> {
-        match self.access(vcpu, ngpa, true) {
+        match self.access(vcpu, ngpa, AccessKind::Write) {
             Access::Hit(hpa) => Ok(hpa),
-            Access::Miss => self.fault(caches, vcpu, ngpa, true).map(|t| t.hpa),
+            Access::Miss => self
+                .fault(caches, vcpu, ngpa, AccessKind::Write)
+                .map(|t| t.hpa),
         }
     }
 
@@ -1647,9 +1679,14 @@ impl ShadowMmu {
         })
     }
 
-    /// Manual mode: clears the bits of `mask` (bit i is page `first_page + i`
-    /// of the slot; `first_page` a multiple of 64), splits huge leaves over
-    /// them (when eager) and write-protects the cleared pages.
+    /// Manual mode: `KVM_CLEAR_DIRTY_LOG` for the bits of `mask` (bit i is
+    /// page `first_page + i` of the slot; `first_page` a multiple of 64).
+    ///
+    /// As the kernel does, one 64-page word at a time: only bits set both
+    /// in the log and in the mask are cleared, and only the pages from the
+    /// first to the last bit cleared in that word are split (when eager)
+    /// and write-protected; the huge leaves over them are write-protected
+    /// whole. A word with nothing cleared (an all-zero mask) touches nothing.
     pub fn clear_dirty_log(
         &self,
         id: u32,
@@ -1658,14 +1695,18 @@ impl ShadowMmu {
     ) -> Result<(), ShadowError> {
         let slot = self.slot(id)?;
         slot.check_clear(first_page, mask)?;
-        let num_pages = mask.len() as u64 * 64;
-        slot.clear_bits(first_page, mask);
-        let start = slot.base_gfn() + first_page;
-        let end = (start + num_pages).min(slot.end_gfn());
-        if self.config.eager_split {
-            self.split_huge_pages(start, end, Level::L4K)?;
+        for word in slot.clear_words(first_page, mask) {
+            let range = word.gfn_range(slot.base_gfn());
+            if self.config.eager_split {
+                self.split_huge_pages(range.start, range.end, Level::L4K)?;
+            }
+            self.write_protect(
+                &slot,
+                range.start,
+                range.end,
+                Some((word.first_page, &[word.bits])),
+            );
         }
-        self.write_protect(&slot, start, end, Some((first_page, mask)));
         Ok(())
     }
 

@@ -11,7 +11,7 @@ use mmu_cache::{CacheError, ObjectCache, Page, PageCache, PageKind, PagePool, Sl
 use crate::ept::{self, ACCESSED, DIRTY, Entry, Level, MemType, WRITE};
 use crate::hooks::{ExternalPageTable, ExternalTablePage, HookError, NoExternal, TableRef, Topup};
 use crate::lock::{MmuLock, ReadGuard, WriteGuard};
-use crate::memslot::{LogMode, Memslot, MemslotError};
+use crate::memslot::{ClearedWord, LogMode, Memslot, MemslotError};
 
 /// Pages that hold EPT tables.
 #[derive(Debug)]
@@ -49,6 +49,9 @@ pub enum MmuError {
     /// An external page-table hook failed; the tree is unchanged there.
     #[error(transparent)]
     Hook(#[from] HookError),
+    /// A leaf could not be encoded (a frame not aligned to its level).
+    #[error("building a leaf: {0}")]
+    Entry(#[from] ept::EptError),
     /// The header slab could not be created.
     #[error(transparent)]
     Slab(#[from] SlabError),
@@ -158,8 +161,13 @@ pub struct MmuCounters {
     pub retries: u64,
     /// Huge leaves split (eagerly or for a boundary).
     pub splits: u64,
-    /// Huge leaves replaced lazily by a fault.
+    /// Huge leaves split by a write fault (lazy mode, or a huge leaf an
+    /// eager split could not split).
     pub lazy_splits: u64,
+    /// Huge leaves that an eager split under dirty logging could not split
+    /// (split caches not filled, hooks refusing) and that were
+    /// write-protected whole instead, counted at each protect pass.
+    pub split_fallbacks: u64,
     /// Times a splitter dropped the lock to top up or to yield.
     pub lock_drops: u64,
     /// Tables linked.
@@ -177,6 +185,7 @@ struct Counters {
     retries: AtomicU64,
     splits: AtomicU64,
     lazy_splits: AtomicU64,
+    split_fallbacks: AtomicU64,
     lock_drops: AtomicU64,
     tables_linked: AtomicU64,
     tables_freed: AtomicU64,
@@ -307,15 +316,34 @@ fn cas(table: &[AtomicU64; 512], index: usize, old: Entry, new: Entry) -> bool {
 
 /// Makes the next write to a leaf's memory visible to dirty logging: clears
 /// the dirty bit, and write-protects a huge leaf (whose dirty bit could not
-/// say which 4K page was written). Callers hold the write lock.
-fn protect_leaf(table: &[AtomicU64; 512], index: usize, level: Level, entry: Entry) {
-    let protected = if level > Level::L4K {
-        entry.without(DIRTY | WRITE)
+/// say which 4K page was written). A compare-and-exchange loop, so that it
+/// runs beside faults and accesses under the read lock; an entry that
+/// stops being this leaf (zapped, frozen, split) is left to its new owner.
+fn protect_leaf(table: &[AtomicU64; 512], index: usize, level: Level, mut entry: Entry) {
+    let clear = if level > Level::L4K {
+        DIRTY | WRITE
     } else {
-        entry.without(DIRTY)
+        DIRTY
     };
-    if protected != entry {
-        table[index].store(protected.bits(), Ordering::Release);
+    loop {
+        let protected = entry.without(clear);
+        if protected == entry {
+            return;
+        }
+        match table[index].compare_exchange(
+            entry.bits(),
+            protected.bits(),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => return,
+            Err(now) => {
+                entry = Entry::from_bits(now);
+                if !entry.is_leaf(level) {
+                    return;
+                }
+            }
+        }
     }
 }
 
@@ -581,10 +609,21 @@ impl TdpMmu {
             if at_goal {
                 return self.install_leaf(table, index, level, slot, gfn, write);
             }
-            // Above the goal: descend, installing a table where needed.
-            // Above the goal, non-present or a huge leaf: link a new table.
-            let Some(new_hpa) = self.link_new_table(caches, table, index, level, entry, gfn)?
-            else {
+            // Above the goal: descend, installing a table where needed. A
+            // write-protected huge leaf in the way is split into a full table
+            // of its 512 children (the kernel's `tdp_mmu_split_huge_page` in
+            // `kvm_tdp_mmu_map`), so its other mappings stay.
+            let linked = if entry.is_huge_leaf(level) {
+                let base_gfn = gfn & !(level.entry_pages() - 1);
+                let split = self.split_leaf(caches, table, index, level, entry, base_gfn, false)?;
+                if split.is_some() {
+                    self.counters.lazy_splits.fetch_add(1, Ordering::Relaxed);
+                }
+                split
+            } else {
+                self.link_new_table(caches, table, index, level, gfn)?
+            };
+            let Some(new_hpa) = linked else {
                 return Ok(None);
             };
             table_hpa = new_hpa;
@@ -641,7 +680,7 @@ impl TdpMmu {
             slot.host_pfn(base_gfn) << 12,
             ept::RWX,
             self.config.memtype,
-        )
+        )?
         .with(ACCESSED);
         if write {
             leaf = leaf.with(DIRTY);
@@ -662,18 +701,17 @@ impl TdpMmu {
         Ok(Some(self.translation(leaf, level, gfn)))
     }
 
-    /// Links a new empty table at `table[index]` (level `level`), replacing
-    /// `old` (non-present, or a huge leaf that is dropped: the lazy split).
-    /// Returns the new table's address, or `None` on a lost race.
+    /// Links a new empty table at the non-present `table[index]` (level
+    /// `level`). Returns the new table's address, or `None` on a lost race.
     fn link_new_table(
         &self,
         caches: &mut VcpuCaches,
         table: &[AtomicU64; 512],
         index: usize,
         level: Level,
-        old: Entry,
         gfn: u64,
     ) -> Result<Option<u64>, MmuError> {
+        let old = Entry::NON_PRESENT;
         let base_gfn = gfn & !(level.entry_pages() - 1);
         let below = level.below().expect("tables live above 4K");
         let page = caches.tables.alloc()?;
@@ -698,14 +736,7 @@ impl TdpMmu {
             give_back(caches, page, external);
             return Ok(None);
         }
-        let hooked = if old.is_present() {
-            self.hooks
-                .remove_leaf(base_gfn, level, old)
-                .and_then(|()| self.hooks.link_table(base_gfn, below, table_ref))
-        } else {
-            self.hooks.link_table(base_gfn, below, table_ref)
-        };
-        if let Err(err) = hooked {
+        if let Err(err) = self.hooks.link_table(base_gfn, below, table_ref) {
             table[index].store(old.bits(), Ordering::Release);
             give_back(caches, page, external);
             return match err {
@@ -723,10 +754,6 @@ impl TdpMmu {
         self.table_map().insert(hpa, header);
         table[index].store(Entry::table(hpa).bits(), Ordering::Release);
         self.counters.tables_linked.fetch_add(1, Ordering::Relaxed);
-        if old.is_present() {
-            self.stats[stat_index(level)].fetch_sub(1, Ordering::Relaxed);
-            self.counters.lazy_splits.fetch_add(1, Ordering::Relaxed);
-        }
         Ok(Some(hpa))
     }
 
@@ -905,6 +932,7 @@ impl TdpMmu {
             retries: get(&c.retries),
             splits: get(&c.splits),
             lazy_splits: get(&c.lazy_splits),
+            split_fallbacks: get(&c.split_fallbacks),
             lock_drops: get(&c.lock_drops),
             tables_linked: get(&c.tables_linked),
             tables_freed: get(&c.tables_freed),
@@ -1097,6 +1125,15 @@ impl TdpMmu {
         Ok(splits)
     }
 
+    /// The split walk behind every split: finds each huge leaf above
+    /// `target` in `[start, end)` that `should_split(leaf_gfn, pages)` picks
+    /// and splits it, pre-order. Tables come from the split caches, topped
+    /// up with no lock held; when they run dry (or every
+    /// [`SPLITS_PER_YIELD`] splits) the lock is dropped and the walk resumes
+    /// at the same cursor. Without external tables the walk holds the lock
+    /// for read and links with compare-and-exchange, as the kernel's eager
+    /// split does, so vCPU faults go on meanwhile; external tables (a TDX
+    /// demote) need it for write.
     fn split_where(
         &self,
         start: u64,
@@ -1106,6 +1143,7 @@ impl TdpMmu {
     ) -> Result<u64, MmuError> {
         let mut caches = self.split_caches.lock().unwrap_or_else(|p| p.into_inner());
         let capacity = self.config.split_cache_capacity;
+        let exclusive = self.external_tables;
         let mut cursor = start;
         let mut splits = 0;
         while cursor < end {
@@ -1117,7 +1155,11 @@ impl TdpMmu {
             self.hooks.topup(Topup::Split { splits: capacity })?;
             let budget = self.hooks.split_budget();
             self.table_map().reserve(caches.tables.nr_free());
-            let guard = self.write_lock();
+            let guard = if exclusive {
+                SplitGuard::Exclusive(self.write_lock())
+            } else {
+                SplitGuard::Shared(self.read_lock())
+            };
             let no_alloc = NoAllocSection::enter();
             let mut since_yield = 0;
             while cursor < end {
@@ -1129,12 +1171,17 @@ impl TdpMmu {
                 {
                     break;
                 }
-                match self.split_step(&mut caches, cursor, target, &should_split)? {
+                match self.split_step(&mut caches, cursor, target, &should_split, exclusive)? {
                     Step::Split => {
                         splits += 1;
                         since_yield += 1;
+                        self.counters.splits.fetch_add(1, Ordering::Relaxed);
                     }
                     Step::Skip(next) => cursor = next,
+                    Step::Raced => {
+                        self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
                 }
             }
             drop(no_alloc);
@@ -1148,32 +1195,43 @@ impl TdpMmu {
     }
 
     /// One step of a split walk at `cursor`: split the first huge leaf met
-    /// above `target`, or say where the walk continues.
+    /// above `target`, or say where the walk continues, or that an entry on
+    /// the way is changing under another thread.
     fn split_step(
         &self,
         caches: &mut VcpuCaches,
         cursor: u64,
         target: Level,
         should_split: &impl Fn(u64, u64) -> bool,
+        exclusive: bool,
     ) -> Result<Step, MmuError> {
         let mut table_hpa = self.root_hpa();
         let mut level = self.top_level();
         loop {
-            // SAFETY: write lock held; root or linked table.
+            // SAFETY: the lock is held (read or write); root or linked table.
             let table = unsafe { entries(table_hpa) };
             let index = level.index(cursor);
             let entry = load(table, index);
             let pages = level.entry_pages();
             let leaf_gfn = cursor & !(pages - 1);
             let next = leaf_gfn + pages;
+            if entry.bits() == FROZEN {
+                return Ok(Step::Raced);
+            }
             if !entry.is_present()
                 || (entry.is_leaf(level) && (level <= target || !should_split(leaf_gfn, pages)))
             {
                 return Ok(Step::Skip(next));
             }
             if entry.is_leaf(level) {
-                self.split_leaf(caches, table, index, level, entry, leaf_gfn)?;
-                return Ok(Step::Split);
+                return Ok(
+                    match self
+                        .split_leaf(caches, table, index, level, entry, leaf_gfn, exclusive)?
+                    {
+                        Some(_) => Step::Split,
+                        None => Step::Raced,
+                    },
+                );
             }
             let below = level.below().expect("tables above 4K");
             if below <= target {
@@ -1184,6 +1242,19 @@ impl TdpMmu {
         }
     }
 
+    /// Replaces the huge leaf `leaf` at `table[index]` (level `level`,
+    /// mapping from `gfn`) with a table filled with its 512 children, which
+    /// map the same memory with the same bits (the kernel's
+    /// `tdp_mmu_split_huge_page`). The children are written before the link
+    /// is published, and the link is a compare-and-exchange from `leaf`, so
+    /// this runs under the read lock as well as the write lock. `exclusive`
+    /// says which one the caller holds; the hooks may refuse a split without
+    /// it (a TDX demote needs the write lock).
+    ///
+    /// Returns the new table, or `None` when the entry changed under us or
+    /// the hooks were busy: nothing changed, and the caller retries. A
+    /// refusal of the hooks leaves both trees as they were and is an error.
+    #[allow(clippy::too_many_arguments)]
     fn split_leaf(
         &self,
         caches: &mut VcpuCaches,
@@ -1192,7 +1263,8 @@ impl TdpMmu {
         level: Level,
         leaf: Entry,
         gfn: u64,
-    ) -> Result<(), MmuError> {
+        exclusive: bool,
+    ) -> Result<Option<u64>, MmuError> {
         let below = level.below().expect("huge leaves are above 4K");
         let page = caches.tables.alloc()?;
         let hpa = page.addr() as u64;
@@ -1208,18 +1280,35 @@ impl TdpMmu {
         } else {
             None
         };
+        let header = caches.headers.alloc()?;
         let table_ref = TableRef {
             hpa,
             external: external.as_ref().map(|p| p.addr() as u64),
         };
-        if let Err(err) = self.hooks.split_leaf(gfn, level, leaf, table_ref, true) {
+        // Given back, the page's fill is restored by the cache.
+        let give_back = |caches: &mut VcpuCaches, page, external: Option<_>, header| {
             caches.tables.free(page);
             if let Some(external) = external {
                 caches.external.free(external);
             }
-            return Err(err.into());
+            caches.headers.free(header);
+        };
+        if !cas(table, index, leaf, Entry::from_bits(FROZEN)) {
+            give_back(caches, page, external, header);
+            return Ok(None);
         }
-        let mut header = caches.headers.alloc()?;
+        if let Err(err) = self
+            .hooks
+            .split_leaf(gfn, level, leaf, table_ref, exclusive)
+        {
+            table[index].store(leaf.bits(), Ordering::Release);
+            give_back(caches, page, external, header);
+            return match err {
+                HookError::Busy { .. } => Ok(None),
+                refused => Err(refused.into()),
+            };
+        }
+        let mut header = header;
         *header = TableHeader {
             gfn,
             level: below.get(),
@@ -1231,9 +1320,8 @@ impl TdpMmu {
         table[index].store(Entry::table(hpa).bits(), Ordering::Release);
         self.stats[stat_index(level)].fetch_sub(1, Ordering::Relaxed);
         self.stats[stat_index(below)].fetch_add(512, Ordering::Relaxed);
-        self.counters.splits.fetch_add(1, Ordering::Relaxed);
         self.counters.tables_linked.fetch_add(1, Ordering::Relaxed);
-        Ok(())
+        Ok(Some(hpa))
     }
 
     // ----- dirty logging ---------------------------------------------------
@@ -1245,33 +1333,130 @@ impl TdpMmu {
     /// write-protected instead and split by later write faults. Manual mode
     /// with "initially set": every bit of the log starts set, and nothing is
     /// split or protected until [`clear_dirty_log`](Self::clear_dirty_log).
+    ///
+    /// Eager splitting is best effort, as the kernel's
+    /// `kvm_mmu_slot_try_split_huge_pages` is: when the split caches cannot
+    /// be filled (or the hooks refuse), the huge leaves left are
+    /// write-protected whole, the first write to each splits it
+    /// ([`fault`](Self::fault)), and [`MmuCounters::split_fallbacks`]
+    /// counts them. So this never fails for lack of memory, and the log
+    /// keeps 4 KiB precision.
     pub fn enable_dirty_logging(&self, id: u32, mode: LogMode) -> Result<(), MmuError> {
         let slot = self.slot(id)?;
         slot.start_logging(mode);
         if mode == LogMode::Classic {
-            self.protect_range(slot.base_gfn(), slot.end_gfn())?;
+            self.try_split_huge_pages(slot.base_gfn(), slot.end_gfn());
+            self.protect_range(slot.base_gfn(), slot.end_gfn(), None);
         }
         Ok(())
     }
 
-    /// Stops dirty logging on slot `id` and zaps the slot's mappings, so
-    /// that later faults map huge pages again.
+    /// Stops dirty logging on slot `id`, then zaps only what can be mapped
+    /// huge again (the kernel's `kvm_mmu_zap_collapsible_sptes`): each table
+    /// at the 2M or 1G level whose range the slot allows as one leaf goes,
+    /// so that later faults map it huge; tables over ranges that can only
+    /// be mapped 4K (the slot's unaligned edges, host frames not aligned
+    /// like the guest's) stay mapped.
     pub fn disable_dirty_logging(&self, id: u32) -> Result<(), MmuError> {
         let slot = self.slot(id)?;
         slot.stop_logging();
-        self.zap_range(slot.base_gfn(), slot.end_gfn())
+        let mut collapsible = Vec::new();
+        {
+            let _guard = self.read_lock();
+            self.find_collapsible(
+                self.root_hpa(),
+                self.top_level(),
+                0,
+                &slot,
+                &mut collapsible,
+            );
+        }
+        for range in collapsible {
+            self.zap_range(range.start, range.end)?;
+        }
+        Ok(())
     }
 
-    /// Splits (when eager) and clears dirty bits over a range, so that the
-    /// next write to each page is logged.
-    fn protect_range(&self, start: u64, end: u64) -> Result<(), MmuError> {
-        if self.config.eager_split {
-            self.split_huge_pages(start, end, Level::L4K)?;
+    /// Collects the ranges of tables under `table_hpa` (level `level`,
+    /// mapping from `table_gfn`) that `slot` would map with one huge leaf.
+    fn find_collapsible(
+        &self,
+        table_hpa: u64,
+        level: Level,
+        table_gfn: u64,
+        slot: &Memslot,
+        out: &mut Vec<std::ops::Range<u64>>,
+    ) {
+        // SAFETY: the caller holds the lock; the table is linked.
+        let table = unsafe { entries(table_hpa) };
+        let pages = level.entry_pages();
+        let first = (slot.base_gfn().saturating_sub(table_gfn) / pages).min(512) as usize;
+        for index in first..512 {
+            let gfn = table_gfn + index as u64 * pages;
+            if gfn >= slot.end_gfn() {
+                break;
+            }
+            let entry = load(table, index);
+            if !entry.is_present() || entry.is_leaf(level) {
+                continue;
+            }
+            if level.can_be_leaf() && slot.contains(gfn) && slot.max_level(gfn) >= level {
+                out.push(gfn..gfn + pages);
+                continue;
+            }
+            if let Some(below) = level.below()
+                && below > Level::L4K
+            {
+                self.find_collapsible(entry.addr(level), below, gfn, slot, out);
+            }
         }
-        let _guard = self.write_lock();
+    }
+
+    /// [`split_huge_pages`](Self::split_huge_pages) to 4K over a range for
+    /// dirty logging, when eager splitting is on: best effort, so a failure
+    /// only leaves huge leaves for the protect pass to write-protect whole.
+    fn try_split_huge_pages(&self, start: u64, end: u64) {
+        if !self.config.eager_split {
+            return;
+        }
+        if let Err(err) = self.split_huge_pages(start, end, Level::L4K) {
+            tracing::debug!(
+                start,
+                end,
+                %err,
+                "eager split fell back to write-protecting huge leaves"
+            );
+        }
+    }
+
+    /// Makes the next write to each page of `[start, end)` visible to dirty
+    /// logging: clears the dirty bit of the 4K leaves (those of `cleared`
+    /// only, when given) and write-protects every huge leaf over the range
+    /// (whose dirty bit could not say which page was written). Runs under
+    /// the read lock with compare-and-exchange, as the kernel's
+    /// `clear_dirty_gfn_range` does. Huge leaves left after an eager split
+    /// count as [`MmuCounters::split_fallbacks`].
+    fn protect_range(&self, start: u64, end: u64, cleared: Option<(&Memslot, ClearedWord)>) {
+        let _guard = self.read_lock();
         let _no_alloc = NoAllocSection::enter();
-        self.for_each_leaf(start, end, protect_leaf);
-        Ok(())
+        let mut fallbacks = 0;
+        self.for_each_leaf_gfn(start, end, |table, index, level, entry, gfn| {
+            if level == Level::L4K
+                && let Some((slot, word)) = cleared
+                && !word.has(slot.base_gfn(), gfn)
+            {
+                return;
+            }
+            if level > Level::L4K && self.config.eager_split {
+                fallbacks += 1;
+            }
+            protect_leaf(table, index, level, entry);
+        });
+        if fallbacks > 0 {
+            self.counters
+                .split_fallbacks
+                .fetch_add(fallbacks, Ordering::Relaxed);
+        }
     }
 
     /// Returns the dirty log of slot `id`, one bit per page from the slot's
@@ -1288,40 +1473,26 @@ impl TdpMmu {
         })
     }
 
-    /// Manual mode: clears the bits of `mask` (bit i stands for page
-    /// `first_page + i` of the slot; `first_page` a multiple of 64), and
-    /// splits and protects those pages so that their next write is logged.
+    /// Manual mode: `KVM_CLEAR_DIRTY_LOG` for the bits of `mask` (bit i
+    /// stands for page `first_page + i` of the slot; `first_page` a multiple
+    /// of 64).
+    ///
+    /// As the kernel's `kvm_clear_dirty_log_protect` and
+    /// `kvm_arch_mmu_enable_log_dirty_pt_masked` do, one 64-page word at a
+    /// time: only the bits set both in the log and in the mask are cleared;
+    /// then the pages from the first to the last bit actually cleared in
+    /// that word are split (when eager, best effort), the huge leaves over
+    /// them write-protected, and the cleared 4K pages protected. So a mask
+    /// of pages {0, 2047} splits two 2 MiB pages, not the four between, and
+    /// a word with nothing to clear touches nothing.
     pub fn clear_dirty_log(&self, id: u32, first_page: u64, mask: &[u64]) -> Result<(), MmuError> {
         let slot = self.slot(id)?;
         slot.check_clear(first_page, mask)?;
-        let (Some(first_set), Some(last_set)) = (
-            mask.iter().position(|&w| w != 0),
-            mask.iter().rposition(|&w| w != 0),
-        ) else {
-            return Ok(());
-        };
-        let start = slot.base_gfn()
-            + first_page
-            + first_set as u64 * 64
-            + u64::from(mask[first_set].trailing_zeros());
-        let end = (slot.base_gfn() + first_page + last_set as u64 * 64 + 64
-            - u64::from(mask[last_set].leading_zeros()))
-        .min(slot.end_gfn());
-        slot.clear_bits(first_page, mask);
-        if self.config.eager_split {
-            self.split_huge_pages(start, end, Level::L4K)?;
+        for word in slot.clear_words(first_page, mask) {
+            let range = word.gfn_range(slot.base_gfn());
+            self.try_split_huge_pages(range.start, range.end);
+            self.protect_range(range.start, range.end, Some((&slot, word)));
         }
-        let _guard = self.write_lock();
-        let _no_alloc = NoAllocSection::enter();
-        let base = slot.base_gfn() + first_page;
-        self.for_each_leaf_gfn(start, end, |table, index, level, entry, gfn| {
-            let page = gfn.max(base) - base;
-            let selected =
-                level > Level::L4K || mask[(page / 64) as usize] & (1 << (page % 64)) != 0;
-            if selected {
-                protect_leaf(table, index, level, entry);
-            }
-        });
         Ok(())
     }
 
@@ -1346,17 +1517,6 @@ impl TdpMmu {
                 }
             },
         );
-    }
-
-    fn for_each_leaf(
-        &self,
-        start: u64,
-        end: u64,
-        mut visit: impl FnMut(&[AtomicU64; 512], usize, Level, Entry),
-    ) {
-        self.for_each_leaf_gfn(start, end, |table, index, level, entry, _| {
-            visit(table, index, level, entry)
-        });
     }
 
     /// Visits every present leaf overlapping `[start, end)`; callers hold the lock.
@@ -1409,8 +1569,20 @@ impl TdpMmu {
 type LeafVisitor<'a> = dyn FnMut(&[AtomicU64; 512], usize, Level, Entry, u64) + 'a;
 
 enum Step {
+    /// A huge leaf was split; the walk goes on at the same cursor.
     Split,
+    /// Nothing (more) to split before this gfn.
     Skip(u64),
+    /// An entry changed under the walk (another thread's fault, a harvest,
+    /// a busy hook): retry at the same cursor after dropping the lock.
+    Raced,
+}
+
+/// The lock a splitter holds: shared without external tables, exclusive
+/// with them.
+enum SplitGuard<'a> {
+    Shared(#[allow(dead_code)] ReadGuard<'a>),
+    Exclusive(#[allow(dead_code)] WriteGuard<'a>),
 }
 
 /// What [`TdpMmu::teardown`] did.

@@ -30,6 +30,8 @@ struct MirrorState {
     /// Fail `op` this many more times, with Busy or Refused.
     fail: Option<(Op, u32, bool)>,
     calls: Vec<Op>,
+    /// For each split, whether the MMU held its lock for write.
+    exclusive_splits: Vec<bool>,
 }
 
 /// An external page table that records what the hooks tell it.
@@ -121,9 +123,9 @@ impl ExternalPageTable for Mirror {
         exclusive: bool,
     ) -> Result<(), HookError> {
         self.check(Op::SplitLeaf)?;
-        assert!(exclusive, "splits run under the write lock");
         let below = level.below().unwrap();
         let mut state = self.state();
+        state.exclusive_splits.push(exclusive);
         assert!(state.leaves.remove(&(gfn, level.get())).is_some());
         for i in 0..512 {
             state.leaves.insert(
@@ -137,10 +139,16 @@ impl ExternalPageTable for Mirror {
 }
 
 fn mirrored_mmu() -> (Arc<CountingAllocator<ChunkAllocator>>, Mirror, TdpMmu) {
+    mirrored_mmu_with(MmuConfig::default())
+}
+
+fn mirrored_mmu_with(
+    config: MmuConfig,
+) -> (Arc<CountingAllocator<ChunkAllocator>>, Mirror, TdpMmu) {
     let counting = Arc::new(CountingAllocator::new(ChunkAllocator::anonymous()));
     let pool = PagePool::from_shared(counting.clone(), None);
     let mirror = Mirror::default();
-    let mmu = TdpMmu::with_hooks(pool, MmuConfig::default(), Box::new(mirror.clone())).unwrap();
+    let mmu = TdpMmu::with_hooks(pool, config, Box::new(mirror.clone())).unwrap();
     // 8 MiB at gpa 0.
     mmu.add_memslot(Memslot::new(0, 0, 2048, 0x40000).unwrap())
         .unwrap();
@@ -270,6 +278,80 @@ fn a_refused_remove_stops_the_zap_where_it_is() {
     assert_identical(&mirror, &mmu);
     assert_eq!(mmu.live_tables(), 0);
     assert!(mirror.state().calls.contains(&Op::FreeTable));
+}
+
+/// A write fault on a write-protected huge leaf splits it through the
+/// `split_leaf` hook alone (no remove-then-link pair), under the read lock.
+/// Refused, both trees keep the huge leaf; busy, the fault retries.
+#[test]
+fn a_failing_lazy_split_leaves_both_trees_as_they_were() {
+    let (counting, mirror, mmu) = mirrored_mmu_with(MmuConfig {
+        eager_split: false,
+        ..MmuConfig::default()
+    });
+    let mut vcpu = mmu.new_vcpu_caches();
+    mmu.fault(&mut vcpu, 0, false).unwrap();
+    mmu.enable_dirty_logging(0, LogMode::ManualInitiallySet)
+        .unwrap();
+    mmu.clear_dirty_log(0, 0, &[1]).unwrap(); // write-protects the 2M leaf
+    let before = mmu.translate(0x5000).unwrap();
+    let tables = mmu.live_tables();
+    mirror.fail(Op::SplitLeaf, 1, false);
+    let err = mmu.fault(&mut vcpu, 0x5000, true).unwrap_err();
+    assert!(
+        matches!(err, MmuError::Hook(HookError::Refused { .. })),
+        "{err}"
+    );
+    assert_eq!(mmu.translate(0x5000), Some(before), "the huge leaf stays");
+    assert_eq!(mmu.live_tables(), tables);
+    assert_eq!(mirror.leaves().len(), 1);
+    assert_eq!(mirror.tables(), tables);
+    assert!(!mirror.state().calls.contains(&Op::RemoveLeaf));
+    mirror.fail(Op::SplitLeaf, 2, true);
+    mmu.fault(&mut vcpu, 0x5000, true).unwrap();
+    assert_eq!(mmu.counters().lazy_splits, 1);
+    assert_eq!(mirror.leaves().len(), 512, "all 512 children, in both");
+    assert_eq!(mirror.state().exclusive_splits, vec![false]);
+    assert_eq!(mirror.tables(), mmu.live_tables());
+    drop(vcpu);
+    drop(mmu);
+    assert_eq!(counting.pages_outstanding(), 0);
+}
+
+/// A refused free of an emptied table stops the zap with the table still
+/// linked on both sides; the next zap frees it.
+#[test]
+fn a_refused_table_free_keeps_the_table_in_both() {
+    let (_, mirror, mmu) = mirrored_mmu();
+    let mut vcpu = mmu.new_vcpu_caches();
+    mmu.fault(&mut vcpu, 0, true).unwrap();
+    mmu.split_huge_pages(0, 512, Level::L4K).unwrap();
+    let tables = mmu.live_tables();
+    mirror.fail(Op::FreeTable, 1, false);
+    assert!(mmu.zap_range(0, 1 << 36).is_err());
+    assert_eq!(mmu.page_stats().pages_4k, 0, "the leaves went from both");
+    assert!(mirror.leaves().is_empty());
+    assert_eq!(mmu.live_tables(), tables, "the refused table stays linked");
+    assert_eq!(mirror.tables(), tables);
+    mmu.zap_range(0, 1 << 36).unwrap();
+    assert_eq!((mmu.live_tables(), mirror.tables()), (0, 0));
+}
+
+/// Disabling dirty logging zaps through the hooks; a refused removal there
+/// leaves both trees alike and is reported.
+#[test]
+fn a_refused_remove_while_disabling_dirty_logging_leaves_both_alike() {
+    let (_, mirror, mmu) = mirrored_mmu();
+    let mut vcpu = mmu.new_vcpu_caches();
+    mmu.fault(&mut vcpu, 0, true).unwrap();
+    mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
+    mmu.fault(&mut vcpu, 0x3000, true).unwrap();
+    mirror.fail(Op::RemoveLeaf, 1, false);
+    assert!(mmu.disable_dirty_logging(0).is_err());
+    assert_identical(&mirror, &mmu);
+    mmu.disable_dirty_logging(0).unwrap();
+    assert_identical(&mirror, &mmu);
+    assert!(mirror.leaves().is_empty());
 }
 
 /// Hooks that ask for an external page per table and record them.
@@ -408,4 +490,63 @@ fn an_access_after_its_table_was_freed_walks_the_new_one() {
     assert_eq!(mmu.access(0x5000, true), Access::Hit(hpa));
     assert_eq!(mmu.access(0, false), Access::Miss);
     assert_identical(&mirror, &mmu);
+}
+
+/// Hooks that, from inside a split (with the MMU's lock held by the
+/// splitter), fault another region on another thread and wait for it.
+struct FaultDuringSplit {
+    mmu: Arc<std::sync::OnceLock<Arc<TdpMmu>>>,
+    faulted_meanwhile: Arc<Mutex<Vec<bool>>>,
+}
+
+impl ExternalPageTable for FaultDuringSplit {
+    fn split_leaf(
+        &self,
+        _gfn: u64,
+        _level: Level,
+        _old: Entry,
+        _new_table: TableRef,
+        exclusive: bool,
+    ) -> Result<(), HookError> {
+        assert!(
+            !exclusive,
+            "no external tables: the split holds the read lock"
+        );
+        let mmu = self.mmu.get().expect("set").clone();
+        let (done, finished) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut vcpu = mmu.new_vcpu_caches();
+            let result = mmu.fault(&mut vcpu, 6 << 20, true).map(|_| ());
+            let _ = done.send(result.is_ok());
+        });
+        let faulted = finished
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .unwrap_or(false);
+        self.faulted_meanwhile.lock().unwrap().push(faulted);
+        Ok(())
+    }
+}
+
+/// The kernel's eager split runs under the read lock with
+/// compare-and-exchange: a vCPU fault elsewhere in the slot completes while
+/// the split is in progress.
+#[test]
+fn a_vcpu_fault_completes_while_an_eager_split_is_in_progress() {
+    let cell = Arc::new(std::sync::OnceLock::new());
+    let faulted = Arc::new(Mutex::new(Vec::new()));
+    let hooks = FaultDuringSplit {
+        mmu: cell.clone(),
+        faulted_meanwhile: faulted.clone(),
+    };
+    let pool = PagePool::new(ChunkAllocator::anonymous());
+    let mmu = Arc::new(TdpMmu::with_hooks(pool, MmuConfig::default(), Box::new(hooks)).unwrap());
+    assert!(cell.set(mmu.clone()).is_ok(), "set once");
+    mmu.add_memslot(Memslot::new(0, 0, 2048, 0x40000).unwrap())
+        .unwrap();
+    let mut vcpu = mmu.new_vcpu_caches();
+    mmu.fault(&mut vcpu, 0, true).unwrap();
+    mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
+    assert_eq!(*faulted.lock().unwrap(), vec![true]);
+    let stats = common::checked_stats(&mmu);
+    assert_eq!(stats.pages_4k, 513, "512 split children and the 4K fault");
 }

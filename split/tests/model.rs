@@ -1,10 +1,13 @@
 //! Model-based property test: random fault / access / zap / split / dirty-log
-//! sequences against a flat map of gfn -> hpa.
+//! sequences, with the page allocator failing at times, against a flat map
+//! of gfn -> hpa. Only zaps and disabling dirty logging remove mappings
+//! (a lazy split keeps the 511 neighbours), and dirty logging never fails
+//! for lack of memory (eager splitting is best effort).
 
 mod common;
 
-use common::{MIB_PAGES, checked_stats, mmu};
-use mmu_cache::alloc::PageAllocator;
+use common::{MIB_PAGES, checked_stats, failing_mmu};
+use mmu_cache::alloc::{FailPolicy, PageAllocator};
 use proptest::prelude::*;
 use split::{Level, LogMode, Memslot, MmuConfig};
 
@@ -26,6 +29,7 @@ enum Op {
     GetLog { slot: u32 },
     ClearAll { slot: u32 },
     Disable { slot: u32 },
+    Policy(FailPolicy),
 }
 
 fn gfn() -> impl Strategy<Value = u64> {
@@ -47,6 +51,11 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (0u32..2).prop_map(|slot| Op::GetLog { slot }),
         1 => (0u32..2).prop_map(|slot| Op::ClearAll { slot }),
         1 => (0u32..2).prop_map(|slot| Op::Disable { slot }),
+        1 => prop_oneof![
+            Just(FailPolicy::Never),
+            Just(FailPolicy::Always),
+            (1u64..6).prop_map(FailPolicy::EveryKth),
+        ].prop_map(Op::Policy),
     ]
 }
 
@@ -62,13 +71,16 @@ proptest! {
 
     #[test]
     fn mmu_agrees_with_a_flat_model(ops in prop::collection::vec(op(), 1..60), eager in any::<bool>()) {
-        let (counting, mmu) = mmu(MmuConfig { eager_split: eager, split_cache_capacity: 7, ..MmuConfig::default() });
+        let (counting, mmu) = failing_mmu(MmuConfig { eager_split: eager, split_cache_capacity: 7, ..MmuConfig::default() });
         for (id, base, npages, host) in SLOTS {
             mmu.add_memslot(Memslot::new(id, base, npages, host).unwrap()).unwrap();
         }
         let mut vcpu = mmu.new_vcpu_caches();
         let mut logging = [false; 2];
+        let mut failing = false;
         for op in ops {
+            let removes = matches!(op, Op::Zap { .. } | Op::Disable { .. });
+            let before = mapped(&mmu);
             match op {
                 Op::Fault { gfn, write } => match mmu.fault(&mut vcpu, gfn << 12, write) {
                     Ok(t) => {
@@ -76,6 +88,7 @@ proptest! {
                         prop_assert_eq!(mmu.translate(gfn << 12).map(|t| t.hpa >> 12), host_frame(gfn));
                     }
                     Err(split::MmuError::NoSlot { .. }) => prop_assert!(host_frame(gfn).is_none()),
+                    Err(split::MmuError::Cache(_)) if failing => {}
                     Err(other) => prop_assert!(false, "fault: {}", other),
                 },
                 Op::Access { gfn, write } => match mmu.access(gfn << 12, write) {
@@ -88,12 +101,20 @@ proptest! {
                 }
                 Op::Split { start, len, to_2m } => {
                     let target = if to_2m { Level::L2M } else { Level::L4K };
-                    mmu.split_huge_pages(start, start + len, target).unwrap();
-                    for g in [start, start + len - 1] {
-                        if let Some(t) = mmu.translate(g << 12) { prop_assert!(t.level <= target); }
+                    match mmu.split_huge_pages(start, start + len, target) {
+                        Ok(_) => {
+                            for g in [start, start + len - 1] {
+                                if let Some(t) = mmu.translate(g << 12) { prop_assert!(t.level <= target); }
+                            }
+                        }
+                        Err(split::MmuError::Cache(_)) if failing => {}
+                        Err(other) => prop_assert!(false, "split: {}", other),
                     }
                 }
-                Op::Boundary { start, len } => { mmu.split_cross_boundary(start, start + len).unwrap(); }
+                Op::Boundary { start, len } => match mmu.split_cross_boundary(start, start + len) {
+                    Ok(_) | Err(split::MmuError::Cache(_)) if failing => {}
+                    result => { result.unwrap(); }
+                },
                 Op::Enable { slot, manual } => {
                     let mode = if manual { LogMode::ManualInitiallySet } else { LogMode::Classic };
                     mmu.enable_dirty_logging(slot, mode).unwrap();
@@ -107,10 +128,21 @@ proptest! {
                     let Ok(log) = mmu.get_dirty_log(slot) else { continue };
                     let manual = mmu.slot(slot).unwrap().log_mode() == Some(LogMode::ManualInitiallySet);
                     prop_assert_eq!(mmu.clear_dirty_log(slot, 0, &log).is_ok(), true);
-                    if manual && eager {
-                        let s = mmu.slot(slot).unwrap();
-                        for g in [s.base_gfn(), s.end_gfn() - 1] {
-                            if let Some(t) = mmu.translate(g << 12) { prop_assert_eq!(t.level, Level::L4K); }
+                    // A page whose bit was cleared is split to 4K (eager,
+                    // allocator willing) or write-protected under a huge
+                    // leaf; its next write is logged either way.
+                    let s = mmu.slot(slot).unwrap();
+                    for g in [s.base_gfn(), s.end_gfn() - 1] {
+                        let page = g - s.base_gfn();
+                        let cleared = log[(page / 64) as usize] & (1 << (page % 64)) != 0;
+                        let Some(t) = mmu.translate(g << 12) else { continue };
+                        if manual && cleared {
+                            if eager && !failing {
+                                prop_assert_eq!(t.level, Level::L4K);
+                            }
+                            if t.level > Level::L4K {
+                                prop_assert!(t.perms & split::ept::WRITE == 0, "huge leaf left writable");
+                            }
                         }
                     }
                 }
@@ -118,11 +150,29 @@ proptest! {
                     mmu.disable_dirty_logging(slot).unwrap();
                     logging[slot as usize] = false;
                     let s = mmu.slot(slot).unwrap();
-                    prop_assert!(mmu.translate(s.base_gfn() << 12).is_none(), "disable zaps the slot");
+                    for (&g, _) in before.range(s.base_gfn()..s.end_gfn()) {
+                        let now = mmu.translate(g << 12);
+                        if slot == 0 {
+                            // Slot 0 can be mapped huge everywhere: every 4K
+                            // mapping went, huge ones stay.
+                            prop_assert!(now.is_none_or(|t| t.level > Level::L4K), "gfn {:#x}", g);
+                        } else {
+                            // Slot 1 can only be mapped 4K: nothing is zapped.
+                            prop_assert!(now.is_some(), "4K-only gfn {:#x} was zapped", g);
+                        }
+                    }
+                }
+                Op::Policy(policy) => {
+                    counting.inner().set_policy(policy);
+                    failing = policy != FailPolicy::Never;
                 }
             }
-            // Every translation the tree gives agrees with the model (a
-            // mapping may go away: zaps and lazy splits drop them).
+            if !removes {
+                for (&g, &hpa) in &before {
+                    prop_assert_eq!(mmu.translate(g << 12).map(|t| t.hpa), Some(hpa), "gfn {:#x} lost", g);
+                }
+            }
+            // Every translation the tree gives agrees with the model.
             for (_, base, npages, _) in SLOTS {
                 for g in (base..base + npages).step_by(61) {
                     if let Some(t) = mmu.translate(g << 12) {
@@ -142,4 +192,13 @@ proptest! {
         prop_assert_eq!(counting.pages_outstanding(), 0);
         prop_assert_eq!(counting.gets(), counting.frees());
     }
+}
+
+/// The sampled gfns the tree maps now, with their host addresses.
+fn mapped(mmu: &split::TdpMmu) -> std::collections::BTreeMap<u64, u64> {
+    SLOTS
+        .iter()
+        .flat_map(|&(_, base, npages, _)| (base..base + npages).step_by(61))
+        .filter_map(|g| Some((g, mmu.translate(g << 12)?.hpa)))
+        .collect()
 }

@@ -11,7 +11,7 @@ use split::shadow::{
     Role, SPLIT_DESC_CAPACITY, SPLIT_DESC_MIN, ShadowCaches, ShadowConfig, ShadowError, ShadowMmu,
     Vcpu,
 };
-use split::{Level, LogMode, Memslot, PageStats};
+use split::{AccessKind, Level, LogMode, Memslot, PageStats};
 
 type Counting = CountingAllocator<ChunkAllocator>;
 
@@ -67,7 +67,7 @@ fn map_2m(s: &Setup) {
 fn fault_all(s: &mut Setup, pages: u64, step: u64) {
     for ngfn in (0..pages).step_by(step as usize) {
         s.mmu
-            .fault(&mut s.caches, &mut s.vcpu, ngfn << 12, true)
+            .fault(&mut s.caches, &mut s.vcpu, ngfn << 12, AccessKind::Write)
             .unwrap();
     }
 }
@@ -144,13 +144,13 @@ fn faults_build_shadow_paths_with_the_largest_leaf_both_sides_allow() {
     s.guest.map(0x10_0010, 0x7, Level::L4K, RWX).unwrap();
     let t = s
         .mmu
-        .fault(&mut s.caches, &mut s.vcpu, 0x20_5123, false)
+        .fault(&mut s.caches, &mut s.vcpu, 0x20_5123, AccessKind::Read)
         .unwrap();
     assert_eq!(t.level, Level::L2M);
     assert_eq!(t.hpa, (HOST << 12) + 0x20_5123);
     let t = s
         .mmu
-        .fault(&mut s.caches, &mut s.vcpu, 0x1_0001_0000, true)
+        .fault(&mut s.caches, &mut s.vcpu, 0x1_0001_0000, AccessKind::Write)
         .unwrap();
     assert_eq!((t.level, t.hpa), (Level::L4K, (HOST + 7) << 12));
     assert_eq!(s.mmu.rmap_len(0, Level::L2M), 0);
@@ -172,6 +172,145 @@ fn faults_build_shadow_paths_with_the_largest_leaf_both_sides_allow() {
     all_freed(s);
 }
 
+/// What the SDM says an access of `kind` through a guest walk of a PD
+/// entry with `table` permissions and a 4K leaf with `leaf` permissions
+/// gives: entries are checked in walk order, each for misconfiguration
+/// (write without read; execute-only where the CPU has no execute-only
+/// support) and then for the access's bit in the AND of the permissions so
+/// far. (The PML4 and PDPT entries on the way are RWX.)
+#[derive(Debug, PartialEq, Eq)]
+enum Expected {
+    Misconfig,
+    Violation(Level),
+    Mapped(u64),
+}
+
+fn sdm_verdict(table: u64, leaf: u64, kind: AccessKind, execute_only: bool) -> Expected {
+    let mut effective = RWX;
+    for (level, perms) in [(Level::L2M, table), (Level::L4K, leaf)] {
+        if perms == 0 {
+            return Expected::Violation(level);
+        }
+        let write_without_read = perms & 0b010 != 0 && perms & 0b001 == 0;
+        if write_without_read || (perms == 0b100 && !execute_only) {
+            return Expected::Misconfig;
+        }
+        effective &= perms;
+        if effective & kind.required_bit() == 0 {
+            return Expected::Violation(level);
+        }
+    }
+    Expected::Mapped(effective)
+}
+
+#[test]
+fn every_permission_combination_of_the_guest_walk_follows_the_sdm() {
+    for execute_only in [true, false] {
+        for table in 0..8u64 {
+            for leaf in 0..8u64 {
+                for kind in AccessKind::ALL {
+                    let mut s = setup(ShadowConfig {
+                        ept_caps: split::EptCaps {
+                            execute_only,
+                            maxphyaddr: 52,
+                        },
+                        ..ShadowConfig::default()
+                    });
+                    let ngfn = 0x23;
+                    s.guest.map(ngfn, 0x45, Level::L4K, leaf).unwrap();
+                    if leaf == 0 {
+                        // `map` writes a non-present leaf for no permissions.
+                        assert!(s.mmu.translate(&s.vcpu, ngfn << 12).is_none());
+                    }
+                    s.guest.set_table_perms(ngfn, Level::L2M, table).unwrap();
+                    let what = format!(
+                        "table {table:03b} leaf {leaf:03b} {kind} execute-only {execute_only}"
+                    );
+                    let expected = sdm_verdict(table, leaf, kind, execute_only);
+                    let got = s.mmu.fault(&mut s.caches, &mut s.vcpu, ngfn << 12, kind);
+                    match (&expected, got) {
+                        (Expected::Mapped(effective), Ok(t)) => {
+                            assert_eq!(t.perms, *effective, "{what}");
+                            assert_eq!(t.hpa, (HOST + 0x45) << 12, "{what}");
+                            // The shadow leaf serves exactly what the guest allows.
+                            for other in AccessKind::ALL {
+                                let hit = matches!(
+                                    s.mmu.access(&s.vcpu, ngfn << 12, other),
+                                    split::Access::Hit(_)
+                                );
+                                assert_eq!(hit, other.allowed_by(*effective), "{what}: {other}");
+                            }
+                        }
+                        (
+                            Expected::Violation(level),
+                            Err(ShadowError::GuestViolation {
+                                level: at, access, ..
+                            }),
+                        ) => {
+                            assert_eq!((*level, kind), (at, access), "{what}");
+                            assert!(s.mmu.translate(&s.vcpu, ngfn << 12).is_none(), "{what}");
+                        }
+                        (Expected::Misconfig, Err(ShadowError::GuestMisconfig { .. })) => {
+                            assert!(s.mmu.translate(&s.vcpu, ngfn << 12).is_none(), "{what}");
+                        }
+                        (expected, got) => panic!("{what}: expected {expected:?}, got {got:?}"),
+                    }
+                    checked(&s.mmu);
+                    s.mmu.unload_root(&mut s.vcpu);
+                    all_freed(s);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_read_through_an_execute_only_guest_mapping_is_a_violation_for_l1() {
+    let mut s = setup(ShadowConfig::default());
+    s.guest.map(0x10, 0x10, Level::L4K, 0b100).unwrap();
+    // A fetch maps it: the shadow leaf is execute-only.
+    let t = s
+        .mmu
+        .fault(&mut s.caches, &mut s.vcpu, 0x10_000, AccessKind::Fetch)
+        .unwrap();
+    assert_eq!(t.perms, 0b100);
+    assert_eq!(
+        s.mmu.access(&s.vcpu, 0x10_000, AccessKind::Read),
+        split::Access::Miss,
+        "a read cannot use an execute-only leaf"
+    );
+    assert!(matches!(
+        s.mmu
+            .fault(&mut s.caches, &mut s.vcpu, 0x10_000, AccessKind::Read),
+        Err(ShadowError::GuestViolation {
+            access: AccessKind::Read,
+            level: Level::L4K,
+            ..
+        })
+    ));
+    // Also when the execute-only permission comes from a table above a
+    // readable leaf.
+    s.guest.map(0x400, 0x400, Level::L4K, RWX).unwrap();
+    let table = s.guest.set_table_perms(0x400, Level::L2M, 0b100).unwrap();
+    s.mmu.guest_table_written(table);
+    assert!(matches!(
+        s.mmu
+            .fault(&mut s.caches, &mut s.vcpu, 0x40_0000, AccessKind::Read),
+        Err(ShadowError::GuestViolation {
+            level: Level::L2M,
+            ..
+        })
+    ));
+    let t = s
+        .mmu
+        .fault(&mut s.caches, &mut s.vcpu, 0x40_0000, AccessKind::Fetch)
+        .unwrap();
+    assert_eq!(t.perms, 0b100);
+    checked(&s.mmu);
+    s.mmu.unload_root(&mut s.vcpu);
+    all_freed(s);
+}
+
 #[test]
 fn a_guest_huge_page_over_a_host_that_cannot_map_it_gets_a_direct_page() {
     let mut s = setup(ShadowConfig::default());
@@ -182,7 +321,12 @@ fn a_guest_huge_page_over_a_host_that_cannot_map_it_gets_a_direct_page() {
     s.guest.map(0x4000, 0x2000, Level::L2M, RWX).unwrap();
     let t = s
         .mmu
-        .fault(&mut s.caches, &mut s.vcpu, (0x4000 + 3) << 12, true)
+        .fault(
+            &mut s.caches,
+            &mut s.vcpu,
+            (0x4000 + 3) << 12,
+            AccessKind::Write,
+        )
         .unwrap();
     assert_eq!((t.level, t.hpa), (Level::L4K, (0x90_0001 + 3) << 12));
     let direct = s
@@ -199,12 +343,21 @@ fn the_guest_ept_decides_what_is_a_violation() {
     let mut s = setup(ShadowConfig::default());
     s.guest.map(0, 0, Level::L4K, 0b001).unwrap(); // read-only
     assert!(matches!(
-        s.mmu.fault(&mut s.caches, &mut s.vcpu, 0, true),
-        Err(ShadowError::GuestViolation { write: true, .. })
+        s.mmu
+            .fault(&mut s.caches, &mut s.vcpu, 0, AccessKind::Write),
+        Err(ShadowError::GuestViolation {
+            access: AccessKind::Write,
+            ..
+        })
     ));
-    assert!(s.mmu.fault(&mut s.caches, &mut s.vcpu, 0, false).is_ok());
+    assert!(
+        s.mmu
+            .fault(&mut s.caches, &mut s.vcpu, 0, AccessKind::Read)
+            .is_ok()
+    );
     assert!(matches!(
-        s.mmu.fault(&mut s.caches, &mut s.vcpu, 0x1000, false),
+        s.mmu
+            .fault(&mut s.caches, &mut s.vcpu, 0x1000, AccessKind::Read),
         Err(ShadowError::GuestViolation {
             level: Level::L4K,
             ..
@@ -213,11 +366,13 @@ fn the_guest_ept_decides_what_is_a_violation() {
     // A guest mapping to L1 memory that no slot holds.
     s.guest.map(0x200, 0x8_0000, Level::L4K, RWX).unwrap();
     assert!(matches!(
-        s.mmu.fault(&mut s.caches, &mut s.vcpu, 0x20_0000, false),
+        s.mmu
+            .fault(&mut s.caches, &mut s.vcpu, 0x20_0000, AccessKind::Read),
         Err(ShadowError::NoSlot { gfn: 0x8_0000 })
     ));
     assert!(matches!(
-        s.mmu.fault(&mut s.caches, &mut s.vcpu, 1 << 48, false),
+        s.mmu
+            .fault(&mut s.caches, &mut s.vcpu, 1 << 48, AccessKind::Read),
         Err(ShadowError::AddressTooWide { .. })
     ));
     checked(&s.mmu);
@@ -244,7 +399,7 @@ fn aliased_frames_chain_rmap_descriptors_of_14() {
     // The path is still there: the next access only needs a leaf.
     assert!(s.mmu.translate(&s.vcpu, 0).is_none());
     s.mmu
-        .fault(&mut s.caches, &mut s.vcpu, 0x5000, false)
+        .fault(&mut s.caches, &mut s.vcpu, 0x5000, AccessKind::Read)
         .unwrap();
     assert_eq!(s.mmu.rmap_len(0x42, Level::L4K), 1);
     all_freed(s);
@@ -308,7 +463,7 @@ fn a_1g_guest_page_splits_pre_order_down_to_4k() {
     let mut vcpu = Vcpu::new(0, guest);
     let mut caches = mmu.new_caches();
     let huge = mmu
-        .fault(&mut caches, &mut vcpu, 0x1234_5000, true)
+        .fault(&mut caches, &mut vcpu, 0x1234_5000, AccessKind::Write)
         .unwrap();
     assert_eq!(huge.level, Level::L1G);
     let splits = mmu.split_huge_pages(1 << 18, 2 << 18, Level::L4K).unwrap();
@@ -371,7 +526,7 @@ fn many_aliases_use_more_descriptors_than_one_topup_holds() {
     s.guest.map(2 << 18, 0, Level::L2M, 0b001).unwrap();
     for ngpa in [0, 1 << 30, 2 << 30] {
         s.mmu
-            .fault(&mut s.caches, &mut s.vcpu, ngpa, false)
+            .fault(&mut s.caches, &mut s.vcpu, ngpa, AccessKind::Read)
             .unwrap();
     }
     let drops = s.mmu.counters().lock_drops;
@@ -398,7 +553,9 @@ fn an_unsync_page_met_without_a_vcpu_is_zapped_not_synced() {
         .unwrap()
         .last()
         .unwrap();
-    s.mmu.fault(&mut s.caches, &mut s.vcpu, 0, true).unwrap();
+    s.mmu
+        .fault(&mut s.caches, &mut s.vcpu, 0, AccessKind::Write)
+        .unwrap();
     assert_eq!(s.mmu.guest_table_written(table), 1);
     let unsync = s
         .mmu
@@ -445,13 +602,19 @@ fn guest_table_writes_unsync_then_sync_rereads_the_guest() {
     assert_eq!(s.mmu.sync(&s.vcpu), 1);
     assert!(s.mmu.translate(&s.vcpu, 0).is_none());
     assert!(s.mmu.translate(&s.vcpu, 0x1000).is_none());
-    let t = s.mmu.fault(&mut s.caches, &mut s.vcpu, 0, false).unwrap();
+    let t = s
+        .mmu
+        .fault(&mut s.caches, &mut s.vcpu, 0, AccessKind::Read)
+        .unwrap();
     assert_eq!(t.hpa, (HOST + 0x305) << 12);
     assert_eq!(s.mmu.counters().syncs, 1);
     // A fault on an unsync page replaces a stale leaf by itself.
     s.guest.map(0, 0x306, Level::L4K, RWX).unwrap();
     s.mmu.guest_table_written(table);
-    let t = s.mmu.fault(&mut s.caches, &mut s.vcpu, 0, false).unwrap();
+    let t = s
+        .mmu
+        .fault(&mut s.caches, &mut s.vcpu, 0, AccessKind::Read)
+        .unwrap();
     assert_eq!(t.hpa, (HOST + 0x306) << 12);
     checked(&s.mmu);
     all_freed(s);
@@ -461,14 +624,18 @@ fn guest_table_writes_unsync_then_sync_rereads_the_guest() {
 fn a_write_to_an_upper_guest_table_zaps_its_shadow() {
     let mut s = setup(ShadowConfig::default());
     let written = s.guest.map(0, 0x300, Level::L4K, RWX).unwrap();
-    s.mmu.fault(&mut s.caches, &mut s.vcpu, 0, true).unwrap();
+    s.mmu
+        .fault(&mut s.caches, &mut s.vcpu, 0, AccessKind::Write)
+        .unwrap();
     assert_eq!(s.mmu.shadow_pages(), 4);
     // written[2] is the guest page directory.
     assert_eq!(s.mmu.guest_table_written(written[2]), 1);
     // The directory's page and the 4K page below it (now parentless) go.
     assert_eq!(s.mmu.shadow_pages(), 2);
     assert!(s.mmu.translate(&s.vcpu, 0).is_none());
-    s.mmu.fault(&mut s.caches, &mut s.vcpu, 0, true).unwrap();
+    s.mmu
+        .fault(&mut s.caches, &mut s.vcpu, 0, AccessKind::Write)
+        .unwrap();
     assert_eq!(s.mmu.shadow_pages(), 4);
     checked(&s.mmu);
     all_freed(s);
@@ -478,14 +645,18 @@ fn a_write_to_an_upper_guest_table_zaps_its_shadow() {
 fn zapping_a_root_in_use_invalidates_it_until_the_vcpu_lets_go() {
     let mut s = setup(ShadowConfig::default());
     map_2m(&s);
-    s.mmu.fault(&mut s.caches, &mut s.vcpu, 0, true).unwrap();
+    s.mmu
+        .fault(&mut s.caches, &mut s.vcpu, 0, AccessKind::Write)
+        .unwrap();
     let root = s.vcpu.root_hpa().unwrap();
     s.mmu.zap_all();
     let info = s.mmu.shadow_page(root).unwrap();
     assert!(info.invalid);
     assert_eq!(s.mmu.shadow_pages(), 1, "only the invalid root is left");
     assert_eq!(checked(&s.mmu), PageStats::default());
-    s.mmu.fault(&mut s.caches, &mut s.vcpu, 0, true).unwrap();
+    s.mmu
+        .fault(&mut s.caches, &mut s.vcpu, 0, AccessKind::Write)
+        .unwrap();
     assert_ne!(s.vcpu.root_hpa(), Some(root), "a new root was loaded");
     assert!(s.mmu.shadow_page(root).is_none(), "the old root was freed");
     let new_root = s.vcpu.root_hpa().unwrap();
@@ -585,7 +756,8 @@ fn removing_a_memslot_zaps_its_leaves_and_guest_tables() {
     s.mmu.remove_memslot(0).unwrap();
     assert_eq!(checked(&s.mmu), PageStats::default());
     assert!(matches!(
-        s.mmu.fault(&mut s.caches, &mut s.vcpu, 0, true),
+        s.mmu
+            .fault(&mut s.caches, &mut s.vcpu, 0, AccessKind::Write),
         Err(ShadowError::NoSlot { gfn: 0 })
     ));
     assert!(s.mmu.remove_memslot(0).is_err());

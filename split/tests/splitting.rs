@@ -2,8 +2,8 @@
 
 mod common;
 
-use common::{GIB_PAGES, MIB_PAGES, checked_stats, mmu};
-use mmu_cache::alloc::PageAllocator;
+use common::{GIB_PAGES, MIB_PAGES, checked_stats, failing_mmu, mmu};
+use mmu_cache::alloc::{FailPolicy, PageAllocator};
 use split::ept::{ADDR_MASK, PAGE_SIZE_BIT};
 use split::{Level, LogMode, Memslot, MmuConfig, PageStats};
 
@@ -264,8 +264,12 @@ fn dirty_log_page_splitting_manual_initially_set() {
     );
 }
 
+/// The kernel's `kvm_tdp_mmu_map`: a write fault on a write-protected huge
+/// leaf above the goal replaces it with a full table of its 512 children
+/// (`tdp_mmu_split_huge_page`), so the neighbours of the written page stay
+/// mapped; only the written page becomes writable and dirty.
 #[test]
-fn lazy_splitting_maps_4k_on_write_faults_one_at_a_time() {
+fn lazy_splitting_keeps_the_511_neighbours_of_a_write_fault() {
     let (_, mmu) = mmu(MmuConfig {
         eager_split: false,
         ..MmuConfig::default()
@@ -280,11 +284,134 @@ fn lazy_splitting_maps_4k_on_write_faults_one_at_a_time() {
     let stats = checked_stats(&mmu);
     assert_eq!(
         (stats.pages_2m, stats.pages_4k),
-        (1, 1),
-        "the written huge page went; one 4K leaf came"
+        (1, 512),
+        "the written huge page became 512 4K leaves"
     );
     assert_eq!(mmu.counters().lazy_splits, 1);
+    for gfn in [0u64, 2, 4, 511] {
+        let t = mmu.translate(gfn << 12).expect("a neighbour stays mapped");
+        assert_eq!((t.level, t.hpa), (Level::L4K, gfn << 12));
+        assert_eq!(t.perms & split::ept::WRITE, 0, "still write-protected");
+    }
     assert_eq!(mmu.get_dirty_log(0).unwrap()[0], 1 << 3);
+    // The next write to a neighbour is a fault on a 4K leaf, and logged.
+    assert_eq!(mmu.access(0x5000, true), split::Access::Miss);
+    mmu.write(&mut vcpu, 0x5000).unwrap();
+    assert_eq!(mmu.counters().lazy_splits, 1);
+    assert_eq!(mmu.get_dirty_log(0).unwrap()[0], 1 << 5);
+}
+
+/// `kvm_mmu_slot_try_split_huge_pages` is best effort: when the split caches
+/// cannot be filled, enabling dirty logging still succeeds, the huge leaves
+/// are write-protected whole and counted, and each later write fault splits
+/// one, so the log keeps 4 KiB precision.
+#[test]
+fn eager_splitting_falls_back_to_write_protection_when_memory_runs_out() {
+    let (counting, mmu) = failing_mmu(MmuConfig::default());
+    mmu.add_memslot(Memslot::new(0, 0, 4 * MIB_PAGES, 0).unwrap())
+        .unwrap();
+    let mut vcpu = mmu.new_vcpu_caches();
+    for gpa in [0, 2 << 20] {
+        mmu.write(&mut vcpu, gpa).unwrap();
+    }
+    counting.inner().set_policy(FailPolicy::Always);
+    mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
+    let stats = checked_stats(&mmu);
+    assert_eq!((stats.pages_2m, stats.pages_4k), (2, 0), "nothing split");
+    assert_eq!(mmu.counters().split_fallbacks, 2);
+    for gpa in [0x1000, (2 << 20) + 0x1000] {
+        assert_eq!(mmu.translate(gpa).unwrap().perms & split::ept::WRITE, 0);
+    }
+    // The vCPU's own cache still holds tables: write faults split.
+    mmu.write(&mut vcpu, 0x3000).unwrap();
+    mmu.write(&mut vcpu, (2 << 20) + 0x7000).unwrap();
+    let stats = checked_stats(&mmu);
+    assert_eq!((stats.pages_2m, stats.pages_4k), (0, 1024));
+    let log = mmu.get_dirty_log(0).unwrap();
+    let logged: Vec<u64> = (0..4 * MIB_PAGES)
+        .filter(|&p| log[(p / 64) as usize] & (1 << (p % 64)) != 0)
+        .collect();
+    assert_eq!(logged, vec![3, 512 + 7], "4 KiB precision");
+    // Manual clears are best effort too.
+    mmu.disable_dirty_logging(0).unwrap();
+    mmu.write(&mut vcpu, 0).unwrap();
+    mmu.enable_dirty_logging(0, LogMode::ManualInitiallySet)
+        .unwrap();
+    mmu.clear_dirty_log(0, 0, &[!0; 16]).unwrap();
+    assert_eq!(checked_stats(&mmu).pages_2m, 1);
+    counting.inner().set_policy(FailPolicy::Never);
+}
+
+/// `kvm_clear_dirty_log_protect` works per 64-page word: it clears only the
+/// bits set both in the log and in the mask, and splits and protects only
+/// from the first to the last bit cleared in each word.
+#[test]
+fn clear_dirty_log_splits_per_word_only_what_it_cleared() {
+    let (_, mmu) = mmu(MmuConfig::default());
+    mmu.add_memslot(Memslot::new(0, 0, 8 * MIB_PAGES, 0).unwrap())
+        .unwrap();
+    populate(&mmu, 8 * MIB_PAGES);
+    assert_eq!(checked_stats(&mmu).pages_2m, 4);
+    mmu.enable_dirty_logging(0, LogMode::ManualInitiallySet)
+        .unwrap();
+    let splits = mmu.counters().splits;
+    // An all-zero mask splits and protects nothing.
+    mmu.clear_dirty_log(0, 0, &[0; 32]).unwrap();
+    assert_eq!(checked_stats(&mmu).pages_2m, 4);
+    // Pages 0 and 2047: the 2 MiB pages at 0 and 3, not the two between.
+    let mut mask = [0u64; 32];
+    mask[0] = 1;
+    mask[31] = 1 << 63;
+    mmu.clear_dirty_log(0, 0, &mask).unwrap();
+    let stats = checked_stats(&mmu);
+    assert_eq!((stats.pages_2m, stats.pages_4k), (2, 1024));
+    assert_eq!(mmu.counters().splits - splits, 2);
+    assert_eq!(mmu.translate(0x20_0000).unwrap().level, Level::L2M);
+    assert_ne!(
+        mmu.translate(0x20_0000).unwrap().perms & split::ept::WRITE,
+        0,
+        "untouched huge pages stay writable"
+    );
+    // Page 0 is clear in the log now: only page 1024's bit is cleared, so
+    // only its 2 MiB page splits.
+    let mut mask = [0u64; 32];
+    mask[0] = 1;
+    mask[16] = 1;
+    mmu.clear_dirty_log(0, 0, &mask).unwrap();
+    assert_eq!(checked_stats(&mmu).pages_2m, 1);
+    let log = mmu.get_dirty_log(0).unwrap();
+    assert_eq!((log[0], log[16], log[31], log[8]), (!1, !1, !(1 << 63), !0));
+    // Nothing left to clear there: nothing splits.
+    mmu.clear_dirty_log(0, 0, &mask).unwrap();
+    assert_eq!(mmu.counters().splits - splits, 3);
+}
+
+/// Disabling dirty logging zaps what can be mapped huge again and keeps
+/// 4 KiB-only ranges (the kernel's `kvm_mmu_zap_collapsible_sptes`).
+#[test]
+fn disabling_dirty_logging_zaps_only_what_can_be_huge_again() {
+    let (_, mmu) = mmu(MmuConfig::default());
+    // 4 MiB + 5 pages: the last 5 pages can only be mapped 4K.
+    let npages = 4 * MIB_PAGES + 5;
+    mmu.add_memslot(Memslot::new(0, 0, npages, 0).unwrap())
+        .unwrap();
+    populate(&mmu, npages);
+    mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
+    assert_eq!(checked_stats(&mmu).pages_4k, npages);
+    mmu.disable_dirty_logging(0).unwrap();
+    let stats = checked_stats(&mmu);
+    assert_eq!((stats.pages_2m, stats.pages_4k), (0, 5));
+    for gfn in 4 * MIB_PAGES..npages {
+        assert_eq!(mmu.translate(gfn << 12).unwrap().level, Level::L4K);
+    }
+    assert_eq!(mmu.translate(0x1000), None);
+    populate(&mmu, npages);
+    let stats = checked_stats(&mmu);
+    assert_eq!(
+        (stats.pages_2m, stats.pages_4k),
+        (2, 5),
+        "huge pages return"
+    );
 }
 
 #[test]

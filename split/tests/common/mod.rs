@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use mmu_cache::PagePool;
-use mmu_cache::alloc::{ChunkAllocator, CountingAllocator};
+use mmu_cache::alloc::{ChunkAllocator, CountingAllocator, FailPolicy, FailingAllocator};
 use split::{MmuConfig, TdpMmu};
 
 pub type Counting = CountingAllocator<ChunkAllocator>;
@@ -13,6 +13,20 @@ pub type Counting = CountingAllocator<ChunkAllocator>;
 /// the MMU holds its lock.
 pub fn mmu(config: MmuConfig) -> (Arc<Counting>, TdpMmu) {
     let counting = Arc::new(CountingAllocator::new(ChunkAllocator::anonymous()));
+    let pool = PagePool::from_shared(counting.clone(), None);
+    let mmu = TdpMmu::new(pool, config).expect("mmu");
+    (counting, mmu)
+}
+
+pub type FailingCounting = CountingAllocator<FailingAllocator<ChunkAllocator>>;
+
+/// An MMU over a counting allocator that fails as
+/// `counting.inner().set_policy(..)` says (it starts never failing).
+pub fn failing_mmu(config: MmuConfig) -> (Arc<FailingCounting>, TdpMmu) {
+    let counting = Arc::new(CountingAllocator::new(FailingAllocator::new(
+        ChunkAllocator::anonymous(),
+        FailPolicy::Never,
+    )));
     let pool = PagePool::from_shared(counting.clone(), None);
     let mmu = TdpMmu::new(pool, config).expect("mmu");
     (counting, mmu)
