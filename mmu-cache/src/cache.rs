@@ -357,7 +357,7 @@ impl<S: CacheSource> MemoryCache<S> {
 /// The source of a [`PageCache`]: a pool and how new pages are filled.
 #[derive(Debug)]
 pub struct PageSource<K: PageKind> {
-    pool: Arc<PagePool>,
+    pool: Arc<PagePool<K>>,
     zero: bool,
     init_value: Option<u64>,
     kind: PhantomData<fn() -> K>,
@@ -365,7 +365,7 @@ pub struct PageSource<K: PageKind> {
 
 impl<K: PageKind> PageSource<K> {
     /// The pool pages come from.
-    pub fn pool(&self) -> &Arc<PagePool> {
+    pub fn pool(&self) -> &Arc<PagePool<K>> {
         &self.pool
     }
 
@@ -416,7 +416,7 @@ impl<K: PageKind> CacheSource for PageSource<K> {
     }
 
     fn obtain(&self) -> Result<Page<K>, PageError> {
-        let mut page = self.pool.get::<K>()?;
+        let mut page = self.pool.get()?;
         self.fill(&mut page);
         Ok(page)
     }
@@ -441,7 +441,7 @@ impl<K: PageKind> MemoryCache<PageSource<K>> {
     /// An empty page cache over `pool`; new pages are left as the allocator
     /// gives them unless [`zeroed`](Self::zeroed) or
     /// [`with_init_value`](Self::with_init_value) says otherwise.
-    pub fn new(pool: Arc<PagePool>) -> Self {
+    pub fn new(pool: Arc<PagePool<K>>) -> Self {
         Self::from_source(PageSource {
             pool,
             zero: false,
@@ -571,7 +571,7 @@ macro_rules! __cache_set_capacity {
 /// let pool = PagePool::new(HeapAllocator::new());
 /// let mut caches = FaultCaches {
 ///     tables: PageCache::new(pool.clone()).with_init_value(1 << 63),
-///     headers: ObjectCache::new(Slab::new(pool, None)?),
+///     headers: ObjectCache::new(Slab::new(pool.for_kind(), None)?),
 /// };
 /// caches.topup()?;
 /// assert_eq!((caches.tables.nr_free(), caches.headers.nr_free()), (40, 10));
@@ -1024,7 +1024,7 @@ mod tests {
             let (counting, pool) = counting_pool(policy);
             let set = TestSet {
                 tables: PageCache::new(pool.clone()),
-                descriptors: ObjectCache::new(Slab::new(pool, None).unwrap()),
+                descriptors: ObjectCache::new(Slab::new(pool.for_kind(), None).unwrap()),
             };
             (counting, set)
         };

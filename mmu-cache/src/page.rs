@@ -1,10 +1,14 @@
 //! Owned pages and the pools they come from.
 //!
-//! A [`PagePool`] pairs a [`PageAllocator`] with an optional [`Account`].
-//! A [`Page<K>`] is an owned 4 KiB page that remembers its pool: dropping it
-//! returns it to the allocator that handed it out, and to no other. The kind
-//! parameter `K` keeps pools of different purpose apart at compile time
-//! (a PAMT page cannot be passed where a page-table page is expected).
+//! A [`PagePool<K>`] pairs a [`PageAllocator`] with an optional [`Account`]
+//! and hands out pages of one kind `K` only. A [`Page<K>`] is an owned
+//! 4 KiB page that remembers its pool: dropping it returns it to the
+//! allocator that handed it out, and to no other. The kind keeps pools of
+//! different purpose apart at compile time: an S-EPT pool cannot produce a
+//! PAMT page, and a PAMT page cannot be passed where a page-table page is
+//! expected. Pools of several purposes may share one allocator; the one way
+//! from a pool of one kind to a pool of another is the explicitly named
+//! [`PagePool::for_kind`].
 
 use std::fmt;
 use std::marker::PhantomData;
@@ -55,6 +59,20 @@ pub enum PageError {
 /// let pamt: Page<PamtPage> = pool.get().unwrap();
 /// let table: Page<TablePage> = pamt; // mismatched kinds
 /// ```
+///
+/// and a pool of one kind does not hand out pages of another:
+///
+/// ```compile_fail
+/// use std::sync::Arc;
+/// use mmu_cache::{Page, PageKind, PagePool, alloc::HeapAllocator};
+/// enum SeptPage {}
+/// impl PageKind for SeptPage {}
+/// enum PamtPage {}
+/// impl PageKind for PamtPage {}
+///
+/// let sept: Arc<PagePool<SeptPage>> = PagePool::new(HeapAllocator::new());
+/// let pamt: Page<PamtPage> = sept.get().unwrap(); // the pool's kind is SeptPage
+/// ```
 pub trait PageKind: 'static {}
 
 /// The kind of pages with no particular purpose.
@@ -62,23 +80,27 @@ pub trait PageKind: 'static {}
 pub enum PlainPage {}
 impl PageKind for PlainPage {}
 
-/// A page allocator and the account charged for its pages.
-pub struct PagePool {
+/// A page allocator and the account charged for its pages, handing out
+/// pages of kind `K` only.
+pub struct PagePool<K: PageKind = PlainPage> {
     allocator: Arc<dyn PageAllocator>,
     account: Option<Arc<Account>>,
-    free_errors: AtomicU64,
+    /// Shared by the pools of every kind made with [`for_kind`](Self::for_kind).
+    free_errors: Arc<AtomicU64>,
+    kind: PhantomData<fn() -> K>,
 }
 
-impl fmt::Debug for PagePool {
+impl<K: PageKind> fmt::Debug for PagePool<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("PagePool")
+            .field("kind", &std::any::type_name::<K>())
             .field("allocator", &self.allocator.name())
             .field("account", &self.account.as_ref().map(|a| a.name()))
             .finish()
     }
 }
 
-impl PagePool {
+impl<K: PageKind> PagePool<K> {
     /// A pool over `allocator`, without accounting.
     pub fn new(allocator: impl PageAllocator + 'static) -> Arc<Self> {
         Self::from_shared(Arc::new(allocator), None)
@@ -100,8 +122,27 @@ impl PagePool {
         Arc::new(Self {
             allocator,
             account,
-            free_errors: AtomicU64::new(0),
+            free_errors: Arc::new(AtomicU64::new(0)),
+            kind: PhantomData,
         })
+    }
+
+    /// A pool for pages of another purpose `J` on the same allocator and
+    /// account (sharing the refusal counter): how one MMU keeps its tables,
+    /// its table headers and its external pages on one allocator. It is
+    /// the only way across purposes, and it says so by name.
+    pub fn for_kind<J: PageKind>(&self) -> Arc<PagePool<J>> {
+        Arc::new(PagePool {
+            allocator: Arc::clone(&self.allocator),
+            account: self.account.clone(),
+            free_errors: Arc::clone(&self.free_errors),
+            kind: PhantomData,
+        })
+    }
+
+    /// The allocator behind this pool, shared.
+    pub fn shared_allocator(&self) -> &Arc<dyn PageAllocator> {
+        &self.allocator
     }
 
     /// The allocator behind this pool.
@@ -122,7 +163,7 @@ impl PagePool {
 
     /// Takes a page from the allocator, charging the account first. Page
     /// contents are unspecified.
-    pub fn get<K: PageKind>(self: &Arc<Self>) -> Result<Page<K>, PageError> {
+    pub fn get(self: &Arc<Self>) -> Result<Page<K>, PageError> {
         if let Some(account) = &self.account {
             account.try_charge(PAGE_SIZE as u64)?;
         }
@@ -178,7 +219,7 @@ impl PagePool {
 /// ```
 pub struct Page<K: PageKind = PlainPage> {
     addr: NonNull<u8>,
-    pool: Arc<PagePool>,
+    pool: Arc<PagePool<K>>,
     kind: PhantomData<fn() -> K>,
 }
 
@@ -216,7 +257,7 @@ impl<K: PageKind> Page<K> {
     }
 
     /// The pool the page returns to.
-    pub fn pool(&self) -> &Arc<PagePool> {
+    pub fn pool(&self) -> &Arc<PagePool<K>> {
         &self.pool
     }
 
@@ -273,7 +314,7 @@ impl<K: PageKind> Page<K> {
     ///
     /// `addr` must come from `into_raw` of a `Page<K>` of this `pool`, and be
     /// rebuilt at most once.
-    pub unsafe fn from_raw(pool: Arc<PagePool>, addr: NonNull<u8>) -> Self {
+    pub unsafe fn from_raw(pool: Arc<PagePool<K>>, addr: NonNull<u8>) -> Self {
         Self {
             addr,
             pool,
@@ -331,9 +372,9 @@ mod tests {
     #[test]
     fn pages_go_back_to_their_own_allocator() {
         let heap = PagePool::new(HeapAllocator::new());
-        let chunks = PagePool::new(ChunkAllocator::anonymous());
+        let chunks: Arc<PagePool<OtherPage>> = PagePool::new(ChunkAllocator::anonymous());
         let a: Page = heap.get().unwrap();
-        let b: Page<OtherPage> = chunks.get().unwrap();
+        let b = chunks.get().unwrap();
         assert_ne!(a.owner(), b.owner());
         drop(a);
         drop(b);
@@ -343,9 +384,21 @@ mod tests {
     }
 
     #[test]
+    fn pools_of_two_kinds_share_an_allocator_only_when_asked() {
+        let tables: Arc<PagePool> = PagePool::new(HeapAllocator::new());
+        let others: Arc<PagePool<OtherPage>> = tables.for_kind();
+        let table = tables.get().unwrap();
+        let other = others.get().unwrap();
+        assert_eq!(table.owner(), other.owner(), "one allocator");
+        assert_eq!(tables.allocator().pages_outstanding(), 2);
+        drop((table, other));
+        assert_eq!(tables.allocator().pages_outstanding(), 0);
+    }
+
+    #[test]
     fn the_untyped_path_detects_wrong_owner_and_double_free() {
         let heap = PagePool::new(HeapAllocator::new());
-        let chunks = PagePool::new(ChunkAllocator::anonymous());
+        let chunks: Arc<PagePool> = PagePool::new(ChunkAllocator::anonymous());
         let page: Page = heap.get().unwrap();
         let raw = page.into_raw();
         // SAFETY: the page is not used through `raw` afterwards; the call is
@@ -384,10 +437,7 @@ mod tests {
         let pool = PagePool::with_account(HeapAllocator::new(), account.clone());
         let page: Page = pool.get().unwrap();
         assert_eq!(account.charged(), PAGE_SIZE as u64);
-        assert!(matches!(
-            pool.get::<PlainPage>(),
-            Err(PageError::Account(_))
-        ));
+        assert!(matches!(pool.get(), Err(PageError::Account(_))));
         assert_eq!(
             pool.allocator().pages_outstanding(),
             1,

@@ -61,7 +61,7 @@ struct SlabState {
 /// # Ok::<(), mmu_cache::SlabError>(())
 /// ```
 pub struct Slab<T> {
-    pool: Arc<PagePool>,
+    pool: Arc<PagePool<SlabPage>>,
     account: Option<Arc<Account>>,
     slot_size: usize,
     state: Mutex<SlabState>,
@@ -86,7 +86,10 @@ impl<T> fmt::Debug for Slab<T> {
 
 impl<T> Slab<T> {
     /// A slab of `T` over `pool`, charging `account` for every live object.
-    pub fn new(pool: Arc<PagePool>, account: Option<Arc<Account>>) -> Result<Arc<Self>, SlabError> {
+    pub fn new(
+        pool: Arc<PagePool<SlabPage>>,
+        account: Option<Arc<Account>>,
+    ) -> Result<Arc<Self>, SlabError> {
         let layout = Layout::new::<T>().pad_to_align();
         let slot_size = layout.size().max(layout.align());
         if slot_size > PAGE_SIZE {

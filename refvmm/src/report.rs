@@ -54,6 +54,20 @@ pub struct DirtyLog {
     pub pages_before_enable: Option<Pages>,
     /// Leaf counts after enabling.
     pub pages_after_enable: Option<Pages>,
+    /// Huge-page splits of the software MMU, where the accelerator knows them.
+    pub splits: Option<SplitFigures>,
+}
+
+/// Huge-page splits of the software MMU over the run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct SplitFigures {
+    /// Huge leaves split by a splitter (eager splitting, boundaries).
+    pub eager: u64,
+    /// Huge leaves split by a write fault (lazy mode, or after a fallback).
+    pub lazy: u64,
+    /// Huge leaves an eager split could not split (memory ran out, or the
+    /// hooks refused), write-protected whole instead, per protect pass.
+    pub fallbacks: u64,
 }
 
 /// Memory-cache figures (soft accelerator).
@@ -157,6 +171,13 @@ impl Report {
                     after.pages_4k,
                     after.pages_2m,
                     after.pages_1g
+                );
+            }
+            if let Some(splits) = log.splits {
+                let _ = writeln!(
+                    out,
+                    "  splits: {} eager, {} lazy, {} fell back to write protection",
+                    splits.eager, splits.lazy, splits.fallbacks
                 );
             }
         }

@@ -16,7 +16,7 @@ use crate::config::{BackendName, Config, PamtPolicyName, Workload, layout};
 use crate::engine::{RunError, create_memory, open_kvm, prefault};
 use crate::events::Metrics;
 use crate::kvm_run::{STOP, verify_log};
-use crate::report::{CacheFigures, DirtyLog, Iteration, Report, TdxFigures};
+use crate::report::{CacheFigures, DirtyLog, Iteration, Report, SplitFigures, TdxFigures};
 
 struct Td {
     module: Arc<SimTdxModule>,
@@ -245,5 +245,11 @@ fn drive(
             dirty_pages: log.iter().map(|w| u64::from(w.count_ones())).sum(),
         });
     }
+    let counters = mmu.counters();
+    report.splits = Some(SplitFigures {
+        eager: counters.splits,
+        lazy: counters.lazy_splits,
+        fallbacks: counters.split_fallbacks,
+    });
     Ok(())
 }

@@ -101,8 +101,12 @@ fn soft_dirty_log_splits_eagerly_or_lazily_and_runs_tdx() {
     assert_eq!(eager["pages_after_enable"]["2m"], 0);
     assert_eq!(eager["pages_after_enable"]["1g"], 0);
     assert_eq!(eager["cache"]["fallback_allocations"], 0);
+    assert!(eager["splits"]["eager"].as_u64().unwrap() > 0);
+    assert_eq!(eager["splits"]["fallbacks"], 0);
     let lazy = json_report(&example("dirty-log-soft-lazy.json"));
     assert!(lazy["pages_after_enable"]["2m"].as_u64().unwrap() > 0);
+    assert!(lazy["splits"]["lazy"].as_u64().unwrap() > 0);
+    assert_eq!(lazy["splits"]["eager"], 0);
     let tdx = json_report(&example("soft-tdx.json"));
     assert!(tdx["tdx"]["seamcalls"].as_u64().unwrap() > 0);
     assert_eq!(

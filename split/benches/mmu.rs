@@ -16,7 +16,7 @@ use split::{Level, Memslot, MmuConfig, TdpMmu};
 /// 2M leaves per measured batch (1 GiB of guest memory).
 const LEAVES: u64 = 512;
 
-fn tdp_with_2m_leaves(pool: Arc<PagePool>) -> TdpMmu {
+fn tdp_with_2m_leaves(pool: Arc<PagePool<split::tdp::TablePage>>) -> TdpMmu {
     let mmu = TdpMmu::new(pool, MmuConfig::default()).unwrap();
     // Host frames aligned to 2M but not 1G, so that faults map 2M leaves.
     mmu.add_memslot(Memslot::new(0, 0, LEAVES * 512, (1 << 30) + 512).unwrap())
@@ -45,7 +45,7 @@ fn split(c: &mut Criterion) {
         })
     });
     group.bench_function("memset_one_page", |b| {
-        let mut page: Page = pool.get().unwrap();
+        let mut page: Page = pool.for_kind().get().unwrap();
         b.iter(|| {
             // SAFETY: the page is PAGE_SIZE writable bytes owned here.
             unsafe { std::ptr::write_bytes(black_box(page.as_ptr()), 0x80, PAGE_SIZE) };
@@ -57,7 +57,7 @@ fn split(c: &mut Criterion) {
             let mut total = Duration::ZERO;
             let batches = iters.div_ceil(LEAVES);
             for _ in 0..batches {
-                let mmu = ShadowMmu::new(pool.clone(), ShadowConfig::default()).unwrap();
+                let mmu = ShadowMmu::new(pool.for_kind(), ShadowConfig::default()).unwrap();
                 mmu.add_memslot(Memslot::new(0, 0, LEAVES * 512, (1 << 30) + 512).unwrap())
                     .unwrap();
                 let guest = Arc::new(GuestEpt::new(4, 1 << 30..(1 << 30) + 64).unwrap());
@@ -96,7 +96,7 @@ fn access_and_fault(c: &mut Criterion) {
     });
     group.bench_function("fault_4k", |b| {
         b.iter_custom(|iters| {
-            let mmu = TdpMmu::new(pool.clone(), MmuConfig::default()).unwrap();
+            let mmu = TdpMmu::new(pool.for_kind(), MmuConfig::default()).unwrap();
             // Unaligned host frames: every fault maps a 4K leaf.
             mmu.add_memslot(Memslot::new(0, 0, iters.max(1), 0x12_3457).unwrap())
                 .unwrap();

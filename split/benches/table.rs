@@ -32,7 +32,7 @@ fn warm_pool(warm_pages: usize) -> std::sync::Arc<PagePool> {
 fn new_mmu(gib: u64, eager: bool, host_base_pfn: u64) -> TdpMmu {
     let pool = warm_pool((gib as usize) * 530);
     let mmu = TdpMmu::new(
-        pool,
+        pool.for_kind(),
         MmuConfig {
             eager_split: eager,
             ..MmuConfig::default()
@@ -93,7 +93,7 @@ fn split_row(name: &str, gib: u64, leaf: Level) {
 /// maps the whole slot with 2M pages), without a vCPU.
 fn shadow_split_row(gib: u64) {
     let pool = warm_pool((gib as usize) * 530);
-    let mmu = ShadowMmu::new(pool, ShadowConfig::default()).unwrap();
+    let mmu = ShadowMmu::new(pool.for_kind(), ShadowConfig::default()).unwrap();
     let npages = gib << 18;
     mmu.add_memslot(Memslot::new(0, 0, npages, (1 << 30) + 512).unwrap())
         .unwrap();

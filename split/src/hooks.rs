@@ -74,7 +74,7 @@ pub trait ExternalPageTable: Send + Sync {
     }
 
     /// The pool external pages come from (`None`: the MMU's own pool).
-    fn external_pool(&self) -> Option<Arc<PagePool>> {
+    fn external_pool(&self) -> Option<Arc<PagePool<ExternalTablePage>>> {
         None
     }
 
@@ -144,7 +144,7 @@ impl<T: ExternalPageTable + ?Sized> ExternalPageTable for Arc<T> {
         (**self).external_tables()
     }
 
-    fn external_pool(&self) -> Option<Arc<PagePool>> {
+    fn external_pool(&self) -> Option<Arc<PagePool<ExternalTablePage>>> {
         (**self).external_pool()
     }
 

@@ -720,7 +720,7 @@ fn walk_guest(
 /// use std::sync::Arc;
 /// use split::guest::GuestEpt;
 /// use split::shadow::{ShadowConfig, ShadowMmu, Vcpu};
-/// use split::{Level, LogMode, Memslot};
+/// use split::{AccessKind, Level, LogMode, Memslot};
 /// use mmu_cache::{PagePool, alloc::ChunkAllocator};
 ///
 /// let mmu = ShadowMmu::new(PagePool::new(ChunkAllocator::anonymous()), ShadowConfig::default())?;
@@ -731,7 +731,7 @@ fn walk_guest(
 /// guest.map(512, 512, Level::L2M, 0b111).unwrap();
 /// let mut vcpu = Vcpu::new(0, guest);
 /// let mut caches = mmu.new_caches();
-/// let t = mmu.fault(&mut caches, &mut vcpu, 0x20_3000, true)?;
+/// let t = mmu.fault(&mut caches, &mut vcpu, 0x20_3000, AccessKind::Write)?;
 /// assert_eq!((t.level, t.hpa), (Level::L2M, (0x10_0000 << 12) + 0x20_3000));
 ///
 /// mmu.enable_dirty_logging(0, LogMode::Classic)?; // splits the 2M leaf
@@ -740,7 +740,7 @@ fn walk_guest(
 /// ```
 pub struct ShadowMmu {
     config: ShadowConfig,
-    pool: Arc<PagePool>,
+    pool: Arc<PagePool<ShadowTablePage>>,
     header_slab: Arc<Slab<ShadowPage>>,
     desc_slab: Arc<Slab<PteListDesc>>,
     state: Mutex<State>,
@@ -759,9 +759,12 @@ impl fmt::Debug for ShadowMmu {
 
 impl ShadowMmu {
     /// A shadow MMU whose tables and objects come from `pool`.
-    pub fn new(pool: Arc<PagePool>, config: ShadowConfig) -> Result<Self, ShadowError> {
-        let header_slab = Slab::new(pool.clone(), None)?;
-        let desc_slab = Slab::new(pool.clone(), None)?;
+    pub fn new(
+        pool: Arc<PagePool<ShadowTablePage>>,
+        config: ShadowConfig,
+    ) -> Result<Self, ShadowError> {
+        let header_slab = Slab::new(pool.for_kind(), None)?;
+        let desc_slab = Slab::new(pool.for_kind(), None)?;
         let mmu = Self {
             config,
             split_caches: Mutex::new(ShadowCaches {

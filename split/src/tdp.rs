@@ -234,7 +234,7 @@ pub enum Access {
 pub struct TdpMmu {
     config: MmuConfig,
     lock: MmuLock,
-    pool: Arc<PagePool>,
+    pool: Arc<PagePool<TablePage>>,
     header_slab: Arc<Slab<TableHeader>>,
     root: Page<TablePage>,
     tables: Mutex<HashMap<u64, mmu_cache::SlabBox<TableHeader>>>,
@@ -242,7 +242,7 @@ pub struct TdpMmu {
     split_caches: Mutex<VcpuCaches>,
     hooks: Box<dyn ExternalPageTable>,
     external_tables: bool,
-    external_pool: Arc<PagePool>,
+    external_pool: Arc<PagePool<ExternalTablePage>>,
     torn_down: std::sync::atomic::AtomicBool,
     stats: [AtomicU64; 3],
     counters: Counters,
@@ -353,13 +353,13 @@ fn stat_index(level: Level) -> usize {
 
 impl TdpMmu {
     /// An MMU whose tables come from `pool`, without external hooks.
-    pub fn new(pool: Arc<PagePool>, config: MmuConfig) -> Result<Self, MmuError> {
+    pub fn new(pool: Arc<PagePool<TablePage>>, config: MmuConfig) -> Result<Self, MmuError> {
         Self::with_hooks(pool, config, Box::new(NoExternal))
     }
 
     /// An MMU that mirrors its tree into an external page table.
     pub fn with_hooks(
-        pool: Arc<PagePool>,
+        pool: Arc<PagePool<TablePage>>,
         config: MmuConfig,
         hooks: Box<dyn ExternalPageTable>,
     ) -> Result<Self, MmuError> {
@@ -380,9 +380,9 @@ impl TdpMmu {
                 source: Box::new(err),
             })?;
         root.fill(ept::NON_PRESENT);
-        let header_slab = Slab::new(pool.clone(), None)?;
+        let header_slab = Slab::new(pool.for_kind(), None)?;
         let external_tables = hooks.external_tables();
-        let external_pool = hooks.external_pool().unwrap_or_else(|| pool.clone());
+        let external_pool = hooks.external_pool().unwrap_or_else(|| pool.for_kind());
         let split_caches = VcpuCaches {
             // Split tables are filled with the children before they are
             // linked, so they skip the non-present fill.

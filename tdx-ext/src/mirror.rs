@@ -9,7 +9,7 @@ use std::thread::ThreadId;
 
 use mmu_cache::alloc::{ChunkAllocator, PageAllocator};
 use mmu_cache::{Account, PageCache, PagePool};
-use split::{Entry, ExternalPageTable, HookError, Level, TableRef, Topup};
+use split::{Entry, ExternalPageTable, ExternalTablePage, HookError, Level, TableRef, Topup};
 
 use crate::module::{SeamcallResult, TdxModule};
 use crate::pamt::{DynamicPamt, PamtBackedAllocator, PamtCache, PamtPage, PamtPolicy};
@@ -54,7 +54,7 @@ pub struct TdxMirror {
     module: Arc<dyn TdxModule>,
     pamt: Arc<DynamicPamt>,
     policy: PamtPolicy,
-    table_pool: Arc<PagePool>,
+    table_pool: Arc<PagePool<ExternalTablePage>>,
     backed_allocator: Option<Arc<dyn PamtCache>>,
     vcpu_caches: Mutex<HashMap<ThreadId, PageCache<PamtPage>>>,
     split_cache: Mutex<PageCache<PamtPage>>,
@@ -277,7 +277,7 @@ impl ExternalPageTable for TdxMirror {
         true
     }
 
-    fn external_pool(&self) -> Option<Arc<PagePool>> {
+    fn external_pool(&self) -> Option<Arc<PagePool<ExternalTablePage>>> {
         Some(self.table_pool.clone())
     }
 

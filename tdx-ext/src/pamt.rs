@@ -82,7 +82,7 @@ pub struct PamtCounters {
 /// The refcounts and the PAMT pages of every region.
 pub struct DynamicPamt {
     module: Arc<dyn TdxModule>,
-    pool: Arc<PagePool>,
+    pool: Arc<PagePool<PamtPage>>,
     refcounts: RwLock<HashMap<u64, Arc<AtomicU32>>>,
     installed: Mutex<HashMap<u64, [Page<PamtPage>; 2]>>,
     slow: Mutex<()>,
@@ -102,7 +102,7 @@ impl std::fmt::Debug for DynamicPamt {
 
 impl DynamicPamt {
     /// Dynamic PAMT over `module`, with PAMT pages from `pool`.
-    pub fn new(module: Arc<dyn TdxModule>, pool: Arc<PagePool>) -> Arc<Self> {
+    pub fn new(module: Arc<dyn TdxModule>, pool: Arc<PagePool<PamtPage>>) -> Arc<Self> {
         Arc::new(Self {
             module,
             pool,
@@ -122,7 +122,7 @@ impl DynamicPamt {
     }
 
     /// The pool PAMT pages come from.
-    pub fn pool(&self) -> &Arc<PagePool> {
+    pub fn pool(&self) -> &Arc<PagePool<PamtPage>> {
         &self.pool
     }
 
