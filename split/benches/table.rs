@@ -166,6 +166,20 @@ fn dirty_log_perf(gib: u64, eager: bool) -> Vec<Duration> {
         println!(
             "    iteration {iteration}: dirty memory {dirty:>9.3?}  get+clear dirty log {get:>9.3?}"
         );
+        if iteration == 1 {
+            // Lazy mode: each first write to a 2M leaf split it into a full
+            // table of 512 children; eager mode split them all at enable.
+            let stats = mmu.page_stats();
+            let counters = mmu.counters();
+            println!(
+                "      after iteration 1: 4K leaves {}, 2M {}, splits {} eager + {} lazy, {} fell back",
+                stats.pages_4k,
+                stats.pages_2m,
+                counters.splits,
+                counters.lazy_splits,
+                counters.split_fallbacks
+            );
+        }
         times.push(dirty);
     }
     times

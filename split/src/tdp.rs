@@ -1266,15 +1266,18 @@ impl TdpMmu {
         exclusive: bool,
     ) -> Result<Option<u64>, MmuError> {
         let below = level.below().expect("huge leaves are above 4K");
-        let page = caches.tables.alloc()?;
+        let mut page = caches.tables.alloc()?;
         let hpa = page.addr() as u64;
-        {
-            // SAFETY: the page is ours and not yet linked; nothing else sees it.
-            let child = unsafe { entries(hpa) };
-            for (i, slot) in child.iter().enumerate() {
-                slot.store(leaf.split_child(level, i).bits(), Ordering::Relaxed);
-            }
+        // The page is ours and not yet linked: plain stores, which the
+        // compiler vectorizes. Child i is child 0 with the frame advanced by
+        // i child pages (`Entry::split_child`); the frame bits never carry
+        // into the others.
+        let first = leaf.split_child(level, 0).bits();
+        let step = below.entry_bytes();
+        for (i, word) in page.words_mut().iter_mut().enumerate() {
+            *word = first + i as u64 * step;
         }
+        debug_assert_eq!(page.words()[511], leaf.split_child(level, 511).bits());
         let external = if self.external_tables {
             Some(caches.external.alloc()?)
         } else {
