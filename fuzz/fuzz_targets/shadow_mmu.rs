@@ -11,7 +11,7 @@ use std::sync::Arc;
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use mmu_cache::PagePool;
-use mmu_cache::alloc::ChunkAllocator;
+use mmu_cache::alloc::{ChunkAllocator, FailPolicy, FailingAllocator};
 use split::guest::{GuestEpt, GuestTables};
 use split::shadow::ShadowError;
 use split::shadow::{ShadowConfig, ShadowMmu, Vcpu};
@@ -52,6 +52,14 @@ enum Op {
     },
     Enable,
     GetLog,
+    Clear {
+        word: u8,
+        mask: u64,
+    },
+    /// Make the page allocator fail every `k`th call (0: never, 1: always).
+    Fail {
+        k: u8,
+    },
 }
 
 #[derive(Arbitrary, Debug)]
@@ -65,7 +73,12 @@ fuzz_target!(|input: Input| {
         eager_split: input.eager,
         ..ShadowConfig::default()
     };
-    let mmu = ShadowMmu::new(PagePool::new(ChunkAllocator::anonymous()), config).unwrap();
+    let failing = Arc::new(FailingAllocator::new(
+        ChunkAllocator::anonymous(),
+        FailPolicy::Never,
+    ));
+    let mmu = ShadowMmu::new(PagePool::from_shared(failing.clone(), None), config).unwrap();
+    let mut failing_now = false;
     mmu.add_memslot(Memslot::new(0, 0, PAGES, HOST).unwrap())
         .unwrap();
     let guest = Arc::new(GuestEpt::new(4, 0x10_0000..0x10_0400).unwrap());
@@ -112,7 +125,9 @@ fuzz_target!(|input: Input| {
                         assert_eq!(allowed, Some(false), "{kind} at {ngfn:#x}")
                     }
                     Err(ShadowError::GuestMisconfig { .. }) => assert_eq!(allowed, None),
-                    Err(_) => {}
+                    Err(ShadowError::Cache(_)) if failing_now => {}
+                    Err(ShadowError::NoSlot { .. }) => {}
+                    Err(err) => panic!("fault: {err}"),
                 }
             }
             Op::TablePerms { ngfn, level, perms } => {
@@ -138,8 +153,9 @@ fuzz_target!(|input: Input| {
             }
             Op::Split { first, pages } => {
                 let first = u64::from(first) % PAGES;
-                mmu.split_huge_pages(first, first + u64::from(pages) % 1024, Level::L4K)
-                    .unwrap();
+                let result =
+                    mmu.split_huge_pages(first, first + u64::from(pages) % 1024, Level::L4K);
+                assert!(result.is_ok() || failing_now);
             }
             Op::ZapAll => mmu.zap_all(),
             Op::ZapRange { first, pages } => {
@@ -147,7 +163,21 @@ fuzz_target!(|input: Input| {
                 mmu.zap_gfn_range(first, first + u64::from(pages) % 1024);
             }
             Op::Enable => {
-                let _ = mmu.enable_dirty_logging(0, LogMode::Classic);
+                // Best effort: never fails for lack of memory.
+                mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
+            }
+            Op::Clear { word, mask } => {
+                let word = u64::from(word) % (PAGES / 64);
+                let _ = mmu.clear_dirty_log(0, word * 64, &[mask]);
+            }
+            Op::Fail { k } => {
+                let policy = match k % 4 {
+                    0 => FailPolicy::Never,
+                    1 => FailPolicy::Always,
+                    k => FailPolicy::EveryKth(u64::from(k)),
+                };
+                failing.set_policy(policy);
+                failing_now = policy != FailPolicy::Never;
             }
             Op::GetLog => {
                 let _ = mmu.get_dirty_log(0);

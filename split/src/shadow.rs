@@ -499,6 +499,9 @@ pub struct ShadowCounters {
     pub syncs: u64,
     /// Times the splitter dropped the lock to top up or to yield.
     pub lock_drops: u64,
+    /// Huge leaves an eager split under dirty logging could not split,
+    /// write-protected whole instead (counted at each protect pass).
+    pub split_fallbacks: u64,
 }
 
 /// What a walk of the whole shadow forest found.
@@ -1643,18 +1646,32 @@ impl ShadowMmu {
     // ----- dirty logging ---------------------------------------------------
 
     /// Starts dirty logging on slot `id`. Classic mode splits huge leaves
-    /// (when eager) and write-protects every leaf of the slot; manual mode
-    /// with "initially set" waits for [`clear_dirty_log`](Self::clear_dirty_log).
+    /// (when eager, best effort: what cannot be split for lack of memory is
+    /// write-protected whole and counted in
+    /// [`ShadowCounters::split_fallbacks`]) and write-protects every leaf of
+    /// the slot; manual mode with "initially set" waits for
+    /// [`clear_dirty_log`](Self::clear_dirty_log).
     pub fn enable_dirty_logging(&self, id: u32, mode: LogMode) -> Result<(), ShadowError> {
         let slot = self.slot(id)?;
         slot.start_logging(mode);
         if mode == LogMode::Classic {
-            if self.config.eager_split {
-                self.split_huge_pages(slot.base_gfn(), slot.end_gfn(), Level::L4K)?;
-            }
+            self.try_split_huge_pages(slot.base_gfn(), slot.end_gfn());
             self.write_protect(&slot, slot.base_gfn(), slot.end_gfn(), None);
         }
         Ok(())
+    }
+
+    /// Eager splitting for dirty logging, best effort as the kernel's
+    /// `kvm_shadow_mmu_try_split_huge_pages`: a failure (the split caches
+    /// could not be filled) leaves huge leaves for the write-protect pass,
+    /// and a write fault drops them later.
+    fn try_split_huge_pages(&self, start: u64, end: u64) {
+        if !self.config.eager_split {
+            return;
+        }
+        if let Err(err) = self.split_huge_pages(start, end, Level::L4K) {
+            tracing::debug!(start, end, %err, "shadow eager split fell back to write protection");
+        }
     }
 
     /// Stops dirty logging on slot `id` and zaps its leaves, so that later
@@ -1700,9 +1717,7 @@ impl ShadowMmu {
         slot.check_clear(first_page, mask)?;
         for word in slot.clear_words(first_page, mask) {
             let range = word.gfn_range(slot.base_gfn());
-            if self.config.eager_split {
-                self.split_huge_pages(range.start, range.end, Level::L4K)?;
-            }
+            self.try_split_huge_pages(range.start, range.end);
             self.write_protect(
                 &slot,
                 range.start,
@@ -1725,6 +1740,7 @@ impl ShadowMmu {
         let state = &mut *state;
         let rmaps = &mut state.slots[si];
         let pages_map = &mut state.pages;
+        let mut fallbacks = 0;
         for level in [Level::L4K, Level::L2M, Level::L1G] {
             let pages = level.entry_pages();
             let mut gfn = start & !(pages - 1);
@@ -1741,10 +1757,14 @@ impl ShadowMmu {
                         let sp = pages_map.get_mut(&(addr & !0xfff)).expect("rmapped");
                         let words = sp.page.as_mut().expect("live").words_mut();
                         words[((addr & 0xfff) / 8) as usize] &= !WRITE;
+                        if level > Level::L4K && self.config.eager_split {
+                            fallbacks += 1;
+                        }
                     });
                 }
                 gfn += pages;
             }
         }
+        state.counters.split_fallbacks += fallbacks;
     }
 }

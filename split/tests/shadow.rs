@@ -773,3 +773,76 @@ fn cache_minimums_are_the_kernels() {
     assert_eq!(members, [("descriptors", 6), ("headers", 5), ("tables", 5)]);
     assert_eq!((SPLIT_DESC_MIN, SPLIT_DESC_CAPACITY), (513, 553));
 }
+
+/// `KVM_CLEAR_DIRTY_LOG` on the shadow MMU follows the kernel's per-word
+/// rule: only bits set in the log and the mask are cleared, and only from
+/// the first to the last of them in each word is split and protected.
+#[test]
+fn clear_dirty_log_splits_per_word_only_what_it_cleared() {
+    let mut s = setup(ShadowConfig::default());
+    map_2m(&s);
+    // L1 pages [0, 8M): four 2M shadow leaves.
+    for ngfn in (0..2048u64).step_by(512) {
+        s.mmu
+            .fault(&mut s.caches, &mut s.vcpu, ngfn << 12, AccessKind::Write)
+            .unwrap();
+    }
+    assert_eq!(checked(&s.mmu).pages_2m, 4);
+    s.mmu
+        .enable_dirty_logging(0, LogMode::ManualInitiallySet)
+        .unwrap();
+    s.mmu.clear_dirty_log(0, 0, &[0; 64]).unwrap();
+    assert_eq!(checked(&s.mmu).pages_2m, 4, "an all-zero mask does nothing");
+    let mut mask = [0u64; 32];
+    mask[0] = 1;
+    mask[31] = 1 << 63;
+    s.mmu.clear_dirty_log(0, 0, &mask).unwrap();
+    let stats = checked(&s.mmu);
+    assert_eq!(
+        (stats.pages_2m, stats.pages_4k),
+        (2, 1024),
+        "pages 0 and 2047"
+    );
+    assert_eq!(s.mmu.counters().splits, 2);
+    // Bit 0 is clear in the log already: this clear splits nothing.
+    s.mmu.clear_dirty_log(0, 0, &[1]).unwrap();
+    assert_eq!(s.mmu.counters().splits, 2);
+    s.mmu.unload_root(&mut s.vcpu);
+    all_freed(s);
+}
+
+/// Eager splitting under dirty logging is best effort: with the allocator
+/// failing, enabling succeeds, the huge leaves are write-protected whole
+/// and counted, and the write faults later map 4K pages.
+#[test]
+fn eager_splitting_falls_back_to_write_protection_when_memory_runs_out() {
+    use mmu_cache::alloc::{FailPolicy, FailingAllocator};
+    let failing = Arc::new(FailingAllocator::new(
+        ChunkAllocator::anonymous(),
+        FailPolicy::Never,
+    ));
+    let mmu = ShadowMmu::new(
+        PagePool::from_shared(failing.clone(), None),
+        ShadowConfig::default(),
+    )
+    .unwrap();
+    mmu.add_memslot(Memslot::new(0, 0, SLOT_PAGES, HOST).unwrap())
+        .unwrap();
+    let guest = Arc::new(GuestEpt::new(4, TABLES).unwrap());
+    guest.map(0, 0, Level::L2M, RWX).unwrap();
+    let mut vcpu = Vcpu::new(0, guest);
+    let mut caches = mmu.new_caches();
+    mmu.fault(&mut caches, &mut vcpu, 0, AccessKind::Write)
+        .unwrap();
+    failing.set_policy(FailPolicy::Always);
+    mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
+    assert_eq!(checked(&mmu).pages_2m, 1);
+    assert_eq!(mmu.counters().split_fallbacks, 1);
+    assert_eq!(mmu.translate(&vcpu, 0x5000).unwrap().perms & WRITE, 0);
+    mmu.fault(&mut caches, &mut vcpu, 0x5000, AccessKind::Write)
+        .unwrap();
+    assert_eq!(mmu.translate(&vcpu, 0x5000).unwrap().level, Level::L4K);
+    assert_eq!(mmu.get_dirty_log(0).unwrap()[0], 1 << 5);
+    failing.set_policy(FailPolicy::Never);
+    mmu.unload_root(&mut vcpu);
+}
