@@ -47,6 +47,14 @@ pub enum GmemError {
         /// Private, or past the end.
         why: &'static str,
     },
+    /// `offset + len` of a fallocate passes the largest file offset (EFBIG).
+    #[error("fallocate range {offset:#x}+{len:#x} passes the largest file offset")]
+    TooBig {
+        /// The offset asked for.
+        offset: u64,
+        /// The length asked for.
+        len: u64,
+    },
     /// The HugeTLB pool cannot back the file (ENOMEM).
     #[error(
         "HugeTLB pool {pool}: the file needs {needed} pages and {free} are free; reserve more \
@@ -93,6 +101,7 @@ impl GmemError {
             Self::Invalid { .. } => libc::EINVAL,
             Self::NotSupported { .. } => libc::EOPNOTSUPP,
             Self::NoMmap => libc::ENODEV,
+            Self::TooBig { .. } => libc::EFBIG,
             Self::Fault { .. } => libc::EFAULT,
             Self::HugetlbShortfall { .. } => libc::ENOMEM,
             Self::Unavailable { .. } => libc::ENOSYS,
@@ -294,6 +303,90 @@ pub struct GuestMemFile {
 
 fn page_aligned(value: u64) -> bool {
     value.is_multiple_of(PAGE_SIZE)
+}
+
+/// The modes `vfs_fallocate` knows (`FALLOC_FL_MODE_MASK`): punch hole,
+/// collapse, zero, insert, unshare and write-zeroes ranges.
+const FALLOC_MODE_MASK: i32 = 0x02 | 0x08 | 0x10 | 0x20 | 0x40 | 0x80;
+/// The largest file offset (`MAX_LFS_FILESIZE`, the `s_maxbytes` of
+/// guest_memfd's pseudo filesystem).
+const MAX_FILE_OFFSET: u64 = i64::MAX as u64;
+
+/// Checks a `fallocate(2)` on a guest memory file of `size` bytes as the
+/// kernel does, in its order, and returns the range `[offset, offset +
+/// len)`:
+///
+/// 1. `vfs_fallocate`: an offset or a length that is negative as a `loff_t`
+///    (at or above 2^63), or a zero length, is EINVAL; a mode bit it does
+///    not know, a combination of modes, a punch without `KEEP_SIZE`, or
+///    collapse / insert / write-zeroes with it, is EOPNOTSUPP; `offset +
+///    len` past the largest file offset is EFBIG.
+/// 2. guest_memfd (`kvm_gmem_fallocate`): no `KEEP_SIZE`, or any mode but a
+///    punch, is EOPNOTSUPP; an offset or length not page aligned is EINVAL;
+///    an allocation past the end of the file is EINVAL.
+///
+/// Nothing is clamped before every check has passed, so a punch of
+/// `(0, 1 << 63)` is EINVAL and never wipes a file.
+///
+/// ```
+/// use gmem::check_fallocate;
+/// let punch = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE;
+/// assert_eq!(check_fallocate(punch, 0, 1 << 63, 1 << 20).unwrap_err().errno(), libc::EINVAL);
+/// assert_eq!(check_fallocate(punch, 4096, u64::MAX >> 1, 1 << 20).unwrap_err().errno(), libc::EFBIG);
+/// assert_eq!(check_fallocate(0, 0, 0, 1 << 20).unwrap_err().errno(), libc::EINVAL);
+/// assert_eq!(check_fallocate(punch, 1 << 20, 4096, 1 << 20).unwrap(), (1 << 20)..(1 << 20) + 4096);
+/// ```
+pub fn check_fallocate(
+    mode: i32,
+    offset: u64,
+    len: u64,
+    size: u64,
+) -> Result<std::ops::Range<u64>, GmemError> {
+    if offset > MAX_FILE_OFFSET || len > MAX_FILE_OFFSET || len == 0 {
+        return Err(GmemError::invalid(format!(
+            "fallocate offset {offset:#x} and length {len:#x} must be non-negative, and the \
+             length non-zero"
+        )));
+    }
+    let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
+    let unsupported = |what: String| Err(GmemError::NotSupported { what });
+    if mode & !(FALLOC_MODE_MASK | libc::FALLOC_FL_KEEP_SIZE) != 0 {
+        return unsupported(format!("fallocate mode {mode:#x} has unknown bits"));
+    }
+    match mode & FALLOC_MODE_MASK {
+        // Allocate, unshare and zero ranges take KEEP_SIZE or not.
+        0 | 0x40 | 0x10 => {}
+        libc::FALLOC_FL_PUNCH_HOLE if !keep_size => {
+            return unsupported("punching a hole needs FALLOC_FL_KEEP_SIZE".into());
+        }
+        libc::FALLOC_FL_PUNCH_HOLE => {}
+        0x08 | 0x20 | 0x80 if keep_size => {
+            return unsupported(format!("fallocate mode {mode:#x} cannot keep the size"));
+        }
+        0x08 | 0x20 | 0x80 => {}
+        _ => return unsupported(format!("fallocate mode {mode:#x} combines modes")),
+    }
+    let end = offset + len;
+    if end > MAX_FILE_OFFSET {
+        return Err(GmemError::TooBig { offset, len });
+    }
+    if !keep_size {
+        return unsupported("fallocate without FALLOC_FL_KEEP_SIZE: the file size is fixed".into());
+    }
+    if mode & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE) != 0 {
+        return unsupported(format!("fallocate mode {mode:#x} on guest memory"));
+    }
+    if !page_aligned(offset) || !page_aligned(len) {
+        return Err(GmemError::invalid(format!(
+            "fallocate range {offset:#x}+{len:#x} is not page aligned"
+        )));
+    }
+    if mode & libc::FALLOC_FL_PUNCH_HOLE == 0 && end > size {
+        return Err(GmemError::invalid(format!(
+            "allocation {offset:#x}..{end:#x} passes the end {size:#x}"
+        )));
+    }
+    Ok(offset..end)
 }
 
 impl GuestMemFile {
@@ -574,47 +667,25 @@ impl GuestMemFile {
         }
     }
 
-    /// `fallocate(2)` with guest_memfd's rules: `KEEP_SIZE` is required and
-    /// only `PUNCH_HOLE` may join it (else EOPNOTSUPP); offset and length
-    /// page aligned and length non-zero (else EINVAL); allocation must stay
-    /// inside the file (EINVAL), a punch may pass its end.
+    /// `fallocate(2)` with the kernel's rules, checked in the kernel's
+    /// order before anything is touched (see [`check_fallocate`]): a punch
+    /// may pass the end of the file, an allocation may not. On the KVM
+    /// backend the kernel itself answers.
     pub fn fallocate(&self, mode: i32, offset: u64, len: u64) -> Result<(), GmemError> {
         if self.inner.kind == BackendKind::Kvm {
             let fd = self.inner.fd.as_ref().expect("KVM files have a descriptor");
             return sys::fallocate(fd, mode, offset, len).map_err(GmemError::os("fallocate"));
         }
-        if mode & libc::FALLOC_FL_KEEP_SIZE == 0 {
-            return Err(GmemError::NotSupported {
-                what: "fallocate without FALLOC_FL_KEEP_SIZE: the file size is fixed".into(),
-            });
-        }
-        if mode & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE) != 0 {
-            return Err(GmemError::NotSupported {
-                what: format!("fallocate mode {mode:#x}"),
-            });
-        }
-        if len == 0 || !page_aligned(offset) || !page_aligned(len) {
-            return Err(GmemError::invalid(format!(
-                "fallocate range {offset:#x}+{len:#x} is not page aligned"
-            )));
-        }
-        let end = offset.checked_add(len).ok_or_else(|| {
-            GmemError::invalid(format!("fallocate range {offset:#x}+{len:#x} overflows"))
-        })?;
+        let range = check_fallocate(mode, offset, len, self.inner.size)?;
         if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
-            let end = end.min(self.inner.size);
-            if offset < end {
-                self.punch(offset, end)?;
+            // Only now, with every argument valid, is the range cut at the end.
+            let end = range.end.min(self.inner.size);
+            if range.start < end {
+                self.punch(range.start, end)?;
             }
             Ok(())
         } else {
-            if end > self.inner.size {
-                return Err(GmemError::invalid(format!(
-                    "allocation {offset:#x}..{end:#x} passes the end {:#x}",
-                    self.inner.size
-                )));
-            }
-            self.allocate(offset, end)
+            self.allocate(range.start, range.end)
         }
     }
 

@@ -271,3 +271,102 @@ fn fallocate_without_keep_size_is_eopnotsupp() {
         );
     }
 }
+
+/// The fallocate argument rules, compared with the kernel's guest_memfd on
+/// this host (when KVM offers it) over a matrix of modes (every mode bit of
+/// `vfs_fallocate` alone and with KEEP_SIZE, combinations, unknown bits) and
+/// offsets and lengths at the edges of `loff_t`. Without KVM, every backend
+/// must still agree with the others.
+#[test]
+fn fallocate_arguments_are_checked_in_the_kernels_order_on_every_backend() {
+    let modes = [
+        0, 0x1, 0x2, 0x3, 0x8, 0x9, 0x10, 0x11, 0x12, 0x13, 0x20, 0x21, 0x40, 0x41, 0x80, 0x81,
+        0x100, 0x101,
+    ];
+    let values: [u64; 9] = [
+        0,
+        1,
+        4096,
+        1 << 62,
+        (1 << 63) - 4096,
+        1 << 63,
+        u64::MAX - 4095,
+        u64::MAX,
+        (1 << 63) - 1,
+    ];
+    let mut answers: Option<(&'static str, Vec<i32>)> = None;
+    for case in cases(4) {
+        let file = case.create(4 * case.page, SHARED_MMAP).unwrap();
+        let mut got = Vec::new();
+        for mode in modes {
+            for offset in values {
+                for len in values {
+                    let errno = file
+                        .fallocate(mode, offset, len)
+                        .err()
+                        .map_or(0, |e| e.errno());
+                    got.push(errno);
+                }
+            }
+        }
+        // The kernel's guest_memfd (last in `cases`) is the reference; the
+        // others must agree with the first backend until then.
+        if let Some((first, reference)) = &answers {
+            let mut at = 0;
+            for mode in modes {
+                for offset in values {
+                    for len in values {
+                        assert_eq!(
+                            got[at], reference[at],
+                            "{} vs {first}: fallocate({mode:#x}, {offset:#x}, {len:#x})",
+                            case.name
+                        );
+                        at += 1;
+                    }
+                }
+            }
+        }
+        if answers.is_none() || case.is(gmem::BackendKind::Kvm) {
+            answers = Some((case.name, got));
+        }
+    }
+}
+
+/// A punch whose length is negative as a `loff_t` must never be cut at the
+/// end of the file and wipe it: it is EINVAL, and the data stays.
+#[test]
+fn a_punch_of_half_the_address_space_wipes_nothing() {
+    for case in cases(4) {
+        let total = 4 * case.page;
+        let file = case.create(total, SHARED_MMAP).unwrap();
+        let view = file.map(0, total).unwrap();
+        view.fill(0, total, 0x5a).unwrap();
+        for (offset, len, errno) in [
+            (0, 1u64 << 63, libc::EINVAL),
+            (0, u64::MAX & !4095, libc::EINVAL),
+            (1 << 63, 4096, libc::EINVAL),
+            (4096, (1 << 63) - 4096, libc::EFBIG),
+            (0, 0, libc::EINVAL),
+        ] {
+            assert_eq!(
+                errno_of(file.punch_hole(offset, len)),
+                errno,
+                "{}: punch {offset:#x}+{len:#x}",
+                case.name
+            );
+        }
+        assert_eq!(
+            errno_of(file.fallocate(0, 0, 0)),
+            libc::EINVAL,
+            "{}: mode 0, length 0",
+            case.name
+        );
+        let mut back = vec![0u8; total as usize];
+        view.read_at(0, &mut back).unwrap();
+        assert!(back.iter().all(|&b| b == 0x5a), "{}: data lost", case.name);
+    }
+}
+
+fn errno_of(result: Result<(), GmemError>) -> i32 {
+    result.err().map_or(0, |e| e.errno())
+}
