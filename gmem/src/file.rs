@@ -305,6 +305,122 @@ fn page_aligned(value: u64) -> bool {
     value.is_multiple_of(PAGE_SIZE)
 }
 
+/// `MAP_SHARED_VALIDATE`: shared, with every other flag checked.
+const MAP_SHARED_VALIDATE: i32 = 0x03;
+/// The map types (`MAP_TYPE`).
+const MAP_TYPE: i32 = 0x0f;
+/// The largest mapping length: x86-64's user address space with 4-level
+/// paging, less a page (`TASK_SIZE`).
+const TASK_SIZE: u64 = (1 << 47) - 4096;
+/// The flags `MAP_SHARED_VALIDATE` accepts (`LEGACY_MAP_MASK`).
+const LEGACY_MAP_MASK: i32 = libc::MAP_SHARED
+    | libc::MAP_PRIVATE
+    | libc::MAP_FIXED
+    | libc::MAP_ANONYMOUS
+    | libc::MAP_DENYWRITE
+    | libc::MAP_EXECUTABLE
+    | 0x4000000 // MAP_UNINITIALIZED
+    | libc::MAP_GROWSDOWN
+    | libc::MAP_LOCKED
+    | libc::MAP_NORESERVE
+    | libc::MAP_POPULATE
+    | libc::MAP_NONBLOCK
+    | libc::MAP_STACK
+    | libc::MAP_HUGETLB;
+
+/// Checks an `mmap(2)` of `len` bytes at `offset` of a guest memory file
+/// created with `file_flags`, in the kernel's order, and returns the length
+/// rounded up to whole pages (as `do_mmap` rounds it):
+///
+/// 1. `mmap` itself (`do_mmap`): a zero length, or an offset not page
+///    aligned, is EINVAL; a length that wraps when rounded up, or that
+///    passes the user address space, is ENOMEM; an offset plus length that
+///    wraps in pages, or ends past the largest file offset, is EOVERFLOW;
+///    a map type other than `MAP_SHARED`, `MAP_SHARED_VALIDATE` or
+///    `MAP_PRIVATE` is EINVAL, and a flag `MAP_SHARED_VALIDATE` does not
+///    know (or `MAP_SYNC`, which guest memory does not take) is EOPNOTSUPP.
+/// 2. guest_memfd's `mmap` handler: a file without `GUEST_MEMFD_FLAG_MMAP`
+///    is ENODEV; a private mapping is EINVAL; for HugeTLB memory an offset
+///    or length that is not a whole number of huge pages (`granule`) is
+///    EINVAL.
+///
+/// ```
+/// use gmem::check_mmap;
+/// use gmem::consts::GUEST_MEMFD_FLAG_MMAP;
+/// // The offset is checked before the MMAP flag.
+/// assert_eq!(check_mmap(1, 4096, libc::MAP_SHARED, 0, 4096).unwrap_err().errno(), libc::EINVAL);
+/// assert_eq!(check_mmap(0, 4096, libc::MAP_SHARED, 0, 4096).unwrap_err().errno(), libc::ENODEV);
+/// assert_eq!(check_mmap(0, 100, 0x03, GUEST_MEMFD_FLAG_MMAP, 4096).unwrap(), 4096);
+/// ```
+pub fn check_mmap(
+    offset: u64,
+    len: u64,
+    map_flags: i32,
+    file_flags: u64,
+    granule: u64,
+) -> Result<u64, GmemError> {
+    let (len, shared) = check_mmap_generic(offset, len, map_flags)?;
+    if file_flags & GUEST_MEMFD_FLAG_MMAP == 0 {
+        return Err(GmemError::NoMmap);
+    }
+    if !shared {
+        return Err(GmemError::invalid("guest memory can only be mapped shared"));
+    }
+    if !offset.is_multiple_of(granule) || !len.is_multiple_of(granule) {
+        return Err(GmemError::invalid(format!(
+            "mapping {offset:#x}+{len:#x} is not whole {granule:#x}-byte pages"
+        )));
+    }
+    Ok(len)
+}
+
+/// See [`check_mmap`]: the checks the kernel's `mmap` makes for every file,
+/// before the file's own handler runs. Returns the length rounded up to
+/// whole pages and whether the mapping is shared.
+fn check_mmap_generic(offset: u64, len: u64, map_flags: i32) -> Result<(u64, bool), GmemError> {
+    let os = |errno: i32| GmemError::Os {
+        op: "mmap",
+        source: io::Error::from_raw_os_error(errno),
+    };
+    if len == 0 || !page_aligned(offset) {
+        return Err(GmemError::invalid(format!(
+            "mapping {offset:#x}+{len:#x}: the length must be non-zero and the offset page aligned"
+        )));
+    }
+    let len = len
+        .checked_next_multiple_of(PAGE_SIZE)
+        .ok_or(os(libc::ENOMEM))?;
+    let pgoff = offset / PAGE_SIZE;
+    if pgoff.checked_add(len / PAGE_SIZE).is_none() {
+        return Err(os(libc::EOVERFLOW));
+    }
+    if len > TASK_SIZE {
+        return Err(os(libc::ENOMEM));
+    }
+    // `file_mmap_ok`: the mapping must end inside the largest file offset.
+    if offset > MAX_FILE_OFFSET || len > MAX_FILE_OFFSET - offset {
+        return Err(os(libc::EOVERFLOW));
+    }
+    let shared = match map_flags & MAP_TYPE {
+        libc::MAP_SHARED => true,
+        MAP_SHARED_VALIDATE => {
+            if map_flags & !LEGACY_MAP_MASK != 0 {
+                return Err(GmemError::NotSupported {
+                    what: format!("mmap flags {map_flags:#x} with MAP_SHARED_VALIDATE"),
+                });
+            }
+            true
+        }
+        libc::MAP_PRIVATE => false,
+        _ => {
+            return Err(GmemError::invalid(format!(
+                "mmap flags {map_flags:#x} name no map type"
+            )));
+        }
+    };
+    Ok((len, shared))
+}
+
 /// The modes `vfs_fallocate` knows (`FALLOC_FL_MODE_MASK`): punch hole,
 /// collapse, zero, insert, unshare and write-zeroes ranges.
 const FALLOC_MODE_MASK: i32 = 0x02 | 0x08 | 0x10 | 0x20 | 0x40 | 0x80;
@@ -610,7 +726,10 @@ impl GuestMemFile {
     pub fn attribute_runs(&self, offset: u64, len: u64) -> Vec<(u64, u64, Attribute)> {
         self.state()
             .attrs
-            .runs(offset / PAGE_SIZE, (offset + len).div_ceil(PAGE_SIZE))
+            .runs(
+                offset / PAGE_SIZE,
+                offset.saturating_add(len).div_ceil(PAGE_SIZE),
+            )
             .into_iter()
             .map(|(s, e, a)| (s * PAGE_SIZE, e * PAGE_SIZE, a))
             .collect()
@@ -853,26 +972,13 @@ impl GuestMemFile {
             PAGE_SIZE
         } as usize;
         // guest_memfd: the kernel itself applies these rules to the mmap.
-        if inner.kind != BackendKind::Kvm {
-            if inner.flags & GUEST_MEMFD_FLAG_MMAP == 0 {
-                return Err(GmemError::NoMmap);
-            }
-            if map_flags & libc::MAP_SHARED == 0 || map_flags & libc::MAP_PRIVATE != 0 {
-                return Err(GmemError::invalid("guest memory can only be mapped shared"));
-            }
-            if len == 0 || !offset.is_multiple_of(inner.granule) || !len.is_multiple_of(PAGE_SIZE) {
-                return Err(GmemError::invalid(format!(
-                    "mapping {offset:#x}+{len:#x} is not aligned to {:#x}",
-                    inner.granule
-                )));
-            }
-            if inner.kind == BackendKind::Hugetlb && !len.is_multiple_of(inner.granule) {
-                return Err(GmemError::invalid(format!(
-                    "HugeTLB mappings are whole {:#x}-byte pages",
-                    inner.granule
-                )));
-            }
-        }
+        // guest_memfd: the kernel's generic checks come before our
+        // reservation, and the kernel applies its own to the mapping.
+        let len = if inner.kind == BackendKind::Kvm {
+            check_mmap_generic(offset, len, map_flags)?.0
+        } else {
+            check_mmap(offset, len, map_flags, inner.flags, inner.granule)?
+        };
         let mapping = match inner.kind {
             BackendKind::Kvm => {
                 let fd = inner.fd.as_ref().expect("KVM files have a descriptor");
@@ -914,6 +1020,8 @@ impl GuestMemFile {
                 reserve
             }
         };
+        // The kernel maps whole pages (checked above for the others).
+        let len = len.next_multiple_of(PAGE_SIZE);
         let view = self.register(mapping, offset, len, kind);
         {
             let mut state = self.state();
@@ -922,7 +1030,10 @@ impl GuestMemFile {
             for huge in split {
                 inner.remap_view_huge(&mut state, view.id, huge, true)?;
             }
-            let end_page = (offset + len).min(inner.size).div_ceil(PAGE_SIZE);
+            let end_page = offset
+                .saturating_add(len)
+                .min(inner.size)
+                .div_ceil(PAGE_SIZE);
             inner.protect(&state, offset / PAGE_SIZE, end_page, Some(view.id))?;
         }
         Ok(view)
@@ -1084,7 +1195,7 @@ impl Inner {
                 continue;
             }
             let view_first = view.offset / PAGE_SIZE;
-            let view_last = (view.offset + view.len).min(self.size) / PAGE_SIZE;
+            let view_last = view.offset.saturating_add(view.len).min(self.size) / PAGE_SIZE;
             let (s, e) = (first.max(view_first), last.min(view_last));
             if s >= e {
                 continue;
@@ -1124,7 +1235,7 @@ impl Inner {
         let Some(view) = state.views.iter().find(|v| v.id == id) else {
             return Ok(());
         };
-        if hs < view.offset || he > view.offset + view.len {
+        if hs < view.offset || he > view.offset.saturating_add(view.len) {
             return Ok(());
         }
         let addr = (view.addr + (hs - view.offset) as usize) as *mut u8;
@@ -1286,7 +1397,10 @@ impl View {
             .checked_add(len as u64)
             .filter(|&end| end <= self.len)
             .ok_or_else(|| GmemError::invalid("access outside the view"))?;
-        let (file_start, file_end) = (self.offset + at, self.offset + end);
+        let (file_start, file_end) = (
+            self.offset.saturating_add(at),
+            self.offset.saturating_add(end),
+        );
         if file_end > self.file.size {
             return Err(GmemError::Fault {
                 offset: self.file.size.max(file_start),

@@ -56,7 +56,7 @@ pub use attrs::Attribute;
 pub use caps::HostCaps;
 pub use file::{
     Backend, BackendKind, FileMetrics, GmemConfig, GmemError, GuestMemFile, PAGE_SIZE, Protection,
-    View, ViewKind, check_fallocate,
+    View, ViewKind, check_fallocate, check_mmap,
 };
 pub use kvm::{
     KvmError, KvmVm, MemoryAttributes, SlotBinding, check_memory, choose_backend,

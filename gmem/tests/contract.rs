@@ -370,3 +370,122 @@ fn a_punch_of_half_the_address_space_wipes_nothing() {
 fn errno_of(result: Result<(), GmemError>) -> i32 {
     result.err().map_or(0, |e| e.errno())
 }
+
+/// `mmap` arguments, compared with the kernel's guest_memfd on this host
+/// over offsets, lengths and map flags at their edges, on files with and
+/// without GUEST_MEMFD_FLAG_MMAP: the offset and the length are checked
+/// before the MMAP flag, `MAP_SHARED_VALIDATE` is a shared mapping, and an
+/// unaligned length is rounded up to whole pages. (HugeTLB files, whose
+/// pages are bigger, are left out of the comparison.)
+#[test]
+fn mmap_arguments_are_checked_in_the_kernels_order() {
+    let offsets: [u64; 5] = [0, 1, 4096, 1 << 63, u64::MAX & !4095];
+    let lens: [u64; 7] = [0, 1, 4096, 4097, 1 << 48, (1 << 63) - 4096, u64::MAX];
+    let map_flags = [
+        libc::MAP_SHARED,
+        libc::MAP_PRIVATE,
+        0x03, // MAP_SHARED_VALIDATE
+        0,
+        0x0f,
+        libc::MAP_SHARED | libc::MAP_POPULATE,
+        0x03 | libc::MAP_NORESERVE,
+        0x03 | 0x80000, // MAP_SYNC, which guest_memfd does not take
+    ];
+    let mut reference: Option<(&'static str, Vec<i32>)> = None;
+    for case in cases(0).into_iter().filter(|case| case.page == 4096) {
+        let mut got = Vec::new();
+        for file_flags in [SHARED_MMAP, GUEST_MEMFD_FLAG_INIT_SHARED] {
+            let file = case.create(4 * case.page, file_flags).unwrap();
+            for offset in offsets {
+                for len in lens {
+                    for flags in map_flags {
+                        let result = file.mmap(offset, len, flags, ViewKind::Host);
+                        if let Ok(view) = &result {
+                            assert_eq!(view.len(), len.next_multiple_of(4096));
+                        }
+                        got.push(result.err().map_or(0, |e| e.errno()));
+                    }
+                }
+            }
+        }
+        if let Some((first, answers)) = &reference {
+            let mut at = 0;
+            for file_flags in [SHARED_MMAP, GUEST_MEMFD_FLAG_INIT_SHARED] {
+                for offset in offsets {
+                    for len in lens {
+                        for flags in map_flags {
+                            assert_eq!(
+                                got[at], answers[at],
+                                "{} vs {first}: file flags {file_flags:#x}, \
+                                 mmap({offset:#x}, {len:#x}, {flags:#x})",
+                                case.name
+                            );
+                            at += 1;
+                        }
+                    }
+                }
+            }
+        }
+        if reference.is_none() || case.is(gmem::BackendKind::Kvm) {
+            reference = Some((case.name, got));
+        }
+    }
+}
+
+/// `check_mmap` predicts what the kernel's own `mmap(2)` of a guest_memfd
+/// says, called directly on the descriptor (no reservation of ours in
+/// between), over the same edges.
+#[test]
+fn check_mmap_predicts_the_kernels_mmap_of_a_guest_memfd() {
+    let Some(case) = cases(0)
+        .into_iter()
+        .find(|case| case.is(gmem::BackendKind::Kvm))
+    else {
+        eprintln!("skip: no guest_memfd on this host");
+        return;
+    };
+    use std::os::fd::AsRawFd;
+    for file_flags in [SHARED_MMAP, GUEST_MEMFD_FLAG_INIT_SHARED] {
+        let file = case.create(4 * 4096, file_flags).unwrap();
+        let fd = file.fd().expect("guest_memfd has a descriptor").as_raw_fd();
+        for offset in [0u64, 1, 4096, 1 << 62, 1 << 63, u64::MAX & !4095] {
+            for len in [0u64, 1, 4097, 1 << 48, (1 << 63) - 4096, u64::MAX] {
+                for flags in [
+                    libc::MAP_SHARED,
+                    libc::MAP_PRIVATE,
+                    0x03,
+                    0,
+                    0x0f,
+                    0x03 | 0x80000,
+                ] {
+                    // SAFETY: a fresh mapping at an address the kernel picks,
+                    // unmapped at once; nothing reads or writes it.
+                    let addr = unsafe {
+                        libc::mmap(
+                            std::ptr::null_mut(),
+                            len as usize,
+                            libc::PROT_READ | libc::PROT_WRITE,
+                            flags,
+                            fd,
+                            offset as libc::off_t,
+                        )
+                    };
+                    let kernel = if addr == libc::MAP_FAILED {
+                        std::io::Error::last_os_error().raw_os_error().unwrap()
+                    } else {
+                        // SAFETY: the mapping just made, of this length.
+                        unsafe { libc::munmap(addr, len as usize) };
+                        0
+                    };
+                    let predicted = gmem::check_mmap(offset, len, flags, file_flags, 4096)
+                        .err()
+                        .map_or(0, |e| e.errno());
+                    assert_eq!(
+                        predicted, kernel,
+                        "file flags {file_flags:#x}: mmap({offset:#x}, {len:#x}, {flags:#x})"
+                    );
+                }
+            }
+        }
+    }
+}
