@@ -577,10 +577,13 @@ impl GuestMemFile {
                 (Some(fd), Some(master))
             }
             Backend::Anonymous => {
+                // NORESERVE: like a guest_memfd, a large file is sparse and
+                // takes memory only as it is used, so a 1 TiB file is created
+                // whatever the commit limit says.
                 let master = Mapping::new(
                     config.size as usize,
                     libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+                    libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
                     None,
                     0,
                 )
