@@ -421,6 +421,41 @@ fn check_mmap_generic(offset: u64, len: u64, map_flags: i32) -> Result<(u64, boo
     Ok((len, shared))
 }
 
+/// An empty memfd: every page of a mapping of it lies past its end, so any
+/// access raises SIGBUS. Host views map private pages, and the parts of
+/// themselves past the end of the file, from it.
+fn fault_source() -> Result<&'static OwnedFd, GmemError> {
+    static SOURCE: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+    if let Some(fd) = SOURCE.get() {
+        return Ok(fd);
+    }
+    let fd = sys::memfd_create(c"mmukit-gmem-sigbus", libc::MFD_CLOEXEC)
+        .map_err(GmemError::os("memfd_create"))?;
+    Ok(SOURCE.get_or_init(|| fd))
+}
+
+/// Maps `[addr, addr + len)` from the fault source: touching it raises
+/// SIGBUS.
+///
+/// # Safety
+///
+/// The range must lie inside a mapping owned by the caller, whose memory no
+/// Rust reference points into.
+unsafe fn map_fault_source(addr: *mut u8, len: u64) -> Result<(), GmemError> {
+    let fd = fault_source()?;
+    // SAFETY: guaranteed by the caller.
+    unsafe {
+        sys::map_fixed(
+            addr,
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            fd,
+            0,
+        )
+    }
+    .map_err(GmemError::os("mmap(MAP_FIXED)"))
+}
+
 /// The modes `vfs_fallocate` knows (`FALLOC_FL_MODE_MASK`): punch hole,
 /// collapse, zero, insert, unshare and write-zeroes ranges.
 const FALLOC_MODE_MASK: i32 = 0x02 | 0x08 | 0x10 | 0x20 | 0x40 | 0x80;
@@ -1025,6 +1060,15 @@ impl GuestMemFile {
         };
         // The kernel maps whole pages (checked above for the others).
         let len = len.next_multiple_of(PAGE_SIZE);
+        // Past the end of the file an access raises SIGBUS, as on a
+        // guest_memfd: memfd and secret memory do that themselves; the parts
+        // of anonymous and HugeTLB views past the end are mapped from the
+        // fault source.
+        let inside = len.min(inner.size.saturating_sub(offset));
+        if matches!(inner.kind, BackendKind::Anonymous | BackendKind::Hugetlb) && inside < len {
+            // SAFETY: the tail of the fresh mapping, which nothing uses yet.
+            unsafe { map_fault_source(mapping.addr().add(inside as usize), len - inside) }?;
+        }
         let view = self.register(mapping, offset, len, kind);
         {
             let mut state = self.state();
@@ -1109,6 +1153,16 @@ impl GuestMemFile {
             )));
         };
         let inner = &self.inner;
+        if inner.kernel_private() && to == Attribute::Shared {
+            return Err(GmemError::NotSupported {
+                what: format!(
+                    "converting {offset:#x}+{len:#x} to shared: this guest_memfd was created \
+                     private and the kernel cannot convert it in place (no memory attributes \
+                     on the guest_memfd); map shared memory separately (SlotBinding with a \
+                     shared mapping)"
+                ),
+            });
+        }
         let mut state = self.state();
         let (first, last) = (offset / PAGE_SIZE, end / PAGE_SIZE);
         let before = state.attrs.runs(first, last);
@@ -1203,6 +1257,11 @@ impl Inner {
 
     /// Applies the attributes of pages `[first, last)` to the host views
     /// (or only to view `only`).
+    /// Makes host views follow the attributes of pages `[first, last)`
+    /// (only view `only`, when given): a private page is mapped from the
+    /// fault source, so that touching it raises SIGBUS as guest_memfd's
+    /// fault handler does; a shared page is mapped from its memory again.
+    /// Guest views are never changed.
     fn protect(
         &self,
         state: &FileState,
@@ -1221,25 +1280,96 @@ impl Inner {
                 continue;
             }
             for (run_start, run_end, attr) in state.attrs.runs(s, e) {
-                let prot = match attr {
-                    Attribute::Shared => libc::PROT_READ | libc::PROT_WRITE,
-                    Attribute::Private => libc::PROT_NONE,
-                };
-                let addr = view.addr + (run_start * PAGE_SIZE - view.offset) as usize;
-                // SAFETY: the range lies inside this view's mapping, which the
-                // view owns and which stays mapped while it is registered (we
-                // hold the state lock). Views hand out raw pointers only.
-                unsafe {
-                    sys::mprotect(
-                        addr as *mut u8,
-                        ((run_end - run_start) * PAGE_SIZE) as usize,
-                        prot,
-                    )
+                let addr = (view.addr + (run_start * PAGE_SIZE - view.offset) as usize) as *mut u8;
+                let len = (run_end - run_start) * PAGE_SIZE;
+                match attr {
+                    // SAFETY: the range lies inside this view's mapping, which
+                    // the view owns and which stays mapped while it is
+                    // registered (we hold the state lock). Views hand out raw
+                    // pointers only.
+                    Attribute::Private => unsafe { map_fault_source(addr, len) }?,
+                    // SAFETY: as above.
+                    Attribute::Shared => {
+                        unsafe { self.map_memory(state, addr, run_start * PAGE_SIZE, len) }?
+                    }
                 }
-                .map_err(GmemError::os("mprotect"))?;
             }
         }
         Ok(())
+    }
+
+    /// Maps the file's memory for `[offset, offset + len)` at `addr`: the
+    /// file, the split backing of a split huge page, or the anonymous
+    /// memory.
+    ///
+    /// # Safety
+    ///
+    /// `[addr, addr + len)` must lie inside a view's mapping, under the
+    /// state lock.
+    unsafe fn map_memory(
+        &self,
+        state: &FileState,
+        addr: *mut u8,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), GmemError> {
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        match self.kind {
+            BackendKind::Memfd | BackendKind::Secret | BackendKind::Kvm => {
+                let fd = self.fd.as_ref().expect("file backends have a descriptor");
+                // SAFETY: guaranteed by the caller.
+                unsafe { sys::map_fixed(addr, len as usize, rw, fd, offset) }
+                    .map_err(GmemError::os("mmap(MAP_FIXED)"))
+            }
+            BackendKind::Anonymous => {
+                let master = self.master.as_ref().expect("anonymous memory is mapped");
+                // SAFETY: the source is the shared internal mapping; the
+                // target is guaranteed by the caller.
+                unsafe { sys::mremap_alias(master.addr().add(offset as usize), len as usize, addr) }
+                    .map_err(GmemError::os("mremap"))
+            }
+            BackendKind::Hugetlb => {
+                let mut at = offset;
+                while at < offset + len {
+                    let huge = at / self.granule;
+                    let next = ((huge + 1) * self.granule).min(offset + len);
+                    let target = addr.wrapping_add((at - offset) as usize);
+                    let (fd, piece) = match (&state.split_backing, state.split.contains(&huge)) {
+                        (Some(backing), true) => (&backing.fd, at..next),
+                        // Pages of a huge page that is not split share its
+                        // attribute, so the run covers it whole.
+                        _ => {
+                            debug_assert!(at % self.granule == 0 && next - at == self.granule);
+                            (
+                                self.fd.as_ref().expect("HugeTLB files have a descriptor"),
+                                at..next,
+                            )
+                        }
+                    };
+                    // SAFETY: inside the caller's range.
+                    unsafe {
+                        sys::map_fixed(
+                            target,
+                            (piece.end - piece.start) as usize,
+                            rw,
+                            fd,
+                            piece.start,
+                        )
+                    }
+                    .map_err(GmemError::os("mmap(MAP_FIXED)"))?;
+                    at = next;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Whether the kernel holds this file's pages private and can convert
+    /// none of them: a guest_memfd created without INIT_SHARED, on a kernel
+    /// without in-place conversion. Any host access to them, from any view,
+    /// raises SIGBUS.
+    fn kernel_private(&self) -> bool {
+        self.kind == BackendKind::Kvm && self.flags & GUEST_MEMFD_FLAG_INIT_SHARED == 0
     }
 
     /// Points huge page `huge` of view `id` at the 4 KiB backing
@@ -1455,6 +1585,12 @@ impl View {
             return Err(GmemError::Fault {
                 offset: self.file.size.max(file_start),
                 why: "past the end of the file",
+            });
+        }
+        if len > 0 && self.file.kernel_private() {
+            return Err(GmemError::Fault {
+                offset: file_start,
+                why: "the kernel holds the page private",
             });
         }
         if self.kind == ViewKind::Host && len > 0 {

@@ -222,17 +222,6 @@ pub(crate) unsafe fn mremap_alias(old: *mut u8, len: usize, new: *mut u8) -> io:
     Ok(())
 }
 
-/// `mprotect(addr, len, prot)`.
-///
-/// # Safety
-///
-/// The range must lie inside a mapping owned by the caller; removing access
-/// must not invalidate a live Rust reference.
-pub(crate) unsafe fn mprotect(addr: *mut u8, len: usize, prot: i32) -> io::Result<()> {
-    // SAFETY: guaranteed by the caller.
-    check(unsafe { libc::mprotect(addr.cast(), len, prot) }).map(drop)
-}
-
 /// `madvise(addr, len, advice)`.
 ///
 /// # Safety

@@ -90,7 +90,7 @@ fn private_pages_fault_in_host_views_and_keep_their_data() {
             // SAFETY: inside the mapping; expected to fault.
             unsafe { touch(ptr) };
         });
-        assert_eq!(signal, Some(libc::SIGSEGV), "{}: host access", case.name);
+        assert_eq!(signal, Some(libc::SIGBUS), "{}: host access", case.name);
         // The guest view still reaches it, and the rest of the host view too.
         assert_pattern(&guest, private, 4096, case.name);
         assert_pattern(&host, 0, private, case.name);
@@ -174,7 +174,7 @@ fn hugetlb_split_and_merge(log2: u8) {
         // SAFETY: inside the host view; expected to fault.
         unsafe { touch(ptr) };
     });
-    assert_eq!(signal, Some(libc::SIGSEGV));
+    assert_eq!(signal, Some(libc::SIGBUS));
     // A view made while the page is split sees the split backing.
     let late = file.map(0, total).unwrap();
     assert_pattern(&late, private + 4096, 4096, "late view");
@@ -249,4 +249,41 @@ fn a_hugetlb_shortfall_fails_at_creation_with_the_numbers() {
         message.contains(&format!("{available} are free")),
         "{message}"
     );
+}
+
+/// On this host's guest_memfd (no memory attributes, no in-place
+/// conversion), a file created private stays private: converting it to
+/// shared is EOPNOTSUPP with the reason, and the safe accessors of every
+/// view answer EFAULT instead of letting the kernel's SIGBUS kill us.
+#[test]
+fn a_private_guest_memfd_cannot_be_made_shared_where_the_kernel_cannot_convert() {
+    let Some(case) = cases(0)
+        .into_iter()
+        .find(|case| case.is(gmem::BackendKind::Kvm))
+    else {
+        eprintln!("skip: no guest_memfd on this host");
+        return;
+    };
+    let file = case
+        .create(4 * 4096, gmem::consts::GUEST_MEMFD_FLAG_MMAP)
+        .unwrap();
+    let err = file.convert(0, 4096, Attribute::Shared).unwrap_err();
+    assert_eq!(err.errno(), libc::EOPNOTSUPP, "{err}");
+    assert!(err.to_string().contains("in place"), "{err}");
+    assert_eq!(file.attribute(0), Attribute::Private, "unchanged");
+    for view in [
+        file.map(0, 4 * 4096).unwrap(),
+        file.map_guest(0, 4 * 4096).unwrap(),
+    ] {
+        assert!(matches!(
+            view.read_at(0, &mut [0; 8]),
+            Err(GmemError::Fault { .. })
+        ));
+        assert!(matches!(
+            view.write_at(4096, &[1; 8]),
+            Err(GmemError::Fault { .. })
+        ));
+    }
+    // Converting to private (what it is) is fine.
+    file.convert(0, 4096, Attribute::Private).unwrap();
 }
