@@ -1288,8 +1288,8 @@ impl Inner {
                     // registered (we hold the state lock). Views hand out raw
                     // pointers only.
                     Attribute::Private => unsafe { map_fault_source(addr, len) }?,
-                    // SAFETY: as above.
                     Attribute::Shared => {
+                        // SAFETY: as above.
                         unsafe { self.map_memory(state, addr, run_start * PAGE_SIZE, len) }?
                     }
                 }
@@ -1339,7 +1339,9 @@ impl Inner {
                         // Pages of a huge page that is not split share its
                         // attribute, so the run covers it whole.
                         _ => {
-                            debug_assert!(at % self.granule == 0 && next - at == self.granule);
+                            debug_assert!(
+                                at.is_multiple_of(self.granule) && next - at == self.granule
+                            );
                             (
                                 self.fd.as_ref().expect("HugeTLB files have a descriptor"),
                                 at..next,
