@@ -9,7 +9,8 @@ use kvm_ioctls::Kvm;
 use crate::consts::{
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
     KVM_CAP_GUEST_MEMFD, KVM_CAP_GUEST_MEMFD_FLAGS, KVM_CAP_MEMORY_ATTRIBUTES,
-    KVM_CAP_USER_MEMORY2, KVM_CAP_VM_TYPES,
+    KVM_CAP_MULTI_ADDRESS_SPACE, KVM_CAP_NR_MEMSLOTS, KVM_CAP_READONLY_MEM, KVM_CAP_USER_MEMORY2,
+    KVM_CAP_VM_TYPES,
 };
 
 /// KVM's answers, when `/dev/kvm` could be opened.
@@ -25,6 +26,12 @@ pub struct KvmCaps {
     pub memory_attributes: u64,
     /// `KVM_CAP_VM_TYPES`: a bitmask of VM types.
     pub vm_types: u64,
+    /// `KVM_CAP_NR_MEMSLOTS`: user memslot ids per address space.
+    pub nr_memslots: u64,
+    /// `KVM_CAP_MULTI_ADDRESS_SPACE`: memslot address spaces (0 reads as 1).
+    pub address_spaces: u64,
+    /// `KVM_CAP_READONLY_MEM`.
+    pub readonly_mem: bool,
 }
 
 impl KvmCaps {
@@ -37,6 +44,9 @@ impl KvmCaps {
             user_memory2: cap(KVM_CAP_USER_MEMORY2) != 0,
             memory_attributes: cap(KVM_CAP_MEMORY_ATTRIBUTES),
             vm_types: cap(KVM_CAP_VM_TYPES),
+            nr_memslots: cap(KVM_CAP_NR_MEMSLOTS),
+            address_spaces: cap(KVM_CAP_MULTI_ADDRESS_SPACE).max(1),
+            readonly_mem: cap(KVM_CAP_READONLY_MEM) != 0,
         }
     }
 }

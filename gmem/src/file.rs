@@ -745,6 +745,11 @@ impl GuestMemFile {
         self.inner.fd.as_ref()
     }
 
+    /// Whether `other` is this same file (clones share one file).
+    pub fn is_same_file(&self, other: &GuestMemFile) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
     /// The VM of a KVM guest_memfd.
     pub fn vm(&self) -> Option<&Arc<KvmVm>> {
         self.inner.vm.as_ref()

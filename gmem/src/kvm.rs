@@ -27,6 +27,9 @@ pub enum KvmError {
     /// An invalid slot (EINVAL).
     #[error("invalid memslot: {0}")]
     Invalid(String),
+    /// The slot overlaps another (EEXIST).
+    #[error("memslot overlap: {0}")]
+    Exists(String),
     /// The memory cannot back a KVM guest (EINVAL).
     #[error("{0}")]
     Refused(String),
@@ -50,6 +53,7 @@ impl KvmError {
             Self::NoKvm(_) => libc::ENODEV,
             Self::Invalid(_) | Self::Refused(_) => libc::EINVAL,
             Self::NotSupported(_) => libc::EOPNOTSUPP,
+            Self::Exists(_) => libc::EEXIST,
             Self::Ioctl { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
         }
     }
@@ -188,6 +192,252 @@ pub fn convert_guest_range(
     })
 }
 
+/// One `KVM_SET_USER_MEMORY_REGION2` call, as [`KvmVm::predict`] judges it.
+#[derive(Clone, Debug)]
+pub struct SlotRequest {
+    /// The slot: address space in bits 31:16, id in 15:0.
+    pub slot: u32,
+    /// `KVM_MEM_LOG_DIRTY_PAGES`, `KVM_MEM_READONLY`, `KVM_MEM_GUEST_MEMFD`.
+    pub flags: u32,
+    /// The guest physical address.
+    pub guest_addr: u64,
+    /// The size in bytes (0 deletes the slot).
+    pub size: u64,
+    /// The host address of the slot's (shared) memory.
+    pub userspace_addr: u64,
+    /// With `KVM_MEM_GUEST_MEMFD`: the guest_memfd and the offset in it.
+    pub guest_memfd: Option<(GuestMemFile, u64)>,
+}
+
+impl SlotRequest {
+    /// The ioctl's argument.
+    pub fn to_region2(&self) -> kvm_userspace_memory_region2 {
+        let (guest_memfd, guest_memfd_offset) = match &self.guest_memfd {
+            Some((file, offset)) => (
+                file.fd().map_or(u32::MAX, |fd| fd.as_raw_fd() as u32),
+                *offset,
+            ),
+            None => (0, 0),
+        };
+        kvm_userspace_memory_region2 {
+            slot: self.slot,
+            flags: self.flags,
+            guest_phys_addr: self.guest_addr,
+            memory_size: self.size,
+            userspace_addr: self.userspace_addr,
+            guest_memfd_offset,
+            guest_memfd,
+            ..Default::default()
+        }
+    }
+}
+
+/// What a memslot call changes, when the kernel takes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SlotChange {
+    /// A new slot.
+    Create,
+    /// A slot removed.
+    Delete,
+    /// A slot moved to another guest address.
+    Move,
+    /// A slot's flags (dirty logging) changed.
+    FlagsOnly,
+    /// The slot is bound as asked already.
+    Nothing,
+}
+
+/// A bound memslot and what it keeps alive.
+#[derive(Debug)]
+struct BoundSlot {
+    region: Arc<GuestRegion>,
+    /// The guest_memfd of the confidential layout, when it is not the
+    /// region's own file.
+    private: Option<GuestMemFile>,
+    guest_memfd: Option<(GuestMemFile, u64)>,
+    memory: kvm_userspace_memory_region2,
+}
+
+/// Pages one memslot may hold (`KVM_MEM_MAX_NR_PAGES`).
+const MAX_SLOT_PAGES: u64 = (1 << 31) - 1;
+
+fn predict(
+    caps: &KvmCaps,
+    vm: &KvmVm,
+    slots: &HashMap<u32, BoundSlot>,
+    request: &SlotRequest,
+) -> Result<SlotChange, KvmError> {
+    let invalid = |what: String| Err(KvmError::Invalid(what));
+    let id = u64::from(request.slot & 0xffff);
+    let as_id = u64::from(request.slot >> 16);
+    if id >= caps.nr_memslots {
+        return invalid(format!(
+            "memslot id {id} is beyond this VM's {} memslots",
+            caps.nr_memslots
+        ));
+    }
+    let gmem = request.flags & KVM_MEM_GUEST_MEMFD != 0;
+    let mut valid = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_GUEST_MEMFD;
+    if gmem {
+        valid &= !KVM_MEM_LOG_DIRTY_PAGES;
+    } else if caps.readonly_mem {
+        valid |= KVM_MEM_READONLY;
+    }
+    if request.flags & !valid != 0 {
+        return invalid(format!(
+            "memslot flags {:#x}: {} are not allowed here",
+            request.flags,
+            if gmem {
+                "dirty logging and read-only"
+            } else {
+                "these bits"
+            }
+        ));
+    }
+    let aligned = |value: u64| value.is_multiple_of(PAGE_SIZE);
+    if !aligned(request.size) {
+        return invalid(format!(
+            "memslot size {:#x} is not page aligned",
+            request.size
+        ));
+    }
+    if !aligned(request.guest_addr) {
+        return invalid(format!(
+            "guest address {:#x} is not page aligned",
+            request.guest_addr
+        ));
+    }
+    if !aligned(request.userspace_addr)
+        || request
+            .userspace_addr
+            .checked_add(request.size)
+            .is_none_or(|end| end > USER_ADDRESS_END)
+    {
+        return invalid(format!(
+            "userspace address {:#x} (+{:#x}) is not page aligned user memory",
+            request.userspace_addr, request.size
+        ));
+    }
+    let gmem_offset = request
+        .guest_memfd
+        .as_ref()
+        .map_or(0, |(_, offset)| *offset);
+    if gmem && (!aligned(gmem_offset) || gmem_offset.checked_add(request.size).is_none()) {
+        return invalid(format!(
+            "guest_memfd offset {gmem_offset:#x} is not page aligned"
+        ));
+    }
+    if as_id >= caps.address_spaces {
+        return invalid(format!("memslot address space {as_id} does not exist"));
+    }
+    if request.guest_addr.checked_add(request.size).is_none() {
+        return invalid(format!(
+            "guest range {:#x}+{:#x} wraps",
+            request.guest_addr, request.size
+        ));
+    }
+    let npages = request.size / PAGE_SIZE;
+    if npages > MAX_SLOT_PAGES {
+        return invalid(format!("{npages} pages are more than one memslot holds"));
+    }
+    let old = slots.get(&request.slot);
+    if request.size == 0 {
+        return match old {
+            Some(_) => Ok(SlotChange::Delete),
+            None => invalid(format!("memslot {} does not exist", request.slot)),
+        };
+    }
+    let base_gfn = request.guest_addr / PAGE_SIZE;
+    let change = match old {
+        None => SlotChange::Create,
+        Some(_) if gmem => {
+            return invalid(format!(
+                "memslot {} is bound; a guest_memfd slot cannot be changed, only deleted",
+                request.slot
+            ));
+        }
+        Some(old) => {
+            let old = &old.memory;
+            if request.userspace_addr != old.userspace_addr
+                || request.size != old.memory_size
+                || (request.flags ^ old.flags) & KVM_MEM_READONLY != 0
+            {
+                return invalid(format!(
+                    "memslot {} is bound: its userspace address, size and read-only flag \
+                     cannot change",
+                    request.slot
+                ));
+            }
+            if request.guest_addr != old.guest_phys_addr {
+                SlotChange::Move
+            } else if request.flags != old.flags {
+                SlotChange::FlagsOnly
+            } else {
+                return Ok(SlotChange::Nothing);
+            }
+        }
+    };
+    if matches!(change, SlotChange::Create | SlotChange::Move) {
+        let end = base_gfn + npages;
+        let overlap = slots.iter().find(|&(&other, bound)| {
+            other != request.slot
+                && other >> 16 == request.slot >> 16
+                && bound.memory.guest_phys_addr / PAGE_SIZE < end
+                && base_gfn < (bound.memory.guest_phys_addr + bound.memory.memory_size) / PAGE_SIZE
+        });
+        if let Some((&other, _)) = overlap {
+            return Err(KvmError::Exists(format!(
+                "guest range {:#x}+{:#x} overlaps memslot {other}",
+                request.guest_addr, request.size
+            )));
+        }
+    }
+    if gmem {
+        let Some((file, offset)) = &request.guest_memfd else {
+            return invalid("KVM_MEM_GUEST_MEMFD without a guest_memfd".into());
+        };
+        if file.backend() != BackendKind::Kvm {
+            return invalid(format!(
+                "{} memory is not a guest_memfd",
+                file.backend().name()
+            ));
+        }
+        if !file
+            .vm()
+            .is_some_and(|owner| std::ptr::eq(owner.as_ref(), vm))
+        {
+            return invalid("the guest_memfd belongs to another VM".into());
+        }
+        if offset + request.size > file.size() {
+            return invalid(format!(
+                "guest_memfd range {offset:#x}+{:#x} passes the file's end {:#x}",
+                request.size,
+                file.size()
+            ));
+        }
+        let taken = slots.iter().find(|(_, bound)| {
+            bound
+                .guest_memfd
+                .as_ref()
+                .is_some_and(|(bound_file, bound_offset)| {
+                    bound_file.is_same_file(file)
+                        && *bound_offset < offset + request.size
+                        && *offset < bound_offset + bound.memory.memory_size
+                })
+        });
+        if let Some((&other, _)) = taken {
+            return invalid(format!(
+                "guest_memfd range {offset:#x}+{:#x} is bound to memslot {other} already",
+                request.size
+            ));
+        }
+    }
+    Ok(change)
+}
+
+/// The end of x86-64 user memory with 4-level paging (`TASK_SIZE_MAX`).
+const USER_ADDRESS_END: u64 = (1 << 47) - 4096;
+
 /// Where a memslot goes and what backs it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SlotBinding {
@@ -210,7 +460,7 @@ pub struct KvmVm {
     vm: VmFd,
     vm_type: u64,
     caps: KvmCaps,
-    slots: Mutex<HashMap<u32, Arc<GuestRegion>>>,
+    slots: Mutex<HashMap<u32, BoundSlot>>,
 }
 
 impl KvmVm {
@@ -266,108 +516,175 @@ impl KvmVm {
     }
 
     /// Registers `region` as memslot `slot` with `flags` (`KVM_MEM_*`). A
-    /// guest_memfd region is bound with `KVM_MEM_GUEST_MEMFD`, its file
-    /// offset, and its own mapping as the userspace address; other backends
-    /// are plain slots. The VM keeps the region until [`unbind`](Self::unbind).
+    /// region of a guest_memfd file is bound with `KVM_MEM_GUEST_MEMFD`, its
+    /// own mapping as the userspace address (the layout of a VM whose
+    /// guest_memfd the host maps); the others are plain slots. Binding a
+    /// slot id that is bound already changes that slot, as the kernel
+    /// allows (a plain slot's flags or place; never a guest_memfd slot's).
+    /// The VM keeps the region until [`unbind`](Self::unbind).
     pub fn bind(&self, slot: u32, region: Arc<GuestRegion>, flags: u32) -> Result<(), KvmError> {
-        let binding = SlotBinding {
+        let file = region.file();
+        let guest_memfd =
+            (file.backend() == BackendKind::Kvm).then(|| (file.clone(), region.file_offset()));
+        let request = SlotRequest {
             slot,
+            flags: flags
+                | if guest_memfd.is_some() {
+                    KVM_MEM_GUEST_MEMFD
+                } else {
+                    0
+                },
             guest_addr: region.guest_addr(),
             size: region.size(),
-            file_offset: region.file_offset(),
-            flags,
+            userspace_addr: region.host_addr() as u64,
+            guest_memfd,
         };
-        let mut memory = self.check_binding(region.file(), &binding)?;
-        memory.userspace_addr = region.host_addr() as u64;
+        check_memory(file.backend(), file.flags(), self.vm_type, &self.caps)?;
+        self.set_slot(request, region, None)
+    }
+
+    /// The confidential-VM layout: memslot `slot` maps guest memory from
+    /// `shared` (any backend: the userspace address, for shared pages) and
+    /// from `private_file` at `private_offset` (a guest_memfd, typically
+    /// created without GUEST_MEMFD_FLAG_MMAP, which the host cannot map; for
+    /// private pages), as TDX and SNP VMMs bind memory. The slot covers
+    /// `shared`'s guest range; the VM keeps both until
+    /// [`unbind`](Self::unbind).
+    pub fn bind_private(
+        &self,
+        slot: u32,
+        shared: Arc<GuestRegion>,
+        private_file: &GuestMemFile,
+        private_offset: u64,
+        flags: u32,
+    ) -> Result<(), KvmError> {
+        if private_file.backend() != BackendKind::Kvm {
+            return Err(KvmError::Invalid(format!(
+                "private memory must be a guest_memfd, not {} memory",
+                private_file.backend().name()
+            )));
+        }
+        let file = shared.file();
+        check_memory(file.backend(), file.flags(), self.vm_type, &self.caps)?;
+        check_memory(
+            BackendKind::Kvm,
+            private_file.flags(),
+            self.vm_type,
+            &self.caps,
+        )?;
+        let request = SlotRequest {
+            slot,
+            flags: flags | KVM_MEM_GUEST_MEMFD,
+            guest_addr: shared.guest_addr(),
+            size: shared.size(),
+            userspace_addr: shared.host_addr() as u64,
+            guest_memfd: Some((private_file.clone(), private_offset)),
+        };
+        self.set_slot(request, shared, Some(private_file.clone()))
+    }
+
+    fn set_slot(
+        &self,
+        request: SlotRequest,
+        region: Arc<GuestRegion>,
+        private: Option<GuestMemFile>,
+    ) -> Result<(), KvmError> {
+        let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        let change = predict(&self.caps, self, &slots, &request)?;
+        if change == SlotChange::Nothing {
+            return Ok(());
+        }
+        let memory = request.to_region2();
         // SAFETY: the userspace range is the region's own mapping, which the
         // VM keeps alive (it holds the region) until the slot is deleted.
         unsafe { self.vm.set_user_memory_region2(memory) }
             .map_err(KvmError::ioctl("KVM_SET_USER_MEMORY_REGION2"))?;
-        self.slots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(slot, region);
+        slots.insert(
+            request.slot,
+            BoundSlot {
+                region,
+                private,
+                guest_memfd: request.guest_memfd,
+                memory,
+            },
+        );
         Ok(())
     }
 
     /// Checks a memslot over `file` as KVM would, and builds the ioctl's
-    /// argument (without the userspace address): guest_memfd slots take no
-    /// dirty logging or read-only flag, a page-aligned offset, and a range
-    /// inside the file; secret memory and NO_DIRECT_MAP on TDX are refused.
+    /// argument (without the userspace address): `secret` memory and
+    /// NO_DIRECT_MAP on TDX are refused (see [`check_memory`]), then
+    /// [`predict`](Self::predict) gives the kernel's verdict for the slot as
+    /// [`bind`](Self::bind) would make it.
     pub fn check_binding(
         &self,
         file: &GuestMemFile,
         binding: &SlotBinding,
     ) -> Result<kvm_userspace_memory_region2, KvmError> {
         check_memory(file.backend(), file.flags(), self.vm_type, &self.caps)?;
-        let flags = binding.flags;
-        if flags & !(KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY) != 0 {
-            return Err(KvmError::Invalid(format!(
-                "unknown memslot flags {flags:#x}"
-            )));
-        }
-        if binding.size == 0 || !binding.size.is_multiple_of(PAGE_SIZE) {
-            return Err(KvmError::Invalid(format!(
-                "memslot size {:#x} is not a non-zero multiple of the page size",
-                binding.size
-            )));
-        }
-        let mut memory = kvm_userspace_memory_region2 {
+        let guest_memfd =
+            (file.backend() == BackendKind::Kvm).then(|| (file.clone(), binding.file_offset));
+        let request = SlotRequest {
             slot: binding.slot,
-            flags,
-            guest_phys_addr: binding.guest_addr,
-            memory_size: binding.size,
-            ..Default::default()
+            flags: binding.flags
+                | if guest_memfd.is_some() {
+                    KVM_MEM_GUEST_MEMFD
+                } else {
+                    0
+                },
+            guest_addr: binding.guest_addr,
+            size: binding.size,
+            userspace_addr: 0,
+            guest_memfd,
         };
-        if file.backend() == BackendKind::Kvm {
-            if flags & (KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_READONLY) != 0 {
-                return Err(KvmError::Invalid(
-                    "dirty logging and read-only are not supported on a guest_memfd slot".into(),
-                ));
-            }
-            let offset = binding.file_offset;
-            if !offset.is_multiple_of(PAGE_SIZE) {
-                return Err(KvmError::Invalid(format!(
-                    "guest_memfd offset {offset:#x} is not page aligned"
-                )));
-            }
-            if offset
-                .checked_add(binding.size)
-                .is_none_or(|end| end > file.size())
-            {
-                return Err(KvmError::Invalid(format!(
-                    "guest_memfd range {offset:#x}+{:#x} passes the file's end {:#x}",
-                    binding.size,
-                    file.size()
-                )));
-            }
-            memory.flags |= KVM_MEM_GUEST_MEMFD;
-            memory.guest_memfd =
-                file.fd().expect("guest_memfd has a descriptor").as_raw_fd() as u32;
-            memory.guest_memfd_offset = offset;
-        }
-        Ok(memory)
+        self.predict(&request)?;
+        Ok(request.to_region2())
     }
 
-    /// Deletes memslot `slot` and lets its region go.
+    /// What `KVM_SET_USER_MEMORY_REGION2` with `request` would do on this VM
+    /// now, from the kernel's checks in the kernel's order
+    /// (`kvm_vm_ioctl_set_memory_region`, `__kvm_set_memory_region`,
+    /// `kvm_gmem_bind`), without calling it: the change it makes, or the
+    /// error with the kernel's errno.
+    ///
+    /// - A slot id at or above the VM's user memslots (`KVM_CAP_NR_MEMSLOTS`),
+    ///   or in an address space the VM lacks: EINVAL.
+    /// - Flags: dirty logging is not for guest_memfd slots, read-only not
+    ///   for guest_memfd slots (nor where the VM has no read-only memory),
+    ///   unknown flags: EINVAL.
+    /// - A size, guest address, userspace address or guest_memfd offset not
+    ///   page aligned, a range that wraps, or more pages than a slot holds:
+    ///   EINVAL.
+    /// - Deleting a slot that does not exist: EINVAL.
+    /// - Changing a bound slot: never a guest_memfd one, and never its
+    ///   userspace address, size or read-only flag (EINVAL); binding it
+    ///   again as it is changes nothing.
+    /// - A new or moved slot overlapping another's guest range: EEXIST.
+    /// - guest_memfd: a descriptor that is not a guest_memfd, or another
+    ///   VM's, a range past the file's end, or a range of it already bound
+    ///   to a slot: EINVAL.
+    pub fn predict(&self, request: &SlotRequest) -> Result<SlotChange, KvmError> {
+        let slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+        predict(&self.caps, self, &slots, request)
+    }
+
+    /// Deletes memslot `slot` and returns the region it held.
     pub fn unbind(&self, slot: u32) -> Result<Arc<GuestRegion>, KvmError> {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let region = slots
+        let bound = slots
             .get(&slot)
-            .cloned()
             .ok_or_else(|| KvmError::Invalid(format!("memslot {slot} is not bound")))?;
-        let mut memory = kvm_userspace_memory_region2 {
+        let memory = kvm_userspace_memory_region2 {
             slot,
+            flags: bound.memory.flags & KVM_MEM_GUEST_MEMFD,
             ..Default::default()
         };
-        if region.file().backend() == BackendKind::Kvm {
-            memory.flags = KVM_MEM_GUEST_MEMFD;
-        }
         // SAFETY: a zero-sized region deletes the slot; no memory is named.
         unsafe { self.vm.set_user_memory_region2(memory) }
             .map_err(KvmError::ioctl("KVM_SET_USER_MEMORY_REGION2"))?;
-        slots.remove(&slot);
-        Ok(region)
+        let bound = slots.remove(&slot).expect("found above");
+        drop(bound.private);
+        Ok(bound.region)
     }
 
     /// Sets or clears the private attribute of `[gpa, gpa + size)`.

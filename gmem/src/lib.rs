@@ -59,8 +59,8 @@ pub use file::{
     View, ViewKind, check_fallocate, check_mmap,
 };
 pub use kvm::{
-    KvmError, KvmVm, MemoryAttributes, SlotBinding, check_memory, choose_backend,
-    convert_guest_range,
+    KvmError, KvmVm, MemoryAttributes, SlotBinding, SlotChange, SlotRequest, check_memory,
+    choose_backend, convert_guest_range,
 };
 pub use prefault::PrefaultReport;
 pub use region::{GuestMemoryLayout, GuestRegion, RegionError};

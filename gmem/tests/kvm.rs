@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use common::{SHARED_MMAP, kvm_vm};
 use gmem::consts::{KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES};
-use gmem::{Backend, GmemConfig, GuestMemFile, GuestRegion, KvmVm, SlotBinding};
+use gmem::{Backend, GmemConfig, GuestMemFile, GuestRegion, KvmVm, SlotBinding, SlotRequest};
 use kvm_bindings::kvm_userspace_memory_region2;
 use kvm_ioctls::VcpuExit;
 
@@ -263,4 +263,249 @@ fn conversion_tells_kvm_where_it_can_and_says_so() {
         }
         Err(why) => eprintln!("skip the real VM part: {why}"),
     }
+}
+
+/// A guest_memfd of `vm`, with or without GUEST_MEMFD_FLAG_MMAP.
+fn gmem_file_with(vm: &Arc<KvmVm>, size: u64, flags: u64) -> GuestMemFile {
+    GuestMemFile::create(
+        &Backend::Kvm(vm.clone()),
+        GmemConfig {
+            size,
+            flags,
+            huge_page_size_log2: 0,
+        },
+    )
+    .expect("guest_memfd")
+}
+
+/// Anonymous shared memory for `size` bytes at `gpa`.
+fn shared_region(size: u64, gpa: u64) -> Arc<GuestRegion> {
+    let file = GuestMemFile::create(
+        &Backend::Anonymous,
+        GmemConfig {
+            size,
+            flags: SHARED_MMAP,
+            huge_page_size_log2: 0,
+        },
+    )
+    .unwrap();
+    Arc::new(GuestRegion::new(&file, 0, size, gpa, false).unwrap())
+}
+
+/// `predict` and the kernel give the same verdict for each case: the
+/// request is predicted, then sent straight to `KVM_SET_USER_MEMORY_REGION2`
+/// on the same VM (a fresh one per case, with one guest_memfd slot bound
+/// through `bind_private` first).
+#[test]
+fn predicted_memslot_verdicts_match_the_kernels() {
+    if vm_or_skip("memslot verdicts").is_none() {
+        return;
+    }
+    type Build = fn(&Arc<KvmVm>, &GuestMemFile, &Arc<KvmVm>, &GuestMemFile, u64) -> SlotRequest;
+    let shared = shared_region(4 * MEM, 0);
+    let host = shared.host_addr() as u64;
+    let cases: [(&str, i32, Build); 12] = [
+        ("a free slot and range", 0, |_, file, _, _, host| {
+            SlotRequest {
+                slot: 2,
+                flags: KVM_MEM_GUEST_MEMFD,
+                guest_addr: 0x100_0000,
+                size: MEM,
+                userspace_addr: host + MEM,
+                guest_memfd: Some((file.clone(), MEM)),
+            }
+        }),
+        ("overlapping GPA", libc::EEXIST, |_, _, _, _, host| {
+            SlotRequest {
+                slot: 2,
+                flags: 0,
+                guest_addr: 0x1000,
+                size: MEM,
+                userspace_addr: host + MEM,
+                guest_memfd: None,
+            }
+        }),
+        (
+            "a guest_memfd range bound to another slot",
+            libc::EINVAL,
+            |_, file, _, _, host| SlotRequest {
+                slot: 2,
+                flags: KVM_MEM_GUEST_MEMFD,
+                guest_addr: 0x100_0000,
+                size: MEM,
+                userspace_addr: host + MEM,
+                guest_memfd: Some((file.clone(), 0x1000)),
+            },
+        ),
+        (
+            "another VM's guest_memfd",
+            libc::EINVAL,
+            |_, _, _, other, host| SlotRequest {
+                slot: 2,
+                flags: KVM_MEM_GUEST_MEMFD,
+                guest_addr: 0x100_0000,
+                size: MEM,
+                userspace_addr: host + MEM,
+                guest_memfd: Some((other.clone(), 0)),
+            },
+        ),
+        (
+            "changing a guest_memfd slot",
+            libc::EINVAL,
+            |_, file, _, _, host| SlotRequest {
+                slot: 1,
+                flags: KVM_MEM_GUEST_MEMFD,
+                guest_addr: 0x100_0000,
+                size: MEM,
+                userspace_addr: host,
+                guest_memfd: Some((file.clone(), 0)),
+            },
+        ),
+        ("unaligned GPA", libc::EINVAL, |_, _, _, _, host| {
+            SlotRequest {
+                slot: 2,
+                flags: 0,
+                guest_addr: 0x100_0800,
+                size: MEM,
+                userspace_addr: host + MEM,
+                guest_memfd: None,
+            }
+        }),
+        (
+            "a slot id beyond the limit",
+            libc::EINVAL,
+            |vm, _, _, _, host| SlotRequest {
+                slot: vm.caps().nr_memslots as u32,
+                flags: 0,
+                guest_addr: 0x100_0000,
+                size: MEM,
+                userspace_addr: host + MEM,
+                guest_memfd: None,
+            },
+        ),
+        (
+            "deleting a slot that is not there",
+            libc::EINVAL,
+            |_, _, _, _, _| SlotRequest {
+                slot: 7,
+                flags: 0,
+                guest_addr: 0,
+                size: 0,
+                userspace_addr: 0,
+                guest_memfd: None,
+            },
+        ),
+        (
+            "dirty logging on guest_memfd",
+            libc::EINVAL,
+            |_, file, _, _, host| SlotRequest {
+                slot: 2,
+                flags: KVM_MEM_GUEST_MEMFD | KVM_MEM_LOG_DIRTY_PAGES,
+                guest_addr: 0x100_0000,
+                size: MEM,
+                userspace_addr: host + MEM,
+                guest_memfd: Some((file.clone(), MEM)),
+            },
+        ),
+        (
+            "past the guest_memfd's end",
+            libc::EINVAL,
+            |_, file, _, _, host| SlotRequest {
+                slot: 2,
+                flags: KVM_MEM_GUEST_MEMFD,
+                guest_addr: 0x100_0000,
+                size: 2 * MEM,
+                userspace_addr: host + MEM,
+                guest_memfd: Some((file.clone(), 3 * MEM)),
+            },
+        ),
+        (
+            "an unaligned userspace address",
+            libc::EINVAL,
+            |_, _, _, _, host| SlotRequest {
+                slot: 2,
+                flags: 0,
+                guest_addr: 0x100_0000,
+                size: MEM,
+                userspace_addr: host + 8,
+                guest_memfd: None,
+            },
+        ),
+        ("an unknown flag", libc::EINVAL, |_, _, _, _, host| {
+            SlotRequest {
+                slot: 2,
+                flags: 1 << 5,
+                guest_addr: 0x100_0000,
+                size: MEM,
+                userspace_addr: host + MEM,
+                guest_memfd: None,
+            }
+        }),
+    ];
+    for (what, expected, build) in cases {
+        let vm = kvm_vm().unwrap();
+        let other_vm = kvm_vm().unwrap();
+        let private = gmem_file_with(&vm, 4 * MEM, 0);
+        let foreign = gmem_file_with(&other_vm, 4 * MEM, 0);
+        let first = shared_region(MEM, 0);
+        vm.bind_private(1, first, &private, 0, 0).unwrap();
+        let request = build(&vm, &private, &other_vm, &foreign, host);
+        let predicted = vm.predict(&request).err().map_or(0, |e| e.errno());
+        // SAFETY: the userspace range is inside `shared`, alive for the test;
+        // the VM is dropped (and the slot with it) before `shared`.
+        let kernel = unsafe { vm.vm().set_user_memory_region2(request.to_region2()) }
+            .err()
+            .map_or(0, |e| e.errno());
+        assert_eq!((predicted, kernel), (expected, expected), "{what}");
+    }
+}
+
+/// The confidential-VM layout: a guest_memfd the host cannot map (no
+/// GUEST_MEMFD_FLAG_MMAP) bound with a separate shared mapping as the
+/// slot's userspace address. The kernel takes it, and a guest whose memory
+/// is all shared (no memory attributes here) runs from the shared mapping.
+#[test]
+fn a_private_guest_memfd_binds_beside_a_shared_mapping() {
+    let Some(vm) = vm_or_skip("confidential layout") else {
+        return;
+    };
+    let private = gmem_file_with(&vm, MEM, 0);
+    assert_eq!(
+        private.map(0, MEM).unwrap_err().errno(),
+        libc::ENODEV,
+        "the host cannot map it"
+    );
+    let shared = shared_region(MEM, 0);
+    let view = shared.view();
+    view.write_at(0, &GUEST).unwrap();
+    view.fill(DATA, 1, 0xaa).unwrap();
+    vm.bind_private(0, shared.clone(), &private, 0, 0).unwrap();
+    let err = vm
+        .bind_private(0, shared.clone(), &private, 0, 0)
+        .unwrap_err();
+    assert_eq!(
+        err.errno(),
+        libc::EINVAL,
+        "a guest_memfd slot cannot change"
+    );
+    let vcpu = vm.vm().create_vcpu(0).unwrap();
+    let mut sregs = vcpu.get_sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    sregs.ds.base = 0;
+    sregs.ds.selector = 0;
+    vcpu.set_sregs(&sregs).unwrap();
+    let mut regs = vcpu.get_regs().unwrap();
+    regs.rip = 0;
+    regs.rflags = 2;
+    vcpu.set_regs(&regs).unwrap();
+    let mut vcpu = vcpu;
+    match vcpu.run().unwrap() {
+        VcpuExit::Hlt => {}
+        other => panic!("unexpected exit {other:?}"),
+    }
+    let mut byte = [0u8];
+    view.read_at(DATA, &mut byte).unwrap();
+    assert_eq!(byte[0], 0xff, "the guest ran from the shared mapping");
+    vm.unbind(0).unwrap();
 }
