@@ -1,6 +1,9 @@
-//! Convert / punch / fallocate / write / read on memfd and anonymous guest
-//! memory (HugeTLB too when pages are free) against a model of attribute
-//! and contents per page.
+//! Convert / punch / fallocate / mmap / write / read on memfd and anonymous
+//! guest memory (HugeTLB too when pages are free) against a model of
+//! attribute and contents per page. fallocate and mmap arguments reach the
+//! edges of `loff_t`; every answer must be what `check_fallocate` and
+//! `check_mmap` (the kernel's order) say, and a refused punch changes no
+//! byte.
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -16,9 +19,14 @@ enum Op {
         private: bool,
     },
     Fallocate {
-        mode: u8,
-        offset: u32,
-        len: u32,
+        mode: u16,
+        offset: Edge,
+        len: Edge,
+    },
+    Mmap {
+        offset: Edge,
+        len: Edge,
+        flags: u8,
     },
     Write {
         page: u16,
@@ -27,6 +35,26 @@ enum Op {
     Read {
         page: u16,
     },
+}
+
+/// A file offset or length: small, or at the edges of `loff_t`.
+#[derive(Arbitrary, Debug)]
+enum Edge {
+    Small(u32),
+    Near2Pow63(i16),
+    NearMax(u16),
+    Any(u64),
+}
+
+impl Edge {
+    fn value(&self, pages: u64) -> u64 {
+        match *self {
+            Edge::Small(v) => u64::from(v) % (pages * 8192),
+            Edge::Near2Pow63(d) => (1u64 << 63).wrapping_add_signed(i64::from(d) * 4096),
+            Edge::NearMax(d) => u64::MAX - u64::from(d),
+            Edge::Any(v) => v,
+        }
+    }
 }
 
 #[derive(Arbitrary, Debug)]
@@ -79,19 +107,18 @@ fuzz_target!(|input: Input| {
                 }
             }
             Op::Fallocate { mode, offset, len } => {
-                let mode = i32::from(mode & 0x3f);
-                let (offset, len) = (
-                    u64::from(offset) % (pages * 8192),
-                    u64::from(len) % (pages * 8192),
-                );
+                let mode = i32::from(mode & 0x1ff);
+                let (offset, len) = (offset.value(pages), len.value(pages));
                 let result = file.fallocate(mode, offset, len);
+                let expected = gmem::check_fallocate(mode, offset, len, file.size());
+                assert_eq!(
+                    result.as_ref().err().map(|e| e.errno()),
+                    expected.as_ref().err().map(|e| e.errno()),
+                    "fallocate({mode:#x}, {offset:#x}, {len:#x})"
+                );
                 let punch = mode == 0x3; // KEEP_SIZE | PUNCH_HOLE
-                if let Err(err) = &result {
-                    assert!(
-                        [22, 95].contains(&err.errno()),
-                        "unexpected errno {}",
-                        err.errno()
-                    );
+                if result.is_err() {
+                    // Refused: nothing changed (checked against the model below).
                 } else if punch {
                     let end = (offset + len).min(pages * 4096);
                     for page in offset / 4096..end / 4096 {
@@ -99,6 +126,24 @@ fuzz_target!(|input: Input| {
                     }
                 } else {
                     assert_eq!(mode, 0x1, "only KEEP_SIZE allocates");
+                }
+            }
+            Op::Mmap { offset, len, flags } => {
+                let (offset, len) = (offset.value(pages), len.value(pages));
+                let flags = [0x01, 0x02, 0x03, 0x00, 0x0f, 0x03 | 0x80000, 0x01 | 0x8000]
+                    [usize::from(flags) % 7];
+                let expected = gmem::check_mmap(offset, len, flags, file.flags(), file.granule());
+                let result = file.mmap(offset, len, flags, gmem::ViewKind::Host);
+                match (&expected, &result) {
+                    (Ok(_), Ok(_)) => {}
+                    // The kernel may still refuse a mapping the rules allow
+                    // (no address space left for a huge one).
+                    (Ok(_), Err(err)) => assert_eq!(err.errno(), 12, "{err}"),
+                    (Err(want), got) => assert_eq!(
+                        Some(want.errno()),
+                        got.as_ref().err().map(|e| e.errno()),
+                        "mmap({offset:#x}, {len:#x}, {flags:#x})"
+                    ),
                 }
             }
             Op::Write { page, byte } => {
