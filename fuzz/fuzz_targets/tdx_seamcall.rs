@@ -1,6 +1,9 @@
 //! Random SEAMCALL sequences on the software TDX module: never a panic; the
-//! S-EPT stays consistent (every leaf and table hangs off a table); and when
-//! an operation succeeds, its inverse succeeds right after.
+//! S-EPT stays consistent (every leaf and table hangs off a table, no
+//! private leaf is above 2M, every 4K leaf's range has a 4K PAMT); when an
+//! operation succeeds, its inverse succeeds right after (UNBLOCK for BLOCK);
+//! a DEMOTE of a 2M leaf takes a PAMT pair, and PAMT.ADD is refused on a
+//! range mapped 2M.
 #![no_main]
 
 use arbitrary::Arbitrary;
@@ -47,6 +50,11 @@ enum Op {
     Demote {
         gpa: u8,
         page: u8,
+        pair: Option<u8>,
+    },
+    Unblock {
+        gpa: u16,
+        level: u8,
     },
     Wbinvd {
         page: u16,
@@ -124,7 +132,21 @@ fuzz_target!(|ops: Vec<Op>| {
                 let _ = module.page_add(u64::from(gpa) << 12, GUEST + (u64::from(page) << 12));
             }
             Op::Block { gpa, level: l } => {
-                let _ = module.range_block(u64::from(gpa) << 12, level(l));
+                let (gpa, lvl) = (u64::from(gpa) << 12, level(l));
+                if module.range_block(gpa, lvl).is_ok() {
+                    // Its inverse, once tracked.
+                    module.track().unwrap();
+                    module.kick_vcpus();
+                    assert_eq!(
+                        module.range_unblock(gpa, lvl),
+                        Ok(()),
+                        "the inverse of BLOCK"
+                    );
+                    module.range_block(gpa, lvl).unwrap();
+                }
+            }
+            Op::Unblock { gpa, level: l } => {
+                let _ = module.range_unblock(u64::from(gpa) << 12, level(l));
             }
             Op::Track => {
                 module.track().unwrap();
@@ -137,12 +159,20 @@ fuzz_target!(|ops: Vec<Op>| {
                 let lvl = level(l % 3);
                 let _ = module.sept_remove(u64::from(gpa) << (12 + 9 * u32::from(lvl.get())), lvl);
             }
-            Op::Demote { gpa, page } => {
-                let _ = module.page_demote(
+            Op::Demote { gpa, page, pair } => {
+                let pair = pair.map(|p| {
+                    let base = PAMT + (1 << 30) + u64::from(p) * 8192;
+                    [base, base + 4096]
+                });
+                let result = module.page_demote(
                     u64::from(gpa) << 21,
                     Level::L2M,
                     SEPT + u64::from(page) * 4096,
+                    pair,
                 );
+                if result.is_ok() {
+                    assert!(pair.is_some(), "a 2M DEMOTE needs the PAMT pair");
+                }
             }
             Op::Wbinvd { page } => {
                 let _ = module.page_wbinvd(GUEST + (u64::from(page) << 12));
@@ -158,7 +188,14 @@ fuzz_target!(|ops: Vec<Op>| {
                     PAMT + u64::from(pages) * 8192,
                     PAMT + u64::from(pages) * 8192 + 4096,
                 ];
-                if module.pamt_add(region, pair).is_ok() && undo {
+                let mapped_2m = module.leaves().values().any(|&(page, _)| {
+                    page == region && module.page_state(page) == Some(PageState::Guest { level: 2 })
+                });
+                let added = module.pamt_add(region, pair);
+                if mapped_2m {
+                    assert_eq!(added, Err(tdx_ext::TdxStatus::HpaRangeNotFree));
+                }
+                if added.is_ok() && undo {
                     assert_eq!(
                         module.pamt_remove(region),
                         Ok(pair),
@@ -202,6 +239,10 @@ fuzz_target!(|ops: Vec<Op>| {
                 module.page_state(page),
                 Some(PageState::Guest { .. })
             ));
+            assert!(lvl <= 2, "a {lvl}-level private leaf");
+            if lvl == 1 {
+                assert!(module.pamt_pair(page & !((2 << 20) - 1)).is_some());
+            }
             let base = if lvl == 4 {
                 0
             } else {

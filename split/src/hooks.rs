@@ -73,6 +73,12 @@ pub trait ExternalPageTable: Send + Sync {
         false
     }
 
+    /// The largest leaf the external side maps (a TD maps 4K and 2M only,
+    /// so KVM caps its private leaves at 2M). Read once, at construction.
+    fn max_leaf_level(&self) -> Level {
+        Level::L1G
+    }
+
     /// The pool external pages come from (`None`: the MMU's own pool).
     fn external_pool(&self) -> Option<Arc<PagePool<ExternalTablePage>>> {
         None
@@ -146,6 +152,10 @@ impl<T: ExternalPageTable + ?Sized> ExternalPageTable for Arc<T> {
 
     fn external_pool(&self) -> Option<Arc<PagePool<ExternalTablePage>>> {
         (**self).external_pool()
+    }
+
+    fn max_leaf_level(&self) -> Level {
+        (**self).max_leaf_level()
     }
 
     fn topup(&self, need: Topup) -> Result<(), HookError> {

@@ -243,6 +243,8 @@ pub struct TdpMmu {
     hooks: Box<dyn ExternalPageTable>,
     external_tables: bool,
     external_pool: Arc<PagePool<ExternalTablePage>>,
+    /// The largest leaf the hooks take.
+    max_leaf: Level,
     torn_down: std::sync::atomic::AtomicBool,
     stats: [AtomicU64; 3],
     counters: Counters,
@@ -382,6 +384,7 @@ impl TdpMmu {
         root.fill(ept::NON_PRESENT);
         let header_slab = Slab::new(pool.for_kind(), None)?;
         let external_tables = hooks.external_tables();
+        let max_leaf = hooks.max_leaf_level();
         let external_pool = hooks.external_pool().unwrap_or_else(|| pool.for_kind());
         let split_caches = VcpuCaches {
             // Split tables are filled with the children before they are
@@ -402,6 +405,7 @@ impl TdpMmu {
             hooks,
             external_tables,
             external_pool,
+            max_leaf,
             torn_down: std::sync::atomic::AtomicBool::new(false),
             stats: Default::default(),
             counters: Counters::default(),
@@ -578,7 +582,7 @@ impl TdpMmu {
         let goal = if slot.logging() {
             Level::L4K
         } else {
-            slot.max_level(gfn)
+            slot.max_level(gfn).min(self.max_leaf)
         };
         let mut table_hpa = self.root_hpa();
         let mut level = self.top_level();

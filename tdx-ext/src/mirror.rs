@@ -12,7 +12,7 @@ use mmu_cache::{Account, PageCache, PagePool};
 use split::{Entry, ExternalPageTable, ExternalTablePage, HookError, Level, TableRef, Topup};
 
 use crate::module::{SeamcallResult, TdxModule};
-use crate::pamt::{DynamicPamt, PamtBackedAllocator, PamtCache, PamtPage, PamtPolicy};
+use crate::pamt::{DynamicPamt, PamtBackedAllocator, PamtCache, PamtError, PamtPage, PamtPolicy};
 use crate::sim::SimTdxModule;
 use crate::status::TdxStatus;
 
@@ -247,6 +247,17 @@ impl TdxMirror {
         Ok(())
     }
 
+    /// TDH.MEM.RANGE.UNBLOCK of an entry whose removal or demote failed
+    /// after its BLOCK and TRACK, so that the S-EPT is left as it was.
+    fn unblock(&self, gpa: u64, level: Level) {
+        if let Err(status) = self.retry(|| self.module.range_unblock(gpa, level)) {
+            tracing::error!(gpa, %status, "TDH.MEM.RANGE.UNBLOCK after a failed removal");
+        }
+    }
+
+    /// A PAMT reference for `page`. OPERAND_BUSY from its PAMT.ADD is retried
+    /// after a kick inside [`DynamicPamt`]; if it is still busy, it is
+    /// reported as busy, so that the fault is retried.
     fn pamt_get(&self, page: u64, count: u32, split: bool) -> Result<(), HookError> {
         let result = if split {
             let mut cache = self.split_cache.lock().unwrap_or_else(|p| p.into_inner());
@@ -254,7 +265,10 @@ impl TdxMirror {
         } else {
             self.with_vcpu_cache(|cache| self.pamt.get_many(page, count, cache))
         };
-        result.map_err(|err| refused(err.to_string()))
+        result.map_err(|err| match err {
+            PamtError::Add { status, .. } => from_status("TDH.PHYMEM.PAMT.ADD", status),
+            other => refused(other.to_string()),
+        })
     }
 
     fn flush(&self, page: u64, pages: u64) -> bool {
@@ -279,6 +293,11 @@ impl ExternalPageTable for TdxMirror {
 
     fn external_pool(&self) -> Option<Arc<PagePool<ExternalTablePage>>> {
         Some(self.table_pool.clone())
+    }
+
+    /// TDH.MEM.PAGE.AUG maps 4K and 2M pages only: private leaves stop at 2M.
+    fn max_leaf_level(&self) -> Level {
+        Level::L2M
     }
 
     fn topup(&self, need: Topup) -> Result<(), HookError> {
@@ -362,8 +381,11 @@ impl ExternalPageTable for TdxMirror {
         let gpa = gfn << 12;
         self.block_and_track(gpa, level)
             .map_err(|err| self.fail(err))?;
-        self.retry(|| self.module.page_remove(gpa, level))
-            .map_err(|s| self.fail(from_status("TDH.MEM.PAGE.REMOVE", s)))?;
+        if let Err(status) = self.retry(|| self.module.page_remove(gpa, level)) {
+            // The leaf stays: unblock it, so the S-EPT is as it was.
+            self.unblock(gpa, level);
+            return Err(self.fail(from_status("TDH.MEM.PAGE.REMOVE", status)));
+        }
         // The page is the host's again only after WBINVD; until then (or if
         // it fails) it keeps its PAMT reference and is never reused.
         if self.flush(page, pages) && level == Level::L4K {
@@ -386,8 +408,10 @@ impl ExternalPageTable for TdxMirror {
             let parent = Level::new(level.get() + 1).ok_or_else(|| refused("the root"))?;
             self.block_and_track(gpa, parent)
                 .map_err(|err| self.fail(err))?;
-            self.retry(|| self.module.sept_remove(gpa, level))
-                .map_err(|s| self.fail(from_status("TDH.MEM.SEPT.REMOVE", s)))?;
+            if let Err(status) = self.retry(|| self.module.sept_remove(gpa, level)) {
+                self.unblock(gpa, parent);
+                return Err(self.fail(from_status("TDH.MEM.SEPT.REMOVE", status)));
+            }
             if !self.flush(page, 1) {
                 return Err(self.fail(refused("TDH.PHYMEM.PAGE.WBINVD of an S-EPT page")));
             }
@@ -418,28 +442,58 @@ impl ExternalPageTable for TdxMirror {
         let page = old.addr(level);
         self.block_and_track(gpa, level)
             .map_err(|err| self.fail(err))?;
-        if self.policy == PamtPolicy::OnInstall {
-            self.pamt_get(sept, 1, true)?;
-        }
-        let range = if level == Level::L2M { 512 } else { 0 };
-        if range > 0
-            && let Err(err) = self.pamt_get(page, range, true)
+        // Past the BLOCK, a failure unblocks the entry, so the S-EPT is left
+        // as it was.
+        let undo = |err: HookError| {
+            if let Err(status) = self.retry(|| self.module.range_unblock(gpa, level)) {
+                tracing::error!(gpa, %status, "TDH.MEM.RANGE.UNBLOCK after a failed DEMOTE");
+            }
+            self.fail(err)
+        };
+        if self.policy == PamtPolicy::OnInstall
+            && let Err(err) = self.pamt_get(sept, 1, true)
         {
+            return Err(undo(err));
+        }
+        let release_sept = || {
             if self.policy == PamtPolicy::OnInstall {
                 self.pamt.put(sept);
             }
-            return Err(self.fail(err));
-        }
-        if let Err(status) = self.retry(|| self.module.page_demote(gpa, level, sept)) {
-            if range > 0 {
-                self.pamt.put_many(page, range);
+        };
+        // A 2 MiB page: DEMOTE takes the 4K PAMT pair of its range.
+        let pair = if level == Level::L2M {
+            let mut cache = self.split_cache.lock().unwrap_or_else(|p| p.into_inner());
+            match self.pamt.take_pair(&mut cache) {
+                Ok(pair) => Some(pair),
+                Err(err) => {
+                    release_sept();
+                    return Err(undo(refused(err.to_string())));
+                }
             }
-            if self.policy == PamtPolicy::OnInstall {
-                self.pamt.put(sept);
+        } else {
+            None
+        };
+        let operands = pair
+            .as_ref()
+            .map(|pair| [pair[0].addr() as u64, pair[1].addr() as u64]);
+        match self.retry(|| self.module.page_demote(gpa, level, sept, operands)) {
+            Ok(()) => {
+                if let Some(pair) = pair {
+                    self.pamt.adopt(page, pair, 512);
+                }
+                Ok(())
             }
-            return Err(self.fail(from_status("TDH.MEM.PAGE.DEMOTE", status)));
+            Err(status) => {
+                if let Some(pair) = pair {
+                    let mut cache = self.split_cache.lock().unwrap_or_else(|p| p.into_inner());
+                    for page in pair {
+                        cache.free(page);
+                    }
+                }
+                release_sept();
+                Err(undo(from_status("TDH.MEM.PAGE.DEMOTE", status)))
+            }
         }
-        Ok(())
     }
 
     fn teardown(&self) -> Result<(), HookError> {

@@ -19,8 +19,8 @@ pub trait TdxModule: Send + Sync {
     /// entries that covers `gpa`.
     fn sept_add(&self, gpa: u64, level: Level, page: u64) -> SeamcallResult;
 
-    /// TDH.MEM.PAGE.AUG: map `page` at `gpa` with a leaf of `level` in a
-    /// finalized TD.
+    /// TDH.MEM.PAGE.AUG: map `page` at `gpa` with a leaf of `level` (4K or
+    /// 2M; 1G is TDX_OPERAND_INVALID) in a finalized TD.
     fn page_aug(&self, gpa: u64, level: Level, page: u64) -> SeamcallResult;
 
     /// TDH.MEM.PAGE.ADD: add `page` at `gpa` (4K) before the TD is finalized.
@@ -40,8 +40,21 @@ pub trait TdxModule: Send + Sync {
     fn sept_remove(&self, gpa: u64, level: Level) -> SeamcallResult<u64>;
 
     /// TDH.MEM.PAGE.DEMOTE: split the blocked, tracked leaf of `level` at
-    /// `gpa` into `new_sept_page` holding its children.
-    fn page_demote(&self, gpa: u64, level: Level, new_sept_page: u64) -> SeamcallResult;
+    /// `gpa` into `new_sept_page` holding its children. Under Dynamic PAMT
+    /// a 2 MiB leaf's 4K children need the 4K PAMT of its range, and the
+    /// call takes that page pair as `pamt_pair` (TDX_MISSING_PAMT_PAGE_PAIR
+    /// without it); a 1 GiB leaf takes none.
+    fn page_demote(
+        &self,
+        gpa: u64,
+        level: Level,
+        new_sept_page: u64,
+        pamt_pair: Option<[u64; 2]>,
+    ) -> SeamcallResult;
+
+    /// TDH.MEM.RANGE.UNBLOCK: unblock the entry of `level` at `gpa`, blocked
+    /// and tracked, when the operation the BLOCK was for did not happen.
+    fn range_unblock(&self, gpa: u64, level: Level) -> SeamcallResult;
 
     /// TDH.PHYMEM.PAGE.RECLAIM: take back a page of a TD whose key is
     /// released.

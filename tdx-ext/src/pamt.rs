@@ -51,6 +51,9 @@ pub enum PamtError {
     },
 }
 
+/// Times a PAMT.ADD answered OPERAND_BUSY is made again.
+const PAMT_BUSY_RETRIES: u32 = 8;
+
 /// When an S-EPT page becomes PAMT-backed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PamtPolicy {
@@ -77,6 +80,8 @@ pub struct PamtCounters {
     pub leaked_pages: u64,
     /// Gets served by the lock-free fast path.
     pub fast_gets: u64,
+    /// PAMT.ADD calls answered OPERAND_BUSY and made again after a kick.
+    pub busy_retries: u64,
 }
 
 /// The refcounts and the PAMT pages of every region.
@@ -90,6 +95,7 @@ pub struct DynamicPamt {
     removes: AtomicU64,
     leaked: AtomicU64,
     fast_gets: AtomicU64,
+    busy_retries: AtomicU64,
 }
 
 impl std::fmt::Debug for DynamicPamt {
@@ -113,6 +119,7 @@ impl DynamicPamt {
             removes: AtomicU64::new(0),
             leaked: AtomicU64::new(0),
             fast_gets: AtomicU64::new(0),
+            busy_retries: AtomicU64::new(0),
         })
     }
 
@@ -194,7 +201,21 @@ impl DynamicPamt {
         let first = cache.alloc()?;
         let second = cache.alloc()?;
         let pages = [first.addr() as u64, second.addr() as u64];
-        if let Err(status) = self.module.pamt_add(region, pages) {
+        // OPERAND_BUSY (another PAMT call on the region's PAMT) is transient:
+        // kick and call again, a bounded number of times, as every SEAMCALL
+        // of the fault path is retried.
+        let mut added = self.module.pamt_add(region, pages);
+        for _ in 0..PAMT_BUSY_RETRIES {
+            match added {
+                Err(status) if status.is_busy() => {
+                    self.busy_retries.fetch_add(1, Ordering::Relaxed);
+                    self.module.kick_vcpus();
+                    added = self.module.pamt_add(region, pages);
+                }
+                _ => break,
+            }
+        }
+        if let Err(status) = added {
             // The pages were never the module's: back to the cache.
             cache.free(first);
             cache.free(second);
@@ -207,6 +228,41 @@ impl DynamicPamt {
         self.adds.fetch_add(1, Ordering::Relaxed);
         counter.store(count, Ordering::Release);
         Ok(())
+    }
+
+    /// Takes the pair of PAMT pages a DEMOTE of a 2 MiB page hands to the
+    /// module (under Dynamic PAMT the module takes the 4K PAMT of the range
+    /// from DEMOTE itself; a PAMT.ADD is refused while the range is mapped
+    /// 2M). Give it to [`adopt`](Self::adopt) when the DEMOTE succeeded, or
+    /// back to `cache` when it did not.
+    pub fn take_pair(
+        &self,
+        cache: &mut PageCache<PamtPage>,
+    ) -> Result<[Page<PamtPage>; 2], PamtError> {
+        let first = cache.alloc()?;
+        match cache.alloc() {
+            Ok(second) => Ok([first, second]),
+            Err(err) => {
+                cache.free(first);
+                Err(err.into())
+            }
+        }
+    }
+
+    /// Records `pair`, which a successful DEMOTE gave the module as the 4K
+    /// PAMT of the region of `hpa`, with `count` references (512: the
+    /// demoted page's 4K children). The region had no 4K PAMT before.
+    pub fn adopt(&self, hpa: u64, pair: [Page<PamtPage>; 2], count: u32) {
+        let region = hpa & !(REGION - 1);
+        let counter = self.counter(region);
+        let _slow = self.slow.lock().unwrap_or_else(|p| p.into_inner());
+        let before = counter.swap(count, Ordering::AcqRel);
+        debug_assert_eq!(before, 0, "region {region:#x} had a 4K PAMT already");
+        self.installed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(region, pair);
+        self.adds.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Drops one reference on the region of `hpa`.
@@ -303,6 +359,7 @@ impl DynamicPamt {
             removes: self.removes.load(Ordering::Relaxed),
             leaked_pages: self.leaked.load(Ordering::Relaxed),
             fast_gets: self.fast_gets.load(Ordering::Relaxed),
+            busy_retries: self.busy_retries.load(Ordering::Relaxed),
         }
     }
 }

@@ -54,6 +54,10 @@ struct Injection {
 struct State {
     tables: HashMap<(u8, u64), Table>,
     leaves: HashMap<(u8, u64), Leaf>,
+    /// Where each S-EPT page is linked: its (level, gpa) in `tables`.
+    table_of_page: HashMap<u64, (u8, u64)>,
+    /// Where each leaf's first page is mapped: its (level, gpa) in `leaves`.
+    leaf_of_page: HashMap<u64, (u8, u64)>,
     pages: HashMap<u64, PageState>,
     pamt: HashMap<u64, [u64; 2]>,
     epoch: u64,
@@ -63,6 +67,58 @@ struct State {
     calls: HashMap<Seamcall, u64>,
     failures: HashMap<Seamcall, u64>,
     injections: Vec<Injection>,
+}
+
+impl State {
+    fn insert_leaf(&mut self, level: u8, gpa: u64, page: u64) {
+        self.leaves.insert(
+            (level, gpa),
+            Leaf {
+                page,
+                blocked: None,
+            },
+        );
+        self.leaf_of_page.insert(page, (level, gpa));
+    }
+
+    fn remove_leaf(&mut self, level: u8, gpa: u64) -> Option<Leaf> {
+        let leaf = self.leaves.remove(&(level, gpa))?;
+        self.leaf_of_page.remove(&leaf.page);
+        Some(leaf)
+    }
+
+    fn insert_table(&mut self, level: u8, gpa: u64, table: Table) {
+        if let Some(page) = table.page {
+            self.table_of_page.insert(page, (level, gpa));
+        }
+        self.tables.insert((level, gpa), table);
+    }
+
+    fn remove_table(&mut self, level: u8, gpa: u64) -> Option<Table> {
+        let table = self.tables.remove(&(level, gpa))?;
+        if let Some(page) = table.page {
+            self.table_of_page.remove(&page);
+        }
+        Some(table)
+    }
+
+    /// The blocked-epoch slot of the entry of `level` at `gpa`: a leaf, or
+    /// the entry that links the table below.
+    fn entry_block(&mut self, level: u8, gpa: u64) -> Option<&mut Option<u64>> {
+        if self.leaves.contains_key(&(level, gpa)) {
+            return self
+                .leaves
+                .get_mut(&(level, gpa))
+                .map(|leaf| &mut leaf.blocked);
+        }
+        if level > 1 {
+            return self
+                .tables
+                .get_mut(&(level - 1, gpa))
+                .map(|table| &mut table.blocked);
+        }
+        None
+    }
 }
 
 /// The software TDX module of one TD.
@@ -311,25 +367,27 @@ impl SimTdxModule {
             return Err(TdxStatus::EptWalkFailed);
         }
         if !Self::entry_free(state, level, gpa) {
-            return Err(TdxStatus::EptEntryNotFree);
+            return Err(TdxStatus::EptEntryStateIncorrect);
         }
         let pages = bytes(level) / PAGE;
         let all_free = (0..pages).all(|i| !state.pages.contains_key(&(page + i * PAGE)));
-        if !all_free || (level == 1 && !Self::pamt_backed(state, page)) {
+        if !all_free {
             return Err(TdxStatus::PageMetadataIncorrect);
+        }
+        match level {
+            // A 4K page needs the 4K PAMT of its range.
+            1 if !Self::pamt_backed(state, page) => return Err(TdxStatus::MissingPamtPagePair),
+            // A 2 MiB page is tracked by the range's 2M PAMT entry, which a
+            // 4K PAMT of the range has taken.
+            2 if Self::pamt_backed(state, page) => return Err(TdxStatus::PageMetadataIncorrect),
+            _ => {}
         }
         for i in 0..pages {
             state
                 .pages
                 .insert(page + i * PAGE, PageState::Guest { level });
         }
-        state.leaves.insert(
-            (level, gpa),
-            Leaf {
-                page,
-                blocked: None,
-            },
-        );
+        state.insert_leaf(level, gpa, page);
         self.adjust_parent(state, level, gpa, 1);
         Ok(())
     }
@@ -353,14 +411,18 @@ impl TdxModule for SimTdxModule {
                 return Err(TdxStatus::EptWalkFailed);
             }
             if !Self::entry_free(state, parent, gpa) {
-                return Err(TdxStatus::EptEntryNotFree);
+                return Err(TdxStatus::EptEntryStateIncorrect);
             }
-            if state.pages.contains_key(&page) || !Self::pamt_backed(state, page) {
+            if state.pages.contains_key(&page) {
                 return Err(TdxStatus::PageMetadataIncorrect);
             }
+            if !Self::pamt_backed(state, page) {
+                return Err(TdxStatus::MissingPamtPagePair);
+            }
             state.pages.insert(page, PageState::Sept);
-            state.tables.insert(
-                (level, gpa),
+            state.insert_table(
+                level,
+                gpa,
                 Table {
                     page: Some(page),
                     blocked: None,
@@ -377,7 +439,8 @@ impl TdxModule for SimTdxModule {
             if state.key_released || !state.finalized {
                 return Err(TdxStatus::LifecycleStateIncorrect);
             }
-            let level = self.check_level(level, 3)?;
+            // TDX maps private memory with 4K and 2M leaves only.
+            let level = self.check_level(level, 2)?;
             self.map_leaf(state, level, gpa, page)
         })
     }
@@ -395,21 +458,44 @@ impl TdxModule for SimTdxModule {
         self.call(Seamcall::MemRangeBlock, |state| {
             let level = self.check_level(level, self.levels)?;
             let epoch = state.epoch;
-            let blocked = if let Some(leaf) = state.leaves.get_mut(&(level, gpa)) {
-                &mut leaf.blocked
-            } else if let Some(table) = state
-                .tables
-                .get_mut(&(level - 1, gpa))
-                .filter(|_| level > 1)
-            {
-                &mut table.blocked
-            } else {
-                return Err(TdxStatus::EptEntryNotPresent);
+            let walked = level >= self.levels
+                || state
+                    .tables
+                    .contains_key(&(level, self.table_base(level, gpa)));
+            let Some(blocked) = state.entry_block(level, gpa) else {
+                // A free entry cannot be blocked; a missing table on the way
+                // is a failed walk.
+                return Err(if walked {
+                    TdxStatus::EptEntryStateIncorrect
+                } else {
+                    TdxStatus::EptWalkFailed
+                });
             };
             if blocked.is_some() {
                 return Err(TdxStatus::GpaRangeAlreadyBlocked);
             }
             *blocked = Some(epoch);
+            Ok(())
+        })
+    }
+
+    fn range_unblock(&self, gpa: u64, level: Level) -> SeamcallResult {
+        self.call(Seamcall::MemRangeUnblock, |state| {
+            let level = self.check_level(level, self.levels)?;
+            let epoch = state.epoch;
+            let kicked = state.kicked;
+            let blocked = state
+                .entry_block(level, gpa)
+                .ok_or(TdxStatus::EptEntryStateIncorrect)?;
+            let Some(since) = *blocked else {
+                return Err(TdxStatus::EptEntryStateIncorrect);
+            };
+            // As for REMOVE: no vCPU may still hold a translation from
+            // before the BLOCK when the entry comes back.
+            if !(epoch > since && kicked > since) {
+                return Err(TdxStatus::TlbTrackingNotDone);
+            }
+            *blocked = None;
             Ok(())
         })
     }
@@ -429,7 +515,7 @@ impl TdxModule for SimTdxModule {
                 .get(&(level, gpa))
                 .ok_or(TdxStatus::EptEntryNotPresent)?;
             Self::tracked(state, leaf.blocked)?;
-            state.leaves.remove(&(level, gpa));
+            state.remove_leaf(level, gpa);
             for i in 0..bytes(level) / PAGE {
                 state.pages.insert(leaf.page + i * PAGE, PageState::Removed);
             }
@@ -450,14 +536,20 @@ impl TdxModule for SimTdxModule {
                 return Err(TdxStatus::EptPageNotFree);
             }
             let page = table.page.ok_or(TdxStatus::OperandInvalid)?;
-            state.tables.remove(&(level, gpa));
+            state.remove_table(level, gpa);
             state.pages.insert(page, PageState::Removed);
             self.adjust_parent(state, level + 1, gpa, -1);
             Ok(page)
         })
     }
 
-    fn page_demote(&self, gpa: u64, level: Level, new_sept_page: u64) -> SeamcallResult {
+    fn page_demote(
+        &self,
+        gpa: u64,
+        level: Level,
+        new_sept_page: u64,
+        pamt_pair: Option<[u64; 2]>,
+    ) -> SeamcallResult {
         self.call(Seamcall::MemPageDemote, |state| {
             let level = self.check_level(level, 3)?;
             if level < 2 {
@@ -466,21 +558,40 @@ impl TdxModule for SimTdxModule {
             let leaf = *state
                 .leaves
                 .get(&(level, gpa))
-                .ok_or(TdxStatus::EptEntryNotPresent)?;
+                .ok_or(TdxStatus::EptEntryStateIncorrect)?;
             Self::tracked(state, leaf.blocked)?;
-            if state.pages.contains_key(&new_sept_page) || !Self::pamt_backed(state, new_sept_page)
-            {
+            if state.pages.contains_key(&new_sept_page) {
                 return Err(TdxStatus::PageMetadataIncorrect);
             }
-            if level == 2 && !Self::pamt_backed(state, leaf.page) {
-                // The 4K children need the 4K PAMT of the range.
-                return Err(TdxStatus::PageMetadataIncorrect);
+            if !Self::pamt_backed(state, new_sept_page) {
+                return Err(TdxStatus::MissingPamtPagePair);
+            }
+            // Dynamic PAMT: the 4K children of a 2 MiB page need the 4K
+            // PAMT of its range, which DEMOTE takes as its own operands (a
+            // PAMT.ADD is refused while the range is mapped 2M).
+            let region = leaf.page & !(REGION - 1);
+            match (level, pamt_pair) {
+                (2, None) => return Err(TdxStatus::MissingPamtPagePair),
+                (2, Some(pair)) => {
+                    if pair[0] == pair[1] || pair.iter().any(|p| !p.is_multiple_of(PAGE)) {
+                        return Err(TdxStatus::OperandInvalid);
+                    }
+                    if pair
+                        .iter()
+                        .any(|p| state.pages.contains_key(p) || *p == new_sept_page)
+                    {
+                        return Err(TdxStatus::PageNotFree);
+                    }
+                }
+                (_, Some(_)) => return Err(TdxStatus::OperandInvalid),
+                (_, None) => {}
             }
             let below = level - 1;
-            state.leaves.remove(&(level, gpa));
+            state.remove_leaf(level, gpa);
             state.pages.insert(new_sept_page, PageState::Sept);
-            state.tables.insert(
-                (below, gpa),
+            state.insert_table(
+                below,
+                gpa,
                 Table {
                     page: Some(new_sept_page),
                     blocked: None,
@@ -489,18 +600,18 @@ impl TdxModule for SimTdxModule {
             );
             let step = bytes(below);
             for i in 0..512 {
-                state.leaves.insert(
-                    (below, gpa + i * step),
-                    Leaf {
-                        page: leaf.page + i * step,
-                        blocked: None,
-                    },
-                );
+                state.insert_leaf(below, gpa + i * step, leaf.page + i * step);
             }
             for i in 0..bytes(level) / PAGE {
                 state
                     .pages
                     .insert(leaf.page + i * PAGE, PageState::Guest { level: below });
+            }
+            if let Some(pair) = pamt_pair {
+                for page in pair {
+                    state.pages.insert(page, PageState::Pamt);
+                }
+                state.pamt.insert(region, pair);
             }
             Ok(())
         })
@@ -513,25 +624,17 @@ impl TdxModule for SimTdxModule {
             }
             match state.pages.get(&page) {
                 Some(PageState::Sept) => {
-                    let key = state
-                        .tables
-                        .iter()
-                        .find(|(_, t)| t.page == Some(page))
-                        .map(|(&k, _)| k);
-                    if let Some(key) = key {
-                        state.tables.remove(&key);
+                    if let Some((level, gpa)) = state.table_of_page.get(&page).copied() {
+                        state.remove_table(level, gpa);
                     }
                     state.pages.remove(&page);
                 }
                 Some(PageState::Guest { level }) => {
                     let level = *level;
-                    let key = state
-                        .leaves
-                        .iter()
-                        .find(|(key, leaf)| key.0 == level && leaf.page == page)
-                        .map(|(&k, _)| k);
-                    if let Some(key) = key {
-                        state.leaves.remove(&key);
+                    if let Some((at, gpa)) = state.leaf_of_page.get(&page).copied()
+                        && at == level
+                    {
+                        state.remove_leaf(level, gpa);
                     }
                     for i in 0..bytes(level) / PAGE {
                         state.pages.remove(&(page + i * PAGE));
@@ -558,11 +661,18 @@ impl TdxModule for SimTdxModule {
             if !region.is_multiple_of(REGION) || pages.iter().any(|p| !p.is_multiple_of(PAGE)) {
                 return Err(TdxStatus::OperandInvalid);
             }
-            if state.pamt.contains_key(&region) {
+            // The range has a 4K PAMT already, or is mapped as a 2 MiB
+            // private page (its 2M PAMT entry is taken).
+            if state.pamt.contains_key(&region)
+                || state.pages.get(&region) == Some(&PageState::Guest { level: 2 })
+            {
                 return Err(TdxStatus::HpaRangeNotFree);
             }
-            if pages[0] == pages[1] || pages.iter().any(|p| state.pages.contains_key(p)) {
-                return Err(TdxStatus::PageMetadataIncorrect);
+            if pages[0] == pages[1] {
+                return Err(TdxStatus::OperandInvalid);
+            }
+            if pages.iter().any(|p| state.pages.contains_key(p)) {
+                return Err(TdxStatus::PageNotFree);
             }
             for page in pages {
                 state.pages.insert(page, PageState::Pamt);
@@ -574,7 +684,7 @@ impl TdxModule for SimTdxModule {
 
     fn pamt_remove(&self, region: u64) -> SeamcallResult<[u64; 2]> {
         self.pamt_call(Seamcall::PhymemPamtRemove, region, |state| {
-            let pages = *state.pamt.get(&region).ok_or(TdxStatus::OperandInvalid)?;
+            let pages = *state.pamt.get(&region).ok_or(TdxStatus::NoPamtPagePair)?;
             let in_use = (0..REGION / PAGE).any(|i| {
                 matches!(
                     state.pages.get(&(region + i * PAGE)),
@@ -582,7 +692,7 @@ impl TdxModule for SimTdxModule {
                 )
             });
             if in_use {
-                return Err(TdxStatus::HpaRangeNotFree);
+                return Err(TdxStatus::PamtPageNotEmpty);
             }
             state.pamt.remove(&region);
             for page in pages {

@@ -30,11 +30,13 @@ pub enum Seamcall {
     PhymemPamtAdd = 58,
     /// TDH.PHYMEM.PAMT.REMOVE: remove the 4K PAMT of a 2 MiB region.
     PhymemPamtRemove = 59,
+    /// TDH.MEM.RANGE.UNBLOCK: undo a BLOCK whose operation did not happen.
+    MemRangeUnblock = 39,
 }
 
 impl Seamcall {
     /// Every leaf, in number order.
-    pub const ALL: [Seamcall; 12] = [
+    pub const ALL: [Seamcall; 13] = [
         Self::MemPageAdd,
         Self::MemSeptAdd,
         Self::MemPageAug,
@@ -44,6 +46,7 @@ impl Seamcall {
         Self::MemPageRemove,
         Self::MemSeptRemove,
         Self::MemTrack,
+        Self::MemRangeUnblock,
         Self::PhymemPageWbinvd,
         Self::PhymemPamtAdd,
         Self::PhymemPamtRemove,
@@ -66,6 +69,7 @@ impl Seamcall {
             Self::MemPageRemove => "TDH.MEM.PAGE.REMOVE",
             Self::MemSeptRemove => "TDH.MEM.SEPT.REMOVE",
             Self::MemTrack => "TDH.MEM.TRACK",
+            Self::MemRangeUnblock => "TDH.MEM.RANGE.UNBLOCK",
             Self::PhymemPageWbinvd => "TDH.PHYMEM.PAGE.WBINVD",
             Self::PhymemPamtAdd => "TDH.PHYMEM.PAMT.ADD",
             Self::PhymemPamtRemove => "TDH.PHYMEM.PAMT.REMOVE",
@@ -89,9 +93,26 @@ pub enum TdxStatus {
     /// TDX_PAGE_METADATA_INCORRECT: the page's PAMT state does not allow it.
     #[error("TDX_PAGE_METADATA_INCORRECT")]
     PageMetadataIncorrect,
-    /// TDX_HPA_RANGE_NOT_FREE: PAMT pages of the range are still needed.
+    /// TDX_PAGE_NOT_FREE: a page handed to the module (a PAMT page of
+    /// PAMT.ADD or DEMOTE) is in use already.
+    #[error("TDX_PAGE_NOT_FREE")]
+    PageNotFree,
+    /// TDX_HPA_RANGE_NOT_FREE: the 2 MiB range cannot take a 4K PAMT (it
+    /// has one, or it is mapped as a 2 MiB page).
     #[error("TDX_HPA_RANGE_NOT_FREE")]
     HpaRangeNotFree,
+    /// TDX_NO_PAMT_PAGE_PAIR: PAMT.REMOVE of a range without a 4K PAMT.
+    #[error("TDX_NO_PAMT_PAGE_PAIR")]
+    NoPamtPagePair,
+    /// TDX_PAMT_PAGE_NOT_EMPTY: PAMT.REMOVE while a 4K page of the range is
+    /// still the module's.
+    #[error("TDX_PAMT_PAGE_NOT_EMPTY")]
+    PamtPageNotEmpty,
+    /// TDX_MISSING_PAMT_PAGE_PAIR: a 4K page handed to the module lies in a
+    /// range without a 4K PAMT (Dynamic PAMT); recoverable: add the pair
+    /// and call again.
+    #[error("TDX_MISSING_PAMT_PAGE_PAIR")]
+    MissingPamtPagePair,
     /// TDX_LIFECYCLE_STATE_INCORRECT: wrong TD state (finalized or not, key).
     #[error("TDX_LIFECYCLE_STATE_INCORRECT")]
     LifecycleStateIncorrect,
@@ -124,12 +145,22 @@ pub enum TdxStatus {
     Other(u64),
 }
 
-const TABLE: [(TdxStatus, u64); 15] = [
+/// The encodings. TDX_PAGE_NOT_FREE and TDX_HPA_RANGE_NOT_FREE are the
+/// module's published values; the three statuses of Dynamic PAMT that have
+/// none in this crate's references (NO_PAMT_PAGE_PAIR, PAMT_PAGE_NOT_EMPTY,
+/// MISSING_PAMT_PAGE_PAIR) take the next codes of the same page class, the
+/// last one with the recoverable class bit. Match on the variants, not on
+/// these three numbers.
+const TABLE: [(TdxStatus, u64); 19] = [
     (TdxStatus::Success, 0),
     (TdxStatus::OperandBusy, 0x8000_0200_0000_0000),
     (TdxStatus::OperandInvalid, 0xC000_0100_0000_0000),
     (TdxStatus::PageMetadataIncorrect, 0xC000_0300_0000_0000),
+    (TdxStatus::PageNotFree, 0xC000_0303_0000_0000),
     (TdxStatus::HpaRangeNotFree, 0xC000_0304_0000_0000),
+    (TdxStatus::NoPamtPagePair, 0xC000_0305_0000_0000),
+    (TdxStatus::PamtPageNotEmpty, 0xC000_0306_0000_0000),
+    (TdxStatus::MissingPamtPagePair, 0x8000_0307_0000_0000),
     (TdxStatus::LifecycleStateIncorrect, 0xC000_0607_0000_0000),
     (TdxStatus::EptWalkFailed, 0xC000_0B00_0000_0000),
     (TdxStatus::EptEntryNotFree, 0xC000_0B02_0000_0000),
@@ -206,6 +237,6 @@ mod tests {
     #[test]
     fn leaf_numbers_are_the_architectural_ones() {
         let numbers: Vec<u64> = Seamcall::ALL.iter().map(|s| s.number()).collect();
-        assert_eq!(numbers, [2, 3, 6, 7, 15, 28, 29, 30, 38, 41, 58, 59]);
+        assert_eq!(numbers, [2, 3, 6, 7, 15, 28, 29, 30, 38, 39, 41, 58, 59]);
     }
 }

@@ -226,3 +226,90 @@ fn pamt_pages_and_table_pages_are_told_apart_at_run_time() {
     drop(cache);
     teardown_and_check(t, vec![vcpu]);
 }
+
+/// Under Dynamic PAMT a DEMOTE takes the 4K PAMT pair of the range as its
+/// own operands: no PAMT.ADD is made for the range, and the pair is the
+/// range's 4K PAMT afterwards, with one reference per 4K child.
+#[test]
+fn demote_hands_the_module_the_ranges_pamt_pair() {
+    for policy in POLICIES {
+        let t = td(policy, 1024, 0);
+        let mut vcpu = t.mmu.new_vcpu_caches();
+        t.mmu.fault(&mut vcpu, 0x20_0000, true).unwrap();
+        let huge = t.mmu.translate(0x20_0000).unwrap().hpa;
+        let adds = t.module.calls(Seamcall::PhymemPamtAdd);
+        t.mmu.split_huge_pages(512, 1024, Level::L4K).unwrap();
+        // At most the new S-EPT page's own range (OnInstall) is added; a
+        // PAMT.ADD of the guest range would be refused (HPA_RANGE_NOT_FREE).
+        assert!(t.module.calls(Seamcall::PhymemPamtAdd) - adds <= 1);
+        assert_eq!(t.module.failures(Seamcall::PhymemPamtAdd), 0);
+        let pair = t.module.pamt_pair(huge).expect("the range has a 4K PAMT");
+        assert_eq!(t.module.page_state(pair[0]), Some(tdx_ext::PageState::Pamt));
+        assert_eq!(t.mirror.pamt().refcount(huge), 512);
+        assert_mirrored(&t);
+        teardown_and_check(t, vec![vcpu]);
+    }
+}
+
+/// A DEMOTE or a removal that fails after its BLOCK is undone with
+/// TDH.MEM.RANGE.UNBLOCK: the S-EPT entry is as it was (not blocked), the
+/// PAMT pair goes back to the cache, and a later attempt works.
+#[test]
+fn a_failure_after_block_unblocks_the_entry() {
+    for policy in POLICIES {
+        let t = td(policy, 1024, 0);
+        let mut vcpu = t.mmu.new_vcpu_caches();
+        t.mmu.fault(&mut vcpu, 0x20_0000, true).unwrap();
+        t.module
+            .inject(Seamcall::MemPageDemote, 1, TdxStatus::OperandInvalid, 1);
+        assert!(t.mmu.split_huge_pages(512, 1024, Level::L4K).is_err());
+        assert_eq!(t.module.calls(Seamcall::MemRangeUnblock), 1);
+        assert!(
+            !t.module.leaves()[&(2, 0x20_0000)].1,
+            "unblocked after the failed DEMOTE"
+        );
+        assert_mirrored(&t);
+        assert_eq!(t.mmu.split_huge_pages(512, 1024, Level::L4K).unwrap(), 1);
+        assert_mirrored(&t);
+        // A removal refused after its BLOCK: the leaf stays, unblocked.
+        t.module
+            .inject(Seamcall::MemPageRemove, 1, TdxStatus::OperandInvalid, 1);
+        assert!(t.mmu.zap_range(0x200, 0x201).is_err());
+        assert!(!t.module.leaves()[&(1, 0x20_0000)].1, "unblocked");
+        assert_eq!(t.module.calls(Seamcall::MemRangeUnblock), 2);
+        assert_mirrored(&t);
+        teardown_and_check(t, vec![vcpu]);
+    }
+}
+
+/// OPERAND_BUSY from the PAMT.ADD of a fault is retried like the other
+/// SEAMCALLs of the fault path.
+#[test]
+fn a_busy_pamt_add_on_the_fault_path_is_retried() {
+    let t = td(PamtPolicy::OnInstall, 1024, 1);
+    let mut vcpu = t.mmu.new_vcpu_caches();
+    t.module
+        .inject(Seamcall::PhymemPamtAdd, 1, TdxStatus::OperandBusy, 3);
+    t.mmu.fault(&mut vcpu, 0x5000, true).unwrap();
+    assert_eq!(t.mirror.pamt().counters().busy_retries, 3);
+    assert_mirrored(&t);
+    teardown_and_check(t, vec![vcpu]);
+}
+
+/// TDX maps private memory with 4K and 2M pages only: the mirror MMU caps
+/// its leaves at 2M even where the memslot could take a 1G leaf, and the
+/// module refuses a 1G AUG.
+#[test]
+fn private_leaves_stop_at_2m() {
+    let t = td(PamtPolicy::OnInstall, 1 << 18, 0);
+    let mut vcpu = t.mmu.new_vcpu_caches();
+    let leaf = t.mmu.fault(&mut vcpu, 0x1234_5000, true).unwrap();
+    assert_eq!(leaf.level, Level::L2M);
+    assert_eq!(t.mmu.page_stats().pages_1g, 0);
+    assert_eq!(
+        t.module.page_aug(0x4000_0000, Level::L1G, 1 << 40),
+        Err(TdxStatus::OperandInvalid)
+    );
+    assert_mirrored(&t);
+    teardown_and_check(t, vec![vcpu]);
+}

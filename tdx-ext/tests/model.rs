@@ -1,6 +1,9 @@
 //! Random fault / zap / split / convert sequences on a TD, with BUSY
-//! injected now and then: after every step the module's S-EPT equals the
-//! mirror and no page is both a PAMT page and an S-EPT page; at the end,
+//! injected now and then (PAMT.ADD included) and DEMOTE or REMOVE failing
+//! after their BLOCK: after every step the module's S-EPT equals the mirror,
+//! no entry is left blocked (a failure after BLOCK is undone with UNBLOCK),
+//! no private leaf is above 2M, a demoted range has its 4K PAMT (taken by
+//! DEMOTE), and no page is both a PAMT page and an S-EPT page; at the end,
 //! after teardown, every page is back with its owner.
 
 mod common;
@@ -22,6 +25,7 @@ enum Op {
     Split { first: u64, pages: u64 },
     Convert { first: u64, pages: u64 },
     Busy { leaf: usize },
+    FailAfterBlock { demote: bool },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -30,15 +34,17 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..PAGES, 1..1024u64).prop_map(|(first, pages)| Op::Zap { first, pages }),
         2 => (0..PAGES, 1..1024u64).prop_map(|(first, pages)| Op::Split { first, pages }),
         1 => (0..PAGES, 1..64u64).prop_map(|(first, pages)| Op::Convert { first, pages }),
-        1 => (0..4usize).prop_map(|leaf| Op::Busy { leaf }),
+        1 => (0..5usize).prop_map(|leaf| Op::Busy { leaf }),
+        1 => any::<bool>().prop_map(|demote| Op::FailAfterBlock { demote }),
     ]
 }
 
-const BUSY_LEAVES: [Seamcall; 4] = [
+const BUSY_LEAVES: [Seamcall; 5] = [
     Seamcall::MemSeptAdd,
     Seamcall::MemPageAug,
     Seamcall::MemPageRemove,
     Seamcall::MemPageDemote,
+    Seamcall::PhymemPamtAdd,
 ];
 
 proptest! {
@@ -73,12 +79,25 @@ proptest! {
                     t.module.inject(BUSY_LEAVES[leaf], 1, TdxStatus::OperandBusy, 1);
                     Ok(())
                 }
+                Op::FailAfterBlock { demote } => {
+                    let leaf = if demote { Seamcall::MemPageDemote } else { Seamcall::MemPageRemove };
+                    t.module.inject(leaf, 1, TdxStatus::OperandInvalid, 1);
+                    Ok(())
+                }
             };
             if let Err(err) = result {
-                let busy = matches!(err, MmuError::Hook(HookError::Busy { .. }));
-                prop_assert!(busy, "{}", err);
+                let expected = matches!(err, MmuError::Hook(HookError::Busy { .. }))
+                    || err.to_string().contains("TDX_OPERAND_INVALID");
+                prop_assert!(expected, "{}", err);
             }
             assert_mirrored(&t);
+            for (&(level, gpa), &(page, blocked)) in &t.module.leaves() {
+                prop_assert!(!blocked, "leaf {:#x} left blocked", gpa);
+                prop_assert!(level <= 2, "a {}-level private leaf", level);
+                if level == 1 {
+                    prop_assert!(t.module.pamt_pair(page & !((2 << 20) - 1)).is_some());
+                }
+            }
             let tables: HashSet<u64> = t.module.tables().values().flatten().copied().collect();
             for page in t.module.pamt_pages() {
                 prop_assert!(!tables.contains(&page), "{:#x} is PAMT and S-EPT", page);

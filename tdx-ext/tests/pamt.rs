@@ -51,10 +51,26 @@ fn a_failed_add_leaves_refcount_zero_and_the_pages_in_the_cache() {
     let mut cache = pamt.new_cache();
     cache.topup(2).unwrap();
     let cached = cache.nr_free();
-    module.inject(Seamcall::PhymemPamtAdd, 1, TdxStatus::OperandBusy, 1);
+    module.inject(
+        Seamcall::PhymemPamtAdd,
+        1,
+        TdxStatus::PageMetadataIncorrect,
+        1,
+    );
     assert!(pamt.get(REGION, &mut cache).is_err());
     assert_eq!(pamt.refcount(REGION), 0);
     assert_eq!(cache.nr_free(), cached, "the pair went back to the cache");
+    // BUSY is retried after a kick, a bounded number of times.
+    module.inject(Seamcall::PhymemPamtAdd, 1, TdxStatus::OperandBusy, 2);
+    pamt.get(REGION, &mut cache).unwrap();
+    assert_eq!(pamt.counters().busy_retries, 2);
+    pamt.put(REGION);
+    // Busy on the first call and on every retry: reported, nothing kept.
+    let cached = cache.nr_free();
+    module.inject(Seamcall::PhymemPamtAdd, 1, TdxStatus::OperandBusy, 9);
+    assert!(pamt.get(REGION, &mut cache).is_err(), "busy for good");
+    assert_eq!(pamt.refcount(REGION), 0);
+    assert_eq!(cache.nr_free(), cached);
     pamt.get(REGION, &mut cache).unwrap();
     pamt.put(REGION);
     cache.free_all();

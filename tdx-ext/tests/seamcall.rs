@@ -34,7 +34,7 @@ fn sept_add_needs_a_parent_a_free_entry_and_a_pamt_backed_free_page() {
     let module = SimTdxModule::new(4);
     assert_eq!(
         module.sept_add(0, Level::L1G, SEPT_REGION),
-        Err(TdxStatus::PageMetadataIncorrect),
+        Err(TdxStatus::MissingPamtPagePair),
         "not PAMT-backed"
     );
     module.pamt_add(SEPT_REGION, [PAMT, PAMT + 0x1000]).unwrap();
@@ -46,7 +46,8 @@ fn sept_add_needs_a_parent_a_free_entry_and_a_pamt_backed_free_page() {
     module.sept_add(0, Level::L1G, SEPT_REGION).unwrap();
     assert_eq!(
         module.sept_add(0, Level::L1G, SEPT_REGION + 0x1000),
-        Err(TdxStatus::EptEntryNotFree)
+        Err(TdxStatus::EptEntryStateIncorrect),
+        "the entry is used"
     );
     assert_eq!(
         module.sept_add(0, Level::L2M, SEPT_REGION),
@@ -85,7 +86,7 @@ fn aug_only_after_finalize_and_add_only_before() {
     );
     assert_eq!(
         module.page_aug(0, Level::L4K, GUEST_REGION + 0x1000),
-        Err(TdxStatus::EptEntryNotFree),
+        Err(TdxStatus::EptEntryStateIncorrect),
         "the entry is taken"
     );
     assert_eq!(
@@ -95,7 +96,7 @@ fn aug_only_after_finalize_and_add_only_before() {
     );
     assert_eq!(
         module.page_aug(0x1000, Level::L4K, 0x5_0000_0000),
-        Err(TdxStatus::PageMetadataIncorrect),
+        Err(TdxStatus::MissingPamtPagePair),
         "a 4K page without 4K PAMT"
     );
     assert_eq!(
@@ -128,7 +129,8 @@ fn remove_needs_block_track_and_kick_then_wbinvd_returns_the_page() {
     );
     assert_eq!(
         module.range_block(0x1000, Level::L4K),
-        Err(TdxStatus::EptEntryNotPresent)
+        Err(TdxStatus::EptEntryStateIncorrect),
+        "a free entry"
     );
     module.range_block(0, Level::L4K).unwrap();
     assert_eq!(
@@ -156,7 +158,7 @@ fn remove_needs_block_track_and_kick_then_wbinvd_returns_the_page() {
     assert_eq!(module.page_state(GUEST_REGION), Some(PageState::Removed));
     assert_eq!(
         module.pamt_remove(GUEST_REGION),
-        Err(TdxStatus::HpaRangeNotFree),
+        Err(TdxStatus::PamtPageNotEmpty),
         "a removed page still needs its PAMT until WBINVD"
     );
     module.page_wbinvd(GUEST_REGION).unwrap();
@@ -189,33 +191,49 @@ fn sept_remove_needs_an_empty_blocked_tracked_page() {
 }
 
 #[test]
-fn demote_needs_a_blocked_tracked_leaf_a_new_page_and_the_range_pamt() {
+fn demote_needs_a_blocked_tracked_leaf_a_new_page_and_takes_the_range_pamt_pair() {
     let module = module_with_tables();
     module.finalize().unwrap();
     let huge = 0x6_0000_0000;
     module.page_aug(0x20_0000, Level::L2M, huge).unwrap();
     let new_page = SEPT_REGION + 0x3000;
+    let pair = Some([PAMT + 0x4000, PAMT + 0x5000]);
     assert_eq!(
-        module.page_demote(0x20_0000, Level::L2M, new_page),
+        module.page_demote(0x20_0000, Level::L2M, new_page, pair),
         Err(TdxStatus::GpaRangeNotBlocked)
     );
     module.range_block(0x20_0000, Level::L2M).unwrap();
     module.track().unwrap();
     module.kick_vcpus();
     assert_eq!(
-        module.page_demote(0x20_0000, Level::L2M, new_page),
-        Err(TdxStatus::PageMetadataIncorrect),
-        "no 4K PAMT for the range"
+        module.page_demote(0x20_0000, Level::L2M, new_page, None),
+        Err(TdxStatus::MissingPamtPagePair),
+        "the 4K children need the range's 4K PAMT, which DEMOTE takes"
     );
-    module
-        .pamt_add(huge, [PAMT + 0x4000, PAMT + 0x5000])
-        .unwrap();
     assert_eq!(
-        module.page_demote(0x20_0000, Level::L2M, 0x7_0000_0000),
-        Err(TdxStatus::PageMetadataIncorrect),
+        module.pamt_add(huge, [PAMT + 0x4000, PAMT + 0x5000]),
+        Err(TdxStatus::HpaRangeNotFree),
+        "no separate PAMT.ADD on a range mapped as a 2 MiB page"
+    );
+    assert_eq!(
+        module.page_demote(0x20_0000, Level::L2M, 0x7_0000_0000, pair),
+        Err(TdxStatus::MissingPamtPagePair),
         "the new S-EPT page has no PAMT"
     );
-    module.page_demote(0x20_0000, Level::L2M, new_page).unwrap();
+    assert_eq!(
+        module.page_demote(0x20_0000, Level::L2M, new_page, Some([PAMT, PAMT + 0x5000])),
+        Err(TdxStatus::PageNotFree),
+        "a pair page that holds PAMT already"
+    );
+    module
+        .page_demote(0x20_0000, Level::L2M, new_page, pair)
+        .unwrap();
+    assert_eq!(
+        module.pamt_pair(huge),
+        pair,
+        "the range has its 4K PAMT now"
+    );
+    assert_eq!(module.page_state(PAMT + 0x4000), Some(PageState::Pamt));
     let leaves = module.leaves();
     assert_eq!(leaves.len(), 512);
     for i in 0..512u64 {
@@ -224,6 +242,73 @@ fn demote_needs_a_blocked_tracked_leaf_a_new_page_and_the_range_pamt() {
             (huge + i * 0x1000, false)
         );
     }
+    assert_eq!(
+        module.pamt_remove(huge),
+        Err(TdxStatus::PamtPageNotEmpty),
+        "its 4K pages are the TD's"
+    );
+}
+
+#[test]
+fn aug_maps_4k_and_2m_only_and_never_over_a_used_entry() {
+    let module = module_with_tables();
+    module.finalize().unwrap();
+    assert_eq!(
+        module.page_aug(0, Level::L1G, 0x8_0000_0000),
+        Err(TdxStatus::OperandInvalid),
+        "TDX has no 1 GiB private pages"
+    );
+    with_guest_pamt(&module);
+    module.page_aug(0, Level::L4K, GUEST_REGION).unwrap();
+    assert_eq!(
+        module.page_aug(0, Level::L4K, GUEST_REGION + 0x1000),
+        Err(TdxStatus::EptEntryStateIncorrect)
+    );
+    assert_eq!(
+        module.page_aug(0x1000, Level::L4K, 0x9_0000_0000),
+        Err(TdxStatus::MissingPamtPagePair),
+        "a 4K page in a range without a 4K PAMT"
+    );
+    assert_eq!(
+        module.page_aug(0x20_0000, Level::L2M, GUEST_REGION + MB2 * 8),
+        Ok(())
+    );
+}
+
+#[test]
+fn unblock_undoes_a_tracked_block_and_block_needs_a_used_entry() {
+    let module = module_with_tables();
+    module.finalize().unwrap();
+    with_guest_pamt(&module);
+    assert_eq!(
+        module.range_block(0x5000, Level::L4K),
+        Err(TdxStatus::EptEntryStateIncorrect),
+        "a free entry"
+    );
+    assert_eq!(
+        module.range_unblock(0x5000, Level::L4K),
+        Err(TdxStatus::EptEntryStateIncorrect)
+    );
+    module.page_aug(0x5000, Level::L4K, GUEST_REGION).unwrap();
+    assert_eq!(
+        module.range_unblock(0x5000, Level::L4K),
+        Err(TdxStatus::EptEntryStateIncorrect),
+        "not blocked"
+    );
+    module.range_block(0x5000, Level::L4K).unwrap();
+    assert_eq!(
+        module.range_unblock(0x5000, Level::L4K),
+        Err(TdxStatus::TlbTrackingNotDone)
+    );
+    module.track().unwrap();
+    module.kick_vcpus();
+    module.range_unblock(0x5000, Level::L4K).unwrap();
+    assert_eq!(module.leaves()[&(1, 0x5000)], (GUEST_REGION, false));
+    // Blocked again, it can be blocked, tracked and removed as before.
+    module.range_block(0x5000, Level::L4K).unwrap();
+    module.track().unwrap();
+    module.kick_vcpus();
+    assert_eq!(module.page_remove(0x5000, Level::L4K), Ok(GUEST_REGION));
 }
 
 #[test]
@@ -265,10 +350,10 @@ fn pamt_add_and_remove_guard_their_pages_and_region() {
     );
     assert_eq!(
         module.pamt_add(MB2, [PAMT, PAMT + 0x2000]),
-        Err(TdxStatus::PageMetadataIncorrect),
+        Err(TdxStatus::PageNotFree),
         "a page already holds PAMT"
     );
-    assert_eq!(module.pamt_remove(MB2), Err(TdxStatus::OperandInvalid));
+    assert_eq!(module.pamt_remove(MB2), Err(TdxStatus::NoPamtPagePair));
     assert_eq!(module.pamt_regions(), 1);
 }
 
