@@ -7,9 +7,14 @@
 //!
 //! - [`GuestMemFile`]: created from `{ size, flags, huge_page_size_log2 }`;
 //!   the kernel's rules and errno values for sizes, flags, fallocate, punch
-//!   hole, mmap, read/write and resizing hold on every backend.
+//!   hole, mmap, read/write and resizing hold on every backend, checked in
+//!   the kernel's order ([`check_fallocate`], [`check_mmap`]).
 //! - Shared/private attributes per 4 KiB page ([`attrs::AttrMap`], a range
-//!   map) with [`GuestMemFile::convert`]: host views fault on private pages.
+//!   map) with [`GuestMemFile::convert`].
+//! - The signal contract: touching a private page through a host view, or
+//!   a view past the end of the file, raises SIGBUS on every backend, as a
+//!   guest_memfd does (VMMs install SIGBUS handlers for it); the safe
+//!   accessors of a [`View`] return EFAULT instead, before touching a byte.
 //!   On HugeTLB a huge page that becomes mixed is split into 4 KiB backing
 //!   and merged back when it is uniform again, with its data kept and every
 //!   view following.
@@ -18,7 +23,11 @@
 //!   vm-memory `GuestRegionMmap` / `GuestMemoryMmap` (optionally with a dirty
 //!   bitmap).
 //! - [`KvmVm`]: memslots through `KVM_SET_USER_MEMORY_REGION2`, with
-//!   `KVM_MEM_GUEST_MEMFD` for guest_memfd files.
+//!   `KVM_MEM_GUEST_MEMFD` for guest_memfd files, in two forms: a
+//!   guest_memfd with its own mapping ([`KvmVm::bind`]), or a guest_memfd the
+//!   host cannot map beside separate shared memory ([`KvmVm::bind_private`],
+//!   the confidential-VM layout); [`KvmVm::predict`] gives the kernel's
+//!   verdict on a slot before it is made.
 //! - [`HostCaps`]: what the host offers.
 //!
 //! ```
