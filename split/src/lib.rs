@@ -49,6 +49,7 @@ mod lock;
 pub mod memslot;
 pub mod shadow;
 pub mod tdp;
+pub mod translation;
 
 pub use ept::{AccessKind, Entry, EptCaps, EptError, Level, MemType};
 pub use hooks::{ExternalPageTable, ExternalTablePage, HookError, NoExternal, TableRef, Topup};

@@ -1,0 +1,121 @@
+//! Eager splitting of huge shadow leaves without a vCPU.
+
+use super::*;
+
+impl ShadowMmu {
+    /// Splits every huge leaf that maps L1 frames in `[start_gfn, end_gfn)`
+    /// down to `target`, 1G leaves first: each becomes a direct shadow page
+    /// of 512 children with the same bits (the page-size bit cleared only at
+    /// 4K). No vCPU is involved. Uses the per-VM split caches; when they
+    /// fall below what one split needs, the lock is dropped, they are
+    /// topped up, and the walk resumes. Returns the number of splits.
+    pub fn split_huge_pages(
+        &self,
+        start_gfn: u64,
+        end_gfn: u64,
+        target: Level,
+    ) -> Result<u64, ShadowError> {
+        let mut caches = self.split_cache_lock();
+        let mut splits = 0;
+        let mut state = self.lock();
+        state.pages.reserve(SPLITS_PER_YIELD as usize);
+        let mut since_yield = 0;
+        for level in [Level::L1G, Level::L2M] {
+            if level <= target {
+                continue;
+            }
+            let pages = level.entry_pages();
+            let mut gfn = start_gfn & !(pages - 1);
+            while gfn < end_gfn {
+                let Some(si) = state.slot_index(gfn.max(start_gfn)) else {
+                    gfn = self.next_slot_gfn(&state, gfn, end_gfn, pages);
+                    continue;
+                };
+                let at = gfn.max(state.slots[si].slot.base_gfn());
+                let Some(addr) = state.slots[si].head(level, at).first() else {
+                    gfn += pages;
+                    continue;
+                };
+                if caches.split_needs_topup() || since_yield == SPLITS_PER_YIELD {
+                    state.counters.lock_drops += 1;
+                    drop(state);
+                    std::thread::yield_now();
+                    caches.topup_for_split()?;
+                    state = self.lock();
+                    state.pages.reserve(SPLITS_PER_YIELD as usize);
+                    since_yield = 0;
+                    continue;
+                }
+                let _no_alloc = NoAllocSection::enter();
+                self.split_one(&mut state, &mut caches, addr, level)?;
+                splits += 1;
+                since_yield += 1;
+            }
+        }
+        Ok(splits)
+    }
+
+    fn next_slot_gfn(&self, state: &State, gfn: u64, end: u64, pages: u64) -> u64 {
+        state
+            .slots
+            .iter()
+            .map(|r| r.slot.base_gfn())
+            .filter(|&base| base > gfn)
+            .min()
+            .map_or(end, |base| base & !(pages - 1))
+            .max(gfn + pages)
+    }
+
+    fn split_one(
+        &self,
+        state: &mut State,
+        caches: &mut ShadowCaches,
+        addr: u64,
+        level: Level,
+    ) -> Result<(), ShadowError> {
+        let huge = state.spte(addr);
+        let below = level.below().expect("huge leaves are above 4K");
+        let gfn = state.leaf_gfn(huge, level);
+        let role = Role::direct(below, guest_access(huge));
+        let (child, _) = self.get_sp(state, caches, None, gfn, role)?;
+        let si = state
+            .slot_index(gfn)
+            .expect("huge leaves lie inside a memslot");
+        let State {
+            pages,
+            slots,
+            stats,
+            ..
+        } = &mut *state;
+        let words = pages
+            .get_mut(&child)
+            .and_then(|sp| sp.page.as_mut())
+            .expect("a live shadow page")
+            .words_mut();
+        let rmaps = &mut slots[si];
+        let first = rmaps.index(below, gfn);
+        let lists = &mut rmaps.levels[usize::from(below.get() - 1)][first..first + 512];
+        let mut added = 0;
+        let mut result = Ok(());
+        for (index, (word, list)) in words.iter_mut().zip(lists).enumerate() {
+            if Entry::from_bits(*word).is_present() {
+                continue;
+            }
+            let child_addr = child + index as u64 * 8;
+            if let Err(err) = list.add(child_addr, &mut caches.descriptors) {
+                result = Err(err);
+                break;
+            }
+            *word = huge.split_child(level, index).bits();
+            added += 1;
+        }
+        stats[stat_index(below)] += added;
+        result?;
+        let removed = state.rmap(level, gfn).remove(addr);
+        debug_assert!(removed, "huge leaf {addr:#x} was not in its rmap");
+        state.stats[stat_index(level)] -= 1;
+        self.link(state, &mut caches.descriptors, addr, child)?;
+        state.counters.splits += 1;
+        Ok(())
+    }
+}

@@ -1,0 +1,94 @@
+//! Software vCPU accesses: the hardware walker with its per-thread walk
+//! cache, and translation without side effects.
+
+use super::*;
+
+impl TdpMmu {
+    /// What the hardware walker does for a guest access: under the shared
+    /// lock, find the leaf and set its accessed (and on write dirty) bit;
+    /// a missing leaf or a write-protected one is a miss, to be handled by
+    /// [`fault`](Self::fault).
+    pub fn access(&self, gpa: u64, write: bool) -> Access {
+        let _guard = self.read_lock();
+        let Some((table, index, level, entry)) = self.find_leaf_cached(gpa >> 12) else {
+            return Access::Miss;
+        };
+        if write && !entry.has(WRITE) {
+            return Access::Miss;
+        }
+        let bits = if write { ACCESSED | DIRTY } else { ACCESSED };
+        if !entry.has(bits) {
+            table[index].fetch_or(bits, Ordering::AcqRel);
+        }
+        Access::Hit(self.translation(entry, level, gpa >> 12).hpa | (gpa & 0xfff))
+    }
+
+    /// [`find_leaf`](Self::find_leaf) through this thread's walk cache: an
+    /// access in the same 2 MiB region as the thread's last one reads the
+    /// leaf table directly instead of walking from the root. Callers hold
+    /// the lock.
+    fn find_leaf_cached(&self, gfn: u64) -> Option<(&[AtomicU64; 512], usize, Level, Entry)> {
+        // Stable while the caller holds the lock: it moves only under the
+        // write lock.
+        let generation = self.table_generation.load(Ordering::Relaxed);
+        let cached = LAST_LEAF_TABLE.get();
+        if cached.mmu == self.id && cached.generation == generation && cached.region == gfn >> 9 {
+            // SAFETY: the table was linked for this region of this MMU when
+            // it was cached, and no table has been unlinked since (the
+            // generation is unchanged), so it is still linked there; the
+            // caller's lock keeps it so.
+            let table = unsafe { entries(cached.table_hpa) };
+            let index = Level::L4K.index(gfn);
+            let entry = load(table, index);
+            return entry
+                .is_present()
+                .then_some((table, index, Level::L4K, entry));
+        }
+        let found = self.find_leaf(gfn)?;
+        if found.2 == Level::L4K {
+            LAST_LEAF_TABLE.set(WalkCache {
+                mmu: self.id,
+                generation,
+                region: gfn >> 9,
+                table_hpa: found.0.as_ptr() as u64,
+            });
+        }
+        Some(found)
+    }
+
+    /// Walks to the present leaf that maps `gfn`; callers hold the lock.
+    pub(super) fn find_leaf(&self, gfn: u64) -> Option<(&[AtomicU64; 512], usize, Level, Entry)> {
+        let mut table_hpa = self.root_hpa();
+        let mut level = self.top_level();
+        loop {
+            // SAFETY: the root or a linked table; the caller's lock keeps it alive.
+            let table = unsafe { entries(table_hpa) };
+            let index = level.index(gfn);
+            let entry = load(table, index);
+            if !entry.is_present() {
+                return None;
+            }
+            if entry.is_leaf(level) {
+                return Some((table, index, level, entry));
+            }
+            table_hpa = entry.addr(level);
+            level = level.below()?;
+        }
+    }
+
+    /// A guest write: [`access`](Self::access), faulting on a miss.
+    pub fn write(&self, caches: &mut VcpuCaches, gpa: u64) -> Result<u64, MmuError> {
+        match self.access(gpa, true) {
+            Access::Hit(hpa) => Ok(hpa),
+            Access::Miss => self.fault(caches, gpa, true).map(|t| t.hpa),
+        }
+    }
+
+    /// A guest read: [`access`](Self::access), faulting on a miss.
+    pub fn read(&self, caches: &mut VcpuCaches, gpa: u64) -> Result<u64, MmuError> {
+        match self.access(gpa, false) {
+            Access::Hit(hpa) => Ok(hpa),
+            Access::Miss => self.fault(caches, gpa, false).map(|t| t.hpa),
+        }
+    }
+}

@@ -1,0 +1,619 @@
+//! The TDP MMU: one EPT tree per VM, faulted in by vCPUs under a shared
+//! lock with compare-and-exchange, with dirty logging and eager splitting.
+
+pub use crate::translation::{Access, PageStats, Translation};
+
+mod access;
+mod dirty;
+mod fault;
+mod split;
+mod zap;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use mmu_cache::alloc::NoAllocSection;
+use mmu_cache::{CacheError, ObjectCache, Page, PageCache, PageKind, PagePool, Slab, SlabError};
+
+use crate::ept::{self, ACCESSED, DIRTY, Entry, Level, MemType, WRITE};
+use crate::hooks::{ExternalPageTable, ExternalTablePage, HookError, NoExternal, TableRef, Topup};
+use crate::lock::{MmuLock, ReadGuard, WriteGuard};
+use crate::memslot::{ClearedWord, LogMode, Memslot, MemslotError};
+
+/// Pages that hold EPT tables.
+#[derive(Debug)]
+pub enum TablePage {}
+impl PageKind for TablePage {}
+
+/// The value an entry holds while an external hook runs on it.
+const FROZEN: u64 = ept::NON_PRESENT | 0x5a0;
+/// Splits between two voluntary releases of the lock.
+const SPLITS_PER_YIELD: u64 = 64;
+
+/// Errors of the TDP MMU.
+#[derive(Debug, thiserror::Error)]
+pub enum MmuError {
+    /// No memslot holds the guest frame (an MMIO access in KVM terms).
+    #[error("no memslot holds gpa {gpa:#x}")]
+    NoSlot {
+        /// The guest physical address.
+        gpa: u64,
+    },
+    /// The address is beyond what the paging depth translates.
+    #[error("gpa {gpa:#x} is beyond the {levels}-level address space")]
+    AddressTooWide {
+        /// The guest physical address.
+        gpa: u64,
+        /// The paging depth.
+        levels: u8,
+    },
+    /// A topup of the MMU's caches failed.
+    #[error("topping up the MMU caches: {0}")]
+    Cache(#[from] CacheError),
+    /// A memslot operation failed.
+    #[error(transparent)]
+    Memslot(#[from] MemslotError),
+    /// An external page-table hook failed; the tree is unchanged there.
+    #[error(transparent)]
+    Hook(#[from] HookError),
+    /// A leaf could not be encoded (a frame not aligned to its level).
+    #[error("building a leaf: {0}")]
+    Entry(#[from] ept::EptError),
+    /// The header slab could not be created.
+    #[error(transparent)]
+    Slab(#[from] SlabError),
+    /// The configuration is invalid.
+    #[error("invalid MMU configuration: {0}")]
+    Config(&'static str),
+}
+
+/// The bookkeeping of one table: where it sits and the page that holds it
+/// (the kernel's `struct kvm_mmu_page`).
+#[derive(Debug, Default)]
+pub struct TableHeader {
+    gfn: u64,
+    level: u8,
+    page: Option<Page<TablePage>>,
+    external: Option<Page<ExternalTablePage>>,
+}
+
+impl TableHeader {
+    /// First guest frame the table covers.
+    pub fn gfn(&self) -> u64 {
+        self.gfn
+    }
+
+    /// The level of the table's entries.
+    pub fn level(&self) -> Level {
+        Level::new(self.level).expect("headers of linked tables have a level")
+    }
+
+    /// The address of the table page, once linked.
+    pub fn table_hpa(&self) -> Option<u64> {
+        self.page.as_ref().map(|page| page.addr() as u64)
+    }
+
+    /// The address of the external page that mirrors the table, if any.
+    pub fn external_hpa(&self) -> Option<u64> {
+        self.external.as_ref().map(|page| page.addr() as u64)
+    }
+
+    fn table_ref(&self) -> TableRef {
+        TableRef {
+            hpa: self.table_hpa().unwrap_or(0),
+            external: self.external_hpa(),
+        }
+    }
+}
+
+mmu_cache::cache_set! {
+    /// What one fault needs: enough for every level of a 5-level walk.
+    #[derive(Debug)]
+    pub struct VcpuCaches {
+        /// Table pages, filled with the non-present value.
+        pub tables: PageCache<TablePage> => [min 5],
+        /// Table headers.
+        pub headers: ObjectCache<TableHeader> => [min 5],
+        /// External table pages, topped up only when the hooks ask for them.
+        pub external: PageCache<ExternalTablePage> => [min 0],
+    }
+}
+
+/// Configuration of a [`TdpMmu`].
+#[derive(Clone, Copy, Debug)]
+pub struct MmuConfig {
+    /// Paging depth: 4 or 5.
+    pub levels: u8,
+    /// Split huge pages when dirty logging starts (or at the first clear in
+    /// manual mode). Off: writes split lazily, one fault at a time.
+    pub eager_split: bool,
+    /// Capacity of the split caches (tables topped up per lock hold while
+    /// splitting).
+    pub split_cache_capacity: usize,
+    /// Memory type of leaves.
+    pub memtype: MemType,
+    /// Capacity of each vCPU cache (objects per topup, at least 5).
+    pub vcpu_cache_capacity: usize,
+}
+
+impl Default for MmuConfig {
+    fn default() -> Self {
+        Self {
+            levels: 4,
+            eager_split: true,
+            split_cache_capacity: 256,
+            memtype: MemType::Wb,
+            vcpu_cache_capacity: mmu_cache::DEFAULT_CAPACITY,
+        }
+    }
+}
+
+/// Counters of MMU work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MmuCounters {
+    /// Faults handled.
+    pub faults: u64,
+    /// Walks retried after losing a race.
+    pub retries: u64,
+    /// Huge leaves split (eagerly or for a boundary).
+    pub splits: u64,
+    /// Huge leaves split by a write fault (lazy mode, or a huge leaf an
+    /// eager split could not split).
+    pub lazy_splits: u64,
+    /// Huge leaves that an eager split under dirty logging could not split
+    /// (split caches not filled, hooks refusing) and that were
+    /// write-protected whole instead, counted at each protect pass.
+    pub split_fallbacks: u64,
+    /// Times a splitter dropped the lock to top up or to yield.
+    pub lock_drops: u64,
+    /// Tables linked.
+    pub tables_linked: u64,
+    /// Tables freed.
+    pub tables_freed: u64,
+    /// External pages kept out of the allocator because the hooks could
+    /// not take them back (they may still belong to the external side).
+    pub external_leaked: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    faults: AtomicU64,
+    retries: AtomicU64,
+    splits: AtomicU64,
+    lazy_splits: AtomicU64,
+    split_fallbacks: AtomicU64,
+    lock_drops: AtomicU64,
+    tables_linked: AtomicU64,
+    tables_freed: AtomicU64,
+    external_leaked: AtomicU64,
+}
+
+/// The TDP MMU of one VM.
+///
+/// ```
+/// use split::{Memslot, MmuConfig, TdpMmu};
+/// use mmu_cache::{PagePool, alloc::ChunkAllocator};
+///
+/// let mmu = TdpMmu::new(PagePool::new(ChunkAllocator::anonymous()), MmuConfig::default())?;
+/// mmu.add_memslot(Memslot::new(0, 0, 1 << 18, 1 << 18)?)?; // 1 GiB at gpa 0
+/// let mut caches = mmu.new_vcpu_caches();
+/// mmu.fault(&mut caches, 0x1234_5000, true)?;
+/// assert_eq!(mmu.page_stats().pages_1g, 1);
+/// mmu.enable_dirty_logging(0, split::LogMode::Classic)?;
+/// assert_eq!(mmu.page_stats().pages_4k, 1 << 18); // split eagerly
+/// # Ok::<(), split::MmuError>(())
+/// ```
+pub struct TdpMmu {
+    config: MmuConfig,
+    lock: MmuLock,
+    pool: Arc<PagePool<TablePage>>,
+    header_slab: Arc<Slab<TableHeader>>,
+    root: Page<TablePage>,
+    tables: Mutex<HashMap<u64, mmu_cache::SlabBox<TableHeader>>>,
+    slots: RwLock<Vec<Arc<Memslot>>>,
+    split_caches: Mutex<VcpuCaches>,
+    hooks: Box<dyn ExternalPageTable>,
+    external_tables: bool,
+    external_pool: Arc<PagePool<ExternalTablePage>>,
+    /// The largest leaf the hooks take.
+    max_leaf: Level,
+    torn_down: std::sync::atomic::AtomicBool,
+    stats: [AtomicU64; 3],
+    counters: Counters,
+    /// Tells this MMU's entries in the per-thread walk caches from another's.
+    id: u64,
+    /// Bumped whenever a table is unlinked (under the write lock): a walk
+    /// cache entry taken at an older generation may name a freed table.
+    table_generation: AtomicU64,
+}
+
+/// The leaf table a thread's last access walked to: the software vCPU's
+/// paging-structure cache. Valid for the MMU `mmu` while its table
+/// generation is still `generation`, since a linked table stays linked
+/// at its place until one is unlinked.
+#[derive(Clone, Copy)]
+struct WalkCache {
+    mmu: u64,
+    generation: u64,
+    /// `gfn >> 9` of the 2 MiB region the table maps.
+    region: u64,
+    table_hpa: u64,
+}
+
+thread_local! {
+    static LAST_LEAF_TABLE: std::cell::Cell<WalkCache> = const {
+        std::cell::Cell::new(WalkCache {
+            mmu: 0,
+            generation: 0,
+            region: 0,
+            table_hpa: 0,
+        })
+    };
+}
+
+/// Identifiers of MMUs; 0 is never given, so an empty walk cache matches
+/// none.
+static NEXT_MMU_ID: AtomicU64 = AtomicU64::new(1);
+
+impl std::fmt::Debug for TdpMmu {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TdpMmu")
+            .field("config", &self.config)
+            .field("stats", &self.page_stats())
+            .field("tables", &self.live_tables())
+            .finish()
+    }
+}
+
+/// Borrows the 512 entries of the table at `hpa`.
+///
+/// # Safety
+///
+/// `hpa` must be the address of a table page of this MMU that stays linked
+/// (or owned by the caller) for `'a`; callers hold the MMU lock, and tables
+/// are freed only under the write lock.
+unsafe fn entries<'a>(hpa: u64) -> &'a [AtomicU64; 512] {
+    // SAFETY: guaranteed by the caller; a table page is 4 KiB, page aligned,
+    // and only ever accessed atomically while linked.
+    unsafe { &*(hpa as *const [AtomicU64; 512]) }
+}
+
+fn load(table: &[AtomicU64; 512], index: usize) -> Entry {
+    Entry::from_bits(table[index].load(Ordering::Acquire))
+}
+
+fn cas(table: &[AtomicU64; 512], index: usize, old: Entry, new: Entry) -> bool {
+    table[index]
+        .compare_exchange(old.bits(), new.bits(), Ordering::AcqRel, Ordering::Acquire)
+        .is_ok()
+}
+
+/// Makes the next write to a leaf's memory visible to dirty logging: clears
+/// the dirty bit, and write-protects a huge leaf (whose dirty bit could not
+/// say which 4K page was written). A compare-and-exchange loop, so that it
+/// runs beside faults and accesses under the read lock; an entry that
+/// stops being this leaf (zapped, frozen, split) is left to its new owner.
+fn protect_leaf(table: &[AtomicU64; 512], index: usize, level: Level, mut entry: Entry) {
+    let clear = if level > Level::L4K {
+        DIRTY | WRITE
+    } else {
+        DIRTY
+    };
+    loop {
+        let protected = entry.without(clear);
+        if protected == entry {
+            return;
+        }
+        match table[index].compare_exchange(
+            entry.bits(),
+            protected.bits(),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => return,
+            Err(now) => {
+                entry = Entry::from_bits(now);
+                if !entry.is_leaf(level) {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn stat_index(level: Level) -> usize {
+    usize::from(level.get() - 1)
+}
+
+impl TdpMmu {
+    /// An MMU whose tables come from `pool`, without external hooks.
+    pub fn new(pool: Arc<PagePool<TablePage>>, config: MmuConfig) -> Result<Self, MmuError> {
+        Self::with_hooks(pool, config, Box::new(NoExternal))
+    }
+
+    /// An MMU that mirrors its tree into an external page table.
+    pub fn with_hooks(
+        pool: Arc<PagePool<TablePage>>,
+        config: MmuConfig,
+        hooks: Box<dyn ExternalPageTable>,
+    ) -> Result<Self, MmuError> {
+        if !(4..=5).contains(&config.levels) {
+            return Err(MmuError::Config("levels must be 4 or 5"));
+        }
+        if config.split_cache_capacity == 0 {
+            return Err(MmuError::Config("split_cache_capacity must be at least 1"));
+        }
+        if config.vcpu_cache_capacity < 5 {
+            return Err(MmuError::Config(
+                "vcpu_cache_capacity must be at least 5 (one 5-level walk)",
+            ));
+        }
+        let mut root: Page<TablePage> =
+            pool.get().map_err(|err| CacheError::EmptyFallbackFailed {
+                cache: "root",
+                source: Box::new(err),
+            })?;
+        root.fill(ept::NON_PRESENT);
+        let header_slab = Slab::new(pool.for_kind(), None)?;
+        let external_tables = hooks.external_tables();
+        let max_leaf = hooks.max_leaf_level();
+        let external_pool = hooks.external_pool().unwrap_or_else(|| pool.for_kind());
+        let split_caches = VcpuCaches {
+            // Split tables are filled with the children before they are
+            // linked, so they skip the non-present fill.
+            tables: PageCache::new(pool.clone()).named("split-tables"),
+            headers: ObjectCache::new(header_slab.clone()).named("split-headers"),
+            external: PageCache::new(external_pool.clone()).named("split-external"),
+        };
+        Ok(Self {
+            config,
+            lock: MmuLock::default(),
+            pool,
+            header_slab,
+            root,
+            tables: Mutex::new(HashMap::new()),
+            slots: RwLock::new(Vec::new()),
+            split_caches: Mutex::new(split_caches),
+            hooks,
+            external_tables,
+            external_pool,
+            max_leaf,
+            torn_down: std::sync::atomic::AtomicBool::new(false),
+            stats: Default::default(),
+            counters: Counters::default(),
+            id: NEXT_MMU_ID.fetch_add(1, Ordering::Relaxed),
+            table_generation: AtomicU64::new(0),
+        })
+    }
+
+    /// A fresh cache set for one vCPU.
+    pub fn new_vcpu_caches(&self) -> VcpuCaches {
+        VcpuCaches {
+            tables: PageCache::new(self.pool.clone())
+                .with_init_value(ept::NON_PRESENT)
+                .named("vcpu-tables"),
+            headers: ObjectCache::new(self.header_slab.clone()).named("vcpu-headers"),
+            external: PageCache::new(self.external_pool.clone()).named("vcpu-external"),
+        }
+    }
+
+    /// Whether the MMU provides an external page for every table.
+    pub fn has_external_tables(&self) -> bool {
+        self.external_tables
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> MmuConfig {
+        self.config
+    }
+
+    /// The root table's address (the EPT pointer's frame).
+    pub fn root_hpa(&self) -> u64 {
+        self.root.addr() as u64
+    }
+
+    fn top_level(&self) -> Level {
+        Level::new(self.config.levels).expect("validated at construction")
+    }
+
+    fn read_lock(&self) -> ReadGuard<'_> {
+        self.lock.read()
+    }
+
+    fn write_lock(&self) -> WriteGuard<'_> {
+        self.lock.write()
+    }
+
+    fn table_map(&self) -> MutexGuard<'_, HashMap<u64, mmu_cache::SlabBox<TableHeader>>> {
+        self.tables
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    // ----- memslots -------------------------------------------------------
+
+    /// Adds a slot; it must not overlap another or reuse its id.
+    pub fn add_memslot(&self, slot: Memslot) -> Result<Arc<Memslot>, MmuError> {
+        if slot.end_gfn() > 1 << (self.top_level().shift() + 9 - 12) {
+            return Err(MmuError::AddressTooWide {
+                gpa: slot.end_gfn() << 12,
+                levels: self.config.levels,
+            });
+        }
+        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(other) = slots.iter().find(|other| {
+            other.id() == slot.id()
+                || (slot.base_gfn() < other.end_gfn() && other.base_gfn() < slot.end_gfn())
+        }) {
+            return Err(MemslotError::Overlap {
+                id: slot.id(),
+                other: other.id(),
+            }
+            .into());
+        }
+        let slot = Arc::new(slot);
+        slots.push(slot.clone());
+        Ok(slot)
+    }
+
+    /// Removes a slot and zaps its mappings.
+    pub fn remove_memslot(&self, id: u32) -> Result<(), MmuError> {
+        let slot = self.slot(id)?;
+        self.zap_range(slot.base_gfn(), slot.end_gfn())?;
+        self.slots
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|s| s.id() != id);
+        Ok(())
+    }
+
+    /// The slot with this id.
+    pub fn slot(&self, id: u32) -> Result<Arc<Memslot>, MmuError> {
+        self.slots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|slot| slot.id() == id)
+            .cloned()
+            .ok_or(MmuError::Memslot(MemslotError::NoSuchSlot { id }))
+    }
+
+    fn slot_for_gfn(&self, gfn: u64) -> Option<Arc<Memslot>> {
+        self.slots
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|slot| slot.contains(gfn))
+            .cloned()
+    }
+
+    // ----- translation and stats -----------------------------------------
+
+    /// Translates `gpa` through the tree, without side effects.
+    pub fn translate(&self, gpa: u64) -> Option<Translation> {
+        let gfn = gpa >> 12;
+        let _guard = self.read_lock();
+        let (_, _, level, entry) = self.find_leaf(gfn)?;
+        let t = self.translation(entry, level, gfn);
+        Some(Translation {
+            hpa: t.hpa | (gpa & 0xfff),
+            ..t
+        })
+    }
+
+    /// Leaf counts kept incrementally.
+    pub fn page_stats(&self) -> PageStats {
+        let [pages_4k, pages_2m, pages_1g] =
+            self.stats.each_ref().map(|c| c.load(Ordering::Relaxed));
+        PageStats {
+            pages_4k,
+            pages_2m,
+            pages_1g,
+        }
+    }
+
+    /// Leaf and table counts from a walk of the whole tree; the leaf counts
+    /// must equal [`page_stats`](Self::page_stats).
+    pub fn recount(&self) -> (PageStats, usize) {
+        let _guard = self.write_lock();
+        let mut stats = PageStats::default();
+        let mut tables = 0;
+        self.walk_all(self.root_hpa(), self.top_level(), &mut |entry, level| {
+            if entry.is_leaf(level) {
+                match level.get() {
+                    1 => stats.pages_4k += 1,
+                    2 => stats.pages_2m += 1,
+                    _ => stats.pages_1g += 1,
+                }
+            } else {
+                tables += 1;
+            }
+        });
+        (stats, tables)
+    }
+
+    fn walk_all(&self, table_hpa: u64, level: Level, visit: &mut impl FnMut(Entry, Level)) {
+        // SAFETY: callers hold the lock; the table is linked.
+        let table = unsafe { entries(table_hpa) };
+        for index in 0..512 {
+            let entry = load(table, index);
+            if !entry.is_present() {
+                continue;
+            }
+            visit(entry, level);
+            if !entry.is_leaf(level) {
+                self.walk_all(
+                    entry.addr(level),
+                    level.below().expect("tables above 4K"),
+                    visit,
+                );
+            }
+        }
+    }
+
+    /// Pages this MMU holds from its pool: the root, linked tables, the
+    /// split caches and the header slab's pages (vCPU caches not included).
+    pub fn pages_held(&self) -> usize {
+        let split = self.split_caches.lock().unwrap_or_else(|p| p.into_inner());
+        1 + self.live_tables() + split.tables.nr_free() + self.header_slab.pages()
+    }
+
+    /// Tables linked below the root.
+    pub fn live_tables(&self) -> usize {
+        self.table_map().len()
+    }
+
+    /// Work counters.
+    pub fn counters(&self) -> MmuCounters {
+        let c = &self.counters;
+        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        MmuCounters {
+            faults: get(&c.faults),
+            retries: get(&c.retries),
+            splits: get(&c.splits),
+            lazy_splits: get(&c.lazy_splits),
+            split_fallbacks: get(&c.split_fallbacks),
+            lock_drops: get(&c.lock_drops),
+            tables_linked: get(&c.tables_linked),
+            tables_freed: get(&c.tables_freed),
+            external_leaked: get(&c.external_leaked),
+        }
+    }
+}
+
+/// What [`TdpMmu::teardown`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TeardownReport {
+    /// Leaves taken back.
+    pub leaves: u64,
+    /// Leaves whose hook failed (cleared from the tree all the same).
+    pub leaf_errors: u64,
+    /// Tables freed.
+    pub tables: u64,
+    /// External pages leaked because the hooks could not take them back.
+    pub external_leaked: u64,
+}
+
+impl Drop for TdpMmu {
+    fn drop(&mut self) {
+        if self.external_tables
+            && !self.torn_down.load(Ordering::Acquire)
+            && let Err(err) = self.teardown()
+        {
+            tracing::warn!(%err, "teardown of a mirrored MMU failed; its external pages are leaked");
+            let tables = std::mem::take(self.tables.get_mut().unwrap_or_else(|p| p.into_inner()));
+            for (_, mut header) in tables {
+                if let Some(external) = header.external.take() {
+                    let _ = external.into_raw();
+                    self.counters
+                        .external_leaked
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }
+        // Tables go back to their pool through their headers.
+        let tables = std::mem::take(self.tables.get_mut().unwrap_or_else(|p| p.into_inner()));
+        drop(tables);
+    }
+}

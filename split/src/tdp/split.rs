@@ -1,0 +1,253 @@
+//! Huge-page splits: eager, boundary and the shared split step.
+
+use super::*;
+
+impl TdpMmu {
+    /// Splits every huge leaf overlapping `[start_gfn, end_gfn)` down to
+    /// `target` (pre-order: 1G to 2M to 4K). Never allocates under the lock:
+    /// when the split caches run dry the lock is dropped, the caches are
+    /// topped up, and the walk resumes where it stopped.
+    pub fn split_huge_pages(
+        &self,
+        start_gfn: u64,
+        end_gfn: u64,
+        target: Level,
+    ) -> Result<u64, MmuError> {
+        self.split_where(start_gfn, end_gfn, target, |_, _| true)
+    }
+
+    /// Splits only the huge leaves that straddle `start_gfn` or `end_gfn`, as
+    /// far as needed for the boundary to fall between leaves (needed before
+    /// converting part of a huge page). Returns the number of splits.
+    pub fn split_cross_boundary(&self, start_gfn: u64, end_gfn: u64) -> Result<u64, MmuError> {
+        let mut splits =
+            self.split_where(start_gfn, start_gfn + 1, Level::L4K, |leaf_gfn, _| {
+                leaf_gfn < start_gfn
+            })?;
+        if end_gfn > start_gfn {
+            splits += self.split_where(end_gfn - 1, end_gfn, Level::L4K, |leaf_gfn, pages| {
+                leaf_gfn + pages > end_gfn
+            })?;
+        }
+        Ok(splits)
+    }
+
+    /// The split walk behind every split: finds each huge leaf above
+    /// `target` in `[start, end)` that `should_split(leaf_gfn, pages)` picks
+    /// and splits it, pre-order. Tables come from the split caches, topped
+    /// up with no lock held; when they run dry (or every
+    /// [`SPLITS_PER_YIELD`] splits) the lock is dropped and the walk resumes
+    /// at the same cursor. Without external tables the walk holds the lock
+    /// for read and links with compare-and-exchange, as the kernel's eager
+    /// split does, so vCPU faults go on meanwhile; external tables (a TDX
+    /// demote) need it for write.
+    fn split_where(
+        &self,
+        start: u64,
+        end: u64,
+        target: Level,
+        should_split: impl Fn(u64, u64) -> bool,
+    ) -> Result<u64, MmuError> {
+        let mut caches = self.split_caches.lock().unwrap_or_else(|p| p.into_inner());
+        let capacity = self.config.split_cache_capacity;
+        let exclusive = self.external_tables;
+        let mut cursor = start;
+        let mut splits = 0;
+        while cursor < end {
+            caches.tables.topup_with_capacity(capacity, 1)?;
+            caches.headers.topup_with_capacity(capacity, 1)?;
+            if self.external_tables {
+                caches.external.topup_with_capacity(capacity, 1)?;
+            }
+            self.hooks.topup(Topup::Split { splits: capacity })?;
+            let budget = self.hooks.split_budget();
+            self.table_map().reserve(caches.tables.nr_free());
+            let guard = if exclusive {
+                SplitGuard::Exclusive(self.write_lock())
+            } else {
+                SplitGuard::Shared(self.read_lock())
+            };
+            let no_alloc = NoAllocSection::enter();
+            let mut since_yield = 0;
+            while cursor < end {
+                if caches.tables.nr_free() == 0
+                    || caches.headers.nr_free() == 0
+                    || (self.external_tables && caches.external.nr_free() == 0)
+                    || since_yield == SPLITS_PER_YIELD
+                    || since_yield as usize >= budget
+                {
+                    break;
+                }
+                match self.split_step(&mut caches, cursor, target, &should_split, exclusive)? {
+                    Step::Split => {
+                        splits += 1;
+                        since_yield += 1;
+                        self.counters.splits.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Step::Skip(next) => cursor = next,
+                    Step::Raced => {
+                        self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                        break;
+                    }
+                }
+            }
+            drop(no_alloc);
+            drop(guard);
+            if cursor < end {
+                self.counters.lock_drops.fetch_add(1, Ordering::Relaxed);
+                std::thread::yield_now();
+            }
+        }
+        Ok(splits)
+    }
+
+    /// One step of a split walk at `cursor`: split the first huge leaf met
+    /// above `target`, or say where the walk continues, or that an entry on
+    /// the way is changing under another thread.
+    fn split_step(
+        &self,
+        caches: &mut VcpuCaches,
+        cursor: u64,
+        target: Level,
+        should_split: &impl Fn(u64, u64) -> bool,
+        exclusive: bool,
+    ) -> Result<Step, MmuError> {
+        let mut table_hpa = self.root_hpa();
+        let mut level = self.top_level();
+        loop {
+            // SAFETY: the lock is held (read or write); root or linked table.
+            let table = unsafe { entries(table_hpa) };
+            let index = level.index(cursor);
+            let entry = load(table, index);
+            let pages = level.entry_pages();
+            let leaf_gfn = cursor & !(pages - 1);
+            let next = leaf_gfn + pages;
+            if entry.bits() == FROZEN {
+                return Ok(Step::Raced);
+            }
+            if !entry.is_present()
+                || (entry.is_leaf(level) && (level <= target || !should_split(leaf_gfn, pages)))
+            {
+                return Ok(Step::Skip(next));
+            }
+            if entry.is_leaf(level) {
+                return Ok(
+                    match self
+                        .split_leaf(caches, table, index, level, entry, leaf_gfn, exclusive)?
+                    {
+                        Some(_) => Step::Split,
+                        None => Step::Raced,
+                    },
+                );
+            }
+            let below = level.below().expect("tables above 4K");
+            if below <= target {
+                return Ok(Step::Skip(next));
+            }
+            table_hpa = entry.addr(level);
+            level = below;
+        }
+    }
+
+    /// Replaces the huge leaf `leaf` at `table[index]` (level `level`,
+    /// mapping from `gfn`) with a table filled with its 512 children, which
+    /// map the same memory with the same bits (the kernel's
+    /// `tdp_mmu_split_huge_page`). The children are written before the link
+    /// is published, and the link is a compare-and-exchange from `leaf`, so
+    /// this runs under the read lock as well as the write lock. `exclusive`
+    /// says which one the caller holds; the hooks may refuse a split without
+    /// it (a TDX demote needs the write lock).
+    ///
+    /// Returns the new table, or `None` when the entry changed under us or
+    /// the hooks were busy: nothing changed, and the caller retries. A
+    /// refusal of the hooks leaves both trees as they were and is an error.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn split_leaf(
+        &self,
+        caches: &mut VcpuCaches,
+        table: &[AtomicU64; 512],
+        index: usize,
+        level: Level,
+        leaf: Entry,
+        gfn: u64,
+        exclusive: bool,
+    ) -> Result<Option<u64>, MmuError> {
+        let below = level.below().expect("huge leaves are above 4K");
+        let mut page = caches.tables.alloc()?;
+        let hpa = page.addr() as u64;
+        // The page is ours and not yet linked: plain stores, which the
+        // compiler vectorizes. Child i is child 0 with the frame advanced by
+        // i child pages (`Entry::split_child`); the frame bits never carry
+        // into the others.
+        let first = leaf.split_child(level, 0).bits();
+        let step = below.entry_bytes();
+        for (i, word) in page.words_mut().iter_mut().enumerate() {
+            *word = first + i as u64 * step;
+        }
+        debug_assert_eq!(page.words()[511], leaf.split_child(level, 511).bits());
+        let external = if self.external_tables {
+            Some(caches.external.alloc()?)
+        } else {
+            None
+        };
+        let header = caches.headers.alloc()?;
+        let table_ref = TableRef {
+            hpa,
+            external: external.as_ref().map(|p| p.addr() as u64),
+        };
+        // Given back, the page's fill is restored by the cache.
+        let give_back = |caches: &mut VcpuCaches, page, external: Option<_>, header| {
+            caches.tables.free(page);
+            if let Some(external) = external {
+                caches.external.free(external);
+            }
+            caches.headers.free(header);
+        };
+        if !cas(table, index, leaf, Entry::from_bits(FROZEN)) {
+            give_back(caches, page, external, header);
+            return Ok(None);
+        }
+        if let Err(err) = self
+            .hooks
+            .split_leaf(gfn, level, leaf, table_ref, exclusive)
+        {
+            table[index].store(leaf.bits(), Ordering::Release);
+            give_back(caches, page, external, header);
+            return match err {
+                HookError::Busy { .. } => Ok(None),
+                refused => Err(refused.into()),
+            };
+        }
+        let mut header = header;
+        *header = TableHeader {
+            gfn,
+            level: below.get(),
+            page: Some(page),
+            external,
+        };
+        self.table_map().insert(hpa, header);
+        // Release: the filled children are visible before the link.
+        table[index].store(Entry::table(hpa).bits(), Ordering::Release);
+        self.stats[stat_index(level)].fetch_sub(1, Ordering::Relaxed);
+        self.stats[stat_index(below)].fetch_add(512, Ordering::Relaxed);
+        self.counters.tables_linked.fetch_add(1, Ordering::Relaxed);
+        Ok(Some(hpa))
+    }
+}
+
+enum Step {
+    /// A huge leaf was split; the walk goes on at the same cursor.
+    Split,
+    /// Nothing (more) to split before this gfn.
+    Skip(u64),
+    /// An entry changed under the walk (another thread's fault, a harvest,
+    /// a busy hook): retry at the same cursor after dropping the lock.
+    Raced,
+}
+
+/// The lock a splitter holds: shared without external tables, exclusive
+/// with them.
+enum SplitGuard<'a> {
+    Shared(#[allow(dead_code)] ReadGuard<'a>),
+    Exclusive(#[allow(dead_code)] WriteGuard<'a>),
+}

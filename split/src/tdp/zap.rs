@@ -1,0 +1,157 @@
+//! Zaps and teardown: leaves and tables taken back through the hooks.
+
+use super::*;
+
+impl TdpMmu {
+    /// Unmaps every leaf that overlaps `[start_gfn, end_gfn)` (a huge leaf
+    /// that overlaps only partly goes whole) and frees tables left empty
+    /// inside the range.
+    pub fn zap_range(&self, start_gfn: u64, end_gfn: u64) -> Result<(), MmuError> {
+        let _guard = self.write_lock();
+        let _no_alloc = NoAllocSection::enter();
+        self.zap_table(self.root_hpa(), self.top_level(), 0, start_gfn, end_gfn)
+    }
+
+    fn zap_table(
+        &self,
+        table_hpa: u64,
+        level: Level,
+        table_gfn: u64,
+        start: u64,
+        end: u64,
+    ) -> Result<(), MmuError> {
+        // SAFETY: the write lock is held and the table is linked.
+        let table = unsafe { entries(table_hpa) };
+        let pages = level.entry_pages();
+        for index in 0..512 {
+            let gfn = table_gfn + index as u64 * pages;
+            if gfn + pages <= start || gfn >= end {
+                continue;
+            }
+            let entry = load(table, index);
+            if !entry.is_present() {
+                continue;
+            }
+            if entry.is_leaf(level) {
+                self.hooks.remove_leaf(gfn, level, entry)?;
+                let old = Entry::from_bits(table[index].swap(ept::NON_PRESENT, Ordering::AcqRel));
+                self.stats[stat_index(level)].fetch_sub(1, Ordering::Relaxed);
+                // A write the log has not seen yet must not vanish with the leaf.
+                if old.has(DIRTY) {
+                    self.log_zapped_dirty(gfn, level);
+                }
+                continue;
+            }
+            let below = level.below().expect("tables above 4K");
+            let child = entry.addr(level);
+            self.zap_table(child, below, gfn, start, end)?;
+            if gfn >= start && gfn + pages <= end {
+                let table_ref = self.table_map().get(&child).map_or(
+                    TableRef {
+                        hpa: child,
+                        external: None,
+                    },
+                    |h| h.table_ref(),
+                );
+                self.hooks.free_table(gfn, below, table_ref)?;
+                table[index].store(ept::NON_PRESENT, Ordering::Release);
+                self.table_generation.fetch_add(1, Ordering::Relaxed);
+                self.free_table(child);
+            }
+        }
+        Ok(())
+    }
+
+    /// Tears the MMU down for a VM that is going away: the hooks are told
+    /// first ([`ExternalPageTable::teardown`]), then every leaf and table is
+    /// taken back through them. A table whose external page the hooks
+    /// cannot take back keeps that page out of the allocator (leaked and
+    /// counted) rather than let the host reuse memory the external side
+    /// may still own. Afterwards only the root is left. A second call does
+    /// nothing.
+    pub fn teardown(&self) -> Result<TeardownReport, MmuError> {
+        let _guard = self.write_lock();
+        let _no_alloc = NoAllocSection::enter();
+        if self.torn_down.load(Ordering::Acquire) {
+            return Ok(TeardownReport::default());
+        }
+        self.hooks.teardown()?;
+        self.torn_down.store(true, Ordering::Release);
+        let mut report = TeardownReport::default();
+        self.teardown_table(self.root_hpa(), self.top_level(), 0, &mut report);
+        Ok(report)
+    }
+
+    fn teardown_table(
+        &self,
+        table_hpa: u64,
+        level: Level,
+        table_gfn: u64,
+        report: &mut TeardownReport,
+    ) {
+        // SAFETY: the write lock is held and the table is linked.
+        let table = unsafe { entries(table_hpa) };
+        let pages = level.entry_pages();
+        for index in 0..512 {
+            let entry = load(table, index);
+            if !entry.is_present() {
+                continue;
+            }
+            let gfn = table_gfn + index as u64 * pages;
+            if entry.is_leaf(level) {
+                match self.hooks.remove_leaf(gfn, level, entry) {
+                    Ok(()) => report.leaves += 1,
+                    Err(_) => report.leaf_errors += 1,
+                }
+                table[index].store(ept::NON_PRESENT, Ordering::Release);
+                self.stats[stat_index(level)].fetch_sub(1, Ordering::Relaxed);
+                continue;
+            }
+            let below = level.below().expect("tables above 4K");
+            let child = entry.addr(level);
+            self.teardown_table(child, below, gfn, report);
+            table[index].store(ept::NON_PRESENT, Ordering::Release);
+            self.table_generation.fetch_add(1, Ordering::Relaxed);
+            let Some(mut header) = self.table_map().remove(&child) else {
+                continue;
+            };
+            if self
+                .hooks
+                .free_table(gfn, below, header.table_ref())
+                .is_err()
+                && let Some(external) = header.external.take()
+            {
+                // The external side may still own it: never back to the host.
+                let _ = external.into_raw();
+                report.external_leaked += 1;
+                self.counters
+                    .external_leaked
+                    .fetch_add(1, Ordering::Relaxed);
+            }
+            drop(header);
+            report.tables += 1;
+            self.counters.tables_freed.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn log_zapped_dirty(&self, gfn: u64, level: Level) {
+        let Some(slot) = self.slot_for_gfn(gfn) else {
+            return;
+        };
+        if !slot.logging() {
+            return;
+        }
+        let first = gfn.max(slot.base_gfn());
+        let last = (gfn + level.entry_pages()).min(slot.end_gfn());
+        for page in first..last {
+            slot.mark_dirty(page);
+        }
+    }
+
+    fn free_table(&self, hpa: u64) {
+        let header = self.table_map().remove(&hpa);
+        debug_assert!(header.is_some(), "table {hpa:#x} has no header");
+        drop(header);
+        self.counters.tables_freed.fetch_add(1, Ordering::Relaxed);
+    }
+}
