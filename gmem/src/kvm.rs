@@ -2,10 +2,10 @@
 //! `KVM_SET_USER_MEMORY_REGION2`.
 
 use std::collections::HashMap;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
-use kvm_bindings::{kvm_memory_attributes, kvm_userspace_memory_region2};
+use kvm_bindings::{kvm_create_guest_memfd, kvm_memory_attributes, kvm_userspace_memory_region2};
 use kvm_ioctls::{Kvm, VmFd};
 
 use crate::attrs::Attribute;
@@ -14,7 +14,7 @@ use crate::consts::{
     GUEST_MEMFD_FLAG_NO_DIRECT_MAP, KVM_CAP_GUEST_MEMFD_FLAGS, KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_X86_TDX_VM,
 };
-use crate::file::{BackendKind, GuestMemFile, PAGE_SIZE, Protection};
+use crate::file::{BackendKind, GmemConfig, GmemError, GuestMemFile, PAGE_SIZE, Protection};
 use crate::region::GuestRegion;
 
 /// Errors of the KVM binding. Each has the errno the kernel gives in the
@@ -685,6 +685,25 @@ impl KvmVm {
         let bound = slots.remove(&slot).expect("found above");
         drop(bound.private);
         Ok(bound.region)
+    }
+
+    /// `KVM_CREATE_GUEST_MEMFD` of `config`: the kernel checks the size and
+    /// the flags and answers with its errno.
+    pub(crate) fn create_guest_memfd(&self, config: GmemConfig) -> Result<OwnedFd, GmemError> {
+        let raw = self
+            .vm
+            .create_guest_memfd(kvm_create_guest_memfd {
+                size: config.size,
+                flags: config.flags,
+                reserved: [0; 6],
+            })
+            .map_err(|err| GmemError::Os {
+                op: "KVM_CREATE_GUEST_MEMFD",
+                source: std::io::Error::from_raw_os_error(err.errno()),
+            })?;
+        // SAFETY: the kernel just returned this descriptor; it is owned here
+        // from now on and closed when the file is dropped.
+        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
     }
 
     /// Sets or clears the private attribute of `[gpa, gpa + size)`.

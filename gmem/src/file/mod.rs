@@ -1,0 +1,740 @@
+//! Guest memory files: one guest_memfd contract over five backends.
+
+use std::collections::BTreeSet;
+use std::ffi::CString;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use crate::attrs::{AttrMap, Attribute};
+use crate::caps::HugetlbPool;
+use crate::consts::{
+    GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
+};
+use crate::kvm::KvmVm;
+use crate::sys::{self, Mapping};
+
+mod error;
+mod hugetlb;
+mod rules;
+mod view;
+
+pub use error::GmemError;
+pub use rules::{check_fallocate, check_mmap};
+use rules::{check_mmap_generic, page_aligned};
+pub use view::View;
+
+/// The base page size.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// Where a file's memory comes from.
+#[derive(Clone, Debug)]
+pub enum Backend {
+    /// KVM guest_memfd on this VM.
+    Kvm(Arc<KvmVm>),
+    /// A memfd (shmem).
+    Memfd,
+    /// A HugeTLB memfd; the page size is the config's `huge_page_size_log2`.
+    Hugetlb,
+    /// memfd_secret: pages are not in the kernel's direct map.
+    Secret,
+    /// Shared anonymous memory.
+    Anonymous,
+}
+
+/// The kind of a backend, without its VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum BackendKind {
+    /// KVM guest_memfd.
+    Kvm,
+    /// memfd.
+    Memfd,
+    /// HugeTLB memfd.
+    Hugetlb,
+    /// memfd_secret.
+    Secret,
+    /// Shared anonymous memory.
+    Anonymous,
+}
+
+impl BackendKind {
+    /// The name used in configurations.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Kvm => "guest_memfd",
+            Self::Memfd => "memfd",
+            Self::Hugetlb => "hugetlb",
+            Self::Secret => "secret",
+            Self::Anonymous => "anonymous",
+        }
+    }
+
+    /// The flags gmem itself accepts for this backend (KVM's come from the
+    /// kernel).
+    pub fn supported_flags(self) -> u64 {
+        let base = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+        match self {
+            Self::Secret => base | GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
+            _ => base,
+        }
+    }
+}
+
+impl Backend {
+    /// The backend's kind.
+    pub fn kind(&self) -> BackendKind {
+        match self {
+            Self::Kvm(_) => BackendKind::Kvm,
+            Self::Memfd => BackendKind::Memfd,
+            Self::Hugetlb => BackendKind::Hugetlb,
+            Self::Secret => BackendKind::Secret,
+            Self::Anonymous => BackendKind::Anonymous,
+        }
+    }
+}
+
+/// What to create: the create arguments of guest_memfd, with the huge page
+/// size carried as a log2 (0: base pages).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GmemConfig {
+    /// Size in bytes: a non-zero multiple of the page size.
+    pub size: u64,
+    /// `GUEST_MEMFD_FLAG_*` bits.
+    pub flags: u64,
+    /// HugeTLB page size as log2: 21 (2 MiB) or 30 (1 GiB); 0 otherwise.
+    pub huge_page_size_log2: u8,
+}
+
+/// How a view treats private pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ViewKind {
+    /// The host's view: private pages fault.
+    Host,
+    /// The guest's view (what a memslot maps): every page accessible; it
+    /// follows huge-page splits and merges like every view.
+    Guest,
+}
+
+/// Which protection a conversion put in force.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protection {
+    /// Host views fault on private pages; KVM was not told (the VM has no
+    /// memory attributes, or the file is not bound).
+    HostViewOnly,
+    /// Host views fault on private pages and KVM's memory attributes say
+    /// the same.
+    HostViewAndKvm,
+}
+
+/// Counters and latencies of a file.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FileMetrics {
+    /// Huge pages split into 4 KiB backing.
+    pub splits: u64,
+    /// Huge pages merged back.
+    pub merges: u64,
+    /// Huge pages split right now.
+    pub split_now: u64,
+    /// Time spent splitting.
+    pub split_time: Duration,
+    /// Time spent merging.
+    pub merge_time: Duration,
+    /// Pages converted to private.
+    pub to_private: u64,
+    /// Pages converted to shared.
+    pub to_shared: u64,
+}
+
+#[derive(Debug)]
+struct ViewRecord {
+    id: u64,
+    addr: usize,
+    offset: u64,
+    len: u64,
+    kind: ViewKind,
+}
+
+/// The 4 KiB backing that split huge pages move to: a sparse memfd the size
+/// of the file, and an internal mapping of it.
+#[derive(Debug)]
+struct SplitBacking {
+    fd: OwnedFd,
+    map: Mapping,
+}
+
+#[derive(Debug)]
+struct FileState {
+    attrs: AttrMap,
+    views: Vec<ViewRecord>,
+    next_view: u64,
+    split_backing: Option<SplitBacking>,
+    split: BTreeSet<u64>,
+    metrics: FileMetrics,
+}
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    kind: BackendKind,
+    size: u64,
+    flags: u64,
+    granule: u64,
+    fd: Option<OwnedFd>,
+    /// An internal read-write mapping of the whole file (HugeTLB: holds the
+    /// reservation; secret and anonymous: the way to their pages).
+    master: Option<Mapping>,
+    vm: Option<Arc<KvmVm>>,
+    state: Mutex<FileState>,
+}
+
+/// A guest memory file.
+///
+/// ```
+/// use gmem::{Backend, GmemConfig, GuestMemFile, Attribute};
+/// use gmem::consts::{GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_INIT_SHARED};
+///
+/// let file = GuestMemFile::create(&Backend::Memfd, GmemConfig {
+///     size: 1 << 20,
+///     flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+///     huge_page_size_log2: 0,
+/// })?;
+/// let view = file.map(0, 1 << 20)?;
+/// view.write_at(0x1000, &[0xaa; 16])?;
+/// file.convert(0x1000, 0x1000, Attribute::Private)?;
+/// assert!(view.read_at(0x1000, &mut [0; 16]).is_err()); // private: faults
+/// file.convert(0x1000, 0x1000, Attribute::Shared)?;
+/// let mut back = [0; 16];
+/// view.read_at(0x1000, &mut back)?;
+/// assert_eq!(back, [0xaa; 16]);
+/// # Ok::<(), gmem::GmemError>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct GuestMemFile {
+    inner: Arc<Inner>,
+}
+
+impl GuestMemFile {
+    /// Creates a file on `backend`, checking `config` as guest_memfd does.
+    pub fn create(backend: &Backend, config: GmemConfig) -> Result<Self, GmemError> {
+        let kind = backend.kind();
+        let granule = match (kind, config.huge_page_size_log2) {
+            (BackendKind::Hugetlb, log2 @ (21 | 30)) => 1u64 << log2,
+            (BackendKind::Hugetlb, log2) => {
+                return Err(GmemError::invalid(format!(
+                    "huge_page_size_log2 {log2}: HugeTLB files need 21 (2 MiB) or 30 (1 GiB)"
+                )));
+            }
+            (_, 0) => PAGE_SIZE,
+            (_, log2) => {
+                return Err(GmemError::invalid(format!(
+                    "huge_page_size_log2 {log2} on the {} backend, which has no huge pages",
+                    kind.name()
+                )));
+            }
+        };
+        if kind != BackendKind::Kvm {
+            if config.size == 0 || !config.size.is_multiple_of(granule) {
+                return Err(GmemError::invalid(format!(
+                    "size {:#x} is not a non-zero multiple of {granule:#x}",
+                    config.size
+                )));
+            }
+            let unknown = config.flags & !kind.supported_flags();
+            if unknown != 0 {
+                return Err(GmemError::invalid(format!(
+                    "flags {unknown:#x} are not supported by the {} backend",
+                    kind.name()
+                )));
+            }
+        }
+        let initial = if config.flags & GUEST_MEMFD_FLAG_INIT_SHARED != 0 {
+            Attribute::Shared
+        } else {
+            Attribute::Private
+        };
+        let mut vm = None;
+        let (fd, master) = match backend {
+            Backend::Kvm(kvm) => {
+                vm = Some(kvm.clone());
+                (Some(kvm.create_guest_memfd(config)?), None)
+            }
+            Backend::Memfd => {
+                let fd = sys::memfd_create(c"mmukit-gmem", libc::MFD_CLOEXEC)
+                    .map_err(GmemError::os("memfd_create"))?;
+                sys::ftruncate(&fd, config.size).map_err(GmemError::os("ftruncate"))?;
+                (Some(fd), None)
+            }
+            Backend::Hugetlb => {
+                let (fd, master) = Self::create_hugetlb(config, granule)?;
+                (Some(fd), Some(master))
+            }
+            Backend::Secret => {
+                let fd = sys::memfd_secret().map_err(|err| {
+                    if err.raw_os_error() == Some(libc::ENOSYS) {
+                        GmemError::Unavailable {
+                            backend: "secret",
+                            why: "the kernel has no memfd_secret (boot with secretmem.enable=1)"
+                                .into(),
+                        }
+                    } else {
+                        GmemError::os("memfd_secret")(err)
+                    }
+                })?;
+                sys::ftruncate(&fd, config.size).map_err(GmemError::os("ftruncate"))?;
+                let master = Self::map_master(&fd, config.size)?;
+                (Some(fd), Some(master))
+            }
+            Backend::Anonymous => {
+                // NORESERVE: like a guest_memfd, a large file is sparse and
+                // takes memory only as it is used, so a 1 TiB file is created
+                // whatever the commit limit says.
+                let master = Mapping::new(
+                    config.size as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                    None,
+                    0,
+                )
+                .map_err(GmemError::os("mmap"))?;
+                (None, Some(master))
+            }
+        };
+        let size = match &fd {
+            Some(fd) => sys::file_size(fd).map_err(GmemError::os("fstat"))?,
+            None => config.size,
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                kind,
+                size,
+                flags: config.flags,
+                granule,
+                fd,
+                master,
+                vm,
+                state: Mutex::new(FileState {
+                    attrs: AttrMap::new(size / PAGE_SIZE, initial),
+                    views: Vec::new(),
+                    next_view: 0,
+                    split_backing: None,
+                    split: BTreeSet::new(),
+                    metrics: FileMetrics::default(),
+                }),
+            }),
+        })
+    }
+
+    fn map_master(fd: &OwnedFd, size: u64) -> Result<Mapping, GmemError> {
+        Mapping::new(
+            size as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            Some(fd),
+            0,
+        )
+        .map_err(GmemError::os("mmap"))
+    }
+
+    fn state(&self) -> MutexGuard<'_, FileState> {
+        self.inner.state()
+    }
+
+    /// The backend kind.
+    pub fn backend(&self) -> BackendKind {
+        self.inner.kind
+    }
+
+    /// The size in bytes (fixed for the file's life).
+    pub fn size(&self) -> u64 {
+        self.inner.size
+    }
+
+    /// The size the kernel reports for the file (fstat), or the size for
+    /// anonymous memory.
+    pub fn stat_size(&self) -> Result<u64, GmemError> {
+        match &self.inner.fd {
+            Some(fd) => sys::file_size(fd).map_err(GmemError::os("fstat")),
+            None => Ok(self.inner.size),
+        }
+    }
+
+    /// The creation flags.
+    pub fn flags(&self) -> u64 {
+        self.inner.flags
+    }
+
+    /// The page size of the backing: 4 KiB, or the HugeTLB page size.
+    pub fn granule(&self) -> u64 {
+        self.inner.granule
+    }
+
+    /// The file descriptor (none for anonymous memory).
+    pub fn fd(&self) -> Option<&OwnedFd> {
+        self.inner.fd.as_ref()
+    }
+
+    /// Whether `other` is this same file (clones share one file).
+    pub fn is_same_file(&self, other: &GuestMemFile) -> bool {
+        Arc::ptr_eq(&self.inner, &other.inner)
+    }
+
+    /// The VM of a KVM guest_memfd.
+    pub fn vm(&self) -> Option<&Arc<KvmVm>> {
+        self.inner.vm.as_ref()
+    }
+
+    /// Counters and latencies.
+    pub fn metrics(&self) -> FileMetrics {
+        self.state().metrics
+    }
+
+    /// The attribute of the page at `offset`.
+    pub fn attribute(&self, offset: u64) -> Attribute {
+        self.state().attrs.get(offset / PAGE_SIZE)
+    }
+
+    /// Attribute runs over `[offset, offset + len)`, in bytes.
+    pub fn attribute_runs(&self, offset: u64, len: u64) -> Vec<(u64, u64, Attribute)> {
+        self.state()
+            .attrs
+            .runs(
+                offset / PAGE_SIZE,
+                offset.saturating_add(len).div_ceil(PAGE_SIZE),
+            )
+            .into_iter()
+            .map(|(s, e, a)| (s * PAGE_SIZE, e * PAGE_SIZE, a))
+            .collect()
+    }
+
+    /// Huge pages currently split.
+    pub fn split_huge_pages(&self) -> Vec<u64> {
+        self.state().split.iter().copied().collect()
+    }
+
+    // ----- file operations --------------------------------------------------
+
+    /// `read(2)` on the file: guest memory files are not readable.
+    pub fn read(&self, buf: &mut [u8]) -> Result<usize, GmemError> {
+        match &self.inner.fd {
+            Some(fd) if self.inner.kind == BackendKind::Kvm => {
+                // SAFETY: `buf` is valid for writes of its length.
+                let ret = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+                if ret < 0 {
+                    Err(GmemError::os("read")(io::Error::last_os_error()))
+                } else {
+                    Ok(ret as usize)
+                }
+            }
+            _ => Err(GmemError::invalid("guest memory files cannot be read")),
+        }
+    }
+
+    /// `write(2)` on the file: guest memory files are not writable.
+    pub fn write(&self, buf: &[u8]) -> Result<usize, GmemError> {
+        match &self.inner.fd {
+            Some(fd) if self.inner.kind == BackendKind::Kvm => {
+                // SAFETY: `buf` is valid for reads of its length.
+                let ret = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+                if ret < 0 {
+                    Err(GmemError::os("write")(io::Error::last_os_error()))
+                } else {
+                    Ok(ret as usize)
+                }
+            }
+            _ => Err(GmemError::invalid("guest memory files cannot be written")),
+        }
+    }
+
+    /// `ftruncate(2)`: the size of a guest memory file is fixed.
+    pub fn set_len(&self, len: u64) -> Result<(), GmemError> {
+        match &self.inner.fd {
+            Some(fd) if self.inner.kind == BackendKind::Kvm => {
+                sys::ftruncate(fd, len).map_err(GmemError::os("ftruncate"))
+            }
+            _ => Err(GmemError::invalid(
+                "the size of a guest memory file is fixed",
+            )),
+        }
+    }
+
+    /// `fallocate(2)` with the kernel's rules, checked in the kernel's
+    /// order before anything is touched (see [`check_fallocate`]): a punch
+    /// may pass the end of the file, an allocation may not. On the KVM
+    /// backend the kernel itself answers.
+    pub fn fallocate(&self, mode: i32, offset: u64, len: u64) -> Result<(), GmemError> {
+        if self.inner.kind == BackendKind::Kvm {
+            let fd = self.inner.fd.as_ref().expect("KVM files have a descriptor");
+            return sys::fallocate(fd, mode, offset, len).map_err(GmemError::os("fallocate"));
+        }
+        let range = check_fallocate(mode, offset, len, self.inner.size)?;
+        if mode & libc::FALLOC_FL_PUNCH_HOLE != 0 {
+            // Only now, with every argument valid, is the range cut at the end.
+            let end = range.end.min(self.inner.size);
+            if range.start < end {
+                self.punch(range.start, end)?;
+            }
+            Ok(())
+        } else {
+            self.allocate(range.start, range.end)
+        }
+    }
+
+    /// Allocates (`FALLOC_FL_KEEP_SIZE`) `[offset, offset + len)`.
+    pub fn allocate_range(&self, offset: u64, len: u64) -> Result<(), GmemError> {
+        self.fallocate(libc::FALLOC_FL_KEEP_SIZE, offset, len)
+    }
+
+    /// Punches a hole in `[offset, offset + len)`: the pages read back as zero.
+    pub fn punch_hole(&self, offset: u64, len: u64) -> Result<(), GmemError> {
+        self.fallocate(
+            libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE,
+            offset,
+            len,
+        )
+    }
+
+    fn allocate(&self, start: u64, end: u64) -> Result<(), GmemError> {
+        let inner = &self.inner;
+        let state = self.state();
+        match inner.kind {
+            BackendKind::Memfd | BackendKind::Hugetlb => {
+                let fd = inner.fd.as_ref().expect("file backends have a descriptor");
+                sys::fallocate(fd, libc::FALLOC_FL_KEEP_SIZE, start, end - start)
+                    .map_err(GmemError::os("fallocate"))?;
+                if let Some(backing) = &state.split_backing {
+                    for &huge in &state.split {
+                        let (hs, he) = (huge * inner.granule, (huge + 1) * inner.granule);
+                        let (s, e) = (start.max(hs), end.min(he));
+                        if s < e {
+                            sys::fallocate(&backing.fd, libc::FALLOC_FL_KEEP_SIZE, s, e - s)
+                                .map_err(GmemError::os("fallocate"))?;
+                        }
+                    }
+                }
+                Ok(())
+            }
+            BackendKind::Secret => {
+                let master = inner.master.as_ref().expect("secret memory is mapped");
+                // memfd_secret takes no MADV_POPULATE_WRITE: fault each page in.
+                crate::prefault::touch_pages(master.addr() as usize + start as usize, end - start);
+                Ok(())
+            }
+            BackendKind::Anonymous => {
+                let master = inner.master.as_ref().expect("has an internal mapping");
+                // SAFETY: inside the internal mapping; populating does not
+                // change contents.
+                unsafe {
+                    sys::madvise(
+                        master.addr().add(start as usize),
+                        (end - start) as usize,
+                        libc::MADV_POPULATE_WRITE,
+                    )
+                }
+                .map_err(GmemError::os("madvise(MADV_POPULATE_WRITE)"))
+            }
+            BackendKind::Kvm => unreachable!("handled by the kernel"),
+        }
+    }
+
+    fn punch(&self, start: u64, end: u64) -> Result<(), GmemError> {
+        let inner = &self.inner;
+        let state = self.state();
+        match inner.kind {
+            BackendKind::Memfd => sys::fallocate(
+                inner.fd.as_ref().expect("memfd"),
+                libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE,
+                start,
+                end - start,
+            )
+            .map_err(GmemError::os("fallocate")),
+            BackendKind::Anonymous => {
+                let master = inner.master.as_ref().expect("anonymous memory is mapped");
+                // SAFETY: inside the internal mapping; dropping the pages is
+                // the point, and readers go through raw pointers only.
+                unsafe {
+                    sys::madvise(
+                        master.addr().add(start as usize),
+                        (end - start) as usize,
+                        libc::MADV_REMOVE,
+                    )
+                }
+                .map_err(GmemError::os("madvise(MADV_REMOVE)"))
+            }
+            BackendKind::Secret => {
+                // memfd_secret has no hole punching: zero the range.
+                let master = inner.master.as_ref().expect("secret memory is mapped");
+                // SAFETY: inside the internal read-write mapping.
+                unsafe {
+                    std::ptr::write_bytes(
+                        master.addr().add(start as usize),
+                        0,
+                        (end - start) as usize,
+                    )
+                };
+                Ok(())
+            }
+            BackendKind::Hugetlb => {
+                // Split huge pages: punch their 4 KiB backing. Whole huge
+                // pages are zeroed in place, so that they stay reserved and
+                // no later fault can fail.
+                let master = inner.master.as_ref().expect("HugeTLB files are mapped");
+                let mut at = start;
+                while at < end {
+                    let huge = at / inner.granule;
+                    let next = ((huge + 1) * inner.granule).min(end);
+                    match (&state.split_backing, state.split.contains(&huge)) {
+                        (Some(backing), true) => sys::fallocate(
+                            &backing.fd,
+                            libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE,
+                            at,
+                            next - at,
+                        )
+                        .map_err(GmemError::os("fallocate"))?,
+                        // SAFETY: inside the internal read-write mapping.
+                        _ => unsafe {
+                            std::ptr::write_bytes(
+                                master.addr().add(at as usize),
+                                0,
+                                (next - at) as usize,
+                            )
+                        },
+                    }
+                    at = next;
+                }
+                Ok(())
+            }
+            BackendKind::Kvm => unreachable!("handled by the kernel"),
+        }
+    }
+
+    // ----- views ------------------------------------------------------------
+
+    // ----- conversion -------------------------------------------------------
+
+    /// Converts `[offset, offset + len)` (page aligned, inside the file) to
+    /// `to`. Host views fault on private pages from now on. On HugeTLB, a
+    /// huge page that becomes mixed is split into 4 KiB backing, and one
+    /// that becomes uniform again is merged back; data is kept either way.
+    ///
+    /// The caller must not let the guest access the range while it is
+    /// converted (as KVM requires of private/shared conversions).
+    pub fn convert(&self, offset: u64, len: u64, to: Attribute) -> Result<Protection, GmemError> {
+        let end = offset
+            .checked_add(len)
+            .filter(|&end| end <= self.inner.size);
+        let Some(end) = end.filter(|_| len > 0 && page_aligned(offset) && page_aligned(len)) else {
+            return Err(GmemError::invalid(format!(
+                "conversion range {offset:#x}+{len:#x} is not page aligned inside the file"
+            )));
+        };
+        let inner = &self.inner;
+        if inner.kernel_private() && to == Attribute::Shared {
+            return Err(GmemError::NotSupported {
+                what: format!(
+                    "converting {offset:#x}+{len:#x} to shared: this guest_memfd was created \
+                     private and the kernel cannot convert it in place (no memory attributes \
+                     on the guest_memfd); map shared memory separately (SlotBinding with a \
+                     shared mapping)"
+                ),
+            });
+        }
+        let mut state = self.state();
+        let (first, last) = (offset / PAGE_SIZE, end / PAGE_SIZE);
+        let before = state.attrs.runs(first, last);
+        state.attrs.set(first, last, to);
+        match to {
+            Attribute::Private => state.metrics.to_private += last - first,
+            Attribute::Shared => state.metrics.to_shared += last - first,
+        }
+        let (mut protect_first, mut protect_last) = (first, last);
+        if inner.kind == BackendKind::Hugetlb {
+            let pages_per_huge = inner.granule / PAGE_SIZE;
+            for huge in offset / inner.granule..end.div_ceil(inner.granule) {
+                let (hs, he) = (huge * pages_per_huge, (huge + 1) * pages_per_huge);
+                let mixed = state.attrs.uniform(hs, he).is_none();
+                let split = state.split.contains(&huge);
+                let changed = if mixed && !split {
+                    inner.split(&mut state, huge)
+                } else if !mixed && split {
+                    inner.merge(&mut state, huge)
+                } else {
+                    Ok(())
+                };
+                if let Err(err) = changed {
+                    // This huge page and those after it kept their layout:
+                    // so do their attributes. The ones before are converted.
+                    let kept = hs.max(first);
+                    for (run_start, run_end, attr) in before {
+                        if run_end > kept {
+                            state.attrs.set(run_start.max(kept), run_end, attr);
+                        }
+                    }
+                    if protect_first < kept {
+                        inner.protect(&state, protect_first, kept, None)?;
+                    }
+                    return Err(err);
+                }
+                protect_first = protect_first.min(hs);
+                protect_last = protect_last.max(he);
+            }
+        }
+        inner.protect(&state, protect_first, protect_last, None)?;
+        Ok(Protection::HostViewOnly)
+    }
+
+    /// Populates `[offset, offset + len)` with `MADV_POPULATE_WRITE` on
+    /// `threads` threads, calling `progress(done, total)` as chunks finish.
+    pub fn prefault(
+        &self,
+        offset: u64,
+        len: u64,
+        threads: usize,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<crate::prefault::PrefaultReport, GmemError> {
+        if threads == 0 {
+            return Err(GmemError::invalid("prefault needs at least one thread"));
+        }
+        let end = offset
+            .checked_add(len)
+            .filter(|&end| end <= self.inner.size);
+        let Some(_) = end.filter(|_| page_aligned(offset) && page_aligned(len)) else {
+            return Err(GmemError::invalid(format!(
+                "prefault range {offset:#x}+{len:#x} is not page aligned inside the file"
+            )));
+        };
+        let temporary;
+        let base = match &self.inner.master {
+            Some(master) => master.addr() as usize + offset as usize,
+            None => {
+                if self.inner.flags & GUEST_MEMFD_FLAG_MMAP == 0 {
+                    return Err(GmemError::NoMmap);
+                }
+                temporary = Mapping::new(
+                    len as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED,
+                    self.inner.fd.as_ref(),
+                    offset,
+                )
+                .map_err(GmemError::os("mmap"))?;
+                temporary.addr() as usize
+            }
+        };
+        let by_touch = self.inner.kind == BackendKind::Secret;
+        crate::prefault::populate(base, len, threads, by_touch, progress)
+    }
+}
+
+impl Inner {
+    fn state(&self) -> MutexGuard<'_, FileState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether the kernel holds this file's pages private and can convert
+    /// none of them: a guest_memfd created without INIT_SHARED, on a kernel
+    /// without in-place conversion. Any host access to them, from any view,
+    /// raises SIGBUS.
+    fn kernel_private(&self) -> bool {
+        self.kind == BackendKind::Kvm && self.flags & GUEST_MEMFD_FLAG_INIT_SHARED == 0
+    }
+}
