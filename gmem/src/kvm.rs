@@ -92,7 +92,7 @@ pub fn check_memory(
         }));
     }
     if flags & GUEST_MEMFD_FLAG_NO_DIRECT_MAP != 0 {
-        if vm_type == KVM_X86_TDX_VM {
+        if vm_type == u64::from(KVM_X86_TDX_VM) {
             return Err(KvmError::Refused(
                 "GUEST_MEMFD_FLAG_NO_DIRECT_MAP with a TDX VM: TDX needs the direct map \
                  (the TDX module's page conversions and cache flushes go through it)"
@@ -756,7 +756,7 @@ mod tests {
             (BackendKind::Kvm, GUEST_MEMFD_FLAG_NO_DIRECT_MAP)
         );
         assert!(choose_backend(BackendKind::Secret, 0, &caps(3)).is_err());
-        assert!(choose_backend(BackendKind::Secret, KVM_X86_TDX_VM, &caps(7)).is_err());
+        assert!(choose_backend(BackendKind::Secret, u64::from(KVM_X86_TDX_VM), &caps(7)).is_err());
         assert_eq!(
             choose_backend(BackendKind::Hugetlb, 0, &caps(3)).unwrap(),
             (BackendKind::Hugetlb, 0)
@@ -769,7 +769,8 @@ mod tests {
         assert!(check_memory(BackendKind::Kvm, flag, 0, &caps(7)).is_ok());
         let err = check_memory(BackendKind::Kvm, flag, 0, &caps(3)).unwrap_err();
         assert_eq!(err.errno(), libc::EOPNOTSUPP);
-        let err = check_memory(BackendKind::Kvm, flag, KVM_X86_TDX_VM, &caps(7)).unwrap_err();
+        let err =
+            check_memory(BackendKind::Kvm, flag, u64::from(KVM_X86_TDX_VM), &caps(7)).unwrap_err();
         assert!(err.to_string().contains("TDX"), "{err}");
         assert!(check_memory(BackendKind::Memfd, 1, 0, &caps(3)).is_ok());
     }
