@@ -628,7 +628,7 @@ fn new_mmu(
     };
     let pool = PagePool::new(ChunkAllocator::anonymous());
     let mmu = match hooks {
-        Some(mirror) => TdpMmu::with_hooks(pool, config, Box::new(mirror)),
+        Some(mirror) => TdpMmu::with_hooks(pool, config, mirror),
         None => TdpMmu::new(pool, config),
     }
     .map_err(|err| mmu_errno(&err))?;

@@ -65,7 +65,7 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
         None
     };
     let mmu = match &td {
-        Some(td) => TdpMmu::with_hooks(pool, mmu_config, Box::new(td.mirror.clone())),
+        Some(td) => TdpMmu::with_hooks(pool, mmu_config, td.mirror.clone()),
         None => TdpMmu::new(pool, mmu_config),
     }
     .map_err(|err| RunError::Kvm(format!("software MMU: {err}")))?;

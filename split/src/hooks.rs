@@ -11,21 +11,99 @@ use mmu_cache::{PageKind, PagePool};
 
 use crate::ept::{Entry, Level};
 
-/// Errors of external page-table hooks.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+/// The hook an error came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HookOp {
+    /// [`ExternalPageTable::topup`].
+    Topup,
+    /// [`ExternalPageTable::link_table`].
+    LinkTable,
+    /// [`ExternalPageTable::set_leaf`].
+    SetLeaf,
+    /// [`ExternalPageTable::remove_leaf`].
+    RemoveLeaf,
+    /// [`ExternalPageTable::free_table`].
+    FreeTable,
+    /// [`ExternalPageTable::split_leaf`].
+    SplitLeaf,
+    /// [`ExternalPageTable::teardown`].
+    Teardown,
+}
+
+impl std::fmt::Display for HookOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Topup => "topup",
+            Self::LinkTable => "link table",
+            Self::SetLeaf => "set leaf",
+            Self::RemoveLeaf => "remove leaf",
+            Self::FreeTable => "free table",
+            Self::SplitLeaf => "split leaf",
+            Self::Teardown => "teardown",
+        })
+    }
+}
+
+/// Why the external side failed: any error, kept as it is (a TDX status
+/// survives as its own type; see [`HookError::cause`]).
+pub type HookCause = Arc<dyn std::error::Error + Send + Sync>;
+
+/// Errors of external page-table hooks: the operation and its cause.
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum HookError {
     /// The external side is busy; the operation may be retried.
-    #[error("external page table busy: {what}")]
+    #[error("external page table busy ({op}): {source}")]
     Busy {
-        /// What was refused.
-        what: String,
+        /// The hook.
+        op: HookOp,
+        /// The external side's error.
+        source: HookCause,
     },
     /// The external side refused the operation.
-    #[error("external page table refused: {what}")]
+    #[error("external page table refused {op}: {source}")]
     Refused {
-        /// What was refused, and why.
-        what: String,
+        /// The hook.
+        op: HookOp,
+        /// The external side's error.
+        source: HookCause,
     },
+}
+
+impl HookError {
+    /// A busy external side: retry.
+    pub fn busy(op: HookOp, cause: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self::Busy {
+            op,
+            source: Arc::new(cause),
+        }
+    }
+
+    /// A refusal; `cause` is any error, or a message.
+    pub fn refused(op: HookOp, cause: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        Self::Refused {
+            op,
+            source: Arc::from(cause.into()),
+        }
+    }
+
+    /// The hook that failed.
+    pub fn op(&self) -> HookOp {
+        match self {
+            Self::Busy { op, .. } | Self::Refused { op, .. } => *op,
+        }
+    }
+
+    /// Whether the operation may be retried.
+    pub fn is_busy(&self) -> bool {
+        matches!(self, Self::Busy { .. })
+    }
+
+    /// The external side's error as its own type, if it is an `E`.
+    pub fn cause<E: std::error::Error + 'static>(&self) -> Option<&E> {
+        match self {
+            Self::Busy { source, .. } | Self::Refused { source, .. } => source.downcast_ref::<E>(),
+        }
+    }
 }
 
 /// Pages that hold the external copy of a table (the TDX S-EPT page that
@@ -142,59 +220,6 @@ pub trait ExternalPageTable: Send + Sync {
     /// back (the TDX key is released; pages are reclaimed).
     fn teardown(&self) -> Result<(), HookError> {
         Ok(())
-    }
-}
-
-impl<T: ExternalPageTable + ?Sized> ExternalPageTable for Arc<T> {
-    fn external_tables(&self) -> bool {
-        (**self).external_tables()
-    }
-
-    fn external_pool(&self) -> Option<Arc<PagePool<ExternalTablePage>>> {
-        (**self).external_pool()
-    }
-
-    fn max_leaf_level(&self) -> Level {
-        (**self).max_leaf_level()
-    }
-
-    fn topup(&self, need: Topup) -> Result<(), HookError> {
-        (**self).topup(need)
-    }
-
-    fn split_budget(&self) -> usize {
-        (**self).split_budget()
-    }
-
-    fn link_table(&self, gfn: u64, level: Level, table: TableRef) -> Result<(), HookError> {
-        (**self).link_table(gfn, level, table)
-    }
-
-    fn set_leaf(&self, gfn: u64, level: Level, entry: Entry) -> Result<(), HookError> {
-        (**self).set_leaf(gfn, level, entry)
-    }
-
-    fn remove_leaf(&self, gfn: u64, level: Level, old: Entry) -> Result<(), HookError> {
-        (**self).remove_leaf(gfn, level, old)
-    }
-
-    fn free_table(&self, gfn: u64, level: Level, table: TableRef) -> Result<(), HookError> {
-        (**self).free_table(gfn, level, table)
-    }
-
-    fn split_leaf(
-        &self,
-        gfn: u64,
-        level: Level,
-        old: Entry,
-        new_table: TableRef,
-        exclusive: bool,
-    ) -> Result<(), HookError> {
-        (**self).split_leaf(gfn, level, old, new_table, exclusive)
-    }
-
-    fn teardown(&self) -> Result<(), HookError> {
-        (**self).teardown()
     }
 }
 

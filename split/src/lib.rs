@@ -52,7 +52,9 @@ pub mod tdp;
 pub mod translation;
 
 pub use ept::{AccessKind, Entry, EptCaps, EptError, Level, MemType};
-pub use hooks::{ExternalPageTable, ExternalTablePage, HookError, NoExternal, TableRef, Topup};
+pub use hooks::{
+    ExternalPageTable, ExternalTablePage, HookCause, HookError, HookOp, NoExternal, TableRef, Topup,
+};
 pub use memslot::{LogMode, Memslot, MemslotError};
 pub use tdp::{
     Access, MmuConfig, MmuCounters, MmuError, PageStats, TableHeader, TablePage, TdpMmu,

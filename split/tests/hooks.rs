@@ -10,8 +10,8 @@ use mmu_cache::PagePool;
 use mmu_cache::alloc::{ChunkAllocator, CountingAllocator, PageAllocator};
 use split::tdp::Access;
 use split::{
-    Entry, ExternalPageTable, HookError, Level, LogMode, Memslot, MmuConfig, MmuError, TableRef,
-    TdpMmu,
+    Entry, ExternalPageTable, HookError, HookOp, Level, LogMode, Memslot, MmuConfig, MmuError,
+    TableRef, TdpMmu,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -22,6 +22,11 @@ enum Op {
     FreeTable,
     SplitLeaf,
 }
+
+/// The failure a test injected into a hook.
+#[derive(Debug, thiserror::Error)]
+#[error("injected failure of {0:?}")]
+struct Injected(Op);
 
 #[derive(Default)]
 struct MirrorState {
@@ -55,11 +60,17 @@ impl Mirror {
             && times > 0
         {
             state.fail = Some((failing, times - 1, busy));
-            let what = format!("{op:?}");
+            let hook = match op {
+                Op::Link => HookOp::LinkTable,
+                Op::SetLeaf => HookOp::SetLeaf,
+                Op::RemoveLeaf => HookOp::RemoveLeaf,
+                Op::FreeTable => HookOp::FreeTable,
+                Op::SplitLeaf => HookOp::SplitLeaf,
+            };
             return Err(if busy {
-                HookError::Busy { what }
+                HookError::busy(hook, Injected(op))
             } else {
-                HookError::Refused { what }
+                HookError::refused(hook, Injected(op))
             });
         }
         Ok(())
@@ -148,7 +159,7 @@ fn mirrored_mmu_with(
     let counting = Arc::new(CountingAllocator::new(ChunkAllocator::anonymous()));
     let pool = PagePool::from_shared(counting.clone(), None);
     let mirror = Mirror::default();
-    let mmu = TdpMmu::with_hooks(pool, config, Box::new(mirror.clone())).unwrap();
+    let mmu = TdpMmu::with_hooks(pool, config, Arc::new(mirror.clone())).unwrap();
     // 8 MiB at gpa 0.
     mmu.add_memslot(Memslot::new(0, 0, 2048, 0x40000).unwrap())
         .unwrap();
@@ -204,7 +215,15 @@ fn a_refused_set_leaf_leaves_both_unchanged() {
     let tables = mmu.live_tables();
     mirror.fail(Op::SetLeaf, 1, false);
     let err = mmu.fault(&mut vcpu, 2 << 20, true).unwrap_err();
-    assert!(matches!(err, MmuError::Hook(HookError::Refused { .. })));
+    let MmuError::Hook(hook) = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(hook.op(), HookOp::SetLeaf);
+    assert!(!hook.is_busy());
+    assert!(
+        matches!(hook.cause::<Injected>(), Some(Injected(Op::SetLeaf))),
+        "the cause survives"
+    );
     assert_eq!(mmu.translate(2 << 20), None);
     assert_eq!(mmu.page_stats(), stats);
     assert_eq!(mmu.live_tables(), tables);
@@ -396,9 +415,7 @@ impl ExternalPageTable for ExternalRecorder {
         // After teardown, refuse the first table: its page must be leaked.
         if state.torn_down && state.refused == 0 {
             state.refused += 1;
-            return Err(HookError::Refused {
-                what: "reclaim".into(),
-            });
+            return Err(HookError::refused(HookOp::FreeTable, "reclaim"));
         }
         assert!(state.live.remove(&table.external.unwrap()));
         Ok(())
@@ -430,7 +447,7 @@ fn external_pages_follow_tables_and_a_refused_reclaim_leaks_one() {
     let counting = Arc::new(CountingAllocator::new(ChunkAllocator::anonymous()));
     let pool = PagePool::from_shared(counting.clone(), None);
     let hooks = ExternalRecorder::default();
-    let mmu = TdpMmu::with_hooks(pool, MmuConfig::default(), Box::new(hooks.clone())).unwrap();
+    let mmu = TdpMmu::with_hooks(pool, MmuConfig::default(), Arc::new(hooks.clone())).unwrap();
     assert!(mmu.has_external_tables());
     mmu.add_memslot(Memslot::new(0, 0, 4096, 0x40000).unwrap())
         .unwrap();
@@ -472,7 +489,7 @@ fn external_pages_follow_tables_and_a_refused_reclaim_leaks_one() {
 fn an_access_after_its_table_was_freed_walks_the_new_one() {
     let mirror = Mirror::default();
     let pool = PagePool::new(ChunkAllocator::anonymous());
-    let mmu = TdpMmu::with_hooks(pool, MmuConfig::default(), Box::new(mirror.clone())).unwrap();
+    let mmu = TdpMmu::with_hooks(pool, MmuConfig::default(), Arc::new(mirror.clone())).unwrap();
     // 64 MiB with host frames that are not 2M-aligned: 4K leaves only.
     mmu.add_memslot(Memslot::new(0, 0, 16384, 0x40001).unwrap())
         .unwrap();
@@ -539,7 +556,7 @@ fn a_vcpu_fault_completes_while_an_eager_split_is_in_progress() {
         faulted_meanwhile: faulted.clone(),
     };
     let pool = PagePool::new(ChunkAllocator::anonymous());
-    let mmu = Arc::new(TdpMmu::with_hooks(pool, MmuConfig::default(), Box::new(hooks)).unwrap());
+    let mmu = Arc::new(TdpMmu::with_hooks(pool, MmuConfig::default(), Arc::new(hooks)).unwrap());
     assert!(cell.set(mmu.clone()).is_ok(), "set once");
     mmu.add_memslot(Memslot::new(0, 0, 2048, 0x40000).unwrap())
         .unwrap();

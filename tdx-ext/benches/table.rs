@@ -32,7 +32,7 @@ fn run(policy: PamtPolicy, leaf_4k: bool) {
     let mmu = TdpMmu::with_hooks(
         PagePool::new(ChunkAllocator::anonymous()),
         MmuConfig::default(),
-        Box::new(mirror.clone()),
+        mirror.clone(),
     )
     .expect("mmu");
     // Host frames near 4 GiB: 2M-aligned but not 1G-aligned, or off by one

@@ -24,7 +24,7 @@
 //! // module, PAMT, allocator and account instead.
 //! let (module, mirror) = TdxMirror::finalized_on_sim(4, PamtPolicy::OnInstall)?;
 //! let mmu = TdpMmu::with_hooks(PagePool::new(ChunkAllocator::anonymous()),
-//!                              MmuConfig::default(), Box::new(mirror.clone()))?;
+//!                              MmuConfig::default(), mirror.clone())?;
 //! // 4 MiB of private memory on host frames at 4 GiB.
 //! mmu.add_memslot(Memslot::new(0, 0, 1024, 1 << 20)?)?;
 //! let mut vcpu = mmu.new_vcpu_caches();
@@ -43,4 +43,4 @@ pub mod status;
 pub use mirror::{MirrorCounters, TdxMirror};
 pub use module::{SeamcallResult, TdxModule};
 pub use sim::{PageState, SimTdxModule};
-pub use status::{Seamcall, TdxStatus};
+pub use status::{Seamcall, SeamcallError, TdxStatus};

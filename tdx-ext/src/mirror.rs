@@ -9,12 +9,14 @@ use std::thread::ThreadId;
 
 use mmu_cache::alloc::{ChunkAllocator, PageAllocator};
 use mmu_cache::{Account, PageCache, PagePool};
-use split::{Entry, ExternalPageTable, ExternalTablePage, HookError, Level, TableRef, Topup};
+use split::{
+    Entry, ExternalPageTable, ExternalTablePage, HookError, HookOp, Level, TableRef, Topup,
+};
 
 use crate::module::{SeamcallResult, TdxModule};
 use crate::pamt::{DynamicPamt, PamtBackedAllocator, PamtCache, PamtError, PamtPage, PamtPolicy};
 use crate::sim::SimTdxModule;
-use crate::status::TdxStatus;
+use crate::status::{Seamcall, SeamcallError, TdxStatus};
 
 /// PAMT pages one split may need: a pair for the new S-EPT page's region
 /// and a pair for the demoted range.
@@ -73,16 +75,18 @@ impl std::fmt::Debug for TdxMirror {
     }
 }
 
-fn refused(what: impl Into<String>) -> HookError {
-    HookError::Refused { what: what.into() }
+fn refused(op: HookOp, what: impl Into<String>) -> HookError {
+    HookError::refused(op, what.into())
 }
 
-fn from_status(call: &str, status: TdxStatus) -> HookError {
-    let what = format!("{call}: {status}");
+/// A SEAMCALL's failure as a hook error: busy (retry) or refused, with the
+/// leaf and the status kept as a [`SeamcallError`].
+fn from_status(op: HookOp, call: Seamcall, status: TdxStatus) -> HookError {
+    let cause = SeamcallError { call, status };
     if status.is_busy() {
-        HookError::Busy { what }
+        HookError::busy(op, cause)
     } else {
-        HookError::Refused { what }
+        HookError::refused(op, cause)
     }
 }
 
@@ -234,15 +238,15 @@ impl TdxMirror {
     }
 
     /// BLOCK, TRACK and kick: the entry may then be removed or demoted.
-    fn block_and_track(&self, gpa: u64, level: Level) -> Result<(), HookError> {
+    fn block_and_track(&self, op: HookOp, gpa: u64, level: Level) -> Result<(), HookError> {
         // Already blocked: an earlier removal or demote stopped after its
         // BLOCK; carry on from there.
         match self.retry(|| self.module.range_block(gpa, level)) {
             Ok(()) | Err(TdxStatus::GpaRangeAlreadyBlocked) => {}
-            Err(status) => return Err(from_status("TDH.MEM.RANGE.BLOCK", status)),
+            Err(status) => return Err(from_status(op, Seamcall::MemRangeBlock, status)),
         }
         self.retry(|| self.module.track())
-            .map_err(|s| from_status("TDH.MEM.TRACK", s))?;
+            .map_err(|s| from_status(op, Seamcall::MemTrack, s))?;
         self.module.kick_vcpus();
         Ok(())
     }
@@ -258,7 +262,7 @@ impl TdxMirror {
     /// A PAMT reference for `page`. OPERAND_BUSY from its PAMT.ADD is retried
     /// after a kick inside [`DynamicPamt`]; if it is still busy, it is
     /// reported as busy, so that the fault is retried.
-    fn pamt_get(&self, page: u64, count: u32, split: bool) -> Result<(), HookError> {
+    fn pamt_get(&self, op: HookOp, page: u64, count: u32, split: bool) -> Result<(), HookError> {
         let result = if split {
             let mut cache = self.split_cache.lock().unwrap_or_else(|p| p.into_inner());
             self.pamt.get_many(page, count, &mut cache)
@@ -266,8 +270,8 @@ impl TdxMirror {
             self.with_vcpu_cache(|cache| self.pamt.get_many(page, count, cache))
         };
         result.map_err(|err| match err {
-            PamtError::Add { status, .. } => from_status("TDH.PHYMEM.PAMT.ADD", status),
-            other => refused(other.to_string()),
+            PamtError::Add { status, .. } => from_status(op, Seamcall::PhymemPamtAdd, status),
+            other => refused(op, other.to_string()),
         })
     }
 
@@ -312,7 +316,7 @@ impl ExternalPageTable for TdxMirror {
                 .unwrap_or_else(|p| p.into_inner())
                 .topup_with_capacity(SPLIT_PAMT_CAPACITY, PAMT_PER_SPLIT),
         }
-        .map_err(|err| refused(format!("PAMT cache: {err}")))
+        .map_err(|err| refused(HookOp::Topup, format!("PAMT cache: {err}")))
     }
 
     fn split_budget(&self) -> usize {
@@ -326,15 +330,15 @@ impl ExternalPageTable for TdxMirror {
     fn link_table(&self, gfn: u64, level: Level, table: TableRef) -> Result<(), HookError> {
         let page = table
             .external
-            .ok_or_else(|| refused("a mirror table without an S-EPT page"))?;
+            .ok_or_else(|| refused(HookOp::LinkTable, "a mirror table without an S-EPT page"))?;
         if self.policy == PamtPolicy::OnInstall {
-            self.pamt_get(page, 1, false)?;
+            self.pamt_get(HookOp::LinkTable, page, 1, false)?;
         }
         if let Err(status) = self.retry(|| self.module.sept_add(gfn << 12, level, page)) {
             if self.policy == PamtPolicy::OnInstall {
                 self.pamt.put(page);
             }
-            return Err(self.fail(from_status("TDH.MEM.SEPT.ADD", status)));
+            return Err(self.fail(from_status(HookOp::LinkTable, Seamcall::MemSeptAdd, status)));
         }
         Ok(())
     }
@@ -343,16 +347,17 @@ impl ExternalPageTable for TdxMirror {
         let page = entry.addr(level);
         let gpa = gfn << 12;
         if level == Level::L4K {
-            self.pamt_get(page, 1, false)?;
+            self.pamt_get(HookOp::SetLeaf, page, 1, false)?;
         }
         let result = if self.module.is_finalized() {
             self.retry(|| self.module.page_aug(gpa, level, page))
-                .map_err(|s| from_status("TDH.MEM.PAGE.AUG", s))
+                .map_err(|s| from_status(HookOp::SetLeaf, Seamcall::MemPageAug, s))
         } else if level == Level::L4K {
             self.retry(|| self.module.page_add(gpa, page))
-                .map_err(|s| from_status("TDH.MEM.PAGE.ADD", s))
+                .map_err(|s| from_status(HookOp::SetLeaf, Seamcall::MemPageAdd, s))
         } else {
             Err(refused(
+                HookOp::SetLeaf,
                 "huge pages are added only after the TD is finalized",
             ))
         };
@@ -371,7 +376,11 @@ impl ExternalPageTable for TdxMirror {
         if self.torn_down.load(Ordering::Acquire) {
             if let Err(status) = self.retry(|| self.module.page_reclaim(page)) {
                 self.leaked.fetch_add(pages, Ordering::Relaxed);
-                return Err(self.fail(from_status("TDH.PHYMEM.PAGE.RECLAIM", status)));
+                return Err(self.fail(from_status(
+                    HookOp::RemoveLeaf,
+                    Seamcall::PhymemPageReclaim,
+                    status,
+                )));
             }
             if level == Level::L4K {
                 self.pamt.put(page);
@@ -379,12 +388,16 @@ impl ExternalPageTable for TdxMirror {
             return Ok(());
         }
         let gpa = gfn << 12;
-        self.block_and_track(gpa, level)
+        self.block_and_track(HookOp::RemoveLeaf, gpa, level)
             .map_err(|err| self.fail(err))?;
         if let Err(status) = self.retry(|| self.module.page_remove(gpa, level)) {
             // The leaf stays: unblock it, so the S-EPT is as it was.
             self.unblock(gpa, level);
-            return Err(self.fail(from_status("TDH.MEM.PAGE.REMOVE", status)));
+            return Err(self.fail(from_status(
+                HookOp::RemoveLeaf,
+                Seamcall::MemPageRemove,
+                status,
+            )));
         }
         // The page is the host's again only after WBINVD; until then (or if
         // it fails) it keeps its PAMT reference and is never reused.
@@ -397,23 +410,35 @@ impl ExternalPageTable for TdxMirror {
     fn free_table(&self, gfn: u64, level: Level, table: TableRef) -> Result<(), HookError> {
         let page = table
             .external
-            .ok_or_else(|| refused("a mirror table without an S-EPT page"))?;
+            .ok_or_else(|| refused(HookOp::FreeTable, "a mirror table without an S-EPT page"))?;
         if self.torn_down.load(Ordering::Acquire) {
             if let Err(status) = self.retry(|| self.module.page_reclaim(page)) {
                 self.leaked.fetch_add(1, Ordering::Relaxed);
-                return Err(self.fail(from_status("TDH.PHYMEM.PAGE.RECLAIM", status)));
+                return Err(self.fail(from_status(
+                    HookOp::FreeTable,
+                    Seamcall::PhymemPageReclaim,
+                    status,
+                )));
             }
         } else {
             let gpa = gfn << 12;
-            let parent = Level::new(level.get() + 1).ok_or_else(|| refused("the root"))?;
-            self.block_and_track(gpa, parent)
+            let parent = Level::new(level.get() + 1)
+                .ok_or_else(|| refused(HookOp::FreeTable, "the root"))?;
+            self.block_and_track(HookOp::FreeTable, gpa, parent)
                 .map_err(|err| self.fail(err))?;
             if let Err(status) = self.retry(|| self.module.sept_remove(gpa, level)) {
                 self.unblock(gpa, parent);
-                return Err(self.fail(from_status("TDH.MEM.SEPT.REMOVE", status)));
+                return Err(self.fail(from_status(
+                    HookOp::FreeTable,
+                    Seamcall::MemSeptRemove,
+                    status,
+                )));
             }
             if !self.flush(page, 1) {
-                return Err(self.fail(refused("TDH.PHYMEM.PAGE.WBINVD of an S-EPT page")));
+                return Err(self.fail(refused(
+                    HookOp::FreeTable,
+                    "TDH.PHYMEM.PAGE.WBINVD of an S-EPT page",
+                )));
             }
         }
         if self.policy == PamtPolicy::OnInstall {
@@ -432,15 +457,16 @@ impl ExternalPageTable for TdxMirror {
     ) -> Result<(), HookError> {
         if !exclusive {
             return Err(self.fail(refused(
+                HookOp::SplitLeaf,
                 "TDH.MEM.PAGE.DEMOTE needs the MMU lock held for write",
             )));
         }
         let sept = new_table
             .external
-            .ok_or_else(|| refused("a mirror table without an S-EPT page"))?;
+            .ok_or_else(|| refused(HookOp::SplitLeaf, "a mirror table without an S-EPT page"))?;
         let gpa = gfn << 12;
         let page = old.addr(level);
-        self.block_and_track(gpa, level)
+        self.block_and_track(HookOp::SplitLeaf, gpa, level)
             .map_err(|err| self.fail(err))?;
         // Past the BLOCK, a failure unblocks the entry, so the S-EPT is left
         // as it was.
@@ -451,7 +477,7 @@ impl ExternalPageTable for TdxMirror {
             self.fail(err)
         };
         if self.policy == PamtPolicy::OnInstall
-            && let Err(err) = self.pamt_get(sept, 1, true)
+            && let Err(err) = self.pamt_get(HookOp::SplitLeaf, sept, 1, true)
         {
             return Err(undo(err));
         }
@@ -467,7 +493,7 @@ impl ExternalPageTable for TdxMirror {
                 Ok(pair) => Some(pair),
                 Err(err) => {
                     release_sept();
-                    return Err(undo(refused(err.to_string())));
+                    return Err(undo(refused(HookOp::SplitLeaf, err.to_string())));
                 }
             }
         } else {
@@ -491,7 +517,11 @@ impl ExternalPageTable for TdxMirror {
                     }
                 }
                 release_sept();
-                Err(undo(from_status("TDH.MEM.PAGE.DEMOTE", status)))
+                Err(undo(from_status(
+                    HookOp::SplitLeaf,
+                    Seamcall::MemPageDemote,
+                    status,
+                )))
             }
         }
     }
@@ -499,7 +529,7 @@ impl ExternalPageTable for TdxMirror {
     fn teardown(&self) -> Result<(), HookError> {
         self.module
             .release_key()
-            .map_err(|s| from_status("release key", s))?;
+            .map_err(|s| refused(HookOp::Teardown, format!("releasing the TD key: {s}")))?;
         self.torn_down.store(true, Ordering::Release);
         Ok(())
     }

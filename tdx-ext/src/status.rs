@@ -77,6 +77,16 @@ impl Seamcall {
     }
 }
 
+/// A SEAMCALL that did not succeed: the leaf, and the module's status.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{}: {status}", call.name())]
+pub struct SeamcallError {
+    /// The leaf called.
+    pub call: Seamcall,
+    /// What the module answered.
+    pub status: TdxStatus,
+}
+
 /// A SEAMCALL completion status (bits 63:32 of RAX; the operand id in the
 /// low bits is not modelled).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, thiserror::Error)]

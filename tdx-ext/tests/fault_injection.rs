@@ -63,7 +63,7 @@ fn every_kth_page_failing_leaves_no_leak_and_no_half_done_change() {
                     split_cache_capacity: 8,
                     ..MmuConfig::default()
                 },
-                Box::new(mirror.clone()),
+                mirror.clone(),
             )
             .unwrap();
             mmu.add_memslot(Memslot::new(0, 0, 4096, HOST_PFN).unwrap())

@@ -313,3 +313,27 @@ fn private_leaves_stop_at_2m() {
     assert_mirrored(&t);
     teardown_and_check(t, vec![vcpu]);
 }
+
+/// A refused SEAMCALL reaches the MMU's caller as its own type: the hook
+/// that failed, the leaf, and the module's status.
+#[test]
+fn a_refused_seamcall_keeps_its_leaf_and_status() {
+    let t = td(PamtPolicy::OnInstall, 1024, 1);
+    let mut vcpu = t.mmu.new_vcpu_caches();
+    t.mmu.fault(&mut vcpu, 0, true).unwrap();
+    t.module
+        .inject(Seamcall::MemPageAug, 1, TdxStatus::OperandInvalid, 1);
+    let err = t.mmu.fault(&mut vcpu, 0x1000, true).unwrap_err();
+    let split::MmuError::Hook(hook) = &err else {
+        panic!("{err}")
+    };
+    assert_eq!(hook.op(), split::HookOp::SetLeaf);
+    assert_eq!(
+        hook.cause::<tdx_ext::SeamcallError>(),
+        Some(&tdx_ext::SeamcallError {
+            call: Seamcall::MemPageAug,
+            status: TdxStatus::OperandInvalid
+        })
+    );
+    teardown_and_check(t, vec![vcpu]);
+}

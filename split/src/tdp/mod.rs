@@ -213,7 +213,7 @@ pub struct TdpMmu {
     tables: Mutex<HashMap<u64, mmu_cache::SlabBox<TableHeader>>>,
     slots: RwLock<Vec<Arc<Memslot>>>,
     split_caches: Mutex<VcpuCaches>,
-    hooks: Box<dyn ExternalPageTable>,
+    hooks: Arc<dyn ExternalPageTable>,
     external_tables: bool,
     external_pool: Arc<PagePool<ExternalTablePage>>,
     /// The largest leaf the hooks take.
@@ -329,14 +329,14 @@ fn stat_index(level: Level) -> usize {
 impl TdpMmu {
     /// An MMU whose tables come from `pool`, without external hooks.
     pub fn new(pool: Arc<PagePool<TablePage>>, config: MmuConfig) -> Result<Self, MmuError> {
-        Self::with_hooks(pool, config, Box::new(NoExternal))
+        Self::with_hooks(pool, config, Arc::new(NoExternal))
     }
 
     /// An MMU that mirrors its tree into an external page table.
     pub fn with_hooks(
         pool: Arc<PagePool<TablePage>>,
         config: MmuConfig,
-        hooks: Box<dyn ExternalPageTable>,
+        hooks: Arc<dyn ExternalPageTable>,
     ) -> Result<Self, MmuError> {
         if !(4..=5).contains(&config.levels) {
             return Err(MmuError::Config("levels must be 4 or 5"));

@@ -53,7 +53,7 @@ pub fn td(policy: PamtPolicy, pages: u64, pfn_offset: u64) -> Td {
     let mmu = TdpMmu::with_hooks(
         PagePool::from_shared(mmu_alloc.clone(), Some(account.clone())),
         MmuConfig::default(),
-        Box::new(mirror.clone()),
+        mirror.clone(),
     )
     .unwrap();
     mmu.add_memslot(Memslot::new(0, 0, pages, HOST_PFN + pfn_offset).unwrap())
