@@ -28,7 +28,10 @@
 //!     mmukit_cache_destroy(cache);
 //! }
 //! ```
-#![allow(non_camel_case_types)]
+#![allow(
+    non_camel_case_types,
+    reason = "C names: the opaque handles are struct mmukit_*"
+)]
 
 use std::collections::HashSet;
 use std::ffi::{c_char, c_int, c_void};

@@ -24,5 +24,5 @@ fuzz_target!(|data: &[u8]| {
 });
 
 fn serde_json_roundtrip(config: &Config) -> String {
-    format!("{}", serde_json::to_string(config).unwrap())
+    serde_json::to_string(config).unwrap()
 }

@@ -97,8 +97,8 @@ fuzz_target!(|input: Input| {
                 } else {
                     (Level::L4K, !0)
                 };
-                let ngfn = u64::from(ngfn) % PAGES & mask;
-                let gfn = u64::from(gfn) % PAGES & mask;
+                let ngfn = (u64::from(ngfn) % PAGES) & mask;
+                let gfn = (u64::from(gfn) % PAGES) & mask;
                 // Any R/W/X: read-only, execute-only, none, misconfigured.
                 let perms = u64::from(perms) & 0b111;
                 if let Ok(written) = guest.map(ngfn, gfn, level, perms) {

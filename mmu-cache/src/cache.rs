@@ -599,13 +599,13 @@ macro_rules! cache_set {
 
         impl $name {
             /// Each member with its minimum and capacity.
-            #[allow(dead_code)]
+            #[allow(dead_code, reason = "a cache set may leave any generated method unused")]
             pub const MEMBERS: &'static [(&'static str, usize, usize)] = &[
                 $((stringify!($field), $min, $crate::__cache_set_capacity!($($capacity)?)),)+
             ];
 
             /// Tops every member up to its minimum, in declaration order.
-            #[allow(dead_code)]
+            #[allow(dead_code, reason = "a cache set may leave any generated method unused")]
             pub fn topup(&mut self) -> ::core::result::Result<(), $crate::CacheError> {
                 $(
                     self.$field
@@ -616,7 +616,7 @@ macro_rules! cache_set {
             }
 
             /// Returns every member's cached objects; returns how many.
-            #[allow(dead_code)]
+            #[allow(dead_code, reason = "a cache set may leave any generated method unused")]
             pub fn free_all(&mut self) -> usize {
                 0 $(+ self.$field.free_all())+
             }

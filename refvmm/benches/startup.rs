@@ -13,7 +13,10 @@ const RUNS: usize = 9;
 
 /// Spawns `command`, returns the time to its first stdout byte and its peak
 /// RSS in KiB. The child is reaped by `wait4`, which also gives its rusage.
-#[allow(clippy::zombie_processes)]
+#[expect(
+    clippy::zombie_processes,
+    reason = "the child is reaped by wait4, which clippy does not see"
+)]
 fn first_byte(mut command: Command) -> (Duration, i64) {
     let start = Instant::now();
     let mut child = command

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use gmem::consts::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 use gmem::{Backend, GmemConfig, GuestMemFile, KvmVm};
 
-use crate::config::{BackendName, Config};
+use crate::config::{BackendName, Config, layout};
 
 /// Errors of a run; [`RunError::exit_code`] maps them to 1 (the guest or
 /// the workload failed) or 2 (configuration or host).
@@ -118,4 +118,31 @@ pub fn prefault(config: &Config, file: &GuestMemFile) -> Result<Option<f64>, Run
     }
     tracing::info!(gib_s = report.gib_per_s(), "prefault done");
     Ok(Some(report.gib_per_s()))
+}
+
+/// Every page written in the pass must be in the log.
+pub fn verify_log(
+    log: &[u64],
+    vcpus: usize,
+    share_bytes: u64,
+    write_percent: u32,
+    iteration: u32,
+) -> Result<(), RunError> {
+    for vcpu in 0..vcpus as u64 {
+        let first = (layout::SHARES + vcpu * share_bytes) / 4096;
+        for i in 0..share_bytes / 4096 {
+            if i % 100 >= u64::from(write_percent) {
+                continue;
+            }
+            let page = first + i;
+            if log[(page / 64) as usize] & (1 << (page % 64)) == 0 {
+                return Err(RunError::Guest(format!(
+                    "iteration {iteration}: vCPU {vcpu} wrote gpa {:#x}, which is not in the \
+                     dirty log",
+                    page * 4096
+                )));
+            }
+        }
+    }
+    Ok(())
 }

@@ -3,7 +3,7 @@
 //! arc-swap snapshot.
 
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::atomic::{AtomicI32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -12,7 +12,9 @@ use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 use vmm_sys_util::timerfd::TimerFd;
 
-use crate::kvm_run::STOP;
+/// Set by SIGINT/SIGTERM: every vCPU loop stops at its next exit, and a
+/// software run at its next pass.
+pub static STOP: AtomicBool = AtomicBool::new(false);
 
 /// Counters the vCPU threads bump.
 #[derive(Debug, Default)]

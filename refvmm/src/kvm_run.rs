@@ -12,8 +12,8 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 
 use crate::config::{BinaryMode, Config, Workload, layout};
-use crate::engine::{RunError, create_memory, kvm_err, open_kvm, prefault};
-use crate::events::{self, Metrics};
+use crate::engine::{RunError, create_memory, kvm_err, open_kvm, prefault, verify_log};
+use crate::events::{self, Metrics, STOP};
 use crate::programs::{self, CHECKPOINT_PORT, PASS_PORT, SERIAL, SERIAL_LSR, SHUTDOWN_PORT};
 use crate::report::{DirtyLog, Iteration, Report};
 use crate::snapshot::{self, Snapshot};
@@ -39,9 +39,6 @@ pub struct KvmOptions {
     /// Resume from this snapshot.
     pub restore: Option<Snapshot>,
 }
-
-/// Set by SIGINT/SIGTERM: every vCPU loop stops at its next exit.
-pub static STOP: AtomicBool = AtomicBool::new(false);
 
 struct Vm {
     vm: Arc<KvmVm>,
@@ -501,31 +498,4 @@ fn dirty_log(
         Ok(())
     })?;
     Ok(result)
-}
-
-/// Every page written in the pass must be in the log.
-pub fn verify_log(
-    log: &[u64],
-    vcpus: usize,
-    share_bytes: u64,
-    write_percent: u32,
-    iteration: u32,
-) -> Result<(), RunError> {
-    for vcpu in 0..vcpus as u64 {
-        let first = (layout::SHARES + vcpu * share_bytes) / 4096;
-        for i in 0..share_bytes / 4096 {
-            if i % 100 >= u64::from(write_percent) {
-                continue;
-            }
-            let page = first + i;
-            if log[(page / 64) as usize] & (1 << (page % 64)) == 0 {
-                return Err(RunError::Guest(format!(
-                    "iteration {iteration}: vCPU {vcpu} wrote gpa {:#x}, which is not in the \
-                     dirty log",
-                    page * 4096
-                )));
-            }
-        }
-    }
-    Ok(())
 }

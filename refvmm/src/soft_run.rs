@@ -13,9 +13,8 @@ use tdx_ext::pamt::PamtPolicy;
 use tdx_ext::{Seamcall, SimTdxModule, TdxMirror};
 
 use crate::config::{BackendName, Config, PamtPolicyName, Workload, layout};
-use crate::engine::{RunError, create_memory, open_kvm, prefault};
-use crate::events::Metrics;
-use crate::kvm_run::{STOP, verify_log};
+use crate::engine::{RunError, create_memory, open_kvm, prefault, verify_log};
+use crate::events::{Metrics, STOP};
 use crate::report::{CacheFigures, DirtyLog, Iteration, Report, SplitFigures, TdxFigures};
 
 struct Td {
@@ -177,7 +176,10 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
 }
 
 /// The host side of the test: populate, enable, iterate, verify.
-#[allow(clippy::too_many_arguments)]
+#[expect(
+    clippy::too_many_arguments,
+    reason = "the host side of the test needs the run's whole state"
+)]
 fn drive(
     mmu: &TdpMmu,
     config: &Config,

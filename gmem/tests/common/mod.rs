@@ -1,6 +1,6 @@
 //! Helpers shared by the gmem tests: the backends this host can run, and a
 //! way to check that an access kills a child process.
-#![allow(dead_code)]
+#![allow(dead_code, reason = "each test binary uses some of the helpers")]
 
 use std::sync::Arc;
 

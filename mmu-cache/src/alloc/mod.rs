@@ -18,6 +18,7 @@
 mod chunk;
 mod heap;
 mod ledger;
+mod section;
 mod testing;
 
 use std::fmt;
@@ -27,7 +28,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use chunk::{CHUNK_SIZE, ChunkAllocator, ChunkBacking, SecretAllocator};
 pub use heap::HeapAllocator;
-pub use testing::{CountingAllocator, FailPolicy, FailingAllocator, NoAllocSection};
+pub use section::NoAllocSection;
+pub use testing::{CountingAllocator, FailPolicy, FailingAllocator};
 
 /// Size in bytes of every page an allocator hands out.
 pub const PAGE_SIZE: usize = 4096;

@@ -232,7 +232,10 @@ impl ShadowMmu {
         touched
     }
 
-    #[allow(clippy::too_many_arguments)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the fault's state, as the kernel passes it"
+    )]
     fn install_leaf(
         &self,
         state: &mut State,

@@ -161,7 +161,10 @@ impl TdpMmu {
     /// Returns the new table, or `None` when the entry changed under us or
     /// the hooks were busy: nothing changed, and the caller retries. A
     /// refusal of the hooks leaves both trees as they were and is an error.
-    #[allow(clippy::too_many_arguments)]
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the entry, its place and the lock held, as the kernel passes them"
+    )]
     pub(super) fn split_leaf(
         &self,
         caches: &mut VcpuCaches,
@@ -248,6 +251,6 @@ enum Step {
 /// The lock a splitter holds: shared without external tables, exclusive
 /// with them.
 enum SplitGuard<'a> {
-    Shared(#[allow(dead_code)] ReadGuard<'a>),
-    Exclusive(#[allow(dead_code)] WriteGuard<'a>),
+    Shared(#[expect(dead_code, reason = "held for its drop")] ReadGuard<'a>),
+    Exclusive(#[expect(dead_code, reason = "held for its drop")] WriteGuard<'a>),
 }

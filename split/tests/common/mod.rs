@@ -1,5 +1,5 @@
 //! Helpers shared by the split tests.
-#![allow(dead_code)]
+#![allow(dead_code, reason = "each test binary uses some of the helpers")]
 
 use std::sync::Arc;
 

@@ -1,7 +1,7 @@
 //! A TD for tests: a software module, Dynamic PAMT, a mirror and a mirror
 //! TDP MMU, each pool over a counting allocator that panics on allocation
 //! under the MMU lock.
-#![allow(dead_code)]
+#![allow(dead_code, reason = "each test binary uses some of the helpers")]
 
 use std::sync::Arc;
 
