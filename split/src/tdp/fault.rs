@@ -25,20 +25,7 @@ impl TdpMmu {
         self.counters.faults.fetch_add(1, Ordering::Relaxed);
         let capacity = self.config.vcpu_cache_capacity;
         loop {
-            caches
-                .tables
-                .topup_with_capacity(capacity, 5)
-                .map_err(|err| CacheError::in_set("tables", err))?;
-            caches
-                .headers
-                .topup_with_capacity(capacity, 5)
-                .map_err(|err| CacheError::in_set("headers", err))?;
-            if self.external_tables {
-                caches
-                    .external
-                    .topup_with_capacity(capacity, usize::from(self.config.levels))
-                    .map_err(|err| CacheError::in_set("external", err))?;
-            }
+            caches.topup_for_fault(capacity, self.external_tables.then_some(self.config.levels))?;
             self.hooks.topup(Topup::Fault {
                 levels: self.config.levels,
             })?;

@@ -107,16 +107,44 @@ impl TableHeader {
     }
 }
 
+/// Tables (and headers) one fault may link: one per level of a 5-level walk.
+pub const TABLES_PER_FAULT: usize = 5;
+
 mmu_cache::cache_set! {
     /// What one fault needs: enough for every level of a 5-level walk.
     #[derive(Debug)]
     pub struct VcpuCaches {
         /// Table pages, filled with the non-present value.
-        pub tables: PageCache<TablePage> => [min 5],
+        pub tables: PageCache<TablePage> => [min TABLES_PER_FAULT],
         /// Table headers.
-        pub headers: ObjectCache<TableHeader> => [min 5],
+        pub headers: ObjectCache<TableHeader> => [min TABLES_PER_FAULT],
         /// External table pages, topped up only when the hooks ask for them.
         pub external: PageCache<ExternalTablePage> => [min 0],
+    }
+}
+
+impl VcpuCaches {
+    /// The topup before a fault takes the lock: tables and headers for a
+    /// 5-level walk at the MMU's vCPU cache `capacity` (the configuration,
+    /// not the set's default), and an external page per level when
+    /// `external_levels` is given (the hooks ask for external tables).
+    pub fn topup_for_fault(
+        &mut self,
+        capacity: usize,
+        external_levels: Option<u8>,
+    ) -> Result<(), CacheError> {
+        self.tables
+            .topup_with_capacity(capacity, TABLES_PER_FAULT)
+            .map_err(|err| CacheError::in_set("tables", err))?;
+        self.headers
+            .topup_with_capacity(capacity, TABLES_PER_FAULT)
+            .map_err(|err| CacheError::in_set("headers", err))?;
+        if let Some(levels) = external_levels {
+            self.external
+                .topup_with_capacity(capacity, usize::from(levels))
+                .map_err(|err| CacheError::in_set("external", err))?;
+        }
+        Ok(())
     }
 }
 
