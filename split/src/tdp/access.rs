@@ -58,22 +58,15 @@ impl TdpMmu {
 
     /// Walks to the present leaf that maps `gfn`; callers hold the lock.
     pub(super) fn find_leaf(&self, gfn: u64) -> Option<(&[AtomicU64; 512], usize, Level, Entry)> {
-        let mut table_hpa = self.root_hpa();
-        let mut level = self.top_level();
-        loop {
-            // SAFETY: the root or a linked table; the caller's lock keeps it alive.
-            let table = unsafe { entries(table_hpa) };
-            let index = level.index(gfn);
-            let entry = load(table, index);
-            if !entry.is_present() {
-                return None;
+        self.walk(gfn, |step| {
+            if !step.entry.is_present() {
+                Next::Stop(None)
+            } else if step.entry.is_leaf(step.level) {
+                Next::Stop(Some((step.table, step.index, step.level, step.entry)))
+            } else {
+                Next::Descend(step.entry.addr(step.level))
             }
-            if entry.is_leaf(level) {
-                return Some((table, index, level, entry));
-            }
-            table_hpa = entry.addr(level);
-            level = level.below()?;
-        }
+        })
     }
 
     /// A guest write: [`access`](Self::access), faulting on a miss.

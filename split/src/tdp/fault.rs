@@ -59,16 +59,15 @@ impl TdpMmu {
         } else {
             slot.max_level(gfn).min(self.max_leaf)
         };
-        let mut table_hpa = self.root_hpa();
-        let mut level = self.top_level();
-        loop {
-            // SAFETY: `table_hpa` is the root or a table linked below it, and
-            // the read lock keeps linked tables alive.
-            let table = unsafe { entries(table_hpa) };
-            let index = level.index(gfn);
-            let entry = load(table, index);
+        self.walk(gfn, |step| {
+            let WalkStep {
+                table,
+                index,
+                level,
+                entry,
+            } = step;
             if entry.bits() == FROZEN {
-                return Ok(None);
+                return Next::Stop(Ok(None));
             }
             let at_goal = level <= goal;
             // A leaf that already allows the access makes the fault spurious:
@@ -76,17 +75,15 @@ impl TdpMmu {
             // goal replaces it (the lazy split).
             let usable = !write || entry.has(WRITE);
             if entry.is_leaf(level) && (at_goal || !entry.is_huge_leaf(level) || usable) {
-                return Ok(self.touch_leaf(table, index, level, entry, gfn, write));
+                return Next::Stop(Ok(self.touch_leaf(table, index, level, entry, gfn, write)));
             }
             if entry.is_present() && !entry.is_leaf(level) {
                 // A table, above the goal or where a huge leaf could go (left
                 // by dirty logging): map inside it.
-                table_hpa = entry.addr(level);
-                level = level.below().expect("tables are above 4K");
-                continue;
+                return Next::Descend(entry.addr(level));
             }
             if at_goal {
-                return self.install_leaf(table, index, level, slot, gfn, write);
+                return Next::Stop(self.install_leaf(table, index, level, slot, gfn, write));
             }
             // Above the goal: descend, installing a table where needed. A
             // write-protected huge leaf in the way is split into a full table
@@ -94,20 +91,20 @@ impl TdpMmu {
             // `kvm_tdp_mmu_map`), so its other mappings stay.
             let linked = if entry.is_huge_leaf(level) {
                 let base_gfn = gfn & !(level.entry_pages() - 1);
-                let split = self.split_leaf(caches, table, index, level, entry, base_gfn, false)?;
-                if split.is_some() {
+                let split = self.split_leaf(caches, table, index, level, entry, base_gfn, false);
+                if matches!(split, Ok(Some(_))) {
                     self.counters.lazy_splits.fetch_add(1, Ordering::Relaxed);
                 }
                 split
             } else {
-                self.link_new_table(caches, table, index, level, gfn)?
+                self.link_new_table(caches, table, index, level, gfn)
             };
-            let Some(new_hpa) = linked else {
-                return Ok(None);
-            };
-            table_hpa = new_hpa;
-            level = level.below().expect("the goal is at or above 4K");
-        }
+            match linked {
+                Ok(Some(new_hpa)) => Next::Descend(new_hpa),
+                Ok(None) => Next::Stop(Ok(None)),
+                Err(err) => Next::Stop(Err(err)),
+            }
+        })
     }
 
     /// A present leaf was found: mark it accessed (and dirty on write), or

@@ -350,6 +350,27 @@ fn protect_leaf(table: &[AtomicU64; 512], index: usize, level: Level, mut entry:
     }
 }
 
+/// One step of a [`TdpMmu::walk`]: the entry for the walked frame in a table
+/// at `level` (entries of `level` map `level.entry_pages()` frames).
+pub(super) struct WalkStep<'a> {
+    /// The table.
+    pub(super) table: &'a [AtomicU64; 512],
+    /// The entry's index in it.
+    pub(super) index: usize,
+    /// The table's level.
+    pub(super) level: Level,
+    /// The entry, as loaded.
+    pub(super) entry: Entry,
+}
+
+/// What a walk does after a step.
+pub(super) enum Next<T> {
+    /// Go on into the table at this address, one level down.
+    Descend(u64),
+    /// Stop with this result.
+    Stop(T),
+}
+
 fn stat_index(level: Level) -> usize {
     usize::from(level.get() - 1)
 }
@@ -443,6 +464,39 @@ impl TdpMmu {
 
     fn top_level(&self) -> Level {
         Level::new(self.config.levels).expect("validated at construction")
+    }
+
+    /// The one walk from the root towards `gfn`, which faults, accesses and
+    /// splits share: `visit` sees the entry at each level and says whether
+    /// to descend (into the entry's table, or a table it just linked) or to
+    /// stop. Callers hold the lock, which keeps every table on the way
+    /// linked.
+    pub(super) fn walk<'a, T>(
+        &'a self,
+        gfn: u64,
+        mut visit: impl FnMut(WalkStep<'a>) -> Next<T>,
+    ) -> T {
+        let mut table_hpa = self.root_hpa();
+        let mut level = self.top_level();
+        loop {
+            // SAFETY: the root, or a table the previous step found linked (or
+            // linked itself) under the caller's lock, which keeps it alive.
+            let table = unsafe { entries(table_hpa) };
+            let index = level.index(gfn);
+            let entry = load(table, index);
+            match visit(WalkStep {
+                table,
+                index,
+                level,
+                entry,
+            }) {
+                Next::Stop(result) => return result,
+                Next::Descend(hpa) => {
+                    table_hpa = hpa;
+                    level = level.below().expect("tables are above 4K");
+                }
+            }
+        }
     }
 
     fn read_lock(&self) -> ReadGuard<'_> {

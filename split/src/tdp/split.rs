@@ -112,41 +112,38 @@ impl TdpMmu {
         should_split: &impl Fn(u64, u64) -> bool,
         exclusive: bool,
     ) -> Result<Step, MmuError> {
-        let mut table_hpa = self.root_hpa();
-        let mut level = self.top_level();
-        loop {
-            // SAFETY: the lock is held (read or write); root or linked table.
-            let table = unsafe { entries(table_hpa) };
-            let index = level.index(cursor);
-            let entry = load(table, index);
+        self.walk(cursor, |step| {
+            let WalkStep {
+                table,
+                index,
+                level,
+                entry,
+            } = step;
             let pages = level.entry_pages();
             let leaf_gfn = cursor & !(pages - 1);
             let next = leaf_gfn + pages;
             if entry.bits() == FROZEN {
-                return Ok(Step::Raced);
+                return Next::Stop(Ok(Step::Raced));
             }
             if !entry.is_present()
                 || (entry.is_leaf(level) && (level <= target || !should_split(leaf_gfn, pages)))
             {
-                return Ok(Step::Skip(next));
+                return Next::Stop(Ok(Step::Skip(next)));
             }
             if entry.is_leaf(level) {
-                return Ok(
-                    match self
-                        .split_leaf(caches, table, index, level, entry, leaf_gfn, exclusive)?
-                    {
-                        Some(_) => Step::Split,
-                        None => Step::Raced,
-                    },
+                return Next::Stop(
+                    self.split_leaf(caches, table, index, level, entry, leaf_gfn, exclusive)
+                        .map(|linked| match linked {
+                            Some(_) => Step::Split,
+                            None => Step::Raced,
+                        }),
                 );
             }
-            let below = level.below().expect("tables above 4K");
-            if below <= target {
-                return Ok(Step::Skip(next));
+            if level.below().is_none_or(|below| below <= target) {
+                return Next::Stop(Ok(Step::Skip(next)));
             }
-            table_hpa = entry.addr(level);
-            level = below;
-        }
+            Next::Descend(entry.addr(level))
+        })
     }
 
     /// Replaces the huge leaf `leaf` at `table[index]` (level `level`,
