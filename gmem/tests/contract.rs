@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{SHARED_MMAP, cases, killing_signal, touch};
+use common::{SHARED_MMAP, cases, guest_memfd_case, killing_signal, touch};
 use gmem::consts::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 use gmem::{GmemError, ViewKind};
 
@@ -437,11 +437,7 @@ fn mmap_arguments_are_checked_in_the_kernels_order() {
 /// between), over the same edges.
 #[test]
 fn check_mmap_predicts_the_kernels_mmap_of_a_guest_memfd() {
-    let Some(case) = cases(0)
-        .into_iter()
-        .find(|case| case.is(gmem::BackendKind::Kvm))
-    else {
-        eprintln!("skip: no guest_memfd on this host");
+    let Some(case) = guest_memfd_case() else {
         return;
     };
     use std::os::fd::AsRawFd;

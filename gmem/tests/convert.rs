@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{SHARED_MMAP, cases, hugetlb_available, killing_signal, touch};
+use common::{SHARED_MMAP, cases, guest_memfd_case, hugetlb_available, killing_signal, touch};
 use gmem::{Attribute, Backend, GmemConfig, GmemError, GuestMemFile, Protection};
 
 /// The page size the kernel uses for the mapping that holds `addr`.
@@ -257,11 +257,7 @@ fn a_hugetlb_shortfall_fails_at_creation_with_the_numbers() {
 /// view answer EFAULT instead of letting the kernel's SIGBUS kill us.
 #[test]
 fn a_private_guest_memfd_cannot_be_made_shared_where_the_kernel_cannot_convert() {
-    let Some(case) = cases(0)
-        .into_iter()
-        .find(|case| case.is(gmem::BackendKind::Kvm))
-    else {
-        eprintln!("skip: no guest_memfd on this host");
+    let Some(case) = guest_memfd_case() else {
         return;
     };
     let file = case

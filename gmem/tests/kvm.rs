@@ -39,6 +39,26 @@ fn vm_or_skip(test: &str) -> Option<Arc<KvmVm>> {
     }
 }
 
+/// Runs `GUEST` (at gpa 0, real mode) on a new vCPU until it halts.
+fn run_guest_to_hlt(vm: &KvmVm) {
+    let vcpu = vm.vm().create_vcpu(0).unwrap();
+    let mut sregs = vcpu.get_sregs().unwrap();
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    sregs.ds.base = 0;
+    sregs.ds.selector = 0;
+    vcpu.set_sregs(&sregs).unwrap();
+    let mut regs = vcpu.get_regs().unwrap();
+    regs.rip = 0;
+    regs.rflags = 2;
+    vcpu.set_regs(&regs).unwrap();
+    let mut vcpu = vcpu;
+    match vcpu.run().unwrap() {
+        VcpuExit::Hlt => {}
+        other => panic!("unexpected exit {other:?}"),
+    }
+}
+
 fn gmem_file(vm: &Arc<KvmVm>, size: u64) -> GuestMemFile {
     GuestMemFile::create(
         &Backend::Kvm(vm.clone()),
@@ -63,22 +83,7 @@ fn a_guest_reads_and_writes_guest_memfd_memory() {
     view.fill(DATA, 1, 0xaa).unwrap();
     vm.bind(0, region.clone(), 0).unwrap();
 
-    let vcpu = vm.vm().create_vcpu(0).unwrap();
-    let mut sregs = vcpu.get_sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    sregs.ds.base = 0;
-    sregs.ds.selector = 0;
-    vcpu.set_sregs(&sregs).unwrap();
-    let mut regs = vcpu.get_regs().unwrap();
-    regs.rip = 0;
-    regs.rflags = 2;
-    vcpu.set_regs(&regs).unwrap();
-    let mut vcpu = vcpu;
-    match vcpu.run().unwrap() {
-        VcpuExit::Hlt => {}
-        other => panic!("unexpected exit {other:?}"),
-    }
+    run_guest_to_hlt(&vm);
     let mut byte = [0u8];
     region.view().read_at(DATA, &mut byte).unwrap();
     assert_eq!(byte[0], 0xff, "the guest saw 0xaa and wrote 0xff");
@@ -488,22 +493,7 @@ fn a_private_guest_memfd_binds_beside_a_shared_mapping() {
         libc::EINVAL,
         "a guest_memfd slot cannot change"
     );
-    let vcpu = vm.vm().create_vcpu(0).unwrap();
-    let mut sregs = vcpu.get_sregs().unwrap();
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    sregs.ds.base = 0;
-    sregs.ds.selector = 0;
-    vcpu.set_sregs(&sregs).unwrap();
-    let mut regs = vcpu.get_regs().unwrap();
-    regs.rip = 0;
-    regs.rflags = 2;
-    vcpu.set_regs(&regs).unwrap();
-    let mut vcpu = vcpu;
-    match vcpu.run().unwrap() {
-        VcpuExit::Hlt => {}
-        other => panic!("unexpected exit {other:?}"),
-    }
+    run_guest_to_hlt(&vm);
     let mut byte = [0u8];
     view.read_at(DATA, &mut byte).unwrap();
     assert_eq!(byte[0], 0xff, "the guest ran from the shared mapping");

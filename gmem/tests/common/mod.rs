@@ -103,6 +103,23 @@ pub fn cases(huge_pages_needed: u64) -> Vec<Case> {
     cases
 }
 
+/// The kernel's guest_memfd backend, or `None` (with the reason printed)
+/// where this host has none.
+pub fn guest_memfd_case() -> Option<Case> {
+    match kvm_vm() {
+        Ok(vm) => Some(Case {
+            name: "guest_memfd",
+            backend: Backend::Kvm(vm),
+            page: 4096,
+            log2: 0,
+        }),
+        Err(why) => {
+            eprintln!("skip: no guest_memfd on this host: {why}");
+            None
+        }
+    }
+}
+
 /// A VM whose KVM offers guest_memfd with MMAP, or why not.
 pub fn kvm_vm() -> Result<Arc<KvmVm>, String> {
     let vm = KvmVm::new().map_err(|err| err.to_string())?;
