@@ -2,7 +2,6 @@
 //! pools, and memfd_secret.
 
 use std::fmt;
-use std::path::Path;
 
 use kvm_ioctls::Kvm;
 
@@ -51,42 +50,7 @@ impl KvmCaps {
     }
 }
 
-/// One HugeTLB pool.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct HugetlbPool {
-    /// The pool's directory name, such as `hugepages-2048kB`.
-    pub name: String,
-    /// The page size in bytes.
-    pub page_size: u64,
-    /// Pages in the pool.
-    pub total: u64,
-    /// Free pages not promised to a reservation.
-    pub available: u64,
-}
-
-impl HugetlbPool {
-    /// The pool of `page_size` bytes, read from sysfs.
-    pub fn read(page_size: u64) -> Option<Self> {
-        let name = format!("hugepages-{}kB", page_size >> 10);
-        let dir = Path::new("/sys/kernel/mm/hugepages").join(&name);
-        let read = |file: &str| -> Option<u64> {
-            std::fs::read_to_string(dir.join(file))
-                .ok()?
-                .trim()
-                .parse()
-                .ok()
-        };
-        let total = read("nr_hugepages")?;
-        let free = read("free_hugepages")?;
-        let reserved = read("resv_hugepages").unwrap_or(0);
-        Some(Self {
-            name,
-            page_size,
-            total,
-            available: free.saturating_sub(reserved),
-        })
-    }
-}
+pub use mmukit_sys::hugetlb::HugetlbPool;
 
 /// Everything gmem probes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -59,7 +59,8 @@ pub mod file;
 pub mod kvm;
 pub mod prefault;
 pub mod region;
-mod sys;
+/// The system calls, from the workspace's one home for them.
+use mmukit_sys as sys;
 
 pub use attrs::Attribute;
 pub use caps::HostCaps;

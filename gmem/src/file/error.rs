@@ -39,8 +39,8 @@ pub enum GmemError {
     },
     /// The HugeTLB pool cannot back the file (ENOMEM).
     #[error(
-        "HugeTLB pool {pool}: the file needs {needed} pages and {free} are free; reserve more \
-         with `echo N > /sys/kernel/mm/hugepages/{pool}/nr_hugepages` (as root)"
+        "HugeTLB pool {pool}: the file needs {needed} pages and {free} are free; {}",
+        mmukit_sys::hugetlb::reserve_hint(pool)
     )]
     HugetlbShortfall {
         /// The pool's sysfs name.

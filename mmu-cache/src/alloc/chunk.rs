@@ -3,8 +3,9 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::io;
-use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
+
+use mmukit_sys::hugetlb::HugetlbPool;
 use std::ptr::NonNull;
 use std::sync::Mutex;
 
@@ -15,9 +16,6 @@ pub const CHUNK_SIZE: usize = 2 << 20;
 const CHUNK_SHIFT: u32 = CHUNK_SIZE.trailing_zeros();
 const PAGES_PER_CHUNK: usize = CHUNK_SIZE / PAGE_SIZE;
 const BITMAP_WORDS: usize = PAGES_PER_CHUNK / 64;
-/// `memfd_secret(2)` on x86_64; libc does not name it.
-const SYS_MEMFD_SECRET: libc::c_long = 447;
-const HUGETLB_2M_POOL: &str = "hugepages-2048kB";
 
 /// Where a [`ChunkAllocator`]'s chunks come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -143,10 +141,10 @@ impl ChunkAllocator {
     /// An allocator over 2 MiB HugeTLB chunks. Fails at once, naming the pool,
     /// when the pool has no free page.
     pub fn hugetlb() -> Result<Self, AllocError> {
-        let free = hugetlb_free_pages(HUGETLB_2M_POOL);
+        let free = HugetlbPool::read(CHUNK_SIZE as u64).map_or(0, |pool| pool.available);
         if free == 0 {
             return Err(AllocError::HugeTlbPoolEmpty {
-                pool: HUGETLB_2M_POOL.to_owned(),
+                pool: mmukit_sys::hugetlb::pool_name(CHUNK_SIZE as u64),
                 free,
             });
         }
@@ -196,27 +194,19 @@ impl ChunkAllocator {
     fn map_chunk(&self) -> Result<usize, AllocError> {
         let base = reserve_aligned_chunk()?;
         let mapped = match self.backing {
-            ChunkBacking::Anonymous => map_fixed(
+            ChunkBacking::Anonymous => {
+                map_anonymous_chunk(base, libc::MAP_PRIVATE, "mmap(anonymous chunk)")
+            }
+            ChunkBacking::HugeTlb => map_anonymous_chunk(
                 base,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                "mmap(anonymous chunk)",
-            ),
-            ChunkBacking::HugeTlb => map_fixed(
-                base,
-                libc::MAP_PRIVATE
-                    | libc::MAP_ANONYMOUS
-                    | libc::MAP_HUGETLB
-                    | libc::MAP_HUGE_2MB
-                    | libc::MAP_POPULATE,
-                -1,
+                libc::MAP_PRIVATE | libc::MAP_HUGETLB | libc::MAP_HUGE_2MB | libc::MAP_POPULATE,
                 "mmap(hugetlb chunk)",
             )
             .map_err(|err| match err {
                 AllocError::Os { source, .. } if source.raw_os_error() == Some(libc::ENOMEM) => {
                     AllocError::HugeTlbPoolEmpty {
-                        pool: HUGETLB_2M_POOL.to_owned(),
-                        free: hugetlb_free_pages(HUGETLB_2M_POOL),
+                        pool: mmukit_sys::hugetlb::pool_name(CHUNK_SIZE as u64),
+                        free: HugetlbPool::read(CHUNK_SIZE as u64).map_or(0, |pool| pool.available),
                     }
                 }
                 other => other,
@@ -233,101 +223,65 @@ impl ChunkAllocator {
     }
 }
 
-fn hugetlb_free_pages(pool: &str) -> u64 {
-    std::fs::read_to_string(format!("/sys/kernel/mm/hugepages/{pool}/free_hugepages"))
-        .ok()
-        .and_then(|text| text.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 fn memfd_secret() -> Result<OwnedFd, AllocError> {
-    // SAFETY: memfd_secret takes one flags argument and returns a new fd or -1.
-    let fd = unsafe { libc::syscall(SYS_MEMFD_SECRET, libc::O_CLOEXEC as libc::c_long) };
-    if fd < 0 {
-        return Err(AllocError::SecretMemUnavailable {
-            source: io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: the kernel just returned this fd and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as libc::c_int) })
+    mmukit_sys::memfd_secret().map_err(|source| AllocError::SecretMemUnavailable { source })
 }
 
 fn map_secret_chunk(base: usize) -> Result<(), AllocError> {
-    use std::os::fd::AsRawFd;
     let fd = memfd_secret()?;
-    // SAFETY: ftruncate on an fd we own.
-    if unsafe { libc::ftruncate(fd.as_raw_fd(), CHUNK_SIZE as libc::off_t) } != 0 {
-        return Err(AllocError::Os {
-            operation: "ftruncate(memfd_secret)",
-            source: io::Error::last_os_error(),
-        });
-    }
+    mmukit_sys::ftruncate(&fd, CHUNK_SIZE as u64).map_err(|source| AllocError::Os {
+        operation: "ftruncate(memfd_secret)",
+        source,
+    })?;
     // The mapping keeps the file alive after `fd` is closed.
-    map_fixed(
-        base,
-        libc::MAP_SHARED,
-        fd.as_raw_fd(),
-        "mmap(memfd_secret chunk)",
-    )
-}
-
-/// Reserves `2 * CHUNK_SIZE` of address space and keeps the aligned
-/// `CHUNK_SIZE` inside it (as PROT_NONE, to be replaced with MAP_FIXED).
-fn reserve_aligned_chunk() -> Result<usize, AllocError> {
-    let span = 2 * CHUNK_SIZE;
-    // SAFETY: a fresh PROT_NONE reservation at an address the kernel picks.
-    let raw = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            span,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
+    // SAFETY: `base..base + CHUNK_SIZE` is a reservation this allocator owns,
+    // so replacing it with MAP_FIXED cannot clobber anyone else's mapping.
+    unsafe {
+        mmukit_sys::map_fixed(
+            base as *mut u8,
+            CHUNK_SIZE,
+            libc::PROT_READ | libc::PROT_WRITE,
+            &fd,
             0,
         )
-    };
-    if raw == libc::MAP_FAILED {
-        return Err(AllocError::Os {
-            operation: "mmap(reserve chunk)",
-            source: io::Error::last_os_error(),
-        });
     }
-    let start = raw as usize;
-    let base = start.next_multiple_of(CHUNK_SIZE);
-    // SAFETY: both pieces lie inside the reservation made above and are not
-    // part of the aligned chunk we keep.
-    unsafe {
-        unmap(start, base - start);
-        unmap(base + CHUNK_SIZE, start + span - (base + CHUNK_SIZE));
-    }
-    Ok(base)
+    .map_err(|source| AllocError::Os {
+        operation: "mmap(memfd_secret chunk)",
+        source,
+    })
 }
 
-fn map_fixed(
+/// Reserves a `CHUNK_SIZE`-aligned `CHUNK_SIZE` of address space (as
+/// PROT_NONE, to be replaced with MAP_FIXED).
+fn reserve_aligned_chunk() -> Result<usize, AllocError> {
+    let reservation =
+        mmukit_sys::Mapping::reserve_aligned(CHUNK_SIZE, CHUNK_SIZE).map_err(|source| {
+            AllocError::Os {
+                operation: "mmap(reserve chunk)",
+                source,
+            }
+        })?;
+    // The pool owns the chunk from now on (unmapped by `unmap`).
+    Ok(reservation.into_raw() as usize)
+}
+
+/// Maps anonymous memory with `flags` over the reserved chunk at `base`.
+fn map_anonymous_chunk(
     base: usize,
     flags: libc::c_int,
-    fd: libc::c_int,
     operation: &'static str,
 ) -> Result<(), AllocError> {
     // SAFETY: `base..base + CHUNK_SIZE` is a reservation this allocator owns,
     // so replacing it with MAP_FIXED cannot clobber anyone else's mapping.
-    let raw = unsafe {
-        libc::mmap(
-            base as *mut libc::c_void,
+    unsafe {
+        mmukit_sys::map_fixed_anonymous(
+            base as *mut u8,
             CHUNK_SIZE,
             libc::PROT_READ | libc::PROT_WRITE,
-            flags | libc::MAP_FIXED,
-            fd,
-            0,
+            flags,
         )
-    };
-    if raw == libc::MAP_FAILED {
-        return Err(AllocError::Os {
-            operation,
-            source: io::Error::last_os_error(),
-        });
     }
-    Ok(())
+    .map_err(|source| AllocError::Os { operation, source })
 }
 
 /// # Safety
@@ -335,12 +289,8 @@ fn map_fixed(
 /// `addr..addr + len` must be a mapping (or part of one) that this module
 /// created and that nothing refers to any more.
 unsafe fn unmap(addr: usize, len: usize) {
-    if len == 0 {
-        return;
-    }
     // SAFETY: guaranteed by the caller.
-    let rc = unsafe { libc::munmap(addr as *mut libc::c_void, len) };
-    debug_assert_eq!(rc, 0, "munmap({addr:#x}, {len:#x})");
+    unsafe { mmukit_sys::munmap(addr as *mut u8, len) };
 }
 
 // SAFETY: pages are carved from chunks this allocator mapped read/write; the

@@ -53,8 +53,8 @@ pub enum AllocError {
     },
     /// The HugeTLB pool that backs a chunk has too few free pages.
     #[error(
-        "HugeTLB pool {pool} has {free} free pages, a 2 MiB chunk needs 1: \
-         reserve pages with `echo N > /proc/sys/vm/nr_hugepages` (as root)"
+        "HugeTLB pool {pool} has {free} free pages, a 2 MiB chunk needs 1: {}",
+        mmukit_sys::hugetlb::reserve_hint(pool)
     )]
     HugeTlbPoolEmpty {
         /// The sysfs name of the pool, e.g. `hugepages-2048kB`.
