@@ -10,7 +10,7 @@ thread_local! {
 /// Marks the current thread as inside a section where no page may be
 /// allocated (for example while an MMU lock is held).
 ///
-/// Production allocators ignore the mark; [`CountingAllocator`] panics when
+/// Production allocators ignore the mark; [`CountingAllocator`](super::CountingAllocator) panics when
 /// `page_get` runs inside such a section, which is how tests prove that a
 /// critical section never allocates. Sections nest.
 ///

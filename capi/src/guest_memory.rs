@@ -1,0 +1,228 @@
+//! Guest memory files (`mmukit_gmem_*`).
+
+use std::ffi::c_int;
+use std::sync::{Arc, Mutex};
+
+use super::*;
+
+/// Backend: shared anonymous memory.
+pub const MMUKIT_GMEM_ANONYMOUS: u32 = 0;
+/// Backend: memfd.
+pub const MMUKIT_GMEM_MEMFD: u32 = 1;
+/// Backend: HugeTLB memfd (`huge_page_size_log2` 21 or 30).
+pub const MMUKIT_GMEM_HUGETLB: u32 = 2;
+/// Backend: memfd_secret.
+pub const MMUKIT_GMEM_SECRET: u32 = 3;
+/// Backend: KVM guest_memfd (on a VM the library creates).
+pub const MMUKIT_GMEM_GUEST_MEMFD: u32 = 4;
+
+/// How a guest memory file is made.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct mmukit_gmem_config {
+    /// One of `MMUKIT_GMEM_*`.
+    pub backend: u32,
+    /// Size in bytes.
+    pub size: u64,
+    /// `GUEST_MEMFD_FLAG_*` bits (MMAP = 1, INIT_SHARED = 2, NO_DIRECT_MAP = 4).
+    pub flags: u64,
+    /// HugeTLB page size as log2; 0 for other backends.
+    pub huge_page_size_log2: u8,
+}
+
+/// A guest memory file (opaque).
+pub struct mmukit_gmem {
+    file: GuestMemFile,
+    view: Mutex<Option<View>>,
+    _vm: Option<Arc<KvmVm>>,
+}
+
+pub(crate) fn gmem_errno(err: &GmemError) -> c_int {
+    match err {
+        GmemError::Unavailable { .. } => -libc::ENOTSUP,
+        other => -other.errno(),
+    }
+}
+
+/// Creates a guest memory file; `*out` receives the handle.
+///
+/// # Safety
+///
+/// `config` and `out` must be valid pointers (or NULL: -EINVAL).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmukit_gmem_create(
+    config: *const mmukit_gmem_config,
+    out: *mut *mut mmukit_gmem,
+) -> c_int {
+    guard(|| {
+        if config.is_null() || out.is_null() || !config.is_aligned() || !out.is_aligned() {
+            return -libc::EINVAL;
+        }
+        // SAFETY: checked non-null and aligned.
+        let config = unsafe { *config };
+        let mut vm = None;
+        let backend = match config.backend {
+            MMUKIT_GMEM_ANONYMOUS => Backend::Anonymous,
+            MMUKIT_GMEM_MEMFD => Backend::Memfd,
+            MMUKIT_GMEM_HUGETLB => Backend::Hugetlb,
+            MMUKIT_GMEM_SECRET => Backend::Secret,
+            MMUKIT_GMEM_GUEST_MEMFD => match KvmVm::new() {
+                Ok(kvm) => {
+                    vm = Some(kvm.clone());
+                    Backend::Kvm(kvm)
+                }
+                Err(_) => return -libc::ENOTSUP,
+            },
+            _ => return -libc::EINVAL,
+        };
+        match GuestMemFile::create(
+            &backend,
+            GmemConfig {
+                size: config.size,
+                flags: config.flags,
+                huge_page_size_log2: config.huge_page_size_log2,
+            },
+        ) {
+            Ok(file) => {
+                let handle = Box::new(mmukit_gmem {
+                    file,
+                    view: Mutex::new(None),
+                    _vm: vm,
+                });
+                // SAFETY: checked non-null and aligned.
+                unsafe { *out = Box::into_raw(handle) };
+                0
+            }
+            Err(err) => gmem_errno(&err),
+        }
+    })
+}
+
+pub(crate) fn with_gmem(
+    gmem: *const mmukit_gmem,
+    body: impl FnOnce(&mmukit_gmem) -> c_int,
+) -> c_int {
+    guard(|| {
+        if gmem.is_null() || !gmem.is_aligned() {
+            return -libc::EINVAL;
+        }
+        // SAFETY: a handle from mmukit_gmem_create, per the caller's contract.
+        body(unsafe { &*gmem })
+    })
+}
+
+/// `fallocate(2)` with guest_memfd's rules (`mode` takes FALLOC_FL_* bits).
+///
+/// # Safety
+///
+/// `gmem` must be a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmukit_gmem_fallocate(
+    gmem: *mut mmukit_gmem,
+    mode: c_int,
+    offset: u64,
+    len: u64,
+) -> c_int {
+    with_gmem(gmem, |g| match g.file.fallocate(mode, offset, len) {
+        Ok(()) => 0,
+        Err(err) => gmem_errno(&err),
+    })
+}
+
+/// Converts `[offset, offset + len)` to private (host views fault) or shared.
+///
+/// # Safety
+///
+/// `gmem` must be a live handle; no access may race with the conversion.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmukit_gmem_convert(
+    gmem: *mut mmukit_gmem,
+    offset: u64,
+    len: u64,
+    to_private: bool,
+) -> c_int {
+    let to = if to_private {
+        Attribute::Private
+    } else {
+        Attribute::Shared
+    };
+    with_gmem(gmem, |g| match g.file.convert(offset, len, to) {
+        Ok(_) => 0,
+        Err(err) => gmem_errno(&err),
+    })
+}
+
+/// The file descriptor (owned by the handle), or -ENOTSUP for anonymous memory.
+///
+/// # Safety
+///
+/// `gmem` must be a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmukit_gmem_fd(gmem: *const mmukit_gmem) -> c_int {
+    with_gmem(gmem, |g| match g.file.fd() {
+        Some(fd) => std::os::fd::AsRawFd::as_raw_fd(fd),
+        None => -libc::ENOTSUP,
+    })
+}
+
+/// The address of a host view of the whole file (made at the first call,
+/// unmapped by destroy); private pages in it fault.
+///
+/// # Safety
+///
+/// `gmem` must be a live handle; `addr_out` a valid, aligned pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmukit_gmem_host_addr(
+    gmem: *mut mmukit_gmem,
+    addr_out: *mut u64,
+) -> c_int {
+    with_gmem(gmem, |g| {
+        if addr_out.is_null() || !addr_out.is_aligned() {
+            return -libc::EINVAL;
+        }
+        let mut view = g.view.lock().unwrap_or_else(|p| p.into_inner());
+        if view.is_none() {
+            match g.file.map(0, g.file.size()) {
+                Ok(mapped) => *view = Some(mapped),
+                Err(err) => return gmem_errno(&err),
+            }
+        }
+        // SAFETY: checked non-null and aligned.
+        unsafe { *addr_out = view.as_ref().expect("mapped above").as_ptr() as u64 };
+        0
+    })
+}
+
+/// Populates the whole file with `threads` threads.
+///
+/// # Safety
+///
+/// `gmem` must be a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmukit_gmem_prefault(gmem: *mut mmukit_gmem, threads: u32) -> c_int {
+    with_gmem(gmem, |g| {
+        match g
+            .file
+            .prefault(0, g.file.size(), threads as usize, &|_, _| {})
+        {
+            Ok(_) => 0,
+            Err(err) => gmem_errno(&err),
+        }
+    })
+}
+
+/// Destroys the file and its view.
+///
+/// # Safety
+///
+/// `gmem` must be a live handle or NULL; it is invalid afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmukit_gmem_destroy(gmem: *mut mmukit_gmem) {
+    guard(|| {
+        if !gmem.is_null() && gmem.is_aligned() {
+            // SAFETY: a handle from mmukit_gmem_create, destroyed once.
+            drop(unsafe { Box::from_raw(gmem) });
+        }
+        0
+    });
+}
