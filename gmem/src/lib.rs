@@ -72,5 +72,5 @@ pub use kvm::{
     KvmError, KvmVm, MemoryAttributes, SlotBinding, SlotChange, SlotRequest, check_memory,
     choose_backend, convert_guest_range,
 };
-pub use prefault::PrefaultReport;
+pub use prefault::{PrefaultError, PrefaultReport};
 pub use region::{GuestMemoryLayout, GuestRegion, RegionError};

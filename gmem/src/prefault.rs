@@ -5,8 +5,21 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::file::GmemError;
 use crate::sys;
+
+/// The page size prefault steps by.
+const PAGE: usize = 4096;
+
+/// Errors of prefault.
+#[derive(Debug, thiserror::Error)]
+pub enum PrefaultError {
+    /// No worker thread was asked for (EINVAL).
+    #[error("prefault needs at least one thread")]
+    NoThreads,
+    /// `MADV_POPULATE_WRITE` failed (its errno is kept).
+    #[error("madvise(MADV_POPULATE_WRITE): {0}")]
+    Populate(#[source] std::io::Error),
+}
 
 /// Bytes each worker populates per step (and per progress report).
 pub const CHUNK: u64 = 4 << 20;
@@ -32,7 +45,7 @@ impl PrefaultReport {
 /// Faults in every page of `[base, base + len)`, a readable mapping the
 /// caller owns, by reading one byte of each.
 pub(crate) fn touch_pages(base: usize, len: u64) {
-    for offset in (0..len).step_by(crate::file::PAGE_SIZE as usize) {
+    for offset in (0..len).step_by(PAGE) {
         // SAFETY: inside a readable mapping the caller owns; a volatile read
         // of one byte changes nothing.
         unsafe { std::ptr::read_volatile((base + offset as usize) as *const u8) };
@@ -47,11 +60,9 @@ pub(crate) fn populate(
     threads: usize,
     by_touch: bool,
     progress: &(dyn Fn(u64, u64) + Sync),
-) -> Result<PrefaultReport, GmemError> {
+) -> Result<PrefaultReport, PrefaultError> {
     if threads == 0 {
-        return Err(GmemError::Invalid {
-            what: "prefault needs at least one thread".into(),
-        });
+        return Err(PrefaultError::NoThreads);
     }
     let start = Instant::now();
     let cursor = AtomicU64::new(0);
@@ -83,10 +94,7 @@ pub(crate) fn populate(
                     };
                     if let Err(source) = result {
                         let mut slot = failure.lock().unwrap_or_else(|p| p.into_inner());
-                        slot.get_or_insert(GmemError::Os {
-                            op: "madvise(MADV_POPULATE_WRITE)",
-                            source,
-                        });
+                        slot.get_or_insert(PrefaultError::Populate(source));
                         return;
                     }
                     let total = done.fetch_add(chunk, Ordering::Relaxed) + chunk;

@@ -97,3 +97,15 @@ impl From<GmemError> for io::Error {
         io::Error::from_raw_os_error(err.errno())
     }
 }
+
+impl From<crate::prefault::PrefaultError> for GmemError {
+    fn from(err: crate::prefault::PrefaultError) -> Self {
+        match err {
+            crate::prefault::PrefaultError::NoThreads => Self::invalid(err.to_string()),
+            crate::prefault::PrefaultError::Populate(source) => Self::Os {
+                op: "madvise(MADV_POPULATE_WRITE)",
+                source,
+            },
+        }
+    }
+}

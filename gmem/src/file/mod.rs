@@ -721,7 +721,9 @@ impl GuestMemFile {
             }
         };
         let by_touch = self.inner.kind == BackendKind::Secret;
-        crate::prefault::populate(base, len, threads, by_touch, progress)
+        Ok(crate::prefault::populate(
+            base, len, threads, by_touch, progress,
+        )?)
     }
 }
 
