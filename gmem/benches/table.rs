@@ -8,7 +8,6 @@
 //! the sizes (default "1,4").
 
 use std::hint::black_box;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use gmem::consts::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
@@ -212,7 +211,7 @@ fn main() {
     match KvmVm::new() {
         Ok(vm) if vm.caps().guest_memfd_flags & GUEST_MEMFD_FLAG_MMAP != 0 => rows.push(Row {
             name: "guest_memfd",
-            backend: Backend::Kvm(Arc::clone(&vm)),
+            backend: Backend::Kvm(vm.clone()),
             log2: 0,
         }),
         Ok(_) => println!("guest_memfd: skipped (no mappable guest_memfd)"),

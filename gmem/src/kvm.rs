@@ -14,7 +14,9 @@ use crate::consts::{
     GUEST_MEMFD_FLAG_NO_DIRECT_MAP, KVM_CAP_GUEST_MEMFD_FLAGS, KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_X86_TDX_VM,
 };
-use crate::file::{BackendKind, GmemConfig, GmemError, GuestMemFile, PAGE_SIZE, Protection};
+use crate::file::{
+    BackendKind, GmemConfig, GmemError, GuestMemFile, GuestMemfdVm, PAGE_SIZE, Protection,
+};
 use crate::region::GuestRegion;
 
 /// Errors of the KVM binding. Each has the errno the kernel gives in the
@@ -404,7 +406,7 @@ fn predict(
         }
         if !file
             .vm()
-            .is_some_and(|owner| std::ptr::eq(owner.as_ref(), vm))
+            .is_some_and(|owner| std::ptr::addr_eq(Arc::as_ptr(owner), vm as *const KvmVm))
         {
             return invalid("the guest_memfd belongs to another VM".into());
         }
@@ -437,6 +439,31 @@ fn predict(
 
 /// The end of x86-64 user memory with 4-level paging (`TASK_SIZE_MAX`).
 const USER_ADDRESS_END: u64 = (1 << 47) - 4096;
+
+impl GuestMemfdVm for KvmVm {
+    /// `KVM_CREATE_GUEST_MEMFD` of `config`: the kernel checks the size and
+    /// the flags and answers with its errno.
+    fn create_guest_memfd(&self, config: GmemConfig) -> Result<OwnedFd, GmemError> {
+        let raw = self
+            .vm
+            .create_guest_memfd(kvm_create_guest_memfd {
+                size: config.size,
+                flags: config.flags,
+                reserved: [0; 6],
+            })
+            .map_err(|err| GmemError::Os {
+                op: "KVM_CREATE_GUEST_MEMFD",
+                source: std::io::Error::from_raw_os_error(err.errno()),
+            })?;
+        // SAFETY: the kernel just returned this descriptor; it is owned here
+        // from now on and closed when the file is dropped.
+        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+    }
+
+    fn guest_memfd_flags(&self) -> u64 {
+        self.caps.guest_memfd_flags
+    }
+}
 
 /// Where a memslot goes and what backs it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -685,25 +712,6 @@ impl KvmVm {
         let bound = slots.remove(&slot).expect("found above");
         drop(bound.private);
         Ok(bound.region)
-    }
-
-    /// `KVM_CREATE_GUEST_MEMFD` of `config`: the kernel checks the size and
-    /// the flags and answers with its errno.
-    pub(crate) fn create_guest_memfd(&self, config: GmemConfig) -> Result<OwnedFd, GmemError> {
-        let raw = self
-            .vm
-            .create_guest_memfd(kvm_create_guest_memfd {
-                size: config.size,
-                flags: config.flags,
-                reserved: [0; 6],
-            })
-            .map_err(|err| GmemError::Os {
-                op: "KVM_CREATE_GUEST_MEMFD",
-                source: std::io::Error::from_raw_os_error(err.errno()),
-            })?;
-        // SAFETY: the kernel just returned this descriptor; it is owned here
-        // from now on and closed when the file is dropped.
-        Ok(unsafe { OwnedFd::from_raw_fd(raw) })
     }
 
     /// Sets or clears the private attribute of `[gpa, gpa + size)`.

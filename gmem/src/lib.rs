@@ -65,8 +65,8 @@ use mmukit_sys as sys;
 pub use attrs::Attribute;
 pub use caps::HostCaps;
 pub use file::{
-    Backend, BackendKind, FileMetrics, GmemConfig, GmemError, GuestMemFile, PAGE_SIZE, Protection,
-    View, ViewKind, check_fallocate, check_mmap,
+    Backend, BackendKind, FileMetrics, GmemConfig, GmemError, GuestMemFile, GuestMemfdVm,
+    PAGE_SIZE, Protection, View, ViewKind, check_fallocate, check_mmap,
 };
 pub use kvm::{
     KvmError, KvmVm, MemoryAttributes, SlotBinding, SlotChange, SlotRequest, check_memory,

@@ -12,7 +12,6 @@ use crate::caps::HugetlbPool;
 use crate::consts::{
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
 };
-use crate::kvm::KvmVm;
 use crate::sys::{self, Mapping};
 
 mod error;
@@ -28,11 +27,23 @@ pub use view::View;
 /// The base page size.
 pub const PAGE_SIZE: u64 = 4096;
 
+/// A VM that makes guest_memfd files (`KVM_CREATE_GUEST_MEMFD`). The KVM
+/// binding's [`KvmVm`](crate::KvmVm) is the one this crate provides; the
+/// trait keeps guest memory files apart from the binding, which uses them.
+pub trait GuestMemfdVm: Send + Sync + std::fmt::Debug {
+    /// `KVM_CREATE_GUEST_MEMFD` of `config`: the kernel checks the size and
+    /// the flags and answers with its errno.
+    fn create_guest_memfd(&self, config: GmemConfig) -> Result<OwnedFd, GmemError>;
+
+    /// The guest_memfd flags the VM takes (`KVM_CAP_GUEST_MEMFD_FLAGS`).
+    fn guest_memfd_flags(&self) -> u64;
+}
+
 /// Where a file's memory comes from.
 #[derive(Clone, Debug)]
 pub enum Backend {
     /// KVM guest_memfd on this VM.
-    Kvm(Arc<KvmVm>),
+    Kvm(Arc<dyn GuestMemfdVm>),
     /// A memfd (shmem).
     Memfd,
     /// A HugeTLB memfd; the page size is the config's `huge_page_size_log2`.
@@ -183,7 +194,7 @@ pub(crate) struct Inner {
     /// An internal read-write mapping of the whole file (HugeTLB: holds the
     /// reservation; secret and anonymous: the way to their pages).
     master: Option<Mapping>,
-    vm: Option<Arc<KvmVm>>,
+    vm: Option<Arc<dyn GuestMemfdVm>>,
     state: Mutex<FileState>,
 }
 
@@ -379,7 +390,7 @@ impl GuestMemFile {
     }
 
     /// The VM of a KVM guest_memfd.
-    pub fn vm(&self) -> Option<&Arc<KvmVm>> {
+    pub fn vm(&self) -> Option<&Arc<dyn GuestMemfdVm>> {
         self.inner.vm.as_ref()
     }
 

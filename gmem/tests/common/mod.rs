@@ -32,7 +32,7 @@ impl Case {
 
     pub fn supported_flags(&self) -> u64 {
         match &self.backend {
-            Backend::Kvm(vm) => vm.caps().guest_memfd_flags,
+            Backend::Kvm(vm) => vm.guest_memfd_flags(),
             other => other.kind().supported_flags(),
         }
     }
