@@ -88,10 +88,11 @@ fn access_and_fault(c: &mut Criterion) {
     let mmu = tdp_with_2m_leaves(pool.clone());
     mmu.split_huge_pages(0, LEAVES * 512, Level::L4K).unwrap();
     let mut gpa = 0u64;
+    let mut vcpu = mmu.new_vcpu_caches();
     group.bench_function("access_hit_write", |b| {
         b.iter(|| {
             gpa = (gpa + 4096) & ((LEAVES << 21) - 1);
-            black_box(mmu.access(black_box(gpa), true))
+            black_box(mmu.access(&mut vcpu, black_box(gpa), true))
         })
     });
     group.bench_function("fault_4k", |b| {

@@ -139,6 +139,18 @@ pub enum Topup {
     },
 }
 
+/// The hooks' own state of one vCPU (a TDX mirror's PAMT page cache). It
+/// lives in the vCPU's [`VcpuCaches`](crate::VcpuCaches) and is handed to
+/// the hooks on that vCPU's faults, as KVM hands its hooks the vcpu, so no
+/// hook looks a vCPU up in a map shared by all of them.
+pub trait HookVcpuState: Send + std::fmt::Debug {
+    /// The state as `Any`, for the hooks to downcast to their own type.
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any;
+
+    /// Gives back everything cached; returns how many objects.
+    fn free_all(&mut self) -> usize;
+}
+
 /// Callbacks that keep an external page table identical to the MMU's tree.
 ///
 /// Every method has a no-op default, so an implementation overrides only
@@ -162,9 +174,16 @@ pub trait ExternalPageTable: Send + Sync {
         None
     }
 
-    /// Tops up the hooks' own caches for what is about to happen.
-    fn topup(&self, need: Topup) -> Result<(), HookError> {
-        let _ = need;
+    /// A new vCPU's state for the hooks, kept in its caches (`None`: the
+    /// hooks keep none).
+    fn new_vcpu_state(&self) -> Option<Box<dyn HookVcpuState>> {
+        None
+    }
+
+    /// Tops up the hooks' own caches for what is about to happen: the
+    /// faulting vCPU's state for a [`Topup::Fault`], none for a split.
+    fn topup(&self, need: Topup, vcpu: Option<&mut dyn HookVcpuState>) -> Result<(), HookError> {
+        let _ = (need, vcpu);
         Ok(())
     }
 
@@ -175,15 +194,29 @@ pub trait ExternalPageTable: Send + Sync {
     }
 
     /// `table` is being linked under the entry for `gfn` at `level` (the
-    /// level of the table's entries).
-    fn link_table(&self, gfn: u64, level: Level, table: TableRef) -> Result<(), HookError> {
-        let _ = (gfn, level, table);
+    /// level of the table's entries) by a fault of the vCPU whose state is
+    /// `vcpu`.
+    fn link_table(
+        &self,
+        gfn: u64,
+        level: Level,
+        table: TableRef,
+        vcpu: Option<&mut dyn HookVcpuState>,
+    ) -> Result<(), HookError> {
+        let _ = (gfn, level, table, vcpu);
         Ok(())
     }
 
-    /// A leaf `entry` is being installed for `gfn` at `level`.
-    fn set_leaf(&self, gfn: u64, level: Level, entry: Entry) -> Result<(), HookError> {
-        let _ = (gfn, level, entry);
+    /// A leaf `entry` is being installed for `gfn` at `level` by a fault of
+    /// the vCPU whose state is `vcpu`.
+    fn set_leaf(
+        &self,
+        gfn: u64,
+        level: Level,
+        entry: Entry,
+        vcpu: Option<&mut dyn HookVcpuState>,
+    ) -> Result<(), HookError> {
+        let _ = (gfn, level, entry, vcpu);
         Ok(())
     }
 

@@ -53,7 +53,8 @@ pub mod translation;
 
 pub use ept::{AccessKind, Entry, EptCaps, EptError, Level, MemType};
 pub use hooks::{
-    ExternalPageTable, ExternalTablePage, HookCause, HookError, HookOp, NoExternal, TableRef, Topup,
+    ExternalPageTable, ExternalTablePage, HookCause, HookError, HookOp, HookVcpuState, NoExternal,
+    TableRef, Topup,
 };
 pub use memslot::{LogMode, Memslot, MemslotError};
 pub use tdp::{

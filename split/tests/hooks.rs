@@ -10,8 +10,8 @@ use mmu_cache::PagePool;
 use mmu_cache::alloc::{ChunkAllocator, CountingAllocator, PageAllocator};
 use split::tdp::Access;
 use split::{
-    Entry, ExternalPageTable, HookError, HookOp, Level, LogMode, Memslot, MmuConfig, MmuError,
-    TableRef, TdpMmu,
+    Entry, ExternalPageTable, HookError, HookOp, HookVcpuState, Level, LogMode, Memslot, MmuConfig,
+    MmuError, TableRef, TdpMmu,
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -96,13 +96,25 @@ impl Mirror {
 }
 
 impl ExternalPageTable for Mirror {
-    fn link_table(&self, gfn: u64, level: Level, table: TableRef) -> Result<(), HookError> {
+    fn link_table(
+        &self,
+        gfn: u64,
+        level: Level,
+        table: TableRef,
+        _vcpu: Option<&mut dyn HookVcpuState>,
+    ) -> Result<(), HookError> {
         self.check(Op::Link)?;
         self.state().tables.insert((gfn, level.get(), table.hpa));
         Ok(())
     }
 
-    fn set_leaf(&self, gfn: u64, level: Level, entry: Entry) -> Result<(), HookError> {
+    fn set_leaf(
+        &self,
+        gfn: u64,
+        level: Level,
+        entry: Entry,
+        _vcpu: Option<&mut dyn HookVcpuState>,
+    ) -> Result<(), HookError> {
         self.check(Op::SetLeaf)?;
         let old = self.state().leaves.insert((gfn, level.get()), entry);
         assert!(old.is_none(), "set_leaf over a leaf at {gfn:#x}");
@@ -398,12 +410,22 @@ impl ExternalPageTable for ExternalRecorder {
         true
     }
 
-    fn topup(&self, _need: split::Topup) -> Result<(), HookError> {
+    fn topup(
+        &self,
+        _need: split::Topup,
+        _vcpu: Option<&mut dyn HookVcpuState>,
+    ) -> Result<(), HookError> {
         self.state.lock().unwrap().topups += 1;
         Ok(())
     }
 
-    fn link_table(&self, _gfn: u64, _level: Level, table: TableRef) -> Result<(), HookError> {
+    fn link_table(
+        &self,
+        _gfn: u64,
+        _level: Level,
+        table: TableRef,
+        _vcpu: Option<&mut dyn HookVcpuState>,
+    ) -> Result<(), HookError> {
         let external = table.external.expect("an external page for every table");
         assert_ne!(external, table.hpa);
         assert!(self.state.lock().unwrap().live.insert(external));
@@ -496,16 +518,16 @@ fn an_access_after_its_table_was_freed_walks_the_new_one() {
     let mut vcpu = mmu.new_vcpu_caches();
     mmu.fault(&mut vcpu, 0, true).unwrap();
     let freed = mirror.leaf_table(0).unwrap();
-    assert!(matches!(mmu.access(0, true), Access::Hit(_)));
+    assert!(matches!(mmu.access(&mut vcpu, 0, true), Access::Hit(_)));
     mmu.zap_range(0, 512).unwrap();
     assert_eq!(mirror.leaf_table(0), None, "the zap freed the table");
-    assert_eq!(mmu.access(0, true), Access::Miss);
+    assert_eq!(mmu.access(&mut vcpu, 0, true), Access::Miss);
     mmu.fault(&mut vcpu, 0x5000, true).unwrap();
     let linked = mirror.leaf_table(0).unwrap();
     assert_ne!(linked, freed, "the region has a new table");
     let hpa = mmu.translate(0x5000).unwrap().hpa;
-    assert_eq!(mmu.access(0x5000, true), Access::Hit(hpa));
-    assert_eq!(mmu.access(0, false), Access::Miss);
+    assert_eq!(mmu.access(&mut vcpu, 0x5000, true), Access::Hit(hpa));
+    assert_eq!(mmu.access(&mut vcpu, 0, false), Access::Miss);
     assert_identical(&mirror, &mmu);
 }
 

@@ -91,7 +91,7 @@ proptest! {
                     Err(split::MmuError::Cache(_)) if failing => {}
                     Err(other) => prop_assert!(false, "fault: {}", other),
                 },
-                Op::Access { gfn, write } => match mmu.access(gfn << 12, write) {
+                Op::Access { gfn, write } => match mmu.access(&mut vcpu, gfn << 12, write) {
                     split::Access::Hit(hpa) => prop_assert_eq!(Some(hpa >> 12), host_frame(gfn)),
                     split::Access::Miss => {}
                 },

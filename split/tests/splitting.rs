@@ -295,7 +295,7 @@ fn lazy_splitting_keeps_the_511_neighbours_of_a_write_fault() {
     }
     assert_eq!(mmu.get_dirty_log(0).unwrap()[0], 1 << 3);
     // The next write to a neighbour is a fault on a 4K leaf, and logged.
-    assert_eq!(mmu.access(0x5000, true), split::Access::Miss);
+    assert_eq!(mmu.access(&mut vcpu, 0x5000, true), split::Access::Miss);
     mmu.write(&mut vcpu, 0x5000).unwrap();
     assert_eq!(mmu.counters().lazy_splits, 1);
     assert_eq!(mmu.get_dirty_log(0).unwrap()[0], 1 << 5);

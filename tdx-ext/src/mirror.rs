@@ -2,15 +2,14 @@
 //! [`TdxModule`], so that a TDP MMU marked as mirror keeps the module's
 //! S-EPT identical to its own tree.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::ThreadId;
 
 use mmu_cache::alloc::{ChunkAllocator, PageAllocator};
 use mmu_cache::{Account, PageCache, PagePool};
 use split::{
-    Entry, ExternalPageTable, ExternalTablePage, HookError, HookOp, Level, TableRef, Topup,
+    Entry, ExternalPageTable, ExternalTablePage, HookError, HookOp, HookVcpuState, Level, TableRef,
+    Topup,
 };
 
 use crate::module::{SeamcallResult, TdxModule};
@@ -58,7 +57,6 @@ pub struct TdxMirror {
     policy: PamtPolicy,
     table_pool: Arc<PagePool<ExternalTablePage>>,
     backed_allocator: Option<Arc<dyn PamtCache>>,
-    vcpu_caches: Mutex<HashMap<ThreadId, PageCache<PamtPage>>>,
     split_cache: Mutex<PageCache<PamtPage>>,
     torn_down: AtomicBool,
     busy_retries: AtomicU64,
@@ -77,6 +75,28 @@ impl std::fmt::Debug for TdxMirror {
 
 fn refused(op: HookOp, what: impl Into<String>) -> HookError {
     HookError::refused(op, what.into())
+}
+
+/// A vCPU's own PAMT page cache: the mirror's state of the vCPU, kept in
+/// its `VcpuCaches` and topped up before each fault takes the MMU lock.
+#[derive(Debug)]
+pub struct VcpuPamtCache(PageCache<PamtPage>);
+
+impl VcpuPamtCache {
+    /// PAMT pages this vCPU holds ready for its next fault.
+    pub fn nr_free(&self) -> usize {
+        self.0.nr_free()
+    }
+}
+
+impl HookVcpuState for VcpuPamtCache {
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
+    }
+
+    fn free_all(&mut self) -> usize {
+        self.0.free_all()
+    }
 }
 
 /// A SEAMCALL's failure as a hook error: busy (retry) or refused, with the
@@ -120,7 +140,6 @@ impl TdxMirror {
             policy,
             table_pool,
             backed_allocator,
-            vcpu_caches: Mutex::new(HashMap::new()),
             torn_down: AtomicBool::new(false),
             busy_retries: AtomicU64::new(0),
             failures: AtomicU64::new(0),
@@ -143,15 +162,9 @@ impl TdxMirror {
         self.policy
     }
 
-    /// Counters.
+    /// Counters. The PAMT pages cached per vCPU live in the vCPUs' own
+    /// caches (see [`VcpuPamtCache`]) and are not counted here.
     pub fn counters(&self) -> MirrorCounters {
-        let vcpu: usize = self
-            .vcpu_caches
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values()
-            .map(|c| c.nr_free())
-            .sum();
         let split = self
             .split_cache
             .lock()
@@ -161,13 +174,13 @@ impl TdxMirror {
             busy_retries: self.busy_retries.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
             leaked_pages: self.leaked.load(Ordering::Relaxed),
-            pamt_cached: (vcpu + split + self.backed_allocator.as_ref().map_or(0, |a| a.cached()))
-                as u64,
+            pamt_cached: (split + self.backed_allocator.as_ref().map_or(0, |a| a.cached())) as u64,
         }
     }
 
     /// Returns every PAMT page idle in the mirror's caches (and in the
-    /// S-EPT allocator's, with [`PamtPolicy::OnCacheEntry`]) to its pool.
+    /// S-EPT allocator's, with [`PamtPolicy::OnCacheEntry`]) to its pool;
+    /// a vCPU's cache goes back with the vCPU's `VcpuCaches::free_all`.
     pub fn free_cached(&self) -> usize {
         let mut freed = self
             .split_cache
@@ -176,14 +189,6 @@ impl TdxMirror {
             .free_all();
         if let Some(backed) = &self.backed_allocator {
             freed += backed.free_cached();
-        }
-        for cache in self
-            .vcpu_caches
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .values_mut()
-        {
-            freed += cache.free_all();
         }
         freed
     }
@@ -229,12 +234,18 @@ impl TdxMirror {
         err
     }
 
-    fn with_vcpu_cache<R>(&self, body: impl FnOnce(&mut PageCache<PamtPage>) -> R) -> R {
-        let mut caches = self.vcpu_caches.lock().unwrap_or_else(|p| p.into_inner());
-        let cache = caches
-            .entry(std::thread::current().id())
-            .or_insert_with(|| self.pamt.new_cache());
-        body(cache)
+    /// Runs `body` on the PAMT cache of the vCPU whose state is `vcpu`, or
+    /// on the split path's cache when there is no vCPU (or a state that is
+    /// not the mirror's).
+    fn with_cache<R>(
+        &self,
+        vcpu: Option<&mut dyn HookVcpuState>,
+        body: impl FnOnce(&mut PageCache<PamtPage>) -> R,
+    ) -> R {
+        match vcpu.and_then(|state| state.as_any_mut().downcast_mut::<VcpuPamtCache>()) {
+            Some(VcpuPamtCache(cache)) => body(cache),
+            None => body(&mut self.split_cache.lock().unwrap_or_else(|p| p.into_inner())),
+        }
     }
 
     /// BLOCK, TRACK and kick: the entry may then be removed or demoted.
@@ -262,13 +273,14 @@ impl TdxMirror {
     /// A PAMT reference for `page`. OPERAND_BUSY from its PAMT.ADD is retried
     /// after a kick inside [`DynamicPamt`]; if it is still busy, it is
     /// reported as busy, so that the fault is retried.
-    fn pamt_get(&self, op: HookOp, page: u64, count: u32, split: bool) -> Result<(), HookError> {
-        let result = if split {
-            let mut cache = self.split_cache.lock().unwrap_or_else(|p| p.into_inner());
-            self.pamt.get_many(page, count, &mut cache)
-        } else {
-            self.with_vcpu_cache(|cache| self.pamt.get_many(page, count, cache))
-        };
+    fn pamt_get(
+        &self,
+        op: HookOp,
+        page: u64,
+        count: u32,
+        vcpu: Option<&mut dyn HookVcpuState>,
+    ) -> Result<(), HookError> {
+        let result = self.with_cache(vcpu, |cache| self.pamt.get_many(page, count, cache));
         result.map_err(|err| match err {
             PamtError::Add { status, .. } => from_status(op, Seamcall::PhymemPamtAdd, status),
             other => refused(op, other.to_string()),
@@ -304,9 +316,13 @@ impl ExternalPageTable for TdxMirror {
         Level::L2M
     }
 
-    fn topup(&self, need: Topup) -> Result<(), HookError> {
+    fn new_vcpu_state(&self) -> Option<Box<dyn HookVcpuState>> {
+        Some(Box::new(VcpuPamtCache(self.pamt.new_cache())))
+    }
+
+    fn topup(&self, need: Topup, vcpu: Option<&mut dyn HookVcpuState>) -> Result<(), HookError> {
         match need {
-            Topup::Fault { levels } => self.with_vcpu_cache(|cache| {
+            Topup::Fault { levels } => self.with_cache(vcpu, |cache| {
                 // A pair for each S-EPT page a walk may add, and for the page.
                 cache.topup(2 * (usize::from(levels) + 1))
             }),
@@ -327,12 +343,18 @@ impl ExternalPageTable for TdxMirror {
             / PAMT_PER_SPLIT
     }
 
-    fn link_table(&self, gfn: u64, level: Level, table: TableRef) -> Result<(), HookError> {
+    fn link_table(
+        &self,
+        gfn: u64,
+        level: Level,
+        table: TableRef,
+        vcpu: Option<&mut dyn HookVcpuState>,
+    ) -> Result<(), HookError> {
         let page = table
             .external
             .ok_or_else(|| refused(HookOp::LinkTable, "a mirror table without an S-EPT page"))?;
         if self.policy == PamtPolicy::OnInstall {
-            self.pamt_get(HookOp::LinkTable, page, 1, false)?;
+            self.pamt_get(HookOp::LinkTable, page, 1, vcpu)?;
         }
         if let Err(status) = self.retry(|| self.module.sept_add(gfn << 12, level, page)) {
             if self.policy == PamtPolicy::OnInstall {
@@ -343,11 +365,17 @@ impl ExternalPageTable for TdxMirror {
         Ok(())
     }
 
-    fn set_leaf(&self, gfn: u64, level: Level, entry: Entry) -> Result<(), HookError> {
+    fn set_leaf(
+        &self,
+        gfn: u64,
+        level: Level,
+        entry: Entry,
+        vcpu: Option<&mut dyn HookVcpuState>,
+    ) -> Result<(), HookError> {
         let page = entry.addr(level);
         let gpa = gfn << 12;
         if level == Level::L4K {
-            self.pamt_get(HookOp::SetLeaf, page, 1, false)?;
+            self.pamt_get(HookOp::SetLeaf, page, 1, vcpu)?;
         }
         let result = if self.module.is_finalized() {
             self.retry(|| self.module.page_aug(gpa, level, page))
@@ -477,7 +505,7 @@ impl ExternalPageTable for TdxMirror {
             self.fail(err)
         };
         if self.policy == PamtPolicy::OnInstall
-            && let Err(err) = self.pamt_get(HookOp::SplitLeaf, sept, 1, true)
+            && let Err(err) = self.pamt_get(HookOp::SplitLeaf, sept, 1, None)
         {
             return Err(undo(err));
         }

@@ -337,3 +337,30 @@ fn a_refused_seamcall_keeps_its_leaf_and_status() {
     );
     teardown_and_check(t, vec![vcpu]);
 }
+
+#[test]
+fn each_vcpu_tops_up_its_own_pamt_cache_in_its_vcpu_context() {
+    let t = td(PamtPolicy::OnInstall, 1024, 1);
+    let mut first = t.mmu.new_vcpu_caches();
+    let mut second = t.mmu.new_vcpu_caches();
+    let held = |vcpu: &mut split::tdp::VcpuCaches| {
+        vcpu.hook_state()
+            .and_then(|state| state.as_any_mut().downcast_mut::<tdx_ext::VcpuPamtCache>())
+            .expect("the mirror gives every vCPU its own PAMT cache")
+            .nr_free()
+    };
+    assert_eq!((held(&mut first), held(&mut second)), (0, 0));
+    t.mmu.fault(&mut first, 0x5000, true).unwrap();
+    assert!(
+        held(&mut first) > 0,
+        "the topup filled the faulting vCPU's cache"
+    );
+    assert_eq!(held(&mut second), 0, "another vCPU's cache is untouched");
+    t.mmu.fault(&mut second, 0x20_0000, true).unwrap();
+    assert!(held(&mut second) > 0);
+    let returned = first.free_all();
+    assert!(returned > 0, "free_all hands the vCPU's PAMT pages back");
+    assert_eq!(held(&mut first), 0);
+    assert_mirrored(&t);
+    teardown_and_check(t, vec![first, second]);
+}

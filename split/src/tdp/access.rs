@@ -1,5 +1,5 @@
-//! Software vCPU accesses: the hardware walker with its per-thread walk
-//! cache, and translation without side effects.
+//! Software vCPU accesses: the hardware walker with the vCPU's walk cache,
+//! and translation without side effects.
 
 use super::*;
 
@@ -7,10 +7,12 @@ impl TdpMmu {
     /// What the hardware walker does for a guest access: under the shared
     /// lock, find the leaf and set its accessed (and on write dirty) bit;
     /// a missing leaf or a write-protected one is a miss, to be handled by
-    /// [`fault`](Self::fault).
-    pub fn access(&self, gpa: u64, write: bool) -> Access {
+    /// [`fault`](Self::fault). `vcpu` is the accessing vCPU: its walk cache
+    /// remembers the leaf table of its last access.
+    pub fn access(&self, vcpu: &mut VcpuCaches, gpa: u64, write: bool) -> Access {
         let _guard = self.read_lock();
-        let Some((table, index, level, entry)) = self.find_leaf_cached(gpa >> 12) else {
+        let Some((table, index, level, entry)) = self.find_leaf_cached(&mut vcpu.walk, gpa >> 12)
+        else {
             return Access::Miss;
         };
         if write && !entry.has(WRITE) {
@@ -23,15 +25,19 @@ impl TdpMmu {
         Access::Hit(self.translation(entry, level, gpa >> 12).hpa | (gpa & 0xfff))
     }
 
-    /// [`find_leaf`](Self::find_leaf) through this thread's walk cache: an
-    /// access in the same 2 MiB region as the thread's last one reads the
+    /// [`find_leaf`](Self::find_leaf) through a vCPU's walk cache: an
+    /// access in the same 2 MiB region as the vCPU's last one reads the
     /// leaf table directly instead of walking from the root. Callers hold
     /// the lock.
-    fn find_leaf_cached(&self, gfn: u64) -> Option<(&[AtomicU64; 512], usize, Level, Entry)> {
+    fn find_leaf_cached(
+        &self,
+        walk: &mut WalkCache,
+        gfn: u64,
+    ) -> Option<(&[AtomicU64; 512], usize, Level, Entry)> {
         // Stable while the caller holds the lock: it moves only under the
         // write lock.
         let generation = self.table_generation.load(Ordering::Relaxed);
-        let cached = LAST_LEAF_TABLE.get();
+        let cached = *walk;
         if cached.mmu == self.id && cached.generation == generation && cached.region == gfn >> 9 {
             // SAFETY: the table was linked for this region of this MMU when
             // it was cached, and no table has been unlinked since (the
@@ -46,12 +52,12 @@ impl TdpMmu {
         }
         let found = self.find_leaf(gfn)?;
         if found.2 == Level::L4K {
-            LAST_LEAF_TABLE.set(WalkCache {
+            *walk = WalkCache {
                 mmu: self.id,
                 generation,
                 region: gfn >> 9,
                 table_hpa: found.0.as_ptr() as u64,
-            });
+            };
         }
         Some(found)
     }
@@ -71,7 +77,7 @@ impl TdpMmu {
 
     /// A guest write: [`access`](Self::access), faulting on a miss.
     pub fn write(&self, caches: &mut VcpuCaches, gpa: u64) -> Result<u64, MmuError> {
-        match self.access(gpa, true) {
+        match self.access(caches, gpa, true) {
             Access::Hit(hpa) => Ok(hpa),
             Access::Miss => self.fault(caches, gpa, true).map(|t| t.hpa),
         }
@@ -79,7 +85,7 @@ impl TdpMmu {
 
     /// A guest read: [`access`](Self::access), faulting on a miss.
     pub fn read(&self, caches: &mut VcpuCaches, gpa: u64) -> Result<u64, MmuError> {
-        match self.access(gpa, false) {
+        match self.access(caches, gpa, false) {
             Access::Hit(hpa) => Ok(hpa),
             Access::Miss => self.fault(caches, gpa, false).map(|t| t.hpa),
         }

@@ -26,9 +26,12 @@ impl TdpMmu {
         let capacity = self.config.vcpu_cache_capacity;
         loop {
             caches.topup_for_fault(capacity, self.external_tables.then_some(self.config.levels))?;
-            self.hooks.topup(Topup::Fault {
-                levels: self.config.levels,
-            })?;
+            self.hooks.topup(
+                Topup::Fault {
+                    levels: self.config.levels,
+                },
+                caches.hook_state(),
+            )?;
             self.table_map().reserve(self.config.levels as usize);
             let _guard = self.read_lock();
             let _no_alloc = NoAllocSection::enter();
@@ -83,7 +86,15 @@ impl TdpMmu {
                 return Next::Descend(entry.addr(level));
             }
             if at_goal {
-                return Next::Stop(self.install_leaf(table, index, level, slot, gfn, write));
+                return Next::Stop(self.install_leaf(
+                    table,
+                    index,
+                    level,
+                    slot,
+                    gfn,
+                    write,
+                    caches.hook_state(),
+                ));
             }
             // Above the goal: descend, installing a table where needed. A
             // write-protected huge leaf in the way is split into a full table
@@ -141,6 +152,10 @@ impl TdpMmu {
     }
 
     /// Installs a leaf in the non-present `table[index]`; `None` on a lost race.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the entry, its place, the fault and the vCPU, as the kernel passes them"
+    )]
     fn install_leaf(
         &self,
         table: &[AtomicU64; 512],
@@ -149,6 +164,7 @@ impl TdpMmu {
         slot: &Memslot,
         gfn: u64,
         write: bool,
+        vcpu: Option<&mut dyn HookVcpuState>,
     ) -> Result<Option<Translation>, MmuError> {
         let base_gfn = gfn & !(level.entry_pages() - 1);
         let mut leaf = Entry::leaf(
@@ -165,7 +181,7 @@ impl TdpMmu {
         if !cas(table, index, old, Entry::from_bits(FROZEN)) {
             return Ok(None);
         }
-        if let Err(err) = self.hooks.set_leaf(base_gfn, level, leaf) {
+        if let Err(err) = self.hooks.set_leaf(base_gfn, level, leaf, vcpu) {
             table[index].store(old.bits(), Ordering::Release);
             return match err {
                 HookError::Busy { .. } => Ok(None),
@@ -212,7 +228,10 @@ impl TdpMmu {
             give_back(caches, page, external);
             return Ok(None);
         }
-        if let Err(err) = self.hooks.link_table(base_gfn, below, table_ref) {
+        if let Err(err) = self
+            .hooks
+            .link_table(base_gfn, below, table_ref, caches.hook_state())
+        {
             table[index].store(old.bits(), Ordering::Release);
             give_back(caches, page, external);
             return match err {

@@ -17,7 +17,9 @@ use mmu_cache::alloc::NoAllocSection;
 use mmu_cache::{CacheError, ObjectCache, Page, PageCache, PageKind, PagePool, Slab, SlabError};
 
 use crate::ept::{self, ACCESSED, DIRTY, Entry, Level, MemType, WRITE};
-use crate::hooks::{ExternalPageTable, ExternalTablePage, HookError, NoExternal, TableRef, Topup};
+use crate::hooks::{
+    ExternalPageTable, ExternalTablePage, HookError, HookVcpuState, NoExternal, TableRef, Topup,
+};
 use crate::lock::{MmuLock, ReadGuard, WriteGuard};
 use crate::memslot::{ClearedWord, LogMode, Memslot, MemslotError};
 
@@ -110,20 +112,43 @@ impl TableHeader {
 /// Tables (and headers) one fault may link: one per level of a 5-level walk.
 pub const TABLES_PER_FAULT: usize = 5;
 
-mmu_cache::cache_set! {
-    /// What one fault needs: enough for every level of a 5-level walk.
-    #[derive(Debug)]
-    pub struct VcpuCaches {
-        /// Table pages, filled with the non-present value.
-        pub tables: PageCache<TablePage> => [min TABLES_PER_FAULT],
-        /// Table headers.
-        pub headers: ObjectCache<TableHeader> => [min TABLES_PER_FAULT],
-        /// External table pages, topped up only when the hooks ask for them.
-        pub external: PageCache<ExternalTablePage> => [min 0],
-    }
+/// What one vCPU brings to its faults and accesses, as KVM's vcpu does:
+/// caches for every level of a 5-level walk, topped up before the lock;
+/// the hooks' own state of the vCPU (a TDX mirror's PAMT cache); and the
+/// vCPU's walk cache (the leaf table of its last access).
+#[derive(Debug)]
+pub struct VcpuCaches {
+    /// Table pages, filled with the non-present value.
+    pub tables: PageCache<TablePage>,
+    /// Table headers.
+    pub headers: ObjectCache<TableHeader>,
+    /// External table pages, topped up only when the hooks ask for them.
+    pub external: PageCache<ExternalTablePage>,
+    /// The hooks' state of this vCPU, if they keep one.
+    pub hooks: Option<Box<dyn HookVcpuState>>,
+    /// The leaf table of this vCPU's last access.
+    walk: WalkCache,
 }
 
 impl VcpuCaches {
+    /// The hooks' state of this vCPU, as the hooks take it (downcast it
+    /// with [`HookVcpuState::as_any_mut`] to the hooks' own type).
+    pub fn hook_state(&mut self) -> Option<&mut dyn HookVcpuState> {
+        match &mut self.hooks {
+            Some(state) => Some(&mut **state),
+            None => None,
+        }
+    }
+
+    /// Returns every cached object (the hooks' too) to its allocator;
+    /// returns how many.
+    pub fn free_all(&mut self) -> usize {
+        self.tables.free_all()
+            + self.headers.free_all()
+            + self.external.free_all()
+            + self.hooks.as_mut().map_or(0, |hooks| hooks.free_all())
+    }
+
     /// The topup before a fault takes the lock: tables and headers for a
     /// 5-level walk at the MMU's vCPU cache `capacity` (the configuration,
     /// not the set's default), and an external page per level when
@@ -249,18 +274,18 @@ pub struct TdpMmu {
     torn_down: std::sync::atomic::AtomicBool,
     stats: [AtomicU64; 3],
     counters: Counters,
-    /// Tells this MMU's entries in the per-thread walk caches from another's.
+    /// Tells this MMU's entries in the per-vCPU walk caches from another's.
     id: u64,
     /// Bumped whenever a table is unlinked (under the write lock): a walk
     /// cache entry taken at an older generation may name a freed table.
     table_generation: AtomicU64,
 }
 
-/// The leaf table a thread's last access walked to: the software vCPU's
+/// The leaf table a vCPU's last access walked to: the software vCPU's
 /// paging-structure cache. Valid for the MMU `mmu` while its table
 /// generation is still `generation`, since a linked table stays linked
 /// at its place until one is unlinked.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 struct WalkCache {
     mmu: u64,
     generation: u64,
@@ -269,14 +294,13 @@ struct WalkCache {
     table_hpa: u64,
 }
 
-thread_local! {
-    static LAST_LEAF_TABLE: std::cell::Cell<WalkCache> = const {
-        std::cell::Cell::new(WalkCache {
-            mmu: 0,
-            generation: 0,
-            region: 0,
-            table_hpa: 0,
-        })
+impl WalkCache {
+    /// Matches no MMU.
+    const EMPTY: Self = Self {
+        mmu: 0,
+        generation: 0,
+        region: 0,
+        table_hpa: 0,
     };
 }
 
@@ -414,6 +438,9 @@ impl TdpMmu {
             tables: PageCache::new(pool.clone()).named("split-tables"),
             headers: ObjectCache::new(header_slab.clone()).named("split-headers"),
             external: PageCache::new(external_pool.clone()).named("split-external"),
+            // The splitter is no vCPU: the hooks use their own split caches.
+            hooks: None,
+            walk: WalkCache::EMPTY,
         };
         Ok(Self {
             config,
@@ -436,7 +463,8 @@ impl TdpMmu {
         })
     }
 
-    /// A fresh cache set for one vCPU.
+    /// A fresh vCPU context: its caches, the hooks' state of it, and an
+    /// empty walk cache.
     pub fn new_vcpu_caches(&self) -> VcpuCaches {
         VcpuCaches {
             tables: PageCache::new(self.pool.clone())
@@ -444,6 +472,8 @@ impl TdpMmu {
                 .named("vcpu-tables"),
             headers: ObjectCache::new(self.header_slab.clone()).named("vcpu-headers"),
             external: PageCache::new(self.external_pool.clone()).named("vcpu-external"),
+            hooks: self.hooks.new_vcpu_state(),
+            walk: WalkCache::EMPTY,
         }
     }
 

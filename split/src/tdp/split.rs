@@ -59,7 +59,7 @@ impl TdpMmu {
             if self.external_tables {
                 caches.external.topup_with_capacity(capacity, 1)?;
             }
-            self.hooks.topup(Topup::Split { splits: capacity })?;
+            self.hooks.topup(Topup::Split { splits: capacity }, None)?;
             let budget = self.hooks.split_budget();
             self.table_map().reserve(caches.tables.nr_free());
             let guard = if exclusive {
