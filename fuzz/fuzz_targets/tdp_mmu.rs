@@ -98,7 +98,11 @@ fuzz_target!(|input: Input| {
                     Some(t) if !write || t.perms & split::ept::WRITE != 0 => Access::Hit(t.hpa),
                     _ => Access::Miss,
                 };
-                assert_eq!(mmu.access(&mut caches, gfn << 12, write), expected, "gfn {gfn:#x}");
+                assert_eq!(
+                    mmu.access(&mut caches, gfn << 12, write),
+                    expected,
+                    "gfn {gfn:#x}"
+                );
             }
             Op::Zap { first, pages } => {
                 let first = u64::from(first) % PAGES;
