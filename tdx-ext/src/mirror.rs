@@ -2,7 +2,7 @@
 //! [`TdxModule`], so that a TDP MMU marked as mirror keeps the module's
 //! S-EPT identical to its own tree.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use mmu_cache::alloc::{ChunkAllocator, PageAllocator};
@@ -58,6 +58,8 @@ pub struct TdxMirror {
     table_pool: Arc<PagePool<ExternalTablePage>>,
     backed_allocator: Option<Arc<dyn PamtCache>>,
     split_cache: Mutex<PageCache<PamtPage>>,
+    /// PAMT pages idle in the vCPUs' own caches, summed.
+    held_by_vcpus: Arc<AtomicUsize>,
     torn_down: AtomicBool,
     busy_retries: AtomicU64,
     failures: AtomicU64,
@@ -79,13 +81,34 @@ fn refused(op: HookOp, what: impl Into<String>) -> HookError {
 
 /// A vCPU's own PAMT page cache: the mirror's state of the vCPU, kept in
 /// its `VcpuCaches` and topped up before each fault takes the MMU lock.
+/// What it holds is summed in the mirror's `pamt_cached` counter.
 #[derive(Debug)]
-pub struct VcpuPamtCache(PageCache<PamtPage>);
+pub struct VcpuPamtCache {
+    cache: PageCache<PamtPage>,
+    /// The mirror's sum of the pages held by every vCPU cache.
+    held_by_vcpus: Arc<AtomicUsize>,
+}
 
 impl VcpuPamtCache {
     /// PAMT pages this vCPU holds ready for its next fault.
     pub fn nr_free(&self) -> usize {
-        self.0.nr_free()
+        self.cache.nr_free()
+    }
+
+    /// Runs `body` on the cache and carries its change in size into the
+    /// mirror's sum.
+    fn update<R>(&mut self, body: impl FnOnce(&mut PageCache<PamtPage>) -> R) -> R {
+        let before = self.cache.nr_free();
+        let result = body(&mut self.cache);
+        let after = self.cache.nr_free();
+        if after > before {
+            self.held_by_vcpus
+                .fetch_add(after - before, Ordering::Relaxed);
+        } else {
+            self.held_by_vcpus
+                .fetch_sub(before - after, Ordering::Relaxed);
+        }
+        result
     }
 }
 
@@ -95,7 +118,15 @@ impl HookVcpuState for VcpuPamtCache {
     }
 
     fn free_all(&mut self) -> usize {
-        self.0.free_all()
+        self.update(PageCache::free_all)
+    }
+}
+
+impl Drop for VcpuPamtCache {
+    fn drop(&mut self) {
+        // The cache returns its pages to the pool as it drops.
+        self.held_by_vcpus
+            .fetch_sub(self.cache.nr_free(), Ordering::Relaxed);
     }
 }
 
@@ -135,6 +166,7 @@ impl TdxMirror {
         };
         Arc::new(Self {
             split_cache: Mutex::new(pamt.new_cache()),
+            held_by_vcpus: Arc::new(AtomicUsize::new(0)),
             module,
             pamt,
             policy,
@@ -162,8 +194,8 @@ impl TdxMirror {
         self.policy
     }
 
-    /// Counters. The PAMT pages cached per vCPU live in the vCPUs' own
-    /// caches (see [`VcpuPamtCache`]) and are not counted here.
+    /// Counters. `pamt_cached` includes the pages idle in every vCPU's
+    /// [`VcpuPamtCache`].
     pub fn counters(&self) -> MirrorCounters {
         let split = self
             .split_cache
@@ -174,7 +206,10 @@ impl TdxMirror {
             busy_retries: self.busy_retries.load(Ordering::Relaxed),
             failures: self.failures.load(Ordering::Relaxed),
             leaked_pages: self.leaked.load(Ordering::Relaxed),
-            pamt_cached: (split + self.backed_allocator.as_ref().map_or(0, |a| a.cached())) as u64,
+            pamt_cached: (split
+                + self.held_by_vcpus.load(Ordering::Relaxed)
+                + self.backed_allocator.as_ref().map_or(0, |a| a.cached()))
+                as u64,
         }
     }
 
@@ -243,7 +278,7 @@ impl TdxMirror {
         body: impl FnOnce(&mut PageCache<PamtPage>) -> R,
     ) -> R {
         match vcpu.and_then(|state| state.as_any_mut().downcast_mut::<VcpuPamtCache>()) {
-            Some(VcpuPamtCache(cache)) => body(cache),
+            Some(state) => state.update(body),
             None => body(&mut self.split_cache.lock().unwrap_or_else(|p| p.into_inner())),
         }
     }
@@ -317,7 +352,10 @@ impl ExternalPageTable for TdxMirror {
     }
 
     fn new_vcpu_state(&self) -> Option<Box<dyn HookVcpuState>> {
-        Some(Box::new(VcpuPamtCache(self.pamt.new_cache())))
+        Some(Box::new(VcpuPamtCache {
+            cache: self.pamt.new_cache(),
+            held_by_vcpus: Arc::clone(&self.held_by_vcpus),
+        }))
     }
 
     fn topup(&self, need: Topup, vcpu: Option<&mut dyn HookVcpuState>) -> Result<(), HookError> {

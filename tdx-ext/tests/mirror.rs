@@ -350,7 +350,13 @@ fn each_vcpu_tops_up_its_own_pamt_cache_in_its_vcpu_context() {
             .nr_free()
     };
     assert_eq!((held(&mut first), held(&mut second)), (0, 0));
+    let cached_before = t.mirror.counters().pamt_cached;
     t.mmu.fault(&mut first, 0x5000, true).unwrap();
+    assert_eq!(
+        t.mirror.counters().pamt_cached,
+        cached_before + held(&mut first) as u64,
+        "the mirror's counter sums the vCPU caches"
+    );
     assert!(
         held(&mut first) > 0,
         "the topup filled the faulting vCPU's cache"
@@ -361,6 +367,12 @@ fn each_vcpu_tops_up_its_own_pamt_cache_in_its_vcpu_context() {
     let returned = first.free_all();
     assert!(returned > 0, "free_all hands the vCPU's PAMT pages back");
     assert_eq!(held(&mut first), 0);
+    assert_eq!(
+        t.mirror.counters().pamt_cached,
+        cached_before + held(&mut second) as u64
+    );
+    drop(second);
+    assert_eq!(t.mirror.counters().pamt_cached, cached_before);
     assert_mirrored(&t);
-    teardown_and_check(t, vec![first, second]);
+    teardown_and_check(t, vec![first]);
 }
