@@ -98,19 +98,6 @@ pub unsafe extern "C" fn mmukit_gmem_create(
     })
 }
 
-pub(crate) fn with_gmem(
-    gmem: *const mmukit_gmem,
-    body: impl FnOnce(&mmukit_gmem) -> c_int,
-) -> c_int {
-    guard(|| {
-        if gmem.is_null() || !gmem.is_aligned() {
-            return -libc::EINVAL;
-        }
-        // SAFETY: a handle from mmukit_gmem_create, per the caller's contract.
-        body(unsafe { &*gmem })
-    })
-}
-
 /// `fallocate(2)` with guest_memfd's rules (`mode` takes FALLOC_FL_* bits).
 ///
 /// # Safety
@@ -123,7 +110,7 @@ pub unsafe extern "C" fn mmukit_gmem_fallocate(
     offset: u64,
     len: u64,
 ) -> c_int {
-    with_gmem(gmem, |g| match g.file.fallocate(mode, offset, len) {
+    with_handle(gmem, |g| match g.file.fallocate(mode, offset, len) {
         Ok(()) => 0,
         Err(err) => gmem_errno(&err),
     })
@@ -146,7 +133,7 @@ pub unsafe extern "C" fn mmukit_gmem_convert(
     } else {
         Attribute::Shared
     };
-    with_gmem(gmem, |g| match g.file.convert(offset, len, to) {
+    with_handle(gmem, |g| match g.file.convert(offset, len, to) {
         Ok(_) => 0,
         Err(err) => gmem_errno(&err),
     })
@@ -159,7 +146,7 @@ pub unsafe extern "C" fn mmukit_gmem_convert(
 /// `gmem` must be a live handle.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn mmukit_gmem_fd(gmem: *const mmukit_gmem) -> c_int {
-    with_gmem(gmem, |g| match g.file.fd() {
+    with_handle(gmem, |g| match g.file.fd() {
         Some(fd) => std::os::fd::AsRawFd::as_raw_fd(fd),
         None => -libc::ENOTSUP,
     })
@@ -176,7 +163,7 @@ pub unsafe extern "C" fn mmukit_gmem_host_addr(
     gmem: *mut mmukit_gmem,
     addr_out: *mut u64,
 ) -> c_int {
-    with_gmem(gmem, |g| {
+    with_handle(gmem, |g| {
         if addr_out.is_null() || !addr_out.is_aligned() {
             return -libc::EINVAL;
         }
@@ -200,7 +187,7 @@ pub unsafe extern "C" fn mmukit_gmem_host_addr(
 /// `gmem` must be a live handle.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn mmukit_gmem_prefault(gmem: *mut mmukit_gmem, threads: u32) -> c_int {
-    with_gmem(gmem, |g| {
+    with_handle(gmem, |g| {
         match g
             .file
             .prefault(0, g.file.size(), threads as usize, &|_, _| {})

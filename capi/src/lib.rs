@@ -48,6 +48,18 @@ fn guard(body: impl FnOnce() -> c_int) -> c_int {
     catch_unwind(AssertUnwindSafe(body)).unwrap_or(-libc::EIO)
 }
 
+/// Runs `body` on the handle behind `handle` inside [`guard`]; -EINVAL for a
+/// null or misaligned pointer.
+pub(crate) fn with_handle<T>(handle: *const T, body: impl FnOnce(&T) -> c_int) -> c_int {
+    guard(|| {
+        if handle.is_null() || !handle.is_aligned() {
+            return -libc::EINVAL;
+        }
+        // SAFETY: a live handle from its constructor, per the caller's contract.
+        body(unsafe { &*handle })
+    })
+}
+
 /// A static message for an errno value given positive or negative.
 ///
 /// The string is NUL-terminated, static, and never freed.

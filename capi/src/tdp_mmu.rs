@@ -79,19 +79,6 @@ pub unsafe extern "C" fn mmukit_tdp_mmu_new(
     })
 }
 
-pub(crate) fn with_mmu(
-    mmu: *const mmukit_tdp_mmu,
-    body: impl FnOnce(&mmukit_tdp_mmu) -> c_int,
-) -> c_int {
-    guard(|| {
-        if mmu.is_null() || !mmu.is_aligned() {
-            return -libc::EINVAL;
-        }
-        // SAFETY: a live handle, per the caller's contract.
-        body(unsafe { &*mmu })
-    })
-}
-
 /// Adds memslot `slot`: `npages` guest frames from `base_gfn` on host frames
 /// from `host_base_pfn`.
 ///
@@ -106,7 +93,7 @@ pub unsafe extern "C" fn mmukit_tdp_mmu_add_slot(
     npages: u64,
     host_base_pfn: u64,
 ) -> c_int {
-    with_mmu(mmu, |m| {
+    with_handle(mmu, |m| {
         match Memslot::new(slot, base_gfn, npages, host_base_pfn) {
             Ok(memslot) => match m.mmu.add_memslot(memslot) {
                 Ok(_) => 0,
@@ -128,7 +115,7 @@ pub unsafe extern "C" fn mmukit_tdp_mmu_fault(
     gpa: u64,
     write: bool,
 ) -> c_int {
-    with_mmu(mmu, |m| {
+    with_handle(mmu, |m| {
         let mut caches = m.caches.lock().unwrap_or_else(|p| p.into_inner());
         match m.mmu.fault(&mut caches, gpa, write) {
             Ok(_) => 0,
@@ -149,7 +136,7 @@ pub unsafe extern "C" fn mmukit_tdp_mmu_translate(
     hpa: *mut u64,
     level: *mut u8,
 ) -> c_int {
-    with_mmu(mmu, |m| {
+    with_handle(mmu, |m| {
         if hpa.is_null() || level.is_null() || !hpa.is_aligned() {
             return -libc::EINVAL;
         }
@@ -177,7 +164,7 @@ pub unsafe extern "C" fn mmukit_tdp_mmu_enable_dirty_log(
     mmu: *mut mmukit_tdp_mmu,
     slot: u32,
 ) -> c_int {
-    with_mmu(mmu, |m| {
+    with_handle(mmu, |m| {
         match m.mmu.enable_dirty_logging(slot, LogMode::Classic) {
             Ok(()) => 0,
             Err(err) => mmu_errno(&err),
@@ -198,7 +185,7 @@ pub unsafe extern "C" fn mmukit_tdp_mmu_get_dirty_log(
     bitmap: *mut u64,
     words: usize,
 ) -> c_int {
-    with_mmu(mmu, |m| {
+    with_handle(mmu, |m| {
         if bitmap.is_null() || !bitmap.is_aligned() {
             return -libc::EINVAL;
         }
@@ -227,7 +214,7 @@ pub unsafe extern "C" fn mmukit_tdp_mmu_get_dirty_log(
 /// `mmu` must be a live handle.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn mmukit_tdp_mmu_split(mmu: *mut mmukit_tdp_mmu, slot: u32) -> c_int {
-    with_mmu(mmu, |m| {
+    with_handle(mmu, |m| {
         let Ok(memslot) = m.mmu.slot(slot) else {
             return -libc::ENOENT;
         };
@@ -251,7 +238,7 @@ pub unsafe extern "C" fn mmukit_tdp_mmu_stats(
     mmu: *const mmukit_tdp_mmu,
     stats: *mut mmukit_mmu_stats,
 ) -> c_int {
-    with_mmu(mmu, |m| {
+    with_handle(mmu, |m| {
         if stats.is_null() || !stats.is_aligned() {
             return -libc::EINVAL;
         }
