@@ -338,6 +338,10 @@ fn a_refused_seamcall_keeps_its_leaf_and_status() {
     teardown_and_check(t, vec![vcpu]);
 }
 
+/// KVM tops up the caches a fault needs in the faulting vCPU's own
+/// `vcpu->arch` (`mmu_topup_memory_caches` in arch/x86/kvm/mmu/mmu.c, before
+/// `kvm_tdp_mmu_map` takes the lock); the mirror's PAMT pages follow the
+/// same rule, so one vCPU's topup never feeds or drains another's.
 #[test]
 fn each_vcpu_tops_up_its_own_pamt_cache_in_its_vcpu_context() {
     let t = td(PamtPolicy::OnInstall, 1024, 1);
