@@ -3,39 +3,6 @@
 
 use super::*;
 
-impl GuestMemFile {
-    pub(super) fn create_hugetlb(
-        config: GmemConfig,
-        granule: u64,
-    ) -> Result<(OwnedFd, Mapping), GmemError> {
-        let needed = config.size / granule;
-        let pool = HugetlbPool::read(granule);
-        let shortfall = |pool: Option<HugetlbPool>| GmemError::HugetlbShortfall {
-            pool: pool.as_ref().map_or_else(
-                || format!("hugepages-{}kB", granule >> 10),
-                |p| p.name.clone(),
-            ),
-            needed,
-            free: pool.map_or(0, |p| p.available),
-        };
-        if pool.as_ref().is_none_or(|p| p.available < needed) {
-            return Err(shortfall(pool));
-        }
-        let log2 = u32::from(config.huge_page_size_log2);
-        let flags = libc::MFD_CLOEXEC | libc::MFD_HUGETLB | (log2 << libc::MFD_HUGE_SHIFT);
-        let name = CString::new("mmukit-gmem-hugetlb").expect("no NUL");
-        let fd = sys::memfd_create(&name, flags).map_err(GmemError::os("memfd_create"))?;
-        sys::ftruncate(&fd, config.size).map_err(GmemError::os("ftruncate"))?;
-        // A shared mapping without MAP_NORESERVE reserves every huge page of
-        // the file now, so that no later fault can fail.
-        let master = Self::map_master(&fd, config.size).map_err(|err| match err.errno() {
-            libc::ENOMEM => shortfall(HugetlbPool::read(granule)),
-            _ => err,
-        })?;
-        Ok((fd, master))
-    }
-}
-
 impl Inner {
     /// Points huge page `huge` of view `id` at the 4 KiB backing
     /// (`to_split`) or back at the huge page.
@@ -68,7 +35,7 @@ impl Inner {
                 .expect("split pages have a backing")
                 .fd
         } else {
-            self.fd.as_ref().expect("HugeTLB files have a descriptor")
+            self.storage.fd().expect("HugeTLB files have a descriptor")
         };
         // SAFETY: the huge page lies inside the view's own mapping (checked
         // above, under the state lock); views hand out raw pointers only.
@@ -90,11 +57,11 @@ impl Inner {
             let fd = sys::memfd_create(c"mmukit-gmem-split", libc::MFD_CLOEXEC)
                 .map_err(GmemError::os("memfd_create"))?;
             sys::ftruncate(&fd, self.size).map_err(GmemError::os("ftruncate"))?;
-            let map = GuestMemFile::map_master(&fd, self.size)?;
+            let map = backend::map_whole(&fd, self.size)?;
             state.split_backing = Some(SplitBacking { fd, map });
         }
         let backing = state.split_backing.as_ref().expect("created above");
-        let master = self.master.as_ref().expect("HugeTLB files are mapped");
+        let master = self.storage.master().expect("HugeTLB files are mapped");
         let offset = (huge * self.granule) as usize;
         // Allocate the 4 KiB pages in one call rather than one fault each.
         // SAFETY: inside the internal mapping of the backing.
@@ -143,7 +110,7 @@ impl Inner {
             .split_backing
             .as_ref()
             .expect("split pages have a backing");
-        let master = self.master.as_ref().expect("HugeTLB files are mapped");
+        let master = self.storage.master().expect("HugeTLB files are mapped");
         let offset = huge * self.granule;
         // SAFETY: as in `split`, the other way.
         unsafe {

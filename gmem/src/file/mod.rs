@@ -14,11 +14,13 @@ use crate::consts::{
 };
 use crate::sys::{self, Mapping};
 
+mod backend;
 mod error;
 mod hugetlb;
 mod rules;
 mod view;
 
+use backend::Storage;
 pub use error::GmemError;
 pub use rules::{check_fallocate, check_mmap};
 use rules::{check_mmap_generic, page_aligned};
@@ -186,15 +188,11 @@ struct FileState {
 
 #[derive(Debug)]
 pub(crate) struct Inner {
-    kind: BackendKind,
     size: u64,
     flags: u64,
     granule: u64,
-    fd: Option<OwnedFd>,
-    /// An internal read-write mapping of the whole file (HugeTLB: holds the
-    /// reservation; secret and anonymous: the way to their pages).
-    master: Option<Mapping>,
-    vm: Option<Arc<dyn GuestMemfdVm>>,
+    /// What the backend does its own way.
+    storage: Box<dyn Storage>,
     state: Mutex<FileState>,
 }
 
@@ -263,66 +261,17 @@ impl GuestMemFile {
         } else {
             Attribute::Private
         };
-        let mut vm = None;
-        let (fd, master) = match backend {
-            Backend::Kvm(kvm) => {
-                vm = Some(kvm.clone());
-                (Some(kvm.create_guest_memfd(config)?), None)
-            }
-            Backend::Memfd => {
-                let fd = sys::memfd_create(c"mmukit-gmem", libc::MFD_CLOEXEC)
-                    .map_err(GmemError::os("memfd_create"))?;
-                sys::ftruncate(&fd, config.size).map_err(GmemError::os("ftruncate"))?;
-                (Some(fd), None)
-            }
-            Backend::Hugetlb => {
-                let (fd, master) = Self::create_hugetlb(config, granule)?;
-                (Some(fd), Some(master))
-            }
-            Backend::Secret => {
-                let fd = sys::memfd_secret().map_err(|err| {
-                    if err.raw_os_error() == Some(libc::ENOSYS) {
-                        GmemError::Unavailable {
-                            backend: "secret",
-                            why: "the kernel has no memfd_secret (boot with secretmem.enable=1)"
-                                .into(),
-                        }
-                    } else {
-                        GmemError::os("memfd_secret")(err)
-                    }
-                })?;
-                sys::ftruncate(&fd, config.size).map_err(GmemError::os("ftruncate"))?;
-                let master = Self::map_master(&fd, config.size)?;
-                (Some(fd), Some(master))
-            }
-            Backend::Anonymous => {
-                // NORESERVE: like a guest_memfd, a large file is sparse and
-                // takes memory only as it is used, so a 1 TiB file is created
-                // whatever the commit limit says.
-                let master = Mapping::new(
-                    config.size as usize,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                    None,
-                    0,
-                )
-                .map_err(GmemError::os("mmap"))?;
-                (None, Some(master))
-            }
-        };
-        let size = match &fd {
+        let storage = backend::create(backend, config, granule)?;
+        let size = match storage.fd() {
             Some(fd) => sys::file_size(fd).map_err(GmemError::os("fstat"))?,
             None => config.size,
         };
         Ok(Self {
             inner: Arc::new(Inner {
-                kind,
                 size,
                 flags: config.flags,
                 granule,
-                fd,
-                master,
-                vm,
+                storage,
                 state: Mutex::new(FileState {
                     attrs: AttrMap::new(size / PAGE_SIZE, initial),
                     views: Vec::new(),
@@ -335,24 +284,13 @@ impl GuestMemFile {
         })
     }
 
-    fn map_master(fd: &OwnedFd, size: u64) -> Result<Mapping, GmemError> {
-        Mapping::new(
-            size as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            Some(fd),
-            0,
-        )
-        .map_err(GmemError::os("mmap"))
-    }
-
     fn state(&self) -> MutexGuard<'_, FileState> {
         self.inner.state()
     }
 
     /// The backend kind.
     pub fn backend(&self) -> BackendKind {
-        self.inner.kind
+        self.inner.storage.kind()
     }
 
     /// The size in bytes (fixed for the file's life).
@@ -363,7 +301,7 @@ impl GuestMemFile {
     /// The size the kernel reports for the file (fstat), or the size for
     /// anonymous memory.
     pub fn stat_size(&self) -> Result<u64, GmemError> {
-        match &self.inner.fd {
+        match self.inner.storage.fd() {
             Some(fd) => sys::file_size(fd).map_err(GmemError::os("fstat")),
             None => Ok(self.inner.size),
         }
@@ -381,7 +319,7 @@ impl GuestMemFile {
 
     /// The file descriptor (none for anonymous memory).
     pub fn fd(&self) -> Option<&OwnedFd> {
-        self.inner.fd.as_ref()
+        self.inner.storage.fd()
     }
 
     /// Whether `other` is this same file (clones share one file).
@@ -391,7 +329,7 @@ impl GuestMemFile {
 
     /// The VM of a KVM guest_memfd.
     pub fn vm(&self) -> Option<&Arc<dyn GuestMemfdVm>> {
-        self.inner.vm.as_ref()
+        self.inner.storage.vm()
     }
 
     /// Counters and latencies.
@@ -426,8 +364,8 @@ impl GuestMemFile {
 
     /// `read(2)` on the file: guest memory files are not readable.
     pub fn read(&self, buf: &mut [u8]) -> Result<usize, GmemError> {
-        match &self.inner.fd {
-            Some(fd) if self.inner.kind == BackendKind::Kvm => {
+        match self.inner.storage.kernel_file() {
+            Some(fd) => {
                 // SAFETY: `buf` is valid for writes of its length.
                 let ret = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
                 if ret < 0 {
@@ -442,8 +380,8 @@ impl GuestMemFile {
 
     /// `write(2)` on the file: guest memory files are not writable.
     pub fn write(&self, buf: &[u8]) -> Result<usize, GmemError> {
-        match &self.inner.fd {
-            Some(fd) if self.inner.kind == BackendKind::Kvm => {
+        match self.inner.storage.kernel_file() {
+            Some(fd) => {
                 // SAFETY: `buf` is valid for reads of its length.
                 let ret = unsafe { libc::write(fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
                 if ret < 0 {
@@ -458,10 +396,8 @@ impl GuestMemFile {
 
     /// `ftruncate(2)`: the size of a guest memory file is fixed.
     pub fn set_len(&self, len: u64) -> Result<(), GmemError> {
-        match &self.inner.fd {
-            Some(fd) if self.inner.kind == BackendKind::Kvm => {
-                sys::ftruncate(fd, len).map_err(GmemError::os("ftruncate"))
-            }
+        match self.inner.storage.kernel_file() {
+            Some(fd) => sys::ftruncate(fd, len).map_err(GmemError::os("ftruncate")),
             _ => Err(GmemError::invalid(
                 "the size of a guest memory file is fixed",
             )),
@@ -473,8 +409,7 @@ impl GuestMemFile {
     /// may pass the end of the file, an allocation may not. On the KVM
     /// backend the kernel itself answers.
     pub fn fallocate(&self, mode: i32, offset: u64, len: u64) -> Result<(), GmemError> {
-        if self.inner.kind == BackendKind::Kvm {
-            let fd = self.inner.fd.as_ref().expect("KVM files have a descriptor");
+        if let Some(fd) = self.inner.storage.kernel_file() {
             return sys::fallocate(fd, mode, offset, len).map_err(GmemError::os("fallocate"));
         }
         let range = check_fallocate(mode, offset, len, self.inner.size)?;
@@ -482,11 +417,17 @@ impl GuestMemFile {
             // Only now, with every argument valid, is the range cut at the end.
             let end = range.end.min(self.inner.size);
             if range.start < end {
-                self.punch(range.start, end)?;
+                let state = self.state();
+                self.inner
+                    .storage
+                    .punch(&self.inner, &state, range.start, end)?;
             }
             Ok(())
         } else {
-            self.allocate(range.start, range.end)
+            let state = self.state();
+            self.inner
+                .storage
+                .allocate(&self.inner, &state, range.start, range.end)
         }
     }
 
@@ -503,122 +444,6 @@ impl GuestMemFile {
             len,
         )
     }
-
-    fn allocate(&self, start: u64, end: u64) -> Result<(), GmemError> {
-        let inner = &self.inner;
-        let state = self.state();
-        match inner.kind {
-            BackendKind::Memfd | BackendKind::Hugetlb => {
-                let fd = inner.fd.as_ref().expect("file backends have a descriptor");
-                sys::fallocate(fd, libc::FALLOC_FL_KEEP_SIZE, start, end - start)
-                    .map_err(GmemError::os("fallocate"))?;
-                if let Some(backing) = &state.split_backing {
-                    for &huge in &state.split {
-                        let (hs, he) = (huge * inner.granule, (huge + 1) * inner.granule);
-                        let (s, e) = (start.max(hs), end.min(he));
-                        if s < e {
-                            sys::fallocate(&backing.fd, libc::FALLOC_FL_KEEP_SIZE, s, e - s)
-                                .map_err(GmemError::os("fallocate"))?;
-                        }
-                    }
-                }
-                Ok(())
-            }
-            BackendKind::Secret => {
-                let master = inner.master.as_ref().expect("secret memory is mapped");
-                // memfd_secret takes no MADV_POPULATE_WRITE: fault each page in.
-                crate::prefault::touch_pages(master.addr() as usize + start as usize, end - start);
-                Ok(())
-            }
-            BackendKind::Anonymous => {
-                let master = inner.master.as_ref().expect("has an internal mapping");
-                // SAFETY: inside the internal mapping; populating does not
-                // change contents.
-                unsafe {
-                    sys::madvise(
-                        master.addr().add(start as usize),
-                        (end - start) as usize,
-                        libc::MADV_POPULATE_WRITE,
-                    )
-                }
-                .map_err(GmemError::os("madvise(MADV_POPULATE_WRITE)"))
-            }
-            BackendKind::Kvm => unreachable!("handled by the kernel"),
-        }
-    }
-
-    fn punch(&self, start: u64, end: u64) -> Result<(), GmemError> {
-        let inner = &self.inner;
-        let state = self.state();
-        match inner.kind {
-            BackendKind::Memfd => sys::fallocate(
-                inner.fd.as_ref().expect("memfd"),
-                libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE,
-                start,
-                end - start,
-            )
-            .map_err(GmemError::os("fallocate")),
-            BackendKind::Anonymous => {
-                let master = inner.master.as_ref().expect("anonymous memory is mapped");
-                // SAFETY: inside the internal mapping; dropping the pages is
-                // the point, and readers go through raw pointers only.
-                unsafe {
-                    sys::madvise(
-                        master.addr().add(start as usize),
-                        (end - start) as usize,
-                        libc::MADV_REMOVE,
-                    )
-                }
-                .map_err(GmemError::os("madvise(MADV_REMOVE)"))
-            }
-            BackendKind::Secret => {
-                // memfd_secret has no hole punching: zero the range.
-                let master = inner.master.as_ref().expect("secret memory is mapped");
-                // SAFETY: inside the internal read-write mapping.
-                unsafe {
-                    std::ptr::write_bytes(
-                        master.addr().add(start as usize),
-                        0,
-                        (end - start) as usize,
-                    )
-                };
-                Ok(())
-            }
-            BackendKind::Hugetlb => {
-                // Split huge pages: punch their 4 KiB backing. Whole huge
-                // pages are zeroed in place, so that they stay reserved and
-                // no later fault can fail.
-                let master = inner.master.as_ref().expect("HugeTLB files are mapped");
-                let mut at = start;
-                while at < end {
-                    let huge = at / inner.granule;
-                    let next = ((huge + 1) * inner.granule).min(end);
-                    match (&state.split_backing, state.split.contains(&huge)) {
-                        (Some(backing), true) => sys::fallocate(
-                            &backing.fd,
-                            libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE,
-                            at,
-                            next - at,
-                        )
-                        .map_err(GmemError::os("fallocate"))?,
-                        // SAFETY: inside the internal read-write mapping.
-                        _ => unsafe {
-                            std::ptr::write_bytes(
-                                master.addr().add(at as usize),
-                                0,
-                                (next - at) as usize,
-                            )
-                        },
-                    }
-                    at = next;
-                }
-                Ok(())
-            }
-            BackendKind::Kvm => unreachable!("handled by the kernel"),
-        }
-    }
-
-    // ----- views ------------------------------------------------------------
 
     // ----- conversion -------------------------------------------------------
 
@@ -658,7 +483,7 @@ impl GuestMemFile {
             Attribute::Shared => state.metrics.to_shared += last - first,
         }
         let (mut protect_first, mut protect_last) = (first, last);
-        if inner.kind == BackendKind::Hugetlb {
+        if inner.storage.kind() == BackendKind::Hugetlb {
             let pages_per_huge = inner.granule / PAGE_SIZE;
             for huge in offset / inner.granule..end.div_ceil(inner.granule) {
                 let (hs, he) = (huge * pages_per_huge, (huge + 1) * pages_per_huge);
@@ -714,7 +539,7 @@ impl GuestMemFile {
             )));
         };
         let temporary;
-        let base = match &self.inner.master {
+        let base = match self.inner.storage.master() {
             Some(master) => master.addr() as usize + offset as usize,
             None => {
                 if self.inner.flags & GUEST_MEMFD_FLAG_MMAP == 0 {
@@ -724,14 +549,14 @@ impl GuestMemFile {
                     len as usize,
                     libc::PROT_READ | libc::PROT_WRITE,
                     libc::MAP_SHARED,
-                    self.inner.fd.as_ref(),
+                    self.inner.storage.fd(),
                     offset,
                 )
                 .map_err(GmemError::os("mmap"))?;
                 temporary.addr() as usize
             }
         };
-        let by_touch = self.inner.kind == BackendKind::Secret;
+        let by_touch = self.inner.storage.populates_by_touch();
         Ok(crate::prefault::populate(
             base, len, threads, by_touch, progress,
         )?)
@@ -748,6 +573,6 @@ impl Inner {
     /// without in-place conversion. Any host access to them, from any view,
     /// raises SIGBUS.
     fn kernel_private(&self) -> bool {
-        self.kind == BackendKind::Kvm && self.flags & GUEST_MEMFD_FLAG_INIT_SHARED == 0
+        self.storage.kernel_file().is_some() && self.flags & GUEST_MEMFD_FLAG_INIT_SHARED == 0
     }
 }

@@ -62,73 +62,34 @@ impl GuestMemFile {
         kind: ViewKind,
     ) -> Result<View, GmemError> {
         let inner = &self.inner;
-        let prot = libc::PROT_READ | libc::PROT_WRITE;
         // Views start on a 2 MiB boundary when they are that big (a huge
         // page boundary for HugeTLB), so huge mappings line up with them.
-        let align = if inner.kind == BackendKind::Hugetlb {
+        let align = if inner.storage.kind() == BackendKind::Hugetlb {
             inner.granule
         } else if len >= 2 << 20 {
             2 << 20
         } else {
             PAGE_SIZE
         } as usize;
-        // guest_memfd: the kernel itself applies these rules to the mmap.
         // guest_memfd: the kernel's generic checks come before our
         // reservation, and the kernel applies its own to the mapping.
-        let len = if inner.kind == BackendKind::Kvm {
+        let len = if inner.storage.kernel_file().is_some() {
             check_mmap_generic(offset, len, map_flags)?.0
         } else {
             check_mmap(offset, len, map_flags, inner.flags, inner.granule)?
         };
-        let mapping = match inner.kind {
-            BackendKind::Kvm => {
-                let fd = inner.fd.as_ref().expect("KVM files have a descriptor");
-                let mapping =
-                    Mapping::reserve_aligned(len as usize, align).map_err(GmemError::os("mmap"))?;
-                // SAFETY: the whole of our fresh reservation; the kernel
-                // applies guest_memfd's rules to the flags.
-                unsafe {
-                    sys::map_fixed_flags(mapping.addr(), len as usize, prot, map_flags, fd, offset)
-                }
-                .map_err(GmemError::os("mmap"))?;
-                mapping
-            }
-            BackendKind::Anonymous => self.alias_master(offset, len, align)?,
-            _ => {
-                let reserve =
-                    Mapping::reserve_aligned(len as usize, align).map_err(GmemError::os("mmap"))?;
-                // hugetlbfs grows a file that is mapped past its end: map
-                // only the part inside it, and leave the rest inaccessible.
-                // Other files fault (SIGBUS) past their end, as guest_memfd.
-                let mapped = if inner.kind == BackendKind::Hugetlb {
-                    len.min(inner.size.saturating_sub(offset))
-                } else {
-                    len
-                };
-                if mapped > 0 {
-                    // SAFETY: the start of our fresh reservation.
-                    unsafe {
-                        sys::map_fixed(
-                            reserve.addr(),
-                            mapped as usize,
-                            prot,
-                            inner.fd.as_ref().expect("file backends have a descriptor"),
-                            offset,
-                        )
-                    }
-                    .map_err(GmemError::os("mmap"))?;
-                }
-                reserve
-            }
-        };
+        let mapping =
+            Mapping::reserve_aligned(len as usize, align).map_err(GmemError::os("mmap"))?;
+        inner
+            .storage
+            .map_view(inner, &mapping, offset, len, map_flags)?;
         // The kernel maps whole pages (checked above for the others).
         let len = len.next_multiple_of(PAGE_SIZE);
         // Past the end of the file an access raises SIGBUS, as on a
-        // guest_memfd: memfd and secret memory do that themselves; the parts
-        // of anonymous and HugeTLB views past the end are mapped from the
-        // fault source.
+        // guest_memfd: where the backend does not do that itself, the part
+        // past the end is mapped from the fault source.
         let inside = len.min(inner.size.saturating_sub(offset));
-        if matches!(inner.kind, BackendKind::Anonymous | BackendKind::Hugetlb) && inside < len {
+        if !inner.storage.faults_past_end() && inside < len {
             // SAFETY: the tail of the fresh mapping, which nothing uses yet.
             unsafe { map_fault_source(mapping.addr().add(inside as usize), len - inside) }?;
         }
@@ -147,32 +108,6 @@ impl GuestMemFile {
             inner.protect(&state, offset / PAGE_SIZE, end_page, Some(view.id))?;
         }
         Ok(view)
-    }
-
-    /// Anonymous memory: a second mapping of the same pages (mremap with an
-    /// old size of 0), with any part past the end left inaccessible.
-    fn alias_master(&self, offset: u64, len: u64, align: usize) -> Result<Mapping, GmemError> {
-        let master = self
-            .inner
-            .master
-            .as_ref()
-            .expect("anonymous memory is mapped");
-        let reserve =
-            Mapping::reserve_aligned(len as usize, align).map_err(GmemError::os("mmap"))?;
-        let inside = len.min(self.inner.size.saturating_sub(offset));
-        if inside > 0 {
-            // SAFETY: the source is the shared internal mapping; the target is
-            // the start of our fresh reservation.
-            unsafe {
-                sys::mremap_alias(
-                    master.addr().add(offset as usize),
-                    inside as usize,
-                    reserve.addr(),
-                )
-            }
-            .map_err(GmemError::os("mremap"))?;
-        }
-        Ok(reserve)
     }
 
     fn register(&self, mapping: Mapping, offset: u64, len: u64, kind: ViewKind) -> View {
@@ -257,57 +192,8 @@ impl Inner {
         offset: u64,
         len: u64,
     ) -> Result<(), GmemError> {
-        let rw = libc::PROT_READ | libc::PROT_WRITE;
-        match self.kind {
-            BackendKind::Memfd | BackendKind::Secret | BackendKind::Kvm => {
-                let fd = self.fd.as_ref().expect("file backends have a descriptor");
-                // SAFETY: guaranteed by the caller.
-                unsafe { sys::map_fixed(addr, len as usize, rw, fd, offset) }
-                    .map_err(GmemError::os("mmap(MAP_FIXED)"))
-            }
-            BackendKind::Anonymous => {
-                let master = self.master.as_ref().expect("anonymous memory is mapped");
-                // SAFETY: the source is the shared internal mapping; the
-                // target is guaranteed by the caller.
-                unsafe { sys::mremap_alias(master.addr().add(offset as usize), len as usize, addr) }
-                    .map_err(GmemError::os("mremap"))
-            }
-            BackendKind::Hugetlb => {
-                let mut at = offset;
-                while at < offset + len {
-                    let huge = at / self.granule;
-                    let next = ((huge + 1) * self.granule).min(offset + len);
-                    let target = addr.wrapping_add((at - offset) as usize);
-                    let (fd, piece) = match (&state.split_backing, state.split.contains(&huge)) {
-                        (Some(backing), true) => (&backing.fd, at..next),
-                        // Pages of a huge page that is not split share its
-                        // attribute, so the run covers it whole.
-                        _ => {
-                            debug_assert!(
-                                at.is_multiple_of(self.granule) && next - at == self.granule
-                            );
-                            (
-                                self.fd.as_ref().expect("HugeTLB files have a descriptor"),
-                                at..next,
-                            )
-                        }
-                    };
-                    // SAFETY: inside the caller's range.
-                    unsafe {
-                        sys::map_fixed(
-                            target,
-                            (piece.end - piece.start) as usize,
-                            rw,
-                            fd,
-                            piece.start,
-                        )
-                    }
-                    .map_err(GmemError::os("mmap(MAP_FIXED)"))?;
-                    at = next;
-                }
-                Ok(())
-            }
-        }
+        // SAFETY: guaranteed by the caller.
+        unsafe { self.storage.map_memory(self, state, addr, offset, len) }
     }
 }
 

@@ -1,0 +1,586 @@
+//! The five backends behind one private trait: what each does its own way
+//! (how its memory is made, allocated, punched and mapped). Attributes,
+//! views and conversion are shared by all of them and live elsewhere.
+
+use super::*;
+
+/// The per-backend half of a file.
+pub(super) trait Storage: Send + Sync + std::fmt::Debug {
+    /// The backend's kind.
+    fn kind(&self) -> BackendKind;
+
+    /// The file descriptor (none for anonymous memory).
+    fn fd(&self) -> Option<&OwnedFd>;
+
+    /// An internal read-write mapping of the whole file, where the backend
+    /// keeps one (HugeTLB: it holds the reservation; secret and anonymous
+    /// memory: the way to their pages).
+    fn master(&self) -> Option<&Mapping> {
+        None
+    }
+
+    /// The VM of a KVM guest_memfd.
+    fn vm(&self) -> Option<&Arc<dyn GuestMemfdVm>> {
+        None
+    }
+
+    /// A descriptor whose file operations (read, write, truncate,
+    /// fallocate, mmap) the kernel answers with guest_memfd's own rules;
+    /// `None` where gmem applies them.
+    fn kernel_file(&self) -> Option<&OwnedFd> {
+        None
+    }
+
+    /// Allocates `[start, end)` (checked, inside the file).
+    fn allocate(
+        &self,
+        file: &Inner,
+        state: &FileState,
+        start: u64,
+        end: u64,
+    ) -> Result<(), GmemError>;
+
+    /// Punches `[start, end)` (checked, inside the file): it reads as zero.
+    fn punch(&self, file: &Inner, state: &FileState, start: u64, end: u64)
+    -> Result<(), GmemError>;
+
+    /// Maps `[offset, offset + len)` of the file at the start of the fresh
+    /// reservation `view` for a new view, with the caller's `map_flags`.
+    fn map_view(
+        &self,
+        file: &Inner,
+        view: &Mapping,
+        offset: u64,
+        len: u64,
+        map_flags: i32,
+    ) -> Result<(), GmemError>;
+
+    /// Maps the memory of `[offset, offset + len)` at `addr`: the file, the
+    /// split backing of a split huge page, or the anonymous memory.
+    ///
+    /// # Safety
+    ///
+    /// `[addr, addr + len)` must lie inside a view's mapping, under the
+    /// state lock.
+    unsafe fn map_memory(
+        &self,
+        file: &Inner,
+        state: &FileState,
+        addr: *mut u8,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), GmemError>;
+
+    /// Whether a view's part past the end of the file raises SIGBUS by
+    /// itself; where not, gmem maps it from the fault source.
+    fn faults_past_end(&self) -> bool {
+        true
+    }
+
+    /// Whether prefault must touch each page (no `MADV_POPULATE_WRITE`).
+    fn populates_by_touch(&self) -> bool {
+        false
+    }
+}
+
+/// Creates the storage of `backend` for `config`.
+pub(super) fn create(
+    backend: &Backend,
+    config: GmemConfig,
+    granule: u64,
+) -> Result<Box<dyn Storage>, GmemError> {
+    Ok(match backend {
+        Backend::Kvm(vm) => Box::new(KvmFile {
+            fd: vm.create_guest_memfd(config)?,
+            vm: vm.clone(),
+        }),
+        Backend::Memfd => {
+            let fd = sys::memfd_create(c"mmukit-gmem", libc::MFD_CLOEXEC)
+                .map_err(GmemError::os("memfd_create"))?;
+            sys::ftruncate(&fd, config.size).map_err(GmemError::os("ftruncate"))?;
+            Box::new(MemfdFile { fd })
+        }
+        Backend::Hugetlb => {
+            let (fd, master) = create_hugetlb(config, granule)?;
+            Box::new(HugetlbFile { fd, master })
+        }
+        Backend::Secret => {
+            let fd = sys::memfd_secret().map_err(|err| {
+                if err.raw_os_error() == Some(libc::ENOSYS) {
+                    GmemError::Unavailable {
+                        backend: "secret",
+                        why: "the kernel has no memfd_secret (boot with secretmem.enable=1)".into(),
+                    }
+                } else {
+                    GmemError::os("memfd_secret")(err)
+                }
+            })?;
+            sys::ftruncate(&fd, config.size).map_err(GmemError::os("ftruncate"))?;
+            let master = map_whole(&fd, config.size)?;
+            Box::new(SecretFile { fd, master })
+        }
+        Backend::Anonymous => {
+            // NORESERVE: like a guest_memfd, a large file is sparse and takes
+            // memory only as it is used, so a 1 TiB file is created whatever
+            // the commit limit says.
+            let master = Mapping::new(
+                config.size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                None,
+                0,
+            )
+            .map_err(GmemError::os("mmap"))?;
+            Box::new(AnonymousMemory { master })
+        }
+    })
+}
+
+/// A shared read-write mapping of all of `fd`.
+pub(super) fn map_whole(fd: &OwnedFd, size: u64) -> Result<Mapping, GmemError> {
+    Mapping::new(
+        size as usize,
+        libc::PROT_READ | libc::PROT_WRITE,
+        libc::MAP_SHARED,
+        Some(fd),
+        0,
+    )
+    .map_err(GmemError::os("mmap"))
+}
+
+fn fallocate(fd: &OwnedFd, mode: i32, start: u64, end: u64) -> Result<(), GmemError> {
+    sys::fallocate(fd, mode, start, end - start).map_err(GmemError::os("fallocate"))
+}
+
+const PUNCH: i32 = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE;
+
+/// Maps `[offset, offset + len)` of `fd` at the start of `view`.
+fn map_file_view(view: &Mapping, fd: &OwnedFd, offset: u64, len: u64) -> Result<(), GmemError> {
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: the start of the caller's fresh reservation.
+    unsafe {
+        sys::map_fixed(
+            view.addr(),
+            len as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            fd,
+            offset,
+        )
+    }
+    .map_err(GmemError::os("mmap"))
+}
+
+/// Zeroes `[start, end)` of an internal mapping.
+fn zero(master: &Mapping, start: u64, end: u64) {
+    // SAFETY: inside the internal read-write mapping of the whole file;
+    // guest memory is reached through raw pointers only.
+    unsafe { std::ptr::write_bytes(master.addr().add(start as usize), 0, (end - start) as usize) };
+}
+
+/// KVM guest_memfd: the kernel answers every file operation.
+#[derive(Debug)]
+struct KvmFile {
+    fd: OwnedFd,
+    vm: Arc<dyn GuestMemfdVm>,
+}
+
+impl Storage for KvmFile {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Kvm
+    }
+
+    fn fd(&self) -> Option<&OwnedFd> {
+        Some(&self.fd)
+    }
+
+    fn vm(&self) -> Option<&Arc<dyn GuestMemfdVm>> {
+        Some(&self.vm)
+    }
+
+    fn kernel_file(&self) -> Option<&OwnedFd> {
+        Some(&self.fd)
+    }
+
+    fn allocate(&self, _: &Inner, _: &FileState, start: u64, end: u64) -> Result<(), GmemError> {
+        fallocate(&self.fd, libc::FALLOC_FL_KEEP_SIZE, start, end)
+    }
+
+    fn punch(&self, _: &Inner, _: &FileState, start: u64, end: u64) -> Result<(), GmemError> {
+        fallocate(&self.fd, PUNCH, start, end)
+    }
+
+    fn map_view(
+        &self,
+        _: &Inner,
+        view: &Mapping,
+        offset: u64,
+        len: u64,
+        map_flags: i32,
+    ) -> Result<(), GmemError> {
+        let prot = libc::PROT_READ | libc::PROT_WRITE;
+        // SAFETY: the whole of the caller's fresh reservation; the kernel
+        // applies guest_memfd's rules to the flags.
+        unsafe {
+            sys::map_fixed_flags(view.addr(), len as usize, prot, map_flags, &self.fd, offset)
+        }
+        .map_err(GmemError::os("mmap"))
+    }
+
+    unsafe fn map_memory(
+        &self,
+        _: &Inner,
+        _: &FileState,
+        addr: *mut u8,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), GmemError> {
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        // SAFETY: guaranteed by the caller.
+        unsafe { sys::map_fixed(addr, len as usize, rw, &self.fd, offset) }
+            .map_err(GmemError::os("mmap(MAP_FIXED)"))
+    }
+}
+
+/// A memfd (shmem).
+#[derive(Debug)]
+struct MemfdFile {
+    fd: OwnedFd,
+}
+
+impl Storage for MemfdFile {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Memfd
+    }
+
+    fn fd(&self) -> Option<&OwnedFd> {
+        Some(&self.fd)
+    }
+
+    fn allocate(&self, _: &Inner, _: &FileState, start: u64, end: u64) -> Result<(), GmemError> {
+        fallocate(&self.fd, libc::FALLOC_FL_KEEP_SIZE, start, end)
+    }
+
+    fn punch(&self, _: &Inner, _: &FileState, start: u64, end: u64) -> Result<(), GmemError> {
+        fallocate(&self.fd, PUNCH, start, end)
+    }
+
+    fn map_view(
+        &self,
+        _: &Inner,
+        view: &Mapping,
+        offset: u64,
+        len: u64,
+        _: i32,
+    ) -> Result<(), GmemError> {
+        map_file_view(view, &self.fd, offset, len)
+    }
+
+    unsafe fn map_memory(
+        &self,
+        _: &Inner,
+        _: &FileState,
+        addr: *mut u8,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), GmemError> {
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        // SAFETY: guaranteed by the caller.
+        unsafe { sys::map_fixed(addr, len as usize, rw, &self.fd, offset) }
+            .map_err(GmemError::os("mmap(MAP_FIXED)"))
+    }
+}
+
+/// A HugeTLB memfd, reserved whole at creation; huge pages that become
+/// mixed move to a 4 KiB split backing (see `hugetlb.rs`).
+#[derive(Debug)]
+pub(super) struct HugetlbFile {
+    fd: OwnedFd,
+    master: Mapping,
+}
+
+fn create_hugetlb(config: GmemConfig, granule: u64) -> Result<(OwnedFd, Mapping), GmemError> {
+    let needed = config.size / granule;
+    let pool = HugetlbPool::read(granule);
+    let shortfall = |pool: Option<HugetlbPool>| GmemError::HugetlbShortfall {
+        pool: pool.as_ref().map_or_else(
+            || format!("hugepages-{}kB", granule >> 10),
+            |p| p.name.clone(),
+        ),
+        needed,
+        free: pool.map_or(0, |p| p.available),
+    };
+    if pool.as_ref().is_none_or(|p| p.available < needed) {
+        return Err(shortfall(pool));
+    }
+    let log2 = u32::from(config.huge_page_size_log2);
+    let flags = libc::MFD_CLOEXEC | libc::MFD_HUGETLB | (log2 << libc::MFD_HUGE_SHIFT);
+    let name = CString::new("mmukit-gmem-hugetlb").expect("no NUL");
+    let fd = sys::memfd_create(&name, flags).map_err(GmemError::os("memfd_create"))?;
+    sys::ftruncate(&fd, config.size).map_err(GmemError::os("ftruncate"))?;
+    // A shared mapping without MAP_NORESERVE reserves every huge page of the
+    // file now, so that no later fault can fail.
+    let master = map_whole(&fd, config.size).map_err(|err| match err.errno() {
+        libc::ENOMEM => shortfall(HugetlbPool::read(granule)),
+        _ => err,
+    })?;
+    Ok((fd, master))
+}
+
+impl Storage for HugetlbFile {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Hugetlb
+    }
+
+    fn fd(&self) -> Option<&OwnedFd> {
+        Some(&self.fd)
+    }
+
+    fn master(&self) -> Option<&Mapping> {
+        Some(&self.master)
+    }
+
+    fn allocate(
+        &self,
+        file: &Inner,
+        state: &FileState,
+        start: u64,
+        end: u64,
+    ) -> Result<(), GmemError> {
+        fallocate(&self.fd, libc::FALLOC_FL_KEEP_SIZE, start, end)?;
+        if let Some(backing) = &state.split_backing {
+            for &huge in &state.split {
+                let (hs, he) = (huge * file.granule, (huge + 1) * file.granule);
+                let (s, e) = (start.max(hs), end.min(he));
+                if s < e {
+                    fallocate(&backing.fd, libc::FALLOC_FL_KEEP_SIZE, s, e)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Split huge pages: punch their 4 KiB backing. Whole huge pages are
+    /// zeroed in place, so that they stay reserved and no later fault can
+    /// fail.
+    fn punch(
+        &self,
+        file: &Inner,
+        state: &FileState,
+        start: u64,
+        end: u64,
+    ) -> Result<(), GmemError> {
+        let mut at = start;
+        while at < end {
+            let huge = at / file.granule;
+            let next = ((huge + 1) * file.granule).min(end);
+            match (&state.split_backing, state.split.contains(&huge)) {
+                (Some(backing), true) => fallocate(&backing.fd, PUNCH, at, next)?,
+                _ => zero(&self.master, at, next),
+            }
+            at = next;
+        }
+        Ok(())
+    }
+
+    /// hugetlbfs grows a file that is mapped past its end: only the part
+    /// inside it is mapped; the rest is left to the fault source.
+    fn map_view(
+        &self,
+        file: &Inner,
+        view: &Mapping,
+        offset: u64,
+        len: u64,
+        _: i32,
+    ) -> Result<(), GmemError> {
+        let inside = len.min(file.size.saturating_sub(offset));
+        map_file_view(view, &self.fd, offset, inside)
+    }
+
+    unsafe fn map_memory(
+        &self,
+        file: &Inner,
+        state: &FileState,
+        addr: *mut u8,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), GmemError> {
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        let mut at = offset;
+        while at < offset + len {
+            let huge = at / file.granule;
+            let next = ((huge + 1) * file.granule).min(offset + len);
+            let target = addr.wrapping_add((at - offset) as usize);
+            let fd = match (&state.split_backing, state.split.contains(&huge)) {
+                (Some(backing), true) => &backing.fd,
+                // Pages of a huge page that is not split share its
+                // attribute, so the run covers it whole.
+                _ => {
+                    debug_assert!(at.is_multiple_of(file.granule) && next - at == file.granule);
+                    &self.fd
+                }
+            };
+            // SAFETY: inside the caller's range.
+            unsafe { sys::map_fixed(target, (next - at) as usize, rw, fd, at) }
+                .map_err(GmemError::os("mmap(MAP_FIXED)"))?;
+            at = next;
+        }
+        Ok(())
+    }
+
+    fn faults_past_end(&self) -> bool {
+        false
+    }
+}
+
+/// memfd_secret: pages out of the kernel's direct map, with no hole
+/// punching and no `MADV_POPULATE_WRITE`.
+#[derive(Debug)]
+struct SecretFile {
+    fd: OwnedFd,
+    master: Mapping,
+}
+
+impl Storage for SecretFile {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Secret
+    }
+
+    fn fd(&self) -> Option<&OwnedFd> {
+        Some(&self.fd)
+    }
+
+    fn master(&self) -> Option<&Mapping> {
+        Some(&self.master)
+    }
+
+    fn allocate(&self, _: &Inner, _: &FileState, start: u64, end: u64) -> Result<(), GmemError> {
+        crate::prefault::touch_pages(self.master.addr() as usize + start as usize, end - start);
+        Ok(())
+    }
+
+    fn punch(&self, _: &Inner, _: &FileState, start: u64, end: u64) -> Result<(), GmemError> {
+        zero(&self.master, start, end);
+        Ok(())
+    }
+
+    fn map_view(
+        &self,
+        _: &Inner,
+        view: &Mapping,
+        offset: u64,
+        len: u64,
+        _: i32,
+    ) -> Result<(), GmemError> {
+        map_file_view(view, &self.fd, offset, len)
+    }
+
+    unsafe fn map_memory(
+        &self,
+        _: &Inner,
+        _: &FileState,
+        addr: *mut u8,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), GmemError> {
+        let rw = libc::PROT_READ | libc::PROT_WRITE;
+        // SAFETY: guaranteed by the caller.
+        unsafe { sys::map_fixed(addr, len as usize, rw, &self.fd, offset) }
+            .map_err(GmemError::os("mmap(MAP_FIXED)"))
+    }
+
+    fn populates_by_touch(&self) -> bool {
+        true
+    }
+}
+
+/// Shared anonymous memory: views are second mappings of the same pages.
+#[derive(Debug)]
+struct AnonymousMemory {
+    master: Mapping,
+}
+
+impl Storage for AnonymousMemory {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Anonymous
+    }
+
+    fn fd(&self) -> Option<&OwnedFd> {
+        None
+    }
+
+    fn master(&self) -> Option<&Mapping> {
+        Some(&self.master)
+    }
+
+    fn allocate(&self, _: &Inner, _: &FileState, start: u64, end: u64) -> Result<(), GmemError> {
+        // SAFETY: inside the internal mapping; populating does not change
+        // contents.
+        unsafe {
+            sys::madvise(
+                self.master.addr().add(start as usize),
+                (end - start) as usize,
+                libc::MADV_POPULATE_WRITE,
+            )
+        }
+        .map_err(GmemError::os("madvise(MADV_POPULATE_WRITE)"))
+    }
+
+    fn punch(&self, _: &Inner, _: &FileState, start: u64, end: u64) -> Result<(), GmemError> {
+        // SAFETY: inside the internal mapping; dropping the pages is the
+        // point, and readers go through raw pointers only.
+        unsafe {
+            sys::madvise(
+                self.master.addr().add(start as usize),
+                (end - start) as usize,
+                libc::MADV_REMOVE,
+            )
+        }
+        .map_err(GmemError::os("madvise(MADV_REMOVE)"))
+    }
+
+    /// A second mapping of the same pages (mremap with an old size of 0);
+    /// any part past the end is left to the fault source.
+    fn map_view(
+        &self,
+        file: &Inner,
+        view: &Mapping,
+        offset: u64,
+        len: u64,
+        _: i32,
+    ) -> Result<(), GmemError> {
+        let inside = len.min(file.size.saturating_sub(offset));
+        if inside == 0 {
+            return Ok(());
+        }
+        // SAFETY: the source is the shared internal mapping; the target is
+        // the start of the caller's fresh reservation.
+        unsafe {
+            sys::mremap_alias(
+                self.master.addr().add(offset as usize),
+                inside as usize,
+                view.addr(),
+            )
+        }
+        .map_err(GmemError::os("mremap"))
+    }
+
+    unsafe fn map_memory(
+        &self,
+        _: &Inner,
+        _: &FileState,
+        addr: *mut u8,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), GmemError> {
+        // SAFETY: the source is the shared internal mapping; the target is
+        // guaranteed by the caller.
+        unsafe { sys::mremap_alias(self.master.addr().add(offset as usize), len as usize, addr) }
+            .map_err(GmemError::os("mremap"))
+    }
+
+    fn faults_past_end(&self) -> bool {
+        false
+    }
+}
