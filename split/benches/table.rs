@@ -5,6 +5,7 @@
 //! on and off. `MMUKIT_BENCH_GIB` sets the slot size (default 16).
 //! Run with `cargo bench -p split --bench table`.
 
+use split::{Gfn, Gpa, Pfn};
 use std::sync::{Arc, Barrier};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -39,7 +40,7 @@ fn new_mmu(gib: u64, eager: bool, host_base_pfn: u64) -> TdpMmu {
         },
     )
     .unwrap();
-    mmu.add_memslot(Memslot::new(0, 0, gib << 18, host_base_pfn).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(0), gib << 18, Pfn(host_base_pfn)).unwrap())
         .unwrap();
     mmu
 }
@@ -47,7 +48,7 @@ fn new_mmu(gib: u64, eager: bool, host_base_pfn: u64) -> TdpMmu {
 fn populate(mmu: &TdpMmu, gib: u64, step: u64) {
     let mut caches = mmu.new_vcpu_caches();
     for gpa in (0..gib << 30).step_by(step as usize) {
-        mmu.fault(&mut caches, gpa, true).unwrap();
+        mmu.fault(&mut caches, Gpa(gpa), true).unwrap();
     }
 }
 
@@ -72,10 +73,12 @@ fn split_row(name: &str, gib: u64, leaf: Level) {
     let host_base_pfn = (1 << 30) + if leaf == Level::L2M { 512 } else { 0 };
     let mmu = new_mmu(gib, true, host_base_pfn);
     populate(&mmu, gib, leaf.entry_bytes());
-    assert_eq!(mmu.translate(0).unwrap().level, leaf);
+    assert_eq!(mmu.translate(Gpa(0)).unwrap().level, leaf);
     let tables_before = mmu.live_tables();
     let start = Instant::now();
-    let splits = mmu.split_huge_pages(0, gib << 18, Level::L4K).unwrap();
+    let splits = mmu
+        .split_huge_pages(Gfn(0), Gfn(gib << 18), Level::L4K)
+        .unwrap();
     let elapsed = start.elapsed();
     let tables = mmu.live_tables() - tables_before;
     assert_eq!(splits as usize, tables);
@@ -95,7 +98,7 @@ fn shadow_split_row(gib: u64) {
     let pool = warm_pool((gib as usize) * 530);
     let mmu = ShadowMmu::new(pool.for_kind(), ShadowConfig::default()).unwrap();
     let npages = gib << 18;
-    mmu.add_memslot(Memslot::new(0, 0, npages, (1 << 30) + 512).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(0), npages, Pfn((1 << 30) + 512)).unwrap())
         .unwrap();
     let guest = Arc::new(GuestEpt::new(4, 1 << 36..(1 << 36) + 4096).unwrap());
     for gfn in (0..npages).step_by(512) {
@@ -104,11 +107,18 @@ fn shadow_split_row(gib: u64) {
     let mut vcpu = Vcpu::new(0, guest);
     let mut caches = mmu.new_caches();
     for gfn in (0..npages).step_by(512) {
-        mmu.fault(&mut caches, &mut vcpu, gfn << 12, split::AccessKind::Write)
-            .unwrap();
+        mmu.fault(
+            &mut caches,
+            &mut vcpu,
+            Gpa(gfn << 12),
+            split::AccessKind::Write,
+        )
+        .unwrap();
     }
     let start = Instant::now();
-    let tables = mmu.split_huge_pages(0, npages, Level::L4K).unwrap() as usize;
+    let tables = mmu
+        .split_huge_pages(Gfn(0), Gfn(npages), Level::L4K)
+        .unwrap() as usize;
     let elapsed = start.elapsed();
     assert_eq!(mmu.page_stats().pages_4k, npages);
     let bound = memset_bound(tables);
@@ -134,7 +144,7 @@ fn dirty_pass(mmu: &Arc<TdpMmu>, gib: u64) -> Duration {
                 let share = npages / VCPUS;
                 barrier.wait();
                 for gfn in id * share..(id + 1) * share {
-                    mmu.write(&mut caches, gfn << 12).unwrap();
+                    mmu.write(&mut caches, Gpa(gfn << 12)).unwrap();
                 }
             })
         })

@@ -9,6 +9,7 @@ use std::sync::Arc;
 
 use mmu_cache::{PageKind, PagePool};
 
+use crate::addr::{Gfn, Hpa};
 use crate::ept::{Entry, Level};
 
 /// The hook an error came from.
@@ -118,9 +119,9 @@ impl PageKind for ExternalTablePage {}
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct TableRef {
     /// The MMU's table page.
-    pub hpa: u64,
+    pub hpa: Hpa,
     /// The external page (see [`ExternalPageTable::external_tables`]).
-    pub external: Option<u64>,
+    pub external: Option<Hpa>,
 }
 
 /// What an operation is about to need, told to the hooks before the MMU
@@ -198,7 +199,7 @@ pub trait ExternalPageTable: Send + Sync {
     /// `vcpu`.
     fn link_table(
         &self,
-        gfn: u64,
+        gfn: Gfn,
         level: Level,
         table: TableRef,
         vcpu: Option<&mut dyn HookVcpuState>,
@@ -211,7 +212,7 @@ pub trait ExternalPageTable: Send + Sync {
     /// the vCPU whose state is `vcpu`.
     fn set_leaf(
         &self,
-        gfn: u64,
+        gfn: Gfn,
         level: Level,
         entry: Entry,
         vcpu: Option<&mut dyn HookVcpuState>,
@@ -221,7 +222,7 @@ pub trait ExternalPageTable: Send + Sync {
     }
 
     /// The leaf `old` for `gfn` at `level` is being removed.
-    fn remove_leaf(&self, gfn: u64, level: Level, old: Entry) -> Result<(), HookError> {
+    fn remove_leaf(&self, gfn: Gfn, level: Level, old: Entry) -> Result<(), HookError> {
         let _ = (gfn, level, old);
         Ok(())
     }
@@ -229,7 +230,7 @@ pub trait ExternalPageTable: Send + Sync {
     /// `table`, linked for `gfn` at `level`, is being freed (its entries
     /// are already gone). On an error the MMU keeps the table linked, or,
     /// at teardown, keeps the external page out of the allocator (leaked).
-    fn free_table(&self, gfn: u64, level: Level, table: TableRef) -> Result<(), HookError> {
+    fn free_table(&self, gfn: Gfn, level: Level, table: TableRef) -> Result<(), HookError> {
         let _ = (gfn, level, table);
         Ok(())
     }
@@ -239,7 +240,7 @@ pub trait ExternalPageTable: Send + Sync {
     /// the caller holds the MMU lock for write.
     fn split_leaf(
         &self,
-        gfn: u64,
+        gfn: Gfn,
         level: Level,
         old: Entry,
         new_table: TableRef,

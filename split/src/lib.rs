@@ -10,6 +10,9 @@
 //!   compare-and-exchange, zap, translate, page stats, dirty logging (classic
 //!   and manual-protect with "initially set"), eager and boundary splits.
 //! - [`Memslot`]: guest frame ranges and their dirty bitmaps.
+//! - [`addr`]: typed addresses ([`Gfn`], [`Gpa`], [`Hpa`], [`Pfn`]), so a
+//!   guest frame cannot be passed where a guest address or a host page is
+//!   meant.
 //! - [`ExternalPageTable`]: hooks that keep an external copy of the tree
 //!   (the TDX S-EPT) identical to the MMU's.
 //! - [`shadow::ShadowMmu`]: the shadow MMU for nested TDP, which combines a
@@ -22,26 +25,27 @@
 //! tops up and resumes.
 //!
 //! ```
-//! use split::{LogMode, Memslot, MmuConfig, TdpMmu};
+//! use split::{Gfn, Gpa, LogMode, Memslot, MmuConfig, Pfn, TdpMmu};
 //! use mmu_cache::{PagePool, alloc::ChunkAllocator};
 //!
 //! let mmu = TdpMmu::new(PagePool::new(ChunkAllocator::anonymous()), MmuConfig::default())?;
 //! // 8 MiB of guest memory at gpa 0, on host frames from 0x100000.
-//! mmu.add_memslot(Memslot::new(0, 0, 2048, 0x100000)?)?;
+//! mmu.add_memslot(Memslot::new(0, Gfn(0), 2048, Pfn(0x100000))?)?;
 //! let mut vcpu = mmu.new_vcpu_caches();
 //! for gpa in (0..8 << 20).step_by(2 << 20) {
-//!     mmu.write(&mut vcpu, gpa)?;
+//!     mmu.write(&mut vcpu, Gpa(gpa))?;
 //! }
 //! assert_eq!(mmu.page_stats().pages_2m, 4);
 //!
 //! mmu.enable_dirty_logging(0, LogMode::Classic)?;
 //! assert_eq!(mmu.page_stats().pages_4k, 2048);
-//! mmu.write(&mut vcpu, 0x5000)?;
+//! mmu.write(&mut vcpu, Gpa(0x5000))?;
 //! let log = mmu.get_dirty_log(0)?;
 //! assert_eq!(log[0], 1 << 5);
 //! # Ok::<(), split::MmuError>(())
 //! ```
 
+pub mod addr;
 pub mod ept;
 pub mod guest;
 pub mod hooks;
@@ -51,6 +55,7 @@ pub mod shadow;
 pub mod tdp;
 pub mod translation;
 
+pub use addr::{Gfn, Gpa, Hpa, Pfn};
 pub use ept::{AccessKind, Entry, EptCaps, EptError, Level, MemType};
 pub use hooks::{
     ExternalPageTable, ExternalTablePage, HookCause, HookError, HookOp, HookVcpuState, NoExternal,

@@ -3,6 +3,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use crate::addr::{Gfn, Pfn};
 use crate::ept::Level;
 
 /// Errors of memory slots.
@@ -15,12 +16,12 @@ pub enum MemslotError {
         id: u32,
     },
     /// The slot's range overflows the guest physical address space.
-    #[error("memslot {id}: gfn range {base_gfn:#x} + {npages:#x} overflows")]
+    #[error("memslot {id}: {base_gfn} + {npages:#x} pages overflows")]
     Overflow {
         /// The slot id.
         id: u32,
         /// First guest frame.
-        base_gfn: u64,
+        base_gfn: Gfn,
         /// Number of pages.
         npages: u64,
     },
@@ -72,9 +73,9 @@ pub enum LogMode {
 #[derive(Debug)]
 pub struct Memslot {
     id: u32,
-    base_gfn: u64,
+    base_gfn: Gfn,
     npages: u64,
-    host_base_pfn: u64,
+    host_base_pfn: Pfn,
     logging: AtomicBool,
     manual: AtomicBool,
     bitmap: Vec<AtomicU64>,
@@ -85,9 +86,9 @@ impl Memslot {
     /// from `host_base_pfn` (no host memory is touched: frames are numbers).
     pub fn new(
         id: u32,
-        base_gfn: u64,
+        base_gfn: Gfn,
         npages: u64,
-        host_base_pfn: u64,
+        host_base_pfn: Pfn,
     ) -> Result<Self, MemslotError> {
         if npages == 0 {
             return Err(MemslotError::Empty { id });
@@ -99,7 +100,7 @@ impl Memslot {
         };
         let end = base_gfn.checked_add(npages).ok_or(overflow.clone())?;
         host_base_pfn.checked_add(npages).ok_or(overflow.clone())?;
-        if end > 1 << 45 {
+        if end.0 > 1 << 45 {
             return Err(overflow);
         }
         Ok(Self {
@@ -121,7 +122,7 @@ impl Memslot {
     }
 
     /// First guest frame.
-    pub fn base_gfn(&self) -> u64 {
+    pub fn base_gfn(&self) -> Gfn {
         self.base_gfn
     }
 
@@ -131,24 +132,24 @@ impl Memslot {
     }
 
     /// One past the last guest frame.
-    pub fn end_gfn(&self) -> u64 {
+    pub fn end_gfn(&self) -> Gfn {
         self.base_gfn + self.npages
     }
 
     /// Whether `gfn` is in the slot.
-    pub fn contains(&self, gfn: u64) -> bool {
+    pub fn contains(&self, gfn: Gfn) -> bool {
         (self.base_gfn..self.end_gfn()).contains(&gfn)
     }
 
     /// The host frame `gfn` maps to.
-    pub fn host_pfn(&self, gfn: u64) -> u64 {
+    pub fn host_pfn(&self, gfn: Gfn) -> Pfn {
         debug_assert!(self.contains(gfn));
         self.host_base_pfn + (gfn - self.base_gfn)
     }
 
     /// The guest frame that host frame `pfn` backs, if this slot maps it.
-    pub fn gfn_of_host_pfn(&self, pfn: u64) -> Option<u64> {
-        let offset = pfn.checked_sub(self.host_base_pfn)?;
+    pub fn gfn_of_host_pfn(&self, pfn: Pfn) -> Option<Gfn> {
+        let offset = pfn.0.checked_sub(self.host_base_pfn.0)?;
         (offset < self.npages).then(|| self.base_gfn + offset)
     }
 
@@ -160,13 +161,14 @@ impl Memslot {
 
     /// The largest leaf level that may map `gfn`: the aligned region must
     /// lie inside the slot and the host frames must share its alignment.
-    pub fn max_level(&self, gfn: u64) -> Level {
+    pub fn max_level(&self, gfn: Gfn) -> Level {
         for level in [Level::L1G, Level::L2M] {
             let pages = level.entry_pages();
-            let start = gfn & !(pages - 1);
+            let start = gfn.align_down(pages);
             let host_aligned = self
                 .host_base_pfn
-                .wrapping_sub(self.base_gfn)
+                .0
+                .wrapping_sub(self.base_gfn.0)
                 .is_multiple_of(pages);
             if host_aligned && start >= self.base_gfn && start + pages <= self.end_gfn() {
                 return level;
@@ -215,7 +217,7 @@ impl Memslot {
     }
 
     /// Marks `gfn` dirty.
-    pub(crate) fn mark_dirty(&self, gfn: u64) {
+    pub(crate) fn mark_dirty(&self, gfn: Gfn) {
         let page = gfn - self.base_gfn;
         self.bitmap[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Relaxed);
     }
@@ -296,15 +298,15 @@ impl ClearedWord {
     /// The guest frames from the first to the last cleared page (the range
     /// the kernel splits and write-protects: `__ffs(mask)` to `__fls(mask)`),
     /// for a slot starting at `base_gfn`.
-    pub(crate) fn gfn_range(self, base_gfn: u64) -> std::ops::Range<u64> {
-        let first = base_gfn + self.first_page;
+    pub(crate) fn gfn_range(self, base_gfn: Gfn) -> std::ops::Range<u64> {
+        let first = base_gfn.0 + self.first_page;
         first + u64::from(self.bits.trailing_zeros())
             ..first + 64 - u64::from(self.bits.leading_zeros())
     }
 
     /// Whether the page at guest frame `gfn` is among the cleared ones.
-    pub(crate) fn has(self, base_gfn: u64, gfn: u64) -> bool {
-        let page = gfn.wrapping_sub(base_gfn + self.first_page);
+    pub(crate) fn has(self, base_gfn: Gfn, gfn: u64) -> bool {
+        let page = gfn.wrapping_sub(base_gfn.0 + self.first_page);
         page < 64 && self.bits & (1 << page) != 0
     }
 }

@@ -1,6 +1,7 @@
 //! What a walk of an MMU's tree finds, shared by the TDP and shadow MMUs:
 //! a translation, the outcome of a software access, and leaf counts.
 
+use crate::addr::Hpa;
 use crate::ept::{Entry, Level};
 
 /// Leaf counts, as `KVM_GET_STATS` reports them.
@@ -18,7 +19,7 @@ pub struct PageStats {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Translation {
     /// The host physical address of the guest address.
-    pub hpa: u64,
+    pub hpa: Hpa,
     /// The leaf's R/W/X bits.
     pub perms: u64,
     /// The leaf's memory type field.
@@ -33,7 +34,7 @@ pub struct Translation {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Access {
     /// Served by the tree; the host physical address.
-    Hit(u64),
+    Hit(Hpa),
     /// Needs a fault: not mapped, or a write to a write-protected leaf.
     Miss,
 }

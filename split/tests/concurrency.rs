@@ -3,6 +3,7 @@
 
 mod common;
 
+use split::{Gfn, Gpa, Hpa, Pfn};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Barrier};
 use std::thread;
@@ -19,7 +20,7 @@ const VCPUS: u64 = 2;
 fn writes_during_dirty_log_harvests_are_never_lost() {
     let (counting, mmu) = mmu(MmuConfig::default());
     let mmu = Arc::new(mmu);
-    mmu.add_memslot(Memslot::new(0, 0, NPAGES, 0x80000).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(0), NPAGES, Pfn(0x80000)).unwrap())
         .unwrap();
     // Per page: the sequence number of the last write, and of the last write
     // seen in a harvested log.
@@ -39,8 +40,8 @@ fn writes_during_dirty_log_harvests_are_never_lost() {
                 while !stop.load(Ordering::Relaxed) {
                     pass += 1;
                     for gfn in id * share..(id + 1) * share {
-                        let hpa = mmu.write(&mut caches, gfn << 12).unwrap();
-                        assert_eq!(hpa, (0x80000 + gfn) << 12);
+                        let hpa = mmu.write(&mut caches, Gpa(gfn << 12)).unwrap();
+                        assert_eq!(hpa, Hpa((0x80000 + gfn) << 12));
                         written[gfn as usize].store(pass, Ordering::Release);
                     }
                 }
@@ -87,7 +88,7 @@ fn writes_during_dirty_log_harvests_are_never_lost() {
     let mut caches = mmu.new_vcpu_caches();
     let subset: Vec<u64> = (0..NPAGES).step_by(13).collect();
     for &gfn in &subset {
-        mmu.write(&mut caches, gfn << 12).unwrap();
+        mmu.write(&mut caches, Gpa(gfn << 12)).unwrap();
     }
     let log = mmu.get_dirty_log(0).unwrap();
     let logged_now: Vec<u64> = (0..NPAGES)

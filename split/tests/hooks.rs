@@ -3,6 +3,7 @@
 
 mod common;
 
+use split::{Gfn, Gpa, Hpa, Pfn};
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
@@ -30,8 +31,8 @@ struct Injected(Op);
 
 #[derive(Default)]
 struct MirrorState {
-    leaves: HashMap<(u64, u8), Entry>,
-    tables: HashSet<(u64, u8, u64)>,
+    leaves: HashMap<(Gfn, u8), Entry>,
+    tables: HashSet<(Gfn, u8, Hpa)>,
     /// Fail `op` this many more times, with Busy or Refused.
     fail: Option<(Op, u32, bool)>,
     calls: Vec<Op>,
@@ -76,7 +77,7 @@ impl Mirror {
         Ok(())
     }
 
-    fn leaves(&self) -> HashMap<(u64, u8), Entry> {
+    fn leaves(&self) -> HashMap<(Gfn, u8), Entry> {
         self.state().leaves.clone()
     }
 
@@ -85,8 +86,8 @@ impl Mirror {
     }
 
     /// The address of the 4K-level table linked for `gfn`'s 2 MiB region.
-    fn leaf_table(&self, gfn: u64) -> Option<u64> {
-        let region = gfn & !511;
+    fn leaf_table(&self, gfn: Gfn) -> Option<Hpa> {
+        let region = gfn.align_down(512);
         self.state()
             .tables
             .iter()
@@ -98,7 +99,7 @@ impl Mirror {
 impl ExternalPageTable for Mirror {
     fn link_table(
         &self,
-        gfn: u64,
+        gfn: Gfn,
         level: Level,
         table: TableRef,
         _vcpu: Option<&mut dyn HookVcpuState>,
@@ -110,7 +111,7 @@ impl ExternalPageTable for Mirror {
 
     fn set_leaf(
         &self,
-        gfn: u64,
+        gfn: Gfn,
         level: Level,
         entry: Entry,
         _vcpu: Option<&mut dyn HookVcpuState>,
@@ -121,14 +122,14 @@ impl ExternalPageTable for Mirror {
         Ok(())
     }
 
-    fn remove_leaf(&self, gfn: u64, level: Level, old: Entry) -> Result<(), HookError> {
+    fn remove_leaf(&self, gfn: Gfn, level: Level, old: Entry) -> Result<(), HookError> {
         self.check(Op::RemoveLeaf)?;
         let removed = self.state().leaves.remove(&(gfn, level.get()));
         assert_eq!(removed.map(|e| e.addr(level)), Some(old.addr(level)));
         Ok(())
     }
 
-    fn free_table(&self, gfn: u64, level: Level, table: TableRef) -> Result<(), HookError> {
+    fn free_table(&self, gfn: Gfn, level: Level, table: TableRef) -> Result<(), HookError> {
         self.check(Op::FreeTable)?;
         assert!(
             self.state().tables.remove(&(gfn, level.get(), table.hpa)),
@@ -139,7 +140,7 @@ impl ExternalPageTable for Mirror {
 
     fn split_leaf(
         &self,
-        gfn: u64,
+        gfn: Gfn,
         level: Level,
         old: Entry,
         new_table: TableRef,
@@ -173,7 +174,7 @@ fn mirrored_mmu_with(
     let mirror = Mirror::default();
     let mmu = TdpMmu::with_hooks(pool, config, Arc::new(mirror.clone())).unwrap();
     // 8 MiB at gpa 0.
-    mmu.add_memslot(Memslot::new(0, 0, 2048, 0x40000).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(0), 2048, Pfn(0x40000)).unwrap())
         .unwrap();
     (counting, mirror, mmu)
 }
@@ -189,7 +190,7 @@ fn assert_identical(mirror: &Mirror, mmu: &TdpMmu) {
     );
     for (&(gfn, level), &entry) in &leaves {
         let t = mmu
-            .translate(gfn << 12)
+            .translate(gfn.gpa())
             .expect("mirror leaf not in the MMU");
         assert_eq!(t.level.get(), level);
         assert_eq!(t.entry.addr(t.level), entry.addr(t.level), "gfn {gfn:#x}");
@@ -203,17 +204,17 @@ fn the_mirror_follows_faults_splits_and_zaps() {
     let (_, mirror, mmu) = mirrored_mmu();
     let mut vcpu = mmu.new_vcpu_caches();
     for gpa in (0..8u64 << 20).step_by(2 << 20) {
-        mmu.fault(&mut vcpu, gpa, true).unwrap();
+        mmu.fault(&mut vcpu, Gpa(gpa), true).unwrap();
     }
     assert_identical(&mirror, &mmu);
-    mmu.split_huge_pages(0, 1024, Level::L4K).unwrap();
+    mmu.split_huge_pages(Gfn(0), Gfn(1024), Level::L4K).unwrap();
     assert_identical(&mirror, &mmu);
-    mmu.zap_range(0, 512).unwrap();
+    mmu.zap_range(Gfn(0), Gfn(512)).unwrap();
     assert_identical(&mirror, &mmu);
     mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
-    mmu.fault(&mut vcpu, 0x3000, true).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0x3000), true).unwrap();
     assert_identical(&mirror, &mmu);
-    mmu.zap_range(0, 2048).unwrap();
+    mmu.zap_range(Gfn(0), Gfn(2048)).unwrap();
     assert_identical(&mirror, &mmu);
     assert!(mirror.leaves().is_empty());
 }
@@ -222,11 +223,11 @@ fn the_mirror_follows_faults_splits_and_zaps() {
 fn a_refused_set_leaf_leaves_both_unchanged() {
     let (counting, mirror, mmu) = mirrored_mmu();
     let mut vcpu = mmu.new_vcpu_caches();
-    mmu.fault(&mut vcpu, 0, true).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0), true).unwrap();
     let stats = mmu.page_stats();
     let tables = mmu.live_tables();
     mirror.fail(Op::SetLeaf, 1, false);
-    let err = mmu.fault(&mut vcpu, 2 << 20, true).unwrap_err();
+    let err = mmu.fault(&mut vcpu, Gpa(2 << 20), true).unwrap_err();
     let MmuError::Hook(hook) = &err else {
         panic!("{err}")
     };
@@ -236,12 +237,12 @@ fn a_refused_set_leaf_leaves_both_unchanged() {
         matches!(hook.cause::<Injected>(), Some(Injected(Op::SetLeaf))),
         "the cause survives"
     );
-    assert_eq!(mmu.translate(2 << 20), None);
+    assert_eq!(mmu.translate(Gpa(2 << 20)), None);
     assert_eq!(mmu.page_stats(), stats);
     assert_eq!(mmu.live_tables(), tables);
     assert_identical(&mirror, &mmu);
     // The next attempt goes through.
-    mmu.fault(&mut vcpu, 2 << 20, true).unwrap();
+    mmu.fault(&mut vcpu, Gpa(2 << 20), true).unwrap();
     assert_identical(&mirror, &mmu);
     drop(vcpu);
     drop(mmu);
@@ -253,7 +254,7 @@ fn a_busy_hook_is_retried() {
     let (_, mirror, mmu) = mirrored_mmu();
     let mut vcpu = mmu.new_vcpu_caches();
     mirror.fail(Op::SetLeaf, 3, true);
-    mmu.fault(&mut vcpu, 0, true).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0), true).unwrap();
     assert_eq!(mmu.counters().retries, 3);
     assert_identical(&mirror, &mmu);
 }
@@ -263,11 +264,11 @@ fn a_refused_link_returns_the_table_page_and_links_nothing() {
     let (counting, mirror, mmu) = mirrored_mmu();
     let mut vcpu = mmu.new_vcpu_caches();
     mirror.fail(Op::Link, 1, false);
-    assert!(mmu.fault(&mut vcpu, 0x5000, true).is_err());
+    assert!(mmu.fault(&mut vcpu, Gpa(0x5000), true).is_err());
     assert_eq!(mmu.live_tables(), 0);
-    assert_eq!(mmu.translate(0x5000), None);
+    assert_eq!(mmu.translate(Gpa(0x5000)), None);
     assert_identical(&mirror, &mmu);
-    mmu.fault(&mut vcpu, 0x5000, true).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0x5000), true).unwrap();
     assert_identical(&mirror, &mmu);
     drop(vcpu);
     drop(mmu);
@@ -278,14 +279,17 @@ fn a_refused_link_returns_the_table_page_and_links_nothing() {
 fn a_refused_split_keeps_the_huge_leaf_in_both() {
     let (counting, mirror, mmu) = mirrored_mmu();
     let mut vcpu = mmu.new_vcpu_caches();
-    mmu.fault(&mut vcpu, 0, true).unwrap();
-    let before = mmu.translate(0x1000).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0), true).unwrap();
+    let before = mmu.translate(Gpa(0x1000)).unwrap();
     mirror.fail(Op::SplitLeaf, 1, false);
-    assert!(mmu.split_huge_pages(0, 512, Level::L4K).is_err());
-    assert_eq!(mmu.translate(0x1000), Some(before));
+    assert!(mmu.split_huge_pages(Gfn(0), Gfn(512), Level::L4K).is_err());
+    assert_eq!(mmu.translate(Gpa(0x1000)), Some(before));
     assert_eq!(mmu.page_stats().pages_2m, 1);
     assert_identical(&mirror, &mmu);
-    assert_eq!(mmu.split_huge_pages(0, 512, Level::L4K).unwrap(), 1);
+    assert_eq!(
+        mmu.split_huge_pages(Gfn(0), Gfn(512), Level::L4K).unwrap(),
+        1
+    );
     assert_identical(&mirror, &mmu);
     drop(vcpu);
     drop(mmu);
@@ -297,15 +301,15 @@ fn a_refused_remove_stops_the_zap_where_it_is() {
     let (_, mirror, mmu) = mirrored_mmu();
     let mut vcpu = mmu.new_vcpu_caches();
     for gpa in (0..8u64 << 20).step_by(2 << 20) {
-        mmu.fault(&mut vcpu, gpa, true).unwrap();
+        mmu.fault(&mut vcpu, Gpa(gpa), true).unwrap();
     }
     mirror.fail(Op::RemoveLeaf, 1, false);
-    assert!(mmu.zap_range(0, 2048).is_err());
+    assert!(mmu.zap_range(Gfn(0), Gfn(2048)).is_err());
     // Nothing was removed from either side.
     assert_eq!(mmu.page_stats().pages_2m, 4);
     assert_identical(&mirror, &mmu);
     // The whole address space: the now empty tables are freed too.
-    mmu.zap_range(0, 1 << 36).unwrap();
+    mmu.zap_range(Gfn(0), Gfn(1 << 36)).unwrap();
     assert_identical(&mirror, &mmu);
     assert_eq!(mmu.live_tables(), 0);
     assert!(mirror.state().calls.contains(&Op::FreeTable));
@@ -321,25 +325,29 @@ fn a_failing_lazy_split_leaves_both_trees_as_they_were() {
         ..MmuConfig::default()
     });
     let mut vcpu = mmu.new_vcpu_caches();
-    mmu.fault(&mut vcpu, 0, false).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0), false).unwrap();
     mmu.enable_dirty_logging(0, LogMode::ManualInitiallySet)
         .unwrap();
     mmu.clear_dirty_log(0, 0, &[1]).unwrap(); // write-protects the 2M leaf
-    let before = mmu.translate(0x5000).unwrap();
+    let before = mmu.translate(Gpa(0x5000)).unwrap();
     let tables = mmu.live_tables();
     mirror.fail(Op::SplitLeaf, 1, false);
-    let err = mmu.fault(&mut vcpu, 0x5000, true).unwrap_err();
+    let err = mmu.fault(&mut vcpu, Gpa(0x5000), true).unwrap_err();
     assert!(
         matches!(err, MmuError::Hook(HookError::Refused { .. })),
         "{err}"
     );
-    assert_eq!(mmu.translate(0x5000), Some(before), "the huge leaf stays");
+    assert_eq!(
+        mmu.translate(Gpa(0x5000)),
+        Some(before),
+        "the huge leaf stays"
+    );
     assert_eq!(mmu.live_tables(), tables);
     assert_eq!(mirror.leaves().len(), 1);
     assert_eq!(mirror.tables(), tables);
     assert!(!mirror.state().calls.contains(&Op::RemoveLeaf));
     mirror.fail(Op::SplitLeaf, 2, true);
-    mmu.fault(&mut vcpu, 0x5000, true).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0x5000), true).unwrap();
     assert_eq!(mmu.counters().lazy_splits, 1);
     assert_eq!(mirror.leaves().len(), 512, "all 512 children, in both");
     assert_eq!(mirror.state().exclusive_splits, vec![false]);
@@ -355,16 +363,16 @@ fn a_failing_lazy_split_leaves_both_trees_as_they_were() {
 fn a_refused_table_free_keeps_the_table_in_both() {
     let (_, mirror, mmu) = mirrored_mmu();
     let mut vcpu = mmu.new_vcpu_caches();
-    mmu.fault(&mut vcpu, 0, true).unwrap();
-    mmu.split_huge_pages(0, 512, Level::L4K).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0), true).unwrap();
+    mmu.split_huge_pages(Gfn(0), Gfn(512), Level::L4K).unwrap();
     let tables = mmu.live_tables();
     mirror.fail(Op::FreeTable, 1, false);
-    assert!(mmu.zap_range(0, 1 << 36).is_err());
+    assert!(mmu.zap_range(Gfn(0), Gfn(1 << 36)).is_err());
     assert_eq!(mmu.page_stats().pages_4k, 0, "the leaves went from both");
     assert!(mirror.leaves().is_empty());
     assert_eq!(mmu.live_tables(), tables, "the refused table stays linked");
     assert_eq!(mirror.tables(), tables);
-    mmu.zap_range(0, 1 << 36).unwrap();
+    mmu.zap_range(Gfn(0), Gfn(1 << 36)).unwrap();
     assert_eq!((mmu.live_tables(), mirror.tables()), (0, 0));
 }
 
@@ -374,9 +382,9 @@ fn a_refused_table_free_keeps_the_table_in_both() {
 fn a_refused_remove_while_disabling_dirty_logging_leaves_both_alike() {
     let (_, mirror, mmu) = mirrored_mmu();
     let mut vcpu = mmu.new_vcpu_caches();
-    mmu.fault(&mut vcpu, 0, true).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0), true).unwrap();
     mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
-    mmu.fault(&mut vcpu, 0x3000, true).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0x3000), true).unwrap();
     mirror.fail(Op::RemoveLeaf, 1, false);
     assert!(mmu.disable_dirty_logging(0).is_err());
     assert_identical(&mirror, &mmu);
@@ -388,7 +396,7 @@ fn a_refused_remove_while_disabling_dirty_logging_leaves_both_alike() {
 /// Hooks that ask for an external page per table and record them.
 #[derive(Default)]
 struct RecorderState {
-    live: HashSet<u64>,
+    live: HashSet<Hpa>,
     torn_down: bool,
     refused: u32,
     topups: u32,
@@ -421,7 +429,7 @@ impl ExternalPageTable for ExternalRecorder {
 
     fn link_table(
         &self,
-        _gfn: u64,
+        _gfn: Gfn,
         _level: Level,
         table: TableRef,
         _vcpu: Option<&mut dyn HookVcpuState>,
@@ -432,7 +440,7 @@ impl ExternalPageTable for ExternalRecorder {
         Ok(())
     }
 
-    fn free_table(&self, _gfn: u64, _level: Level, table: TableRef) -> Result<(), HookError> {
+    fn free_table(&self, _gfn: Gfn, _level: Level, table: TableRef) -> Result<(), HookError> {
         let mut state = self.state.lock().unwrap();
         // After teardown, refuse the first table: its page must be leaked.
         if state.torn_down && state.refused == 0 {
@@ -445,7 +453,7 @@ impl ExternalPageTable for ExternalRecorder {
 
     fn split_leaf(
         &self,
-        _gfn: u64,
+        _gfn: Gfn,
         _level: Level,
         _old: Entry,
         new_table: TableRef,
@@ -471,21 +479,21 @@ fn external_pages_follow_tables_and_a_refused_reclaim_leaks_one() {
     let hooks = ExternalRecorder::default();
     let mmu = TdpMmu::with_hooks(pool, MmuConfig::default(), Arc::new(hooks.clone())).unwrap();
     assert!(mmu.has_external_tables());
-    mmu.add_memslot(Memslot::new(0, 0, 4096, 0x40000).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(0), 4096, Pfn(0x40000)).unwrap())
         .unwrap();
     let mut vcpu = mmu.new_vcpu_caches();
-    mmu.fault(&mut vcpu, 0, true).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0), true).unwrap();
     assert_eq!(hooks.live(), mmu.live_tables());
     assert!(
         hooks.state.lock().unwrap().topups >= 1,
         "topped up before the lock"
     );
-    mmu.split_huge_pages(0, 4096, Level::L4K).unwrap();
+    mmu.split_huge_pages(Gfn(0), Gfn(4096), Level::L4K).unwrap();
     assert_eq!(hooks.live(), mmu.live_tables());
-    mmu.zap_range(0, 1 << 36).unwrap();
+    mmu.zap_range(Gfn(0), Gfn(1 << 36)).unwrap();
     assert_eq!((hooks.live(), mmu.live_tables()), (0, 0));
     for gpa in (0..16u64 << 20).step_by(2 << 20) {
-        mmu.fault(&mut vcpu, gpa, true).unwrap();
+        mmu.fault(&mut vcpu, Gpa(gpa), true).unwrap();
     }
     let tables = mmu.live_tables() as u64;
     let report = mmu.teardown().unwrap();
@@ -513,21 +521,24 @@ fn an_access_after_its_table_was_freed_walks_the_new_one() {
     let pool = PagePool::new(ChunkAllocator::anonymous());
     let mmu = TdpMmu::with_hooks(pool, MmuConfig::default(), Arc::new(mirror.clone())).unwrap();
     // 64 MiB with host frames that are not 2M-aligned: 4K leaves only.
-    mmu.add_memslot(Memslot::new(0, 0, 16384, 0x40001).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(0), 16384, Pfn(0x40001)).unwrap())
         .unwrap();
     let mut vcpu = mmu.new_vcpu_caches();
-    mmu.fault(&mut vcpu, 0, true).unwrap();
-    let freed = mirror.leaf_table(0).unwrap();
-    assert!(matches!(mmu.access(&mut vcpu, 0, true), Access::Hit(_)));
-    mmu.zap_range(0, 512).unwrap();
-    assert_eq!(mirror.leaf_table(0), None, "the zap freed the table");
-    assert_eq!(mmu.access(&mut vcpu, 0, true), Access::Miss);
-    mmu.fault(&mut vcpu, 0x5000, true).unwrap();
-    let linked = mirror.leaf_table(0).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0), true).unwrap();
+    let freed = mirror.leaf_table(Gfn(0)).unwrap();
+    assert!(matches!(
+        mmu.access(&mut vcpu, Gpa(0), true),
+        Access::Hit(_)
+    ));
+    mmu.zap_range(Gfn(0), Gfn(512)).unwrap();
+    assert_eq!(mirror.leaf_table(Gfn(0)), None, "the zap freed the table");
+    assert_eq!(mmu.access(&mut vcpu, Gpa(0), true), Access::Miss);
+    mmu.fault(&mut vcpu, Gpa(0x5000), true).unwrap();
+    let linked = mirror.leaf_table(Gfn(0)).unwrap();
     assert_ne!(linked, freed, "the region has a new table");
-    let hpa = mmu.translate(0x5000).unwrap().hpa;
-    assert_eq!(mmu.access(&mut vcpu, 0x5000, true), Access::Hit(hpa));
-    assert_eq!(mmu.access(&mut vcpu, 0, false), Access::Miss);
+    let hpa = mmu.translate(Gpa(0x5000)).unwrap().hpa;
+    assert_eq!(mmu.access(&mut vcpu, Gpa(0x5000), true), Access::Hit(hpa));
+    assert_eq!(mmu.access(&mut vcpu, Gpa(0), false), Access::Miss);
     assert_identical(&mirror, &mmu);
 }
 
@@ -541,7 +552,7 @@ struct FaultDuringSplit {
 impl ExternalPageTable for FaultDuringSplit {
     fn split_leaf(
         &self,
-        _gfn: u64,
+        _gfn: Gfn,
         _level: Level,
         _old: Entry,
         _new_table: TableRef,
@@ -555,7 +566,7 @@ impl ExternalPageTable for FaultDuringSplit {
         let (done, finished) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut vcpu = mmu.new_vcpu_caches();
-            let result = mmu.fault(&mut vcpu, 6 << 20, true).map(|_| ());
+            let result = mmu.fault(&mut vcpu, Gpa(6 << 20), true).map(|_| ());
             let _ = done.send(result.is_ok());
         });
         let faulted = finished
@@ -580,10 +591,10 @@ fn a_vcpu_fault_completes_while_an_eager_split_is_in_progress() {
     let pool = PagePool::new(ChunkAllocator::anonymous());
     let mmu = Arc::new(TdpMmu::with_hooks(pool, MmuConfig::default(), Arc::new(hooks)).unwrap());
     assert!(cell.set(mmu.clone()).is_ok(), "set once");
-    mmu.add_memslot(Memslot::new(0, 0, 2048, 0x40000).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(0), 2048, Pfn(0x40000)).unwrap())
         .unwrap();
     let mut vcpu = mmu.new_vcpu_caches();
-    mmu.fault(&mut vcpu, 0, true).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0), true).unwrap();
     mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
     assert_eq!(*faulted.lock().unwrap(), vec![true]);
     let stats = common::checked_stats(&mmu);

@@ -9,6 +9,7 @@ mod common;
 use common::{MIB_PAGES, checked_stats, failing_mmu};
 use mmu_cache::alloc::{FailPolicy, PageAllocator};
 use proptest::prelude::*;
+use split::{Gfn, Gpa, Hpa, Pfn};
 use split::{Level, LogMode, Memslot, MmuConfig};
 
 /// Two slots: 8 MiB at gfn 0 (host frames 2M-aligned) and 4 MiB + 12 KiB
@@ -73,7 +74,7 @@ proptest! {
     fn mmu_agrees_with_a_flat_model(ops in prop::collection::vec(op(), 1..60), eager in any::<bool>()) {
         let (counting, mmu) = failing_mmu(MmuConfig { eager_split: eager, split_cache_capacity: 7, ..MmuConfig::default() });
         for (id, base, npages, host) in SLOTS {
-            mmu.add_memslot(Memslot::new(id, base, npages, host).unwrap()).unwrap();
+            mmu.add_memslot(Memslot::new(id, Gfn(base), npages, Pfn(host)).unwrap()).unwrap();
         }
         let mut vcpu = mmu.new_vcpu_caches();
         let mut logging = [false; 2];
@@ -82,36 +83,36 @@ proptest! {
             let removes = matches!(op, Op::Zap { .. } | Op::Disable { .. });
             let before = mapped(&mmu);
             match op {
-                Op::Fault { gfn, write } => match mmu.fault(&mut vcpu, gfn << 12, write) {
+                Op::Fault { gfn, write } => match mmu.fault(&mut vcpu, Gpa(gfn << 12), write) {
                     Ok(t) => {
-                        prop_assert_eq!(Some(t.hpa >> 12), host_frame(gfn));
-                        prop_assert_eq!(mmu.translate(gfn << 12).map(|t| t.hpa >> 12), host_frame(gfn));
+                        prop_assert_eq!(Some(t.hpa.pfn().0), host_frame(gfn));
+                        prop_assert_eq!(mmu.translate(Gpa(gfn << 12)).map(|t| t.hpa.pfn().0), host_frame(gfn));
                     }
                     Err(split::MmuError::NoSlot { .. }) => prop_assert!(host_frame(gfn).is_none()),
                     Err(split::MmuError::Cache(_)) if failing => {}
                     Err(other) => prop_assert!(false, "fault: {}", other),
                 },
-                Op::Access { gfn, write } => match mmu.access(&mut vcpu, gfn << 12, write) {
-                    split::Access::Hit(hpa) => prop_assert_eq!(Some(hpa >> 12), host_frame(gfn)),
+                Op::Access { gfn, write } => match mmu.access(&mut vcpu, Gpa(gfn << 12), write) {
+                    split::Access::Hit(hpa) => prop_assert_eq!(Some(hpa.pfn().0), host_frame(gfn)),
                     split::Access::Miss => {}
                 },
                 Op::Zap { start, len } => {
-                    mmu.zap_range(start, start + len).unwrap();
-                    for g in start..start + len { prop_assert!(mmu.translate(g << 12).is_none()); }
+                    mmu.zap_range(Gfn(start), Gfn(start + len)).unwrap();
+                    for g in start..start + len { prop_assert!(mmu.translate(Gpa(g << 12)).is_none()); }
                 }
                 Op::Split { start, len, to_2m } => {
                     let target = if to_2m { Level::L2M } else { Level::L4K };
-                    match mmu.split_huge_pages(start, start + len, target) {
+                    match mmu.split_huge_pages(Gfn(start), Gfn(start + len), target) {
                         Ok(_) => {
                             for g in [start, start + len - 1] {
-                                if let Some(t) = mmu.translate(g << 12) { prop_assert!(t.level <= target); }
+                                if let Some(t) = mmu.translate(Gpa(g << 12)) { prop_assert!(t.level <= target); }
                             }
                         }
                         Err(split::MmuError::Cache(_)) if failing => {}
                         Err(other) => prop_assert!(false, "split: {}", other),
                     }
                 }
-                Op::Boundary { start, len } => match mmu.split_cross_boundary(start, start + len) {
+                Op::Boundary { start, len } => match mmu.split_cross_boundary(Gfn(start), Gfn(start + len)) {
                     Ok(_) | Err(split::MmuError::Cache(_)) if failing => {}
                     result => { result.unwrap(); }
                 },
@@ -132,10 +133,10 @@ proptest! {
                     // allocator willing) or write-protected under a huge
                     // leaf; its next write is logged either way.
                     let s = mmu.slot(slot).unwrap();
-                    for g in [s.base_gfn(), s.end_gfn() - 1] {
-                        let page = g - s.base_gfn();
+                    for g in [s.base_gfn().0, s.end_gfn().0 - 1] {
+                        let page = g - s.base_gfn().0;
                         let cleared = log[(page / 64) as usize] & (1 << (page % 64)) != 0;
-                        let Some(t) = mmu.translate(g << 12) else { continue };
+                        let Some(t) = mmu.translate(Gpa(g << 12)) else { continue };
                         if manual && cleared {
                             if eager && !failing {
                                 prop_assert_eq!(t.level, Level::L4K);
@@ -150,8 +151,8 @@ proptest! {
                     mmu.disable_dirty_logging(slot).unwrap();
                     logging[slot as usize] = false;
                     let s = mmu.slot(slot).unwrap();
-                    for (&g, _) in before.range(s.base_gfn()..s.end_gfn()) {
-                        let now = mmu.translate(g << 12);
+                    for (&g, _) in before.range(s.base_gfn().0..s.end_gfn().0) {
+                        let now = mmu.translate(Gpa(g << 12));
                         if slot == 0 {
                             // Slot 0 can be mapped huge everywhere: every 4K
                             // mapping went, huge ones stay.
@@ -169,14 +170,14 @@ proptest! {
             }
             if !removes {
                 for (&g, &hpa) in &before {
-                    prop_assert_eq!(mmu.translate(g << 12).map(|t| t.hpa), Some(hpa), "gfn {:#x} lost", g);
+                    prop_assert_eq!(mmu.translate(Gpa(g << 12)).map(|t| t.hpa), Some(hpa), "gfn {:#x} lost", g);
                 }
             }
             // Every translation the tree gives agrees with the model.
             for (_, base, npages, _) in SLOTS {
                 for g in (base..base + npages).step_by(61) {
-                    if let Some(t) = mmu.translate(g << 12) {
-                        prop_assert_eq!(Some(t.hpa >> 12), host_frame(g), "gfn {:#x}", g);
+                    if let Some(t) = mmu.translate(Gpa(g << 12)) {
+                        prop_assert_eq!(Some(t.hpa.pfn().0), host_frame(g), "gfn {:#x}", g);
                     }
                 }
             }
@@ -195,10 +196,10 @@ proptest! {
 }
 
 /// The sampled gfns the tree maps now, with their host addresses.
-fn mapped(mmu: &split::TdpMmu) -> std::collections::BTreeMap<u64, u64> {
+fn mapped(mmu: &split::TdpMmu) -> std::collections::BTreeMap<u64, Hpa> {
     SLOTS
         .iter()
         .flat_map(|&(_, base, npages, _)| (base..base + npages).step_by(61))
-        .filter_map(|g| Some((g, mmu.translate(g << 12)?.hpa)))
+        .filter_map(|g| Some((g, mmu.translate(Gpa(g << 12))?.hpa)))
         .collect()
 }

@@ -1,6 +1,7 @@
 //! The shadow MMU: shadow pages, rmaps, unsync pages, dirty logging and
 //! eager splitting without a vCPU.
 
+use split::{Gfn, Gpa, Hpa, Pfn};
 use std::sync::Arc;
 
 use mmu_cache::PagePool;
@@ -33,7 +34,7 @@ fn setup(config: ShadowConfig) -> Setup {
     let counting = Arc::new(CountingAllocator::new(ChunkAllocator::anonymous()));
     let pool = PagePool::from_shared(counting.clone(), None);
     let mmu = ShadowMmu::new(pool, config).unwrap();
-    mmu.add_memslot(Memslot::new(0, 0, SLOT_PAGES, HOST).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(0), SLOT_PAGES, Pfn(HOST)).unwrap())
         .unwrap();
     let guest = Arc::new(GuestEpt::new(4, TABLES).unwrap());
     let vcpu = Vcpu::new(0, guest.clone());
@@ -67,7 +68,12 @@ fn map_2m(s: &Setup) {
 fn fault_all(s: &mut Setup, pages: u64, step: u64) {
     for ngfn in (0..pages).step_by(step as usize) {
         s.mmu
-            .fault(&mut s.caches, &mut s.vcpu, ngfn << 12, AccessKind::Write)
+            .fault(
+                &mut s.caches,
+                &mut s.vcpu,
+                Gpa(ngfn << 12),
+                AccessKind::Write,
+            )
             .unwrap();
     }
 }
@@ -96,7 +102,10 @@ fn get_finds_what_it_created_and_zap_frees_it() {
         .get_shadow_page(&mut s.caches, None, 0x200, role)
         .unwrap();
     assert!(created);
-    assert_eq!((first.gfn, first.role, first.parents), (0x200, role, 0));
+    assert_eq!(
+        (first.gfn, first.role, first.parents),
+        (Gfn(0x200), role, 0)
+    );
     let (again, created) = s
         .mmu
         .get_shadow_page(&mut s.caches, None, 0x200, role)
@@ -118,7 +127,7 @@ fn get_finds_what_it_created_and_zap_frees_it() {
     assert_eq!(s.mmu.shadow_pages(), 2);
 
     s.mmu.zap_shadow_page(first.hpa).unwrap();
-    assert_eq!(s.mmu.find_shadow_page(0x200, role), None);
+    assert_eq!(s.mmu.find_shadow_page(Gfn(0x200), role), None);
     assert_eq!(s.mmu.shadow_pages(), 1);
     assert!(matches!(
         s.mmu.zap_shadow_page(first.hpa),
@@ -144,18 +153,23 @@ fn faults_build_shadow_paths_with_the_largest_leaf_both_sides_allow() {
     s.guest.map(0x10_0010, 0x7, Level::L4K, RWX).unwrap();
     let t = s
         .mmu
-        .fault(&mut s.caches, &mut s.vcpu, 0x20_5123, AccessKind::Read)
+        .fault(&mut s.caches, &mut s.vcpu, Gpa(0x20_5123), AccessKind::Read)
         .unwrap();
     assert_eq!(t.level, Level::L2M);
-    assert_eq!(t.hpa, (HOST << 12) + 0x20_5123);
+    assert_eq!(t.hpa, Hpa((HOST << 12) + 0x20_5123));
     let t = s
         .mmu
-        .fault(&mut s.caches, &mut s.vcpu, 0x1_0001_0000, AccessKind::Write)
+        .fault(
+            &mut s.caches,
+            &mut s.vcpu,
+            Gpa(0x1_0001_0000),
+            AccessKind::Write,
+        )
         .unwrap();
-    assert_eq!((t.level, t.hpa), (Level::L4K, (HOST + 7) << 12));
-    assert_eq!(s.mmu.rmap_len(0, Level::L2M), 0);
-    assert_eq!(s.mmu.rmap_len(512, Level::L2M), 1);
-    assert_eq!(s.mmu.rmap_len(7, Level::L4K), 1);
+    assert_eq!((t.level, t.hpa), (Level::L4K, Hpa((HOST + 7) << 12)));
+    assert_eq!(s.mmu.rmap_len(Gfn(0), Level::L2M), 0);
+    assert_eq!(s.mmu.rmap_len(Gfn(512), Level::L2M), 1);
+    assert_eq!(s.mmu.rmap_len(Gfn(7), Level::L4K), 1);
     assert_eq!(
         checked(&s.mmu),
         PageStats {
@@ -166,8 +180,8 @@ fn faults_build_shadow_paths_with_the_largest_leaf_both_sides_allow() {
     );
     // Same translation when read back.
     assert_eq!(
-        s.mmu.translate(&s.vcpu, 0x20_5123).map(|t| t.hpa),
-        Some((HOST << 12) + 0x20_5123)
+        s.mmu.translate(&s.vcpu, Gpa(0x20_5123)).map(|t| t.hpa),
+        Some(Hpa((HOST << 12) + 0x20_5123))
     );
     all_freed(s);
 }
@@ -220,22 +234,24 @@ fn every_permission_combination_of_the_guest_walk_follows_the_sdm() {
                     s.guest.map(ngfn, 0x45, Level::L4K, leaf).unwrap();
                     if leaf == 0 {
                         // `map` writes a non-present leaf for no permissions.
-                        assert!(s.mmu.translate(&s.vcpu, ngfn << 12).is_none());
+                        assert!(s.mmu.translate(&s.vcpu, Gpa(ngfn << 12)).is_none());
                     }
                     s.guest.set_table_perms(ngfn, Level::L2M, table).unwrap();
                     let what = format!(
                         "table {table:03b} leaf {leaf:03b} {kind} execute-only {execute_only}"
                     );
                     let expected = sdm_verdict(table, leaf, kind, execute_only);
-                    let got = s.mmu.fault(&mut s.caches, &mut s.vcpu, ngfn << 12, kind);
+                    let got = s
+                        .mmu
+                        .fault(&mut s.caches, &mut s.vcpu, Gpa(ngfn << 12), kind);
                     match (&expected, got) {
                         (Expected::Mapped(effective), Ok(t)) => {
                             assert_eq!(t.perms, *effective, "{what}");
-                            assert_eq!(t.hpa, (HOST + 0x45) << 12, "{what}");
+                            assert_eq!(t.hpa, Hpa((HOST + 0x45) << 12), "{what}");
                             // The shadow leaf serves exactly what the guest allows.
                             for other in AccessKind::ALL {
                                 let hit = matches!(
-                                    s.mmu.access(&s.vcpu, ngfn << 12, other),
+                                    s.mmu.access(&s.vcpu, Gpa(ngfn << 12), other),
                                     split::Access::Hit(_)
                                 );
                                 assert_eq!(hit, other.allowed_by(*effective), "{what}: {other}");
@@ -248,10 +264,16 @@ fn every_permission_combination_of_the_guest_walk_follows_the_sdm() {
                             }),
                         ) => {
                             assert_eq!((*level, kind), (at, access), "{what}");
-                            assert!(s.mmu.translate(&s.vcpu, ngfn << 12).is_none(), "{what}");
+                            assert!(
+                                s.mmu.translate(&s.vcpu, Gpa(ngfn << 12)).is_none(),
+                                "{what}"
+                            );
                         }
                         (Expected::Misconfig, Err(ShadowError::GuestMisconfig { .. })) => {
-                            assert!(s.mmu.translate(&s.vcpu, ngfn << 12).is_none(), "{what}");
+                            assert!(
+                                s.mmu.translate(&s.vcpu, Gpa(ngfn << 12)).is_none(),
+                                "{what}"
+                            );
                         }
                         (expected, got) => panic!("{what}: expected {expected:?}, got {got:?}"),
                     }
@@ -271,17 +293,17 @@ fn a_read_through_an_execute_only_guest_mapping_is_a_violation_for_l1() {
     // A fetch maps it: the shadow leaf is execute-only.
     let t = s
         .mmu
-        .fault(&mut s.caches, &mut s.vcpu, 0x10_000, AccessKind::Fetch)
+        .fault(&mut s.caches, &mut s.vcpu, Gpa(0x10_000), AccessKind::Fetch)
         .unwrap();
     assert_eq!(t.perms, 0b100);
     assert_eq!(
-        s.mmu.access(&s.vcpu, 0x10_000, AccessKind::Read),
+        s.mmu.access(&s.vcpu, Gpa(0x10_000), AccessKind::Read),
         split::Access::Miss,
         "a read cannot use an execute-only leaf"
     );
     assert!(matches!(
         s.mmu
-            .fault(&mut s.caches, &mut s.vcpu, 0x10_000, AccessKind::Read),
+            .fault(&mut s.caches, &mut s.vcpu, Gpa(0x10_000), AccessKind::Read),
         Err(ShadowError::GuestViolation {
             access: AccessKind::Read,
             level: Level::L4K,
@@ -292,10 +314,10 @@ fn a_read_through_an_execute_only_guest_mapping_is_a_violation_for_l1() {
     // readable leaf.
     s.guest.map(0x400, 0x400, Level::L4K, RWX).unwrap();
     let table = s.guest.set_table_perms(0x400, Level::L2M, 0b100).unwrap();
-    s.mmu.guest_table_written(table);
+    s.mmu.guest_table_written(Gfn(table));
     assert!(matches!(
         s.mmu
-            .fault(&mut s.caches, &mut s.vcpu, 0x40_0000, AccessKind::Read),
+            .fault(&mut s.caches, &mut s.vcpu, Gpa(0x40_0000), AccessKind::Read),
         Err(ShadowError::GuestViolation {
             level: Level::L2M,
             ..
@@ -303,7 +325,12 @@ fn a_read_through_an_execute_only_guest_mapping_is_a_violation_for_l1() {
     ));
     let t = s
         .mmu
-        .fault(&mut s.caches, &mut s.vcpu, 0x40_0000, AccessKind::Fetch)
+        .fault(
+            &mut s.caches,
+            &mut s.vcpu,
+            Gpa(0x40_0000),
+            AccessKind::Fetch,
+        )
         .unwrap();
     assert_eq!(t.perms, 0b100);
     checked(&s.mmu);
@@ -316,7 +343,7 @@ fn a_guest_huge_page_over_a_host_that_cannot_map_it_gets_a_direct_page() {
     let mut s = setup(ShadowConfig::default());
     // A second slot whose host frames are not 2M-aligned.
     s.mmu
-        .add_memslot(Memslot::new(1, 0x2000, 1024, 0x90_0001).unwrap())
+        .add_memslot(Memslot::new(1, Gfn(0x2000), 1024, Pfn(0x90_0001)).unwrap())
         .unwrap();
     s.guest.map(0x4000, 0x2000, Level::L2M, RWX).unwrap();
     let t = s
@@ -324,14 +351,14 @@ fn a_guest_huge_page_over_a_host_that_cannot_map_it_gets_a_direct_page() {
         .fault(
             &mut s.caches,
             &mut s.vcpu,
-            (0x4000 + 3) << 12,
+            Gpa((0x4000 + 3) << 12),
             AccessKind::Write,
         )
         .unwrap();
-    assert_eq!((t.level, t.hpa), (Level::L4K, (0x90_0001 + 3) << 12));
+    assert_eq!((t.level, t.hpa), (Level::L4K, Hpa((0x90_0001 + 3) << 12)));
     let direct = s
         .mmu
-        .find_shadow_page(0x2000, Role::direct(Level::L4K, RWX))
+        .find_shadow_page(Gfn(0x2000), Role::direct(Level::L4K, RWX))
         .expect("a direct page for the guest's 2M page");
     assert_eq!(direct.parents, 1);
     checked(&s.mmu);
@@ -344,7 +371,7 @@ fn the_guest_ept_decides_what_is_a_violation() {
     s.guest.map(0, 0, Level::L4K, 0b001).unwrap(); // read-only
     assert!(matches!(
         s.mmu
-            .fault(&mut s.caches, &mut s.vcpu, 0, AccessKind::Write),
+            .fault(&mut s.caches, &mut s.vcpu, Gpa(0), AccessKind::Write),
         Err(ShadowError::GuestViolation {
             access: AccessKind::Write,
             ..
@@ -352,12 +379,12 @@ fn the_guest_ept_decides_what_is_a_violation() {
     ));
     assert!(
         s.mmu
-            .fault(&mut s.caches, &mut s.vcpu, 0, AccessKind::Read)
+            .fault(&mut s.caches, &mut s.vcpu, Gpa(0), AccessKind::Read)
             .is_ok()
     );
     assert!(matches!(
         s.mmu
-            .fault(&mut s.caches, &mut s.vcpu, 0x1000, AccessKind::Read),
+            .fault(&mut s.caches, &mut s.vcpu, Gpa(0x1000), AccessKind::Read),
         Err(ShadowError::GuestViolation {
             level: Level::L4K,
             ..
@@ -367,12 +394,12 @@ fn the_guest_ept_decides_what_is_a_violation() {
     s.guest.map(0x200, 0x8_0000, Level::L4K, RWX).unwrap();
     assert!(matches!(
         s.mmu
-            .fault(&mut s.caches, &mut s.vcpu, 0x20_0000, AccessKind::Read),
-        Err(ShadowError::NoSlot { gfn: 0x8_0000 })
+            .fault(&mut s.caches, &mut s.vcpu, Gpa(0x20_0000), AccessKind::Read),
+        Err(ShadowError::NoSlot { gfn: Gfn(0x8_0000) })
     ));
     assert!(matches!(
         s.mmu
-            .fault(&mut s.caches, &mut s.vcpu, 1 << 48, AccessKind::Read),
+            .fault(&mut s.caches, &mut s.vcpu, Gpa(1 << 48), AccessKind::Read),
         Err(ShadowError::AddressTooWide { .. })
     ));
     checked(&s.mmu);
@@ -387,21 +414,21 @@ fn aliased_frames_chain_rmap_descriptors_of_14() {
         s.guest.map(i, 0x42, Level::L4K, RWX).unwrap();
     }
     fault_all(&mut s, 30, 1);
-    assert_eq!(s.mmu.rmap_len(0x42, Level::L4K), 30);
+    assert_eq!(s.mmu.rmap_len(Gfn(0x42), Level::L4K), 30);
     let recount = s.mmu.recount();
     // One list: 2 full descriptors of 14 and one of 2.
     assert_eq!(recount.descriptors, 3);
     checked(&s.mmu);
-    s.mmu.zap_gfn_range(0x42, 0x43);
-    assert_eq!(s.mmu.rmap_len(0x42, Level::L4K), 0);
+    s.mmu.zap_gfn_range(Gfn(0x42), Gfn(0x43));
+    assert_eq!(s.mmu.rmap_len(Gfn(0x42), Level::L4K), 0);
     assert_eq!(s.mmu.recount().descriptors, 0);
     assert_eq!(checked(&s.mmu), PageStats::default());
     // The path is still there: the next access only needs a leaf.
-    assert!(s.mmu.translate(&s.vcpu, 0).is_none());
+    assert!(s.mmu.translate(&s.vcpu, Gpa(0)).is_none());
     s.mmu
-        .fault(&mut s.caches, &mut s.vcpu, 0x5000, AccessKind::Read)
+        .fault(&mut s.caches, &mut s.vcpu, Gpa(0x5000), AccessKind::Read)
         .unwrap();
-    assert_eq!(s.mmu.rmap_len(0x42, Level::L4K), 1);
+    assert_eq!(s.mmu.rmap_len(Gfn(0x42), Level::L4K), 1);
     all_freed(s);
 }
 
@@ -413,11 +440,14 @@ fn split_without_a_vcpu_keeps_every_translation() {
     assert_eq!(checked(&s.mmu).pages_2m, 8);
     let before: Vec<_> = (0..SLOT_PAGES)
         .step_by(512)
-        .map(|ngfn| s.mmu.translate(&s.vcpu, ngfn << 12).unwrap())
+        .map(|ngfn| s.mmu.translate(&s.vcpu, Gpa(ngfn << 12)).unwrap())
         .collect();
     let gets = s.counting.gets();
     // The counting allocator panics if a page is taken under the lock.
-    let splits = s.mmu.split_huge_pages(0, SLOT_PAGES, Level::L4K).unwrap();
+    let splits = s
+        .mmu
+        .split_huge_pages(Gfn(0), Gfn(SLOT_PAGES), Level::L4K)
+        .unwrap();
     assert_eq!(splits, 8);
     assert_eq!(
         checked(&s.mmu),
@@ -430,7 +460,7 @@ fn split_without_a_vcpu_keeps_every_translation() {
     for (i, huge) in before.iter().enumerate() {
         for page in [0u64, 1, 255, 511] {
             let ngfn = i as u64 * 512 + page;
-            let leaf = s.mmu.translate(&s.vcpu, ngfn << 12).unwrap();
+            let leaf = s.mmu.translate(&s.vcpu, Gpa(ngfn << 12)).unwrap();
             assert_eq!(leaf.level, Level::L4K);
             assert_eq!(leaf.hpa, huge.hpa + (page << 12));
             assert_eq!(
@@ -441,7 +471,7 @@ fn split_without_a_vcpu_keeps_every_translation() {
         }
         let direct = s
             .mmu
-            .find_shadow_page(i as u64 * 512, Role::direct(Level::L4K, RWX))
+            .find_shadow_page(Gfn(i as u64 * 512), Role::direct(Level::L4K, RWX))
             .unwrap();
         assert_eq!(direct.parents, 1);
     }
@@ -456,17 +486,19 @@ fn a_1g_guest_page_splits_pre_order_down_to_4k() {
     let counting = Arc::new(CountingAllocator::new(ChunkAllocator::anonymous()));
     let pool = PagePool::from_shared(counting.clone(), None);
     let mmu = ShadowMmu::new(pool, ShadowConfig::default()).unwrap();
-    mmu.add_memslot(Memslot::new(0, 1 << 18, 1 << 18, 1 << 18).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(1 << 18), 1 << 18, Pfn(1 << 18)).unwrap())
         .unwrap();
     let guest = Arc::new(GuestEpt::new(4, TABLES).unwrap());
     guest.map(0, 1 << 18, Level::L1G, RWX).unwrap();
     let mut vcpu = Vcpu::new(0, guest);
     let mut caches = mmu.new_caches();
     let huge = mmu
-        .fault(&mut caches, &mut vcpu, 0x1234_5000, AccessKind::Write)
+        .fault(&mut caches, &mut vcpu, Gpa(0x1234_5000), AccessKind::Write)
         .unwrap();
     assert_eq!(huge.level, Level::L1G);
-    let splits = mmu.split_huge_pages(1 << 18, 2 << 18, Level::L4K).unwrap();
+    let splits = mmu
+        .split_huge_pages(Gfn(1 << 18), Gfn(2 << 18), Level::L4K)
+        .unwrap();
     assert_eq!(splits, 1 + 512);
     assert_eq!(
         checked(&mmu),
@@ -475,7 +507,7 @@ fn a_1g_guest_page_splits_pre_order_down_to_4k() {
             ..PageStats::default()
         }
     );
-    let leaf = mmu.translate(&vcpu, 0x1234_5000).unwrap();
+    let leaf = mmu.translate(&vcpu, Gpa(0x1234_5000)).unwrap();
     assert_eq!((leaf.level, leaf.hpa), (Level::L4K, huge.hpa));
     assert!(
         mmu.counters().lock_drops >= 2,
@@ -496,20 +528,25 @@ fn aliased_huge_pages_share_one_direct_page() {
         s.guest.map(i * 512, 0, Level::L2M, RWX).unwrap();
     }
     fault_all(&mut s, 4 * 512, 512);
-    assert_eq!(s.mmu.rmap_len(0, Level::L2M), 4);
-    assert_eq!(s.mmu.split_huge_pages(0, 512, Level::L4K).unwrap(), 4);
+    assert_eq!(s.mmu.rmap_len(Gfn(0), Level::L2M), 4);
+    assert_eq!(
+        s.mmu
+            .split_huge_pages(Gfn(0), Gfn(512), Level::L4K)
+            .unwrap(),
+        4
+    );
     let direct = s
         .mmu
-        .find_shadow_page(0, Role::direct(Level::L4K, RWX))
+        .find_shadow_page(Gfn(0), Role::direct(Level::L4K, RWX))
         .unwrap();
     assert_eq!(direct.parents, 4);
-    assert_eq!(s.mmu.rmap_len(7, Level::L4K), 1);
+    assert_eq!(s.mmu.rmap_len(Gfn(7), Level::L4K), 1);
     // Root, PDPT and PD shadows, and one direct page.
     assert_eq!(s.mmu.counters().pages_created, 3 + 1);
     checked(&s.mmu);
     for i in 0..4u64 {
-        let t = s.mmu.translate(&s.vcpu, (i * 512 + 9) << 12).unwrap();
-        assert_eq!((t.level, t.hpa), (Level::L4K, (HOST + 9) << 12));
+        let t = s.mmu.translate(&s.vcpu, Gpa((i * 512 + 9) << 12)).unwrap();
+        assert_eq!((t.level, t.hpa), (Level::L4K, Hpa((HOST + 9) << 12)));
     }
     all_freed(s);
 }
@@ -526,15 +563,20 @@ fn many_aliases_use_more_descriptors_than_one_topup_holds() {
     s.guest.map(2 << 18, 0, Level::L2M, 0b001).unwrap();
     for ngpa in [0, 1 << 30, 2 << 30] {
         s.mmu
-            .fault(&mut s.caches, &mut s.vcpu, ngpa, AccessKind::Read)
+            .fault(&mut s.caches, &mut s.vcpu, Gpa(ngpa), AccessKind::Read)
             .unwrap();
     }
     let drops = s.mmu.counters().lock_drops;
-    assert_eq!(s.mmu.split_huge_pages(0, 512, Level::L4K).unwrap(), 3);
-    assert_eq!(s.mmu.rmap_len(100, Level::L4K), 3);
+    assert_eq!(
+        s.mmu
+            .split_huge_pages(Gfn(0), Gfn(512), Level::L4K)
+            .unwrap(),
+        3
+    );
+    assert_eq!(s.mmu.rmap_len(Gfn(100), Level::L4K), 3);
     assert_eq!(s.mmu.recount().descriptors, 512);
     assert!(s.mmu.counters().lock_drops >= drops + 2);
-    let read_only = s.mmu.translate(&s.vcpu, (1 << 30) + 0x5000).unwrap();
+    let read_only = s.mmu.translate(&s.vcpu, Gpa((1 << 30) + 0x5000)).unwrap();
     assert_eq!(
         read_only.perms & WRITE,
         0,
@@ -554,12 +596,12 @@ fn an_unsync_page_met_without_a_vcpu_is_zapped_not_synced() {
         .last()
         .unwrap();
     s.mmu
-        .fault(&mut s.caches, &mut s.vcpu, 0, AccessKind::Write)
+        .fault(&mut s.caches, &mut s.vcpu, Gpa(0), AccessKind::Write)
         .unwrap();
-    assert_eq!(s.mmu.guest_table_written(table), 1);
+    assert_eq!(s.mmu.guest_table_written(Gfn(table)), 1);
     let unsync = s
         .mmu
-        .find_shadow_page(table, Role::shadowing(Level::L4K, RWX))
+        .find_shadow_page(Gfn(table), Role::shadowing(Level::L4K, RWX))
         .unwrap();
     assert!(unsync.unsync);
     // The split path asks for a direct 2M-level page keyed by that frame:
@@ -571,10 +613,10 @@ fn an_unsync_page_met_without_a_vcpu_is_zapped_not_synced() {
     assert!(created && !page.unsync);
     assert_eq!(
         s.mmu
-            .find_shadow_page(table, Role::shadowing(Level::L4K, RWX)),
+            .find_shadow_page(Gfn(table), Role::shadowing(Level::L4K, RWX)),
         None
     );
-    assert!(s.mmu.translate(&s.vcpu, 0).is_none());
+    assert!(s.mmu.translate(&s.vcpu, Gpa(0)).is_none());
     checked(&s.mmu);
     all_freed(s);
 }
@@ -593,29 +635,29 @@ fn guest_table_writes_unsync_then_sync_rereads_the_guest() {
     // The guest remaps L2 frame 0 and unmaps frame 1.
     s.guest.map(0, 0x305, Level::L4K, RWX).unwrap();
     s.guest.unmap(1);
-    assert_eq!(s.mmu.guest_table_written(table), 1);
+    assert_eq!(s.mmu.guest_table_written(Gfn(table)), 1);
     // Until the guest flushes, the old translation stands (a stale TLB).
     assert_eq!(
-        s.mmu.translate(&s.vcpu, 0).unwrap().hpa,
-        (HOST + 0x300) << 12
+        s.mmu.translate(&s.vcpu, Gpa(0)).unwrap().hpa,
+        Hpa((HOST + 0x300) << 12)
     );
     assert_eq!(s.mmu.sync(&s.vcpu), 1);
-    assert!(s.mmu.translate(&s.vcpu, 0).is_none());
-    assert!(s.mmu.translate(&s.vcpu, 0x1000).is_none());
+    assert!(s.mmu.translate(&s.vcpu, Gpa(0)).is_none());
+    assert!(s.mmu.translate(&s.vcpu, Gpa(0x1000)).is_none());
     let t = s
         .mmu
-        .fault(&mut s.caches, &mut s.vcpu, 0, AccessKind::Read)
+        .fault(&mut s.caches, &mut s.vcpu, Gpa(0), AccessKind::Read)
         .unwrap();
-    assert_eq!(t.hpa, (HOST + 0x305) << 12);
+    assert_eq!(t.hpa, Hpa((HOST + 0x305) << 12));
     assert_eq!(s.mmu.counters().syncs, 1);
     // A fault on an unsync page replaces a stale leaf by itself.
     s.guest.map(0, 0x306, Level::L4K, RWX).unwrap();
-    s.mmu.guest_table_written(table);
+    s.mmu.guest_table_written(Gfn(table));
     let t = s
         .mmu
-        .fault(&mut s.caches, &mut s.vcpu, 0, AccessKind::Read)
+        .fault(&mut s.caches, &mut s.vcpu, Gpa(0), AccessKind::Read)
         .unwrap();
-    assert_eq!(t.hpa, (HOST + 0x306) << 12);
+    assert_eq!(t.hpa, Hpa((HOST + 0x306) << 12));
     checked(&s.mmu);
     all_freed(s);
 }
@@ -625,16 +667,16 @@ fn a_write_to_an_upper_guest_table_zaps_its_shadow() {
     let mut s = setup(ShadowConfig::default());
     let written = s.guest.map(0, 0x300, Level::L4K, RWX).unwrap();
     s.mmu
-        .fault(&mut s.caches, &mut s.vcpu, 0, AccessKind::Write)
+        .fault(&mut s.caches, &mut s.vcpu, Gpa(0), AccessKind::Write)
         .unwrap();
     assert_eq!(s.mmu.shadow_pages(), 4);
     // written[2] is the guest page directory.
-    assert_eq!(s.mmu.guest_table_written(written[2]), 1);
+    assert_eq!(s.mmu.guest_table_written(Gfn(written[2])), 1);
     // The directory's page and the 4K page below it (now parentless) go.
     assert_eq!(s.mmu.shadow_pages(), 2);
-    assert!(s.mmu.translate(&s.vcpu, 0).is_none());
+    assert!(s.mmu.translate(&s.vcpu, Gpa(0)).is_none());
     s.mmu
-        .fault(&mut s.caches, &mut s.vcpu, 0, AccessKind::Write)
+        .fault(&mut s.caches, &mut s.vcpu, Gpa(0), AccessKind::Write)
         .unwrap();
     assert_eq!(s.mmu.shadow_pages(), 4);
     checked(&s.mmu);
@@ -646,7 +688,7 @@ fn zapping_a_root_in_use_invalidates_it_until_the_vcpu_lets_go() {
     let mut s = setup(ShadowConfig::default());
     map_2m(&s);
     s.mmu
-        .fault(&mut s.caches, &mut s.vcpu, 0, AccessKind::Write)
+        .fault(&mut s.caches, &mut s.vcpu, Gpa(0), AccessKind::Write)
         .unwrap();
     let root = s.vcpu.root_hpa().unwrap();
     s.mmu.zap_all();
@@ -655,7 +697,7 @@ fn zapping_a_root_in_use_invalidates_it_until_the_vcpu_lets_go() {
     assert_eq!(s.mmu.shadow_pages(), 1, "only the invalid root is left");
     assert_eq!(checked(&s.mmu), PageStats::default());
     s.mmu
-        .fault(&mut s.caches, &mut s.vcpu, 0, AccessKind::Write)
+        .fault(&mut s.caches, &mut s.vcpu, Gpa(0), AccessKind::Write)
         .unwrap();
     assert_ne!(s.vcpu.root_hpa(), Some(root), "a new root was loaded");
     assert!(s.mmu.shadow_page(root).is_none(), "the old root was freed");
@@ -689,7 +731,9 @@ fn classic_dirty_logging_splits_eagerly_and_logs_every_write() {
     for round in 0..2u64 {
         let written: Vec<u64> = (0..SLOT_PAGES).filter(|p| p % 7 == round).collect();
         for &page in &written {
-            s.mmu.write(&mut s.caches, &mut s.vcpu, page << 12).unwrap();
+            s.mmu
+                .write(&mut s.caches, &mut s.vcpu, Gpa(page << 12))
+                .unwrap();
         }
         let log = s.mmu.get_dirty_log(0).unwrap();
         for page in 0..SLOT_PAGES {
@@ -718,7 +762,9 @@ fn manual_protect_splits_at_the_first_clear_only() {
     s.mmu.clear_dirty_log(0, 0, &[!0; 8]).unwrap();
     let stats = checked(&s.mmu);
     assert_eq!((stats.pages_2m, stats.pages_4k), (7, 512));
-    s.mmu.write(&mut s.caches, &mut s.vcpu, 0x3000).unwrap();
+    s.mmu
+        .write(&mut s.caches, &mut s.vcpu, Gpa(0x3000))
+        .unwrap();
     let log = s.mmu.get_dirty_log(0).unwrap();
     assert_eq!(log[0], 1 << 3);
     assert_eq!(log[8], !0, "uncleared pages stay set");
@@ -739,7 +785,9 @@ fn lazy_mode_splits_one_write_at_a_time() {
     fault_all(&mut s, SLOT_PAGES, 512);
     s.mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
     assert_eq!(checked(&s.mmu).pages_2m, 8, "write-protected, not split");
-    s.mmu.write(&mut s.caches, &mut s.vcpu, 0x5000).unwrap();
+    s.mmu
+        .write(&mut s.caches, &mut s.vcpu, Gpa(0x5000))
+        .unwrap();
     let stats = checked(&s.mmu);
     assert_eq!((stats.pages_2m, stats.pages_4k), (7, 1));
     assert_eq!(s.mmu.counters().lazy_splits, 1);
@@ -757,8 +805,8 @@ fn removing_a_memslot_zaps_its_leaves_and_guest_tables() {
     assert_eq!(checked(&s.mmu), PageStats::default());
     assert!(matches!(
         s.mmu
-            .fault(&mut s.caches, &mut s.vcpu, 0, AccessKind::Write),
-        Err(ShadowError::NoSlot { gfn: 0 })
+            .fault(&mut s.caches, &mut s.vcpu, Gpa(0), AccessKind::Write),
+        Err(ShadowError::NoSlot { gfn: Gfn(0) })
     ));
     assert!(s.mmu.remove_memslot(0).is_err());
     all_freed(s);
@@ -784,7 +832,12 @@ fn clear_dirty_log_splits_per_word_only_what_it_cleared() {
     // L1 pages [0, 8M): four 2M shadow leaves.
     for ngfn in (0..2048u64).step_by(512) {
         s.mmu
-            .fault(&mut s.caches, &mut s.vcpu, ngfn << 12, AccessKind::Write)
+            .fault(
+                &mut s.caches,
+                &mut s.vcpu,
+                Gpa(ngfn << 12),
+                AccessKind::Write,
+            )
             .unwrap();
     }
     assert_eq!(checked(&s.mmu).pages_2m, 4);
@@ -826,22 +879,22 @@ fn eager_splitting_falls_back_to_write_protection_when_memory_runs_out() {
         ShadowConfig::default(),
     )
     .unwrap();
-    mmu.add_memslot(Memslot::new(0, 0, SLOT_PAGES, HOST).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(0), SLOT_PAGES, Pfn(HOST)).unwrap())
         .unwrap();
     let guest = Arc::new(GuestEpt::new(4, TABLES).unwrap());
     guest.map(0, 0, Level::L2M, RWX).unwrap();
     let mut vcpu = Vcpu::new(0, guest);
     let mut caches = mmu.new_caches();
-    mmu.fault(&mut caches, &mut vcpu, 0, AccessKind::Write)
+    mmu.fault(&mut caches, &mut vcpu, Gpa(0), AccessKind::Write)
         .unwrap();
     failing.set_policy(FailPolicy::Always);
     mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
     assert_eq!(checked(&mmu).pages_2m, 1);
     assert_eq!(mmu.counters().split_fallbacks, 1);
-    assert_eq!(mmu.translate(&vcpu, 0x5000).unwrap().perms & WRITE, 0);
-    mmu.fault(&mut caches, &mut vcpu, 0x5000, AccessKind::Write)
+    assert_eq!(mmu.translate(&vcpu, Gpa(0x5000)).unwrap().perms & WRITE, 0);
+    mmu.fault(&mut caches, &mut vcpu, Gpa(0x5000), AccessKind::Write)
         .unwrap();
-    assert_eq!(mmu.translate(&vcpu, 0x5000).unwrap().level, Level::L4K);
+    assert_eq!(mmu.translate(&vcpu, Gpa(0x5000)).unwrap().level, Level::L4K);
     assert_eq!(mmu.get_dirty_log(0).unwrap()[0], 1 << 5);
     failing.set_policy(FailPolicy::Never);
     mmu.unload_root(&mut vcpu);

@@ -5,15 +5,16 @@ mod common;
 use common::{GIB_PAGES, MIB_PAGES, checked_stats, failing_mmu, mmu};
 use mmu_cache::alloc::{FailPolicy, PageAllocator};
 use split::ept::{ADDR_MASK, PAGE_SIZE_BIT};
+use split::{Gfn, Gpa, Hpa, Pfn};
 use split::{Level, LogMode, Memslot, MmuConfig, PageStats};
 
 #[test]
 fn a_2m_leaf_splits_into_512_4k_leaves_with_the_same_bits() {
     let (_, mmu) = mmu(MmuConfig::default());
-    mmu.add_memslot(Memslot::new(0, 0, 2 * MIB_PAGES, 0x40000).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(0), 2 * MIB_PAGES, Pfn(0x40000)).unwrap())
         .unwrap();
     let mut vcpu = mmu.new_vcpu_caches();
-    let huge = mmu.fault(&mut vcpu, 0, true).unwrap();
+    let huge = mmu.fault(&mut vcpu, Gpa(0), true).unwrap();
     assert_eq!(huge.level, Level::L2M);
     assert_eq!(
         checked_stats(&mmu),
@@ -22,7 +23,10 @@ fn a_2m_leaf_splits_into_512_4k_leaves_with_the_same_bits() {
             ..Default::default()
         }
     );
-    assert_eq!(mmu.split_huge_pages(0, 512, Level::L4K).unwrap(), 1);
+    assert_eq!(
+        mmu.split_huge_pages(Gfn(0), Gfn(512), Level::L4K).unwrap(),
+        1
+    );
     assert_eq!(
         checked_stats(&mmu),
         PageStats {
@@ -31,9 +35,13 @@ fn a_2m_leaf_splits_into_512_4k_leaves_with_the_same_bits() {
         }
     );
     for page in 0..512u64 {
-        let leaf = mmu.translate(page << 12).unwrap();
+        let leaf = mmu.translate(Gpa(page << 12)).unwrap();
         assert_eq!(leaf.level, Level::L4K);
-        assert_eq!(leaf.hpa, (0x40000 + page) << 12, "translation unchanged");
+        assert_eq!(
+            leaf.hpa,
+            Hpa((0x40000 + page) << 12),
+            "translation unchanged"
+        );
         assert_eq!(
             leaf.entry.bits() & !ADDR_MASK,
             huge.entry.bits() & !ADDR_MASK & !PAGE_SIZE_BIT,
@@ -45,16 +53,16 @@ fn a_2m_leaf_splits_into_512_4k_leaves_with_the_same_bits() {
 #[test]
 fn a_1g_leaf_split_to_4k_makes_513_tables_and_262144_leaves() {
     let (_, mmu) = mmu(MmuConfig::default());
-    mmu.add_memslot(Memslot::new(0, GIB_PAGES, GIB_PAGES, GIB_PAGES).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(GIB_PAGES), GIB_PAGES, Pfn(GIB_PAGES)).unwrap())
         .unwrap();
     let mut vcpu = mmu.new_vcpu_caches();
     assert_eq!(
-        mmu.fault(&mut vcpu, 1 << 30, false).unwrap().level,
+        mmu.fault(&mut vcpu, Gpa(1 << 30), false).unwrap().level,
         Level::L1G
     );
     let tables_before = mmu.live_tables();
     assert_eq!(
-        mmu.split_huge_pages(GIB_PAGES, 2 * GIB_PAGES, Level::L2M)
+        mmu.split_huge_pages(Gfn(GIB_PAGES), Gfn(2 * GIB_PAGES), Level::L2M)
             .unwrap(),
         1
     );
@@ -66,7 +74,7 @@ fn a_1g_leaf_split_to_4k_makes_513_tables_and_262144_leaves() {
         }
     );
     assert_eq!(
-        mmu.split_huge_pages(GIB_PAGES, 2 * GIB_PAGES, Level::L4K)
+        mmu.split_huge_pages(Gfn(GIB_PAGES), Gfn(2 * GIB_PAGES), Level::L4K)
             .unwrap(),
         512
     );
@@ -79,21 +87,21 @@ fn a_1g_leaf_split_to_4k_makes_513_tables_and_262144_leaves() {
     );
     assert_eq!(mmu.live_tables() - tables_before, 513);
     for gpa in [1 << 30, (1 << 30) + 0x1234_5678, (2 << 30) - 1] {
-        assert_eq!(mmu.translate(gpa).unwrap().hpa, gpa);
+        assert_eq!(mmu.translate(Gpa(gpa)).unwrap().hpa, Hpa(gpa));
     }
 }
 
 #[test]
 fn stats_move_by_512_per_split() {
     let (_, mmu) = mmu(MmuConfig::default());
-    mmu.add_memslot(Memslot::new(0, 0, 16 * MIB_PAGES, 0).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(0), 16 * MIB_PAGES, Pfn(0)).unwrap())
         .unwrap();
     let mut vcpu = mmu.new_vcpu_caches();
     for gpa in (0..16u64 << 20).step_by(2 << 20) {
-        mmu.fault(&mut vcpu, gpa, false).unwrap();
+        mmu.fault(&mut vcpu, Gpa(gpa), false).unwrap();
     }
     for (done, start) in (0..8u64).map(|i| i * 512).enumerate() {
-        mmu.split_huge_pages(start, start + 512, Level::L4K)
+        mmu.split_huge_pages(Gfn(start), Gfn(start + 512), Level::L4K)
             .unwrap();
         let stats = checked_stats(&mmu);
         assert_eq!(stats.pages_2m, 7 - done as u64);
@@ -104,18 +112,18 @@ fn stats_move_by_512_per_split() {
 #[test]
 fn split_cross_boundary_splits_only_the_straddling_leaves() {
     let (_, mmu) = mmu(MmuConfig::default());
-    mmu.add_memslot(Memslot::new(0, 0, 8 * MIB_PAGES, 0).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(0), 8 * MIB_PAGES, Pfn(0)).unwrap())
         .unwrap();
     let mut vcpu = mmu.new_vcpu_caches();
     for gpa in (0..8u64 << 20).step_by(2 << 20) {
-        mmu.fault(&mut vcpu, gpa, false).unwrap();
+        mmu.fault(&mut vcpu, Gpa(gpa), false).unwrap();
     }
     assert_eq!(
-        mmu.split_cross_boundary(3 * MIB_PAGES, 5 * MIB_PAGES)
+        mmu.split_cross_boundary(Gfn(3 * MIB_PAGES), Gfn(5 * MIB_PAGES))
             .unwrap(),
         2
     );
-    let level_at = |mib: u64| mmu.translate(mib << 20).unwrap().level;
+    let level_at = |mib: u64| mmu.translate(Gpa(mib << 20)).unwrap().level;
     assert_eq!(
         [0, 1, 2, 3, 4, 5, 6, 7].map(level_at),
         [
@@ -130,20 +138,24 @@ fn split_cross_boundary_splits_only_the_straddling_leaves() {
         ]
     );
     // Aligned boundaries straddle nothing.
-    assert_eq!(mmu.split_cross_boundary(0, 2 * MIB_PAGES).unwrap(), 0);
+    assert_eq!(
+        mmu.split_cross_boundary(Gfn(0), Gfn(2 * MIB_PAGES))
+            .unwrap(),
+        0
+    );
     checked_stats(&mmu);
 }
 
 #[test]
 fn boundary_splits_of_a_1g_leaf_go_only_as_deep_as_needed() {
     let (_, mmu) = mmu(MmuConfig::default());
-    mmu.add_memslot(Memslot::new(0, 0, GIB_PAGES, 0).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(0), GIB_PAGES, Pfn(0)).unwrap())
         .unwrap();
     let mut vcpu = mmu.new_vcpu_caches();
-    mmu.fault(&mut vcpu, 0, false).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0), false).unwrap();
     // [2M, 6M): 2M-aligned, so the 1G leaf splits to 2M and no further.
     assert_eq!(
-        mmu.split_cross_boundary(2 * MIB_PAGES, 6 * MIB_PAGES)
+        mmu.split_cross_boundary(Gfn(2 * MIB_PAGES), Gfn(6 * MIB_PAGES))
             .unwrap(),
         1
     );
@@ -156,7 +168,7 @@ fn boundary_splits_of_a_1g_leaf_go_only_as_deep_as_needed() {
     );
     // [3M, 5M): now the 2M leaves at 2M and 4M split too.
     assert_eq!(
-        mmu.split_cross_boundary(3 * MIB_PAGES, 5 * MIB_PAGES)
+        mmu.split_cross_boundary(Gfn(3 * MIB_PAGES), Gfn(5 * MIB_PAGES))
             .unwrap(),
         2
     );
@@ -173,7 +185,7 @@ fn boundary_splits_of_a_1g_leaf_go_only_as_deep_as_needed() {
 fn populate(mmu: &split::TdpMmu, npages: u64) {
     let mut vcpu = mmu.new_vcpu_caches();
     for gfn in 0..npages {
-        mmu.write(&mut vcpu, gfn << 12).unwrap();
+        mmu.write(&mut vcpu, Gpa(gfn << 12)).unwrap();
     }
 }
 
@@ -183,7 +195,7 @@ fn populate(mmu: &split::TdpMmu, npages: u64) {
 fn dirty_log_page_splitting_classic() {
     let npages = GIB_PAGES + 4 * MIB_PAGES;
     let (_, mmu) = mmu(MmuConfig::default());
-    mmu.add_memslot(Memslot::new(0, 0, npages, 0).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(0), npages, Pfn(0)).unwrap())
         .unwrap();
     populate(&mmu, npages);
     let stats = checked_stats(&mmu);
@@ -199,7 +211,7 @@ fn dirty_log_page_splitting_classic() {
     let mut vcpu = mmu.new_vcpu_caches();
     let written: Vec<u64> = (0..npages).step_by(7).collect();
     for &gfn in &written {
-        mmu.write(&mut vcpu, gfn << 12).unwrap();
+        mmu.write(&mut vcpu, Gpa(gfn << 12)).unwrap();
     }
     let log = mmu.get_dirty_log(0).unwrap();
     let logged: Vec<u64> = (0..npages)
@@ -225,7 +237,7 @@ fn dirty_log_page_splitting_classic() {
 fn dirty_log_page_splitting_manual_initially_set() {
     let npages = GIB_PAGES + 4 * MIB_PAGES;
     let (_, mmu) = mmu(MmuConfig::default());
-    mmu.add_memslot(Memslot::new(0, 0, npages, 0).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(0), npages, Pfn(0)).unwrap())
         .unwrap();
     populate(&mmu, npages);
     let before = checked_stats(&mmu);
@@ -248,7 +260,7 @@ fn dirty_log_page_splitting_manual_initially_set() {
     assert!(mmu.get_dirty_log(0).unwrap().iter().all(|&w| w == 0));
 
     let mut vcpu = mmu.new_vcpu_caches();
-    mmu.write(&mut vcpu, 0x7000).unwrap();
+    mmu.write(&mut vcpu, Gpa(0x7000)).unwrap();
     let log = mmu.get_dirty_log(0).unwrap();
     assert_eq!(log[0], 1 << 7);
     assert_eq!(
@@ -274,13 +286,13 @@ fn lazy_splitting_keeps_the_511_neighbours_of_a_write_fault() {
         eager_split: false,
         ..MmuConfig::default()
     });
-    mmu.add_memslot(Memslot::new(0, 0, 4 * MIB_PAGES, 0).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(0), 4 * MIB_PAGES, Pfn(0)).unwrap())
         .unwrap();
     populate(&mmu, 4 * MIB_PAGES);
     mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
     assert_eq!(checked_stats(&mmu).pages_2m, 2, "no eager split");
     let mut vcpu = mmu.new_vcpu_caches();
-    mmu.write(&mut vcpu, 0x3000).unwrap();
+    mmu.write(&mut vcpu, Gpa(0x3000)).unwrap();
     let stats = checked_stats(&mmu);
     assert_eq!(
         (stats.pages_2m, stats.pages_4k),
@@ -289,14 +301,19 @@ fn lazy_splitting_keeps_the_511_neighbours_of_a_write_fault() {
     );
     assert_eq!(mmu.counters().lazy_splits, 1);
     for gfn in [0u64, 2, 4, 511] {
-        let t = mmu.translate(gfn << 12).expect("a neighbour stays mapped");
-        assert_eq!((t.level, t.hpa), (Level::L4K, gfn << 12));
+        let t = mmu
+            .translate(Gpa(gfn << 12))
+            .expect("a neighbour stays mapped");
+        assert_eq!((t.level, t.hpa), (Level::L4K, Hpa(gfn << 12)));
         assert_eq!(t.perms & split::ept::WRITE, 0, "still write-protected");
     }
     assert_eq!(mmu.get_dirty_log(0).unwrap()[0], 1 << 3);
     // The next write to a neighbour is a fault on a 4K leaf, and logged.
-    assert_eq!(mmu.access(&mut vcpu, 0x5000, true), split::Access::Miss);
-    mmu.write(&mut vcpu, 0x5000).unwrap();
+    assert_eq!(
+        mmu.access(&mut vcpu, Gpa(0x5000), true),
+        split::Access::Miss
+    );
+    mmu.write(&mut vcpu, Gpa(0x5000)).unwrap();
     assert_eq!(mmu.counters().lazy_splits, 1);
     assert_eq!(mmu.get_dirty_log(0).unwrap()[0], 1 << 5);
 }
@@ -308,11 +325,11 @@ fn lazy_splitting_keeps_the_511_neighbours_of_a_write_fault() {
 #[test]
 fn eager_splitting_falls_back_to_write_protection_when_memory_runs_out() {
     let (counting, mmu) = failing_mmu(MmuConfig::default());
-    mmu.add_memslot(Memslot::new(0, 0, 4 * MIB_PAGES, 0).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(0), 4 * MIB_PAGES, Pfn(0)).unwrap())
         .unwrap();
     let mut vcpu = mmu.new_vcpu_caches();
     for gpa in [0, 2 << 20] {
-        mmu.write(&mut vcpu, gpa).unwrap();
+        mmu.write(&mut vcpu, Gpa(gpa)).unwrap();
     }
     counting.inner().set_policy(FailPolicy::Always);
     mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
@@ -320,11 +337,14 @@ fn eager_splitting_falls_back_to_write_protection_when_memory_runs_out() {
     assert_eq!((stats.pages_2m, stats.pages_4k), (2, 0), "nothing split");
     assert_eq!(mmu.counters().split_fallbacks, 2);
     for gpa in [0x1000, (2 << 20) + 0x1000] {
-        assert_eq!(mmu.translate(gpa).unwrap().perms & split::ept::WRITE, 0);
+        assert_eq!(
+            mmu.translate(Gpa(gpa)).unwrap().perms & split::ept::WRITE,
+            0
+        );
     }
     // The vCPU's own cache still holds tables: write faults split.
-    mmu.write(&mut vcpu, 0x3000).unwrap();
-    mmu.write(&mut vcpu, (2 << 20) + 0x7000).unwrap();
+    mmu.write(&mut vcpu, Gpa(0x3000)).unwrap();
+    mmu.write(&mut vcpu, Gpa((2 << 20) + 0x7000)).unwrap();
     let stats = checked_stats(&mmu);
     assert_eq!((stats.pages_2m, stats.pages_4k), (0, 1024));
     let log = mmu.get_dirty_log(0).unwrap();
@@ -334,7 +354,7 @@ fn eager_splitting_falls_back_to_write_protection_when_memory_runs_out() {
     assert_eq!(logged, vec![3, 512 + 7], "4 KiB precision");
     // Manual clears are best effort too.
     mmu.disable_dirty_logging(0).unwrap();
-    mmu.write(&mut vcpu, 0).unwrap();
+    mmu.write(&mut vcpu, Gpa(0)).unwrap();
     mmu.enable_dirty_logging(0, LogMode::ManualInitiallySet)
         .unwrap();
     mmu.clear_dirty_log(0, 0, &[!0; 16]).unwrap();
@@ -348,7 +368,7 @@ fn eager_splitting_falls_back_to_write_protection_when_memory_runs_out() {
 #[test]
 fn clear_dirty_log_splits_per_word_only_what_it_cleared() {
     let (_, mmu) = mmu(MmuConfig::default());
-    mmu.add_memslot(Memslot::new(0, 0, 8 * MIB_PAGES, 0).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(0), 8 * MIB_PAGES, Pfn(0)).unwrap())
         .unwrap();
     populate(&mmu, 8 * MIB_PAGES);
     assert_eq!(checked_stats(&mmu).pages_2m, 4);
@@ -366,9 +386,9 @@ fn clear_dirty_log_splits_per_word_only_what_it_cleared() {
     let stats = checked_stats(&mmu);
     assert_eq!((stats.pages_2m, stats.pages_4k), (2, 1024));
     assert_eq!(mmu.counters().splits - splits, 2);
-    assert_eq!(mmu.translate(0x20_0000).unwrap().level, Level::L2M);
+    assert_eq!(mmu.translate(Gpa(0x20_0000)).unwrap().level, Level::L2M);
     assert_ne!(
-        mmu.translate(0x20_0000).unwrap().perms & split::ept::WRITE,
+        mmu.translate(Gpa(0x20_0000)).unwrap().perms & split::ept::WRITE,
         0,
         "untouched huge pages stay writable"
     );
@@ -393,7 +413,7 @@ fn disabling_dirty_logging_zaps_only_what_can_be_huge_again() {
     let (_, mmu) = mmu(MmuConfig::default());
     // 4 MiB + 5 pages: the last 5 pages can only be mapped 4K.
     let npages = 4 * MIB_PAGES + 5;
-    mmu.add_memslot(Memslot::new(0, 0, npages, 0).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(0), npages, Pfn(0)).unwrap())
         .unwrap();
     populate(&mmu, npages);
     mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
@@ -402,9 +422,9 @@ fn disabling_dirty_logging_zaps_only_what_can_be_huge_again() {
     let stats = checked_stats(&mmu);
     assert_eq!((stats.pages_2m, stats.pages_4k), (0, 5));
     for gfn in 4 * MIB_PAGES..npages {
-        assert_eq!(mmu.translate(gfn << 12).unwrap().level, Level::L4K);
+        assert_eq!(mmu.translate(Gpa(gfn << 12)).unwrap().level, Level::L4K);
     }
-    assert_eq!(mmu.translate(0x1000), None);
+    assert_eq!(mmu.translate(Gpa(0x1000)), None);
     populate(&mmu, npages);
     let stats = checked_stats(&mmu);
     assert_eq!(
@@ -421,10 +441,10 @@ fn a_1g_split_with_a_tiny_cache_completes_without_allocating_under_the_lock() {
         split_cache_capacity: 3,
         ..MmuConfig::default()
     });
-    mmu.add_memslot(Memslot::new(0, 0, GIB_PAGES, 0).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(0), GIB_PAGES, Pfn(0)).unwrap())
         .unwrap();
     let mut vcpu = mmu.new_vcpu_caches();
-    mmu.fault(&mut vcpu, 0, true).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0), true).unwrap();
     mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
     assert_eq!(
         checked_stats(&mmu),
@@ -455,14 +475,14 @@ fn five_level_paging_maps_high_addresses() {
         ..MmuConfig::default()
     });
     let base = 1u64 << 40; // gfn of a gpa at 4 PiB, beyond 4-level paging
-    five.add_memslot(Memslot::new(0, base, 512, 7).unwrap())
+    five.add_memslot(Memslot::new(0, Gfn(base), 512, Pfn(7)).unwrap())
         .unwrap();
     let mut vcpu = five.new_vcpu_caches();
-    let t = five.fault(&mut vcpu, (base + 3) << 12, true).unwrap();
-    assert_eq!(t.hpa, 10 << 12);
+    let t = five.fault(&mut vcpu, Gpa((base + 3) << 12), true).unwrap();
+    assert_eq!(t.hpa, Hpa(10 << 12));
     let (_, four) = mmu(MmuConfig::default());
     assert!(
-        four.add_memslot(Memslot::new(0, base, 512, 7).unwrap())
+        four.add_memslot(Memslot::new(0, Gfn(base), 512, Pfn(7)).unwrap())
             .is_err()
     );
 }
@@ -470,13 +490,13 @@ fn five_level_paging_maps_high_addresses() {
 #[test]
 fn a_zap_keeps_an_unharvested_write_in_the_log() {
     let (_, mmu) = mmu(MmuConfig::default());
-    mmu.add_memslot(Memslot::new(0, 0, 2 * MIB_PAGES, 0x40000).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(0), 2 * MIB_PAGES, Pfn(0x40000)).unwrap())
         .unwrap();
     let mut vcpu = mmu.new_vcpu_caches();
     mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
-    mmu.write(&mut vcpu, 0x7000).unwrap();
+    mmu.write(&mut vcpu, Gpa(0x7000)).unwrap();
     // The leaf goes (a conversion, a memslot change) before the log is read.
-    mmu.zap_range(0, 16).unwrap();
+    mmu.zap_range(Gfn(0), Gfn(16)).unwrap();
     let log = mmu.get_dirty_log(0).unwrap();
     assert_eq!(log[0], 1 << 7, "the write survives the zap");
 }

@@ -8,6 +8,7 @@
 
 mod common;
 
+use split::{Gfn, Gpa, Hpa, Pfn};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -25,7 +26,7 @@ fn writes_zaps_splits_and_clears_race_without_losing_a_write() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(1);
     let (counting, mmu) = mmu(MmuConfig::default());
-    mmu.add_memslot(Memslot::new(0, 0, NPAGES, HOST).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(0), NPAGES, Pfn(HOST)).unwrap())
         .unwrap();
     mmu.enable_dirty_logging(0, LogMode::ManualInitiallySet)
         .unwrap();
@@ -41,8 +42,8 @@ fn writes_zaps_splits_and_clears_race_without_losing_a_write() {
                 let mut gfn = id * 17;
                 while !stop.load(Ordering::Relaxed) {
                     gfn = (gfn + 7919) % NPAGES;
-                    let hpa = mmu.write(&mut caches, gfn << 12).unwrap();
-                    assert_eq!(hpa, (HOST + gfn) << 12);
+                    let hpa = mmu.write(&mut caches, Gpa(gfn << 12)).unwrap();
+                    assert_eq!(hpa, Hpa((HOST + gfn) << 12));
                     writes[gfn as usize].fetch_add(1, Ordering::AcqRel);
                 }
             });
@@ -55,8 +56,8 @@ fn writes_zaps_splits_and_clears_race_without_losing_a_write() {
                 while !stop.load(Ordering::Relaxed) {
                     start = (start + 1237) % NPAGES;
                     let end = (start + 300).min(NPAGES);
-                    mmu.split_cross_boundary(start, end).unwrap();
-                    mmu.zap_range(start, end).unwrap();
+                    mmu.split_cross_boundary(Gfn(start), Gfn(end)).unwrap();
+                    mmu.zap_range(Gfn(start), Gfn(end)).unwrap();
                     zaps += 1;
                     std::thread::sleep(Duration::from_micros(200));
                 }
@@ -92,8 +93,8 @@ fn writes_zaps_splits_and_clears_race_without_losing_a_write() {
     assert!(harvests > 2 && zaps > 2, "harvests {harvests}, zaps {zaps}");
     checked_stats(&mmu);
     for gfn in (0..NPAGES).step_by(101) {
-        if let Some(t) = mmu.translate(gfn << 12) {
-            assert_eq!(t.hpa, (HOST + gfn) << 12);
+        if let Some(t) = mmu.translate(Gpa(gfn << 12)) {
+            assert_eq!(t.hpa, Hpa((HOST + gfn) << 12));
         }
     }
     drop(mmu);

@@ -14,7 +14,7 @@ impl ShadowMmu {
         slot.start_logging(mode);
         if mode == LogMode::Classic {
             self.try_split_huge_pages(slot.base_gfn(), slot.end_gfn());
-            self.write_protect(&slot, slot.base_gfn(), slot.end_gfn(), None);
+            self.write_protect(&slot, slot.base_gfn().0, slot.end_gfn().0, None);
         }
         Ok(())
     }
@@ -23,12 +23,12 @@ impl ShadowMmu {
     /// `kvm_shadow_mmu_try_split_huge_pages`: a failure (the split caches
     /// could not be filled) leaves huge leaves for the write-protect pass,
     /// and a write fault drops them later.
-    fn try_split_huge_pages(&self, start: u64, end: u64) {
+    fn try_split_huge_pages(&self, start: Gfn, end: Gfn) {
         if !self.config.eager_split {
             return;
         }
         if let Err(err) = self.split_huge_pages(start, end, Level::L4K) {
-            tracing::debug!(start, end, %err, "shadow eager split fell back to write protection");
+            tracing::debug!(start = start.0, end = end.0, %err, "shadow eager split fell back to write protection");
         }
     }
 
@@ -50,7 +50,7 @@ impl ShadowMmu {
         Ok(match mode {
             LogMode::Classic => {
                 let log = slot.take();
-                self.write_protect(&slot, slot.base_gfn(), slot.end_gfn(), Some((0, &log)));
+                self.write_protect(&slot, slot.base_gfn().0, slot.end_gfn().0, Some((0, &log)));
                 log
             }
             LogMode::ManualInitiallySet => slot.snapshot(),
@@ -75,7 +75,7 @@ impl ShadowMmu {
         slot.check_clear(first_page, mask)?;
         for word in slot.clear_words(first_page, mask) {
             let range = word.gfn_range(slot.base_gfn());
-            self.try_split_huge_pages(range.start, range.end);
+            self.try_split_huge_pages(Gfn(range.start), Gfn(range.end));
             self.write_protect(
                 &slot,
                 range.start,
@@ -103,10 +103,10 @@ impl ShadowMmu {
             let pages = level.entry_pages();
             let mut gfn = start & !(pages - 1);
             while gfn < end {
-                let at = gfn.max(slot.base_gfn());
+                let at = gfn.max(slot.base_gfn().0);
                 let selected = level > Level::L4K
                     || mask.is_none_or(|(first_page, bits)| {
-                        let page = at - slot.base_gfn() - first_page;
+                        let page = at - slot.base_gfn().0 - first_page;
                         bits.get((page / 64) as usize)
                             .is_some_and(|w| w & (1 << (page % 64)) != 0)
                     });

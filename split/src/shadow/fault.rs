@@ -43,11 +43,14 @@ fn walk_guest(
         let entry = guest.read_entry(table, level.index(ngfn));
         entry
             .validate_with(level, caps)
-            .map_err(|source| ShadowError::GuestMisconfig { ngpa, source })?;
+            .map_err(|source| ShadowError::GuestMisconfig {
+                ngpa: Gpa(ngpa),
+                source,
+            })?;
         walk.access &= entry.perms();
         if !entry.is_present() || !kind.allowed_by(walk.access) {
             return Err(ShadowError::GuestViolation {
-                ngpa,
+                ngpa: Gpa(ngpa),
                 level,
                 access: kind,
             });
@@ -66,7 +69,7 @@ impl ShadowMmu {
     fn check_width(vcpu: &Vcpu, ngpa: u64) -> Result<(), ShadowError> {
         if ngpa >> (vcpu.top_level().shift() + 9) != 0 {
             return Err(ShadowError::AddressTooWide {
-                ngpa,
+                ngpa: Gpa(ngpa),
                 levels: vcpu.guest.levels(),
             });
         }
@@ -121,9 +124,10 @@ impl ShadowMmu {
         &self,
         caches: &mut ShadowCaches,
         vcpu: &mut Vcpu,
-        ngpa: u64,
+        ngpa: Gpa,
         kind: AccessKind,
     ) -> Result<Translation, ShadowError> {
+        let ngpa = ngpa.0;
         let write = kind == AccessKind::Write;
         Self::check_width(vcpu, ngpa)?;
         caches.topup()?;
@@ -136,14 +140,14 @@ impl ShadowMmu {
         let slot = state
             .slot_index(walk.gfn)
             .map(|si| state.slots[si].slot.clone())
-            .ok_or(ShadowError::NoSlot { gfn: walk.gfn })?;
+            .ok_or(ShadowError::NoSlot { gfn: Gfn(walk.gfn) })?;
         let root = self.load_root(&mut state, caches, vcpu)?;
         let vcpu: &Vcpu = vcpu;
         let ngfn = ngpa >> 12;
         let goal = if slot.logging() {
             Level::L4K
         } else {
-            walk.leaf_level.min(slot.max_level(walk.gfn))
+            walk.leaf_level.min(slot.max_level(Gfn(walk.gfn)))
         };
         let mut sp = root;
         let mut level = vcpu.top_level();
@@ -153,7 +157,7 @@ impl ShadowMmu {
             if level == goal {
                 let base_gfn = walk.gfn & !(level.entry_pages() - 1);
                 let current = spte.is_leaf(level)
-                    && spte.addr(level) == slot.host_pfn(base_gfn) << 12
+                    && spte.addr(level) == slot.host_pfn(Gfn(base_gfn)).hpa().0
                     && guest_access(spte) == walk.access;
                 if current {
                     let leaf = self.touch_leaf(&mut state, &slot, addr, spte, &walk, write);
@@ -203,7 +207,7 @@ impl ShadowMmu {
     pub(super) fn translation(&self, leaf: Entry, level: Level, ngpa: u64) -> Translation {
         let offset = ngpa & (level.entry_bytes() - 1);
         Translation {
-            hpa: leaf.addr(level) + offset,
+            hpa: Hpa(leaf.addr(level) + offset),
             perms: leaf.perms(),
             memtype: leaf.memtype_bits(),
             level,
@@ -222,7 +226,7 @@ impl ShadowMmu {
     ) -> Entry {
         let touched = if write {
             if slot.logging() {
-                slot.mark_dirty(walk.gfn);
+                slot.mark_dirty(Gfn(walk.gfn));
             }
             leaf.with(WRITE | ACCESSED | DIRTY)
         } else {
@@ -253,7 +257,7 @@ impl ShadowMmu {
         }
         let mut leaf = Entry::leaf(
             level,
-            slot.host_pfn(base_gfn) << 12,
+            slot.host_pfn(Gfn(base_gfn)).hpa().0,
             perms,
             self.config.memtype,
         )?
@@ -261,7 +265,7 @@ impl ShadowMmu {
         if write {
             leaf = leaf.with(DIRTY);
             if slot.logging() {
-                slot.mark_dirty(walk.gfn);
+                slot.mark_dirty(Gfn(walk.gfn));
             }
         }
         state
@@ -276,7 +280,8 @@ impl ShadowMmu {
     /// vCPU's shadow tables and set the accessed (and dirty) bits; a missing
     /// leaf, or a leaf without the access's bit (R for a read, W for a
     /// write, X for a fetch), is a miss for [`fault`](Self::fault).
-    pub fn access(&self, vcpu: &Vcpu, ngpa: u64, kind: AccessKind) -> Access {
+    pub fn access(&self, vcpu: &Vcpu, ngpa: Gpa, kind: AccessKind) -> Access {
+        let ngpa = ngpa.0;
         let write = kind == AccessKind::Write;
         let Some(root) = vcpu.root else {
             return Access::Miss;
@@ -320,8 +325,8 @@ impl ShadowMmu {
         &self,
         caches: &mut ShadowCaches,
         vcpu: &mut Vcpu,
-        ngpa: u64,
-    ) -> Result<u64, ShadowError> {
+        ngpa: Gpa,
+    ) -> Result<Hpa, ShadowError> {
         match self.access(vcpu, ngpa, AccessKind::Write) {
             Access::Hit(hpa) => Ok(hpa),
             Access::Miss => self
@@ -331,7 +336,8 @@ impl ShadowMmu {
     }
 
     /// Translates `ngpa` through `vcpu`'s shadow tables, without side effects.
-    pub fn translate(&self, vcpu: &Vcpu, ngpa: u64) -> Option<Translation> {
+    pub fn translate(&self, vcpu: &Vcpu, ngpa: Gpa) -> Option<Translation> {
+        let ngpa = ngpa.0;
         let root = vcpu.root?;
         let state = self.lock();
         if state.pages.get(&root).is_none_or(|sp| sp.invalid) {

@@ -44,6 +44,7 @@ mod sync;
 pub use rmap::PteListDesc;
 use rmap::{PteList, SlotRmaps};
 
+use crate::addr::{Gfn, Gpa, Hpa};
 use crate::ept::{
     self, ACCESSED, AccessKind, DIRTY, Entry, EptCaps, EptError, Level, MemType, RWX, WRITE,
 };
@@ -81,7 +82,7 @@ pub enum ShadowError {
     #[error("guest EPT violation at nested gpa {ngpa:#x} (level {level:?}, {access})")]
     GuestViolation {
         /// The nested (L2) guest physical address.
-        ngpa: u64,
+        ngpa: Gpa,
         /// The guest level where the walk stopped.
         level: Level,
         /// The access that was denied.
@@ -95,7 +96,7 @@ pub enum ShadowError {
     #[error("guest EPT misconfiguration at nested gpa {ngpa:#x}: {source}")]
     GuestMisconfig {
         /// The nested guest physical address.
-        ngpa: u64,
+        ngpa: Gpa,
         /// What is wrong with the entry.
         source: EptError,
     },
@@ -103,7 +104,7 @@ pub enum ShadowError {
     #[error("nested gpa {ngpa:#x} is beyond the guest's {levels}-level EPT")]
     AddressTooWide {
         /// The nested guest physical address.
-        ngpa: u64,
+        ngpa: Gpa,
         /// The guest's paging depth.
         levels: u8,
     },
@@ -111,7 +112,7 @@ pub enum ShadowError {
     #[error("no memslot holds L1 gfn {gfn:#x}")]
     NoSlot {
         /// The L1 guest frame.
-        gfn: u64,
+        gfn: Gfn,
     },
     /// A memslot operation failed.
     #[error(transparent)]
@@ -126,7 +127,7 @@ pub enum ShadowError {
     #[error("no shadow page at {hpa:#x}")]
     NoSuchPage {
         /// The address asked for.
-        hpa: u64,
+        hpa: Hpa,
     },
 }
 
@@ -186,8 +187,8 @@ impl ShadowPage {
 
     fn info(&self) -> ShadowPageInfo {
         ShadowPageInfo {
-            hpa: self.hpa(),
-            gfn: self.gfn,
+            hpa: Hpa(self.hpa()),
+            gfn: Gfn(self.gfn),
             role: self.role,
             unsync: self.unsync,
             parents: self.parents.len(),
@@ -201,9 +202,9 @@ impl ShadowPage {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct ShadowPageInfo {
     /// Address of the table page.
-    pub hpa: u64,
+    pub hpa: Hpa,
     /// The frame the page is keyed by.
-    pub gfn: u64,
+    pub gfn: Gfn,
     /// Its role.
     pub role: Role,
     /// Whether the guest table changed since the page was last synced.
@@ -284,8 +285,8 @@ impl Vcpu {
     }
 
     /// The address of its shadow root, once loaded.
-    pub fn root_hpa(&self) -> Option<u64> {
-        self.root
+    pub fn root_hpa(&self) -> Option<Hpa> {
+        self.root.map(Hpa)
     }
 
     fn top_level(&self) -> Level {
@@ -398,15 +399,15 @@ impl State {
     }
 
     fn slot_index(&self, gfn: u64) -> Option<usize> {
-        self.slots.iter().position(|r| r.slot.contains(gfn))
+        self.slots.iter().position(|r| r.slot.contains(Gfn(gfn)))
     }
 
     /// The L1 frame a leaf maps (its first frame for a huge leaf).
     fn leaf_gfn(&self, leaf: Entry, level: Level) -> u64 {
-        let pfn = leaf.addr(level) >> 12;
+        let pfn = Hpa(leaf.addr(level)).pfn();
         self.slots
             .iter()
-            .find_map(|r| r.slot.gfn_of_host_pfn(pfn))
+            .find_map(|r| r.slot.gfn_of_host_pfn(pfn).map(|gfn| gfn.0))
             .expect("every leaf maps a memslot frame")
     }
 
@@ -474,19 +475,19 @@ impl State {
 /// use std::sync::Arc;
 /// use split::guest::GuestEpt;
 /// use split::shadow::{ShadowConfig, ShadowMmu, Vcpu};
-/// use split::{AccessKind, Level, LogMode, Memslot};
+/// use split::{AccessKind, Gfn, Gpa, Hpa, Level, LogMode, Memslot, Pfn};
 /// use mmu_cache::{PagePool, alloc::ChunkAllocator};
 ///
 /// let mmu = ShadowMmu::new(PagePool::new(ChunkAllocator::anonymous()), ShadowConfig::default())?;
-/// mmu.add_memslot(Memslot::new(0, 0, 1024, 0x10_0000)?)?; // 4 MiB of L1 memory
+/// mmu.add_memslot(Memslot::new(0, Gfn(0), 1024, Pfn(0x10_0000))?)?; // 4 MiB of L1 memory
 /// // The guest hypervisor maps L2 [0, 4M) to L1 [0, 4M) with 2M pages.
 /// let guest = Arc::new(GuestEpt::new(4, 0x8_0000..0x8_0100).unwrap());
 /// guest.map(0, 0, Level::L2M, 0b111).unwrap();
 /// guest.map(512, 512, Level::L2M, 0b111).unwrap();
 /// let mut vcpu = Vcpu::new(0, guest);
 /// let mut caches = mmu.new_caches();
-/// let t = mmu.fault(&mut caches, &mut vcpu, 0x20_3000, AccessKind::Write)?;
-/// assert_eq!((t.level, t.hpa), (Level::L2M, (0x10_0000 << 12) + 0x20_3000));
+/// let t = mmu.fault(&mut caches, &mut vcpu, Gpa(0x20_3000), AccessKind::Write)?;
+/// assert_eq!((t.level, t.hpa), (Level::L2M, Hpa((0x10_0000 << 12) + 0x20_3000)));
 ///
 /// mmu.enable_dirty_logging(0, LogMode::Classic)?; // splits the 2M leaf
 /// assert_eq!(mmu.page_stats().pages_4k, 512);
@@ -589,11 +590,11 @@ impl ShadowMmu {
     pub fn remove_memslot(&self, id: u32) -> Result<(), ShadowError> {
         let slot = self.slot(id)?;
         let mut state = self.lock();
-        self.zap_leaves(&mut state, slot.base_gfn(), slot.end_gfn());
+        self.zap_leaves(&mut state, slot.base_gfn().0, slot.end_gfn().0);
         let doomed: Vec<u64> = state
             .pages
             .values()
-            .filter(|sp| !sp.role.direct && slot.contains(sp.gfn))
+            .filter(|sp| !sp.role.direct && slot.contains(Gfn(sp.gfn)))
             .map(|sp| sp.hpa())
             .collect();
         for hpa in doomed {
@@ -633,7 +634,8 @@ impl ShadowMmu {
     }
 
     /// Entries in the rmap of L1 frame `gfn` at `level`.
-    pub fn rmap_len(&self, gfn: u64, level: Level) -> usize {
+    pub fn rmap_len(&self, gfn: Gfn, level: Level) -> usize {
+        let gfn = gfn.0;
         let mut state = self.lock();
         match state.slot_index(gfn) {
             Some(si) => state.slots[si].head(level, gfn).len(),

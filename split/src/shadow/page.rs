@@ -72,14 +72,14 @@ impl ShadowMmu {
     }
 
     /// The shadow page `(gfn, role)`, if one is valid.
-    pub fn find_shadow_page(&self, gfn: u64, role: Role) -> Option<ShadowPageInfo> {
+    pub fn find_shadow_page(&self, gfn: Gfn, role: Role) -> Option<ShadowPageInfo> {
         let state = self.lock();
-        state.find(gfn, role).map(|hpa| state.sp(hpa).info())
+        state.find(gfn.0, role).map(|hpa| state.sp(hpa).info())
     }
 
     /// The shadow page at `hpa`.
-    pub fn shadow_page(&self, hpa: u64) -> Option<ShadowPageInfo> {
-        self.lock().pages.get(&hpa).map(|sp| sp.info())
+    pub fn shadow_page(&self, hpa: Hpa) -> Option<ShadowPageInfo> {
+        self.lock().pages.get(&hpa.0).map(|sp| sp.info())
     }
 
     /// Shadow pages alive (roots zapped while in use included).
@@ -106,10 +106,11 @@ impl ShadowMmu {
     /// left without a parent are zapped too), the entries pointing at it are
     /// cleared, and it is freed, or only marked invalid while a vCPU still
     /// uses it as a root.
-    pub fn zap_shadow_page(&self, hpa: u64) -> Result<(), ShadowError> {
+    pub fn zap_shadow_page(&self, hpa: Hpa) -> Result<(), ShadowError> {
+        let hpa = hpa.0;
         let mut state = self.lock();
         if state.pages.get(&hpa).is_none_or(|sp| sp.invalid) {
-            return Err(ShadowError::NoSuchPage { hpa });
+            return Err(ShadowError::NoSuchPage { hpa: Hpa(hpa) });
         }
         let _no_alloc = NoAllocSection::enter();
         self.zap_sp(&mut state, hpa);
@@ -136,10 +137,10 @@ impl ShadowMmu {
 
     /// Unmaps every leaf that maps an L1 frame in `[start_gfn, end_gfn)`
     /// (a huge leaf that overlaps only partly goes whole).
-    pub fn zap_gfn_range(&self, start_gfn: u64, end_gfn: u64) {
+    pub fn zap_gfn_range(&self, start_gfn: Gfn, end_gfn: Gfn) {
         let mut state = self.lock();
         let _no_alloc = NoAllocSection::enter();
-        self.zap_leaves(&mut state, start_gfn, end_gfn);
+        self.zap_leaves(&mut state, start_gfn.0, end_gfn.0);
     }
 
     pub(super) fn zap_leaves(&self, state: &mut State, start: u64, end: u64) {
@@ -147,11 +148,11 @@ impl ShadowMmu {
             let pages = level.entry_pages();
             for si in 0..state.slots.len() {
                 let slot = state.slots[si].slot.clone();
-                let first = start.max(slot.base_gfn()) & !(pages - 1);
-                let last = end.min(slot.end_gfn());
+                let first = start.max(slot.base_gfn().0) & !(pages - 1);
+                let last = end.min(slot.end_gfn().0);
                 let mut gfn = first;
                 while gfn < last {
-                    let at = gfn.max(slot.base_gfn());
+                    let at = gfn.max(slot.base_gfn().0);
                     while let Some(addr) = state.slots[si].head(level, at).first() {
                         self.drop_leaf(state, addr, level);
                     }

@@ -189,7 +189,7 @@ pub(super) struct SlotRmaps {
 impl SlotRmaps {
     pub(super) fn new(slot: Arc<Memslot>) -> Self {
         let levels = [0u32, 9, 18].map(|shift| {
-            let count = ((slot.end_gfn() - 1) >> shift) - (slot.base_gfn() >> shift) + 1;
+            let count = ((slot.end_gfn().0 - 1) >> shift) - (slot.base_gfn().0 >> shift) + 1;
             (0..count).map(|_| PteList::Empty).collect()
         });
         Self { slot, levels }
@@ -197,7 +197,7 @@ impl SlotRmaps {
 
     pub(super) fn index(&self, level: Level, gfn: u64) -> usize {
         let shift = 9 * u32::from(level.get() - 1);
-        ((gfn >> shift) - (self.slot.base_gfn() >> shift)) as usize
+        ((gfn >> shift) - (self.slot.base_gfn().0 >> shift)) as usize
     }
 
     pub(super) fn head(&mut self, level: Level, gfn: u64) -> &mut PteList {

@@ -11,10 +11,11 @@ impl ShadowMmu {
     /// topped up, and the walk resumes. Returns the number of splits.
     pub fn split_huge_pages(
         &self,
-        start_gfn: u64,
-        end_gfn: u64,
+        start_gfn: Gfn,
+        end_gfn: Gfn,
         target: Level,
     ) -> Result<u64, ShadowError> {
+        let (start_gfn, end_gfn) = (start_gfn.0, end_gfn.0);
         let mut caches = self.split_cache_lock();
         let mut splits = 0;
         let mut state = self.lock();
@@ -31,7 +32,7 @@ impl ShadowMmu {
                     gfn = self.next_slot_gfn(&state, gfn, end_gfn, pages);
                     continue;
                 };
-                let at = gfn.max(state.slots[si].slot.base_gfn());
+                let at = gfn.max(state.slots[si].slot.base_gfn().0);
                 let Some(addr) = state.slots[si].head(level, at).first() else {
                     gfn += pages;
                     continue;
@@ -59,7 +60,7 @@ impl ShadowMmu {
         state
             .slots
             .iter()
-            .map(|r| r.slot.base_gfn())
+            .map(|r| r.slot.base_gfn().0)
             .filter(|&base| base > gfn)
             .min()
             .map_or(end, |base| base & !(pages - 1))

@@ -7,7 +7,8 @@ impl ShadowMmu {
     /// write-protected table traps). Shadow pages of a 4K-level table become
     /// unsync and are re-read at the next sync; those of higher levels are
     /// zapped. Returns how many shadow pages were affected.
-    pub fn guest_table_written(&self, table_gfn: u64) -> usize {
+    pub fn guest_table_written(&self, table_gfn: Gfn) -> usize {
+        let table_gfn = table_gfn.0;
         let mut state = self.lock();
         let _no_alloc = NoAllocSection::enter();
         let mut affected = 0;
@@ -76,7 +77,8 @@ impl ShadowMmu {
                     .slot_index(wanted.addr(Level::L4K) >> 12)
                     .map(|si| &state.slots[si].slot)
                     .is_some_and(|slot| {
-                        slot.host_pfn(wanted.addr(Level::L4K) >> 12) << 12 == leaf.addr(Level::L4K)
+                        slot.host_pfn(Gfn(wanted.addr(Level::L4K) >> 12)).hpa().0
+                            == leaf.addr(Level::L4K)
                     });
             if !keep {
                 self.drop_leaf(state, addr, Level::L4K);

@@ -9,9 +9,9 @@ impl TdpMmu {
     /// a missing leaf or a write-protected one is a miss, to be handled by
     /// [`fault`](Self::fault). `vcpu` is the accessing vCPU: its walk cache
     /// remembers the leaf table of its last access.
-    pub fn access(&self, vcpu: &mut VcpuCaches, gpa: u64, write: bool) -> Access {
+    pub fn access(&self, vcpu: &mut VcpuCaches, gpa: Gpa, write: bool) -> Access {
         let _guard = self.read_lock();
-        let Some((table, index, level, entry)) = self.find_leaf_cached(&mut vcpu.walk, gpa >> 12)
+        let Some((table, index, level, entry)) = self.find_leaf_cached(&mut vcpu.walk, gpa.gfn().0)
         else {
             return Access::Miss;
         };
@@ -22,7 +22,8 @@ impl TdpMmu {
         if !entry.has(bits) {
             table[index].fetch_or(bits, Ordering::AcqRel);
         }
-        Access::Hit(self.translation(entry, level, gpa >> 12).hpa | (gpa & 0xfff))
+        let page = self.translation(entry, level, gpa.gfn().0).hpa;
+        Access::Hit(Hpa(page.0 | gpa.page_offset()))
     }
 
     /// [`find_leaf`](Self::find_leaf) through a vCPU's walk cache: an
@@ -76,7 +77,7 @@ impl TdpMmu {
     }
 
     /// A guest write: [`access`](Self::access), faulting on a miss.
-    pub fn write(&self, caches: &mut VcpuCaches, gpa: u64) -> Result<u64, MmuError> {
+    pub fn write(&self, caches: &mut VcpuCaches, gpa: Gpa) -> Result<Hpa, MmuError> {
         match self.access(caches, gpa, true) {
             Access::Hit(hpa) => Ok(hpa),
             Access::Miss => self.fault(caches, gpa, true).map(|t| t.hpa),
@@ -84,7 +85,7 @@ impl TdpMmu {
     }
 
     /// A guest read: [`access`](Self::access), faulting on a miss.
-    pub fn read(&self, caches: &mut VcpuCaches, gpa: u64) -> Result<u64, MmuError> {
+    pub fn read(&self, caches: &mut VcpuCaches, gpa: Gpa) -> Result<Hpa, MmuError> {
         match self.access(caches, gpa, false) {
             Access::Hit(hpa) => Ok(hpa),
             Access::Miss => self.fault(caches, gpa, false).map(|t| t.hpa),

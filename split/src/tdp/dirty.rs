@@ -23,8 +23,8 @@ impl TdpMmu {
         let slot = self.slot(id)?;
         slot.start_logging(mode);
         if mode == LogMode::Classic {
-            self.try_split_huge_pages(slot.base_gfn(), slot.end_gfn());
-            self.protect_range(slot.base_gfn(), slot.end_gfn(), None);
+            self.try_split_huge_pages(slot.base_gfn().0, slot.end_gfn().0);
+            self.protect_range(slot.base_gfn().0, slot.end_gfn().0, None);
         }
         Ok(())
     }
@@ -42,7 +42,7 @@ impl TdpMmu {
         {
             let _guard = self.read_lock();
             self.find_collapsible(
-                self.root_hpa(),
+                self.root_addr(),
                 self.top_level(),
                 0,
                 &slot,
@@ -50,7 +50,7 @@ impl TdpMmu {
             );
         }
         for range in collapsible {
-            self.zap_range(range.start, range.end)?;
+            self.zap_range(Gfn(range.start), Gfn(range.end))?;
         }
         Ok(())
     }
@@ -68,17 +68,17 @@ impl TdpMmu {
         // SAFETY: the caller holds the lock; the table is linked.
         let table = unsafe { entries(table_hpa) };
         let pages = level.entry_pages();
-        let first = (slot.base_gfn().saturating_sub(table_gfn) / pages).min(512) as usize;
+        let first = (slot.base_gfn().0.saturating_sub(table_gfn) / pages).min(512) as usize;
         for index in first..512 {
             let gfn = table_gfn + index as u64 * pages;
-            if gfn >= slot.end_gfn() {
+            if gfn >= slot.end_gfn().0 {
                 break;
             }
             let entry = load(table, index);
             if !entry.is_present() || entry.is_leaf(level) {
                 continue;
             }
-            if level.can_be_leaf() && slot.contains(gfn) && slot.max_level(gfn) >= level {
+            if level.can_be_leaf() && slot.contains(Gfn(gfn)) && slot.max_level(Gfn(gfn)) >= level {
                 out.push(gfn..gfn + pages);
                 continue;
             }
@@ -97,7 +97,7 @@ impl TdpMmu {
         if !self.config.eager_split {
             return;
         }
-        if let Err(err) = self.split_huge_pages(start, end, Level::L4K) {
+        if let Err(err) = self.split_huge_pages(Gfn(start), Gfn(end), Level::L4K) {
             tracing::debug!(
                 start,
                 end,
@@ -179,18 +179,18 @@ impl TdpMmu {
     fn harvest_into(&self, slot: &Memslot) {
         let _guard = self.read_lock();
         self.for_each_leaf_gfn(
-            slot.base_gfn(),
-            slot.end_gfn(),
+            slot.base_gfn().0,
+            slot.end_gfn().0,
             |table, index, level, entry, gfn| {
                 if !entry.has(DIRTY) {
                     return;
                 }
                 let old = Entry::from_bits(table[index].fetch_and(!DIRTY, Ordering::AcqRel));
                 if old.has(DIRTY) {
-                    let first = gfn.max(slot.base_gfn());
-                    let last = (gfn + level.entry_pages()).min(slot.end_gfn());
+                    let first = gfn.max(slot.base_gfn().0);
+                    let last = (gfn + level.entry_pages()).min(slot.end_gfn().0);
                     for page in first..last {
-                        slot.mark_dirty(page);
+                        slot.mark_dirty(Gfn(page));
                     }
                 }
             },
@@ -239,7 +239,14 @@ impl TdpMmu {
                 }
             }
         }
-        walk(self.root_hpa(), self.top_level(), 0, start, end, &mut visit);
+        walk(
+            self.root_addr(),
+            self.top_level(),
+            0,
+            start,
+            end,
+            &mut visit,
+        );
     }
 }
 

@@ -11,17 +11,19 @@ impl TdpMmu {
     pub fn fault(
         &self,
         caches: &mut VcpuCaches,
-        gpa: u64,
+        gpa: Gpa,
         write: bool,
     ) -> Result<Translation, MmuError> {
-        let gfn = gpa >> 12;
-        if gpa >> (self.top_level().shift() + 9) != 0 {
+        let gfn = gpa.gfn().0;
+        if gpa.0 >> (self.top_level().shift() + 9) != 0 {
             return Err(MmuError::AddressTooWide {
                 gpa,
                 levels: self.config.levels,
             });
         }
-        let slot = self.slot_for_gfn(gfn).ok_or(MmuError::NoSlot { gpa })?;
+        let slot = self
+            .slot_for_gfn(Gfn(gfn))
+            .ok_or(MmuError::NoSlot { gpa })?;
         self.counters.faults.fetch_add(1, Ordering::Relaxed);
         let capacity = self.config.vcpu_cache_capacity;
         loop {
@@ -38,7 +40,7 @@ impl TdpMmu {
             match self.map(caches, &slot, gfn, write)? {
                 Some(translation) => {
                     return Ok(Translation {
-                        hpa: translation.hpa | (gpa & 0xfff),
+                        hpa: Hpa(translation.hpa.0 | gpa.page_offset()),
                         ..translation
                     });
                 }
@@ -60,7 +62,7 @@ impl TdpMmu {
         let goal = if slot.logging() {
             Level::L4K
         } else {
-            slot.max_level(gfn).min(self.max_leaf)
+            slot.max_level(Gfn(gfn)).min(self.max_leaf)
         };
         self.walk(gfn, |step| {
             let WalkStep {
@@ -143,7 +145,7 @@ impl TdpMmu {
     pub(super) fn translation(&self, leaf: Entry, level: Level, gfn: u64) -> Translation {
         let offset_pages = gfn & (level.entry_pages() - 1);
         Translation {
-            hpa: leaf.addr(level) + (offset_pages << 12),
+            hpa: Hpa(leaf.addr(level) + (offset_pages << 12)),
             perms: leaf.perms(),
             memtype: leaf.memtype_bits(),
             level,
@@ -169,7 +171,7 @@ impl TdpMmu {
         let base_gfn = gfn & !(level.entry_pages() - 1);
         let mut leaf = Entry::leaf(
             level,
-            slot.host_pfn(base_gfn) << 12,
+            slot.host_pfn(Gfn(base_gfn)).hpa().0,
             ept::RWX,
             self.config.memtype,
         )?
@@ -181,7 +183,7 @@ impl TdpMmu {
         if !cas(table, index, old, Entry::from_bits(FROZEN)) {
             return Ok(None);
         }
-        if let Err(err) = self.hooks.set_leaf(base_gfn, level, leaf, vcpu) {
+        if let Err(err) = self.hooks.set_leaf(Gfn(base_gfn), level, leaf, vcpu) {
             table[index].store(old.bits(), Ordering::Release);
             return match err {
                 HookError::Busy { .. } => Ok(None),
@@ -214,8 +216,8 @@ impl TdpMmu {
         };
         let hpa = page.addr() as u64;
         let table_ref = TableRef {
-            hpa,
-            external: external.as_ref().map(|p| p.addr() as u64),
+            hpa: Hpa(hpa),
+            external: external.as_ref().map(|p| Hpa(p.addr() as u64)),
         };
         let give_back =
             |caches: &mut VcpuCaches, page, external: Option<Page<ExternalTablePage>>| {
@@ -228,9 +230,9 @@ impl TdpMmu {
             give_back(caches, page, external);
             return Ok(None);
         }
-        if let Err(err) = self
-            .hooks
-            .link_table(base_gfn, below, table_ref, caches.hook_state())
+        if let Err(err) =
+            self.hooks
+                .link_table(Gfn(base_gfn), below, table_ref, caches.hook_state())
         {
             table[index].store(old.bits(), Ordering::Release);
             give_back(caches, page, external);
@@ -241,7 +243,7 @@ impl TdpMmu {
         }
         let mut header = caches.headers.alloc()?;
         *header = TableHeader {
-            gfn: base_gfn,
+            gfn: Gfn(base_gfn),
             level: below.get(),
             page: Some(page),
             external,

@@ -16,6 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use mmu_cache::alloc::NoAllocSection;
 use mmu_cache::{CacheError, ObjectCache, Page, PageCache, PageKind, PagePool, Slab, SlabError};
 
+use crate::addr::{Gfn, Gpa, Hpa};
 use crate::ept::{self, ACCESSED, DIRTY, Entry, Level, MemType, WRITE};
 use crate::hooks::{
     ExternalPageTable, ExternalTablePage, HookError, HookVcpuState, NoExternal, TableRef, Topup,
@@ -40,13 +41,13 @@ pub enum MmuError {
     #[error("no memslot holds gpa {gpa:#x}")]
     NoSlot {
         /// The guest physical address.
-        gpa: u64,
+        gpa: Gpa,
     },
     /// The address is beyond what the paging depth translates.
     #[error("gpa {gpa:#x} is beyond the {levels}-level address space")]
     AddressTooWide {
         /// The guest physical address.
-        gpa: u64,
+        gpa: Gpa,
         /// The paging depth.
         levels: u8,
     },
@@ -74,7 +75,7 @@ pub enum MmuError {
 /// (the kernel's `struct kvm_mmu_page`).
 #[derive(Debug, Default)]
 pub struct TableHeader {
-    gfn: u64,
+    gfn: Gfn,
     level: u8,
     page: Option<Page<TablePage>>,
     external: Option<Page<ExternalTablePage>>,
@@ -82,7 +83,7 @@ pub struct TableHeader {
 
 impl TableHeader {
     /// First guest frame the table covers.
-    pub fn gfn(&self) -> u64 {
+    pub fn gfn(&self) -> Gfn {
         self.gfn
     }
 
@@ -92,18 +93,18 @@ impl TableHeader {
     }
 
     /// The address of the table page, once linked.
-    pub fn table_hpa(&self) -> Option<u64> {
-        self.page.as_ref().map(|page| page.addr() as u64)
+    pub fn table_hpa(&self) -> Option<Hpa> {
+        self.page.as_ref().map(|page| Hpa(page.addr() as u64))
     }
 
     /// The address of the external page that mirrors the table, if any.
-    pub fn external_hpa(&self) -> Option<u64> {
-        self.external.as_ref().map(|page| page.addr() as u64)
+    pub fn external_hpa(&self) -> Option<Hpa> {
+        self.external.as_ref().map(|page| Hpa(page.addr() as u64))
     }
 
     fn table_ref(&self) -> TableRef {
         TableRef {
-            hpa: self.table_hpa().unwrap_or(0),
+            hpa: self.table_hpa().unwrap_or_default(),
             external: self.external_hpa(),
         }
     }
@@ -245,13 +246,13 @@ struct Counters {
 /// The TDP MMU of one VM.
 ///
 /// ```
-/// use split::{Memslot, MmuConfig, TdpMmu};
+/// use split::{Gfn, Gpa, Memslot, MmuConfig, Pfn, TdpMmu};
 /// use mmu_cache::{PagePool, alloc::ChunkAllocator};
 ///
 /// let mmu = TdpMmu::new(PagePool::new(ChunkAllocator::anonymous()), MmuConfig::default())?;
-/// mmu.add_memslot(Memslot::new(0, 0, 1 << 18, 1 << 18)?)?; // 1 GiB at gpa 0
+/// mmu.add_memslot(Memslot::new(0, Gfn(0), 1 << 18, Pfn(1 << 18))?)?; // 1 GiB at gpa 0
 /// let mut caches = mmu.new_vcpu_caches();
-/// mmu.fault(&mut caches, 0x1234_5000, true)?;
+/// mmu.fault(&mut caches, Gpa(0x1234_5000), true)?;
 /// assert_eq!(mmu.page_stats().pages_1g, 1);
 /// mmu.enable_dirty_logging(0, split::LogMode::Classic)?;
 /// assert_eq!(mmu.page_stats().pages_4k, 1 << 18); // split eagerly
@@ -488,7 +489,12 @@ impl TdpMmu {
     }
 
     /// The root table's address (the EPT pointer's frame).
-    pub fn root_hpa(&self) -> u64 {
+    pub fn root_hpa(&self) -> Hpa {
+        Hpa(self.root_addr())
+    }
+
+    /// The root table's address as a number, for walks.
+    pub(super) fn root_addr(&self) -> u64 {
         self.root.addr() as u64
     }
 
@@ -506,7 +512,7 @@ impl TdpMmu {
         gfn: u64,
         mut visit: impl FnMut(WalkStep<'a>) -> Next<T>,
     ) -> T {
-        let mut table_hpa = self.root_hpa();
+        let mut table_hpa = self.root_addr();
         let mut level = self.top_level();
         loop {
             // SAFETY: the root, or a table the previous step found linked (or
@@ -547,9 +553,9 @@ impl TdpMmu {
 
     /// Adds a slot; it must not overlap another or reuse its id.
     pub fn add_memslot(&self, slot: Memslot) -> Result<Arc<Memslot>, MmuError> {
-        if slot.end_gfn() > 1 << (self.top_level().shift() + 9 - 12) {
+        if slot.end_gfn().0 > 1 << (self.top_level().shift() + 9 - 12) {
             return Err(MmuError::AddressTooWide {
-                gpa: slot.end_gfn() << 12,
+                gpa: slot.end_gfn().gpa(),
                 levels: self.config.levels,
             });
         }
@@ -591,7 +597,7 @@ impl TdpMmu {
             .ok_or(MmuError::Memslot(MemslotError::NoSuchSlot { id }))
     }
 
-    fn slot_for_gfn(&self, gfn: u64) -> Option<Arc<Memslot>> {
+    fn slot_for_gfn(&self, gfn: Gfn) -> Option<Arc<Memslot>> {
         self.slots
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -603,13 +609,13 @@ impl TdpMmu {
     // ----- translation and stats -----------------------------------------
 
     /// Translates `gpa` through the tree, without side effects.
-    pub fn translate(&self, gpa: u64) -> Option<Translation> {
-        let gfn = gpa >> 12;
+    pub fn translate(&self, gpa: Gpa) -> Option<Translation> {
+        let gfn = gpa.gfn().0;
         let _guard = self.read_lock();
         let (_, _, level, entry) = self.find_leaf(gfn)?;
         let t = self.translation(entry, level, gfn);
         Some(Translation {
-            hpa: t.hpa | (gpa & 0xfff),
+            hpa: Hpa(t.hpa.0 | gpa.page_offset()),
             ..t
         })
     }
@@ -631,7 +637,7 @@ impl TdpMmu {
         let _guard = self.write_lock();
         let mut stats = PageStats::default();
         let mut tables = 0;
-        self.walk_all(self.root_hpa(), self.top_level(), &mut |entry, level| {
+        self.walk_all(self.root_addr(), self.top_level(), &mut |entry, level| {
             if entry.is_leaf(level) {
                 match level.get() {
                     1 => stats.pages_4k += 1,

@@ -9,17 +9,18 @@ impl TdpMmu {
     /// topped up, and the walk resumes where it stopped.
     pub fn split_huge_pages(
         &self,
-        start_gfn: u64,
-        end_gfn: u64,
+        start_gfn: Gfn,
+        end_gfn: Gfn,
         target: Level,
     ) -> Result<u64, MmuError> {
-        self.split_where(start_gfn, end_gfn, target, |_, _| true)
+        self.split_where(start_gfn.0, end_gfn.0, target, |_, _| true)
     }
 
     /// Splits only the huge leaves that straddle `start_gfn` or `end_gfn`, as
     /// far as needed for the boundary to fall between leaves (needed before
     /// converting part of a huge page). Returns the number of splits.
-    pub fn split_cross_boundary(&self, start_gfn: u64, end_gfn: u64) -> Result<u64, MmuError> {
+    pub fn split_cross_boundary(&self, start_gfn: Gfn, end_gfn: Gfn) -> Result<u64, MmuError> {
+        let (start_gfn, end_gfn) = (start_gfn.0, end_gfn.0);
         let mut splits =
             self.split_where(start_gfn, start_gfn + 1, Level::L4K, |leaf_gfn, _| {
                 leaf_gfn < start_gfn
@@ -192,8 +193,8 @@ impl TdpMmu {
         };
         let header = caches.headers.alloc()?;
         let table_ref = TableRef {
-            hpa,
-            external: external.as_ref().map(|p| p.addr() as u64),
+            hpa: Hpa(hpa),
+            external: external.as_ref().map(|p| Hpa(p.addr() as u64)),
         };
         // Given back, the page's fill is restored by the cache.
         let give_back = |caches: &mut VcpuCaches, page, external: Option<_>, header| {
@@ -209,7 +210,7 @@ impl TdpMmu {
         }
         if let Err(err) = self
             .hooks
-            .split_leaf(gfn, level, leaf, table_ref, exclusive)
+            .split_leaf(Gfn(gfn), level, leaf, table_ref, exclusive)
         {
             table[index].store(leaf.bits(), Ordering::Release);
             give_back(caches, page, external, header);
@@ -220,7 +221,7 @@ impl TdpMmu {
         }
         let mut header = header;
         *header = TableHeader {
-            gfn,
+            gfn: Gfn(gfn),
             level: below.get(),
             page: Some(page),
             external,

@@ -6,10 +6,16 @@ impl TdpMmu {
     /// Unmaps every leaf that overlaps `[start_gfn, end_gfn)` (a huge leaf
     /// that overlaps only partly goes whole) and frees tables left empty
     /// inside the range.
-    pub fn zap_range(&self, start_gfn: u64, end_gfn: u64) -> Result<(), MmuError> {
+    pub fn zap_range(&self, start_gfn: Gfn, end_gfn: Gfn) -> Result<(), MmuError> {
         let _guard = self.write_lock();
         let _no_alloc = NoAllocSection::enter();
-        self.zap_table(self.root_hpa(), self.top_level(), 0, start_gfn, end_gfn)
+        self.zap_table(
+            self.root_addr(),
+            self.top_level(),
+            0,
+            start_gfn.0,
+            end_gfn.0,
+        )
     }
 
     fn zap_table(
@@ -33,7 +39,7 @@ impl TdpMmu {
                 continue;
             }
             if entry.is_leaf(level) {
-                self.hooks.remove_leaf(gfn, level, entry)?;
+                self.hooks.remove_leaf(Gfn(gfn), level, entry)?;
                 let old = Entry::from_bits(table[index].swap(ept::NON_PRESENT, Ordering::AcqRel));
                 self.stats[stat_index(level)].fetch_sub(1, Ordering::Relaxed);
                 // A write the log has not seen yet must not vanish with the leaf.
@@ -48,12 +54,12 @@ impl TdpMmu {
             if gfn >= start && gfn + pages <= end {
                 let table_ref = self.table_map().get(&child).map_or(
                     TableRef {
-                        hpa: child,
+                        hpa: Hpa(child),
                         external: None,
                     },
                     |h| h.table_ref(),
                 );
-                self.hooks.free_table(gfn, below, table_ref)?;
+                self.hooks.free_table(Gfn(gfn), below, table_ref)?;
                 table[index].store(ept::NON_PRESENT, Ordering::Release);
                 self.table_generation.fetch_add(1, Ordering::Relaxed);
                 self.free_table(child);
@@ -78,7 +84,7 @@ impl TdpMmu {
         self.hooks.teardown()?;
         self.torn_down.store(true, Ordering::Release);
         let mut report = TeardownReport::default();
-        self.teardown_table(self.root_hpa(), self.top_level(), 0, &mut report);
+        self.teardown_table(self.root_addr(), self.top_level(), 0, &mut report);
         Ok(report)
     }
 
@@ -99,7 +105,7 @@ impl TdpMmu {
             }
             let gfn = table_gfn + index as u64 * pages;
             if entry.is_leaf(level) {
-                match self.hooks.remove_leaf(gfn, level, entry) {
+                match self.hooks.remove_leaf(Gfn(gfn), level, entry) {
                     Ok(()) => report.leaves += 1,
                     Err(_) => report.leaf_errors += 1,
                 }
@@ -117,7 +123,7 @@ impl TdpMmu {
             };
             if self
                 .hooks
-                .free_table(gfn, below, header.table_ref())
+                .free_table(Gfn(gfn), below, header.table_ref())
                 .is_err()
                 && let Some(external) = header.external.take()
             {
@@ -135,16 +141,16 @@ impl TdpMmu {
     }
 
     fn log_zapped_dirty(&self, gfn: u64, level: Level) {
-        let Some(slot) = self.slot_for_gfn(gfn) else {
+        let Some(slot) = self.slot_for_gfn(Gfn(gfn)) else {
             return;
         };
         if !slot.logging() {
             return;
         }
-        let first = gfn.max(slot.base_gfn());
-        let last = (gfn + level.entry_pages()).min(slot.end_gfn());
-        for page in first..last {
-            slot.mark_dirty(page);
+        let first = Gfn(gfn).max(slot.base_gfn());
+        let last = (Gfn(gfn) + level.entry_pages()).min(slot.end_gfn());
+        for page in first.until(last) {
+            slot.mark_dirty(Gfn(page));
         }
     }
 
