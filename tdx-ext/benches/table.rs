@@ -5,6 +5,7 @@
 //! the TD's teardown per GiB and its ratio to the fault-in time.
 //! Run with `cargo bench -p tdx-ext --bench table`.
 
+use split::{Gfn, Gpa, Pfn};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -38,13 +39,13 @@ fn run(policy: PamtPolicy, leaf_4k: bool) {
     // Host frames near 4 GiB: 2M-aligned but not 1G-aligned, or off by one
     // page for 4K leaves.
     let host = (1 << 20) + if leaf_4k { 1 } else { 512 };
-    mmu.add_memslot(Memslot::new(0, 0, GIB_PAGES, host).expect("slot"))
+    mmu.add_memslot(Memslot::new(0, Gfn(0), GIB_PAGES, Pfn(host)).expect("slot"))
         .expect("add slot");
     let mut vcpu = mmu.new_vcpu_caches();
     let step = if leaf_4k { 1 } else { 512 };
     let start = Instant::now();
     for gfn in (0..GIB_PAGES).step_by(step) {
-        mmu.fault(&mut vcpu, gfn << 12, true).expect("fault");
+        mmu.fault(&mut vcpu, Gpa(gfn << 12), true).expect("fault");
     }
     let elapsed = start.elapsed();
     let seamcalls: u64 = Seamcall::ALL.iter().map(|&s| module.calls(s)).sum();

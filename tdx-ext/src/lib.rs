@@ -17,7 +17,7 @@
 //!
 //! ```
 //! use mmu_cache::{PagePool, alloc::ChunkAllocator};
-//! use split::{Memslot, MmuConfig, TdpMmu};
+//! use split::{Gfn, Gpa, Memslot, MmuConfig, Pfn, TdpMmu};
 //! use tdx_ext::{TdxMirror, TdxModule, pamt::PamtPolicy};
 //!
 //! // A finalized TD on the software module; `TdxMirror::new` takes your own
@@ -26,9 +26,9 @@
 //! let mmu = TdpMmu::with_hooks(PagePool::new(ChunkAllocator::anonymous()),
 //!                              MmuConfig::default(), mirror.clone())?;
 //! // 4 MiB of private memory on host frames at 4 GiB.
-//! mmu.add_memslot(Memslot::new(0, 0, 1024, 1 << 20)?)?;
+//! mmu.add_memslot(Memslot::new(0, Gfn(0), 1024, Pfn(1 << 20))?)?;
 //! let mut vcpu = mmu.new_vcpu_caches();
-//! mmu.fault(&mut vcpu, 0x1000, true)?;
+//! mmu.fault(&mut vcpu, Gpa(0x1000), true)?;
 //! // The module's S-EPT has the same 2M leaf as the mirror.
 //! assert_eq!(module.leaves().len(), 1);
 //! # Ok::<(), Box<dyn std::error::Error>>(())

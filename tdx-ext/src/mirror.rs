@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex};
 use mmu_cache::alloc::{ChunkAllocator, PageAllocator};
 use mmu_cache::{Account, PageCache, PagePool};
 use split::{
-    Entry, ExternalPageTable, ExternalTablePage, HookError, HookOp, HookVcpuState, Level, TableRef,
-    Topup,
+    Entry, ExternalPageTable, ExternalTablePage, Gfn, Gpa, HookError, HookOp, HookVcpuState, Hpa,
+    Level, TableRef, Topup,
 };
 
 use crate::module::{SeamcallResult, TdxModule};
@@ -284,7 +284,7 @@ impl TdxMirror {
     }
 
     /// BLOCK, TRACK and kick: the entry may then be removed or demoted.
-    fn block_and_track(&self, op: HookOp, gpa: u64, level: Level) -> Result<(), HookError> {
+    fn block_and_track(&self, op: HookOp, gpa: Gpa, level: Level) -> Result<(), HookError> {
         // Already blocked: an earlier removal or demote stopped after its
         // BLOCK; carry on from there.
         match self.retry(|| self.module.range_block(gpa, level)) {
@@ -299,9 +299,9 @@ impl TdxMirror {
 
     /// TDH.MEM.RANGE.UNBLOCK of an entry whose removal or demote failed
     /// after its BLOCK and TRACK, so that the S-EPT is left as it was.
-    fn unblock(&self, gpa: u64, level: Level) {
+    fn unblock(&self, gpa: Gpa, level: Level) {
         if let Err(status) = self.retry(|| self.module.range_unblock(gpa, level)) {
-            tracing::error!(gpa, %status, "TDH.MEM.RANGE.UNBLOCK after a failed removal");
+            tracing::error!(gpa = gpa.0, %status, "TDH.MEM.RANGE.UNBLOCK after a failed removal");
         }
     }
 
@@ -311,7 +311,7 @@ impl TdxMirror {
     fn pamt_get(
         &self,
         op: HookOp,
-        page: u64,
+        page: Hpa,
         count: u32,
         vcpu: Option<&mut dyn HookVcpuState>,
     ) -> Result<(), HookError> {
@@ -322,7 +322,7 @@ impl TdxMirror {
         })
     }
 
-    fn flush(&self, page: u64, pages: u64) -> bool {
+    fn flush(&self, page: Hpa, pages: u64) -> bool {
         let mut clean = true;
         for i in 0..pages {
             if self
@@ -383,7 +383,7 @@ impl ExternalPageTable for TdxMirror {
 
     fn link_table(
         &self,
-        gfn: u64,
+        gfn: Gfn,
         level: Level,
         table: TableRef,
         vcpu: Option<&mut dyn HookVcpuState>,
@@ -394,7 +394,7 @@ impl ExternalPageTable for TdxMirror {
         if self.policy == PamtPolicy::OnInstall {
             self.pamt_get(HookOp::LinkTable, page, 1, vcpu)?;
         }
-        if let Err(status) = self.retry(|| self.module.sept_add(gfn << 12, level, page)) {
+        if let Err(status) = self.retry(|| self.module.sept_add(gfn.gpa(), level, page)) {
             if self.policy == PamtPolicy::OnInstall {
                 self.pamt.put(page);
             }
@@ -405,13 +405,13 @@ impl ExternalPageTable for TdxMirror {
 
     fn set_leaf(
         &self,
-        gfn: u64,
+        gfn: Gfn,
         level: Level,
         entry: Entry,
         vcpu: Option<&mut dyn HookVcpuState>,
     ) -> Result<(), HookError> {
-        let page = entry.addr(level);
-        let gpa = gfn << 12;
+        let page = Hpa(entry.addr(level));
+        let gpa = gfn.gpa();
         if level == Level::L4K {
             self.pamt_get(HookOp::SetLeaf, page, 1, vcpu)?;
         }
@@ -436,8 +436,8 @@ impl ExternalPageTable for TdxMirror {
         Ok(())
     }
 
-    fn remove_leaf(&self, gfn: u64, level: Level, old: Entry) -> Result<(), HookError> {
-        let page = old.addr(level);
+    fn remove_leaf(&self, gfn: Gfn, level: Level, old: Entry) -> Result<(), HookError> {
+        let page = Hpa(old.addr(level));
         let pages = level.entry_bytes() / 4096;
         if self.torn_down.load(Ordering::Acquire) {
             if let Err(status) = self.retry(|| self.module.page_reclaim(page)) {
@@ -453,7 +453,7 @@ impl ExternalPageTable for TdxMirror {
             }
             return Ok(());
         }
-        let gpa = gfn << 12;
+        let gpa = gfn.gpa();
         self.block_and_track(HookOp::RemoveLeaf, gpa, level)
             .map_err(|err| self.fail(err))?;
         if let Err(status) = self.retry(|| self.module.page_remove(gpa, level)) {
@@ -473,7 +473,7 @@ impl ExternalPageTable for TdxMirror {
         Ok(())
     }
 
-    fn free_table(&self, gfn: u64, level: Level, table: TableRef) -> Result<(), HookError> {
+    fn free_table(&self, gfn: Gfn, level: Level, table: TableRef) -> Result<(), HookError> {
         let page = table
             .external
             .ok_or_else(|| refused(HookOp::FreeTable, "a mirror table without an S-EPT page"))?;
@@ -487,7 +487,7 @@ impl ExternalPageTable for TdxMirror {
                 )));
             }
         } else {
-            let gpa = gfn << 12;
+            let gpa = gfn.gpa();
             let parent = Level::new(level.get() + 1)
                 .ok_or_else(|| refused(HookOp::FreeTable, "the root"))?;
             self.block_and_track(HookOp::FreeTable, gpa, parent)
@@ -515,7 +515,7 @@ impl ExternalPageTable for TdxMirror {
 
     fn split_leaf(
         &self,
-        gfn: u64,
+        gfn: Gfn,
         level: Level,
         old: Entry,
         new_table: TableRef,
@@ -530,15 +530,15 @@ impl ExternalPageTable for TdxMirror {
         let sept = new_table
             .external
             .ok_or_else(|| refused(HookOp::SplitLeaf, "a mirror table without an S-EPT page"))?;
-        let gpa = gfn << 12;
-        let page = old.addr(level);
+        let gpa = gfn.gpa();
+        let page = Hpa(old.addr(level));
         self.block_and_track(HookOp::SplitLeaf, gpa, level)
             .map_err(|err| self.fail(err))?;
         // Past the BLOCK, a failure unblocks the entry, so the S-EPT is left
         // as it was.
         let undo = |err: HookError| {
             if let Err(status) = self.retry(|| self.module.range_unblock(gpa, level)) {
-                tracing::error!(gpa, %status, "TDH.MEM.RANGE.UNBLOCK after a failed DEMOTE");
+                tracing::error!(gpa = gpa.0, %status, "TDH.MEM.RANGE.UNBLOCK after a failed DEMOTE");
             }
             self.fail(err)
         };
@@ -567,7 +567,7 @@ impl ExternalPageTable for TdxMirror {
         };
         let operands = pair
             .as_ref()
-            .map(|pair| [pair[0].addr() as u64, pair[1].addr() as u64]);
+            .map(|pair| [Hpa(pair[0].addr() as u64), Hpa(pair[1].addr() as u64)]);
         match self.retry(|| self.module.page_demote(gpa, level, sept, operands)) {
             Ok(()) => {
                 if let Some(pair) = pair {

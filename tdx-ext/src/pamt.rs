@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use mmu_cache::alloc::{AllocError, AllocatorId, PageAllocator};
 use mmu_cache::{CacheError, Page, PageCache, PageKind, PagePool};
+use split::Hpa;
 
 use crate::module::TdxModule;
 use crate::status::TdxStatus;
@@ -45,7 +46,7 @@ pub enum PamtError {
     #[error("TDH.PHYMEM.PAMT.ADD of region {region:#x}: {status}")]
     Add {
         /// The region.
-        region: u64,
+        region: Hpa,
         /// The module's answer.
         status: TdxStatus,
     },
@@ -151,7 +152,8 @@ impl DynamicPamt {
     }
 
     /// The refcount of the region holding `hpa`.
-    pub fn refcount(&self, hpa: u64) -> u32 {
+    pub fn refcount(&self, hpa: Hpa) -> u32 {
+        let hpa = hpa.0;
         self.refcounts
             .read()
             .unwrap_or_else(|p| p.into_inner())
@@ -160,7 +162,7 @@ impl DynamicPamt {
     }
 
     /// Takes one reference on the region of `hpa`.
-    pub fn get(&self, hpa: u64, cache: &mut PageCache<PamtPage>) -> Result<(), PamtError> {
+    pub fn get(&self, hpa: Hpa, cache: &mut PageCache<PamtPage>) -> Result<(), PamtError> {
         self.get_many(hpa, 1, cache)
     }
 
@@ -168,11 +170,11 @@ impl DynamicPamt {
     /// children of a demoted 2 MiB page): the first adds the PAMT pages.
     pub fn get_many(
         &self,
-        hpa: u64,
+        hpa: Hpa,
         count: u32,
         cache: &mut PageCache<PamtPage>,
     ) -> Result<(), PamtError> {
-        let region = hpa & !(REGION - 1);
+        let region = hpa.0 & !(REGION - 1);
         let counter = self.counter(region);
         // Fast path: the region is backed; just count.
         let mut current = counter.load(Ordering::Acquire);
@@ -200,17 +202,17 @@ impl DynamicPamt {
         }
         let first = cache.alloc()?;
         let second = cache.alloc()?;
-        let pages = [first.addr() as u64, second.addr() as u64];
+        let pages = [Hpa(first.addr() as u64), Hpa(second.addr() as u64)];
         // OPERAND_BUSY (another PAMT call on the region's PAMT) is transient:
         // kick and call again, a bounded number of times, as every SEAMCALL
         // of the fault path is retried.
-        let mut added = self.module.pamt_add(region, pages);
+        let mut added = self.module.pamt_add(Hpa(region), pages);
         for _ in 0..PAMT_BUSY_RETRIES {
             match added {
                 Err(status) if status.is_busy() => {
                     self.busy_retries.fetch_add(1, Ordering::Relaxed);
                     self.module.kick_vcpus();
-                    added = self.module.pamt_add(region, pages);
+                    added = self.module.pamt_add(Hpa(region), pages);
                 }
                 _ => break,
             }
@@ -219,7 +221,10 @@ impl DynamicPamt {
             // The pages were never the module's: back to the cache.
             cache.free(first);
             cache.free(second);
-            return Err(PamtError::Add { region, status });
+            return Err(PamtError::Add {
+                region: Hpa(region),
+                status,
+            });
         }
         self.installed
             .lock()
@@ -252,8 +257,8 @@ impl DynamicPamt {
     /// Records `pair`, which a successful DEMOTE gave the module as the 4K
     /// PAMT of the region of `hpa`, with `count` references (512: the
     /// demoted page's 4K children). The region had no 4K PAMT before.
-    pub fn adopt(&self, hpa: u64, pair: [Page<PamtPage>; 2], count: u32) {
-        let region = hpa & !(REGION - 1);
+    pub fn adopt(&self, hpa: Hpa, pair: [Page<PamtPage>; 2], count: u32) {
+        let region = hpa.0 & !(REGION - 1);
         let counter = self.counter(region);
         let _slow = self.slow.lock().unwrap_or_else(|p| p.into_inner());
         let before = counter.swap(count, Ordering::AcqRel);
@@ -266,7 +271,7 @@ impl DynamicPamt {
     }
 
     /// Drops one reference on the region of `hpa`.
-    pub fn put(&self, hpa: u64) {
+    pub fn put(&self, hpa: Hpa) {
         self.put_many(hpa, 1);
     }
 
@@ -274,8 +279,8 @@ impl DynamicPamt {
     /// them back to their pool. Cannot fail: if the module refuses the
     /// removal, the refcount is restored, the pages are kept out of the
     /// pool (leaked, counted), and the failure is logged.
-    pub fn put_many(&self, hpa: u64, count: u32) {
-        let region = hpa & !(REGION - 1);
+    pub fn put_many(&self, hpa: Hpa, count: u32) {
+        let region = hpa.0 & !(REGION - 1);
         let counter = self.counter(region);
         let mut current = counter.load(Ordering::Acquire);
         while current > count {
@@ -316,7 +321,7 @@ impl DynamicPamt {
                 break current;
             }
         };
-        match self.module.pamt_remove(region) {
+        match self.module.pamt_remove(Hpa(region)) {
             Ok(_) => {
                 self.removes.fetch_add(1, Ordering::Relaxed);
                 let pages = self
@@ -441,7 +446,7 @@ unsafe impl<A: PageAllocator> PageAllocator for PamtBackedAllocator<A> {
             .map_err(|err| err.to_string())
             .and_then(|()| {
                 self.pamt
-                    .get(page.as_ptr() as u64, &mut cache)
+                    .get(Hpa(page.as_ptr() as u64), &mut cache)
                     .map_err(|err| err.to_string())
             });
         if let Err(why) = backed {
@@ -457,7 +462,7 @@ unsafe impl<A: PageAllocator> PageAllocator for PamtBackedAllocator<A> {
     unsafe fn page_free(&self, page: NonNull<u8>) -> Result<(), AllocError> {
         // SAFETY: forwarded under the caller's guarantee.
         unsafe { self.inner.page_free(page) }?;
-        self.pamt.put(page.as_ptr() as u64);
+        self.pamt.put(Hpa(page.as_ptr() as u64));
         Ok(())
     }
 

@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 
-use split::Level;
+use split::{Gpa, Hpa, Level};
 
 use crate::module::{SeamcallResult, TdxModule};
 use crate::status::{Seamcall, TdxStatus};
@@ -124,18 +124,18 @@ impl State {
 /// The software TDX module of one TD.
 ///
 /// ```
-/// use split::Level;
+/// use split::{Gpa, Hpa, Level};
 /// use tdx_ext::{SimTdxModule, TdxModule, TdxStatus};
 ///
 /// let module = SimTdxModule::new(4);
-/// module.pamt_add(0x20_0000, [0x40_0000, 0x40_1000]).unwrap();
+/// module.pamt_add(Hpa(0x20_0000), [Hpa(0x40_0000), Hpa(0x40_1000)]).unwrap();
 /// // A page table needs its parent: the 1G-level table comes first.
 /// assert_eq!(
-///     module.sept_add(0, Level::L2M, 0x20_0000),
+///     module.sept_add(Gpa(0), Level::L2M, Hpa(0x20_0000)),
 ///     Err(TdxStatus::EptWalkFailed)
 /// );
-/// module.sept_add(0, Level::L1G, 0x20_0000).unwrap();
-/// module.sept_add(0, Level::L2M, 0x20_1000).unwrap();
+/// module.sept_add(Gpa(0), Level::L1G, Hpa(0x20_0000)).unwrap();
+/// module.sept_add(Gpa(0), Level::L2M, Hpa(0x20_1000)).unwrap();
 /// # Ok::<(), TdxStatus>(())
 /// ```
 #[derive(Debug)]
@@ -196,26 +196,28 @@ impl SimTdxModule {
     }
 
     /// Every leaf of the S-EPT: (level, gpa) -> (page, blocked).
-    pub fn leaves(&self) -> BTreeMap<(u8, u64), (u64, bool)> {
+    pub fn leaves(&self) -> BTreeMap<(u8, Gpa), (Hpa, bool)> {
         self.lock()
             .leaves
             .iter()
-            .map(|(&key, leaf)| (key, (leaf.page, leaf.blocked.is_some())))
+            .map(|(&(level, gpa), leaf)| {
+                ((level, Gpa(gpa)), (Hpa(leaf.page), leaf.blocked.is_some()))
+            })
             .collect()
     }
 
     /// Every S-EPT page: (level of its entries, gpa) -> page (the root has none).
-    pub fn tables(&self) -> BTreeMap<(u8, u64), Option<u64>> {
+    pub fn tables(&self) -> BTreeMap<(u8, Gpa), Option<Hpa>> {
         self.lock()
             .tables
             .iter()
-            .map(|(&key, table)| (key, table.page))
+            .map(|(&(level, gpa), table)| ((level, Gpa(gpa)), table.page.map(Hpa)))
             .collect()
     }
 
     /// How the module holds `page`, if at all.
-    pub fn page_state(&self, page: u64) -> Option<PageState> {
-        self.lock().pages.get(&page).copied()
+    pub fn page_state(&self, page: Hpa) -> Option<PageState> {
+        self.lock().pages.get(&page.0).copied()
     }
 
     /// Pages the module holds, per state.
@@ -228,13 +230,19 @@ impl SimTdxModule {
     }
 
     /// The PAMT pages of `region`, if it has a 4K PAMT.
-    pub fn pamt_pair(&self, region: u64) -> Option<[u64; 2]> {
-        self.lock().pamt.get(&region).copied()
+    pub fn pamt_pair(&self, region: Hpa) -> Option<[Hpa; 2]> {
+        self.lock().pamt.get(&region.0).map(|pair| pair.map(Hpa))
     }
 
     /// Every page that holds PAMT entries.
-    pub fn pamt_pages(&self) -> Vec<u64> {
-        self.lock().pamt.values().flatten().copied().collect()
+    pub fn pamt_pages(&self) -> Vec<Hpa> {
+        self.lock()
+            .pamt
+            .values()
+            .flatten()
+            .copied()
+            .map(Hpa)
+            .collect()
     }
 
     /// Regions with a 4K PAMT.
@@ -394,7 +402,9 @@ impl SimTdxModule {
 }
 
 impl TdxModule for SimTdxModule {
-    fn sept_add(&self, gpa: u64, level: Level, page: u64) -> SeamcallResult {
+    fn sept_add(&self, gpa: Gpa, level: Level, page: Hpa) -> SeamcallResult {
+        let gpa = gpa.0;
+        let page = page.0;
         self.call(Seamcall::MemSeptAdd, |state| {
             if state.key_released {
                 return Err(TdxStatus::LifecycleStateIncorrect);
@@ -434,7 +444,9 @@ impl TdxModule for SimTdxModule {
         })
     }
 
-    fn page_aug(&self, gpa: u64, level: Level, page: u64) -> SeamcallResult {
+    fn page_aug(&self, gpa: Gpa, level: Level, page: Hpa) -> SeamcallResult {
+        let gpa = gpa.0;
+        let page = page.0;
         self.call(Seamcall::MemPageAug, |state| {
             if state.key_released || !state.finalized {
                 return Err(TdxStatus::LifecycleStateIncorrect);
@@ -445,7 +457,9 @@ impl TdxModule for SimTdxModule {
         })
     }
 
-    fn page_add(&self, gpa: u64, page: u64) -> SeamcallResult {
+    fn page_add(&self, gpa: Gpa, page: Hpa) -> SeamcallResult {
+        let gpa = gpa.0;
+        let page = page.0;
         self.call(Seamcall::MemPageAdd, |state| {
             if state.key_released || state.finalized {
                 return Err(TdxStatus::LifecycleStateIncorrect);
@@ -454,7 +468,8 @@ impl TdxModule for SimTdxModule {
         })
     }
 
-    fn range_block(&self, gpa: u64, level: Level) -> SeamcallResult {
+    fn range_block(&self, gpa: Gpa, level: Level) -> SeamcallResult {
+        let gpa = gpa.0;
         self.call(Seamcall::MemRangeBlock, |state| {
             let level = self.check_level(level, self.levels)?;
             let epoch = state.epoch;
@@ -479,7 +494,8 @@ impl TdxModule for SimTdxModule {
         })
     }
 
-    fn range_unblock(&self, gpa: u64, level: Level) -> SeamcallResult {
+    fn range_unblock(&self, gpa: Gpa, level: Level) -> SeamcallResult {
+        let gpa = gpa.0;
         self.call(Seamcall::MemRangeUnblock, |state| {
             let level = self.check_level(level, self.levels)?;
             let epoch = state.epoch;
@@ -507,7 +523,8 @@ impl TdxModule for SimTdxModule {
         })
     }
 
-    fn page_remove(&self, gpa: u64, level: Level) -> SeamcallResult<u64> {
+    fn page_remove(&self, gpa: Gpa, level: Level) -> SeamcallResult<Hpa> {
+        let gpa = gpa.0;
         self.call(Seamcall::MemPageRemove, |state| {
             let level = self.check_level(level, 3)?;
             let leaf = *state
@@ -520,11 +537,12 @@ impl TdxModule for SimTdxModule {
                 state.pages.insert(leaf.page + i * PAGE, PageState::Removed);
             }
             self.adjust_parent(state, level, gpa, -1);
-            Ok(leaf.page)
+            Ok(Hpa(leaf.page))
         })
     }
 
-    fn sept_remove(&self, gpa: u64, level: Level) -> SeamcallResult<u64> {
+    fn sept_remove(&self, gpa: Gpa, level: Level) -> SeamcallResult<Hpa> {
+        let gpa = gpa.0;
         self.call(Seamcall::MemSeptRemove, |state| {
             let level = self.check_level(level, self.levels - 1)?;
             let table = *state
@@ -539,17 +557,20 @@ impl TdxModule for SimTdxModule {
             state.remove_table(level, gpa);
             state.pages.insert(page, PageState::Removed);
             self.adjust_parent(state, level + 1, gpa, -1);
-            Ok(page)
+            Ok(Hpa(page))
         })
     }
 
     fn page_demote(
         &self,
-        gpa: u64,
+        gpa: Gpa,
         level: Level,
-        new_sept_page: u64,
-        pamt_pair: Option<[u64; 2]>,
+        new_sept_page: Hpa,
+        pamt_pair: Option<[Hpa; 2]>,
     ) -> SeamcallResult {
+        let gpa = gpa.0;
+        let new_sept_page = new_sept_page.0;
+        let pamt_pair = pamt_pair.map(|pair| pair.map(|page| page.0));
         self.call(Seamcall::MemPageDemote, |state| {
             let level = self.check_level(level, 3)?;
             if level < 2 {
@@ -617,7 +638,8 @@ impl TdxModule for SimTdxModule {
         })
     }
 
-    fn page_reclaim(&self, page: u64) -> SeamcallResult {
+    fn page_reclaim(&self, page: Hpa) -> SeamcallResult {
+        let page = page.0;
         self.call(Seamcall::PhymemPageReclaim, |state| {
             if !state.key_released {
                 return Err(TdxStatus::LifecycleStateIncorrect);
@@ -646,7 +668,8 @@ impl TdxModule for SimTdxModule {
         })
     }
 
-    fn page_wbinvd(&self, page: u64) -> SeamcallResult {
+    fn page_wbinvd(&self, page: Hpa) -> SeamcallResult {
+        let page = page.0;
         self.call(Seamcall::PhymemPageWbinvd, |state| {
             if state.pages.get(&page) != Some(&PageState::Removed) {
                 return Err(TdxStatus::PageMetadataIncorrect);
@@ -656,7 +679,9 @@ impl TdxModule for SimTdxModule {
         })
     }
 
-    fn pamt_add(&self, region: u64, pages: [u64; 2]) -> SeamcallResult {
+    fn pamt_add(&self, region: Hpa, pages: [Hpa; 2]) -> SeamcallResult {
+        let region = region.0;
+        let pages = pages.map(|page| page.0);
         self.pamt_call(Seamcall::PhymemPamtAdd, region, |state| {
             if !region.is_multiple_of(REGION) || pages.iter().any(|p| !p.is_multiple_of(PAGE)) {
                 return Err(TdxStatus::OperandInvalid);
@@ -682,7 +707,8 @@ impl TdxModule for SimTdxModule {
         })
     }
 
-    fn pamt_remove(&self, region: u64) -> SeamcallResult<[u64; 2]> {
+    fn pamt_remove(&self, region: Hpa) -> SeamcallResult<[Hpa; 2]> {
+        let region = region.0;
         self.pamt_call(Seamcall::PhymemPamtRemove, region, |state| {
             let pages = *state.pamt.get(&region).ok_or(TdxStatus::NoPamtPagePair)?;
             let in_use = (0..REGION / PAGE).any(|i| {
@@ -698,7 +724,7 @@ impl TdxModule for SimTdxModule {
             for page in pages {
                 state.pages.remove(&page);
             }
-            Ok(pages)
+            Ok(pages.map(Hpa))
         })
     }
 

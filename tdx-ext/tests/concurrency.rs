@@ -4,6 +4,7 @@
 
 mod common;
 
+use split::{Gfn, Gpa};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::{assert_mirrored, td, teardown_and_check};
@@ -28,7 +29,8 @@ fn faults_zaps_and_splits_race_without_breaking_the_mirror() {
                         let mut caches = mmu.new_vcpu_caches();
                         let mut gfn = id * 7;
                         for _ in 0..FAULTS_PER_VCPU {
-                            mmu.fault(&mut caches, (gfn % 8192) << 12, true).unwrap();
+                            mmu.fault(&mut caches, Gpa((gfn % 8192) << 12), true)
+                                .unwrap();
                             gfn += 13;
                         }
                         running.fetch_sub(1, Ordering::Release);
@@ -40,9 +42,9 @@ fn faults_zaps_and_splits_race_without_breaking_the_mirror() {
             while running.load(Ordering::Acquire) > 0 {
                 let first = (round * 1536) % 8192;
                 t.mmu
-                    .split_huge_pages(first, first + 1024, Level::L4K)
+                    .split_huge_pages(Gfn(first), Gfn(first + 1024), Level::L4K)
                     .unwrap();
-                t.mmu.zap_range(first, first + 512).unwrap();
+                t.mmu.zap_range(Gfn(first), Gfn(first + 512)).unwrap();
                 round += 1;
             }
             vcpus

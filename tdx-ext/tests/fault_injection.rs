@@ -8,6 +8,7 @@
 
 mod common;
 
+use split::{Gfn, Gpa, Hpa, Pfn};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
@@ -31,10 +32,10 @@ fn failing(k: u64) -> Arc<Failing> {
 
 /// Where each sampled guest frame translates to (splits change leaf sizes,
 /// never addresses).
-fn translations(mmu: &TdpMmu) -> BTreeMap<u64, u64> {
+fn translations(mmu: &TdpMmu) -> BTreeMap<u64, Hpa> {
     (0..4096u64)
         .step_by(7)
-        .filter_map(|gfn| mmu.translate(gfn << 12).map(|t| (gfn, t.hpa)))
+        .filter_map(|gfn| mmu.translate(Gpa(gfn << 12)).map(|t| (gfn, t.hpa)))
         .collect()
 }
 
@@ -66,7 +67,7 @@ fn every_kth_page_failing_leaves_no_leak_and_no_half_done_change() {
                 mirror.clone(),
             )
             .unwrap();
-            mmu.add_memslot(Memslot::new(0, 0, 4096, HOST_PFN).unwrap())
+            mmu.add_memslot(Memslot::new(0, Gfn(0), 4096, Pfn(HOST_PFN)).unwrap())
                 .unwrap();
             let mut vcpu = mmu.new_vcpu_caches();
             let t = common::Td {
@@ -83,20 +84,22 @@ fn every_kth_page_failing_leaves_no_leak_and_no_half_done_change() {
                 let before = translations(&t.mmu);
                 let gpa = ((step * 2654435761) % 4096) << 12;
                 let result = match step % 6 {
-                    0..=2 => t.mmu.fault(&mut vcpu, gpa, true).map(drop),
+                    0..=2 => t.mmu.fault(&mut vcpu, Gpa(gpa), true).map(drop),
                     3 => {
                         let first = (step * 97) % 4096;
                         t.mmu
-                            .split_huge_pages(first, first + 512, Level::L4K)
+                            .split_huge_pages(Gfn(first), Gfn(first + 512), Level::L4K)
                             .map(drop)
                     }
                     4 => {
                         let first = (step * 131) % 4096;
-                        t.mmu.split_cross_boundary(first, first + 40).map(drop)
+                        t.mmu
+                            .split_cross_boundary(Gfn(first), Gfn(first + 40))
+                            .map(drop)
                     }
                     _ => {
                         let first = (step * 61) % 4096;
-                        t.mmu.zap_range(first, first + 8)
+                        t.mmu.zap_range(Gfn(first), Gfn(first + 8))
                     }
                 };
                 match result {

@@ -6,6 +6,7 @@ mod common;
 
 use common::{assert_mirrored, td, teardown_and_check};
 use split::{Entry, ExternalPageTable, Level, TableRef};
+use split::{Gfn, Gpa, Hpa, Pfn};
 use tdx_ext::pamt::PamtPolicy;
 use tdx_ext::{PageState, Seamcall, TdxModule, TdxStatus};
 
@@ -18,18 +19,18 @@ fn faults_zaps_and_teardown_keep_the_sept_identical_and_return_every_page() {
             let t = td(policy, 4096, pfn_offset);
             let mut vcpu = t.mmu.new_vcpu_caches();
             for gpa in (0..16u64 << 20).step_by(0x3_1000) {
-                t.mmu.fault(&mut vcpu, gpa, true).unwrap();
+                t.mmu.fault(&mut vcpu, Gpa(gpa), true).unwrap();
             }
-            assert_eq!(t.mmu.translate(0).unwrap().level, leaf);
+            assert_eq!(t.mmu.translate(Gpa(0)).unwrap().level, leaf);
             assert_mirrored(&t);
             assert!(t.account.charged() > 0, "S-EPT and PAMT pages are charged");
-            t.mmu.zap_range(0, 1024).unwrap();
+            t.mmu.zap_range(Gfn(0), Gfn(1024)).unwrap();
             assert_mirrored(&t);
-            t.mmu.zap_range(0, 1 << 36).unwrap();
+            t.mmu.zap_range(Gfn(0), Gfn(1 << 36)).unwrap();
             assert_mirrored(&t);
             assert_eq!(t.mmu.live_tables(), 0);
             for gpa in (0..8u64 << 20).step_by(0x2_0000) {
-                t.mmu.fault(&mut vcpu, gpa, true).unwrap();
+                t.mmu.fault(&mut vcpu, Gpa(gpa), true).unwrap();
             }
             assert_mirrored(&t);
             teardown_and_check(t, vec![vcpu]);
@@ -41,8 +42,8 @@ fn faults_zaps_and_teardown_keep_the_sept_identical_and_return_every_page() {
 fn a_removal_is_block_track_kick_remove_wbinvd_then_the_pamt_reference() {
     let t = td(PamtPolicy::OnInstall, 1024, 1);
     let mut vcpu = t.mmu.new_vcpu_caches();
-    t.mmu.fault(&mut vcpu, 0x5000, true).unwrap();
-    let page = t.mmu.translate(0x5000).unwrap().hpa;
+    t.mmu.fault(&mut vcpu, Gpa(0x5000), true).unwrap();
+    let page = t.mmu.translate(Gpa(0x5000)).unwrap().hpa;
     let pamt = t.mirror.pamt();
     assert_eq!(pamt.refcount(page), 1);
     let before: Vec<u64> = [
@@ -55,15 +56,15 @@ fn a_removal_is_block_track_kick_remove_wbinvd_then_the_pamt_reference() {
     .map(|&leaf| t.module.calls(leaf))
     .collect();
     // REMOVE before the TRACK epoch completes is refused by the module...
-    t.module.range_block(0x5000, Level::L4K).unwrap();
+    t.module.range_block(Gpa(0x5000), Level::L4K).unwrap();
     assert_eq!(
-        t.module.page_remove(0x5000, Level::L4K),
+        t.module.page_remove(Gpa(0x5000), Level::L4K),
         Err(TdxStatus::TlbTrackingNotDone)
     );
     // ...so a fresh leaf goes through the whole order.
-    t.mmu.fault(&mut vcpu, 0x6000, true).unwrap();
-    let other = t.mmu.translate(0x6000).unwrap().hpa;
-    t.mmu.zap_range(6, 7).unwrap();
+    t.mmu.fault(&mut vcpu, Gpa(0x6000), true).unwrap();
+    let other = t.mmu.translate(Gpa(0x6000)).unwrap().hpa;
+    t.mmu.zap_range(Gfn(6), Gfn(7)).unwrap();
     let after: Vec<u64> = [
         Seamcall::MemRangeBlock,
         Seamcall::MemTrack,
@@ -102,12 +103,12 @@ fn a_removal_is_block_track_kick_remove_wbinvd_then_the_pamt_reference() {
 fn busy_is_retried_once_after_a_kick() {
     let t = td(PamtPolicy::OnInstall, 1024, 1);
     let mut vcpu = t.mmu.new_vcpu_caches();
-    t.mmu.fault(&mut vcpu, 0x5000, true).unwrap();
+    t.mmu.fault(&mut vcpu, Gpa(0x5000), true).unwrap();
     t.module
         .inject(Seamcall::MemPageRemove, 1, TdxStatus::OperandBusy, 1);
-    t.mmu.zap_range(5, 6).unwrap();
+    t.mmu.zap_range(Gfn(5), Gfn(6)).unwrap();
     assert_eq!(t.mirror.counters().busy_retries, 1);
-    assert!(t.mmu.translate(0x5000).is_none());
+    assert!(t.mmu.translate(Gpa(0x5000)).is_none());
     assert_mirrored(&t);
     teardown_and_check(t, vec![vcpu]);
 }
@@ -117,14 +118,14 @@ fn a_failing_seamcall_leaves_mirror_sept_and_pamt_unchanged() {
     for policy in POLICIES {
         let t = td(policy, 1024, 1);
         let mut vcpu = t.mmu.new_vcpu_caches();
-        t.mmu.fault(&mut vcpu, 0, true).unwrap();
+        t.mmu.fault(&mut vcpu, Gpa(0), true).unwrap();
         let pamt_before = t.mirror.pamt().counters();
         let tables = t.mmu.live_tables();
         // A new 4K leaf in the same table: AUG refused.
         t.module
             .inject(Seamcall::MemPageAug, 1, TdxStatus::OperandInvalid, 1);
-        assert!(t.mmu.fault(&mut vcpu, 0x1000, true).is_err());
-        assert!(t.mmu.translate(0x1000).is_none());
+        assert!(t.mmu.fault(&mut vcpu, Gpa(0x1000), true).is_err());
+        assert!(t.mmu.translate(Gpa(0x1000)).is_none());
         assert_mirrored(&t);
         assert_eq!(t.mirror.pamt().counters().regions, pamt_before.regions);
         // A new table: SEPT.ADD refused twice (BUSY, then BUSY on the retry).
@@ -132,9 +133,9 @@ fn a_failing_seamcall_leaves_mirror_sept_and_pamt_unchanged() {
             .inject(Seamcall::MemSeptAdd, 1, TdxStatus::OperandBusy, 2);
         let far = 1u64 << 30;
         t.mmu
-            .add_memslot(split::Memslot::new(1, far >> 12, 512, (2 << 20) + 1).unwrap())
+            .add_memslot(split::Memslot::new(1, Gfn(far >> 12), 512, Pfn((2 << 20) + 1)).unwrap())
             .unwrap();
-        let result = t.mmu.fault(&mut vcpu, far, true);
+        let result = t.mmu.fault(&mut vcpu, Gpa(far), true);
         // Busy is the retryable kind: the MMU retries the fault, which then works.
         assert!(result.is_ok(), "{result:?}");
         assert!(t.mirror.counters().busy_retries >= 1);
@@ -150,8 +151,8 @@ fn demote_splits_a_private_2m_leaf_under_the_write_lock_only() {
     for policy in POLICIES {
         let t = td(policy, 1024, 0);
         let mut vcpu = t.mmu.new_vcpu_caches();
-        t.mmu.fault(&mut vcpu, 0x20_0000, true).unwrap();
-        let huge = t.mmu.translate(0x20_0000).unwrap();
+        t.mmu.fault(&mut vcpu, Gpa(0x20_0000), true).unwrap();
+        let huge = t.mmu.translate(Gpa(0x20_0000)).unwrap();
         assert_eq!(huge.level, Level::L2M);
         assert_eq!(
             t.mirror.pamt().refcount(huge.hpa),
@@ -162,7 +163,12 @@ fn demote_splits_a_private_2m_leaf_under_the_write_lock_only() {
             t.module.calls(Seamcall::MemRangeBlock),
             t.module.calls(Seamcall::MemTrack),
         );
-        assert_eq!(t.mmu.split_huge_pages(512, 1024, Level::L4K).unwrap(), 1);
+        assert_eq!(
+            t.mmu
+                .split_huge_pages(Gfn(512), Gfn(1024), Level::L4K)
+                .unwrap(),
+            1
+        );
         assert_eq!(t.module.calls(Seamcall::MemPageDemote), 1);
         assert_eq!(t.module.calls(Seamcall::MemRangeBlock), blocks + 1);
         assert_eq!(t.module.calls(Seamcall::MemTrack), tracks + 1);
@@ -173,12 +179,12 @@ fn demote_splits_a_private_2m_leaf_under_the_write_lock_only() {
         let err = t
             .mirror
             .split_leaf(
-                0,
+                Gfn(0),
                 Level::L2M,
                 Entry::NON_PRESENT,
                 TableRef {
-                    hpa: 0,
-                    external: Some(0),
+                    hpa: Hpa(0),
+                    external: Some(Hpa(0)),
                 },
                 false,
             )
@@ -192,16 +198,16 @@ fn demote_splits_a_private_2m_leaf_under_the_write_lock_only() {
 fn pamt_pages_and_table_pages_are_told_apart_at_run_time() {
     let t = td(PamtPolicy::OnInstall, 1024, 1);
     let mut vcpu = t.mmu.new_vcpu_caches();
-    t.mmu.fault(&mut vcpu, 0, true).unwrap();
+    t.mmu.fault(&mut vcpu, Gpa(0), true).unwrap();
     // A page holding PAMT, offered as an S-EPT page, is refused by the module.
-    let guest = t.mmu.translate(0).unwrap().hpa;
+    let guest = t.mmu.translate(Gpa(0)).unwrap().hpa;
     let [pamt_held, _] = t
         .module
-        .pamt_pair(guest & !((2 << 20) - 1))
+        .pamt_pair(guest.align_down(2 << 20))
         .expect("the guest page's region has a 4K PAMT");
     assert_eq!(t.module.page_state(pamt_held), Some(PageState::Pamt));
     assert_eq!(
-        t.module.sept_add(1 << 39, Level::L1G, pamt_held),
+        t.module.sept_add(Gpa(1 << 39), Level::L1G, pamt_held),
         Err(TdxStatus::PageMetadataIncorrect)
     );
     let mut cache = t.mirror.pamt().new_cache();
@@ -235,10 +241,12 @@ fn demote_hands_the_module_the_ranges_pamt_pair() {
     for policy in POLICIES {
         let t = td(policy, 1024, 0);
         let mut vcpu = t.mmu.new_vcpu_caches();
-        t.mmu.fault(&mut vcpu, 0x20_0000, true).unwrap();
-        let huge = t.mmu.translate(0x20_0000).unwrap().hpa;
+        t.mmu.fault(&mut vcpu, Gpa(0x20_0000), true).unwrap();
+        let huge = t.mmu.translate(Gpa(0x20_0000)).unwrap().hpa;
         let adds = t.module.calls(Seamcall::PhymemPamtAdd);
-        t.mmu.split_huge_pages(512, 1024, Level::L4K).unwrap();
+        t.mmu
+            .split_huge_pages(Gfn(512), Gfn(1024), Level::L4K)
+            .unwrap();
         // At most the new S-EPT page's own range (OnInstall) is added; a
         // PAMT.ADD of the guest range would be refused (HPA_RANGE_NOT_FREE).
         assert!(t.module.calls(Seamcall::PhymemPamtAdd) - adds <= 1);
@@ -259,23 +267,32 @@ fn a_failure_after_block_unblocks_the_entry() {
     for policy in POLICIES {
         let t = td(policy, 1024, 0);
         let mut vcpu = t.mmu.new_vcpu_caches();
-        t.mmu.fault(&mut vcpu, 0x20_0000, true).unwrap();
+        t.mmu.fault(&mut vcpu, Gpa(0x20_0000), true).unwrap();
         t.module
             .inject(Seamcall::MemPageDemote, 1, TdxStatus::OperandInvalid, 1);
-        assert!(t.mmu.split_huge_pages(512, 1024, Level::L4K).is_err());
+        assert!(
+            t.mmu
+                .split_huge_pages(Gfn(512), Gfn(1024), Level::L4K)
+                .is_err()
+        );
         assert_eq!(t.module.calls(Seamcall::MemRangeUnblock), 1);
         assert!(
-            !t.module.leaves()[&(2, 0x20_0000)].1,
+            !t.module.leaves()[&(2, Gpa(0x20_0000))].1,
             "unblocked after the failed DEMOTE"
         );
         assert_mirrored(&t);
-        assert_eq!(t.mmu.split_huge_pages(512, 1024, Level::L4K).unwrap(), 1);
+        assert_eq!(
+            t.mmu
+                .split_huge_pages(Gfn(512), Gfn(1024), Level::L4K)
+                .unwrap(),
+            1
+        );
         assert_mirrored(&t);
         // A removal refused after its BLOCK: the leaf stays, unblocked.
         t.module
             .inject(Seamcall::MemPageRemove, 1, TdxStatus::OperandInvalid, 1);
-        assert!(t.mmu.zap_range(0x200, 0x201).is_err());
-        assert!(!t.module.leaves()[&(1, 0x20_0000)].1, "unblocked");
+        assert!(t.mmu.zap_range(Gfn(0x200), Gfn(0x201)).is_err());
+        assert!(!t.module.leaves()[&(1, Gpa(0x20_0000))].1, "unblocked");
         assert_eq!(t.module.calls(Seamcall::MemRangeUnblock), 2);
         assert_mirrored(&t);
         teardown_and_check(t, vec![vcpu]);
@@ -290,7 +307,7 @@ fn a_busy_pamt_add_on_the_fault_path_is_retried() {
     let mut vcpu = t.mmu.new_vcpu_caches();
     t.module
         .inject(Seamcall::PhymemPamtAdd, 1, TdxStatus::OperandBusy, 3);
-    t.mmu.fault(&mut vcpu, 0x5000, true).unwrap();
+    t.mmu.fault(&mut vcpu, Gpa(0x5000), true).unwrap();
     assert_eq!(t.mirror.pamt().counters().busy_retries, 3);
     assert_mirrored(&t);
     teardown_and_check(t, vec![vcpu]);
@@ -303,11 +320,12 @@ fn a_busy_pamt_add_on_the_fault_path_is_retried() {
 fn private_leaves_stop_at_2m() {
     let t = td(PamtPolicy::OnInstall, 1 << 18, 0);
     let mut vcpu = t.mmu.new_vcpu_caches();
-    let leaf = t.mmu.fault(&mut vcpu, 0x1234_5000, true).unwrap();
+    let leaf = t.mmu.fault(&mut vcpu, Gpa(0x1234_5000), true).unwrap();
     assert_eq!(leaf.level, Level::L2M);
     assert_eq!(t.mmu.page_stats().pages_1g, 0);
     assert_eq!(
-        t.module.page_aug(0x4000_0000, Level::L1G, 1 << 40),
+        t.module
+            .page_aug(Gpa(0x4000_0000), Level::L1G, Hpa(1 << 40)),
         Err(TdxStatus::OperandInvalid)
     );
     assert_mirrored(&t);
@@ -320,10 +338,10 @@ fn private_leaves_stop_at_2m() {
 fn a_refused_seamcall_keeps_its_leaf_and_status() {
     let t = td(PamtPolicy::OnInstall, 1024, 1);
     let mut vcpu = t.mmu.new_vcpu_caches();
-    t.mmu.fault(&mut vcpu, 0, true).unwrap();
+    t.mmu.fault(&mut vcpu, Gpa(0), true).unwrap();
     t.module
         .inject(Seamcall::MemPageAug, 1, TdxStatus::OperandInvalid, 1);
-    let err = t.mmu.fault(&mut vcpu, 0x1000, true).unwrap_err();
+    let err = t.mmu.fault(&mut vcpu, Gpa(0x1000), true).unwrap_err();
     let split::MmuError::Hook(hook) = &err else {
         panic!("{err}")
     };
@@ -355,7 +373,7 @@ fn each_vcpu_tops_up_its_own_pamt_cache_in_its_vcpu_context() {
     };
     assert_eq!((held(&mut first), held(&mut second)), (0, 0));
     let cached_before = t.mirror.counters().pamt_cached;
-    t.mmu.fault(&mut first, 0x5000, true).unwrap();
+    t.mmu.fault(&mut first, Gpa(0x5000), true).unwrap();
     assert_eq!(
         t.mirror.counters().pamt_cached,
         cached_before + held(&mut first) as u64,
@@ -366,7 +384,7 @@ fn each_vcpu_tops_up_its_own_pamt_cache_in_its_vcpu_context() {
         "the topup filled the faulting vCPU's cache"
     );
     assert_eq!(held(&mut second), 0, "another vCPU's cache is untouched");
-    t.mmu.fault(&mut second, 0x20_0000, true).unwrap();
+    t.mmu.fault(&mut second, Gpa(0x20_0000), true).unwrap();
     assert!(held(&mut second) > 0);
     let returned = first.free_all();
     assert!(returned > 0, "free_all hands the vCPU's PAMT pages back");

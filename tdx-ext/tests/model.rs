@@ -8,6 +8,7 @@
 
 mod common;
 
+use split::{Gfn, Gpa, Hpa};
 use std::collections::HashSet;
 
 use common::{assert_mirrored, td, teardown_and_check};
@@ -63,17 +64,17 @@ proptest! {
             // BUSY twice in a row (two injections) is a persistent failure:
             // the operation reports it, and everything must still agree.
             let result = match op {
-                Op::Fault { page } => t.mmu.fault(&mut vcpu, page << 12, true).map(drop),
-                Op::Zap { first, pages } => t.mmu.zap_range(first, first + pages),
+                Op::Fault { page } => t.mmu.fault(&mut vcpu, Gpa(page << 12), true).map(drop),
+                Op::Zap { first, pages } => t.mmu.zap_range(Gfn(first), Gfn(first + pages)),
                 Op::Split { first, pages } => {
-                    t.mmu.split_huge_pages(first, first + pages, Level::L4K).map(drop)
+                    t.mmu.split_huge_pages(Gfn(first), Gfn(first + pages), Level::L4K).map(drop)
                 }
                 Op::Convert { first, pages } => {
                     // Private to shared: split what straddles the range, then
                     // drop the private mappings in it.
                     t.mmu
-                        .split_cross_boundary(first, first + pages)
-                        .and_then(|_| t.mmu.zap_range(first, first + pages))
+                        .split_cross_boundary(Gfn(first), Gfn(first + pages))
+                        .and_then(|_| t.mmu.zap_range(Gfn(first), Gfn(first + pages)))
                 }
                 Op::Busy { leaf } => {
                     t.module.inject(BUSY_LEAVES[leaf], 1, TdxStatus::OperandBusy, 1);
@@ -95,10 +96,10 @@ proptest! {
                 prop_assert!(!blocked, "leaf {:#x} left blocked", gpa);
                 prop_assert!(level <= 2, "a {}-level private leaf", level);
                 if level == 1 {
-                    prop_assert!(t.module.pamt_pair(page & !((2 << 20) - 1)).is_some());
+                    prop_assert!(t.module.pamt_pair(page.align_down(2 << 20)).is_some());
                 }
             }
-            let tables: HashSet<u64> = t.module.tables().values().flatten().copied().collect();
+            let tables: HashSet<Hpa> = t.module.tables().values().flatten().copied().collect();
             for page in t.module.pamt_pages() {
                 prop_assert!(!tables.contains(&page), "{:#x} is PAMT and S-EPT", page);
             }

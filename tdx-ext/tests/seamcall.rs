@@ -2,6 +2,7 @@
 //! right status, and the calls that follow the rules.
 
 use split::Level;
+use split::{Gpa, Hpa};
 use tdx_ext::{PageState, Seamcall, SimTdxModule, TdxModule, TdxStatus};
 
 const MB2: u64 = 2 << 20;
@@ -12,20 +13,24 @@ const PAMT: u64 = 0x3_0000_0000;
 
 fn module_with_tables() -> SimTdxModule {
     let module = SimTdxModule::new(4);
-    module.pamt_add(SEPT_REGION, [PAMT, PAMT + 0x1000]).unwrap();
-    module.sept_add(0, Level::L1G, SEPT_REGION).unwrap();
     module
-        .sept_add(0, Level::L2M, SEPT_REGION + 0x1000)
+        .pamt_add(Hpa(SEPT_REGION), [Hpa(PAMT), Hpa(PAMT + 0x1000)])
         .unwrap();
     module
-        .sept_add(0, Level::L4K, SEPT_REGION + 0x2000)
+        .sept_add(Gpa(0), Level::L1G, Hpa(SEPT_REGION))
+        .unwrap();
+    module
+        .sept_add(Gpa(0), Level::L2M, Hpa(SEPT_REGION + 0x1000))
+        .unwrap();
+    module
+        .sept_add(Gpa(0), Level::L4K, Hpa(SEPT_REGION + 0x2000))
         .unwrap();
     module
 }
 
 fn with_guest_pamt(module: &SimTdxModule) {
     module
-        .pamt_add(GUEST_REGION, [PAMT + 0x2000, PAMT + 0x3000])
+        .pamt_add(Hpa(GUEST_REGION), [Hpa(PAMT + 0x2000), Hpa(PAMT + 0x3000)])
         .unwrap();
 }
 
@@ -33,41 +38,45 @@ fn with_guest_pamt(module: &SimTdxModule) {
 fn sept_add_needs_a_parent_a_free_entry_and_a_pamt_backed_free_page() {
     let module = SimTdxModule::new(4);
     assert_eq!(
-        module.sept_add(0, Level::L1G, SEPT_REGION),
+        module.sept_add(Gpa(0), Level::L1G, Hpa(SEPT_REGION)),
         Err(TdxStatus::MissingPamtPagePair),
         "not PAMT-backed"
     );
-    module.pamt_add(SEPT_REGION, [PAMT, PAMT + 0x1000]).unwrap();
+    module
+        .pamt_add(Hpa(SEPT_REGION), [Hpa(PAMT), Hpa(PAMT + 0x1000)])
+        .unwrap();
     assert_eq!(
-        module.sept_add(0, Level::L2M, SEPT_REGION),
+        module.sept_add(Gpa(0), Level::L2M, Hpa(SEPT_REGION)),
         Err(TdxStatus::EptWalkFailed),
         "no parent"
     );
-    module.sept_add(0, Level::L1G, SEPT_REGION).unwrap();
+    module
+        .sept_add(Gpa(0), Level::L1G, Hpa(SEPT_REGION))
+        .unwrap();
     assert_eq!(
-        module.sept_add(0, Level::L1G, SEPT_REGION + 0x1000),
+        module.sept_add(Gpa(0), Level::L1G, Hpa(SEPT_REGION + 0x1000)),
         Err(TdxStatus::EptEntryStateIncorrect),
         "the entry is used"
     );
     assert_eq!(
-        module.sept_add(0, Level::L2M, SEPT_REGION),
+        module.sept_add(Gpa(0), Level::L2M, Hpa(SEPT_REGION)),
         Err(TdxStatus::PageMetadataIncorrect),
         "already an S-EPT page"
     );
     assert_eq!(
-        module.sept_add(0, Level::L2M, PAMT),
+        module.sept_add(Gpa(0), Level::L2M, Hpa(PAMT)),
         Err(TdxStatus::PageMetadataIncorrect),
         "a PAMT page is not a table page"
     );
     assert_eq!(
-        module.sept_add(0x1000, Level::L2M, SEPT_REGION + 0x1000),
+        module.sept_add(Gpa(0x1000), Level::L2M, Hpa(SEPT_REGION + 0x1000)),
         Err(TdxStatus::OperandInvalid),
         "unaligned"
     );
     module
-        .sept_add(0, Level::L2M, SEPT_REGION + 0x1000)
+        .sept_add(Gpa(0), Level::L2M, Hpa(SEPT_REGION + 0x1000))
         .unwrap();
-    assert_eq!(module.page_state(SEPT_REGION), Some(PageState::Sept));
+    assert_eq!(module.page_state(Hpa(SEPT_REGION)), Some(PageState::Sept));
 }
 
 #[test]
@@ -75,44 +84,44 @@ fn aug_only_after_finalize_and_add_only_before() {
     let module = module_with_tables();
     with_guest_pamt(&module);
     assert_eq!(
-        module.page_aug(0, Level::L4K, GUEST_REGION),
+        module.page_aug(Gpa(0), Level::L4K, Hpa(GUEST_REGION)),
         Err(TdxStatus::LifecycleStateIncorrect)
     );
-    module.page_add(0, GUEST_REGION).unwrap();
+    module.page_add(Gpa(0), Hpa(GUEST_REGION)).unwrap();
     module.finalize().unwrap();
     assert_eq!(
-        module.page_add(0x1000, GUEST_REGION + 0x1000),
+        module.page_add(Gpa(0x1000), Hpa(GUEST_REGION + 0x1000)),
         Err(TdxStatus::LifecycleStateIncorrect)
     );
     assert_eq!(
-        module.page_aug(0, Level::L4K, GUEST_REGION + 0x1000),
+        module.page_aug(Gpa(0), Level::L4K, Hpa(GUEST_REGION + 0x1000)),
         Err(TdxStatus::EptEntryStateIncorrect),
         "the entry is taken"
     );
     assert_eq!(
-        module.page_aug(0x1000, Level::L4K, GUEST_REGION),
+        module.page_aug(Gpa(0x1000), Level::L4K, Hpa(GUEST_REGION)),
         Err(TdxStatus::PageMetadataIncorrect),
         "the page is taken"
     );
     assert_eq!(
-        module.page_aug(0x1000, Level::L4K, 0x5_0000_0000),
+        module.page_aug(Gpa(0x1000), Level::L4K, Hpa(0x5_0000_0000)),
         Err(TdxStatus::MissingPamtPagePair),
         "a 4K page without 4K PAMT"
     );
     assert_eq!(
-        module.page_aug(0x20_0000, Level::L4K, GUEST_REGION + 0x1000),
+        module.page_aug(Gpa(0x20_0000), Level::L4K, Hpa(GUEST_REGION + 0x1000)),
         Err(TdxStatus::EptWalkFailed),
         "no 4K table there"
     );
     module
-        .page_aug(0x1000, Level::L4K, GUEST_REGION + 0x1000)
+        .page_aug(Gpa(0x1000), Level::L4K, Hpa(GUEST_REGION + 0x1000))
         .unwrap();
     // A 2M leaf needs no 4K PAMT.
     module
-        .page_aug(0x20_0000, Level::L2M, 0x6_0000_0000)
+        .page_aug(Gpa(0x20_0000), Level::L2M, Hpa(0x6_0000_0000))
         .unwrap();
     assert_eq!(
-        module.page_state(0x6_0000_0000 + 0x5000),
+        module.page_state(Hpa(0x6_0000_0000 + 0x5000)),
         Some(PageState::Guest { level: 2 })
     );
 }
@@ -122,48 +131,59 @@ fn remove_needs_block_track_and_kick_then_wbinvd_returns_the_page() {
     let module = module_with_tables();
     with_guest_pamt(&module);
     module.finalize().unwrap();
-    module.page_aug(0, Level::L4K, GUEST_REGION).unwrap();
+    module
+        .page_aug(Gpa(0), Level::L4K, Hpa(GUEST_REGION))
+        .unwrap();
     assert_eq!(
-        module.page_remove(0, Level::L4K),
+        module.page_remove(Gpa(0), Level::L4K),
         Err(TdxStatus::GpaRangeNotBlocked)
     );
     assert_eq!(
-        module.range_block(0x1000, Level::L4K),
+        module.range_block(Gpa(0x1000), Level::L4K),
         Err(TdxStatus::EptEntryStateIncorrect),
         "a free entry"
     );
-    module.range_block(0, Level::L4K).unwrap();
+    module.range_block(Gpa(0), Level::L4K).unwrap();
     assert_eq!(
-        module.range_block(0, Level::L4K),
+        module.range_block(Gpa(0), Level::L4K),
         Err(TdxStatus::GpaRangeAlreadyBlocked)
     );
     assert_eq!(
-        module.page_remove(0, Level::L4K),
+        module.page_remove(Gpa(0), Level::L4K),
         Err(TdxStatus::TlbTrackingNotDone),
         "no TRACK yet"
     );
     module.track().unwrap();
     assert_eq!(
-        module.page_remove(0, Level::L4K),
+        module.page_remove(Gpa(0), Level::L4K),
         Err(TdxStatus::TlbTrackingNotDone),
         "vCPUs not kicked"
     );
     module.kick_vcpus();
     assert_eq!(
-        module.page_wbinvd(GUEST_REGION),
+        module.page_wbinvd(Hpa(GUEST_REGION)),
         Err(TdxStatus::PageMetadataIncorrect),
         "still mapped"
     );
-    assert_eq!(module.page_remove(0, Level::L4K), Ok(GUEST_REGION));
-    assert_eq!(module.page_state(GUEST_REGION), Some(PageState::Removed));
     assert_eq!(
-        module.pamt_remove(GUEST_REGION),
+        module.page_remove(Gpa(0), Level::L4K),
+        Ok(Hpa(GUEST_REGION))
+    );
+    assert_eq!(
+        module.page_state(Hpa(GUEST_REGION)),
+        Some(PageState::Removed)
+    );
+    assert_eq!(
+        module.pamt_remove(Hpa(GUEST_REGION)),
         Err(TdxStatus::PamtPageNotEmpty),
         "a removed page still needs its PAMT until WBINVD"
     );
-    module.page_wbinvd(GUEST_REGION).unwrap();
-    assert_eq!(module.page_state(GUEST_REGION), None);
-    assert_eq!(module.pamt_remove(GUEST_REGION).unwrap()[0], PAMT + 0x2000);
+    module.page_wbinvd(Hpa(GUEST_REGION)).unwrap();
+    assert_eq!(module.page_state(Hpa(GUEST_REGION)), None);
+    assert_eq!(
+        module.pamt_remove(Hpa(GUEST_REGION)).unwrap()[0],
+        Hpa(PAMT + 0x2000)
+    );
 }
 
 #[test]
@@ -171,21 +191,26 @@ fn sept_remove_needs_an_empty_blocked_tracked_page() {
     let module = module_with_tables();
     with_guest_pamt(&module);
     module.finalize().unwrap();
-    module.page_aug(0, Level::L4K, GUEST_REGION).unwrap();
-    module.range_block(0, Level::L2M).unwrap();
+    module
+        .page_aug(Gpa(0), Level::L4K, Hpa(GUEST_REGION))
+        .unwrap();
+    module.range_block(Gpa(0), Level::L2M).unwrap();
     module.track().unwrap();
     module.kick_vcpus();
     assert_eq!(
-        module.sept_remove(0, Level::L4K),
+        module.sept_remove(Gpa(0), Level::L4K),
         Err(TdxStatus::EptPageNotFree)
     );
-    module.range_block(0, Level::L4K).unwrap();
+    module.range_block(Gpa(0), Level::L4K).unwrap();
     module.track().unwrap();
     module.kick_vcpus();
-    module.page_remove(0, Level::L4K).unwrap();
-    assert_eq!(module.sept_remove(0, Level::L4K), Ok(SEPT_REGION + 0x2000));
+    module.page_remove(Gpa(0), Level::L4K).unwrap();
     assert_eq!(
-        module.page_state(SEPT_REGION + 0x2000),
+        module.sept_remove(Gpa(0), Level::L4K),
+        Ok(Hpa(SEPT_REGION + 0x2000))
+    );
+    assert_eq!(
+        module.page_state(Hpa(SEPT_REGION + 0x2000)),
         Some(PageState::Removed)
     );
 }
@@ -195,55 +220,62 @@ fn demote_needs_a_blocked_tracked_leaf_a_new_page_and_takes_the_range_pamt_pair(
     let module = module_with_tables();
     module.finalize().unwrap();
     let huge = 0x6_0000_0000;
-    module.page_aug(0x20_0000, Level::L2M, huge).unwrap();
+    module
+        .page_aug(Gpa(0x20_0000), Level::L2M, Hpa(huge))
+        .unwrap();
     let new_page = SEPT_REGION + 0x3000;
-    let pair = Some([PAMT + 0x4000, PAMT + 0x5000]);
+    let pair = Some([Hpa(PAMT + 0x4000), Hpa(PAMT + 0x5000)]);
     assert_eq!(
-        module.page_demote(0x20_0000, Level::L2M, new_page, pair),
+        module.page_demote(Gpa(0x20_0000), Level::L2M, Hpa(new_page), pair),
         Err(TdxStatus::GpaRangeNotBlocked)
     );
-    module.range_block(0x20_0000, Level::L2M).unwrap();
+    module.range_block(Gpa(0x20_0000), Level::L2M).unwrap();
     module.track().unwrap();
     module.kick_vcpus();
     assert_eq!(
-        module.page_demote(0x20_0000, Level::L2M, new_page, None),
+        module.page_demote(Gpa(0x20_0000), Level::L2M, Hpa(new_page), None),
         Err(TdxStatus::MissingPamtPagePair),
         "the 4K children need the range's 4K PAMT, which DEMOTE takes"
     );
     assert_eq!(
-        module.pamt_add(huge, [PAMT + 0x4000, PAMT + 0x5000]),
+        module.pamt_add(Hpa(huge), [Hpa(PAMT + 0x4000), Hpa(PAMT + 0x5000)]),
         Err(TdxStatus::HpaRangeNotFree),
         "no separate PAMT.ADD on a range mapped as a 2 MiB page"
     );
     assert_eq!(
-        module.page_demote(0x20_0000, Level::L2M, 0x7_0000_0000, pair),
+        module.page_demote(Gpa(0x20_0000), Level::L2M, Hpa(0x7_0000_0000), pair),
         Err(TdxStatus::MissingPamtPagePair),
         "the new S-EPT page has no PAMT"
     );
     assert_eq!(
-        module.page_demote(0x20_0000, Level::L2M, new_page, Some([PAMT, PAMT + 0x5000])),
+        module.page_demote(
+            Gpa(0x20_0000),
+            Level::L2M,
+            Hpa(new_page),
+            Some([Hpa(PAMT), Hpa(PAMT + 0x5000)])
+        ),
         Err(TdxStatus::PageNotFree),
         "a pair page that holds PAMT already"
     );
     module
-        .page_demote(0x20_0000, Level::L2M, new_page, pair)
+        .page_demote(Gpa(0x20_0000), Level::L2M, Hpa(new_page), pair)
         .unwrap();
     assert_eq!(
-        module.pamt_pair(huge),
+        module.pamt_pair(Hpa(huge)),
         pair,
         "the range has its 4K PAMT now"
     );
-    assert_eq!(module.page_state(PAMT + 0x4000), Some(PageState::Pamt));
+    assert_eq!(module.page_state(Hpa(PAMT + 0x4000)), Some(PageState::Pamt));
     let leaves = module.leaves();
     assert_eq!(leaves.len(), 512);
     for i in 0..512u64 {
         assert_eq!(
-            leaves[&(1, 0x20_0000 + i * 0x1000)],
-            (huge + i * 0x1000, false)
+            leaves[&(1, Gpa(0x20_0000 + i * 0x1000))],
+            (Hpa(huge + i * 0x1000), false)
         );
     }
     assert_eq!(
-        module.pamt_remove(huge),
+        module.pamt_remove(Hpa(huge)),
         Err(TdxStatus::PamtPageNotEmpty),
         "its 4K pages are the TD's"
     );
@@ -254,23 +286,25 @@ fn aug_maps_4k_and_2m_only_and_never_over_a_used_entry() {
     let module = module_with_tables();
     module.finalize().unwrap();
     assert_eq!(
-        module.page_aug(0, Level::L1G, 0x8_0000_0000),
+        module.page_aug(Gpa(0), Level::L1G, Hpa(0x8_0000_0000)),
         Err(TdxStatus::OperandInvalid),
         "TDX has no 1 GiB private pages"
     );
     with_guest_pamt(&module);
-    module.page_aug(0, Level::L4K, GUEST_REGION).unwrap();
+    module
+        .page_aug(Gpa(0), Level::L4K, Hpa(GUEST_REGION))
+        .unwrap();
     assert_eq!(
-        module.page_aug(0, Level::L4K, GUEST_REGION + 0x1000),
+        module.page_aug(Gpa(0), Level::L4K, Hpa(GUEST_REGION + 0x1000)),
         Err(TdxStatus::EptEntryStateIncorrect)
     );
     assert_eq!(
-        module.page_aug(0x1000, Level::L4K, 0x9_0000_0000),
+        module.page_aug(Gpa(0x1000), Level::L4K, Hpa(0x9_0000_0000)),
         Err(TdxStatus::MissingPamtPagePair),
         "a 4K page in a range without a 4K PAMT"
     );
     assert_eq!(
-        module.page_aug(0x20_0000, Level::L2M, GUEST_REGION + MB2 * 8),
+        module.page_aug(Gpa(0x20_0000), Level::L2M, Hpa(GUEST_REGION + MB2 * 8)),
         Ok(())
     );
 }
@@ -281,58 +315,66 @@ fn unblock_undoes_a_tracked_block_and_block_needs_a_used_entry() {
     module.finalize().unwrap();
     with_guest_pamt(&module);
     assert_eq!(
-        module.range_block(0x5000, Level::L4K),
+        module.range_block(Gpa(0x5000), Level::L4K),
         Err(TdxStatus::EptEntryStateIncorrect),
         "a free entry"
     );
     assert_eq!(
-        module.range_unblock(0x5000, Level::L4K),
+        module.range_unblock(Gpa(0x5000), Level::L4K),
         Err(TdxStatus::EptEntryStateIncorrect)
     );
-    module.page_aug(0x5000, Level::L4K, GUEST_REGION).unwrap();
+    module
+        .page_aug(Gpa(0x5000), Level::L4K, Hpa(GUEST_REGION))
+        .unwrap();
     assert_eq!(
-        module.range_unblock(0x5000, Level::L4K),
+        module.range_unblock(Gpa(0x5000), Level::L4K),
         Err(TdxStatus::EptEntryStateIncorrect),
         "not blocked"
     );
-    module.range_block(0x5000, Level::L4K).unwrap();
+    module.range_block(Gpa(0x5000), Level::L4K).unwrap();
     assert_eq!(
-        module.range_unblock(0x5000, Level::L4K),
+        module.range_unblock(Gpa(0x5000), Level::L4K),
         Err(TdxStatus::TlbTrackingNotDone)
     );
     module.track().unwrap();
     module.kick_vcpus();
-    module.range_unblock(0x5000, Level::L4K).unwrap();
-    assert_eq!(module.leaves()[&(1, 0x5000)], (GUEST_REGION, false));
+    module.range_unblock(Gpa(0x5000), Level::L4K).unwrap();
+    assert_eq!(
+        module.leaves()[&(1, Gpa(0x5000))],
+        (Hpa(GUEST_REGION), false)
+    );
     // Blocked again, it can be blocked, tracked and removed as before.
-    module.range_block(0x5000, Level::L4K).unwrap();
+    module.range_block(Gpa(0x5000), Level::L4K).unwrap();
     module.track().unwrap();
     module.kick_vcpus();
-    assert_eq!(module.page_remove(0x5000, Level::L4K), Ok(GUEST_REGION));
+    assert_eq!(
+        module.page_remove(Gpa(0x5000), Level::L4K),
+        Ok(Hpa(GUEST_REGION))
+    );
 }
 
 #[test]
 fn reclaim_only_after_the_key_is_released() {
     let module = module_with_tables();
     assert_eq!(
-        module.page_reclaim(SEPT_REGION + 0x2000),
+        module.page_reclaim(Hpa(SEPT_REGION + 0x2000)),
         Err(TdxStatus::LifecycleStateIncorrect)
     );
     module.release_key().unwrap();
     assert_eq!(
-        module.sept_add(0x20_0000, Level::L4K, SEPT_REGION + 0x4000),
+        module.sept_add(Gpa(0x20_0000), Level::L4K, Hpa(SEPT_REGION + 0x4000)),
         Err(TdxStatus::LifecycleStateIncorrect)
     );
     for page in [0x2000, 0x1000, 0] {
-        module.page_reclaim(SEPT_REGION + page).unwrap();
+        module.page_reclaim(Hpa(SEPT_REGION + page)).unwrap();
     }
     assert_eq!(
-        module.page_reclaim(SEPT_REGION),
+        module.page_reclaim(Hpa(SEPT_REGION)),
         Err(TdxStatus::PageMetadataIncorrect)
     );
     assert_eq!(
-        module.pamt_remove(SEPT_REGION).unwrap(),
-        [PAMT, PAMT + 0x1000]
+        module.pamt_remove(Hpa(SEPT_REGION)).unwrap(),
+        [Hpa(PAMT), Hpa(PAMT + 0x1000)]
     );
 }
 
@@ -340,20 +382,22 @@ fn reclaim_only_after_the_key_is_released() {
 fn pamt_add_and_remove_guard_their_pages_and_region() {
     let module = SimTdxModule::new(4);
     assert_eq!(
-        module.pamt_add(0x1000, [PAMT, PAMT + 0x1000]),
+        module.pamt_add(Hpa(0x1000), [Hpa(PAMT), Hpa(PAMT + 0x1000)]),
         Err(TdxStatus::OperandInvalid)
     );
-    module.pamt_add(0, [PAMT, PAMT + 0x1000]).unwrap();
+    module
+        .pamt_add(Hpa(0), [Hpa(PAMT), Hpa(PAMT + 0x1000)])
+        .unwrap();
     assert_eq!(
-        module.pamt_add(0, [PAMT + 0x2000, PAMT + 0x3000]),
+        module.pamt_add(Hpa(0), [Hpa(PAMT + 0x2000), Hpa(PAMT + 0x3000)]),
         Err(TdxStatus::HpaRangeNotFree)
     );
     assert_eq!(
-        module.pamt_add(MB2, [PAMT, PAMT + 0x2000]),
+        module.pamt_add(Hpa(MB2), [Hpa(PAMT), Hpa(PAMT + 0x2000)]),
         Err(TdxStatus::PageNotFree),
         "a page already holds PAMT"
     );
-    assert_eq!(module.pamt_remove(MB2), Err(TdxStatus::NoPamtPagePair));
+    assert_eq!(module.pamt_remove(Hpa(MB2)), Err(TdxStatus::NoPamtPagePair));
     assert_eq!(module.pamt_regions(), 1);
 }
 

@@ -3,6 +3,7 @@
 //! under the MMU lock.
 #![allow(dead_code, reason = "each test binary uses some of the helpers")]
 
+use split::{Gfn, Pfn};
 use std::sync::Arc;
 
 use mmu_cache::alloc::{ChunkAllocator, CountingAllocator, PageAllocator};
@@ -56,7 +57,7 @@ pub fn td(policy: PamtPolicy, pages: u64, pfn_offset: u64) -> Td {
         mirror.clone(),
     )
     .unwrap();
-    mmu.add_memslot(Memslot::new(0, 0, pages, HOST_PFN + pfn_offset).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(0), pages, Pfn(HOST_PFN + pfn_offset)).unwrap())
         .unwrap();
     Td {
         module,
