@@ -1,5 +1,6 @@
 //! The software TDP MMU (`mmukit_tdp_mmu_*`).
 
+use split::{Gfn, Gpa, Pfn};
 use std::ffi::c_int;
 use std::sync::{Arc, Mutex};
 
@@ -94,7 +95,7 @@ pub unsafe extern "C" fn mmukit_tdp_mmu_add_slot(
     host_base_pfn: u64,
 ) -> c_int {
     with_handle(mmu, |m| {
-        match Memslot::new(slot, base_gfn, npages, host_base_pfn) {
+        match Memslot::new(slot, Gfn(base_gfn), npages, Pfn(host_base_pfn)) {
             Ok(memslot) => match m.mmu.add_memslot(memslot) {
                 Ok(_) => 0,
                 Err(_) => -libc::EEXIST,
@@ -117,7 +118,7 @@ pub unsafe extern "C" fn mmukit_tdp_mmu_fault(
 ) -> c_int {
     with_handle(mmu, |m| {
         let mut caches = m.caches.lock().unwrap_or_else(|p| p.into_inner());
-        match m.mmu.fault(&mut caches, gpa, write) {
+        match m.mmu.fault(&mut caches, Gpa(gpa), write) {
             Ok(_) => 0,
             Err(err) => mmu_errno(&err),
         }
@@ -140,11 +141,11 @@ pub unsafe extern "C" fn mmukit_tdp_mmu_translate(
         if hpa.is_null() || level.is_null() || !hpa.is_aligned() {
             return -libc::EINVAL;
         }
-        match m.mmu.translate(gpa) {
+        match m.mmu.translate(Gpa(gpa)) {
             Some(t) => {
                 // SAFETY: checked non-null and aligned.
                 unsafe {
-                    *hpa = t.hpa;
+                    *hpa = t.hpa.0;
                     *level = t.level.get();
                 }
                 0

@@ -6,6 +6,7 @@
 //! shadow leaf allows more than the guest's EPT does.
 #![no_main]
 
+use split::{Gfn, Gpa, Pfn};
 use std::sync::Arc;
 
 use arbitrary::Arbitrary;
@@ -79,7 +80,7 @@ fuzz_target!(|input: Input| {
     ));
     let mmu = ShadowMmu::new(PagePool::from_shared(failing.clone(), None), config).unwrap();
     let mut failing_now = false;
-    mmu.add_memslot(Memslot::new(0, 0, PAGES, HOST).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(0), PAGES, Pfn(HOST)).unwrap())
         .unwrap();
     let guest = Arc::new(GuestEpt::new(4, 0x10_0000..0x10_0400).unwrap());
     let mut vcpu = Vcpu::new(0, guest.clone());
@@ -103,20 +104,20 @@ fuzz_target!(|input: Input| {
                 let perms = u64::from(perms) & 0b111;
                 if let Ok(written) = guest.map(ngfn, gfn, level, perms) {
                     for table in written {
-                        mmu.guest_table_written(table);
+                        mmu.guest_table_written(Gfn(table));
                     }
                 }
             }
             Op::Unmap { ngfn } => {
                 if let Some(table) = guest.unmap(u64::from(ngfn) % PAGES) {
-                    mmu.guest_table_written(table);
+                    mmu.guest_table_written(Gfn(table));
                 }
             }
             Op::Fault { ngfn, kind } => {
                 let ngfn = u64::from(ngfn) % PAGES;
                 let kind = AccessKind::ALL[usize::from(kind) % 3];
                 let allowed = guest_walk(&guest, ngfn, Some(kind)).map(|p| kind.allowed_by(p));
-                match mmu.fault(&mut caches, &mut vcpu, ngfn << 12, kind) {
+                match mmu.fault(&mut caches, &mut vcpu, Gpa(ngfn << 12), kind) {
                     Ok(t) => {
                         assert_eq!(allowed, Some(true), "{kind} at {ngfn:#x}");
                         assert!(kind.allowed_by(t.perms));
@@ -134,13 +135,13 @@ fuzz_target!(|input: Input| {
                 let level = Level::new(2 + level % 3).expect("2 to 4");
                 let ngfn = u64::from(ngfn) % PAGES;
                 if let Ok(table) = guest.set_table_perms(ngfn, level, u64::from(perms) & 0b111) {
-                    mmu.guest_table_written(table);
+                    mmu.guest_table_written(Gfn(table));
                 }
             }
             Op::Sync => {
                 mmu.sync(&vcpu);
                 for ngfn in (0..PAGES).step_by(7) {
-                    let Some(t) = mmu.translate(&vcpu, ngfn << 12) else {
+                    let Some(t) = mmu.translate(&vcpu, Gpa(ngfn << 12)) else {
                         continue;
                     };
                     let guest = guest_walk(&guest, ngfn, None).unwrap_or(0);
@@ -153,14 +154,17 @@ fuzz_target!(|input: Input| {
             }
             Op::Split { first, pages } => {
                 let first = u64::from(first) % PAGES;
-                let result =
-                    mmu.split_huge_pages(first, first + u64::from(pages) % 1024, Level::L4K);
+                let result = mmu.split_huge_pages(
+                    Gfn(first),
+                    Gfn(first + u64::from(pages) % 1024),
+                    Level::L4K,
+                );
                 assert!(result.is_ok() || failing_now);
             }
             Op::ZapAll => mmu.zap_all(),
             Op::ZapRange { first, pages } => {
                 let first = u64::from(first) % PAGES;
-                mmu.zap_gfn_range(first, first + u64::from(pages) % 1024);
+                mmu.zap_gfn_range(Gfn(first), Gfn(first + u64::from(pages) % 1024));
             }
             Op::Enable => {
                 // Best effort: never fails for lack of memory.
@@ -189,8 +193,8 @@ fuzz_target!(|input: Input| {
         assert_eq!(recount.rmap_entries as u64, leaves);
         assert_eq!(recount.broken_parents, 0);
         for ngfn in (0..PAGES).step_by(61) {
-            if let Some(t) = mmu.translate(&vcpu, ngfn << 12) {
-                let pfn = t.hpa >> 12;
+            if let Some(t) = mmu.translate(&vcpu, Gpa(ngfn << 12)) {
+                let pfn = t.hpa.pfn().0;
                 assert!((HOST..HOST + PAGES).contains(&pfn), "maps outside the slot");
             }
         }

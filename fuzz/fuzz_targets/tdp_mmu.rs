@@ -8,6 +8,7 @@
 //! translation.
 #![no_main]
 
+use split::{Gfn, Gpa, Hpa, Pfn};
 use std::collections::HashSet;
 
 use arbitrary::Arbitrary;
@@ -76,7 +77,7 @@ fuzz_target!(|input: Input| {
     let mmu = TdpMmu::new(PagePool::from_shared(failing.clone(), None), config).unwrap();
     let mut failing_now = false;
     let host = HOST + u64::from(input.unaligned);
-    mmu.add_memslot(Memslot::new(0, 0, PAGES, host).unwrap())
+    mmu.add_memslot(Memslot::new(0, Gfn(0), PAGES, Pfn(host)).unwrap())
         .unwrap();
     let mut caches = mmu.new_vcpu_caches();
     let mut faulted: HashSet<u64> = HashSet::new();
@@ -84,7 +85,7 @@ fuzz_target!(|input: Input| {
         match op {
             Op::Fault { page, write } => {
                 let gfn = u64::from(page) % PAGES;
-                match mmu.fault(&mut caches, gfn << 12, write) {
+                match mmu.fault(&mut caches, Gpa(gfn << 12), write) {
                     Ok(_) => {
                         faulted.insert(gfn);
                     }
@@ -94,12 +95,12 @@ fuzz_target!(|input: Input| {
             }
             Op::Access { page, write } => {
                 let gfn = u64::from(page) % PAGES;
-                let expected = match mmu.translate(gfn << 12) {
+                let expected = match mmu.translate(Gpa(gfn << 12)) {
                     Some(t) if !write || t.perms & split::ept::WRITE != 0 => Access::Hit(t.hpa),
                     _ => Access::Miss,
                 };
                 assert_eq!(
-                    mmu.access(&mut caches, gfn << 12, write),
+                    mmu.access(&mut caches, Gpa(gfn << 12), write),
                     expected,
                     "gfn {gfn:#x}"
                 );
@@ -107,7 +108,7 @@ fuzz_target!(|input: Input| {
             Op::Zap { first, pages } => {
                 let first = u64::from(first) % PAGES;
                 let end = first + u64::from(pages) % 1024;
-                mmu.zap_range(first, end).unwrap();
+                mmu.zap_range(Gfn(first), Gfn(end)).unwrap();
                 // A huge leaf that overlaps goes whole: forget its pages.
                 faulted.retain(|&g| {
                     let base = g & !511;
@@ -116,13 +117,17 @@ fuzz_target!(|input: Input| {
             }
             Op::Split { first, pages } => {
                 let first = u64::from(first) % PAGES;
-                let result =
-                    mmu.split_huge_pages(first, first + u64::from(pages) % 2048, Level::L4K);
+                let result = mmu.split_huge_pages(
+                    Gfn(first),
+                    Gfn(first + u64::from(pages) % 2048),
+                    Level::L4K,
+                );
                 assert!(result.is_ok() || failing_now);
             }
             Op::Boundary { first, pages } => {
                 let first = u64::from(first) % PAGES;
-                let result = mmu.split_cross_boundary(first, first + u64::from(pages) % 2048);
+                let result =
+                    mmu.split_cross_boundary(Gfn(first), Gfn(first + u64::from(pages) % 2048));
                 assert!(result.is_ok() || failing_now);
             }
             Op::Enable { manual } => {
@@ -147,7 +152,7 @@ fuzz_target!(|input: Input| {
                 mmu.clear_dirty_log(0, word * 64, &[mask]).unwrap();
                 let cleared = before & mask;
                 for bit in (0..64).filter(|bit| cleared & (1 << bit) != 0) {
-                    if let Some(t) = mmu.translate((word * 64 + bit) << 12)
+                    if let Some(t) = mmu.translate(Gpa((word * 64 + bit) << 12))
                         && t.level > Level::L4K
                     {
                         assert_eq!(t.perms & split::ept::WRITE, 0, "huge leaf left writable");
@@ -159,11 +164,14 @@ fuzz_target!(|input: Input| {
                 if input.unaligned {
                     // 4K-only memory: nothing can be huge again, nothing goes.
                     for &gfn in &faulted {
-                        assert!(mmu.translate(gfn << 12).is_some(), "gfn {gfn:#x} zapped");
+                        assert!(
+                            mmu.translate(Gpa(gfn << 12)).is_some(),
+                            "gfn {gfn:#x} zapped"
+                        );
                     }
                 } else {
                     for &gfn in &faulted {
-                        if let Some(t) = mmu.translate(gfn << 12) {
+                        if let Some(t) = mmu.translate(Gpa(gfn << 12)) {
                             assert!(t.level > Level::L4K, "a 4K leaf stayed at {gfn:#x}");
                         }
                     }
@@ -185,13 +193,17 @@ fuzz_target!(|input: Input| {
         assert_eq!(mmu.live_tables(), tables);
         for &gfn in &faulted {
             let t = mmu
-                .translate(gfn << 12)
+                .translate(Gpa(gfn << 12))
                 .expect("a faulted page stays mapped");
-            assert_eq!(t.hpa, (host + gfn) << 12, "gfn {gfn:#x}");
+            assert_eq!(t.hpa, Hpa((host + gfn) << 12), "gfn {gfn:#x}");
         }
         for gfn in (0..PAGES).step_by(97) {
-            if let Some(t) = mmu.translate(gfn << 12) {
-                assert_eq!(t.hpa, (host + gfn) << 12, "a wrong mapping at {gfn:#x}");
+            if let Some(t) = mmu.translate(Gpa(gfn << 12)) {
+                assert_eq!(
+                    t.hpa,
+                    Hpa((host + gfn) << 12),
+                    "a wrong mapping at {gfn:#x}"
+                );
             }
         }
     }

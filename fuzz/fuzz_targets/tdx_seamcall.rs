@@ -9,6 +9,7 @@
 use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use split::Level;
+use split::{Gpa, Hpa};
 use tdx_ext::{PageState, SimTdxModule, TdxModule};
 
 const SEPT: u64 = 0x1_0000_0000;
@@ -80,7 +81,7 @@ fn level(raw: u8) -> Level {
 
 fn block_track_kick(module: &SimTdxModule, gpa: u64, level: Level) {
     module
-        .range_block(gpa, level)
+        .range_block(Gpa(gpa), level)
         .expect("block after a successful add");
     module.track().unwrap();
     module.kick_vcpus();
@@ -99,15 +100,15 @@ fuzz_target!(|ops: Vec<Op>| {
                 let lvl = level(l % 3);
                 let gpa = u64::from(gpa) << (12 + 9 * u32::from(lvl.get()));
                 let page = SEPT + u64::from(page) * 4096;
-                if module.sept_add(gpa, lvl, page).is_ok() && undo {
+                if module.sept_add(Gpa(gpa), lvl, Hpa(page)).is_ok() && undo {
                     let parent = Level::new(lvl.get() + 1).unwrap();
                     block_track_kick(&module, gpa, parent);
                     assert_eq!(
-                        module.sept_remove(gpa, lvl),
-                        Ok(page),
+                        module.sept_remove(Gpa(gpa), lvl),
+                        Ok(Hpa(page)),
                         "the inverse of SEPT.ADD"
                     );
-                    module.page_wbinvd(page).unwrap();
+                    module.page_wbinvd(Hpa(page)).unwrap();
                 }
             }
             Op::Aug {
@@ -120,54 +121,62 @@ fuzz_target!(|ops: Vec<Op>| {
                 let shift = 12 + 9 * u32::from(lvl.get() - 1);
                 let gpa = (u64::from(gpa) << shift) & ((1 << 39) - 1);
                 let page = GUEST + (u64::from(page) << shift);
-                if module.page_aug(gpa, lvl, page).is_ok() && undo {
+                if module.page_aug(Gpa(gpa), lvl, Hpa(page)).is_ok() && undo {
                     block_track_kick(&module, gpa, lvl);
-                    assert_eq!(module.page_remove(gpa, lvl), Ok(page), "the inverse of AUG");
+                    assert_eq!(
+                        module.page_remove(Gpa(gpa), lvl),
+                        Ok(Hpa(page)),
+                        "the inverse of AUG"
+                    );
                     for i in 0..lvl.entry_bytes() / 4096 {
-                        module.page_wbinvd(page + i * 4096).unwrap();
+                        module.page_wbinvd(Hpa(page + i * 4096)).unwrap();
                     }
                 }
             }
             Op::Add { gpa, page } => {
-                let _ = module.page_add(u64::from(gpa) << 12, GUEST + (u64::from(page) << 12));
+                let _ = module.page_add(
+                    Gpa(u64::from(gpa) << 12),
+                    Hpa(GUEST + (u64::from(page) << 12)),
+                );
             }
             Op::Block { gpa, level: l } => {
                 let (gpa, lvl) = (u64::from(gpa) << 12, level(l));
-                if module.range_block(gpa, lvl).is_ok() {
+                if module.range_block(Gpa(gpa), lvl).is_ok() {
                     // Its inverse, once tracked.
                     module.track().unwrap();
                     module.kick_vcpus();
                     assert_eq!(
-                        module.range_unblock(gpa, lvl),
+                        module.range_unblock(Gpa(gpa), lvl),
                         Ok(()),
                         "the inverse of BLOCK"
                     );
-                    module.range_block(gpa, lvl).unwrap();
+                    module.range_block(Gpa(gpa), lvl).unwrap();
                 }
             }
             Op::Unblock { gpa, level: l } => {
-                let _ = module.range_unblock(u64::from(gpa) << 12, level(l));
+                let _ = module.range_unblock(Gpa(u64::from(gpa) << 12), level(l));
             }
             Op::Track => {
                 module.track().unwrap();
             }
             Op::Kick => module.kick_vcpus(),
             Op::Remove { gpa, level: l } => {
-                let _ = module.page_remove(u64::from(gpa) << 12, level(l));
+                let _ = module.page_remove(Gpa(u64::from(gpa) << 12), level(l));
             }
             Op::SeptRemove { gpa, level: l } => {
                 let lvl = level(l % 3);
-                let _ = module.sept_remove(u64::from(gpa) << (12 + 9 * u32::from(lvl.get())), lvl);
+                let _ =
+                    module.sept_remove(Gpa(u64::from(gpa) << (12 + 9 * u32::from(lvl.get()))), lvl);
             }
             Op::Demote { gpa, page, pair } => {
                 let pair = pair.map(|p| {
                     let base = PAMT + (1 << 30) + u64::from(p) * 8192;
-                    [base, base + 4096]
+                    [Hpa(base), Hpa(base + 4096)]
                 });
                 let result = module.page_demote(
-                    u64::from(gpa) << 21,
+                    Gpa(u64::from(gpa) << 21),
                     Level::L2M,
-                    SEPT + u64::from(page) * 4096,
+                    Hpa(SEPT + u64::from(page) * 4096),
                     pair,
                 );
                 if result.is_ok() {
@@ -175,7 +184,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 }
             }
             Op::Wbinvd { page } => {
-                let _ = module.page_wbinvd(GUEST + (u64::from(page) << 12));
+                let _ = module.page_wbinvd(Hpa(GUEST + (u64::from(page) << 12)));
             }
             Op::PamtAdd {
                 region,
@@ -185,19 +194,20 @@ fuzz_target!(|ops: Vec<Op>| {
                 let region =
                     [SEPT, GUEST][usize::from(region & 1)] + (u64::from(region >> 1) << 21);
                 let pair = [
-                    PAMT + u64::from(pages) * 8192,
-                    PAMT + u64::from(pages) * 8192 + 4096,
+                    Hpa(PAMT + u64::from(pages) * 8192),
+                    Hpa(PAMT + u64::from(pages) * 8192 + 4096),
                 ];
                 let mapped_2m = module.leaves().values().any(|&(page, _)| {
-                    page == region && module.page_state(page) == Some(PageState::Guest { level: 2 })
+                    page == Hpa(region)
+                        && module.page_state(page) == Some(PageState::Guest { level: 2 })
                 });
-                let added = module.pamt_add(region, pair);
+                let added = module.pamt_add(Hpa(region), pair);
                 if mapped_2m {
                     assert_eq!(added, Err(tdx_ext::TdxStatus::HpaRangeNotFree));
                 }
                 if added.is_ok() && undo {
                     assert_eq!(
-                        module.pamt_remove(region),
+                        module.pamt_remove(Hpa(region)),
                         Ok(pair),
                         "the inverse of PAMT.ADD"
                     );
@@ -206,7 +216,7 @@ fuzz_target!(|ops: Vec<Op>| {
             Op::PamtRemove { region } => {
                 let region =
                     [SEPT, GUEST][usize::from(region & 1)] + (u64::from(region >> 1) << 21);
-                let _ = module.pamt_remove(region);
+                let _ = module.pamt_remove(Hpa(region));
             }
             Op::Finalize => {
                 let _ = module.finalize();
@@ -215,7 +225,7 @@ fuzz_target!(|ops: Vec<Op>| {
                 let _ = module.release_key();
             }
             Op::Reclaim { page } => {
-                let _ = module.page_reclaim(GUEST + (u64::from(page) << 12));
+                let _ = module.page_reclaim(Hpa(GUEST + (u64::from(page) << 12)));
             }
         }
         // Consistency: every S-EPT page is held as one, every leaf's page is
@@ -226,8 +236,8 @@ fuzz_target!(|ops: Vec<Op>| {
                 assert_eq!(module.page_state(*page), Some(PageState::Sept));
             }
             if lvl < 4 {
-                let parent_base = gpa & !((4096u64 << (9 * u32::from(lvl + 1))) - 1);
-                let parent_base = if lvl + 1 == 4 { 0 } else { parent_base };
+                let parent_base = gpa.align_down(4096u64 << (9 * u32::from(lvl + 1)));
+                let parent_base = if lvl + 1 == 4 { Gpa(0) } else { parent_base };
                 assert!(
                     tables.contains_key(&(lvl + 1, parent_base)),
                     "orphan table {lvl}/{gpa:#x}"
@@ -241,12 +251,12 @@ fuzz_target!(|ops: Vec<Op>| {
             ));
             assert!(lvl <= 2, "a {lvl}-level private leaf");
             if lvl == 1 {
-                assert!(module.pamt_pair(page & !((2 << 20) - 1)).is_some());
+                assert!(module.pamt_pair(page.align_down(2 << 20)).is_some());
             }
             let base = if lvl == 4 {
-                0
+                Gpa(0)
             } else {
-                gpa & !((4096u64 << (9 * u32::from(lvl))) - 1)
+                gpa.align_down(4096u64 << (9 * u32::from(lvl)))
             };
             assert!(tables.contains_key(&(lvl, base)), "leaf without a table");
         }

@@ -2,6 +2,7 @@
 //! TDX module when TDX is on) and software vCPU threads that write guest
 //! memory through it.
 
+use split::{Gfn, Gpa, Pfn};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::Instant;
@@ -69,7 +70,7 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
     }
     .map_err(|err| RunError::Kvm(format!("software MMU: {err}")))?;
     mmu.add_memslot(
-        Memslot::new(0, 0, npages, view.as_ptr() as u64 >> 12)
+        Memslot::new(0, Gfn(0), npages, Pfn(view.as_ptr() as u64 >> 12))
             .map_err(|err| RunError::Kvm(format!("memslot: {err}")))?,
     )
     .map_err(|err| RunError::Kvm(format!("memslot: {err}")))?;
@@ -94,15 +95,17 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
                             for i in 0..share_bytes / 4096 {
                                 let gpa = first + i * 4096;
                                 let result = if i % 100 < u64::from(write_percent) {
-                                    mmu.write(&mut caches, gpa).map(|hpa| {
+                                    mmu.write(&mut caches, Gpa(gpa)).map(|hpa| {
                                         // SAFETY: the MMU translated into the
                                         // guest view, which outlives this thread.
-                                        unsafe { std::ptr::write_volatile(hpa as *mut u64, value) }
+                                        unsafe {
+                                            std::ptr::write_volatile(hpa.0 as *mut u64, value)
+                                        }
                                     })
                                 } else {
-                                    mmu.read(&mut caches, gpa).map(|hpa| {
+                                    mmu.read(&mut caches, Gpa(gpa)).map(|hpa| {
                                         // SAFETY: as above.
-                                        unsafe { std::ptr::read_volatile(hpa as *const u64) };
+                                        unsafe { std::ptr::read_volatile(hpa.0 as *const u64) };
                                     })
                                 };
                                 if let Err(err) = result {
