@@ -46,6 +46,7 @@ pub(super) trait Storage: Send + Sync + std::fmt::Debug {
 
     /// Maps `[offset, offset + len)` of the file at the start of the fresh
     /// reservation `view` for a new view, with the caller's `map_flags`.
+    /// By default: the file descriptor, shared and read-write.
     fn map_view(
         &self,
         file: &Inner,
@@ -53,7 +54,10 @@ pub(super) trait Storage: Send + Sync + std::fmt::Debug {
         offset: u64,
         len: u64,
         map_flags: i32,
-    ) -> Result<(), GmemError>;
+    ) -> Result<(), GmemError> {
+        let _ = (file, map_flags);
+        map_file_view(view, self.descriptor(), offset, len)
+    }
 
     /// Maps the memory of `[offset, offset + len)` at `addr`: the file, the
     /// split backing of a split huge page, or the anonymous memory.
@@ -69,7 +73,18 @@ pub(super) trait Storage: Send + Sync + std::fmt::Debug {
         addr: *mut u8,
         offset: u64,
         len: u64,
-    ) -> Result<(), GmemError>;
+    ) -> Result<(), GmemError> {
+        let _ = (file, state);
+        // SAFETY: guaranteed by the caller.
+        unsafe { map_file_at(addr, self.descriptor(), offset, len) }
+    }
+
+    /// The descriptor of a backend that has one (every backend but
+    /// anonymous memory, which maps its views its own way).
+    fn descriptor(&self) -> &OwnedFd {
+        self.fd()
+            .expect("a backend without a descriptor maps its own views")
+    }
 
     /// Whether a view's part past the end of the file raises SIGBUS by
     /// itself; where not, gmem maps it from the fault source.
@@ -172,6 +187,18 @@ fn map_file_view(view: &Mapping, fd: &OwnedFd, offset: u64, len: u64) -> Result<
     .map_err(GmemError::os("mmap"))
 }
 
+/// Maps `[offset, offset + len)` of `fd` read-write at `addr`.
+///
+/// # Safety
+///
+/// As [`Storage::map_memory`]: the range lies inside a view's mapping.
+unsafe fn map_file_at(addr: *mut u8, fd: &OwnedFd, offset: u64, len: u64) -> Result<(), GmemError> {
+    let rw = libc::PROT_READ | libc::PROT_WRITE;
+    // SAFETY: guaranteed by the caller.
+    unsafe { sys::map_fixed(addr, len as usize, rw, fd, offset) }
+        .map_err(GmemError::os("mmap(MAP_FIXED)"))
+}
+
 /// Zeroes `[start, end)` of an internal mapping.
 fn zero(master: &Mapping, start: u64, end: u64) {
     // SAFETY: inside the internal read-write mapping of the whole file;
@@ -227,20 +254,6 @@ impl Storage for KvmFile {
         }
         .map_err(GmemError::os("mmap"))
     }
-
-    unsafe fn map_memory(
-        &self,
-        _: &Inner,
-        _: &FileState,
-        addr: *mut u8,
-        offset: u64,
-        len: u64,
-    ) -> Result<(), GmemError> {
-        let rw = libc::PROT_READ | libc::PROT_WRITE;
-        // SAFETY: guaranteed by the caller.
-        unsafe { sys::map_fixed(addr, len as usize, rw, &self.fd, offset) }
-            .map_err(GmemError::os("mmap(MAP_FIXED)"))
-    }
 }
 
 /// A memfd (shmem).
@@ -264,31 +277,6 @@ impl Storage for MemfdFile {
 
     fn punch(&self, _: &Inner, _: &FileState, start: u64, end: u64) -> Result<(), GmemError> {
         fallocate(&self.fd, PUNCH, start, end)
-    }
-
-    fn map_view(
-        &self,
-        _: &Inner,
-        view: &Mapping,
-        offset: u64,
-        len: u64,
-        _: i32,
-    ) -> Result<(), GmemError> {
-        map_file_view(view, &self.fd, offset, len)
-    }
-
-    unsafe fn map_memory(
-        &self,
-        _: &Inner,
-        _: &FileState,
-        addr: *mut u8,
-        offset: u64,
-        len: u64,
-    ) -> Result<(), GmemError> {
-        let rw = libc::PROT_READ | libc::PROT_WRITE;
-        // SAFETY: guaranteed by the caller.
-        unsafe { sys::map_fixed(addr, len as usize, rw, &self.fd, offset) }
-            .map_err(GmemError::os("mmap(MAP_FIXED)"))
     }
 }
 
@@ -406,7 +394,6 @@ impl Storage for HugetlbFile {
         offset: u64,
         len: u64,
     ) -> Result<(), GmemError> {
-        let rw = libc::PROT_READ | libc::PROT_WRITE;
         let mut at = offset;
         while at < offset + len {
             let huge = at / file.granule;
@@ -422,8 +409,7 @@ impl Storage for HugetlbFile {
                 }
             };
             // SAFETY: inside the caller's range.
-            unsafe { sys::map_fixed(target, (next - at) as usize, rw, fd, at) }
-                .map_err(GmemError::os("mmap(MAP_FIXED)"))?;
+            unsafe { map_file_at(target, fd, at, next - at) }?;
             at = next;
         }
         Ok(())
@@ -463,31 +449,6 @@ impl Storage for SecretFile {
     fn punch(&self, _: &Inner, _: &FileState, start: u64, end: u64) -> Result<(), GmemError> {
         zero(&self.master, start, end);
         Ok(())
-    }
-
-    fn map_view(
-        &self,
-        _: &Inner,
-        view: &Mapping,
-        offset: u64,
-        len: u64,
-        _: i32,
-    ) -> Result<(), GmemError> {
-        map_file_view(view, &self.fd, offset, len)
-    }
-
-    unsafe fn map_memory(
-        &self,
-        _: &Inner,
-        _: &FileState,
-        addr: *mut u8,
-        offset: u64,
-        len: u64,
-    ) -> Result<(), GmemError> {
-        let rw = libc::PROT_READ | libc::PROT_WRITE;
-        // SAFETY: guaranteed by the caller.
-        unsafe { sys::map_fixed(addr, len as usize, rw, &self.fd, offset) }
-            .map_err(GmemError::os("mmap(MAP_FIXED)"))
     }
 
     fn populates_by_touch(&self) -> bool {
