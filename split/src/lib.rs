@@ -46,6 +46,7 @@
 //! ```
 
 pub mod addr;
+pub mod attributes;
 pub mod ept;
 pub mod guest;
 pub mod hooks;
@@ -56,13 +57,14 @@ pub mod tdp;
 pub mod translation;
 
 pub use addr::{Gfn, Gpa, Hpa, Pfn};
+pub use attributes::{MemoryAttribute, MemoryAttributes};
 pub use ept::{AccessKind, Entry, EptCaps, EptError, Level, MemType};
 pub use hooks::{
     ExternalPageTable, ExternalTablePage, HookCause, HookError, HookOp, HookVcpuState, NoExternal,
     TableRef, Topup,
 };
-pub use memslot::{LogMode, Memslot, MemslotError};
+pub use memslot::{LogMode, Memslot, MemslotError, PrivateMemory, PrivateMemoryError, PrivatePage};
 pub use tdp::{
-    Access, MmuConfig, MmuCounters, MmuError, PageStats, TableHeader, TablePage, TdpMmu,
-    TeardownReport, Translation, VcpuCaches,
+    Access, AttributeChange, MmuConfig, MmuCounters, MmuError, PageStats, TableHeader, TablePage,
+    TdpMmu, TeardownReport, Translation, VcpuCaches, VmType,
 };

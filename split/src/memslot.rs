@@ -1,6 +1,7 @@
 //! Memory slots: ranges of guest frames, where they map on the host, and
 //! their dirty-logging state.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::addr::{Gfn, Pfn};
@@ -69,6 +70,30 @@ pub enum LogMode {
     ManualInitiallySet,
 }
 
+/// A page of private memory: the host frame behind a guest frame, and the
+/// order of the page that holds it (9 for a 2 MiB HugeTLB page, 18 for
+/// 1 GiB, 0 for 4 KiB), as `kvm_gmem_get_pfn` answers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PrivatePage {
+    /// The host frame of the guest frame asked for.
+    pub pfn: Pfn,
+    /// The order of the page behind it.
+    pub order: u8,
+}
+
+/// Why private memory could not give a frame.
+pub type PrivateMemoryError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Where a slot's private frames come from (a guest memory file bound to
+/// the slot: KVM's `slot->gmem`). `split` knows nothing of files; the glue
+/// that makes a file a provider lives above it.
+pub trait PrivateMemory: Send + Sync + std::fmt::Debug {
+    /// The frame behind page `slot_page` of the slot (0 is the slot's first
+    /// guest frame) and the order of the page that holds it. Called before
+    /// the MMU lock is taken, so it may allocate.
+    fn get_pfn(&self, slot_page: u64) -> Result<PrivatePage, PrivateMemoryError>;
+}
+
 /// One memory slot.
 #[derive(Debug)]
 pub struct Memslot {
@@ -76,6 +101,7 @@ pub struct Memslot {
     base_gfn: Gfn,
     npages: u64,
     host_base_pfn: Pfn,
+    private: Option<Arc<dyn PrivateMemory>>,
     logging: AtomicBool,
     manual: AtomicBool,
     bitmap: Vec<AtomicU64>,
@@ -108,12 +134,26 @@ impl Memslot {
             base_gfn,
             npages,
             host_base_pfn,
+            private: None,
             logging: AtomicBool::new(false),
             manual: AtomicBool::new(false),
             bitmap: (0..npages.div_ceil(64))
                 .map(|_| AtomicU64::new(0))
                 .collect(),
         })
+    }
+
+    /// The slot with private memory from `private` (KVM's
+    /// `KVM_SET_USER_MEMORY_REGION2` with a guest_memfd): private faults
+    /// on its frames take their frames from it.
+    pub fn with_private_memory(mut self, private: Arc<dyn PrivateMemory>) -> Self {
+        self.private = Some(private);
+        self
+    }
+
+    /// The slot's private memory, if it has some.
+    pub fn private_memory(&self) -> Option<&Arc<dyn PrivateMemory>> {
+        self.private.as_ref()
     }
 
     /// The slot id.

@@ -10,8 +10,9 @@ impl TdpMmu {
     /// [`fault`](Self::fault). `vcpu` is the accessing vCPU: its walk cache
     /// remembers the leaf table of its last access.
     pub fn access(&self, vcpu: &mut VcpuCaches, gpa: Gpa, write: bool) -> Access {
+        let (tree, gfn) = self.place(gpa);
         let _guard = self.read_lock();
-        let Some((table, index, level, entry)) = self.find_leaf_cached(&mut vcpu.walk, gpa.gfn().0)
+        let Some((table, index, level, entry)) = self.find_leaf_cached(&mut vcpu.walk, tree, gfn.0)
         else {
             return Access::Miss;
         };
@@ -22,7 +23,7 @@ impl TdpMmu {
         if !entry.has(bits) {
             table[index].fetch_or(bits, Ordering::AcqRel);
         }
-        let page = self.translation(entry, level, gpa.gfn().0).hpa;
+        let page = self.translation(entry, level, gfn.0).hpa;
         Access::Hit(Hpa(page.0 | gpa.page_offset()))
     }
 
@@ -33,13 +34,19 @@ impl TdpMmu {
     fn find_leaf_cached(
         &self,
         walk: &mut WalkCache,
+        tree: Tree,
         gfn: u64,
     ) -> Option<(&[AtomicU64; 512], usize, Level, Entry)> {
+        let shared = tree == Tree::Shared;
         // Stable while the caller holds the lock: it moves only under the
         // write lock.
         let generation = self.table_generation.load(Ordering::Relaxed);
         let cached = *walk;
-        if cached.mmu == self.id && cached.generation == generation && cached.region == gfn >> 9 {
+        if cached.mmu == self.id
+            && cached.generation == generation
+            && cached.region == gfn >> 9
+            && cached.shared == shared
+        {
             // SAFETY: the table was linked for this region of this MMU when
             // it was cached, and no table has been unlinked since (the
             // generation is unchanged), so it is still linked there; the
@@ -51,12 +58,13 @@ impl TdpMmu {
                 .is_present()
                 .then_some((table, index, Level::L4K, entry));
         }
-        let found = self.find_leaf(gfn)?;
+        let found = self.find_leaf(tree, gfn)?;
         if found.2 == Level::L4K {
             *walk = WalkCache {
                 mmu: self.id,
                 generation,
                 region: gfn >> 9,
+                shared,
                 table_hpa: found.0.as_ptr() as u64,
             };
         }
@@ -64,8 +72,12 @@ impl TdpMmu {
     }
 
     /// Walks to the present leaf that maps `gfn`; callers hold the lock.
-    pub(super) fn find_leaf(&self, gfn: u64) -> Option<(&[AtomicU64; 512], usize, Level, Entry)> {
-        self.walk(gfn, |step| {
+    pub(super) fn find_leaf(
+        &self,
+        tree: Tree,
+        gfn: u64,
+    ) -> Option<(&[AtomicU64; 512], usize, Level, Entry)> {
+        self.walk(tree, gfn, |step| {
             if !step.entry.is_present() {
                 Next::Stop(None)
             } else if step.entry.is_leaf(step.level) {

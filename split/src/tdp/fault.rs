@@ -7,37 +7,90 @@ use super::*;
 impl TdpMmu {
     /// Handles a fault at `gpa`: tops up `caches` (outside the lock), then
     /// maps the frame under the shared lock, with the largest leaf the slot
+    /// (and, for private memory, its page and the memory attributes)
     /// allows unless dirty logging forbids huge ones.
+    ///
+    /// Whether the fault is private follows the VM's type: a TD's accesses
+    /// without the shared bit are; on a software-protected VM the frame's
+    /// attribute says (as the kernel does); a default VM has no private
+    /// memory. See [`fault_as`](Self::fault_as) to give the kind yourself.
     pub fn fault(
         &self,
         caches: &mut VcpuCaches,
         gpa: Gpa,
         write: bool,
     ) -> Result<Translation, MmuError> {
-        let gfn = gpa.gfn().0;
-        if gpa.0 >> (self.top_level().shift() + 9) != 0 {
+        let private = match self.config.vm_type {
+            VmType::Default => false,
+            VmType::SoftwareProtected => {
+                self.memory_attribute(gpa.gfn()) == MemoryAttribute::Private
+            }
+            VmType::Td { shared_bit } => gpa.0 & (1 << shared_bit) == 0,
+        };
+        self.fault_as(caches, gpa, write, private)
+    }
+
+    /// A fault whose kind the hardware flagged (`PFERR_PRIVATE_ACCESS`):
+    /// `private` must match the frame's memory attribute, or the fault is a
+    /// [`MmuError::MemoryFault`] for the VMM to convert the range and retry.
+    /// A private fault takes its frame from the slot's private memory.
+    pub fn fault_as(
+        &self,
+        caches: &mut VcpuCaches,
+        gpa: Gpa,
+        write: bool,
+        private: bool,
+    ) -> Result<Translation, MmuError> {
+        let (tree, gfn) = self.place(gpa);
+        if gfn.gpa().0 >> (self.top_level().shift() + 9) != 0 {
             return Err(MmuError::AddressTooWide {
                 gpa,
                 levels: self.config.levels,
             });
         }
-        let slot = self
-            .slot_for_gfn(Gfn(gfn))
-            .ok_or(MmuError::NoSlot { gpa })?;
+        if private && !self.config.vm_type.has_private_memory() {
+            return Err(MmuError::Config("a default VM has no private memory"));
+        }
+        if private && tree == Tree::Shared {
+            return Err(MmuError::Config(
+                "a TD access with the shared bit is never private",
+            ));
+        }
+        let slot = self.slot_for_gfn(gfn).ok_or(MmuError::NoSlot { gpa })?;
         self.counters.faults.fetch_add(1, Ordering::Relaxed);
         let capacity = self.config.vcpu_cache_capacity;
         loop {
-            caches.topup_for_fault(capacity, self.external_tables.then_some(self.config.levels))?;
-            self.hooks.topup(
+            let seq = self.invalidate_seq.load(Ordering::SeqCst);
+            let (source, attribute_cap) = self.fault_frame(&slot, gpa, gfn, private)?;
+            caches.topup_for_fault(
+                capacity,
+                self.external_of(tree).then_some(self.config.levels),
+            )?;
+            self.hooks_of(tree).topup(
                 Topup::Fault {
                     levels: self.config.levels,
                 },
                 caches.hook_state(),
             )?;
             self.table_map().reserve(self.config.levels as usize);
-            let _guard = self.read_lock();
+            let guard = self.read_lock();
+            // An attribute change began or ended since the frame was looked
+            // up: what it found may be stale (the kernel's
+            // `mmu_invalidate_retry_gfn`). Go round again.
+            if self.invalidations.load(Ordering::SeqCst) != 0
+                || self.invalidate_seq.load(Ordering::SeqCst) != seq
+            {
+                drop(guard);
+                self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                std::thread::yield_now();
+                continue;
+            }
             let _no_alloc = NoAllocSection::enter();
-            match self.map(caches, &slot, gfn, write)? {
+            let frame = FaultFrame {
+                source,
+                attribute_cap,
+            };
+            match self.map(tree, caches, &slot, gfn.0, write, frame)? {
                 Some(translation) => {
                     return Ok(Translation {
                         hpa: Hpa(translation.hpa.0 | gpa.page_offset()),
@@ -51,20 +104,75 @@ impl TdpMmu {
         }
     }
 
-    /// One attempt at mapping `gfn`; `None` means a race was lost: retry.
+    /// Where the frame of a fault at `gfn` comes from, and the largest leaf
+    /// the memory attributes allow there; checked before the lock, as the
+    /// kernel's `kvm_mmu_faultin_pfn` does.
+    fn fault_frame(
+        &self,
+        slot: &Memslot,
+        gpa: Gpa,
+        gfn: Gfn,
+        private: bool,
+    ) -> Result<(FrameSource, Level), MmuError> {
+        if !self.config.vm_type.has_private_memory() {
+            return Ok((FrameSource::Slot, Level::L1G));
+        }
+        let (attribute, cap) = {
+            let attributes = self.attributes.read().unwrap_or_else(|p| p.into_inner());
+            (attributes.get(gfn), attributes.max_level(gfn))
+        };
+        let memory_fault = || {
+            self.counters.memory_faults.fetch_add(1, Ordering::Relaxed);
+            MmuError::MemoryFault {
+                gpa,
+                size: PAGE_BYTES,
+                private,
+            }
+        };
+        if (attribute == MemoryAttribute::Private) != private {
+            return Err(memory_fault());
+        }
+        if !private {
+            return Ok((FrameSource::Slot, cap));
+        }
+        let Some(memory) = slot.private_memory() else {
+            return Err(memory_fault());
+        };
+        let page = memory
+            .get_pfn(gfn - slot.base_gfn())
+            .map_err(|source| MmuError::PrivateMemory { gpa, source })?;
+        Ok((
+            FrameSource::Private {
+                pfn: page.pfn,
+                max_level: private_max_level(slot, gfn, page),
+            },
+            cap,
+        ))
+    }
+
+    /// One attempt at mapping `gfn` in `tree`; `None` means a race was
+    /// lost: retry.
     pub(super) fn map(
         &self,
+        tree: Tree,
         caches: &mut VcpuCaches,
         slot: &Memslot,
         gfn: u64,
         write: bool,
+        frame: FaultFrame,
     ) -> Result<Option<Translation>, MmuError> {
         let goal = if slot.logging() {
             Level::L4K
         } else {
-            slot.max_level(Gfn(gfn)).min(self.max_leaf)
+            let by_frame = match frame.source {
+                FrameSource::Slot => slot.max_level(Gfn(gfn)),
+                FrameSource::Private { max_level, .. } => max_level,
+            };
+            by_frame
+                .min(frame.attribute_cap)
+                .min(self.max_leaf_of(tree))
         };
-        self.walk(gfn, |step| {
+        self.walk(tree, gfn, |step| {
             let WalkStep {
                 table,
                 index,
@@ -89,10 +197,12 @@ impl TdpMmu {
             }
             if at_goal {
                 return Next::Stop(self.install_leaf(
+                    tree,
                     table,
                     index,
                     level,
                     slot,
+                    frame.source,
                     gfn,
                     write,
                     caches.hook_state(),
@@ -104,13 +214,14 @@ impl TdpMmu {
             // `kvm_tdp_mmu_map`), so its other mappings stay.
             let linked = if entry.is_huge_leaf(level) {
                 let base_gfn = gfn & !(level.entry_pages() - 1);
-                let split = self.split_leaf(caches, table, index, level, entry, base_gfn, false);
+                let split =
+                    self.split_leaf(tree, caches, table, index, level, entry, base_gfn, false);
                 if matches!(split, Ok(Some(_))) {
                     self.counters.lazy_splits.fetch_add(1, Ordering::Relaxed);
                 }
                 split
             } else {
-                self.link_new_table(caches, table, index, level, gfn)
+                self.link_new_table(tree, caches, table, index, level, gfn)
             };
             match linked {
                 Ok(Some(new_hpa)) => Next::Descend(new_hpa),
@@ -160,22 +271,23 @@ impl TdpMmu {
     )]
     fn install_leaf(
         &self,
+        tree: Tree,
         table: &[AtomicU64; 512],
         index: usize,
         level: Level,
         slot: &Memslot,
+        source: FrameSource,
         gfn: u64,
         write: bool,
         vcpu: Option<&mut dyn HookVcpuState>,
     ) -> Result<Option<Translation>, MmuError> {
         let base_gfn = gfn & !(level.entry_pages() - 1);
-        let mut leaf = Entry::leaf(
-            level,
-            slot.host_pfn(Gfn(base_gfn)).hpa().0,
-            ept::RWX,
-            self.config.memtype,
-        )?
-        .with(ACCESSED);
+        let base_pfn = match source {
+            FrameSource::Slot => slot.host_pfn(Gfn(base_gfn)),
+            FrameSource::Private { pfn, .. } => Pfn(pfn.0 - (gfn - base_gfn)),
+        };
+        let mut leaf =
+            Entry::leaf(level, base_pfn.hpa().0, ept::RWX, self.config.memtype)?.with(ACCESSED);
         if write {
             leaf = leaf.with(DIRTY);
         }
@@ -183,7 +295,10 @@ impl TdpMmu {
         if !cas(table, index, old, Entry::from_bits(FROZEN)) {
             return Ok(None);
         }
-        if let Err(err) = self.hooks.set_leaf(Gfn(base_gfn), level, leaf, vcpu) {
+        if let Err(err) = self
+            .hooks_of(tree)
+            .set_leaf(Gfn(base_gfn), level, leaf, vcpu)
+        {
             table[index].store(old.bits(), Ordering::Release);
             return match err {
                 HookError::Busy { .. } => Ok(None),
@@ -199,6 +314,7 @@ impl TdpMmu {
     /// `level`). Returns the new table's address, or `None` on a lost race.
     fn link_new_table(
         &self,
+        tree: Tree,
         caches: &mut VcpuCaches,
         table: &[AtomicU64; 512],
         index: usize,
@@ -209,7 +325,7 @@ impl TdpMmu {
         let base_gfn = gfn & !(level.entry_pages() - 1);
         let below = level.below().expect("tables live above 4K");
         let page = caches.tables.alloc()?;
-        let external = if self.external_tables {
+        let external = if self.external_of(tree) {
             Some(caches.external.alloc()?)
         } else {
             None
@@ -231,7 +347,7 @@ impl TdpMmu {
             return Ok(None);
         }
         if let Err(err) =
-            self.hooks
+            self.hooks_of(tree)
                 .link_table(Gfn(base_gfn), below, table_ref, caches.hook_state())
         {
             table[index].store(old.bits(), Ordering::Release);
@@ -253,4 +369,34 @@ impl TdpMmu {
         self.counters.tables_linked.fetch_add(1, Ordering::Relaxed);
         Ok(Some(hpa))
     }
+}
+
+/// The bytes of a base page.
+const PAGE_BYTES: u64 = 4096;
+
+/// What a fault maps: where the frame comes from, and the largest leaf the
+/// memory attributes allow.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct FaultFrame {
+    pub(super) source: FrameSource,
+    pub(super) attribute_cap: Level,
+}
+
+/// The largest leaf a private page allows at `gfn`: no bigger than the page
+/// (its order), with guest and host frames aligned alike, and inside the
+/// slot (the kernel's `kvm_max_private_mapping_level` with the slot's
+/// `lpage_info` edges).
+fn private_max_level(slot: &Memslot, gfn: Gfn, page: crate::memslot::PrivatePage) -> Level {
+    for level in [Level::L1G, Level::L2M] {
+        let pages = level.entry_pages();
+        let start = gfn.align_down(pages);
+        if u32::from(page.order) >= pages.trailing_zeros()
+            && page.pfn.0.wrapping_sub(gfn.0).is_multiple_of(pages)
+            && start >= slot.base_gfn()
+            && start + pages <= slot.end_gfn()
+        {
+            return level;
+        }
+    }
+    Level::L4K
 }

@@ -4,6 +4,7 @@
 pub use crate::translation::{Access, PageStats, Translation};
 
 mod access;
+mod attributes;
 mod dirty;
 mod fault;
 mod split;
@@ -16,7 +17,8 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use mmu_cache::alloc::NoAllocSection;
 use mmu_cache::{CacheError, ObjectCache, Page, PageCache, PageKind, PagePool, Slab, SlabError};
 
-use crate::addr::{Gfn, Gpa, Hpa};
+use crate::addr::{Gfn, Gpa, Hpa, Pfn};
+use crate::attributes::{MemoryAttribute, MemoryAttributes};
 use crate::ept::{self, ACCESSED, DIRTY, Entry, Level, MemType, WRITE};
 use crate::hooks::{
     ExternalPageTable, ExternalTablePage, HookError, HookVcpuState, NoExternal, TableRef, Topup,
@@ -66,9 +68,32 @@ pub enum MmuError {
     /// The header slab could not be created.
     #[error(transparent)]
     Slab(#[from] SlabError),
-    /// The configuration is invalid.
+    /// The configuration is invalid, or the VM's type does not allow the
+    /// operation.
     #[error("invalid MMU configuration: {0}")]
     Config(&'static str),
+    /// The access's kind (private or shared) differs from the frame's
+    /// memory attribute, or a private access found no private memory: the
+    /// vCPU exits to the VMM (`KVM_EXIT_MEMORY_FAULT`, with
+    /// `KVM_MEMORY_EXIT_FLAG_PRIVATE` when `private`), which converts the
+    /// range and runs the vCPU again.
+    #[error("memory fault at {gpa}: a {} access to {} memory", if *.private { "private" } else { "shared" }, if *.private { "shared (or no private)" } else { "private" })]
+    MemoryFault {
+        /// The faulting address (with a TD's shared bit, as the guest used it).
+        gpa: Gpa,
+        /// The size of the range to convert.
+        size: u64,
+        /// Whether the access was private.
+        private: bool,
+    },
+    /// The slot's private memory could not give a frame.
+    #[error("private memory of {gpa}: {source}")]
+    PrivateMemory {
+        /// The faulting address.
+        gpa: Gpa,
+        /// The provider's error.
+        source: crate::memslot::PrivateMemoryError,
+    },
 }
 
 /// The bookkeeping of one table: where it sits and the page that holds it
@@ -174,6 +199,60 @@ impl VcpuCaches {
     }
 }
 
+/// What kind of VM the MMU serves (KVM's `vm_type`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VmType {
+    /// Every frame shared (`KVM_X86_DEFAULT_VM`): no memory attributes;
+    /// every fault maps the memslot's host frames in the one tree.
+    #[default]
+    Default,
+    /// `KVM_X86_SW_PROTECTED_VM`: per-frame memory attributes; a fault is
+    /// private when its frame is (the attributes are the source of truth,
+    /// as the kernel sets `PFERR_PRIVATE_ACCESS` from them), and private
+    /// faults take their frames from the slot's private memory. One tree.
+    SoftwareProtected,
+    /// A TD: an access is shared when the GPA has bit `shared_bit` set
+    /// (47 with 4-level paging, 51 with 5). Private frames are mapped in the
+    /// main tree, which the hooks mirror (the S-EPT), shared ones in a
+    /// second, direct tree the hooks never see. The frame number is the GPA
+    /// without the shared bit.
+    Td {
+        /// The GPA bit that marks a shared access.
+        shared_bit: u8,
+    },
+}
+
+impl VmType {
+    /// A TD with the shared bit of `levels`-level paging: the top bit of
+    /// its GPA width (GPAW 48 or 52).
+    pub fn td(levels: u8) -> Self {
+        Self::Td {
+            shared_bit: Self::td_shared_bit(levels),
+        }
+    }
+
+    fn td_shared_bit(levels: u8) -> u8 {
+        if levels >= 5 { 51 } else { 47 }
+    }
+
+    /// Whether the VM has memory attributes and private memory.
+    pub fn has_private_memory(self) -> bool {
+        self != Self::Default
+    }
+}
+
+/// What a [`TdpMmu::set_memory_attributes`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttributeChange {
+    /// Frames whose attribute changed.
+    pub frames: u64,
+    /// Huge leaves split so that the range's edges fall between leaves
+    /// (a TD's private 2M leaves: BLOCK, TRACK and DEMOTE on the S-EPT).
+    pub splits: u64,
+    /// Leaves zapped over the range.
+    pub zapped: u64,
+}
+
 /// Configuration of a [`TdpMmu`].
 #[derive(Clone, Copy, Debug)]
 pub struct MmuConfig {
@@ -189,6 +268,9 @@ pub struct MmuConfig {
     pub memtype: MemType,
     /// Capacity of each vCPU cache (objects per topup, at least 5).
     pub vcpu_cache_capacity: usize,
+    /// The kind of VM: whether it has private memory, and how a fault
+    /// says it is private.
+    pub vm_type: VmType,
 }
 
 impl Default for MmuConfig {
@@ -199,6 +281,7 @@ impl Default for MmuConfig {
             split_cache_capacity: 256,
             memtype: MemType::Wb,
             vcpu_cache_capacity: mmu_cache::DEFAULT_CAPACITY,
+            vm_type: VmType::Default,
         }
     }
 }
@@ -228,6 +311,11 @@ pub struct MmuCounters {
     /// External pages kept out of the allocator because the hooks could
     /// not take them back (they may still belong to the external side).
     pub external_leaked: u64,
+    /// Faults that exited to the VMM with a memory fault (a private access
+    /// to shared memory or the other way round).
+    pub memory_faults: u64,
+    /// Calls of [`TdpMmu::set_memory_attributes`] that changed frames.
+    pub conversions: u64,
 }
 
 #[derive(Default)]
@@ -241,6 +329,8 @@ struct Counters {
     tables_linked: AtomicU64,
     tables_freed: AtomicU64,
     external_leaked: AtomicU64,
+    memory_faults: AtomicU64,
+    conversions: AtomicU64,
 }
 
 /// The TDP MMU of one VM.
@@ -264,6 +354,15 @@ pub struct TdpMmu {
     pool: Arc<PagePool<TablePage>>,
     header_slab: Arc<Slab<TableHeader>>,
     root: Page<TablePage>,
+    /// A TD's direct tree, for its shared memory.
+    shared_root: Option<Page<TablePage>>,
+    /// Memory attributes; read by faults and written under the write lock.
+    attributes: RwLock<MemoryAttributes>,
+    /// Attribute changes in progress: faults that find one retry.
+    invalidations: AtomicU64,
+    /// Bumped at the end of each attribute change: a fault that read the
+    /// attributes at an older value retries.
+    invalidate_seq: AtomicU64,
     tables: Mutex<HashMap<u64, mmu_cache::SlabBox<TableHeader>>>,
     slots: RwLock<Vec<Arc<Memslot>>>,
     split_caches: Mutex<VcpuCaches>,
@@ -292,6 +391,8 @@ struct WalkCache {
     generation: u64,
     /// `gfn >> 9` of the 2 MiB region the table maps.
     region: u64,
+    /// Whether the table is in a TD's shared tree.
+    shared: bool,
     table_hpa: u64,
 }
 
@@ -301,6 +402,7 @@ impl WalkCache {
         mmu: 0,
         generation: 0,
         region: 0,
+        shared: false,
         table_hpa: 0,
     };
 }
@@ -375,6 +477,35 @@ fn protect_leaf(table: &[AtomicU64; 512], index: usize, level: Level, mut entry:
     }
 }
 
+/// Which tree of the MMU: the main one (mirrored by the hooks, if any; the
+/// only one of a VM that is not a TD) or a TD's direct tree of shared
+/// memory, which the hooks never see.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Tree {
+    /// The main tree.
+    Main,
+    /// A TD's shared tree.
+    Shared,
+}
+
+/// The hooks of a tree no external side mirrors.
+static NO_EXTERNAL: NoExternal = NoExternal;
+
+/// Where a fault's frame comes from.
+#[derive(Clone, Copy, Debug)]
+pub(super) enum FrameSource {
+    /// The memslot's host frames.
+    Slot,
+    /// The slot's private memory: the frame of the faulting gfn and the
+    /// largest leaf its page allows there.
+    Private {
+        /// The frame of the faulting gfn.
+        pfn: Pfn,
+        /// The largest leaf the page's order and alignment allow.
+        max_level: Level,
+    },
+}
+
 /// One step of a [`TdpMmu::walk`]: the entry for the walked frame in a table
 /// at `level` (entries of `level` map `level.entry_pages()` frames).
 pub(super) struct WalkStep<'a> {
@@ -423,12 +554,27 @@ impl TdpMmu {
                 "vcpu_cache_capacity must be at least 5 (one 5-level walk)",
             ));
         }
-        let mut root: Page<TablePage> =
-            pool.get().map_err(|err| CacheError::EmptyFallbackFailed {
-                cache: "root",
-                source: Box::new(err),
-            })?;
-        root.fill(ept::NON_PRESENT);
+        if let VmType::Td { shared_bit } = config.vm_type
+            && shared_bit != VmType::td_shared_bit(config.levels)
+        {
+            return Err(MmuError::Config(
+                "a TD's shared bit is the top GPA bit: 47 with 4 levels, 51 with 5",
+            ));
+        }
+        let new_root = || -> Result<Page<TablePage>, MmuError> {
+            let mut root: Page<TablePage> =
+                pool.get().map_err(|err| CacheError::EmptyFallbackFailed {
+                    cache: "root",
+                    source: Box::new(err),
+                })?;
+            root.fill(ept::NON_PRESENT);
+            Ok(root)
+        };
+        let root = new_root()?;
+        let shared_root = match config.vm_type {
+            VmType::Td { .. } => Some(new_root()?),
+            _ => None,
+        };
         let header_slab = Slab::new(pool.for_kind(), None)?;
         let external_tables = hooks.external_tables();
         let max_leaf = hooks.max_leaf_level();
@@ -449,6 +595,10 @@ impl TdpMmu {
             pool,
             header_slab,
             root,
+            shared_root,
+            attributes: RwLock::new(MemoryAttributes::new(MemoryAttribute::Shared)),
+            invalidations: AtomicU64::new(0),
+            invalidate_seq: AtomicU64::new(0),
             tables: Mutex::new(HashMap::new()),
             slots: RwLock::new(Vec::new()),
             split_caches: Mutex::new(split_caches),
@@ -493,9 +643,66 @@ impl TdpMmu {
         Hpa(self.root_addr())
     }
 
+    /// The root of a TD's shared tree (its second EPT pointer).
+    pub fn shared_root_hpa(&self) -> Option<Hpa> {
+        self.shared_root
+            .as_ref()
+            .map(|root| Hpa(root.addr() as u64))
+    }
+
     /// The root table's address as a number, for walks.
     pub(super) fn root_addr(&self) -> u64 {
         self.root.addr() as u64
+    }
+
+    /// The root of `tree`, as a number.
+    pub(super) fn tree_root(&self, tree: Tree) -> u64 {
+        match tree {
+            Tree::Main => self.root_addr(),
+            Tree::Shared => self
+                .shared_root
+                .as_ref()
+                .expect("only a TD has a shared tree")
+                .addr() as u64,
+        }
+    }
+
+    /// The MMU's trees: the main one, and a TD's shared one.
+    pub(super) fn trees(&self) -> impl Iterator<Item = Tree> + use<> {
+        std::iter::once(Tree::Main).chain(self.shared_root.is_some().then_some(Tree::Shared))
+    }
+
+    /// The hooks that mirror `tree` (none for a TD's shared tree).
+    pub(super) fn hooks_of(&self, tree: Tree) -> &dyn ExternalPageTable {
+        match tree {
+            Tree::Main => &*self.hooks,
+            Tree::Shared => &NO_EXTERNAL,
+        }
+    }
+
+    /// Whether tables of `tree` carry an external page.
+    pub(super) fn external_of(&self, tree: Tree) -> bool {
+        tree == Tree::Main && self.external_tables
+    }
+
+    /// The largest leaf of `tree`.
+    pub(super) fn max_leaf_of(&self, tree: Tree) -> Level {
+        match tree {
+            Tree::Main => self.max_leaf,
+            Tree::Shared => Level::L1G,
+        }
+    }
+
+    /// Where an address, as the guest used it, is mapped: a TD's shared
+    /// accesses in the shared tree, at the frame without the shared bit;
+    /// everything else in the main tree.
+    pub(super) fn place(&self, gpa: Gpa) -> (Tree, Gfn) {
+        match self.config.vm_type {
+            VmType::Td { shared_bit } if gpa.0 & (1 << shared_bit) != 0 => {
+                (Tree::Shared, Gpa(gpa.0 & !(1 << shared_bit)).gfn())
+            }
+            _ => (Tree::Main, gpa.gfn()),
+        }
     }
 
     fn top_level(&self) -> Level {
@@ -509,10 +716,11 @@ impl TdpMmu {
     /// linked.
     pub(super) fn walk<'a, T>(
         &'a self,
+        tree: Tree,
         gfn: u64,
         mut visit: impl FnMut(WalkStep<'a>) -> Next<T>,
     ) -> T {
-        let mut table_hpa = self.root_addr();
+        let mut table_hpa = self.tree_root(tree);
         let mut level = self.top_level();
         loop {
             // SAFETY: the root, or a table the previous step found linked (or
@@ -553,7 +761,11 @@ impl TdpMmu {
 
     /// Adds a slot; it must not overlap another or reuse its id.
     pub fn add_memslot(&self, slot: Memslot) -> Result<Arc<Memslot>, MmuError> {
-        if slot.end_gfn().0 > 1 << (self.top_level().shift() + 9 - 12) {
+        let width = match self.config.vm_type {
+            VmType::Td { shared_bit } => u32::from(shared_bit),
+            _ => self.top_level().shift() + 9,
+        };
+        if slot.end_gfn().0 > 1 << (width - 12) {
             return Err(MmuError::AddressTooWide {
                 gpa: slot.end_gfn().gpa(),
                 levels: self.config.levels,
@@ -610,9 +822,10 @@ impl TdpMmu {
 
     /// Translates `gpa` through the tree, without side effects.
     pub fn translate(&self, gpa: Gpa) -> Option<Translation> {
-        let gfn = gpa.gfn().0;
+        let (tree, gfn) = self.place(gpa);
+        let gfn = gfn.0;
         let _guard = self.read_lock();
-        let (_, _, level, entry) = self.find_leaf(gfn)?;
+        let (_, _, level, entry) = self.find_leaf(tree, gfn)?;
         let t = self.translation(entry, level, gfn);
         Some(Translation {
             hpa: Hpa(t.hpa.0 | gpa.page_offset()),
@@ -637,17 +850,23 @@ impl TdpMmu {
         let _guard = self.write_lock();
         let mut stats = PageStats::default();
         let mut tables = 0;
-        self.walk_all(self.root_addr(), self.top_level(), &mut |entry, level| {
-            if entry.is_leaf(level) {
-                match level.get() {
-                    1 => stats.pages_4k += 1,
-                    2 => stats.pages_2m += 1,
-                    _ => stats.pages_1g += 1,
-                }
-            } else {
-                tables += 1;
-            }
-        });
+        for tree in self.trees() {
+            self.walk_all(
+                self.tree_root(tree),
+                self.top_level(),
+                &mut |entry, level| {
+                    if entry.is_leaf(level) {
+                        match level.get() {
+                            1 => stats.pages_4k += 1,
+                            2 => stats.pages_2m += 1,
+                            _ => stats.pages_1g += 1,
+                        }
+                    } else {
+                        tables += 1;
+                    }
+                },
+            );
+        }
         (stats, tables)
     }
 
@@ -674,7 +893,8 @@ impl TdpMmu {
     /// split caches and the header slab's pages (vCPU caches not included).
     pub fn pages_held(&self) -> usize {
         let split = self.split_caches.lock().unwrap_or_else(|p| p.into_inner());
-        1 + self.live_tables() + split.tables.nr_free() + self.header_slab.pages()
+        let roots = 1 + usize::from(self.shared_root.is_some());
+        roots + self.live_tables() + split.tables.nr_free() + self.header_slab.pages()
     }
 
     /// Tables linked below the root.
@@ -696,6 +916,8 @@ impl TdpMmu {
             tables_linked: get(&c.tables_linked),
             tables_freed: get(&c.tables_freed),
             external_leaked: get(&c.external_leaked),
+            memory_faults: get(&c.memory_faults),
+            conversions: get(&c.conversions),
         }
     }
 }

@@ -113,7 +113,7 @@ impl TdpMmu {
         should_split: &impl Fn(u64, u64) -> bool,
         exclusive: bool,
     ) -> Result<Step, MmuError> {
-        self.walk(cursor, |step| {
+        self.walk(Tree::Main, cursor, |step| {
             let WalkStep {
                 table,
                 index,
@@ -133,11 +133,20 @@ impl TdpMmu {
             }
             if entry.is_leaf(level) {
                 return Next::Stop(
-                    self.split_leaf(caches, table, index, level, entry, leaf_gfn, exclusive)
-                        .map(|linked| match linked {
-                            Some(_) => Step::Split,
-                            None => Step::Raced,
-                        }),
+                    self.split_leaf(
+                        Tree::Main,
+                        caches,
+                        table,
+                        index,
+                        level,
+                        entry,
+                        leaf_gfn,
+                        exclusive,
+                    )
+                    .map(|linked| match linked {
+                        Some(_) => Step::Split,
+                        None => Step::Raced,
+                    }),
                 );
             }
             if level.below().is_none_or(|below| below <= target) {
@@ -165,6 +174,7 @@ impl TdpMmu {
     )]
     pub(super) fn split_leaf(
         &self,
+        tree: Tree,
         caches: &mut VcpuCaches,
         table: &[AtomicU64; 512],
         index: usize,
@@ -186,7 +196,7 @@ impl TdpMmu {
             *word = first + i as u64 * step;
         }
         debug_assert_eq!(page.words()[511], leaf.split_child(level, 511).bits());
-        let external = if self.external_tables {
+        let external = if self.external_of(tree) {
             Some(caches.external.alloc()?)
         } else {
             None
@@ -208,9 +218,9 @@ impl TdpMmu {
             give_back(caches, page, external, header);
             return Ok(None);
         }
-        if let Err(err) = self
-            .hooks
-            .split_leaf(Gfn(gfn), level, leaf, table_ref, exclusive)
+        if let Err(err) =
+            self.hooks_of(tree)
+                .split_leaf(Gfn(gfn), level, leaf, table_ref, exclusive)
         {
             table[index].store(leaf.bits(), Ordering::Release);
             give_back(caches, page, external, header);

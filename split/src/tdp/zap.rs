@@ -6,26 +6,53 @@ impl TdpMmu {
     /// Unmaps every leaf that overlaps `[start_gfn, end_gfn)` (a huge leaf
     /// that overlaps only partly goes whole) and frees tables left empty
     /// inside the range.
+    ///
+    /// A TD's shared tree is zapped as well as its main one.
     pub fn zap_range(&self, start_gfn: Gfn, end_gfn: Gfn) -> Result<(), MmuError> {
         let _guard = self.write_lock();
         let _no_alloc = NoAllocSection::enter();
+        for tree in self.trees() {
+            self.zap_tree(tree, start_gfn, end_gfn)?;
+        }
+        Ok(())
+    }
+
+    /// Zaps `[start_gfn, end_gfn)` in `tree`; the caller holds the write
+    /// lock. Returns the leaves zapped.
+    pub(super) fn zap_tree(
+        &self,
+        tree: Tree,
+        start_gfn: Gfn,
+        end_gfn: Gfn,
+    ) -> Result<u64, MmuError> {
+        let mut zapped = 0;
         self.zap_table(
-            self.root_addr(),
+            tree,
+            self.tree_root(tree),
             self.top_level(),
             0,
             start_gfn.0,
             end_gfn.0,
-        )
+            &mut zapped,
+        )?;
+        Ok(zapped)
     }
 
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "the tree, the table's place, the range and the count of a recursive walk"
+    )]
     fn zap_table(
         &self,
+        tree: Tree,
         table_hpa: u64,
         level: Level,
         table_gfn: u64,
         start: u64,
         end: u64,
+        zapped: &mut u64,
     ) -> Result<(), MmuError> {
+        let hooks = self.hooks_of(tree);
         // SAFETY: the write lock is held and the table is linked.
         let table = unsafe { entries(table_hpa) };
         let pages = level.entry_pages();
@@ -39,7 +66,8 @@ impl TdpMmu {
                 continue;
             }
             if entry.is_leaf(level) {
-                self.hooks.remove_leaf(Gfn(gfn), level, entry)?;
+                hooks.remove_leaf(Gfn(gfn), level, entry)?;
+                *zapped += 1;
                 let old = Entry::from_bits(table[index].swap(ept::NON_PRESENT, Ordering::AcqRel));
                 self.stats[stat_index(level)].fetch_sub(1, Ordering::Relaxed);
                 // A write the log has not seen yet must not vanish with the leaf.
@@ -50,7 +78,7 @@ impl TdpMmu {
             }
             let below = level.below().expect("tables above 4K");
             let child = entry.addr(level);
-            self.zap_table(child, below, gfn, start, end)?;
+            self.zap_table(tree, child, below, gfn, start, end, zapped)?;
             if gfn >= start && gfn + pages <= end {
                 let table_ref = self.table_map().get(&child).map_or(
                     TableRef {
@@ -59,7 +87,7 @@ impl TdpMmu {
                     },
                     |h| h.table_ref(),
                 );
-                self.hooks.free_table(Gfn(gfn), below, table_ref)?;
+                hooks.free_table(Gfn(gfn), below, table_ref)?;
                 table[index].store(ept::NON_PRESENT, Ordering::Release);
                 self.table_generation.fetch_add(1, Ordering::Relaxed);
                 self.free_table(child);
@@ -84,17 +112,22 @@ impl TdpMmu {
         self.hooks.teardown()?;
         self.torn_down.store(true, Ordering::Release);
         let mut report = TeardownReport::default();
-        self.teardown_table(self.root_addr(), self.top_level(), 0, &mut report);
+        for tree in self.trees() {
+            let root = self.tree_root(tree);
+            self.teardown_table(tree, root, self.top_level(), 0, &mut report);
+        }
         Ok(report)
     }
 
     fn teardown_table(
         &self,
+        tree: Tree,
         table_hpa: u64,
         level: Level,
         table_gfn: u64,
         report: &mut TeardownReport,
     ) {
+        let hooks = self.hooks_of(tree);
         // SAFETY: the write lock is held and the table is linked.
         let table = unsafe { entries(table_hpa) };
         let pages = level.entry_pages();
@@ -105,7 +138,7 @@ impl TdpMmu {
             }
             let gfn = table_gfn + index as u64 * pages;
             if entry.is_leaf(level) {
-                match self.hooks.remove_leaf(Gfn(gfn), level, entry) {
+                match hooks.remove_leaf(Gfn(gfn), level, entry) {
                     Ok(()) => report.leaves += 1,
                     Err(_) => report.leaf_errors += 1,
                 }
@@ -115,14 +148,13 @@ impl TdpMmu {
             }
             let below = level.below().expect("tables above 4K");
             let child = entry.addr(level);
-            self.teardown_table(child, below, gfn, report);
+            self.teardown_table(tree, child, below, gfn, report);
             table[index].store(ept::NON_PRESENT, Ordering::Release);
             self.table_generation.fetch_add(1, Ordering::Relaxed);
             let Some(mut header) = self.table_map().remove(&child) else {
                 continue;
             };
-            if self
-                .hooks
+            if hooks
                 .free_table(Gfn(gfn), below, header.table_ref())
                 .is_err()
                 && let Some(external) = header.external.take()

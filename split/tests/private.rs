@@ -1,0 +1,403 @@
+//! Private memory: attributes, memory-fault exits, frames from the slot's
+//! private memory, the leaf-level rule, and a TD's two trees.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use common::{MIB_PAGES, checked_stats, mmu};
+use split::{
+    Gfn, Gpa, Level, MemoryAttribute, Memslot, MmuConfig, MmuError, Pfn, PrivateMemory,
+    PrivateMemoryError, PrivatePage, VmType,
+};
+
+/// Host frames of the slot's shared memory.
+const SHARED_HOST: u64 = 0x10_0000;
+/// Host frames of the slot's private memory.
+const PRIVATE_HOST: u64 = 0x40_0000;
+
+/// Private memory whose pages are `order` big, with a record of the pages
+/// asked for; `split` marks 2 MiB ranges whose page is split (order 0).
+#[derive(Debug)]
+struct FakeFile {
+    order: u8,
+    split: Mutex<Vec<u64>>,
+    calls: AtomicU64,
+}
+
+impl FakeFile {
+    fn new(order: u8) -> Arc<Self> {
+        Arc::new(Self {
+            order,
+            split: Mutex::new(Vec::new()),
+            calls: AtomicU64::new(0),
+        })
+    }
+}
+
+impl PrivateMemory for FakeFile {
+    fn get_pfn(&self, slot_page: u64) -> Result<PrivatePage, PrivateMemoryError> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        if slot_page >= 64 * MIB_PAGES {
+            return Err("past the end of the file".into());
+        }
+        let split = self.split.lock().unwrap().contains(&(slot_page >> 9));
+        Ok(PrivatePage {
+            pfn: Pfn(PRIVATE_HOST + slot_page),
+            order: if split { 0 } else { self.order },
+        })
+    }
+}
+
+fn protected(vm_type: VmType, file: Arc<FakeFile>) -> split::TdpMmu {
+    let (_, mmu) = mmu(MmuConfig {
+        vm_type,
+        ..MmuConfig::default()
+    });
+    mmu.add_memslot(
+        Memslot::new(0, Gfn(0), 64 * MIB_PAGES, Pfn(SHARED_HOST))
+            .unwrap()
+            .with_private_memory(file),
+    )
+    .unwrap();
+    mmu
+}
+
+#[test]
+fn a_default_vm_has_no_attributes_and_no_private_faults() {
+    let (_, mmu) = mmu(MmuConfig::default());
+    mmu.add_memslot(Memslot::new(0, Gfn(0), 1024, Pfn(SHARED_HOST)).unwrap())
+        .unwrap();
+    assert!(matches!(
+        mmu.set_memory_attributes(Gfn(0), Gfn(1), MemoryAttribute::Private),
+        Err(MmuError::Config(_))
+    ));
+    let mut vcpu = mmu.new_vcpu_caches();
+    assert!(matches!(
+        mmu.fault_as(&mut vcpu, Gpa(0), true, true),
+        Err(MmuError::Config(_))
+    ));
+    assert_eq!(mmu.memory_attribute(Gfn(0)), MemoryAttribute::Shared);
+}
+
+#[test]
+fn a_mismatched_access_exits_with_a_memory_fault_and_the_kind_of_access() {
+    let mmu = protected(VmType::SoftwareProtected, FakeFile::new(9));
+    let mut vcpu = mmu.new_vcpu_caches();
+    // Memory starts shared: a private access exits.
+    let err = mmu
+        .fault_as(&mut vcpu, Gpa(0x5123), true, true)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MmuError::MemoryFault {
+                gpa: Gpa(0x5123),
+                size: 4096,
+                private: true
+            }
+        ),
+        "{err}"
+    );
+    mmu.set_memory_attributes(Gfn(5), Gfn(6), MemoryAttribute::Private)
+        .unwrap();
+    let err = mmu
+        .fault_as(&mut vcpu, Gpa(0x5000), false, false)
+        .unwrap_err();
+    assert!(matches!(err, MmuError::MemoryFault { private: false, .. }));
+    assert_eq!(mmu.counters().memory_faults, 2);
+    // The kind the attributes say (what the kernel does for these VMs).
+    let t = mmu.fault(&mut vcpu, Gpa(0x5000), true).unwrap();
+    assert_eq!(t.hpa, Pfn(PRIVATE_HOST + 5).hpa());
+    let t = mmu.fault(&mut vcpu, Gpa(0x6000), true).unwrap();
+    assert_eq!(t.hpa, Pfn(SHARED_HOST + 6).hpa());
+}
+
+#[test]
+fn a_private_leaf_is_no_bigger_than_its_page_the_slot_and_the_uniform_range() {
+    let file = FakeFile::new(9);
+    let mmu = protected(VmType::SoftwareProtected, file.clone());
+    let mut vcpu = mmu.new_vcpu_caches();
+    mmu.set_memory_attributes(Gfn(0), Gfn(8 * MIB_PAGES), MemoryAttribute::Private)
+        .unwrap();
+    // 2 MiB pages, the 1 GiB range mixed (the rest of it is shared): 2M.
+    let t = mmu.fault(&mut vcpu, Gpa(0x20_3000), true).unwrap();
+    assert_eq!(
+        (t.level, t.hpa),
+        (Level::L2M, Pfn(PRIVATE_HOST + 0x203).hpa())
+    );
+    // A split page: 4K.
+    file.split.lock().unwrap().push(2);
+    let t = mmu.fault(&mut vcpu, Gpa(0x40_5000), true).unwrap();
+    assert_eq!(
+        (t.level, t.hpa),
+        (Level::L4K, Pfn(PRIVATE_HOST + 0x405).hpa())
+    );
+    // One shared page inside a 2 MiB range makes it mixed: 4K leaves there,
+    // and the huge leaf over it was zapped whole.
+    let change = mmu
+        .set_memory_attributes(Gfn(0x210), Gfn(0x211), MemoryAttribute::Shared)
+        .unwrap();
+    assert_eq!((change.frames, change.zapped, change.splits), (1, 1, 0));
+    assert!(mmu.translate(Gpa(0x20_3000)).is_none());
+    let t = mmu.fault(&mut vcpu, Gpa(0x20_3000), false).unwrap();
+    assert_eq!(t.level, Level::L4K);
+    let t = mmu.fault(&mut vcpu, Gpa(0x21_0000), false).unwrap();
+    assert_eq!(
+        (t.level, t.hpa),
+        (Level::L4K, Pfn(SHARED_HOST + 0x210).hpa())
+    );
+    // Back to uniform: a software-protected VM maps huge again after a zap.
+    mmu.set_memory_attributes(Gfn(0x200), Gfn(0x400), MemoryAttribute::Private)
+        .unwrap();
+    let t = mmu.fault(&mut vcpu, Gpa(0x20_3000), false).unwrap();
+    assert_eq!(t.level, Level::L2M);
+    checked_stats(&mmu);
+}
+
+#[test]
+fn a_private_page_not_aligned_like_the_guest_frame_maps_4k() {
+    #[derive(Debug)]
+    struct Skewed;
+    impl PrivateMemory for Skewed {
+        fn get_pfn(&self, slot_page: u64) -> Result<PrivatePage, PrivateMemoryError> {
+            Ok(PrivatePage {
+                pfn: Pfn(PRIVATE_HOST + 1 + slot_page),
+                order: 9,
+            })
+        }
+    }
+    let (_, mmu) = mmu(MmuConfig {
+        vm_type: VmType::SoftwareProtected,
+        ..MmuConfig::default()
+    });
+    mmu.add_memslot(
+        Memslot::new(0, Gfn(0), 4 * MIB_PAGES, Pfn(SHARED_HOST))
+            .unwrap()
+            .with_private_memory(Arc::new(Skewed)),
+    )
+    .unwrap();
+    mmu.set_memory_attributes(Gfn(0), Gfn(4 * MIB_PAGES), MemoryAttribute::Private)
+        .unwrap();
+    let mut vcpu = mmu.new_vcpu_caches();
+    let t = mmu.fault(&mut vcpu, Gpa(0x1000), false).unwrap();
+    assert_eq!((t.level, t.hpa), (Level::L4K, Pfn(PRIVATE_HOST + 2).hpa()));
+}
+
+#[test]
+fn private_memory_errors_and_missing_private_memory_are_reported() {
+    let mmu = protected(VmType::SoftwareProtected, FakeFile::new(0));
+    let (_, plain) = common::mmu(MmuConfig {
+        vm_type: VmType::SoftwareProtected,
+        ..MmuConfig::default()
+    });
+    plain
+        .add_memslot(Memslot::new(0, Gfn(0), 16, Pfn(SHARED_HOST)).unwrap())
+        .unwrap();
+    plain
+        .set_memory_attributes(Gfn(0), Gfn(16), MemoryAttribute::Private)
+        .unwrap();
+    let mut vcpu = plain.new_vcpu_caches();
+    assert!(matches!(
+        plain.fault(&mut vcpu, Gpa(0), true),
+        Err(MmuError::MemoryFault { private: true, .. })
+    ));
+    // The provider's error reaches the caller with the address.
+    #[derive(Debug)]
+    struct Broken;
+    impl PrivateMemory for Broken {
+        fn get_pfn(&self, _: u64) -> Result<PrivatePage, PrivateMemoryError> {
+            Err("the file has no page there".into())
+        }
+    }
+    mmu.add_memslot(
+        Memslot::new(1, Gfn(64 * MIB_PAGES), 16, Pfn(SHARED_HOST))
+            .unwrap()
+            .with_private_memory(Arc::new(Broken)),
+    )
+    .unwrap();
+    mmu.set_memory_attributes(
+        Gfn(64 * MIB_PAGES),
+        Gfn(64 * MIB_PAGES + 16),
+        MemoryAttribute::Private,
+    )
+    .unwrap();
+    let mut vcpu = mmu.new_vcpu_caches();
+    let err = mmu
+        .fault(&mut vcpu, Gfn(64 * MIB_PAGES + 3).gpa(), false)
+        .unwrap_err();
+    assert!(matches!(err, MmuError::PrivateMemory { .. }));
+    assert!(
+        err.to_string().contains("the file has no page there"),
+        "{err}"
+    );
+    assert!(matches!(
+        mmu.set_memory_attributes(Gfn(3), Gfn(3), MemoryAttribute::Private),
+        Err(MmuError::Config(_))
+    ));
+}
+
+#[test]
+fn a_td_maps_shared_accesses_in_its_shared_tree_and_private_ones_in_the_main_tree() {
+    let file = FakeFile::new(9);
+    let mmu = protected(VmType::td(4), file);
+    assert!(mmu.shared_root_hpa().is_some());
+    let shared_bit = 1u64 << 47;
+    let mut vcpu = mmu.new_vcpu_caches();
+    // All shared at first: a private access exits.
+    assert!(matches!(
+        mmu.fault(&mut vcpu, Gpa(0x20_0000), true),
+        Err(MmuError::MemoryFault { private: true, .. })
+    ));
+    let t = mmu
+        .fault(&mut vcpu, Gpa(shared_bit | 0x20_0000), true)
+        .unwrap();
+    assert_eq!(
+        (t.level, t.hpa),
+        (Level::L2M, Pfn(SHARED_HOST + 0x200).hpa())
+    );
+    // Converting to private zaps the shared mapping.
+    let change = mmu
+        .set_memory_attributes(Gfn(0), Gfn(8 * MIB_PAGES), MemoryAttribute::Private)
+        .unwrap();
+    assert_eq!(change.zapped, 1);
+    assert!(mmu.translate(Gpa(shared_bit | 0x20_0000)).is_none());
+    let t = mmu.fault(&mut vcpu, Gpa(0x20_0000), true).unwrap();
+    assert_eq!(
+        (t.level, t.hpa),
+        (Level::L2M, Pfn(PRIVATE_HOST + 0x200).hpa())
+    );
+    // A shared access to private memory exits.
+    assert!(matches!(
+        mmu.fault(&mut vcpu, Gpa(shared_bit | 0x20_0000), false),
+        Err(MmuError::MemoryFault { private: false, .. })
+    ));
+    // One 4 KiB page to shared: the 2M leaf is split, and only that page
+    // leaves the main tree.
+    let change = mmu
+        .set_memory_attributes(Gfn(0x234), Gfn(0x235), MemoryAttribute::Shared)
+        .unwrap();
+    assert_eq!((change.splits, change.zapped, change.frames), (1, 1, 1));
+    assert!(mmu.translate(Gpa(0x23_4000)).is_none());
+    for page in (0x200..0x400u64).filter(|&p| p != 0x234) {
+        let t = mmu.translate(Gfn(page).gpa()).expect("kept");
+        assert_eq!(
+            (t.level, t.hpa),
+            (Level::L4K, Pfn(PRIVATE_HOST + page).hpa())
+        );
+    }
+    let t = mmu
+        .fault(&mut vcpu, Gpa(shared_bit | 0x23_4000), true)
+        .unwrap();
+    assert_eq!(
+        (t.level, t.hpa),
+        (Level::L4K, Pfn(SHARED_HOST + 0x234).hpa())
+    );
+    // And back: no promotion for a TD; the page is private again at 4K.
+    mmu.set_memory_attributes(Gfn(0x234), Gfn(0x235), MemoryAttribute::Private)
+        .unwrap();
+    assert!(mmu.translate(Gpa(shared_bit | 0x23_4000)).is_none());
+    let t = mmu.fault(&mut vcpu, Gpa(0x23_4000), true).unwrap();
+    assert_eq!(t.level, Level::L4K);
+    assert_eq!(checked_stats(&mmu).pages_4k, 512);
+    // Teardown takes both trees back.
+    let report = mmu.teardown().unwrap();
+    assert_eq!(report.leaves, 512);
+    assert_eq!(mmu.live_tables(), 0);
+}
+
+#[test]
+fn a_tds_shared_bit_must_be_the_top_gpa_bit() {
+    let pool = mmu_cache::PagePool::new(mmu_cache::alloc::ChunkAllocator::anonymous());
+    let err = split::TdpMmu::new(
+        pool,
+        MmuConfig {
+            vm_type: VmType::Td { shared_bit: 40 },
+            ..MmuConfig::default()
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(err, MmuError::Config(_)));
+    assert_eq!(VmType::td(5), VmType::Td { shared_bit: 51 });
+}
+
+#[test]
+fn faults_racing_conversions_never_leave_a_mapping_of_the_wrong_kind() {
+    let file = FakeFile::new(9);
+    let mmu = Arc::new(protected(VmType::SoftwareProtected, file));
+    let stop = Arc::new(AtomicBool::new(false));
+    let span = 4 * MIB_PAGES;
+    let faulters: Vec<_> = (0..2u64)
+        .map(|t| {
+            let (mmu, stop) = (mmu.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut vcpu = mmu.new_vcpu_caches();
+                let mut seed = 0x9e37_79b9_7f4a_7c15u64 ^ t;
+                let mut exits = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    let gfn = seed % span;
+                    match mmu.fault(&mut vcpu, Gfn(gfn).gpa(), seed & 1 == 0) {
+                        Ok(_) => {}
+                        // The attribute changed between the look and the fault.
+                        Err(MmuError::MemoryFault { .. }) => exits += 1,
+                        Err(other) => panic!("{other}"),
+                    }
+                }
+                exits
+            })
+        })
+        .collect();
+    let mut seed = 0x1234_5678_9abc_def1u64;
+    let mut round = 0u64;
+    // Enough faults and conversions to interleave, whatever the scheduler.
+    while round < 300 || (mmu.counters().faults < 20_000 && round < 200_000) {
+        round += 1;
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let start = seed % span;
+        let len = if round % 3 == 0 {
+            512
+        } else {
+            1 + (seed >> 32) % 40
+        };
+        let end = (start + len).min(span);
+        let attribute = if seed & 1 == 0 {
+            MemoryAttribute::Private
+        } else {
+            MemoryAttribute::Shared
+        };
+        mmu.set_memory_attributes(Gfn(start), Gfn(end), attribute)
+            .unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    for faulter in faulters {
+        faulter.join().unwrap();
+    }
+    // Every mapping left agrees with the attribute of its frame.
+    let attributes = mmu.memory_attributes();
+    for gfn in 0..span {
+        let Some(t) = mmu.translate(Gfn(gfn).gpa()) else {
+            continue;
+        };
+        let expected = match attributes.get(Gfn(gfn)) {
+            MemoryAttribute::Private => Pfn(PRIVATE_HOST + gfn).hpa(),
+            MemoryAttribute::Shared => Pfn(SHARED_HOST + gfn).hpa(),
+        };
+        assert_eq!(t.hpa, expected, "gfn {gfn:#x}");
+        if t.level > Level::L4K {
+            let pages = t.level.entry_pages();
+            let start = Gfn(gfn).align_down(pages);
+            assert!(
+                attributes.uniform(start, start + pages).is_some(),
+                "a {:?} leaf over mixed memory at {gfn:#x}",
+                t.level
+            );
+        }
+    }
+    checked_stats(&mmu);
+}
