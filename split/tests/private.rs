@@ -360,7 +360,7 @@ fn faults_racing_conversions_never_leave_a_mapping_of_the_wrong_kind() {
         seed ^= seed >> 7;
         seed ^= seed << 17;
         let start = seed % span;
-        let len = if round % 3 == 0 {
+        let len = if round.is_multiple_of(3) {
             512
         } else {
             1 + (seed >> 32) % 40
