@@ -149,6 +149,11 @@ fn hugetlb_split_and_merge(log2: u8) {
     }
     let base = host.as_ptr() as usize;
     assert_eq!(kernel_page_size(base), Some(huge));
+    let order = log2 - 12;
+    assert_eq!(file.page_order(private), order);
+    let frame = guest.host_frame(private).unwrap();
+    assert_eq!(frame, (guest.as_ptr() as u64 + private) >> 12);
+    assert_eq!(guest.host_frame(total), None);
 
     // One 4 KiB page inside the second huge page goes private: that huge
     // page splits, the first does not.
@@ -156,6 +161,13 @@ fn hugetlb_split_and_merge(log2: u8) {
     let metrics = file.metrics();
     assert_eq!((metrics.splits, metrics.split_now), (1, 1));
     assert_eq!(file.split_huge_pages(), vec![1]);
+    assert_eq!(file.page_order(private), 0, "a split page is 4 KiB");
+    assert_eq!(file.page_order(0), order, "the other stays whole");
+    assert_eq!(
+        guest.host_frame(private),
+        Some(frame),
+        "a view keeps its frames across a split"
+    );
     assert_eq!(kernel_page_size(base + huge as usize), Some(4096));
     assert_eq!(
         kernel_page_size(guest.as_ptr() as usize + huge as usize),
@@ -186,6 +198,7 @@ fn hugetlb_split_and_merge(log2: u8) {
     let metrics = file.metrics();
     assert_eq!((metrics.merges, metrics.split_now), (1, 0));
     assert!(file.split_huge_pages().is_empty());
+    assert_eq!(file.page_order(private), order, "merged back");
     assert_eq!(kernel_page_size(base + huge as usize), Some(huge));
     assert_eq!(
         kernel_page_size(late.as_ptr() as usize + huge as usize),

@@ -355,6 +355,22 @@ impl GuestMemFile {
             .collect()
     }
 
+    /// The order of the page behind `offset` (what `kvm_gmem_get_pfn`
+    /// returns as `max_order`): 9 or 18 for a HugeTLB page of 2 MiB or
+    /// 1 GiB while it is whole, 0 once it is split and on the other
+    /// backends.
+    pub fn page_order(&self, offset: u64) -> u8 {
+        if self.inner.storage.kind() != BackendKind::Hugetlb {
+            return 0;
+        }
+        let huge = offset / self.inner.granule;
+        if self.state().split.contains(&huge) {
+            0
+        } else {
+            (self.inner.granule.trailing_zeros() - PAGE_SIZE.trailing_zeros()) as u8
+        }
+    }
+
     /// Huge pages currently split.
     pub fn split_huge_pages(&self) -> Vec<u64> {
         self.state().split.iter().copied().collect()

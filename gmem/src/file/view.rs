@@ -230,6 +230,17 @@ impl View {
         }
     }
 
+    /// The host frame (address >> 12) through which this view reaches the
+    /// file page at `file_offset`, or `None` when the view does not cover
+    /// it. A view keeps its addresses when the file splits or merges a huge
+    /// page (it is remapped in place, data copied), so a frame handed to an
+    /// MMU stays good; what changes is the page's order
+    /// ([`GuestMemFile::page_order`]).
+    pub fn host_frame(&self, file_offset: u64) -> Option<u64> {
+        let inside = file_offset.checked_sub(self.offset)?;
+        (inside < self.len).then(|| (self.addr as u64 + inside) >> 12)
+    }
+
     /// The file offset the view starts at.
     pub fn offset(&self) -> u64 {
         self.offset
