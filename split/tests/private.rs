@@ -401,3 +401,22 @@ fn faults_racing_conversions_never_leave_a_mapping_of_the_wrong_kind() {
     }
     checked_stats(&mmu);
 }
+
+#[test]
+fn a_failing_step_after_the_zap_leaves_the_attributes_as_they_were() {
+    let mmu = protected(VmType::SoftwareProtected, FakeFile::new(9));
+    let mut vcpu = mmu.new_vcpu_caches();
+    mmu.fault(&mut vcpu, Gpa(0x4000), true).unwrap();
+    let err = mmu
+        .set_memory_attributes_with(Gfn(4), Gfn(5), MemoryAttribute::Private, || {
+            Err("the file could not convert".into())
+        })
+        .unwrap_err();
+    assert!(matches!(err, MmuError::PrivateMemory { .. }), "{err}");
+    assert_eq!(mmu.memory_attribute(Gfn(4)), MemoryAttribute::Shared);
+    assert_eq!(mmu.counters().conversions, 0);
+    // The zapped mapping faults back in as it was.
+    assert!(mmu.translate(Gpa(0x4000)).is_none());
+    let t = mmu.fault(&mut vcpu, Gpa(0x4000), true).unwrap();
+    assert_eq!(t.hpa, Pfn(SHARED_HOST + 4).hpa());
+}

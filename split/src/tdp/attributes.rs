@@ -82,6 +82,22 @@ impl TdpMmu {
         end: Gfn,
         attribute: MemoryAttribute,
     ) -> Result<AttributeChange, MmuError> {
+        self.set_memory_attributes_with(start, end, attribute, || Ok(()))
+    }
+
+    /// [`set_memory_attributes`](Self::set_memory_attributes) with the
+    /// VMM's own step between the zap and the recording of the attributes:
+    /// `after_zap` runs with the range's old mappings gone and faults still
+    /// held off, which is where a guest memory file converts (and splits or
+    /// merges its huge pages). If it fails, the attributes stay as they
+    /// were and its error is returned (the zapped mappings fault back in).
+    pub fn set_memory_attributes_with(
+        &self,
+        start: Gfn,
+        end: Gfn,
+        attribute: MemoryAttribute,
+        after_zap: impl FnOnce() -> Result<(), crate::memslot::PrivateMemoryError>,
+    ) -> Result<AttributeChange, MmuError> {
         if !self.config.vm_type.has_private_memory() {
             return Err(MmuError::Config(
                 "memory attributes need a software-protected VM or a TD",
@@ -111,6 +127,10 @@ impl TdpMmu {
             let _no_alloc = NoAllocSection::enter();
             change.zapped = self.zap_tree(tree, start, end)?;
         }
+        after_zap().map_err(|source| MmuError::PrivateMemory {
+            gpa: start.gpa(),
+            source,
+        })?;
         // Outside the MMU lock (the run map may allocate): faults keep
         // retrying until the invalidation ends.
         change.frames = self
