@@ -118,6 +118,11 @@ pub struct MemoryConfig {
     pub prefault: bool,
     /// Threads for the prefault.
     pub prefault_threads: usize,
+    /// The backend of a guest memory file that holds the VM's private
+    /// memory (soft accelerator): with `tdx.enabled` a TD, otherwise a
+    /// software-protected VM. `backend` stays the shared memory. The file
+    /// is as big as the memory; HugeTLB uses `huge_page_size`.
+    pub private_backend: Option<BackendName>,
 }
 
 impl Default for MemoryConfig {
@@ -128,6 +133,7 @@ impl Default for MemoryConfig {
             huge_page_size: HugePageSize::Size2M,
             prefault: false,
             prefault_threads: 2,
+            private_backend: None,
         }
     }
 }
@@ -204,6 +210,16 @@ pub enum Workload {
     },
     /// Prints 0 to 9, with a checkpoint after 4 (snapshot and restore).
     Counter,
+    /// vCPU threads convert their memory between private and shared the
+    /// way a TD guest does with MapGPA (a 4 KiB page inside a 2 MiB page,
+    /// and a whole 2 MiB page, each way), writing and checking data on both
+    /// sides (soft accelerator, with `memory.private_backend`).
+    Convert {
+        /// Rounds per vCPU.
+        rounds: u32,
+        /// 2 MiB pages each vCPU owns (at least 2).
+        huge_pages_per_vcpu: u64,
+    },
     /// A flat binary from a file.
     Binary {
         /// The file.
@@ -224,6 +240,7 @@ enum WorkloadKind {
     Hello,
     DirtyLog,
     Counter,
+    Convert,
     Binary,
 }
 
@@ -240,6 +257,8 @@ struct RawWorkload {
     load_gpa: Option<u64>,
     entry_gpa: Option<u64>,
     mode: Option<BinaryMode>,
+    rounds: Option<u32>,
+    huge_pages_per_vcpu: Option<u64>,
 }
 
 impl TryFrom<RawWorkload> for Workload {
@@ -256,6 +275,10 @@ impl TryFrom<RawWorkload> for Workload {
             ("load_gpa", raw.load_gpa.is_some()),
             ("entry_gpa", raw.entry_gpa.is_some()),
             ("mode", raw.mode.is_some()),
+        ];
+        let convert_fields = [
+            ("rounds", raw.rounds.is_some()),
+            ("huge_pages_per_vcpu", raw.huge_pages_per_vcpu.is_some()),
         ];
         let foreign = |fields: &[(&str, bool)], kind: &str| -> Result<(), String> {
             match fields.iter().find(|(_, set)| *set) {
@@ -274,10 +297,20 @@ impl TryFrom<RawWorkload> for Workload {
                 };
                 foreign(&dirty_log_fields, kind)?;
                 foreign(&binary_fields, kind)?;
+                foreign(&convert_fields, kind)?;
                 workload
+            }
+            WorkloadKind::Convert => {
+                foreign(&dirty_log_fields, "convert")?;
+                foreign(&binary_fields, "convert")?;
+                Self::Convert {
+                    rounds: raw.rounds.unwrap_or(4),
+                    huge_pages_per_vcpu: raw.huge_pages_per_vcpu.unwrap_or(2),
+                }
             }
             WorkloadKind::DirtyLog => {
                 foreign(&binary_fields, "dirty_log")?;
+                foreign(&convert_fields, "dirty_log")?;
                 Self::DirtyLog {
                     iterations: raw.iterations.unwrap_or_else(default_iterations),
                     bytes_per_vcpu_mib: raw
@@ -288,6 +321,7 @@ impl TryFrom<RawWorkload> for Workload {
             }
             WorkloadKind::Binary => {
                 foreign(&dirty_log_fields, "binary")?;
+                foreign(&convert_fields, "binary")?;
                 Self::Binary {
                     path: raw
                         .path
@@ -497,12 +531,92 @@ impl Config {
                     ));
                 }
             }
+            Workload::Convert {
+                rounds,
+                huge_pages_per_vcpu,
+            } => {
+                if *rounds == 0 || *rounds > 10_000 {
+                    return Err(invalid("workload.rounds", "must be between 1 and 10000"));
+                }
+                if *huge_pages_per_vcpu < 2 {
+                    return Err(invalid(
+                        "workload.huge_pages_per_vcpu",
+                        "must be at least 2 (one for 4 KiB conversions, one converted whole)",
+                    ));
+                }
+                let needed = 2 * u64::from(self.vcpus) * huge_pages_per_vcpu;
+                if needed > self.memory.size_mib {
+                    return Err(invalid(
+                        "memory.size_mib",
+                        format!(
+                            "{} MiB is too small: convert gives each of {} vCPUs {} pages of \
+                             2 MiB, so at least {needed} MiB",
+                            self.memory.size_mib, self.vcpus, huge_pages_per_vcpu
+                        ),
+                    ));
+                }
+                if self.memory.private_backend.is_none() {
+                    return Err(invalid(
+                        "memory.private_backend",
+                        "convert needs private memory: name its backend (memfd, hugetlb, secret \
+                         or anonymous)",
+                    ));
+                }
+            }
             Workload::Hello | Workload::Counter => {}
         }
-        if self.accel == Accel::Soft && !matches!(self.workload, Workload::DirtyLog { .. }) {
+        if let Some(private) = self.memory.private_backend {
+            if self.accel != Accel::Soft {
+                return Err(invalid(
+                    "memory.private_backend",
+                    "private memory runs on the soft accelerator (this host's KVM has no \
+                     SW-protected VMs or TDX); use \"accel\": \"soft\"",
+                ));
+            }
+            if private == BackendName::GuestMemfd {
+                return Err(invalid(
+                    "memory.private_backend",
+                    "the soft accelerator has no KVM VM to make a guest_memfd on; use memfd, \
+                     hugetlb, secret or anonymous",
+                ));
+            }
+            if private == BackendName::Hugetlb {
+                let huge_mib = (1u64 << self.memory.huge_page_size.log2()) >> 20;
+                if !self.memory.size_mib.is_multiple_of(huge_mib) {
+                    return Err(invalid(
+                        "memory.size_mib",
+                        format!(
+                            "{} MiB is not a multiple of the {} MiB huge page size of the \
+                             private memory",
+                            self.memory.size_mib, huge_mib
+                        ),
+                    ));
+                }
+            }
+            if matches!(self.workload, Workload::DirtyLog { .. }) {
+                return Err(invalid(
+                    "memory.private_backend",
+                    "dirty logging covers shared memory only; run dirty_log without \
+                     private_backend, or the convert workload",
+                ));
+            }
+        }
+        if self.accel == Accel::Soft
+            && !matches!(
+                self.workload,
+                Workload::DirtyLog { .. } | Workload::Convert { .. }
+            )
+        {
             return Err(invalid(
                 "workload.kind",
-                "the soft accelerator runs no guest code: only \"dirty_log\" runs on it",
+                "the soft accelerator runs no guest code: only \"dirty_log\" and \"convert\" \
+                 run on it",
+            ));
+        }
+        if self.accel == Accel::Kvm && matches!(self.workload, Workload::Convert { .. }) {
+            return Err(invalid(
+                "workload.kind",
+                "convert runs on the soft accelerator; use \"accel\": \"soft\"",
             ));
         }
         if self.accel == Accel::Kvm && self.memory.size_mib < 2 {

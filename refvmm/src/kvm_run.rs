@@ -299,6 +299,9 @@ pub fn run(
                         }
                     }
                     Workload::DirtyLog { .. } => unreachable!("handled above"),
+                    Workload::Convert { .. } => {
+                        unreachable!("validation keeps convert on the soft accelerator")
+                    }
                 }
             }
             let snapshot_here =

@@ -3,6 +3,7 @@
 //! them; the fuzz targets use the parsers).
 
 pub mod config;
+pub mod convert;
 pub mod engine;
 pub mod events;
 pub mod kvm_run;
@@ -20,5 +21,6 @@ pub fn workload_name(workload: &Workload) -> &'static str {
         Workload::DirtyLog { .. } => "dirty_log",
         Workload::Counter => "counter",
         Workload::Binary { .. } => "binary",
+        Workload::Convert { .. } => "convert",
     }
 }

@@ -90,6 +90,40 @@ pub struct TdxFigures {
     pub pamt_pages: u64,
 }
 
+/// The convert workload's figures.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ConvertFigures {
+    /// `td` or `software_protected`.
+    pub vm_type: String,
+    /// The private memory's backend.
+    pub private_backend: String,
+    /// Conversions made (each way, 4 KiB and whole 2 MiB pages).
+    pub conversions: u64,
+    /// Of which 4 KiB pages inside a 2 MiB page.
+    pub conversions_4k: u64,
+    /// Guest accesses that exited to the VMM with a memory fault (a private
+    /// access to a page the guest had made shared), each converted back.
+    pub memory_fault_exits: u64,
+    /// Private huge leaves split at a conversion's edge (a TD's DEMOTEs).
+    pub demotes: u64,
+    /// Leaves zapped by conversions.
+    pub zapped: u64,
+    /// Leaf counts after the first private pass.
+    pub pages_before: Pages,
+    /// Leaf counts at the end.
+    pub pages_after: Pages,
+    /// HugeTLB pages the private file split.
+    pub hugetlb_splits: u64,
+    /// HugeTLB pages merged back.
+    pub hugetlb_merges: u64,
+    /// PAMT pages in use at the end (a TD).
+    pub pamt_pages: Option<u64>,
+    /// Pages whose data was checked, on both sides.
+    pub pages_checked: u64,
+    /// Time the vCPUs ran.
+    pub run_s: f64,
+}
+
 /// The report of one run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Report {
@@ -108,6 +142,9 @@ pub struct Report {
     /// dirty_log figures.
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub dirty_log: Option<DirtyLog>,
+    /// convert figures.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub convert: Option<ConvertFigures>,
     /// Cache figures.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cache: Option<CacheFigures>,
@@ -180,6 +217,39 @@ impl Report {
                     splits.eager, splits.lazy, splits.fallbacks
                 );
             }
+        }
+        if let Some(c) = &self.convert {
+            let _ = writeln!(
+                out,
+                "  {} with {} private memory: {} conversions ({} of 4 KiB pages), {} memory-fault \
+                 exits, {} demotes, {} leaves zapped, {:.3}s",
+                c.vm_type,
+                c.private_backend,
+                c.conversions,
+                c.conversions_4k,
+                c.memory_fault_exits,
+                c.demotes,
+                c.zapped,
+                c.run_s
+            );
+            let _ = writeln!(
+                out,
+                "  leaves 4k/2m/1g after the first pass {}/{}/{}, at the end {}/{}/{}",
+                c.pages_before.pages_4k,
+                c.pages_before.pages_2m,
+                c.pages_before.pages_1g,
+                c.pages_after.pages_4k,
+                c.pages_after.pages_2m,
+                c.pages_after.pages_1g
+            );
+            let pamt = c
+                .pamt_pages
+                .map_or_else(String::new, |p| format!(", {p} PAMT pages in use"));
+            let _ = writeln!(
+                out,
+                "  HugeTLB pages split {}, merged {}; {} pages checked{pamt}",
+                c.hugetlb_splits, c.hugetlb_merges, c.pages_checked
+            );
         }
         if let Some(cache) = &self.cache {
             let _ = writeln!(

@@ -25,6 +25,9 @@ struct Td {
 
 /// Runs the dirty_log workload on the software MMU stack.
 pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
+    if let Workload::Convert { .. } = config.workload {
+        return crate::convert::run(config, metrics);
+    }
     let Workload::DirtyLog {
         iterations,
         bytes_per_vcpu_mib,
@@ -175,6 +178,7 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
         serial_bytes: 0,
         vcpu_exits: 0,
         exit: "iterations done".into(),
+        ..Report::default()
     })
 }
 

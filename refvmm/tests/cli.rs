@@ -333,3 +333,87 @@ fn sigterm_kicks_a_spinning_kvm_guest_out_and_stops_cleanly() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("stopped by a signal"));
 }
+
+#[test]
+fn convert_moves_a_soft_td_and_its_hugetlb_file_together() {
+    if free_2m_pages() < 8 {
+        eprintln!("skip: 8 free 2 MiB HugeTLB pages needed (scripts/setup reserves them)");
+        return;
+    }
+    let report = json_report(&example("convert-td-hugetlb.json"));
+    let convert = &report["convert"];
+    assert_eq!(report["workload"], "convert");
+    assert_eq!(convert["vm_type"], "td");
+    assert_eq!(convert["private_backend"], "hugetlb");
+    // 2 vCPUs x 4 rounds: a 4 KiB page and a whole 2 MiB page, each way.
+    assert_eq!(convert["conversions"], 32);
+    assert_eq!(convert["conversions_4k"], 16);
+    // Each 4 KiB page made shared is then touched as private: an exit.
+    assert_eq!(convert["memory_fault_exits"], 8);
+    // Only the first 4 KiB conversion in each vCPU's first 2 MiB page finds
+    // a 2M private leaf to demote; a TD never promotes it back.
+    assert_eq!(convert["demotes"], 2);
+    assert_eq!(convert["pages_before"]["2m"], 4);
+    assert_eq!(convert["pages_after"]["4k"], 1024);
+    assert_eq!(convert["hugetlb_splits"], 8);
+    assert_eq!(convert["hugetlb_merges"], 8);
+    assert!(convert["pamt_pages"].as_u64().unwrap() > 0);
+    assert!(convert["pages_checked"].as_u64().unwrap() > 16_000);
+}
+
+#[test]
+fn convert_runs_a_software_protected_vm_on_every_plain_backend() {
+    for backend in ["memfd", "anonymous", "secret"] {
+        let config = write_config(
+            &format!("convert-{backend}.json"),
+            &format!(
+                r#"{{ "vcpus": 2, "accel": "soft",
+                     "memory": {{ "size_mib": 8, "backend": "memfd", "private_backend": "{backend}" }},
+                     "workload": {{ "kind": "convert", "rounds": 2 }} }}"#
+            ),
+        );
+        let report = json_report(&config);
+        let convert = &report["convert"];
+        assert_eq!(convert["vm_type"], "software_protected", "{backend}");
+        assert_eq!(convert["conversions"], 16, "{backend}");
+        // Its faults take their kind from the attributes: no exits.
+        assert_eq!(convert["memory_fault_exits"], 0, "{backend}");
+        assert_eq!(convert["demotes"], 0, "{backend}");
+    }
+}
+
+#[test]
+fn convert_configs_that_cannot_work_exit_2_naming_the_field() {
+    for (text, field) in [
+        (
+            r#"{"accel":"soft","workload":{"kind":"convert"}}"#,
+            "memory.private_backend",
+        ),
+        (
+            r#"{"accel":"kvm","memory":{"private_backend":"memfd"},"workload":{"kind":"convert"}}"#,
+            "memory.private_backend",
+        ),
+        (
+            r#"{"accel":"soft","memory":{"private_backend":"guest_memfd"},"workload":{"kind":"convert"}}"#,
+            "memory.private_backend",
+        ),
+        (
+            r#"{"accel":"soft","vcpus":8,"memory":{"size_mib":16,"private_backend":"memfd"},"workload":{"kind":"convert"}}"#,
+            "memory.size_mib",
+        ),
+        (
+            r#"{"accel":"soft","memory":{"private_backend":"memfd"},"workload":{"kind":"convert","huge_pages_per_vcpu":1}}"#,
+            "workload.huge_pages_per_vcpu",
+        ),
+        (
+            r#"{"accel":"soft","memory":{"private_backend":"memfd"},"workload":{"kind":"convert","iterations":2}}"#,
+            "iterations",
+        ),
+    ] {
+        let config = write_config("convert-bad.json", text);
+        let out = run(&["--config", config.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(field), "{text}: {stderr}");
+    }
+}
