@@ -29,6 +29,29 @@
 // Backend: KVM guest_memfd (on a VM the library creates).
 #define MMUKIT_GMEM_GUEST_MEMFD 4
 
+// VM type: every frame shared (`KVM_X86_DEFAULT_VM`).
+#define MMUKIT_VM_DEFAULT 0
+
+// VM type: per-frame memory attributes and private memory
+// (`KVM_X86_SW_PROTECTED_VM`).
+#define MMUKIT_VM_SW_PROTECTED 1
+
+// `KVM_MEMORY_ATTRIBUTE_PRIVATE`: the attribute bit of private memory.
+#define MMUKIT_MEMORY_ATTRIBUTE_PRIVATE (1 << 3)
+
+// `KVM_MEMORY_EXIT_FLAG_PRIVATE`: a memory fault of a private access.
+#define MMUKIT_MEMORY_EXIT_FLAG_PRIVATE (1 << 3)
+
+// Access kind: what the VM type says (a TD: the GPA's shared bit; a
+// software-protected VM: the frame's attribute; otherwise shared).
+#define MMUKIT_ACCESS_AUTO 0
+
+// Access kind: shared, as the hardware flags it.
+#define MMUKIT_ACCESS_SHARED 1
+
+// Access kind: private (`PFERR_PRIVATE_ACCESS`).
+#define MMUKIT_ACCESS_PRIVATE 2
+
 // PAMT policy: PAMT for S-EPT pages just before they go to the module.
 #define MMUKIT_PAMT_ON_INSTALL 0
 
@@ -41,7 +64,9 @@ struct mmukit_cache;
 // A guest memory file (opaque).
 struct mmukit_gmem;
 
-// A software TDP MMU (opaque).
+// A software TDP MMU (opaque). Faults, accesses and attribute changes may
+// come from several threads at once; the handle serializes its one
+// built-in vCPU context.
 struct mmukit_tdp_mmu;
 
 // A TD: a mirror TDP MMU over the software TDX module (opaque).
@@ -80,6 +105,18 @@ struct mmukit_gmem_config {
   uint64_t flags;
   // HugeTLB page size as log2; 0 for other backends.
   uint8_t huge_page_size_log2;
+};
+
+// A memory-fault exit, as `kvm_run.memory_fault`: the access's kind
+// differs from the memory's attribute (or a private access found no
+// private memory). Convert the range and access again.
+struct mmukit_memory_fault {
+  // `MMUKIT_MEMORY_EXIT_FLAG_PRIVATE` for a private access, else 0.
+  uint64_t flags;
+  // The address, as the guest used it.
+  uint64_t gpa;
+  // The size of the range to convert.
+  uint64_t size;
 };
 
 // Leaf counts.
@@ -206,6 +243,48 @@ void mmukit_gmem_destroy(struct mmukit_gmem *gmem);
 // `out` must be a valid, aligned pointer.
 int mmukit_tdp_mmu_new(uint8_t levels, bool eager_split, struct mmukit_tdp_mmu **out);
 
+// Creates a software TDP MMU for a VM of `vm_type` (`MMUKIT_VM_*`): a
+// software-protected VM has memory attributes and private memory.
+//
+// # Safety
+//
+// `out` must be a valid, aligned pointer.
+int mmukit_tdp_mmu_new_vm(uint8_t levels, bool eager_split, uint32_t vm_type, struct mmukit_tdp_mmu **out);
+
+// Adds memslot `slot` with private memory: shared accesses map host frames
+// from `host_base_pfn`, private ones the pages of `file` from `offset`
+// (`KVM_SET_USER_MEMORY_REGION2` with a guest_memfd). The MMU keeps its
+// own reference to the file, so `file` may be destroyed first (-EINVAL for
+// a bad range, -EEXIST for an overlap).
+//
+// # Safety
+//
+// `mmu` and `file` must be live handles.
+int mmukit_tdp_mmu_add_private_slot(struct mmukit_tdp_mmu *mmu, uint32_t slot, uint64_t base_gfn, uint64_t npages, uint64_t host_base_pfn, const struct mmukit_gmem *file, uint64_t offset);
+
+// `KVM_SET_MEMORY_ATTRIBUTES`: makes `npages` frames from `start_gfn`
+// private (`MMUKIT_MEMORY_ATTRIBUTE_PRIVATE`) or shared (0). Their old
+// mappings are zapped first (a TD's private huge leaf split at the edges),
+// and the bound guest memory files convert too (splitting or merging
+// HugeTLB pages). -EINVAL for unknown bits, an empty or too wide range, or
+// a VM without private memory.
+//
+// # Safety
+//
+// `mmu` must be a live handle.
+int mmukit_tdp_mmu_set_memory_attributes(struct mmukit_tdp_mmu *mmu, uint64_t start_gfn, uint64_t npages, uint64_t attributes);
+
+// A software vCPU's access at `gpa` of `kind` (`MMUKIT_ACCESS_*`): the
+// hardware walk, and a fault on a miss. 0 with `*hpa` set; -EFAULT with
+// `*fault` set (when not NULL) for a memory-fault exit: convert the range
+// with `mmukit_tdp_mmu_set_memory_attributes` and access again.
+//
+// # Safety
+//
+// `mmu` must be a live handle; `hpa` a valid, aligned pointer; `fault`
+// NULL or a valid, aligned pointer.
+int mmukit_tdp_mmu_access(struct mmukit_tdp_mmu *mmu, uint64_t gpa, bool write, uint32_t kind, uint64_t *hpa, struct mmukit_memory_fault *fault);
+
 // Adds memslot `slot`: `npages` guest frames from `base_gfn` on host frames
 // from `host_base_pfn`.
 //
@@ -266,12 +345,27 @@ int mmukit_tdp_mmu_stats(const struct mmukit_tdp_mmu *mmu, struct mmukit_mmu_sta
 void mmukit_tdp_mmu_destroy(struct mmukit_tdp_mmu *mmu);
 
 // Creates a finalized TD with `levels`-level S-EPT and a PAMT policy
-// (`MMUKIT_PAMT_*`).
+// (`MMUKIT_PAMT_*`). Every access maps the slots' host frames through the
+// mirror and the S-EPT; see [`mmukit_tdx_new_private`] for a TD with
+// shared and private memory.
 //
 // # Safety
 //
 // `out` must be a valid, aligned pointer.
 int mmukit_tdx_new(uint8_t levels, uint32_t pamt_policy, struct mmukit_tdx **out);
+
+// Creates a finalized TD with private memory: an access whose GPA has the
+// shared bit (47 with 4 levels, 51 with 5) is shared and maps the slot's
+// host frames in a shared tree the module never sees; any other is
+// private and maps the slot's guest memory file (see
+// `mmukit_tdp_mmu_add_private_slot`) through the mirror and the S-EPT.
+// Memory attributes start shared: make memory private with
+// `mmukit_tdp_mmu_set_memory_attributes`.
+//
+// # Safety
+//
+// `out` must be a valid, aligned pointer.
+int mmukit_tdx_new_private(uint8_t levels, uint32_t pamt_policy, struct mmukit_tdx **out);
 
 // The TD's MMU, for the `mmukit_tdp_mmu_*` calls (owned by the TD; do not
 // destroy it). NULL for a NULL TD.

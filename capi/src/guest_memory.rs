@@ -32,7 +32,7 @@ pub struct mmukit_gmem_config {
 
 /// A guest memory file (opaque).
 pub struct mmukit_gmem {
-    file: GuestMemFile,
+    pub(crate) file: GuestMemFile,
     view: Mutex<Option<View>>,
     _vm: Option<Arc<KvmVm>>,
 }

@@ -8,7 +8,9 @@
 //! - guest memory files (`mmukit_gmem_*`), with the errno contract of the
 //!   gmem crate;
 //! - the software TDP MMU (`mmukit_tdp_mmu_*`) and the same over the TDX
-//!   mirror and the software TDX module (`mmukit_tdx_*`).
+//!   mirror and the software TDX module (`mmukit_tdx_*`), with private
+//!   memory from guest memory files, memory attributes and memory-fault
+//!   exits.
 //!
 //! Every function returns 0 or a negative errno (unless documented
 //! otherwise), catches panics at the boundary (-EIO), and checks its

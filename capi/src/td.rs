@@ -18,7 +18,9 @@ pub struct mmukit_tdx {
 }
 
 /// Creates a finalized TD with `levels`-level S-EPT and a PAMT policy
-/// (`MMUKIT_PAMT_*`).
+/// (`MMUKIT_PAMT_*`). Every access maps the slots' host frames through the
+/// mirror and the S-EPT; see [`mmukit_tdx_new_private`] for a TD with
+/// shared and private memory.
 ///
 /// # Safety
 ///
@@ -27,6 +29,40 @@ pub struct mmukit_tdx {
 pub unsafe extern "C" fn mmukit_tdx_new(
     levels: u8,
     pamt_policy: u32,
+    out: *mut *mut mmukit_tdx,
+) -> c_int {
+    // SAFETY: `out` as the caller guarantees.
+    unsafe { new_td(levels, pamt_policy, false, out) }
+}
+
+/// Creates a finalized TD with private memory: an access whose GPA has the
+/// shared bit (47 with 4 levels, 51 with 5) is shared and maps the slot's
+/// host frames in a shared tree the module never sees; any other is
+/// private and maps the slot's guest memory file (see
+/// `mmukit_tdp_mmu_add_private_slot`) through the mirror and the S-EPT.
+/// Memory attributes start shared: make memory private with
+/// `mmukit_tdp_mmu_set_memory_attributes`.
+///
+/// # Safety
+///
+/// `out` must be a valid, aligned pointer.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmukit_tdx_new_private(
+    levels: u8,
+    pamt_policy: u32,
+    out: *mut *mut mmukit_tdx,
+) -> c_int {
+    // SAFETY: `out` as the caller guarantees.
+    unsafe { new_td(levels, pamt_policy, true, out) }
+}
+
+/// # Safety
+///
+/// `out` must be NULL or a valid pointer (checked for NULL and alignment).
+unsafe fn new_td(
+    levels: u8,
+    pamt_policy: u32,
+    private_memory: bool,
     out: *mut *mut mmukit_tdx,
 ) -> c_int {
     guard(|| {
@@ -41,7 +77,12 @@ pub unsafe extern "C" fn mmukit_tdx_new(
         let Ok((module, mirror)) = TdxMirror::finalized_on_sim(levels, policy) else {
             return -libc::EIO;
         };
-        match new_mmu(levels, true, Some(mirror.clone())) {
+        let vm_type = if private_memory {
+            split::VmType::td(levels)
+        } else {
+            split::VmType::Default
+        };
+        match new_mmu(levels, true, Some(mirror.clone()), vm_type) {
             Ok(mmu) => {
                 let handle = Box::new(mmukit_tdx {
                     mmu,
