@@ -82,7 +82,11 @@ fn main() {
     let huge_pages = free.min(16);
     let td = Td::new(TdOptions::hugetlb_2m(huge_pages << 21)).expect("td");
     td.vm
-        .convert(Gfn(0), Gfn(huge_pages * MIB2_PAGES), MemoryAttribute::Private)
+        .convert(
+            Gfn(0),
+            Gfn(huge_pages * MIB2_PAGES),
+            MemoryAttribute::Private,
+        )
         .unwrap();
     let mut vcpu = td.mmu().new_vcpu_caches();
     for huge in 0..huge_pages {
@@ -93,11 +97,17 @@ fn main() {
     for huge in 0..huge_pages {
         let page = Gfn(huge * MIB2_PAGES + 77);
         let start = Instant::now();
-        let report = td.vm.convert(page, page + 1, MemoryAttribute::Shared).unwrap();
+        let report = td
+            .vm
+            .convert(page, page + 1, MemoryAttribute::Shared)
+            .unwrap();
         to_shared += start.elapsed();
         assert_eq!((report.mmu.splits, report.file_splits), (1, 1));
         let start = Instant::now();
-        let report = td.vm.convert(page, page + 1, MemoryAttribute::Private).unwrap();
+        let report = td
+            .vm
+            .convert(page, page + 1, MemoryAttribute::Private)
+            .unwrap();
         to_private += start.elapsed();
         assert_eq!(report.file_merges, 1);
     }
@@ -135,10 +145,11 @@ fn main() {
     let bytes = mib << 20;
     let (huge_time, huge_calls, huge_pamt, huge_leaves) =
         fault_in(TdOptions::hugetlb_2m(bytes), MIB2_PAGES);
-    let (small_time, small_calls, small_pamt, small_leaves) =
-        fault_in(TdOptions::memfd(bytes), 1);
+    let (small_time, small_calls, small_pamt, small_leaves) = fault_in(TdOptions::memfd(bytes), 1);
     println!();
-    println!("| private fault-in of {mib} MiB | time | SEAMCALLs | PAMT pages (KiB) | S-EPT leaves |");
+    println!(
+        "| private fault-in of {mib} MiB | time | SEAMCALLs | PAMT pages (KiB) | S-EPT leaves |"
+    );
     println!("|---|---|---|---|---|");
     println!(
         "| HugeTLB 2 MiB pages (2M leaves) | {:?} | {huge_calls} | {huge_pamt} ({}) | {huge_leaves} |",

@@ -335,3 +335,63 @@ fn every_backend_serves_a_tds_private_memory() {
         );
     }
 }
+
+#[test]
+fn a_file_that_refuses_a_conversion_leaves_the_mmu_attributes_and_pages_as_they_were() {
+    // A guest_memfd created private cannot be converted in place by this
+    // kernel: the file's step fails after the MMU zapped.
+    let vm = match gmem::KvmVm::new() {
+        Ok(vm) => vm,
+        Err(err) => {
+            eprintln!("skip: no KVM VM for a guest_memfd: {err}");
+            return;
+        }
+    };
+    let td = match Td::new(TdOptions {
+        backend: Backend::Kvm(vm),
+        ..TdOptions::memfd(2 << 21)
+    }) {
+        Ok(td) => td,
+        Err(err) => {
+            eprintln!("skip: guest_memfd with MMAP: {err}");
+            return;
+        }
+    };
+    let mmu = td.mmu();
+    td.vm
+        .convert(Gfn(0), Gfn(2 * MIB2_PAGES), MemoryAttribute::Private)
+        .unwrap();
+    let mut vcpu = mmu.new_vcpu_caches();
+    // Faults map the file's frames (nothing touches them: the kernel
+    // holds them private).
+    for gfn in 0..8 {
+        mmu.fault(&mut vcpu, Gfn(gfn).gpa(), true).unwrap();
+    }
+    let err = td
+        .vm
+        .convert(Gfn(3), Gfn(4), MemoryAttribute::Shared)
+        .unwrap_err();
+    assert!(err.to_string().contains("shared"), "{err}");
+    assert_eq!(mmu.memory_attribute(Gfn(3)), MemoryAttribute::Private);
+    assert!(
+        mmu.translate(Gfn(3).gpa()).is_none(),
+        "zapped before the file refused"
+    );
+    // The page faults back in as private.
+    mmu.fault(&mut vcpu, Gfn(3).gpa(), true).unwrap();
+    let (recount, _) = mmu.recount();
+    assert_eq!(recount, mmu.page_stats());
+    vcpu.free_all();
+    drop(vcpu);
+    mmu.teardown().unwrap();
+    let allocators = [
+        td.mmu_alloc.clone(),
+        td.table_alloc.clone(),
+        td.pamt_alloc.clone(),
+    ];
+    drop(td);
+    use mmu_cache::alloc::PageAllocator;
+    for alloc in allocators {
+        assert_eq!(alloc.pages_outstanding(), 0);
+    }
+}
