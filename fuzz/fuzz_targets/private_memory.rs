@@ -1,0 +1,238 @@
+//! Memory attributes and private faults on a software-protected VM and on a
+//! TD (over the software TDX module), with the page allocators failing at
+//! times: every mapping left agrees with its frame's attribute (private
+//! frames from the slot's private memory, shared ones from the slot), no
+//! huge leaf spans a mixed range, a mismatched access is a memory-fault
+//! exit, a failed conversion changes no attribute, and stats equal a
+//! recount. On the TD, the module's S-EPT holds exactly the private leaves.
+#![no_main]
+
+use std::sync::Arc;
+
+use arbitrary::Arbitrary;
+use libfuzzer_sys::fuzz_target;
+use mmu_cache::PagePool;
+use mmu_cache::alloc::{ChunkAllocator, FailPolicy, FailingAllocator};
+use split::{
+    Gfn, Gpa, Level, MemoryAttribute, Memslot, MmuConfig, MmuError, Pfn, PrivateMemory,
+    PrivateMemoryError, PrivatePage, TdpMmu, VmType,
+};
+use tdx_ext::TdxMirror;
+use tdx_ext::pamt::PamtPolicy;
+
+const PAGES: u64 = 4096;
+const SHARED_HOST: u64 = 1 << 20;
+const PRIVATE_HOST: u64 = 1 << 22;
+
+/// Private memory of 2 MiB pages, the first `split` of them split to 4K.
+#[derive(Debug)]
+struct Pages {
+    split: u64,
+}
+
+impl PrivateMemory for Pages {
+    fn get_pfn(&self, slot_page: u64) -> Result<PrivatePage, PrivateMemoryError> {
+        Ok(PrivatePage {
+            pfn: Pfn(PRIVATE_HOST + slot_page),
+            order: if slot_page >> 9 < self.split { 0 } else { 9 },
+        })
+    }
+}
+
+#[derive(Arbitrary, Debug)]
+enum Op {
+    Fault {
+        page: u16,
+        write: bool,
+    },
+    FaultAs {
+        page: u16,
+        write: bool,
+        private: bool,
+    },
+    Convert {
+        first: u16,
+        pages: u16,
+        private: bool,
+    },
+    Zap {
+        first: u16,
+        pages: u16,
+    },
+    Fail {
+        k: u8,
+    },
+}
+
+#[derive(Arbitrary, Debug)]
+struct Input {
+    td: bool,
+    split: u8,
+    ops: Vec<Op>,
+}
+
+fuzz_target!(|input: Input| {
+    let failing = Arc::new(FailingAllocator::new(
+        ChunkAllocator::anonymous(),
+        FailPolicy::Never,
+    ));
+    let pool = PagePool::from_shared(failing.clone(), None);
+    let (vm_type, td) = if input.td {
+        let (module, mirror) =
+            TdxMirror::finalized_on_sim(4, PamtPolicy::OnInstall).expect("sim TD");
+        (VmType::td(4), Some((module, mirror)))
+    } else {
+        (VmType::SoftwareProtected, None)
+    };
+    let config = MmuConfig {
+        vm_type,
+        ..MmuConfig::default()
+    };
+    let mmu = match &td {
+        Some((_, mirror)) => TdpMmu::with_hooks(pool, config, mirror.clone()),
+        None => TdpMmu::new(pool, config),
+    }
+    .expect("mmu");
+    let private = Arc::new(Pages {
+        split: u64::from(input.split % 9),
+    });
+    mmu.add_memslot(
+        Memslot::new(0, Gfn(0), PAGES, Pfn(SHARED_HOST))
+            .unwrap()
+            .with_private_memory(private),
+    )
+    .unwrap();
+    let shared_gpa = |gfn: u64| match vm_type {
+        VmType::Td { shared_bit } => Gpa(Gfn(gfn).gpa().0 | 1 << shared_bit),
+        _ => Gfn(gfn).gpa(),
+    };
+    let mut vcpu = mmu.new_vcpu_caches();
+    for op in input.ops.into_iter().take(64) {
+        match op {
+            Op::Fault { page, write } => {
+                let gfn = u64::from(page) % PAGES;
+                let attribute = mmu.memory_attribute(Gfn(gfn));
+                // The address the guest uses for the frame's own kind.
+                let gpa = match attribute {
+                    MemoryAttribute::Private => Gfn(gfn).gpa(),
+                    MemoryAttribute::Shared => shared_gpa(gfn),
+                };
+                match mmu.fault(&mut vcpu, gpa, write) {
+                    Ok(t) => {
+                        let expected = match attribute {
+                            MemoryAttribute::Private => Pfn(PRIVATE_HOST + gfn),
+                            MemoryAttribute::Shared => Pfn(SHARED_HOST + gfn),
+                        };
+                        assert_eq!(t.hpa.pfn(), expected, "gfn {gfn:#x}");
+                    }
+                    Err(MmuError::Cache(_) | MmuError::Hook(_)) => {}
+                    Err(other) => panic!("fault of gfn {gfn:#x}: {other}"),
+                }
+            }
+            Op::FaultAs {
+                page,
+                write,
+                private,
+            } => {
+                let gfn = u64::from(page) % PAGES;
+                let gpa = if private {
+                    Gfn(gfn).gpa()
+                } else {
+                    shared_gpa(gfn)
+                };
+                let attribute = mmu.memory_attribute(Gfn(gfn));
+                match mmu.fault_as(&mut vcpu, gpa, write, private) {
+                    Ok(_) => assert_eq!(attribute == MemoryAttribute::Private, private),
+                    Err(MmuError::MemoryFault { private: p, .. }) => {
+                        assert_eq!(p, private);
+                        assert_ne!(attribute == MemoryAttribute::Private, private);
+                    }
+                    Err(MmuError::Cache(_) | MmuError::Hook(_)) => {}
+                    Err(other) => panic!("fault_as of gfn {gfn:#x}: {other}"),
+                }
+            }
+            Op::Convert {
+                first,
+                pages,
+                private,
+            } => {
+                let start = u64::from(first) % PAGES;
+                let end = (start + 1 + u64::from(pages) % 1100).min(PAGES);
+                let attribute = if private {
+                    MemoryAttribute::Private
+                } else {
+                    MemoryAttribute::Shared
+                };
+                let before = mmu.memory_attributes();
+                match mmu.set_memory_attributes(Gfn(start), Gfn(end), attribute) {
+                    Ok(_) => {
+                        assert_eq!(
+                            mmu.memory_attributes().uniform(Gfn(start), Gfn(end)),
+                            Some(attribute)
+                        );
+                    }
+                    Err(MmuError::Cache(_) | MmuError::Hook(_)) => {
+                        // Nothing recorded: the attributes are as they were.
+                        let now = mmu.memory_attributes();
+                        for gfn in start..end {
+                            assert_eq!(now.get(Gfn(gfn)), before.get(Gfn(gfn)));
+                        }
+                    }
+                    Err(other) => panic!("convert {start:#x}..{end:#x}: {other}"),
+                }
+            }
+            Op::Zap { first, pages } => {
+                let start = u64::from(first) % PAGES;
+                let end = (start + 1 + u64::from(pages) % 1100).min(PAGES);
+                let _ = mmu.zap_range(Gfn(start), Gfn(end));
+            }
+            Op::Fail { k } => failing.set_policy(match k % 8 {
+                0 => FailPolicy::Never,
+                k => FailPolicy::EveryKth(u64::from(k) + 1),
+            }),
+        }
+        // Every mapping agrees with its frame's attribute; no huge leaf
+        // spans a mixed range.
+        let attributes = mmu.memory_attributes();
+        for gfn in (0..PAGES).step_by(13) {
+            let kind = attributes.get(Gfn(gfn));
+            for (gpa, private) in [(Gfn(gfn).gpa(), true), (shared_gpa(gfn), false)] {
+                let Some(t) = mmu.translate(gpa) else {
+                    continue;
+                };
+                if vm_type == VmType::SoftwareProtected {
+                    // One tree: its frame says what it maps.
+                    let expected = match kind {
+                        MemoryAttribute::Private => Pfn(PRIVATE_HOST + gfn),
+                        MemoryAttribute::Shared => Pfn(SHARED_HOST + gfn),
+                    };
+                    assert_eq!(t.hpa.pfn(), expected, "gfn {gfn:#x}");
+                } else {
+                    assert_eq!(
+                        kind == MemoryAttribute::Private,
+                        private,
+                        "a TD maps gfn {gfn:#x} in the tree of the wrong kind"
+                    );
+                }
+                if t.level > Level::L4K {
+                    let pages = t.level.entry_pages();
+                    let start = Gfn(gfn).align_down(pages);
+                    assert!(attributes.uniform(start, start + pages).is_some());
+                }
+            }
+        }
+    }
+    failing.set_policy(FailPolicy::Never);
+    let (recount, _) = mmu.recount();
+    assert_eq!(recount, mmu.page_stats());
+    if let Some((module, _)) = &td {
+        // The S-EPT holds exactly the private leaves of the main tree.
+        let leaves = module.leaves();
+        for &(level, gpa) in leaves.keys() {
+            let t = mmu.translate(gpa).expect("every S-EPT leaf is mirrored");
+            assert_eq!(t.level.get(), level);
+        }
+        drop(vcpu);
+        mmu.teardown().expect("teardown");
+    }
+});
