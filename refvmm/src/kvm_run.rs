@@ -20,7 +20,9 @@ use crate::snapshot::{self, Snapshot};
 
 mod ioctls {
     use kvm_bindings::kvm_clear_dirty_log;
-    vmm_sys_util::ioctl_iow_nr!(KVM_CLEAR_DIRTY_LOG, 0xae, 0xc0, kvm_clear_dirty_log);
+    // The kernel declares it _IOWR: the bitmap is read, and the struct is
+    // passed both ways.
+    vmm_sys_util::ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, 0xae, 0xc0, kvm_clear_dirty_log);
 }
 use ioctls::KVM_CLEAR_DIRTY_LOG;
 
