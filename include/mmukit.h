@@ -58,7 +58,13 @@
 // PAMT policy: PAMT for S-EPT pages when they enter the MMU's cache.
 #define MMUKIT_PAMT_ON_CACHE_ENTRY 1
 
-// A memory cache (opaque).
+// A memory cache (opaque). One thread at a time.
+//
+// Who owns a page from `mmukit_cache_alloc`: with the caller's allocator,
+// the caller (free it with that allocator); with the built-in one
+// (`allocator = NULL`), the cache, which lends it until
+// `mmukit_cache_free_page` gives it back or `mmukit_cache_destroy` frees
+// it with every other page of the cache.
 struct mmukit_cache;
 
 // A guest memory file (opaque).
@@ -156,13 +162,34 @@ int mmukit_cache_new(const struct mmukit_cache_config *config, struct mmukit_cac
 int mmukit_cache_topup(struct mmukit_cache *cache, uint32_t min);
 
 // Pops a page into `*page_out`; never calls the allocator (an empty cache
-// answers -ENOMEM). The page belongs to the caller from now on, who frees
-// it through its own allocator.
+// answers -ENOMEM). With the caller's allocator the page is the caller's
+// from now on, freed through that allocator; with the built-in one the
+// cache lends it: give it back with `mmukit_cache_free_page` (it is freed
+// with the cache otherwise, and must not be used after
+// `mmukit_cache_destroy`).
 //
 // # Safety
 //
 // `cache` must be a live handle; `page_out` a valid, aligned pointer.
 int mmukit_cache_alloc(struct mmukit_cache *cache, uint64_t *page_out);
+
+// Gives back `page`, lent by `mmukit_cache_alloc` from the built-in
+// allocator: it returns to the allocator and must not be used again.
+// -EINVAL for a page the cache did not lend (a page of the caller's own
+// allocator is freed with that allocator).
+//
+// # Safety
+//
+// `cache` must be a live handle.
+int mmukit_cache_free_page(struct mmukit_cache *cache, uint64_t page);
+
+// Pages lent by the cache from the built-in allocator and not given back
+// (0 for NULL).
+//
+// # Safety
+//
+// `cache` must be a live handle or NULL.
+uint64_t mmukit_cache_pages_lent(const struct mmukit_cache *cache);
 
 // Pages cached now (0 for NULL).
 //
@@ -179,7 +206,8 @@ uint32_t mmukit_cache_nr_free(const struct mmukit_cache *cache);
 // `cache` must be a live handle.
 int mmukit_cache_free_all(struct mmukit_cache *cache);
 
-// Destroys the cache, returning its cached pages to the allocator.
+// Destroys the cache, returning its cached pages, and the pages it lent
+// from the built-in allocator, to the allocator.
 //
 // # Safety
 //

@@ -1,6 +1,6 @@
 //! The memory cache with the caller's own page allocator (`mmukit_cache_*`).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::ffi::{c_int, c_void};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
@@ -123,11 +123,19 @@ impl CAllocator {
     }
 }
 
-/// A memory cache (opaque).
+/// A memory cache (opaque). One thread at a time.
+///
+/// Who owns a page from `mmukit_cache_alloc`: with the caller's allocator,
+/// the caller (free it with that allocator); with the built-in one
+/// (`allocator = NULL`), the cache, which lends it until
+/// `mmukit_cache_free_page` gives it back or `mmukit_cache_destroy` frees
+/// it with every other page of the cache.
 pub struct mmukit_cache {
     cache: PageCache,
     capacity: usize,
     c_allocator: Option<Arc<CAllocator>>,
+    /// Pages of the built-in allocator lent to the caller, by address.
+    lent: HashMap<u64, mmu_cache::Page>,
 }
 
 /// Creates a cache; `*out` receives the handle.
@@ -182,6 +190,7 @@ pub unsafe extern "C" fn mmukit_cache_new(
             cache,
             capacity,
             c_allocator,
+            lent: HashMap::new(),
         });
         // SAFETY: checked non-null and aligned.
         unsafe { *out = Box::into_raw(handle) };
@@ -219,8 +228,11 @@ pub unsafe extern "C" fn mmukit_cache_topup(cache: *mut mmukit_cache, min: u32) 
 }
 
 /// Pops a page into `*page_out`; never calls the allocator (an empty cache
-/// answers -ENOMEM). The page belongs to the caller from now on, who frees
-/// it through its own allocator.
+/// answers -ENOMEM). With the caller's allocator the page is the caller's
+/// from now on, freed through that allocator; with the built-in one the
+/// cache lends it: give it back with `mmukit_cache_free_page` (it is freed
+/// with the cache otherwise, and must not be used after
+/// `mmukit_cache_destroy`).
 ///
 /// # Safety
 ///
@@ -236,9 +248,15 @@ pub unsafe extern "C" fn mmukit_cache_alloc(cache: *mut mmukit_cache, page_out: 
         }
         match c.cache.alloc() {
             Ok(page) => {
-                let addr = page.into_raw().as_ptr() as u64;
-                if let Some(allocator) = &c.c_allocator {
-                    allocator.disown(addr);
+                let addr = page.addr() as u64;
+                match &c.c_allocator {
+                    Some(allocator) => {
+                        let _ = page.into_raw();
+                        allocator.disown(addr);
+                    }
+                    None => {
+                        c.lent.insert(addr, page);
+                    }
                 }
                 // SAFETY: checked non-null and aligned.
                 unsafe { *page_out = addr };
@@ -247,6 +265,41 @@ pub unsafe extern "C" fn mmukit_cache_alloc(cache: *mut mmukit_cache, page_out: 
             Err(err) => cache_errno(&err),
         }
     })
+}
+
+/// Gives back `page`, lent by `mmukit_cache_alloc` from the built-in
+/// allocator: it returns to the allocator and must not be used again.
+/// -EINVAL for a page the cache did not lend (a page of the caller's own
+/// allocator is freed with that allocator).
+///
+/// # Safety
+///
+/// `cache` must be a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmukit_cache_free_page(cache: *mut mmukit_cache, page: u64) -> c_int {
+    with_cache(cache, |c| match c.lent.remove(&page) {
+        Some(page) => {
+            drop(page);
+            0
+        }
+        None => -libc::EINVAL,
+    })
+}
+
+/// Pages lent by the cache from the built-in allocator and not given back
+/// (0 for NULL).
+///
+/// # Safety
+///
+/// `cache` must be a live handle or NULL.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmukit_cache_pages_lent(cache: *const mmukit_cache) -> u64 {
+    let mut lent = 0;
+    with_cache(cache.cast_mut(), |c| {
+        lent = c.lent.len() as u64;
+        0
+    });
+    lent
 }
 
 /// Pages cached now (0 for NULL).
@@ -278,7 +331,8 @@ pub unsafe extern "C" fn mmukit_cache_free_all(cache: *mut mmukit_cache) -> c_in
     })
 }
 
-/// Destroys the cache, returning its cached pages to the allocator.
+/// Destroys the cache, returning its cached pages, and the pages it lent
+/// from the built-in allocator, to the allocator.
 ///
 /// # Safety
 ///

@@ -4,6 +4,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include "mmukit.h"
 #include "check.h"
@@ -84,7 +85,47 @@ int main(void) {
     CHECK(poor.frees == 3);
     mmukit_cache_destroy(cache);
 
+    /* The built-in allocator: the cache lends its pages; they go back with
+     * mmukit_cache_free_page (or with the cache), and a loop of 50000
+     * allocations and frees does not grow the process. */
+    struct mmukit_cache_config builtin = {0, true, 0, NULL};
+    CHECK(mmukit_cache_new(&builtin, &cache) == 0);
+    CHECK(mmukit_cache_topup(cache, 1) == 0);
+    CHECK(mmukit_cache_alloc(cache, &page) == 0);
+    CHECK(mmukit_cache_pages_lent(cache) == 1);
+    memset((void *)(uintptr_t)page, 0xab, 4096);
+    CHECK(mmukit_cache_free_page(cache, page) == 0);
+    CHECK(mmukit_cache_free_page(cache, page) == -EINVAL);
+    CHECK(mmukit_cache_free_page(cache, 0x1000) == -EINVAL);
+    CHECK(mmukit_cache_pages_lent(cache) == 0);
+    struct rusage before, after;
+    getrusage(RUSAGE_SELF, &before);
+    for (int i = 0; i < 50000; i++) {
+        CHECK(mmukit_cache_topup(cache, 1) == 0);
+        CHECK(mmukit_cache_alloc(cache, &page) == 0);
+        *(volatile uint64_t *)(uintptr_t)page = (uint64_t)i;
+        CHECK(mmukit_cache_free_page(cache, page) == 0);
+    }
+    getrusage(RUSAGE_SELF, &after);
+    CHECK(after.ru_maxrss - before.ru_maxrss < 16 * 1024); /* KiB */
+    /* Pages still lent go with the cache. */
+    CHECK(mmukit_cache_alloc(cache, &page) == 0);
+    CHECK(mmukit_cache_pages_lent(cache) == 1);
+    mmukit_cache_destroy(cache);
+    /* A page of the caller's own allocator is not the cache's to free. */
+    struct mmukit_page_allocator own = {&counts, counting_get, counting_free};
+    struct mmukit_cache_config own_config = {0, false, 0, &own};
+    CHECK(mmukit_cache_new(&own_config, &cache) == 0);
+    CHECK(mmukit_cache_topup(cache, 1) == 0);
+    CHECK(mmukit_cache_alloc(cache, &page) == 0);
+    CHECK(mmukit_cache_free_page(cache, page) == -EINVAL);
+    CHECK(mmukit_cache_pages_lent(cache) == 0);
+    counting_free(&counts, page);
+    mmukit_cache_destroy(cache);
+
     /* NULL and bad arguments. */
+    CHECK(mmukit_cache_free_page(NULL, 0) == -EINVAL);
+    CHECK(mmukit_cache_pages_lent(NULL) == 0);
     CHECK(mmukit_cache_new(NULL, &cache) == -EINVAL);
     CHECK(mmukit_cache_new(&config, NULL) == -EINVAL);
     CHECK(mmukit_cache_topup(NULL, 1) == -EINVAL);
