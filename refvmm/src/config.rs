@@ -386,10 +386,91 @@ pub mod layout {
     pub const SHARES: u64 = 1 << 20;
 }
 
+/// The largest configuration refvmm reads.
+pub const MAX_CONFIG_BYTES: usize = 1 << 20;
+
+/// Reads a configuration from `path`, which may be a pipe or a FIFO: at
+/// most [`MAX_CONFIG_BYTES`], and a SIGINT or SIGTERM while it waits for
+/// input stops the read (`Interrupted`).
+fn read_config_text(path: &std::path::Path) -> std::io::Result<String> {
+    use std::io::{Error, ErrorKind, Read};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    use std::sync::atomic::Ordering;
+
+    // Non-blocking, so that opening a FIFO with no writer yet returns and
+    // the wait below can see a signal.
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)?;
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        if crate::events::STOP.load(Ordering::Relaxed) {
+            return Err(Error::new(
+                ErrorKind::Interrupted,
+                "stopped by a signal while waiting for the configuration",
+            ));
+        }
+        match file.read(&mut chunk) {
+            Ok(0) => {
+                // End of a file, or a FIFO whose writer closed it. A FIFO
+                // that never had a writer also reads 0: wait for one.
+                let is_fifo = file
+                    .metadata()
+                    .is_ok_and(|m| std::os::unix::fs::FileTypeExt::is_fifo(&m.file_type()));
+                if !is_fifo || !bytes.is_empty() || fifo_had_writer(&file) {
+                    break;
+                }
+                wait_readable(file.as_raw_fd());
+            }
+            Ok(n) => {
+                if bytes.len() + n > MAX_CONFIG_BYTES {
+                    return Err(Error::new(
+                        ErrorKind::InvalidData,
+                        format!("larger than the {MAX_CONFIG_BYTES}-byte limit of a configuration"),
+                    ));
+                }
+                bytes.extend_from_slice(&chunk[..n]);
+            }
+            Err(err) if err.kind() == ErrorKind::WouldBlock => wait_readable(file.as_raw_fd()),
+            Err(err) if err.kind() == ErrorKind::Interrupted => {}
+            Err(err) => return Err(err),
+        }
+    }
+    String::from_utf8(bytes).map_err(|_| Error::new(ErrorKind::InvalidData, "not UTF-8 text"))
+}
+
+/// Whether a writer has opened the FIFO and gone (poll says POLLHUP).
+fn fifo_had_writer(file: &std::fs::File) -> bool {
+    use std::os::fd::AsRawFd;
+    let mut fds = libc::pollfd {
+        fd: file.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd; a zero timeout does not block.
+    let ready = unsafe { libc::poll(&mut fds, 1, 0) };
+    ready > 0 && fds.revents & libc::POLLHUP != 0
+}
+
+/// Waits up to 100 ms for `fd` to become readable (or hung up).
+fn wait_readable(fd: std::os::fd::RawFd) {
+    let mut fds = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, for at most 100 ms; EINTR just returns.
+    unsafe { libc::poll(&mut fds, 1, 100) };
+}
+
 impl Config {
-    /// Reads and checks a configuration file.
+    /// Reads and checks a configuration file (a pipe or FIFO too): at most
+    /// 1 MiB, one JSON object and nothing after it.
     pub fn load(path: &std::path::Path) -> Result<Self, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = read_config_text(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
@@ -402,10 +483,20 @@ impl Config {
         })
     }
 
-    /// Parses and checks configuration text.
+    /// Parses and checks configuration text: one JSON object, and nothing
+    /// but white space after it.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let parse_error = |message: String| ConfigError::Parse {
+            path: PathBuf::from("<config>"),
+            message,
+        };
+        if !text.trim_start().starts_with('{') {
+            return Err(parse_error(
+                "the configuration is one JSON object: it starts with `{`".into(),
+            ));
+        }
         let deserializer = &mut serde_json::Deserializer::from_str(text);
-        let config: Self = serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let config: Self = serde_path_to_error::deserialize(&mut *deserializer).map_err(|err| {
             let field = err.path().to_string();
             let inner = err.into_inner();
             ConfigError::Parse {
@@ -417,6 +508,18 @@ impl Config {
                 },
             }
         })?;
+        deserializer
+            .end()
+            .map_err(|err| parse_error(format!("text after the configuration object: {err}")))?;
+        // serde takes a struct from an array of its fields in order; a
+        // configuration names them.
+        if let Ok(serde_json::Value::Object(fields)) = serde_json::from_str(text) {
+            for section in ["memory", "mmu", "tdx", "workload"] {
+                if fields.get(section).is_some_and(|v| !v.is_object()) {
+                    return Err(parse_error(format!("{section}: must be a JSON object")));
+                }
+            }
+        }
         config.validate()?;
         Ok(config)
     }
@@ -524,10 +627,28 @@ impl Config {
                         format!("{} is not a readable file", path.display()),
                     ));
                 }
-                if *load_gpa >= self.memory_bytes() || *entry_gpa >= self.memory_bytes() {
+                if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+                    return Err(invalid(
+                        "workload.path",
+                        format!("{} is empty: there is nothing to run", path.display()),
+                    ));
+                }
+                if *load_gpa >= self.memory_bytes() {
                     return Err(invalid(
                         "workload.load_gpa",
-                        "the binary and its entry point must be inside guest memory",
+                        format!(
+                            "{load_gpa:#x} is outside the {} MiB of guest memory",
+                            self.memory.size_mib
+                        ),
+                    ));
+                }
+                if *entry_gpa >= self.memory_bytes() {
+                    return Err(invalid(
+                        "workload.entry_gpa",
+                        format!(
+                            "{entry_gpa:#x} is outside the {} MiB of guest memory",
+                            self.memory.size_mib
+                        ),
                     ));
                 }
             }

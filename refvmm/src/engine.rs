@@ -67,14 +67,26 @@ pub fn create_memory(config: &Config, vm: Option<&Arc<KvmVm>>) -> Result<GuestMe
     } else {
         0
     };
-    Ok(GuestMemFile::create(
+    GuestMemFile::create(
         &backend,
         GmemConfig {
             size: config.memory_bytes(),
             flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
             huge_page_size_log2: log2,
         },
-    )?)
+    )
+    .map_err(|err| match err.errno() {
+        // The size is what the host could not give.
+        libc::ENOMEM | libc::EFBIG | libc::ENOSPC => RunError::Host {
+            what: format!(
+                "memory.size_mib: {} MiB of {} memory: {err}",
+                config.memory.size_mib,
+                config.memory.backend.name()
+            ),
+            fix: "lower memory.size_mib, or free memory on the host".into(),
+        },
+        _ => RunError::Memory(err),
+    })
 }
 
 /// Opens KVM, or says why not.

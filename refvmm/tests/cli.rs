@@ -452,3 +452,75 @@ fn convert_configs_that_cannot_work_exit_2_naming_the_field() {
         assert!(stderr.contains(field), "{text}: {stderr}");
     }
 }
+
+#[test]
+fn a_config_is_one_json_object_and_nothing_after_it() {
+    for (text, says) in [
+        ("[]", "one JSON object"),
+        (r#"[2, "soft"]"#, "one JSON object"),
+        (r#"{"vcpus": 1} {"vcpus": 2}"#, "text after the configuration object"),
+        (r#"{"vcpus": 1} // text"#, "text after the configuration object"),
+        (r#"{"memory": [64, "anonymous"]}"#, "memory: must be a JSON object"),
+        (r#"{"workload": ["hello"]}"#, "workload"),
+    ] {
+        let config = write_config("not-an-object.json", text);
+        let out = run(&["--config", config.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(says), "{text}: {stderr}");
+    }
+}
+
+#[test]
+fn a_config_read_is_capped_and_a_fifo_wait_stops_on_a_signal() {
+    let start = Instant::now();
+    let out = run(&["--config", "/dev/zero"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("limit"));
+    assert!(start.elapsed() < Duration::from_secs(10));
+
+    let fifo = std::env::temp_dir().join(format!("refvmm-fifo-{}", std::process::id()));
+    let _ = std::fs::remove_file(&fifo);
+    let path = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    let child = refvmm()
+        .args(["--config", fifo.to_str().unwrap()])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let start = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    assert!(start.elapsed() < Duration::from_secs(5), "the signal was ignored");
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("stopped by a signal"));
+    let _ = std::fs::remove_file(&fifo);
+}
+
+#[test]
+fn binary_errors_name_their_own_field_and_an_empty_binary_is_refused() {
+    let empty = write_config("empty.bin", "");
+    let code = write_config("code.bin", "\u{f4}");
+    for (path, load, entry, field) in [
+        (&empty, 0x1000, 0x1000, "workload.path"),
+        (&code, 0x1000, 0x4000_0000, "workload.entry_gpa"),
+        (&code, 0x4000_0000, 0x1000, "workload.load_gpa"),
+    ] {
+        let config = write_config(
+            "binary-bad.json",
+            &format!(
+                r#"{{"memory": {{"size_mib": 16}},
+                    "workload": {{"kind": "binary", "path": "{}", "load_gpa": {load},
+                                  "entry_gpa": {entry}}}}}"#,
+                path.display()
+            ),
+        );
+        let out = run(&["--config", config.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{field}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(field), "{field}: {stderr}");
+    }
+}
