@@ -22,6 +22,7 @@ use clap::{Parser, ValueEnum};
 
 use refvmm::config::{Accel, Config, Workload};
 use refvmm::engine::RunError;
+use refvmm::report::Report;
 use refvmm::{events, kvm_run, snapshot, soft_run};
 
 /// How the report is printed.
@@ -58,6 +59,11 @@ struct Cli {
     restore: Option<PathBuf>,
 }
 
+/// The exit code of a run a signal stopped (128 + SIGINT, as shells use).
+const EXIT_INTERRUPTED: u8 = 130;
+/// What the report says of such a run.
+const STOPPED: &str = "stopped by a signal";
+
 fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
     eprintln!("refvmm: {message}");
     ExitCode::from(code)
@@ -92,6 +98,11 @@ fn main() -> ExitCode {
     let (config, restore) = match (&cli.config, &cli.restore) {
         (Some(path), None) => match Config::load(path) {
             Ok(config) => (config, None),
+            Err(err @ refvmm::config::ConfigError::Read { .. })
+                if events::STOP.load(std::sync::atomic::Ordering::Relaxed) =>
+            {
+                return fail(EXIT_INTERRUPTED, err);
+            }
             Err(err) => return fail(2, err),
         },
         (None, Some(dir)) => match snapshot::load(dir) {
@@ -135,8 +146,30 @@ fn main() -> ExitCode {
         Ok(outcome) => outcome,
         Err(err) => return fail(2, format!("event loop: {err}")),
     };
+    let stopped = events::STOP.load(std::sync::atomic::Ordering::Relaxed);
+    let result = match result {
+        // A signal stopped the run part-way: report what it did.
+        Err(RunError::Guest(why)) if stopped => {
+            tracing::debug!(%why, "the run stopped on a signal");
+            Ok(Report {
+                accel: format!("{:?}", config.accel).to_lowercase(),
+                backend: config.memory.backend.name().into(),
+                vcpus: config.vcpus,
+                memory_bytes: config.memory_bytes(),
+                workload: refvmm::workload_name(&config.workload).into(),
+                exit: STOPPED.into(),
+                ..Report::default()
+            })
+        }
+        other => other,
+    };
     let result = result.map(|mut report| {
         report.vcpu_exits = live.vcpu_exits;
+        report.passes = live.passes;
+        report.interrupted = stopped || report.exit == STOPPED;
+        if report.interrupted {
+            report.exit = STOPPED.into();
+        }
         report
     });
     match result {
@@ -148,8 +181,8 @@ fn main() -> ExitCode {
             };
             let mut out = std::io::stdout();
             let _ = writeln!(out, "{text}");
-            if report.exit == "stopped by a signal" {
-                ExitCode::from(1)
+            if report.interrupted {
+                ExitCode::from(EXIT_INTERRUPTED)
             } else {
                 ExitCode::SUCCESS
             }

@@ -155,6 +155,11 @@ pub struct Report {
     pub serial_bytes: u64,
     /// vCPU exits handled (KVM), from the live metrics.
     pub vcpu_exits: u64,
+    /// Passes done (dirty_log iterations, convert vCPUs finished), from the
+    /// live metrics.
+    pub passes: u64,
+    /// Whether a signal (SIGINT, SIGTERM) stopped the run before its end.
+    pub interrupted: bool,
     /// Why the run ended.
     pub exit: String,
 }

@@ -226,9 +226,10 @@ fn print_config_fills_every_default_and_check_host_answers() {
 
 /// Starts refvmm on `config`, sends SIGTERM after half a second, and
 /// returns its output once it has stopped (promptly).
-fn run_then_sigterm(config: &Path) -> Output {
+fn run_then_sigterm(config: &Path, extra: &[&str]) -> Output {
     let child = refvmm()
         .args(["--config", config.to_str().unwrap()])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -252,9 +253,16 @@ fn sigterm_stops_a_run_cleanly() {
         r#"{"vcpus": 2, "accel": "soft", "memory": {"size_mib": 64},
             "workload": {"kind": "dirty_log", "iterations": 1000, "bytes_per_vcpu_mib": 16}}"#,
     );
-    let out = run_then_sigterm(&config);
-    assert_eq!(out.status.code(), Some(1), "a stopped run is not a success");
-    assert!(String::from_utf8_lossy(&out.stderr).contains("stopped by a signal"));
+    let out = run_then_sigterm(&config, &[]);
+    assert_eq!(out.status.code(), Some(130), "a stopped run is not a success");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("stopped by a signal"));
+    // With a JSON report, the report still comes, and says so.
+    let out = run_then_sigterm(&config, &["--report", "json"]);
+    assert_eq!(out.status.code(), Some(130));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
+    assert_eq!(report["interrupted"], true);
+    assert_eq!(report["exit"], "stopped by a signal");
+    assert_eq!(report["workload"], "dirty_log");
 }
 
 #[test]
@@ -364,8 +372,8 @@ fn sigterm_kicks_a_spinning_kvm_guest_out_and_stops_cleanly() {
             binary.display()
         ),
     );
-    let out = run_then_sigterm(&config);
-    assert_eq!(out.status.code(), Some(1));
+    let out = run_then_sigterm(&config, &[]);
+    assert_eq!(out.status.code(), Some(130));
     assert!(String::from_utf8_lossy(&out.stdout).contains("stopped by a signal"));
 }
 
@@ -495,7 +503,7 @@ fn a_config_read_is_capped_and_a_fifo_wait_stops_on_a_signal() {
     let start = Instant::now();
     let out = child.wait_with_output().unwrap();
     assert!(start.elapsed() < Duration::from_secs(5), "the signal was ignored");
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(130));
     assert!(String::from_utf8_lossy(&out.stderr).contains("stopped by a signal"));
     let _ = std::fs::remove_file(&fifo);
 }
