@@ -26,7 +26,8 @@
 // Backend: memfd_secret.
 #define MMUKIT_GMEM_SECRET 3
 
-// Backend: KVM guest_memfd (on a VM the library creates).
+// Backend: KVM guest_memfd (on a VM the library creates, or on the
+// caller's with `mmukit_gmem_create_on_vm`).
 #define MMUKIT_GMEM_GUEST_MEMFD 4
 
 // VM type: every frame shared (`KVM_X86_DEFAULT_VM`).
@@ -214,12 +215,46 @@ int mmukit_cache_free_all(struct mmukit_cache *cache);
 // `cache` must be a live handle or NULL; it is invalid afterwards.
 void mmukit_cache_destroy(struct mmukit_cache *cache);
 
-// Creates a guest memory file; `*out` receives the handle.
+// Creates a guest memory file; `*out` receives the handle. A guest_memfd
+// is made on a VM the library creates, which the caller cannot reach; use
+// `mmukit_gmem_create_on_vm` to make and bind it on the caller's VM.
 //
 // # Safety
 //
 // `config` and `out` must be valid pointers (or NULL: -EINVAL).
 int mmukit_gmem_create(const struct mmukit_gmem_config *config, struct mmukit_gmem **out);
+
+// Creates a guest memory file for the caller's VM `vm_fd` (of KVM type
+// `vm_type`, `KVM_CREATE_VM`'s argument): a guest_memfd is made on that
+// VM, and `mmukit_gmem_bind` binds the file as a memslot of it, with
+// gmem's checks (guest_memfd is per VM: a file made on another VM cannot
+// be bound). The library duplicates `vm_fd`; the caller keeps its own.
+// -EINVAL when `vm_fd` is not a KVM VM.
+//
+// # Safety
+//
+// `config` and `out` must be valid pointers (or NULL: -EINVAL).
+int mmukit_gmem_create_on_vm(int vm_fd, uint64_t vm_type, const struct mmukit_gmem_config *config, struct mmukit_gmem **out);
+
+// Binds `[file_offset, file_offset + size)` of the file as memslot `slot`
+// at `guest_addr` of its VM (`KVM_SET_USER_MEMORY_REGION2`; a guest_memfd
+// with `KVM_MEM_GUEST_MEMFD` and its own mapping as the userspace
+// address), after gmem's checks, which answer with the kernel's errno.
+// `flags` takes `KVM_MEM_LOG_DIRTY_PAGES` (1) and `KVM_MEM_READONLY` (2).
+// -ENOTSUP for a file with no VM (made by `mmukit_gmem_create` on a
+// backend other than guest_memfd).
+//
+// # Safety
+//
+// `gmem` must be a live handle.
+int mmukit_gmem_bind(struct mmukit_gmem *gmem, uint32_t slot, uint64_t guest_addr, uint64_t size, uint64_t file_offset, uint32_t flags);
+
+// Deletes memslot `slot` that `mmukit_gmem_bind` made.
+//
+// # Safety
+//
+// `gmem` must be a live handle.
+int mmukit_gmem_unbind(struct mmukit_gmem *gmem, uint32_t slot);
 
 // `fallocate(2)` with guest_memfd's rules (`mode` takes FALLOC_FL_* bits).
 //

@@ -13,7 +13,8 @@ pub const MMUKIT_GMEM_MEMFD: u32 = 1;
 pub const MMUKIT_GMEM_HUGETLB: u32 = 2;
 /// Backend: memfd_secret.
 pub const MMUKIT_GMEM_SECRET: u32 = 3;
-/// Backend: KVM guest_memfd (on a VM the library creates).
+/// Backend: KVM guest_memfd (on a VM the library creates, or on the
+/// caller's with `mmukit_gmem_create_on_vm`).
 pub const MMUKIT_GMEM_GUEST_MEMFD: u32 = 4;
 
 /// How a guest memory file is made.
@@ -34,7 +35,8 @@ pub struct mmukit_gmem_config {
 pub struct mmukit_gmem {
     pub(crate) file: GuestMemFile,
     view: Mutex<Option<View>>,
-    _vm: Option<Arc<KvmVm>>,
+    /// The VM the file is bound on (and, for guest_memfd, made on).
+    vm: Option<Arc<KvmVm>>,
 }
 
 pub(crate) fn gmem_errno(err: &GmemError) -> c_int {
@@ -44,7 +46,9 @@ pub(crate) fn gmem_errno(err: &GmemError) -> c_int {
     }
 }
 
-/// Creates a guest memory file; `*out` receives the handle.
+/// Creates a guest memory file; `*out` receives the handle. A guest_memfd
+/// is made on a VM the library creates, which the caller cannot reach; use
+/// `mmukit_gmem_create_on_vm` to make and bind it on the caller's VM.
 ///
 /// # Safety
 ///
@@ -55,46 +59,154 @@ pub unsafe extern "C" fn mmukit_gmem_create(
     out: *mut *mut mmukit_gmem,
 ) -> c_int {
     guard(|| {
-        if config.is_null() || out.is_null() || !config.is_aligned() || !out.is_aligned() {
+        if config.is_null() || !config.is_aligned() {
             return -libc::EINVAL;
         }
         // SAFETY: checked non-null and aligned.
         let config = unsafe { *config };
-        let mut vm = None;
-        let backend = match config.backend {
-            MMUKIT_GMEM_ANONYMOUS => Backend::Anonymous,
-            MMUKIT_GMEM_MEMFD => Backend::Memfd,
-            MMUKIT_GMEM_HUGETLB => Backend::Hugetlb,
-            MMUKIT_GMEM_SECRET => Backend::Secret,
-            MMUKIT_GMEM_GUEST_MEMFD => match KvmVm::new() {
-                Ok(kvm) => {
-                    vm = Some(kvm.clone());
-                    Backend::Kvm(kvm)
-                }
+        let vm = if config.backend == MMUKIT_GMEM_GUEST_MEMFD {
+            match KvmVm::new() {
+                Ok(vm) => Some(vm),
                 Err(_) => return -libc::ENOTSUP,
-            },
-            _ => return -libc::EINVAL,
-        };
-        match GuestMemFile::create(
-            &backend,
-            GmemConfig {
-                size: config.size,
-                flags: config.flags,
-                huge_page_size_log2: config.huge_page_size_log2,
-            },
-        ) {
-            Ok(file) => {
-                let handle = Box::new(mmukit_gmem {
-                    file,
-                    view: Mutex::new(None),
-                    _vm: vm,
-                });
-                // SAFETY: checked non-null and aligned.
-                unsafe { *out = Box::into_raw(handle) };
-                0
             }
-            Err(err) => gmem_errno(&err),
+        } else {
+            None
+        };
+        // SAFETY: `out` as the caller guarantees.
+        unsafe { create(config, vm, out) }
+    })
+}
+
+/// Creates a guest memory file for the caller's VM `vm_fd` (of KVM type
+/// `vm_type`, `KVM_CREATE_VM`'s argument): a guest_memfd is made on that
+/// VM, and `mmukit_gmem_bind` binds the file as a memslot of it, with
+/// gmem's checks (guest_memfd is per VM: a file made on another VM cannot
+/// be bound). The library duplicates `vm_fd`; the caller keeps its own.
+/// -EINVAL when `vm_fd` is not a KVM VM.
+///
+/// # Safety
+///
+/// `config` and `out` must be valid pointers (or NULL: -EINVAL).
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmukit_gmem_create_on_vm(
+    vm_fd: c_int,
+    vm_type: u64,
+    config: *const mmukit_gmem_config,
+    out: *mut *mut mmukit_gmem,
+) -> c_int {
+    guard(|| {
+        if config.is_null() || !config.is_aligned() || vm_fd < 0 {
+            return -libc::EINVAL;
         }
+        // SAFETY: checked non-null and aligned.
+        let config = unsafe { *config };
+        // SAFETY: the caller's open descriptor, borrowed for this call only
+        // (the VM keeps a duplicate).
+        let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(vm_fd) };
+        let vm = match KvmVm::from_vm_fd(borrowed, vm_type) {
+            Ok(vm) => vm,
+            Err(err) => return -err.errno(),
+        };
+        // SAFETY: `out` as the caller guarantees.
+        unsafe { create(config, Some(vm), out) }
+    })
+}
+
+/// Makes the file on `vm` (when a guest_memfd) and the handle.
+///
+/// # Safety
+///
+/// `out` must be NULL or a valid pointer (checked for NULL and alignment).
+unsafe fn create(
+    config: mmukit_gmem_config,
+    vm: Option<Arc<KvmVm>>,
+    out: *mut *mut mmukit_gmem,
+) -> c_int {
+    if out.is_null() || !out.is_aligned() {
+        return -libc::EINVAL;
+    }
+    let backend = match config.backend {
+        MMUKIT_GMEM_ANONYMOUS => Backend::Anonymous,
+        MMUKIT_GMEM_MEMFD => Backend::Memfd,
+        MMUKIT_GMEM_HUGETLB => Backend::Hugetlb,
+        MMUKIT_GMEM_SECRET => Backend::Secret,
+        MMUKIT_GMEM_GUEST_MEMFD => match &vm {
+            Some(vm) => Backend::Kvm(vm.clone()),
+            None => return -libc::ENOTSUP,
+        },
+        _ => return -libc::EINVAL,
+    };
+    match GuestMemFile::create(
+        &backend,
+        GmemConfig {
+            size: config.size,
+            flags: config.flags,
+            huge_page_size_log2: config.huge_page_size_log2,
+        },
+    ) {
+        Ok(file) => {
+            let handle = Box::new(mmukit_gmem {
+                file,
+                view: Mutex::new(None),
+                vm,
+            });
+            // SAFETY: checked non-null and aligned.
+            unsafe { *out = Box::into_raw(handle) };
+            0
+        }
+        Err(err) => gmem_errno(&err),
+    }
+}
+
+/// Binds `[file_offset, file_offset + size)` of the file as memslot `slot`
+/// at `guest_addr` of its VM (`KVM_SET_USER_MEMORY_REGION2`; a guest_memfd
+/// with `KVM_MEM_GUEST_MEMFD` and its own mapping as the userspace
+/// address), after gmem's checks, which answer with the kernel's errno.
+/// `flags` takes `KVM_MEM_LOG_DIRTY_PAGES` (1) and `KVM_MEM_READONLY` (2).
+/// -ENOTSUP for a file with no VM (made by `mmukit_gmem_create` on a
+/// backend other than guest_memfd).
+///
+/// # Safety
+///
+/// `gmem` must be a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmukit_gmem_bind(
+    gmem: *mut mmukit_gmem,
+    slot: u32,
+    guest_addr: u64,
+    size: u64,
+    file_offset: u64,
+    flags: u32,
+) -> c_int {
+    with_handle(gmem, |g| {
+        let Some(vm) = &g.vm else {
+            return -libc::ENOTSUP;
+        };
+        let region = match gmem::GuestRegion::new(&g.file, file_offset, size, guest_addr, false) {
+            Ok(region) => Arc::new(region),
+            Err(gmem::RegionError::File(err)) => return gmem_errno(&err),
+            Err(_) => return -libc::EINVAL,
+        };
+        match vm.bind(slot, region, flags) {
+            Ok(()) => 0,
+            Err(err) => -err.errno(),
+        }
+    })
+}
+
+/// Deletes memslot `slot` that `mmukit_gmem_bind` made.
+///
+/// # Safety
+///
+/// `gmem` must be a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmukit_gmem_unbind(gmem: *mut mmukit_gmem, slot: u32) -> c_int {
+    with_handle(gmem, |g| match &g.vm {
+        Some(vm) => match vm.unbind(slot) {
+            Ok(_) => 0,
+            Err(err) => -err.errno(),
+        },
+        None => -libc::ENOTSUP,
     })
 }
 

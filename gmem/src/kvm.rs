@@ -502,19 +502,54 @@ impl KvmVm {
         let vm = kvm
             .create_vm_with_type(vm_type)
             .map_err(KvmError::ioctl("KVM_CREATE_VM"))?;
+        Ok(Self::wrap(kvm, vm, vm_type))
+    }
+
+    /// The caller's own VM (a VMM that made it with `KVM_CREATE_VM`), of
+    /// `vm_type`: guest_memfd files are created on it and memslots bound on
+    /// it. The descriptor is duplicated, so the caller keeps and closes its
+    /// own. Memslots the caller binds itself are not known to
+    /// [`predict`](Self::predict); the kernel still judges them.
+    pub fn from_vm_fd(
+        vm_fd: std::os::fd::BorrowedFd<'_>,
+        vm_type: u64,
+    ) -> Result<Arc<Self>, KvmError> {
+        use std::os::fd::{AsRawFd, IntoRawFd};
+        let kvm = Kvm::new().map_err(|err| KvmError::NoKvm(format!("/dev/kvm: {err}")))?;
+        let owned = vm_fd
+            .try_clone_to_owned()
+            .map_err(|err| KvmError::Invalid(format!("duplicating the VM descriptor: {err}")))?;
+        // A VM descriptor is the anonymous inode "kvm-vm".
+        let target = std::fs::read_link(format!("/proc/self/fd/{}", owned.as_raw_fd()))
+            .map_err(|err| KvmError::Invalid(format!("inspecting the VM descriptor: {err}")))?;
+        if target.as_os_str() != "anon_inode:kvm-vm" {
+            return Err(KvmError::Invalid(format!(
+                "descriptor {} is not a KVM VM ({})",
+                vm_fd.as_raw_fd(),
+                target.display()
+            )));
+        }
+        // SAFETY: `owned` is a KVM VM descriptor (checked above), whose
+        // ownership passes to the VmFd.
+        let vm = unsafe { kvm.create_vmfd_from_rawfd(owned.into_raw_fd()) }
+            .map_err(KvmError::ioctl("KVM_GET_VCPU_MMAP_SIZE"))?;
+        Ok(Self::wrap(kvm, vm, vm_type))
+    }
+
+    fn wrap(kvm: Kvm, vm: VmFd, vm_type: u64) -> Arc<Self> {
         let mut caps = KvmCaps::read(&kvm);
         // The VM's own answer is the one that counts for guest_memfd flags.
         let flags = vm.check_extension_raw(libc::c_ulong::from(KVM_CAP_GUEST_MEMFD_FLAGS));
         if flags >= 0 {
             caps.guest_memfd_flags = flags as u64;
         }
-        Ok(Arc::new(Self {
+        Arc::new(Self {
             kvm,
             vm,
             vm_type,
             caps,
             slots: Mutex::new(HashMap::new()),
-        }))
+        })
     }
 
     /// The VM file descriptor.
