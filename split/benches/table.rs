@@ -3,7 +3,8 @@
 //! guest memory covered), a memset of as many pages as tables created (the
 //! bandwidth bound), and a software dirty_log_perf_test with eager splitting
 //! on and off. `MMUKIT_BENCH_GIB` sets the slot size (default 16).
-//! Run with `cargo bench -p split --bench table`.
+//! Run with `cargo bench -p split --bench table`; add `-- scaling` for the
+//! fault-scaling curve over 1, 2, 4 ... threads (see [`scaling`]).
 
 use split::{Gfn, Gpa, Pfn};
 use std::sync::{Arc, Barrier};
@@ -134,14 +135,18 @@ fn shadow_split_row(gib: u64) {
 
 /// One dirty-memory pass: every vCPU writes every page of its share.
 fn dirty_pass(mmu: &Arc<TdpMmu>, gib: u64) -> Duration {
-    let barrier = Arc::new(Barrier::new(VCPUS as usize + 1));
-    let npages = gib << 18;
-    let workers: Vec<_> = (0..VCPUS)
+    dirty_pass_with(mmu, gib << 18, VCPUS)
+}
+
+/// One dirty-memory pass of `vcpus` threads over `npages` pages.
+fn dirty_pass_with(mmu: &Arc<TdpMmu>, npages: u64, vcpus: u64) -> Duration {
+    let barrier = Arc::new(Barrier::new(vcpus as usize + 1));
+    let workers: Vec<_> = (0..vcpus)
         .map(|id| {
             let (mmu, barrier) = (mmu.clone(), barrier.clone());
             thread::spawn(move || {
                 let mut caches = mmu.new_vcpu_caches();
-                let share = npages / VCPUS;
+                let share = npages / vcpus;
                 barrier.wait();
                 for gfn in id * share..(id + 1) * share {
                     mmu.write(&mut caches, Gpa(gfn << 12)).unwrap();
@@ -195,8 +200,66 @@ fn dirty_log_perf(gib: u64, eager: bool) -> Vec<Duration> {
     times
 }
 
+/// The scaling curve: lazy iteration 1 (every write a fault, the first in
+/// each 2 MiB region a lazy split) with 1, 2, 4 ... threads up to the
+/// machine's cores, each thread with the same share
+/// (`MMUKIT_BENCH_SCALING_MIB`, default 512), against the 1-thread time.
+fn scaling() {
+    let per_thread_mib: u64 = std::env::var("MMUKIT_BENCH_SCALING_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(512);
+    let cores = thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    let mut counts = vec![1u64];
+    while counts.last().unwrap() * 2 <= cores {
+        counts.push(counts.last().unwrap() * 2);
+    }
+    if *counts.last().unwrap() != cores {
+        counts.push(cores);
+    }
+    println!(
+        "split: TDP MMU fault scaling, lazy dirty logging, {per_thread_mib} MiB per thread, {cores} cores"
+    );
+    println!("| threads | lazy iteration 1 | per fault | x 1 thread |");
+    println!("|---|---|---|---|");
+    let mut one = None;
+    for threads in counts {
+        let npages = threads * (per_thread_mib << 8);
+        let mut runs = Vec::new();
+        for _ in 0..RUNS {
+            let pool = warm_pool((npages / 512 * 530 / 512) as usize + 64);
+            let mmu = Arc::new(
+                TdpMmu::new(
+                    pool.for_kind(),
+                    MmuConfig {
+                        eager_split: false,
+                        ..MmuConfig::default()
+                    },
+                )
+                .unwrap(),
+            );
+            mmu.add_memslot(Memslot::new(0, Gfn(0), npages, Pfn(1 << 30)).unwrap())
+                .unwrap();
+            dirty_pass_with(&mmu, npages, threads);
+            mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
+            runs.push(dirty_pass_with(&mmu, npages, threads));
+        }
+        let time = median(runs);
+        let base = *one.get_or_insert(time);
+        println!(
+            "| {threads} | {time:.3?} | {:.0} ns | {:.2} |",
+            time.as_nanos() as f64 / (per_thread_mib << 8) as f64,
+            time.as_secs_f64() / base.as_secs_f64()
+        );
+    }
+}
+
 fn main() {
     if std::env::args().any(|arg| arg == "--list") {
+        return;
+    }
+    if std::env::args().any(|arg| arg == "scaling") {
+        scaling();
         return;
     }
     let gib: u64 = std::env::var("MMUKIT_BENCH_GIB")

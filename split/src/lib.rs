@@ -53,6 +53,7 @@ pub mod hooks;
 mod lock;
 pub mod memslot;
 pub mod shadow;
+mod shard;
 pub mod tdp;
 pub mod translation;
 

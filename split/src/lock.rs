@@ -9,7 +9,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 /// Reader shards per lock; threads beyond this share shards.
-const SHARDS: usize = 64;
+pub(crate) const SHARDS: usize = 64;
 
 /// A counter on its own cache lines.
 #[repr(align(128))]
@@ -34,7 +34,7 @@ impl Default for MmuLock {
 }
 
 /// This thread's reader shard, assigned round-robin at first use.
-fn thread_shard() -> usize {
+pub(crate) fn thread_shard() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
         static SHARD: Cell<Option<usize>> = const { Cell::new(None) };

@@ -139,7 +139,7 @@ impl TdpMmu {
             .unwrap_or_else(|p| p.into_inner())
             .set(start, end, attribute);
         if change.frames != 0 {
-            self.counters.conversions.fetch_add(1, Ordering::Relaxed);
+            self.counters.add(Count::Conversions, 1);
         }
         Ok(change)
     }

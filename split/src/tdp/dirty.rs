@@ -131,9 +131,7 @@ impl TdpMmu {
             protect_leaf(table, index, level, entry);
         });
         if fallbacks > 0 {
-            self.counters
-                .split_fallbacks
-                .fetch_add(fallbacks, Ordering::Relaxed);
+            self.counters.add(Count::SplitFallbacks, fallbacks);
         }
     }
 

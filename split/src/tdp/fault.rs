@@ -56,12 +56,18 @@ impl TdpMmu {
                 "a TD access with the shared bit is never private",
             ));
         }
-        let slot = self.slot_for_gfn(gfn).ok_or(MmuError::NoSlot { gpa })?;
-        self.counters.faults.fetch_add(1, Ordering::Relaxed);
+        // The slot list, loaded without a lock or a shared write; the guard
+        // keeps it for the whole fault.
+        let slots = self.slots.load();
+        let slot: &Memslot = slots
+            .iter()
+            .find(|slot| slot.contains(gfn))
+            .ok_or(MmuError::NoSlot { gpa })?;
+        self.counters.add(Count::Faults, 1);
         let capacity = self.config.vcpu_cache_capacity;
         loop {
             let seq = self.invalidate_seq.load(Ordering::SeqCst);
-            let (source, attribute_cap) = self.fault_frame(&slot, gpa, gfn, private)?;
+            let (source, attribute_cap) = self.fault_frame(slot, gpa, gfn, private)?;
             caches.topup_for_fault(
                 capacity,
                 self.external_of(tree).then_some(self.config.levels),
@@ -72,7 +78,7 @@ impl TdpMmu {
                 },
                 caches.hook_state(),
             )?;
-            self.table_map().reserve(self.config.levels as usize);
+            self.reserve_tables(self.config.levels as usize);
             let guard = self.read_lock();
             // An attribute change began or ended since the frame was looked
             // up: what it found may be stale (the kernel's
@@ -81,7 +87,7 @@ impl TdpMmu {
                 || self.invalidate_seq.load(Ordering::SeqCst) != seq
             {
                 drop(guard);
-                self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                self.counters.add(Count::Retries, 1);
                 std::thread::yield_now();
                 continue;
             }
@@ -90,7 +96,7 @@ impl TdpMmu {
                 source,
                 attribute_cap,
             };
-            match self.map(tree, caches, &slot, gfn.0, write, frame)? {
+            match self.map(tree, caches, slot, gfn.0, write, frame)? {
                 Some(translation) => {
                     return Ok(Translation {
                         hpa: Hpa(translation.hpa.0 | gpa.page_offset()),
@@ -98,7 +104,7 @@ impl TdpMmu {
                     });
                 }
                 None => {
-                    self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                    self.counters.add(Count::Retries, 1);
                 }
             }
         }
@@ -122,7 +128,7 @@ impl TdpMmu {
             (attributes.get(gfn), attributes.max_level(gfn))
         };
         let memory_fault = || {
-            self.counters.memory_faults.fetch_add(1, Ordering::Relaxed);
+            self.counters.add(Count::MemoryFaults, 1);
             MmuError::MemoryFault {
                 gpa,
                 size: PAGE_BYTES,
@@ -217,7 +223,7 @@ impl TdpMmu {
                 let split =
                     self.split_leaf(tree, caches, table, index, level, entry, base_gfn, false);
                 if matches!(split, Ok(Some(_))) {
-                    self.counters.lazy_splits.fetch_add(1, Ordering::Relaxed);
+                    self.counters.add(Count::LazySplits, 1);
                 }
                 split
             } else {
@@ -306,7 +312,7 @@ impl TdpMmu {
             };
         }
         table[index].store(leaf.bits(), Ordering::Release);
-        self.stats[stat_index(level)].fetch_add(1, Ordering::Relaxed);
+        self.counters.add_leaves(level, 1);
         Ok(Some(self.translation(leaf, level, gfn)))
     }
 
@@ -364,9 +370,9 @@ impl TdpMmu {
             page: Some(page),
             external,
         };
-        self.table_map().insert(hpa, header);
+        self.insert_table(hpa, header);
         table[index].store(Entry::table(hpa).bits(), Ordering::Release);
-        self.counters.tables_linked.fetch_add(1, Ordering::Relaxed);
+        self.counters.add(Count::TablesLinked, 1);
         Ok(Some(hpa))
     }
 }

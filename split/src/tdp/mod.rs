@@ -24,6 +24,7 @@ use crate::hooks::{
     ExternalPageTable, ExternalTablePage, HookError, HookVcpuState, NoExternal, TableRef, Topup,
 };
 use crate::lock::{MmuLock, ReadGuard, WriteGuard};
+use crate::shard::ShardedCounters;
 use crate::memslot::{ClearedWord, LogMode, Memslot, MemslotError};
 
 /// Pages that hold EPT tables.
@@ -137,6 +138,9 @@ impl TableHeader {
 
 /// Tables (and headers) one fault may link: one per level of a 5-level walk.
 pub const TABLES_PER_FAULT: usize = 5;
+
+/// vCPU threads whose faults the table map has room for at once.
+const RESERVE_THREADS: usize = 64;
 
 /// What one vCPU brings to its faults and accesses, as KVM's vcpu does:
 /// caches for every level of a 5-level walk, topped up before the lock;
@@ -318,19 +322,52 @@ pub struct MmuCounters {
     pub conversions: u64,
 }
 
+/// The MMU's counters, each a slot of [`Counters`].
+#[derive(Clone, Copy, Debug)]
+pub(super) enum Count {
+    Faults,
+    Retries,
+    Splits,
+    LazySplits,
+    SplitFallbacks,
+    LockDrops,
+    TablesLinked,
+    TablesFreed,
+    ExternalLeaked,
+    MemoryFaults,
+    Conversions,
+}
+
+/// Leaf counts come after the work counters.
+const LEAVES: usize = Count::Conversions as usize + 1;
+
+/// Work counters and leaf counts, sharded per thread: a fault bumps its own
+/// thread's cache line, never one that every vCPU writes.
 #[derive(Default)]
-struct Counters {
-    faults: AtomicU64,
-    retries: AtomicU64,
-    splits: AtomicU64,
-    lazy_splits: AtomicU64,
-    split_fallbacks: AtomicU64,
-    lock_drops: AtomicU64,
-    tables_linked: AtomicU64,
-    tables_freed: AtomicU64,
-    external_leaked: AtomicU64,
-    memory_faults: AtomicU64,
-    conversions: AtomicU64,
+pub(super) struct Counters(ShardedCounters<{ LEAVES + 3 }>);
+
+impl Counters {
+    pub(super) fn add(&self, count: Count, value: u64) {
+        self.0.add(count as usize, value);
+    }
+
+    fn get(&self, count: Count) -> u64 {
+        self.0.get(count as usize)
+    }
+
+    /// `value` more leaves of `level`.
+    pub(super) fn add_leaves(&self, level: Level, value: u64) {
+        self.0.add(LEAVES + stat_index(level), value);
+    }
+
+    /// `value` fewer leaves of `level`.
+    pub(super) fn sub_leaves(&self, level: Level, value: u64) {
+        self.0.sub(LEAVES + stat_index(level), value);
+    }
+
+    fn leaves(&self, level: Level) -> u64 {
+        self.0.get(LEAVES + stat_index(level))
+    }
 }
 
 /// The TDP MMU of one VM.
@@ -364,7 +401,13 @@ pub struct TdpMmu {
     /// attributes at an older value retries.
     invalidate_seq: AtomicU64,
     tables: Mutex<HashMap<u64, mmu_cache::SlabBox<TableHeader>>>,
-    slots: RwLock<Vec<Arc<Memslot>>>,
+    /// Free entries of `tables` (capacity - len), read by faults without
+    /// locking the map.
+    table_headroom: std::sync::atomic::AtomicUsize,
+    /// The slots, replaced whole by the rare writer; faults load the list
+    /// without a lock or a shared write.
+    slots: arc_swap::ArcSwap<Vec<Arc<Memslot>>>,
+    slots_writer: Mutex<()>,
     split_caches: Mutex<VcpuCaches>,
     hooks: Arc<dyn ExternalPageTable>,
     external_tables: bool,
@@ -372,7 +415,6 @@ pub struct TdpMmu {
     /// The largest leaf the hooks take.
     max_leaf: Level,
     torn_down: std::sync::atomic::AtomicBool,
-    stats: [AtomicU64; 3],
     counters: Counters,
     /// Tells this MMU's entries in the per-vCPU walk caches from another's.
     id: u64,
@@ -600,14 +642,15 @@ impl TdpMmu {
             invalidations: AtomicU64::new(0),
             invalidate_seq: AtomicU64::new(0),
             tables: Mutex::new(HashMap::new()),
-            slots: RwLock::new(Vec::new()),
+            table_headroom: std::sync::atomic::AtomicUsize::new(0),
+            slots: arc_swap::ArcSwap::from_pointee(Vec::new()),
+            slots_writer: Mutex::new(()),
             split_caches: Mutex::new(split_caches),
             hooks,
             external_tables,
             external_pool,
             max_leaf,
             torn_down: std::sync::atomic::AtomicBool::new(false),
-            stats: Default::default(),
             counters: Counters::default(),
             id: NEXT_MMU_ID.fetch_add(1, Ordering::Relaxed),
             table_generation: AtomicU64::new(0),
@@ -771,8 +814,11 @@ impl TdpMmu {
                 levels: self.config.levels,
             });
         }
-        let mut slots = self.slots.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(other) = slots.iter().find(|other| {
+        // Writers of the slot list take this lock; readers (faults) load the
+        // list without any lock or shared write.
+        let _writer = self.slots_writer.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.slots.load_full();
+        if let Some(other) = current.iter().find(|other| {
             other.id() == slot.id()
                 || (slot.base_gfn() < other.end_gfn() && other.base_gfn() < slot.end_gfn())
         }) {
@@ -783,7 +829,9 @@ impl TdpMmu {
             .into());
         }
         let slot = Arc::new(slot);
+        let mut slots = current.as_ref().clone();
         slots.push(slot.clone());
+        self.slots.store(Arc::new(slots));
         Ok(slot)
     }
 
@@ -791,18 +839,17 @@ impl TdpMmu {
     pub fn remove_memslot(&self, id: u32) -> Result<(), MmuError> {
         let slot = self.slot(id)?;
         self.zap_range(slot.base_gfn(), slot.end_gfn())?;
-        self.slots
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|s| s.id() != id);
+        let _writer = self.slots_writer.lock().unwrap_or_else(|p| p.into_inner());
+        let mut slots = self.slots.load_full().as_ref().clone();
+        slots.retain(|s| s.id() != id);
+        self.slots.store(Arc::new(slots));
         Ok(())
     }
 
     /// The slot with this id.
     pub fn slot(&self, id: u32) -> Result<Arc<Memslot>, MmuError> {
         self.slots
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .load()
             .iter()
             .find(|slot| slot.id() == id)
             .cloned()
@@ -811,11 +858,44 @@ impl TdpMmu {
 
     fn slot_for_gfn(&self, gfn: Gfn) -> Option<Arc<Memslot>> {
         self.slots
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
+            .load()
             .iter()
             .find(|slot| slot.contains(gfn))
             .cloned()
+    }
+
+    /// Makes room for `tables` more table headers in the map before the
+    /// MMU lock is taken, so that linking under it never grows the map.
+    /// The common case reads one counter: the map is locked only when its
+    /// headroom falls below what every thread could need at once.
+    pub(super) fn reserve_tables(&self, tables: usize) {
+        // This caller's tables, and a full walk for each thread that may be
+        // linking at the same time.
+        let wanted = tables + TABLES_PER_FAULT * RESERVE_THREADS;
+        if self.table_headroom.load(Ordering::Relaxed) >= wanted {
+            return;
+        }
+        let mut map = self.table_map();
+        map.reserve(wanted);
+        self.table_headroom
+            .store(map.capacity() - map.len(), Ordering::Relaxed);
+    }
+
+    /// Records the header of the table at `hpa`.
+    pub(super) fn insert_table(&self, hpa: u64, header: mmu_cache::SlabBox<TableHeader>) {
+        let mut map = self.table_map();
+        map.insert(hpa, header);
+        self.table_headroom
+            .store(map.capacity() - map.len(), Ordering::Relaxed);
+    }
+
+    /// Takes the header of the table at `hpa` out of the map.
+    pub(super) fn remove_table(&self, hpa: u64) -> Option<mmu_cache::SlabBox<TableHeader>> {
+        let mut map = self.table_map();
+        let header = map.remove(&hpa);
+        self.table_headroom
+            .store(map.capacity() - map.len(), Ordering::Relaxed);
+        header
     }
 
     // ----- translation and stats -----------------------------------------
@@ -835,12 +915,10 @@ impl TdpMmu {
 
     /// Leaf counts kept incrementally.
     pub fn page_stats(&self) -> PageStats {
-        let [pages_4k, pages_2m, pages_1g] =
-            self.stats.each_ref().map(|c| c.load(Ordering::Relaxed));
         PageStats {
-            pages_4k,
-            pages_2m,
-            pages_1g,
+            pages_4k: self.counters.leaves(Level::L4K),
+            pages_2m: self.counters.leaves(Level::L2M),
+            pages_1g: self.counters.leaves(Level::L1G),
         }
     }
 
@@ -905,19 +983,18 @@ impl TdpMmu {
     /// Work counters.
     pub fn counters(&self) -> MmuCounters {
         let c = &self.counters;
-        let get = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         MmuCounters {
-            faults: get(&c.faults),
-            retries: get(&c.retries),
-            splits: get(&c.splits),
-            lazy_splits: get(&c.lazy_splits),
-            split_fallbacks: get(&c.split_fallbacks),
-            lock_drops: get(&c.lock_drops),
-            tables_linked: get(&c.tables_linked),
-            tables_freed: get(&c.tables_freed),
-            external_leaked: get(&c.external_leaked),
-            memory_faults: get(&c.memory_faults),
-            conversions: get(&c.conversions),
+            faults: c.get(Count::Faults),
+            retries: c.get(Count::Retries),
+            splits: c.get(Count::Splits),
+            lazy_splits: c.get(Count::LazySplits),
+            split_fallbacks: c.get(Count::SplitFallbacks),
+            lock_drops: c.get(Count::LockDrops),
+            tables_linked: c.get(Count::TablesLinked),
+            tables_freed: c.get(Count::TablesFreed),
+            external_leaked: c.get(Count::ExternalLeaked),
+            memory_faults: c.get(Count::MemoryFaults),
+            conversions: c.get(Count::Conversions),
         }
     }
 }
@@ -946,9 +1023,7 @@ impl Drop for TdpMmu {
             for (_, mut header) in tables {
                 if let Some(external) = header.external.take() {
                     let _ = external.into_raw();
-                    self.counters
-                        .external_leaked
-                        .fetch_add(1, Ordering::Relaxed);
+                    self.counters.add(Count::ExternalLeaked, 1);
                 }
             }
         }

@@ -62,7 +62,7 @@ impl TdpMmu {
             }
             self.hooks.topup(Topup::Split { splits: capacity }, None)?;
             let budget = self.hooks.split_budget();
-            self.table_map().reserve(caches.tables.nr_free());
+            self.reserve_tables(caches.tables.nr_free());
             let guard = if exclusive {
                 SplitGuard::Exclusive(self.write_lock())
             } else {
@@ -83,11 +83,11 @@ impl TdpMmu {
                     Step::Split => {
                         splits += 1;
                         since_yield += 1;
-                        self.counters.splits.fetch_add(1, Ordering::Relaxed);
+                        self.counters.add(Count::Splits, 1);
                     }
                     Step::Skip(next) => cursor = next,
                     Step::Raced => {
-                        self.counters.retries.fetch_add(1, Ordering::Relaxed);
+                        self.counters.add(Count::Retries, 1);
                         break;
                     }
                 }
@@ -95,7 +95,7 @@ impl TdpMmu {
             drop(no_alloc);
             drop(guard);
             if cursor < end {
-                self.counters.lock_drops.fetch_add(1, Ordering::Relaxed);
+                self.counters.add(Count::LockDrops, 1);
                 std::thread::yield_now();
             }
         }
@@ -236,12 +236,12 @@ impl TdpMmu {
             page: Some(page),
             external,
         };
-        self.table_map().insert(hpa, header);
+        self.insert_table(hpa, header);
         // Release: the filled children are visible before the link.
         table[index].store(Entry::table(hpa).bits(), Ordering::Release);
-        self.stats[stat_index(level)].fetch_sub(1, Ordering::Relaxed);
-        self.stats[stat_index(below)].fetch_add(512, Ordering::Relaxed);
-        self.counters.tables_linked.fetch_add(1, Ordering::Relaxed);
+        self.counters.sub_leaves(level, 1);
+        self.counters.add_leaves(below, 512);
+        self.counters.add(Count::TablesLinked, 1);
         Ok(Some(hpa))
     }
 }

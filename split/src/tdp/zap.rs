@@ -69,7 +69,7 @@ impl TdpMmu {
                 hooks.remove_leaf(Gfn(gfn), level, entry)?;
                 *zapped += 1;
                 let old = Entry::from_bits(table[index].swap(ept::NON_PRESENT, Ordering::AcqRel));
-                self.stats[stat_index(level)].fetch_sub(1, Ordering::Relaxed);
+                self.counters.sub_leaves(level, 1);
                 // A write the log has not seen yet must not vanish with the leaf.
                 if old.has(DIRTY) {
                     self.log_zapped_dirty(gfn, level);
@@ -143,7 +143,7 @@ impl TdpMmu {
                     Err(_) => report.leaf_errors += 1,
                 }
                 table[index].store(ept::NON_PRESENT, Ordering::Release);
-                self.stats[stat_index(level)].fetch_sub(1, Ordering::Relaxed);
+                self.counters.sub_leaves(level, 1);
                 continue;
             }
             let below = level.below().expect("tables above 4K");
@@ -151,7 +151,7 @@ impl TdpMmu {
             self.teardown_table(tree, child, below, gfn, report);
             table[index].store(ept::NON_PRESENT, Ordering::Release);
             self.table_generation.fetch_add(1, Ordering::Relaxed);
-            let Some(mut header) = self.table_map().remove(&child) else {
+            let Some(mut header) = self.remove_table(child) else {
                 continue;
             };
             if hooks
@@ -162,13 +162,11 @@ impl TdpMmu {
                 // The external side may still own it: never back to the host.
                 let _ = external.into_raw();
                 report.external_leaked += 1;
-                self.counters
-                    .external_leaked
-                    .fetch_add(1, Ordering::Relaxed);
+                self.counters.add(Count::ExternalLeaked, 1);
             }
             drop(header);
             report.tables += 1;
-            self.counters.tables_freed.fetch_add(1, Ordering::Relaxed);
+            self.counters.add(Count::TablesFreed, 1);
         }
     }
 
@@ -187,9 +185,9 @@ impl TdpMmu {
     }
 
     fn free_table(&self, hpa: u64) {
-        let header = self.table_map().remove(&hpa);
+        let header = self.remove_table(hpa);
         debug_assert!(header.is_some(), "table {hpa:#x} has no header");
         drop(header);
-        self.counters.tables_freed.fetch_add(1, Ordering::Relaxed);
+        self.counters.add(Count::TablesFreed, 1);
     }
 }
