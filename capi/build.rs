@@ -16,8 +16,27 @@ fn main() {
         .with_config(config)
         .generate()
         .expect("cbindgen generates the header");
-    bindings.write_to_file(&out);
+    let mut text = Vec::new();
+    bindings.write(&mut text);
+    let text = c89_comments(&String::from_utf8(text).expect("cbindgen writes UTF-8"));
+    std::fs::write(&out, &text).expect("writing the header into OUT_DIR");
     if std::env::var_os("MMUKIT_WRITE_HEADER").is_some_and(|v| v == "1") {
-        bindings.write_to_file(crate_dir.join("../include/mmukit.h"));
+        std::fs::write(crate_dir.join("../include/mmukit.h"), &text)
+            .expect("writing include/mmukit.h");
     }
+}
+
+/// cbindgen's C++ guards carry `//` comments, which C89 does not have.
+fn c89_comments(header: &str) -> String {
+    header
+        .lines()
+        .map(|line| match line.split_once("// ") {
+            Some((code, comment)) if !code.trim().is_empty() => {
+                format!("{}/* {} */", code, comment.trim_end())
+            }
+            _ => line.to_string(),
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+        + "\n"
 }

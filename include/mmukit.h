@@ -4,7 +4,25 @@
  * Every function returns 0 or a negative errno unless documented
  * otherwise, never unwinds into C, and treats NULL handles and misaligned
  * pointers as -EINVAL. Handles come from *_new / *_create and go back with
- * *_destroy (destroy of NULL does nothing).
+ * *_destroy (destroy of NULL does nothing). The header compiles as C89
+ * (with <stdint.h> and <stdbool.h>), C11 and C++.
+ *
+ * Thread safety, per handle:
+ * - struct mmukit_cache: one thread at a time (it is a vCPU's cache); the
+ *   caller's page allocator callbacks may be called from any thread.
+ * - struct mmukit_gmem: any thread, concurrently; conversions must not
+ *   race guest accesses to the converted range.
+ * - struct mmukit_tdp_mmu: any thread, concurrently: faults, accesses,
+ *   translations and attribute changes may run at once (the built-in vCPU
+ *   context is shared and serialized); destroy only when no call runs.
+ * - struct mmukit_tdx: as its MMU (mmukit_tdx_mmu).
+ *
+ * ABI policy: the soname is libmmukit.so.MAJOR (MMUKIT_VERSION_MAJOR).
+ * Within a major version functions are only added, never removed or
+ * changed, and a config struct only grows at its end: callers set its
+ * struct_size to sizeof(the struct) as they compiled it; a library reads
+ * what it knows and refuses unknown non-zero fields with -E2BIG. A new
+ * major version may break all of this and is a new soname.
  */
 
 #ifndef MMUKIT_H
@@ -14,446 +32,630 @@
 #include <stddef.h>
 #include <stdint.h>
 
-// Backend: shared anonymous memory.
+/*
+ The major version this header describes; `libmmukit.so.MAJOR` is the
+ soname, and the ABI only grows within a major version.
+ */
+#define MMUKIT_VERSION_MAJOR 0
+
+/*
+ The minor version this header describes.
+ */
+#define MMUKIT_VERSION_MINOR 1
+
+/*
+ The patch version this header describes.
+ */
+#define MMUKIT_VERSION_PATCH 0
+
+/*
+ Backend: shared anonymous memory.
+ */
 #define MMUKIT_GMEM_ANONYMOUS 0
 
-// Backend: memfd.
+/*
+ Backend: memfd.
+ */
 #define MMUKIT_GMEM_MEMFD 1
 
-// Backend: HugeTLB memfd (`huge_page_size_log2` 21 or 30).
+/*
+ Backend: HugeTLB memfd (`huge_page_size_log2` 21 or 30).
+ */
 #define MMUKIT_GMEM_HUGETLB 2
 
-// Backend: memfd_secret.
+/*
+ Backend: memfd_secret.
+ */
 #define MMUKIT_GMEM_SECRET 3
 
-// Backend: KVM guest_memfd (on a VM the library creates, or on the
-// caller's with `mmukit_gmem_create_on_vm`).
+/*
+ Backend: KVM guest_memfd (on a VM the library creates, or on the
+ caller's with `mmukit_gmem_create_on_vm`).
+ */
 #define MMUKIT_GMEM_GUEST_MEMFD 4
 
-// VM type: every frame shared (`KVM_X86_DEFAULT_VM`).
+/*
+ VM type: every frame shared (`KVM_X86_DEFAULT_VM`).
+ */
 #define MMUKIT_VM_DEFAULT 0
 
-// VM type: per-frame memory attributes and private memory
-// (`KVM_X86_SW_PROTECTED_VM`).
+/*
+ VM type: per-frame memory attributes and private memory
+ (`KVM_X86_SW_PROTECTED_VM`).
+ */
 #define MMUKIT_VM_SW_PROTECTED 1
 
-// `KVM_MEMORY_ATTRIBUTE_PRIVATE`: the attribute bit of private memory.
+/*
+ `KVM_MEMORY_ATTRIBUTE_PRIVATE`: the attribute bit of private memory.
+ */
 #define MMUKIT_MEMORY_ATTRIBUTE_PRIVATE (1 << 3)
 
-// `KVM_MEMORY_EXIT_FLAG_PRIVATE`: a memory fault of a private access.
+/*
+ `KVM_MEMORY_EXIT_FLAG_PRIVATE`: a memory fault of a private access.
+ */
 #define MMUKIT_MEMORY_EXIT_FLAG_PRIVATE (1 << 3)
 
-// Access kind: what the VM type says (a TD: the GPA's shared bit; a
-// software-protected VM: the frame's attribute; otherwise shared).
+/*
+ Access kind: what the VM type says (a TD: the GPA's shared bit; a
+ software-protected VM: the frame's attribute; otherwise shared).
+ */
 #define MMUKIT_ACCESS_AUTO 0
 
-// Access kind: shared, as the hardware flags it.
+/*
+ Access kind: shared, as the hardware flags it.
+ */
 #define MMUKIT_ACCESS_SHARED 1
 
-// Access kind: private (`PFERR_PRIVATE_ACCESS`).
+/*
+ Access kind: private (`PFERR_PRIVATE_ACCESS`).
+ */
 #define MMUKIT_ACCESS_PRIVATE 2
 
-// PAMT policy: PAMT for S-EPT pages just before they go to the module.
+/*
+ PAMT policy: PAMT for S-EPT pages just before they go to the module.
+ */
 #define MMUKIT_PAMT_ON_INSTALL 0
 
-// PAMT policy: PAMT for S-EPT pages when they enter the MMU's cache.
+/*
+ PAMT policy: PAMT for S-EPT pages when they enter the MMU's cache.
+ */
 #define MMUKIT_PAMT_ON_CACHE_ENTRY 1
 
-// A memory cache (opaque). One thread at a time.
-//
-// Who owns a page from `mmukit_cache_alloc`: with the caller's allocator,
-// the caller (free it with that allocator); with the built-in one
-// (`allocator = NULL`), the cache, which lends it until
-// `mmukit_cache_free_page` gives it back or `mmukit_cache_destroy` frees
-// it with every other page of the cache.
+/*
+ A memory cache (opaque). One thread at a time.
+
+ Who owns a page from `mmukit_cache_alloc`: with the caller's allocator,
+ the caller (free it with that allocator); with the built-in one
+ (`allocator = NULL`), the cache, which lends it until
+ `mmukit_cache_free_page` gives it back or `mmukit_cache_destroy` frees
+ it with every other page of the cache.
+ */
 struct mmukit_cache;
 
-// A guest memory file (opaque).
+/*
+ A guest memory file (opaque).
+ */
 struct mmukit_gmem;
 
-// A software TDP MMU (opaque). Faults, accesses and attribute changes may
-// come from several threads at once; the handle serializes its one
-// built-in vCPU context.
+/*
+ A software TDP MMU (opaque). Faults, accesses and attribute changes may
+ come from several threads at once; the handle serializes its one
+ built-in vCPU context.
+ */
 struct mmukit_tdp_mmu;
 
-// A TD: a mirror TDP MMU over the software TDX module (opaque).
+/*
+ A TD: a mirror TDP MMU over the software TDX module (opaque).
+ */
 struct mmukit_tdx;
 
-// A page allocator supplied by the caller.
+/*
+ A page allocator supplied by the caller.
+ */
 struct mmukit_page_allocator {
-  // Passed back to both callbacks.
+  /*
+   Passed back to both callbacks.
+   */
   void *opaque;
-  // Returns the address of a 4 KiB-aligned page, or 0 when none is left.
+  /*
+   Returns the address of a 4 KiB-aligned page, or 0 when none is left.
+   */
   uint64_t (*page_get)(void *opaque);
-  // Takes back a page `page_get` returned.
+  /*
+   Takes back a page `page_get` returned.
+   */
   void (*page_free)(void *opaque, uint64_t page);
 };
 
-// How a cache is made.
+/*
+ How a cache is made.
+ */
 struct mmukit_cache_config {
-  // Objects per fill; 0 means the default (40). Fixed at the first topup.
+  /*
+   `sizeof(struct mmukit_cache_config)` as the caller compiled it.
+   */
+  uint32_t struct_size;
+  /*
+   Objects per fill; 0 means the default (40). Fixed at the first topup.
+   */
   uint32_t capacity;
-  // Zero-fill new pages.
+  /*
+   Zero-fill new pages.
+   */
   bool zero;
-  // Fill every 64-bit word of new pages with this value when non-zero
-  // (with `zero` too, topup answers -EINVAL).
+  /*
+   Fill every 64-bit word of new pages with this value when non-zero
+   (with `zero` too, topup answers -EINVAL).
+   */
   uint64_t init_value;
-  // The page allocator; NULL means the built-in one.
+  /*
+   The page allocator; NULL means the built-in one.
+   */
   const struct mmukit_page_allocator *allocator;
 };
 
-// How a guest memory file is made.
+/*
+ How a guest memory file is made. Set `struct_size` to
+ `sizeof(struct mmukit_gmem_config)`: the struct may grow at its end.
+ */
 struct mmukit_gmem_config {
-  // One of `MMUKIT_GMEM_*`.
+  /*
+   `sizeof(struct mmukit_gmem_config)` as the caller compiled it.
+   */
+  uint32_t struct_size;
+  /*
+   One of `MMUKIT_GMEM_*`.
+   */
   uint32_t backend;
-  // Size in bytes.
+  /*
+   Size in bytes.
+   */
   uint64_t size;
-  // `GUEST_MEMFD_FLAG_*` bits (MMAP = 1, INIT_SHARED = 2, NO_DIRECT_MAP = 4).
+  /*
+   `GUEST_MEMFD_FLAG_*` bits (MMAP = 1, INIT_SHARED = 2, NO_DIRECT_MAP = 4).
+   */
   uint64_t flags;
-  // HugeTLB page size as log2; 0 for other backends.
+  /*
+   HugeTLB page size as log2; 0 for other backends.
+   */
   uint8_t huge_page_size_log2;
 };
 
-// A memory-fault exit, as `kvm_run.memory_fault`: the access's kind
-// differs from the memory's attribute (or a private access found no
-// private memory). Convert the range and access again.
+/*
+ A memory-fault exit, as `kvm_run.memory_fault`: the access's kind
+ differs from the memory's attribute (or a private access found no
+ private memory). Convert the range and access again.
+ */
 struct mmukit_memory_fault {
-  // `MMUKIT_MEMORY_EXIT_FLAG_PRIVATE` for a private access, else 0.
+  /*
+   `MMUKIT_MEMORY_EXIT_FLAG_PRIVATE` for a private access, else 0.
+   */
   uint64_t flags;
-  // The address, as the guest used it.
+  /*
+   The address, as the guest used it.
+   */
   uint64_t gpa;
-  // The size of the range to convert.
+  /*
+   The size of the range to convert.
+   */
   uint64_t size;
 };
 
-// Leaf counts.
+/*
+ Leaf counts.
+ */
 struct mmukit_mmu_stats {
-  // 4K leaves.
+  /*
+   4K leaves.
+   */
   uint64_t pages_4k;
-  // 2M leaves.
+  /*
+   2M leaves.
+   */
   uint64_t pages_2m;
-  // 1G leaves.
+  /*
+   1G leaves.
+   */
   uint64_t pages_1g;
 };
 
 #ifdef __cplusplus
 extern "C" {
-#endif // __cplusplus
+#endif /* __cplusplus */
 
-// A static message for an errno value given positive or negative.
-//
-// The string is NUL-terminated, static, and never freed.
+/*
+ The library's version, `MAJOR.MINOR.PATCH` (static, NUL-terminated).
+ */
+const char *mmukit_version(void);
+
+/*
+ A static message for an errno value given positive or negative.
+
+ The string is NUL-terminated, static, and never freed.
+ */
 const char *mmukit_strerror(int code);
 
-// Creates a cache; `*out` receives the handle.
-//
-// # Safety
-//
-// `config` and `out` must be valid pointers (or NULL, which gives -EINVAL);
-// `config->allocator`, when not NULL, must point to callbacks that stay
-// valid, and callable from any thread, for the cache's life.
+/*
+ Creates a cache; `*out` receives the handle.
+
+ # Safety
+
+ `config` and `out` must be valid pointers (or NULL, which gives -EINVAL);
+ `config->allocator`, when not NULL, must point to callbacks that stay
+ valid, and callable from any thread, for the cache's life.
+ */
 int mmukit_cache_new(const struct mmukit_cache_config *config, struct mmukit_cache **out);
 
-// Tops the cache up: nothing when it holds `min` pages, else fills to
-// capacity; -ENOMEM when fewer than `min` could be had (it keeps them).
-//
-// # Safety
-//
-// `cache` must be a live handle (or NULL: -EINVAL), used by one thread at a time.
+/*
+ Tops the cache up: nothing when it holds `min` pages, else fills to
+ capacity; -ENOMEM when fewer than `min` could be had (it keeps them).
+
+ # Safety
+
+ `cache` must be a live handle (or NULL: -EINVAL), used by one thread at a time.
+ */
 int mmukit_cache_topup(struct mmukit_cache *cache, uint32_t min);
 
-// Pops a page into `*page_out`; never calls the allocator (an empty cache
-// answers -ENOMEM). With the caller's allocator the page is the caller's
-// from now on, freed through that allocator; with the built-in one the
-// cache lends it: give it back with `mmukit_cache_free_page` (it is freed
-// with the cache otherwise, and must not be used after
-// `mmukit_cache_destroy`).
-//
-// # Safety
-//
-// `cache` must be a live handle; `page_out` a valid, aligned pointer.
+/*
+ Pops a page into `*page_out`; never calls the allocator (an empty cache
+ answers -ENOMEM). With the caller's allocator the page is the caller's
+ from now on, freed through that allocator; with the built-in one the
+ cache lends it: give it back with `mmukit_cache_free_page` (it is freed
+ with the cache otherwise, and must not be used after
+ `mmukit_cache_destroy`).
+
+ # Safety
+
+ `cache` must be a live handle; `page_out` a valid, aligned pointer.
+ */
 int mmukit_cache_alloc(struct mmukit_cache *cache, uint64_t *page_out);
 
-// Gives back `page`, lent by `mmukit_cache_alloc` from the built-in
-// allocator: it returns to the allocator and must not be used again.
-// -EINVAL for a page the cache did not lend (a page of the caller's own
-// allocator is freed with that allocator).
-//
-// # Safety
-//
-// `cache` must be a live handle.
+/*
+ Gives back `page`, lent by `mmukit_cache_alloc` from the built-in
+ allocator: it returns to the allocator and must not be used again.
+ -EINVAL for a page the cache did not lend (a page of the caller's own
+ allocator is freed with that allocator).
+
+ # Safety
+
+ `cache` must be a live handle.
+ */
 int mmukit_cache_free_page(struct mmukit_cache *cache, uint64_t page);
 
-// Pages lent by the cache from the built-in allocator and not given back
-// (0 for NULL).
-//
-// # Safety
-//
-// `cache` must be a live handle or NULL.
+/*
+ Pages lent by the cache from the built-in allocator and not given back
+ (0 for NULL).
+
+ # Safety
+
+ `cache` must be a live handle or NULL.
+ */
 uint64_t mmukit_cache_pages_lent(const struct mmukit_cache *cache);
 
-// Pages cached now (0 for NULL).
-//
-// # Safety
-//
-// `cache` must be a live handle or NULL.
+/*
+ Pages cached now (0 for NULL).
+
+ # Safety
+
+ `cache` must be a live handle or NULL.
+ */
 uint32_t mmukit_cache_nr_free(const struct mmukit_cache *cache);
 
-// Returns every cached page to the allocator; the capacity may change at
-// the next topup.
-//
-// # Safety
-//
-// `cache` must be a live handle.
+/*
+ Returns every cached page to the allocator; the capacity may change at
+ the next topup.
+
+ # Safety
+
+ `cache` must be a live handle.
+ */
 int mmukit_cache_free_all(struct mmukit_cache *cache);
 
-// Destroys the cache, returning its cached pages, and the pages it lent
-// from the built-in allocator, to the allocator.
-//
-// # Safety
-//
-// `cache` must be a live handle or NULL; it is invalid afterwards.
+/*
+ Destroys the cache, returning its cached pages, and the pages it lent
+ from the built-in allocator, to the allocator.
+
+ # Safety
+
+ `cache` must be a live handle or NULL; it is invalid afterwards.
+ */
 void mmukit_cache_destroy(struct mmukit_cache *cache);
 
-// Creates a guest memory file; `*out` receives the handle. A guest_memfd
-// is made on a VM the library creates, which the caller cannot reach; use
-// `mmukit_gmem_create_on_vm` to make and bind it on the caller's VM.
-//
-// # Safety
-//
-// `config` and `out` must be valid pointers (or NULL: -EINVAL).
+/*
+ Creates a guest memory file; `*out` receives the handle. A guest_memfd
+ is made on a VM the library creates, which the caller cannot reach; use
+ `mmukit_gmem_create_on_vm` to make and bind it on the caller's VM.
+
+ # Safety
+
+ `config` and `out` must be valid pointers (or NULL: -EINVAL).
+ */
 int mmukit_gmem_create(const struct mmukit_gmem_config *config, struct mmukit_gmem **out);
 
-// Creates a guest memory file for the caller's VM `vm_fd` (of KVM type
-// `vm_type`, `KVM_CREATE_VM`'s argument): a guest_memfd is made on that
-// VM, and `mmukit_gmem_bind` binds the file as a memslot of it, with
-// gmem's checks (guest_memfd is per VM: a file made on another VM cannot
-// be bound). The library duplicates `vm_fd`; the caller keeps its own.
-// -EINVAL when `vm_fd` is not a KVM VM.
-//
-// # Safety
-//
-// `config` and `out` must be valid pointers (or NULL: -EINVAL).
+/*
+ Creates a guest memory file for the caller's VM `vm_fd` (of KVM type
+ `vm_type`, `KVM_CREATE_VM`'s argument): a guest_memfd is made on that
+ VM, and `mmukit_gmem_bind` binds the file as a memslot of it, with
+ gmem's checks (guest_memfd is per VM: a file made on another VM cannot
+ be bound). The library duplicates `vm_fd`; the caller keeps its own.
+ -EINVAL when `vm_fd` is not a KVM VM.
+
+ # Safety
+
+ `config` and `out` must be valid pointers (or NULL: -EINVAL).
+ */
 int mmukit_gmem_create_on_vm(int vm_fd, uint64_t vm_type, const struct mmukit_gmem_config *config, struct mmukit_gmem **out);
 
-// Binds `[file_offset, file_offset + size)` of the file as memslot `slot`
-// at `guest_addr` of its VM (`KVM_SET_USER_MEMORY_REGION2`; a guest_memfd
-// with `KVM_MEM_GUEST_MEMFD` and its own mapping as the userspace
-// address), after gmem's checks, which answer with the kernel's errno.
-// `flags` takes `KVM_MEM_LOG_DIRTY_PAGES` (1) and `KVM_MEM_READONLY` (2).
-// -ENOTSUP for a file with no VM (made by `mmukit_gmem_create` on a
-// backend other than guest_memfd).
-//
-// # Safety
-//
-// `gmem` must be a live handle.
+/*
+ Binds `[file_offset, file_offset + size)` of the file as memslot `slot`
+ at `guest_addr` of its VM (`KVM_SET_USER_MEMORY_REGION2`; a guest_memfd
+ with `KVM_MEM_GUEST_MEMFD` and its own mapping as the userspace
+ address), after gmem's checks, which answer with the kernel's errno.
+ `flags` takes `KVM_MEM_LOG_DIRTY_PAGES` (1) and `KVM_MEM_READONLY` (2).
+ -ENOTSUP for a file with no VM (made by `mmukit_gmem_create` on a
+ backend other than guest_memfd).
+
+ # Safety
+
+ `gmem` must be a live handle.
+ */
 int mmukit_gmem_bind(struct mmukit_gmem *gmem, uint32_t slot, uint64_t guest_addr, uint64_t size, uint64_t file_offset, uint32_t flags);
 
-// Deletes memslot `slot` that `mmukit_gmem_bind` made.
-//
-// # Safety
-//
-// `gmem` must be a live handle.
+/*
+ Deletes memslot `slot` that `mmukit_gmem_bind` made.
+
+ # Safety
+
+ `gmem` must be a live handle.
+ */
 int mmukit_gmem_unbind(struct mmukit_gmem *gmem, uint32_t slot);
 
-// `fallocate(2)` with guest_memfd's rules (`mode` takes FALLOC_FL_* bits).
-//
-// # Safety
-//
-// `gmem` must be a live handle.
+/*
+ `fallocate(2)` with guest_memfd's rules (`mode` takes FALLOC_FL_* bits).
+
+ # Safety
+
+ `gmem` must be a live handle.
+ */
 int mmukit_gmem_fallocate(struct mmukit_gmem *gmem, int mode, uint64_t offset, uint64_t len);
 
-// Converts `[offset, offset + len)` to private (host views fault) or shared.
-//
-// # Safety
-//
-// `gmem` must be a live handle; no access may race with the conversion.
+/*
+ Converts `[offset, offset + len)` to private (host views fault) or shared.
+
+ # Safety
+
+ `gmem` must be a live handle; no access may race with the conversion.
+ */
 int mmukit_gmem_convert(struct mmukit_gmem *gmem, uint64_t offset, uint64_t len, bool to_private);
 
-// The file descriptor (owned by the handle), or -ENOTSUP for anonymous memory.
-//
-// # Safety
-//
-// `gmem` must be a live handle.
+/*
+ The file descriptor (owned by the handle), or -ENOTSUP for anonymous memory.
+
+ # Safety
+
+ `gmem` must be a live handle.
+ */
 int mmukit_gmem_fd(const struct mmukit_gmem *gmem);
 
-// The address of a host view of the whole file (made at the first call,
-// unmapped by destroy); private pages in it fault.
-//
-// # Safety
-//
-// `gmem` must be a live handle; `addr_out` a valid, aligned pointer.
+/*
+ The address of a host view of the whole file (made at the first call,
+ unmapped by destroy); private pages in it fault.
+
+ # Safety
+
+ `gmem` must be a live handle; `addr_out` a valid, aligned pointer.
+ */
 int mmukit_gmem_host_addr(struct mmukit_gmem *gmem, uint64_t *addr_out);
 
-// Populates the whole file with `threads` threads.
-//
-// # Safety
-//
-// `gmem` must be a live handle.
+/*
+ Populates the whole file with `threads` threads.
+
+ # Safety
+
+ `gmem` must be a live handle.
+ */
 int mmukit_gmem_prefault(struct mmukit_gmem *gmem, uint32_t threads);
 
-// Destroys the file and its view.
-//
-// # Safety
-//
-// `gmem` must be a live handle or NULL; it is invalid afterwards.
+/*
+ Destroys the file and its view.
+
+ # Safety
+
+ `gmem` must be a live handle or NULL; it is invalid afterwards.
+ */
 void mmukit_gmem_destroy(struct mmukit_gmem *gmem);
 
-// Creates a software TDP MMU with `levels` (4 or 5) levels.
-//
-// # Safety
-//
-// `out` must be a valid, aligned pointer.
+/*
+ Creates a software TDP MMU with `levels` (4 or 5) levels.
+
+ # Safety
+
+ `out` must be a valid, aligned pointer.
+ */
 int mmukit_tdp_mmu_new(uint8_t levels, bool eager_split, struct mmukit_tdp_mmu **out);
 
-// Creates a software TDP MMU for a VM of `vm_type` (`MMUKIT_VM_*`): a
-// software-protected VM has memory attributes and private memory.
-//
-// # Safety
-//
-// `out` must be a valid, aligned pointer.
+/*
+ Creates a software TDP MMU for a VM of `vm_type` (`MMUKIT_VM_*`): a
+ software-protected VM has memory attributes and private memory.
+
+ # Safety
+
+ `out` must be a valid, aligned pointer.
+ */
 int mmukit_tdp_mmu_new_vm(uint8_t levels, bool eager_split, uint32_t vm_type, struct mmukit_tdp_mmu **out);
 
-// Adds memslot `slot` with private memory: shared accesses map host frames
-// from `host_base_pfn`, private ones the pages of `file` from `offset`
-// (`KVM_SET_USER_MEMORY_REGION2` with a guest_memfd). The MMU keeps its
-// own reference to the file, so `file` may be destroyed first (-EINVAL for
-// a bad range, -EEXIST for an overlap).
-//
-// # Safety
-//
-// `mmu` and `file` must be live handles.
+/*
+ Adds memslot `slot` with private memory: shared accesses map host frames
+ from `host_base_pfn`, private ones the pages of `file` from `offset`
+ (`KVM_SET_USER_MEMORY_REGION2` with a guest_memfd). The MMU keeps its
+ own reference to the file, so `file` may be destroyed first (-EINVAL for
+ a bad range, -EEXIST for an overlap).
+
+ # Safety
+
+ `mmu` and `file` must be live handles.
+ */
 int mmukit_tdp_mmu_add_private_slot(struct mmukit_tdp_mmu *mmu, uint32_t slot, uint64_t base_gfn, uint64_t npages, uint64_t host_base_pfn, const struct mmukit_gmem *file, uint64_t offset);
 
-// `KVM_SET_MEMORY_ATTRIBUTES`: makes `npages` frames from `start_gfn`
-// private (`MMUKIT_MEMORY_ATTRIBUTE_PRIVATE`) or shared (0). Their old
-// mappings are zapped first (a TD's private huge leaf split at the edges),
-// and the bound guest memory files convert too (splitting or merging
-// HugeTLB pages). -EINVAL for unknown bits, an empty or too wide range, or
-// a VM without private memory.
-//
-// # Safety
-//
-// `mmu` must be a live handle.
+/*
+ `KVM_SET_MEMORY_ATTRIBUTES`: makes `npages` frames from `start_gfn`
+ private (`MMUKIT_MEMORY_ATTRIBUTE_PRIVATE`) or shared (0). Their old
+ mappings are zapped first (a TD's private huge leaf split at the edges),
+ and the bound guest memory files convert too (splitting or merging
+ HugeTLB pages). -EINVAL for unknown bits, an empty or too wide range, or
+ a VM without private memory.
+
+ # Safety
+
+ `mmu` must be a live handle.
+ */
 int mmukit_tdp_mmu_set_memory_attributes(struct mmukit_tdp_mmu *mmu, uint64_t start_gfn, uint64_t npages, uint64_t attributes);
 
-// A software vCPU's access at `gpa` of `kind` (`MMUKIT_ACCESS_*`): the
-// hardware walk, and a fault on a miss. 0 with `*hpa` set; -EFAULT with
-// `*fault` set (when not NULL) for a memory-fault exit: convert the range
-// with `mmukit_tdp_mmu_set_memory_attributes` and access again.
-//
-// # Safety
-//
-// `mmu` must be a live handle; `hpa` a valid, aligned pointer; `fault`
-// NULL or a valid, aligned pointer.
+/*
+ A software vCPU's access at `gpa` of `kind` (`MMUKIT_ACCESS_*`): the
+ hardware walk, and a fault on a miss. 0 with `*hpa` set; -EFAULT with
+ `*fault` set (when not NULL) for a memory-fault exit: convert the range
+ with `mmukit_tdp_mmu_set_memory_attributes` and access again.
+
+ # Safety
+
+ `mmu` must be a live handle; `hpa` a valid, aligned pointer; `fault`
+ NULL or a valid, aligned pointer.
+ */
 int mmukit_tdp_mmu_access(struct mmukit_tdp_mmu *mmu, uint64_t gpa, bool write, uint32_t kind, uint64_t *hpa, struct mmukit_memory_fault *fault);
 
-// Adds memslot `slot`: `npages` guest frames from `base_gfn` on host frames
-// from `host_base_pfn`.
-//
-// # Safety
-//
-// `mmu` must be a live handle.
+/*
+ Adds memslot `slot`: `npages` guest frames from `base_gfn` on host frames
+ from `host_base_pfn`.
+
+ # Safety
+
+ `mmu` must be a live handle.
+ */
 int mmukit_tdp_mmu_add_slot(struct mmukit_tdp_mmu *mmu, uint32_t slot, uint64_t base_gfn, uint64_t npages, uint64_t host_base_pfn);
 
-// Handles a fault at `gpa` (-ENOENT when no slot holds it).
-//
-// # Safety
-//
-// `mmu` must be a live handle.
+/*
+ Handles a fault at `gpa` (-ENOENT when no slot holds it).
+
+ # Safety
+
+ `mmu` must be a live handle.
+ */
 int mmukit_tdp_mmu_fault(struct mmukit_tdp_mmu *mmu, uint64_t gpa, bool write);
 
-// Translates `gpa`: `*hpa` and `*level` (1 = 4K); -ENOENT when unmapped.
-//
-// # Safety
-//
-// `mmu` must be a live handle; `hpa` and `level` valid, aligned pointers.
+/*
+ Translates `gpa`: `*hpa` and `*level` (1 = 4K); -ENOENT when unmapped.
+
+ # Safety
+
+ `mmu` must be a live handle; `hpa` and `level` valid, aligned pointers.
+ */
 int mmukit_tdp_mmu_translate(const struct mmukit_tdp_mmu *mmu, uint64_t gpa, uint64_t *hpa, uint8_t *level);
 
-// Starts classic dirty logging on `slot` (eager split when configured).
-//
-// # Safety
-//
-// `mmu` must be a live handle.
+/*
+ Starts classic dirty logging on `slot` (eager split when configured).
+
+ # Safety
+
+ `mmu` must be a live handle.
+ */
 int mmukit_tdp_mmu_enable_dirty_log(struct mmukit_tdp_mmu *mmu, uint32_t slot);
 
-// Copies and clears the dirty log of `slot` into `bitmap` (`words` 64-bit
-// words; -EINVAL when too few for the slot).
-//
-// # Safety
-//
-// `mmu` must be a live handle; `bitmap` valid for `words` aligned words.
+/*
+ Copies and clears the dirty log of `slot` into `bitmap` (`words` 64-bit
+ words; -EINVAL when too few for the slot).
+
+ # Safety
+
+ `mmu` must be a live handle; `bitmap` valid for `words` aligned words.
+ */
 int mmukit_tdp_mmu_get_dirty_log(struct mmukit_tdp_mmu *mmu, uint32_t slot, uint64_t *bitmap, uintptr_t words);
 
-// Splits every huge leaf of `slot` down to 4K; returns the number of
-// splits (>= 0) or a negative errno.
-//
-// # Safety
-//
-// `mmu` must be a live handle.
+/*
+ Splits every huge leaf of `slot` down to 4K; returns the number of
+ splits (>= 0) or a negative errno.
+
+ # Safety
+
+ `mmu` must be a live handle.
+ */
 int mmukit_tdp_mmu_split(struct mmukit_tdp_mmu *mmu, uint32_t slot);
 
-// Leaf counts.
-//
-// # Safety
-//
-// `mmu` must be a live handle; `stats` a valid, aligned pointer.
+/*
+ Leaf counts.
+
+ # Safety
+
+ `mmu` must be a live handle; `stats` a valid, aligned pointer.
+ */
 int mmukit_tdp_mmu_stats(const struct mmukit_tdp_mmu *mmu, struct mmukit_mmu_stats *stats);
 
-// Destroys the MMU.
-//
-// # Safety
-//
-// `mmu` must be a live handle or NULL; it is invalid afterwards.
+/*
+ Destroys the MMU.
+
+ # Safety
+
+ `mmu` must be a live handle or NULL; it is invalid afterwards.
+ */
 void mmukit_tdp_mmu_destroy(struct mmukit_tdp_mmu *mmu);
 
-// Creates a finalized TD with `levels`-level S-EPT and a PAMT policy
-// (`MMUKIT_PAMT_*`). Every access maps the slots' host frames through the
-// mirror and the S-EPT; see [`mmukit_tdx_new_private`] for a TD with
-// shared and private memory.
-//
-// # Safety
-//
-// `out` must be a valid, aligned pointer.
+/*
+ Creates a finalized TD with `levels`-level S-EPT and a PAMT policy
+ (`MMUKIT_PAMT_*`). Every access maps the slots' host frames through the
+ mirror and the S-EPT; see [`mmukit_tdx_new_private`] for a TD with
+ shared and private memory.
+
+ # Safety
+
+ `out` must be a valid, aligned pointer.
+ */
 int mmukit_tdx_new(uint8_t levels, uint32_t pamt_policy, struct mmukit_tdx **out);
 
-// Creates a finalized TD with private memory: an access whose GPA has the
-// shared bit (47 with 4 levels, 51 with 5) is shared and maps the slot's
-// host frames in a shared tree the module never sees; any other is
-// private and maps the slot's guest memory file (see
-// `mmukit_tdp_mmu_add_private_slot`) through the mirror and the S-EPT.
-// Memory attributes start shared: make memory private with
-// `mmukit_tdp_mmu_set_memory_attributes`.
-//
-// # Safety
-//
-// `out` must be a valid, aligned pointer.
+/*
+ Creates a finalized TD with private memory: an access whose GPA has the
+ shared bit (47 with 4 levels, 51 with 5) is shared and maps the slot's
+ host frames in a shared tree the module never sees; any other is
+ private and maps the slot's guest memory file (see
+ `mmukit_tdp_mmu_add_private_slot`) through the mirror and the S-EPT.
+ Memory attributes start shared: make memory private with
+ `mmukit_tdp_mmu_set_memory_attributes`.
+
+ # Safety
+
+ `out` must be a valid, aligned pointer.
+ */
 int mmukit_tdx_new_private(uint8_t levels, uint32_t pamt_policy, struct mmukit_tdx **out);
 
-// The TD's MMU, for the `mmukit_tdp_mmu_*` calls (owned by the TD; do not
-// destroy it). NULL for a NULL TD.
-//
-// # Safety
-//
-// `tdx` must be a live handle or NULL.
+/*
+ The TD's MMU, for the `mmukit_tdp_mmu_*` calls (owned by the TD; do not
+ destroy it). NULL for a NULL TD.
+
+ # Safety
+
+ `tdx` must be a live handle or NULL.
+ */
 struct mmukit_tdp_mmu *mmukit_tdx_mmu(struct mmukit_tdx *tdx);
 
-// SEAMCALLs made so far and PAMT pages in use.
-//
-// # Safety
-//
-// `tdx` must be a live handle; the out pointers valid and aligned.
+/*
+ SEAMCALLs made so far and PAMT pages in use.
+
+ # Safety
+
+ `tdx` must be a live handle; the out pointers valid and aligned.
+ */
 int mmukit_tdx_counts(const struct mmukit_tdx *tdx, uint64_t *seamcalls, uint64_t *pamt_pages);
 
-// Tears the TD down (every page reclaimed) and destroys it.
-//
-// # Safety
-//
-// `tdx` must be a live handle or NULL; it is invalid afterwards.
+/*
+ Tears the TD down (every page reclaimed) and destroys it.
+
+ # Safety
+
+ `tdx` must be a live handle or NULL; it is invalid afterwards.
+ */
 void mmukit_tdx_destroy(struct mmukit_tdx *tdx);
 
 #ifdef __cplusplus
-}  // extern "C"
-#endif  // __cplusplus
+}  /* extern "C" */
+#endif  /* __cplusplus */
 
 #endif  /* MMUKIT_H */

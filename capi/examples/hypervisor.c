@@ -45,7 +45,7 @@ int main(void) {
     if (!arena.base)
         return 1;
     struct mmukit_page_allocator allocator = {&arena, arena_get, arena_free};
-    struct mmukit_cache_config config = {16, false, 0x8000000000000000ull, &allocator};
+    struct mmukit_cache_config config = {sizeof(struct mmukit_cache_config), 16, false, 0x8000000000000000ull, &allocator};
     struct mmukit_cache *cache;
     int err = mmukit_cache_new(&config, &cache);
     if (err) {

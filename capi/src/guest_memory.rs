@@ -17,10 +17,13 @@ pub const MMUKIT_GMEM_SECRET: u32 = 3;
 /// caller's with `mmukit_gmem_create_on_vm`).
 pub const MMUKIT_GMEM_GUEST_MEMFD: u32 = 4;
 
-/// How a guest memory file is made.
+/// How a guest memory file is made. Set `struct_size` to
+/// `sizeof(struct mmukit_gmem_config)`: the struct may grow at its end.
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct mmukit_gmem_config {
+    /// `sizeof(struct mmukit_gmem_config)` as the caller compiled it.
+    pub struct_size: u32,
     /// One of `MMUKIT_GMEM_*`.
     pub backend: u32,
     /// Size in bytes.
@@ -62,8 +65,12 @@ pub unsafe extern "C" fn mmukit_gmem_create(
         if config.is_null() || !config.is_aligned() {
             return -libc::EINVAL;
         }
-        // SAFETY: checked non-null and aligned.
-        let config = unsafe { *config };
+        // SAFETY: checked non-null and aligned; the caller's struct holds
+        // `struct_size` bytes.
+        let config = match unsafe { read_config(config) } {
+            Ok(config) => config,
+            Err(errno) => return errno,
+        };
         let vm = if config.backend == MMUKIT_GMEM_GUEST_MEMFD {
             match KvmVm::new() {
                 Ok(vm) => Some(vm),
@@ -98,8 +105,12 @@ pub unsafe extern "C" fn mmukit_gmem_create_on_vm(
         if config.is_null() || !config.is_aligned() || vm_fd < 0 {
             return -libc::EINVAL;
         }
-        // SAFETY: checked non-null and aligned.
-        let config = unsafe { *config };
+        // SAFETY: checked non-null and aligned; the caller's struct holds
+        // `struct_size` bytes.
+        let config = match unsafe { read_config(config) } {
+            Ok(config) => config,
+            Err(errno) => return errno,
+        };
         // SAFETY: the caller's open descriptor, borrowed for this call only
         // (the VM keeps a duplicate).
         let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(vm_fd) };

@@ -20,7 +20,10 @@
 //! ```
 //! use mmukit::*;
 //!
-//! let config = mmukit_cache_config { capacity: 0, zero: true, init_value: 0, allocator: std::ptr::null() };
+//! let config = mmukit_cache_config {
+//!     struct_size: std::mem::size_of::<mmukit_cache_config>() as u32,
+//!     capacity: 0, zero: true, init_value: 0, allocator: std::ptr::null(),
+//! };
 //! let mut cache = std::ptr::null_mut();
 //! // SAFETY: valid pointers; the cache is destroyed below.
 //! unsafe {
@@ -62,6 +65,77 @@ pub(crate) fn with_handle<T>(handle: *const T, body: impl FnOnce(&T) -> c_int) -
     })
 }
 
+/// Reads a configuration struct that may grow at its end. Its first field
+/// is `struct_size`, the caller's `sizeof`: a smaller size than this
+/// version's first release had is -EINVAL; a larger one (a newer header)
+/// is accepted when the bytes this version does not know are zero
+/// (-E2BIG otherwise), as the kernel's `copy_struct_from_user` does.
+///
+/// # Safety
+///
+/// `config` must be valid for reads of its first 4 bytes, and of
+/// `struct_size` bytes; `T` must be a `#[repr(C)]` struct whose first field
+/// is a `u32` and for which all-zero bytes are a valid value.
+unsafe fn read_config<T: Copy>(config: *const T) -> Result<T, c_int> {
+    let own = std::mem::size_of::<T>();
+    // SAFETY: the first field is a u32, readable per the caller.
+    let size = unsafe { config.cast::<u32>().read() } as usize;
+    if size < own_first_release_size::<T>() {
+        return Err(-libc::EINVAL);
+    }
+    let bytes = config.cast::<u8>();
+    if size > own {
+        // SAFETY: the caller's struct holds `size` bytes.
+        let extra = unsafe { std::slice::from_raw_parts(bytes.add(own), size - own) };
+        if extra.iter().any(|&b| b != 0) {
+            return Err(-libc::E2BIG);
+        }
+    }
+    let mut value = std::mem::MaybeUninit::<T>::zeroed();
+    // SAFETY: both hold at least `min(size, own)` bytes; zero bytes are a
+    // valid `T`, and the copied prefix is the caller's valid fields.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes, value.as_mut_ptr().cast::<u8>(), size.min(own));
+        Ok(value.assume_init())
+    }
+}
+
+/// The size of `T` in the first release of the ABI: every field it has now.
+fn own_first_release_size<T>() -> usize {
+    std::mem::size_of::<T>()
+}
+
+/// The library's version, `MAJOR.MINOR.PATCH` (static, NUL-terminated).
+#[unsafe(no_mangle)]
+pub extern "C" fn mmukit_version() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr().cast()
+}
+
+/// The major version this header describes; `libmmukit.so.MAJOR` is the
+/// soname, and the ABI only grows within a major version.
+pub const MMUKIT_VERSION_MAJOR: u32 = 0;
+/// The minor version this header describes.
+pub const MMUKIT_VERSION_MINOR: u32 = 1;
+/// The patch version this header describes.
+pub const MMUKIT_VERSION_PATCH: u32 = 0;
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_header_version_is_the_crate_version() {
+        let version = format!(
+            "{}.{}.{}",
+            super::MMUKIT_VERSION_MAJOR,
+            super::MMUKIT_VERSION_MINOR,
+            super::MMUKIT_VERSION_PATCH
+        );
+        assert_eq!(version, env!("CARGO_PKG_VERSION"));
+        // SAFETY: a static NUL-terminated string.
+        let c = unsafe { std::ffi::CStr::from_ptr(super::mmukit_version()) };
+        assert_eq!(c.to_str().unwrap(), version);
+    }
+}
+
 /// A static message for an errno value given positive or negative.
 ///
 /// The string is NUL-terminated, static, and never freed.
@@ -79,6 +153,7 @@ pub extern "C" fn mmukit_strerror(code: c_int) -> *const c_char {
         libc::EIO => b"internal error (a panic was caught)\0",
         libc::ENOSPC => b"no space left\0",
         libc::EEXIST => b"already exists\0",
+        libc::E2BIG => b"a newer struct with fields this library does not know\0",
         _ => b"unknown error\0",
     };
     message.as_ptr().cast()

@@ -23,6 +23,8 @@ pub struct mmukit_page_allocator {
 #[repr(C)]
 #[derive(Clone, Copy, Debug)]
 pub struct mmukit_cache_config {
+    /// `sizeof(struct mmukit_cache_config)` as the caller compiled it.
+    pub struct_size: u32,
     /// Objects per fill; 0 means the default (40). Fixed at the first topup.
     pub capacity: u32,
     /// Zero-fill new pages.
@@ -154,8 +156,12 @@ pub unsafe extern "C" fn mmukit_cache_new(
         if config.is_null() || out.is_null() || !out.is_aligned() || !config.is_aligned() {
             return -libc::EINVAL;
         }
-        // SAFETY: checked non-null and aligned; the caller vouches for it.
-        let config = unsafe { *config };
+        // SAFETY: checked non-null and aligned; the caller's struct holds
+        // `struct_size` bytes.
+        let config = match unsafe { read_config(config) } {
+            Ok(config) => config,
+            Err(errno) => return errno,
+        };
         let (pool, c_allocator) = if config.allocator.is_null() {
             (PagePool::new(ChunkAllocator::anonymous()), None)
         } else {

@@ -112,6 +112,48 @@ fn c_tests_and_the_example_pass_static_and_dynamic() {
 }
 
 #[test]
+fn the_header_compiles_as_c89_c11_and_cxx() {
+    let dir = std::env::temp_dir().join(format!("mmukit-header-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let source = dir.join("use.c");
+    std::fs::write(
+        &source,
+        "#include \"mmukit.h\"\n\
+         int main(void) { const char *v = mmukit_version(); return v[0] == 0; }\n",
+    )
+    .unwrap();
+    let include = root().join("include");
+    let mut compilers: Vec<(&str, Vec<&str>)> = vec![
+        ("cc", vec!["-std=c89", "-Wall", "-Wextra", "-Werror"]),
+        ("cc", vec!["-std=c11", "-pedantic", "-Wall", "-Wextra", "-Werror"]),
+    ];
+    if have("c++") {
+        compilers.push((
+            "c++",
+            vec!["-x", "c++", "-std=c++11", "-Wall", "-Wextra", "-Werror"],
+        ));
+    } else {
+        eprintln!("skip C++: no c++ compiler");
+    }
+    for (compiler, flags) in compilers {
+        let out = Command::new(compiler)
+            .args(&flags)
+            .arg("-I")
+            .arg(&include)
+            .arg("-fsyntax-only")
+            .arg(&source)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{compiler} {flags:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn the_committed_header_is_fresh() {
     let fresh = include_str!(concat!(env!("OUT_DIR"), "/mmukit.h"));
     let committed = std::fs::read_to_string(root().join("include/mmukit.h")).unwrap();
@@ -170,7 +212,7 @@ fn check_exports(source: &str, header: &str) -> usize {
             .lines()
             .rev()
             .nth(1)
-            .is_some_and(|l| l.trim_start().starts_with("//"));
+            .is_some_and(|l| l.trim_start().starts_with("*/"));
         assert!(documented, "{name} has no comment in the header");
     }
     exports

@@ -34,7 +34,7 @@ static void counting_free(void *opaque, uint64_t page) {
 int main(void) {
     struct counting counts = {0, 0, 0};
     struct mmukit_page_allocator allocator = {&counts, counting_get, counting_free};
-    struct mmukit_cache_config config = {0, false, 0, &allocator};
+    struct mmukit_cache_config config = {sizeof(struct mmukit_cache_config), 0, false, 0, &allocator};
     struct mmukit_cache *cache = NULL;
 
     CHECK(mmukit_cache_new(&config, &cache) == 0);
@@ -56,7 +56,7 @@ int main(void) {
     /* init_value fills every word; with zero too it is refused. */
     struct counting fill_counts = {0, 0, 0};
     struct mmukit_page_allocator fill_allocator = {&fill_counts, counting_get, counting_free};
-    struct mmukit_cache_config fill = {8, false, 0x8000000000000000ull, &fill_allocator};
+    struct mmukit_cache_config fill = {sizeof(struct mmukit_cache_config), 8, false, 0x8000000000000000ull, &fill_allocator};
     CHECK(mmukit_cache_new(&fill, &cache) == 0);
     CHECK(mmukit_cache_topup(cache, 1) == 0);
     CHECK(fill_counts.gets == 8);
@@ -68,7 +68,7 @@ int main(void) {
     mmukit_cache_destroy(cache);
     CHECK(fill_counts.frees == fill_counts.gets);
 
-    struct mmukit_cache_config both = {0, true, 1, NULL};
+    struct mmukit_cache_config both = {sizeof(struct mmukit_cache_config), 0, true, 1, NULL};
     CHECK(mmukit_cache_new(&both, &cache) == 0);
     CHECK(mmukit_cache_topup(cache, 1) == -EINVAL);
     mmukit_cache_destroy(cache);
@@ -76,7 +76,7 @@ int main(void) {
     /* A failing allocator: -ENOMEM when min is not met; what it got stays. */
     struct counting poor = {0, 0, 3};
     struct mmukit_page_allocator poor_allocator = {&poor, counting_get, counting_free};
-    struct mmukit_cache_config poor_config = {0, true, 0, &poor_allocator};
+    struct mmukit_cache_config poor_config = {sizeof(struct mmukit_cache_config), 0, true, 0, &poor_allocator};
     CHECK(mmukit_cache_new(&poor_config, &cache) == 0);
     CHECK(mmukit_cache_topup(cache, 5) == -ENOMEM);
     CHECK(mmukit_cache_nr_free(cache) == 3);
@@ -88,7 +88,7 @@ int main(void) {
     /* The built-in allocator: the cache lends its pages; they go back with
      * mmukit_cache_free_page (or with the cache), and a loop of 50000
      * allocations and frees does not grow the process. */
-    struct mmukit_cache_config builtin = {0, true, 0, NULL};
+    struct mmukit_cache_config builtin = {sizeof(struct mmukit_cache_config), 0, true, 0, NULL};
     CHECK(mmukit_cache_new(&builtin, &cache) == 0);
     CHECK(mmukit_cache_topup(cache, 1) == 0);
     CHECK(mmukit_cache_alloc(cache, &page) == 0);
@@ -114,7 +114,7 @@ int main(void) {
     mmukit_cache_destroy(cache);
     /* A page of the caller's own allocator is not the cache's to free. */
     struct mmukit_page_allocator own = {&counts, counting_get, counting_free};
-    struct mmukit_cache_config own_config = {0, false, 0, &own};
+    struct mmukit_cache_config own_config = {sizeof(struct mmukit_cache_config), 0, false, 0, &own};
     CHECK(mmukit_cache_new(&own_config, &cache) == 0);
     CHECK(mmukit_cache_topup(cache, 1) == 0);
     CHECK(mmukit_cache_alloc(cache, &page) == 0);
@@ -134,7 +134,7 @@ int main(void) {
     CHECK(mmukit_cache_free_all(NULL) == -EINVAL);
     mmukit_cache_destroy(NULL);
     struct mmukit_page_allocator half = {NULL, counting_get, NULL};
-    struct mmukit_cache_config half_config = {0, false, 0, &half};
+    struct mmukit_cache_config half_config = {sizeof(struct mmukit_cache_config), 0, false, 0, &half};
     CHECK(mmukit_cache_new(&half_config, &cache) == -EINVAL);
     CHECK(strlen(mmukit_strerror(-EINVAL)) > 0);
 

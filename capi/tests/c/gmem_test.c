@@ -16,9 +16,9 @@
 int main(void) {
     const uint64_t page = 4096, total = 4 * 4096;
     struct mmukit_gmem *gmem = NULL;
-    struct mmukit_gmem_config bad = {MMUKIT_GMEM_MEMFD, 4095, 3, 0};
+    struct mmukit_gmem_config bad = {sizeof(struct mmukit_gmem_config), MMUKIT_GMEM_MEMFD, 4095, 3, 0};
     CHECK(mmukit_gmem_create(&bad, &gmem) == -EINVAL);
-    struct mmukit_gmem_config config = {MMUKIT_GMEM_MEMFD, total, 3, 0};
+    struct mmukit_gmem_config config = {sizeof(struct mmukit_gmem_config), MMUKIT_GMEM_MEMFD, total, 3, 0};
     CHECK(mmukit_gmem_create(&config, &gmem) == 0);
     CHECK(mmukit_gmem_fd(gmem) >= 0);
 
@@ -51,14 +51,14 @@ int main(void) {
     mmukit_gmem_destroy(gmem);
 
     /* Without MMAP there is no host view. */
-    struct mmukit_gmem_config unmappable = {MMUKIT_GMEM_ANONYMOUS, total, 2, 0};
+    struct mmukit_gmem_config unmappable = {sizeof(struct mmukit_gmem_config), MMUKIT_GMEM_ANONYMOUS, total, 2, 0};
     CHECK(mmukit_gmem_create(&unmappable, &gmem) == 0);
     CHECK(mmukit_gmem_host_addr(gmem, &addr) == -ENODEV);
     CHECK(mmukit_gmem_fd(gmem) == -ENOTSUP);
     mmukit_gmem_destroy(gmem);
 
     CHECK(mmukit_gmem_create(NULL, &gmem) == -EINVAL);
-    struct mmukit_gmem_config unknown = {99, total, 3, 0};
+    struct mmukit_gmem_config unknown = {sizeof(struct mmukit_gmem_config), 99, total, 3, 0};
     CHECK(mmukit_gmem_create(&unknown, &gmem) == -EINVAL);
     CHECK(mmukit_gmem_fallocate(NULL, KEEP, 0, page) == -EINVAL);
     mmukit_gmem_destroy(NULL);

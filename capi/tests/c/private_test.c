@@ -11,7 +11,8 @@
 
 static struct mmukit_gmem *private_file(void) {
     struct mmukit_gmem_config config = {
-        .backend = MMUKIT_GMEM_MEMFD, .size = 4u << 20, .flags = 1 /* MMAP */,
+        .struct_size = sizeof(struct mmukit_gmem_config), .backend = MMUKIT_GMEM_MEMFD,
+        .size = 4u << 20, .flags = 1 /* MMAP */,
         .huge_page_size_log2 = 0,
     };
     struct mmukit_gmem *file = NULL;

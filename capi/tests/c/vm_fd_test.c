@@ -31,7 +31,8 @@ int main(void) {
     /* Not a VM: refused. */
     struct mmukit_gmem *gmem = NULL;
     struct mmukit_gmem_config config = {
-        MMUKIT_GMEM_GUEST_MEMFD, size, GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED, 0,
+        sizeof(struct mmukit_gmem_config), MMUKIT_GMEM_GUEST_MEMFD, size,
+        GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED, 0,
     };
     CHECK(mmukit_gmem_create_on_vm(kvm, 0, &config, &gmem) == -EINVAL);
     CHECK(mmukit_gmem_create_on_vm(-1, 0, &config, &gmem) == -EINVAL);
@@ -93,7 +94,7 @@ int main(void) {
     close(kvm);
 
     /* A file with no VM cannot be bound. */
-    struct mmukit_gmem_config plain = {MMUKIT_GMEM_MEMFD, size, 3, 0};
+    struct mmukit_gmem_config plain = {sizeof(struct mmukit_gmem_config), MMUKIT_GMEM_MEMFD, size, 3, 0};
     CHECK(mmukit_gmem_create(&plain, &gmem) == 0);
     CHECK(mmukit_gmem_bind(gmem, 0, 0, size, 0, 0) == -ENOTSUP);
     mmukit_gmem_destroy(gmem);
