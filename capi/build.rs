@@ -10,6 +10,10 @@ fn main() {
     println!("cargo:rerun-if-changed=src");
     println!("cargo:rerun-if-changed=cbindgen.toml");
     println!("cargo:rerun-if-env-changed=MMUKIT_WRITE_HEADER");
+    // The shared library's soname carries the major version: the ABI only
+    // grows within it (see the header's ABI policy).
+    let major = std::env::var("CARGO_PKG_VERSION_MAJOR").expect("set by cargo");
+    println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libmmukit.so.{major}");
     let config = cbindgen::Config::from_root_or_default(&crate_dir);
     let bindings = cbindgen::Builder::new()
         .with_crate(&crate_dir)

@@ -36,6 +36,11 @@ fn compile_and_run(source: &Path) {
     std::fs::create_dir_all(&out_dir).unwrap();
     let include = root().join("include");
     let common = ["-std=c11", "-Wall", "-Wextra", "-Werror", "-g"];
+    // The shared library's soname is libmmukit.so.MAJOR: the loader finds
+    // it through a link next to the binaries.
+    let soname = out_dir.join(format!("libmmukit.so.{}", env!("CARGO_PKG_VERSION_MAJOR")));
+    let _ = std::fs::remove_file(&soname);
+    std::os::unix::fs::symlink(lib.join("libmmukit.so"), &soname).unwrap();
     let static_bin = out_dir.join(format!("{stem}-static"));
     let dynamic_bin = out_dir.join(format!("{stem}-dynamic"));
     let status = Command::new("cc")
@@ -56,7 +61,7 @@ fn compile_and_run(source: &Path) {
         .arg(source)
         .arg("-L")
         .arg(&lib)
-        .arg(format!("-Wl,-rpath,{}", lib.display()))
+        .arg(format!("-Wl,-rpath,{}", out_dir.display()))
         .args(["-lmmukit", "-o"])
         .arg(&dynamic_bin)
         .status()
@@ -151,6 +156,88 @@ fn the_header_compiles_as_c89_c11_and_cxx() {
         );
     }
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn the_library_installs_with_a_soname_and_pkg_config_builds_a_program() {
+    if !have("pkg-config") {
+        panic!("the install test needs pkg-config (scripts/setup installs it)");
+    }
+    let prefix = std::env::temp_dir().join(format!("mmukit-prefix-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&prefix);
+    let status = Command::new(root().join("scripts/install-capi"))
+        .arg(&prefix)
+        .env("MMUKIT_CAPI_LIB_DIR", lib_dir())
+        .status()
+        .unwrap();
+    assert!(status.success(), "scripts/install-capi");
+    let version = env!("CARGO_PKG_VERSION");
+    let major = env!("CARGO_PKG_VERSION_MAJOR");
+    let lib = prefix.join("lib");
+    assert!(lib.join(format!("libmmukit.so.{version}")).is_file());
+    assert_eq!(
+        std::fs::read_link(lib.join(format!("libmmukit.so.{major}"))).unwrap(),
+        PathBuf::from(format!("libmmukit.so.{version}"))
+    );
+    if have("readelf") {
+        let out = Command::new("readelf")
+            .arg("-d")
+            .arg(lib.join(format!("libmmukit.so.{version}")))
+            .output()
+            .unwrap();
+        let dynamic = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            dynamic.contains(&format!("[libmmukit.so.{major}]")),
+            "no soname libmmukit.so.{major}: {dynamic}"
+        );
+    }
+    let pc_path = lib.join("pkgconfig");
+    let flags = Command::new("pkg-config")
+        .args(["--cflags", "--libs", "mmukit"])
+        .env("PKG_CONFIG_PATH", &pc_path)
+        .output()
+        .unwrap();
+    assert!(flags.status.success(), "{}", String::from_utf8_lossy(&flags.stderr));
+    let flags = String::from_utf8(flags.stdout).unwrap();
+    let modversion = Command::new("pkg-config")
+        .args(["--modversion", "mmukit"])
+        .env("PKG_CONFIG_PATH", &pc_path)
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&modversion.stdout).trim(), version);
+    let source = prefix.join("hello.c");
+    std::fs::write(
+        &source,
+        "#include <stdio.h>\n#include <string.h>\n#include <mmukit.h>\n\
+         int main(void) {\n\
+             struct mmukit_cache_config config = {sizeof config, 0, true, 0, NULL};\n\
+             struct mmukit_cache *cache = NULL;\n\
+             if (mmukit_cache_new(&config, &cache) != 0) return 1;\n\
+             if (mmukit_cache_topup(cache, 1) != 0) return 2;\n\
+             mmukit_cache_destroy(cache);\n\
+             puts(mmukit_version());\n\
+             return strcmp(mmukit_version(), \"0\") <= 0;\n\
+         }\n",
+    )
+    .unwrap();
+    let program = prefix.join("hello");
+    let status = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "cc -std=c11 -Wall -Wextra -Werror {} -o {} {flags}",
+            source.display(),
+            program.display()
+        ))
+        .status()
+        .unwrap();
+    assert!(status.success(), "building with pkg-config's flags");
+    let out = Command::new(&program)
+        .env("LD_LIBRARY_PATH", &lib)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), version);
+    let _ = std::fs::remove_dir_all(&prefix);
 }
 
 #[test]
