@@ -15,9 +15,14 @@ fn main() {
     let major = std::env::var("CARGO_PKG_VERSION_MAJOR").expect("set by cargo");
     println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libmmukit.so.{major}");
     let config = cbindgen::Config::from_root_or_default(&crate_dir);
-    let bindings = cbindgen::Builder::new()
-        .with_crate(&crate_dir)
+    // The sources alone, from lib.rs and the modules it declares (no
+    // `cargo metadata`, which a packaged crate whose mmukit dependencies are
+    // not yet on a registry cannot run): every type the header shows is
+    // defined in this crate.
+    let builder = cbindgen::Builder::new()
         .with_config(config)
+        .with_src(crate_dir.join("src/lib.rs"));
+    let bindings = builder
         .generate()
         .expect("cbindgen generates the header");
     let mut text = Vec::new();

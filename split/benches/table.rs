@@ -3,7 +3,7 @@
 //! guest memory covered), a memset of as many pages as tables created (the
 //! bandwidth bound), and a software dirty_log_perf_test with eager splitting
 //! on and off. `MMUKIT_BENCH_GIB` sets the slot size (default 16).
-//! Run with `cargo bench -p split --bench table`; add `-- scaling` for the
+//! Run with `cargo bench -p mmukit-split --bench table`; add `-- scaling` for the
 //! fault-scaling curve over 1, 2, 4 ... threads (see [`scaling`]).
 
 use split::{Gfn, Gpa, Pfn};

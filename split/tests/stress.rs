@@ -3,7 +3,7 @@
 //! across conversion boundaries. No write may be lost, stats must equal a
 //! recount, translations stay right, and nothing leaks.
 //!
-//! The suite runs it for 1 s; `MMUKIT_STRESS_SECS=600 cargo test -p split
+//! The suite runs it for 1 s; `MMUKIT_STRESS_SECS=600 cargo test -p mmukit-split
 //! --release --test stress` runs it for longer.
 
 mod common;
