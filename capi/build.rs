@@ -22,9 +22,7 @@ fn main() {
     let builder = cbindgen::Builder::new()
         .with_config(config)
         .with_src(crate_dir.join("src/lib.rs"));
-    let bindings = builder
-        .generate()
-        .expect("cbindgen generates the header");
+    let bindings = builder.generate().expect("cbindgen generates the header");
     let mut text = Vec::new();
     bindings.write(&mut text);
     let text = c89_comments(&String::from_utf8(text).expect("cbindgen writes UTF-8"));

@@ -130,7 +130,10 @@ fn the_header_compiles_as_c89_c11_and_cxx() {
     let include = root().join("include");
     let mut compilers: Vec<(&str, Vec<&str>)> = vec![
         ("cc", vec!["-std=c89", "-Wall", "-Wextra", "-Werror"]),
-        ("cc", vec!["-std=c11", "-pedantic", "-Wall", "-Wextra", "-Werror"]),
+        (
+            "cc",
+            vec!["-std=c11", "-pedantic", "-Wall", "-Wextra", "-Werror"],
+        ),
     ];
     if have("c++") {
         compilers.push((
@@ -197,7 +200,11 @@ fn the_library_installs_with_a_soname_and_pkg_config_builds_a_program() {
         .env("PKG_CONFIG_PATH", &pc_path)
         .output()
         .unwrap();
-    assert!(flags.status.success(), "{}", String::from_utf8_lossy(&flags.stderr));
+    assert!(
+        flags.status.success(),
+        "{}",
+        String::from_utf8_lossy(&flags.stderr)
+    );
     let flags = String::from_utf8(flags.stdout).unwrap();
     let modversion = Command::new("pkg-config")
         .args(["--modversion", "mmukit"])

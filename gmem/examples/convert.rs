@@ -18,7 +18,10 @@ fn main() -> Result<(), GmemError> {
     let guest = file.map_guest(0, 2 << 20)?;
     host.write_at(0x3000, b"shared data")?;
     file.convert(0x3000, 0x1000, Attribute::Private)?;
-    assert!(host.read_at(0x3000, &mut [0; 4]).is_err(), "private: the host faults");
+    assert!(
+        host.read_at(0x3000, &mut [0; 4]).is_err(),
+        "private: the host faults"
+    );
     let mut word = [0u8; 11];
     guest.read_at(0x3000, &mut word)?;
     assert_eq!(&word, b"shared data", "the guest still sees it");

@@ -474,18 +474,34 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        Self::parse(&text).map_err(|err| match err {
+        let mut config = Self::parse_unchecked(&text).map_err(|err| match err {
             ConfigError::Parse { message, .. } => ConfigError::Parse {
                 path: path.to_owned(),
                 message,
             },
             other => other,
-        })
+        })?;
+        // A binary named by a relative path lies next to the configuration.
+        if let Workload::Binary { path: binary, .. } = &mut config.workload
+            && binary.is_relative()
+            && let Some(dir) = path.parent()
+        {
+            *binary = dir.join(&*binary);
+        }
+        config.validate()?;
+        Ok(config)
     }
 
     /// Parses and checks configuration text: one JSON object, and nothing
     /// but white space after it.
     pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let config = Self::parse_unchecked(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses configuration text without the range and combination checks.
+    fn parse_unchecked(text: &str) -> Result<Self, ConfigError> {
         let parse_error = |message: String| ConfigError::Parse {
             path: PathBuf::from("<config>"),
             message,
@@ -520,7 +536,6 @@ impl Config {
                 }
             }
         }
-        config.validate()?;
         Ok(config)
     }
 

@@ -51,8 +51,9 @@ struct Counts {
 }
 
 /// The VM the threads share.
-struct ConvertVm {
+struct ConvertVm<'a> {
     vm: PrivateMemoryVm,
+    metrics: &'a Metrics,
     vm_type: VmType,
     shared_host: View,
     counts: Counts,
@@ -69,7 +70,7 @@ fn shared_pattern(gfn: u64, round: u64) -> u64 {
     !pattern(gfn, round)
 }
 
-impl ConvertVm {
+impl ConvertVm<'_> {
     fn mmu(&self) -> &TdpMmu {
         self.vm.mmu()
     }
@@ -125,6 +126,8 @@ impl ConvertVm {
             .vm
             .convert(Gfn(start), Gfn(end), to)
             .map_err(|err| format!("converting gfn {start:#x}..{end:#x} to {to}: {err}"))?;
+        tracing::trace!(start, end, %to, ?report, "conversion");
+        self.metrics.conversions.fetch_add(1, Ordering::Relaxed);
         let c = &self.counts;
         c.conversions.fetch_add(1, Ordering::Relaxed);
         if end - start < HUGE_PAGES {
@@ -225,6 +228,7 @@ impl ConvertVm {
 
     /// One vCPU's rounds over its huge pages `[first, first + count)`.
     fn vcpu(&self, id: u64, first: u64, count: u64, rounds: u32) -> Result<(), String> {
+        tracing::debug!(vcpu = id, "convert vCPU starts");
         let mut vcpu = self.mmu().new_vcpu_caches();
         let start = first * HUGE_PAGES;
         let end = (first + count) * HUGE_PAGES;
@@ -256,6 +260,14 @@ impl ConvertVm {
             self.private_pass(&mut vcpu, whole, whole_end, round)?;
         }
         vcpu.free_all();
+        let counters = self.mmu().counters();
+        self.metrics
+            .faults
+            .store(counters.faults, Ordering::Relaxed);
+        self.metrics
+            .splits
+            .store(counters.splits, Ordering::Relaxed);
+        tracing::debug!(vcpu = id, "convert vCPU done");
         Ok(())
     }
 }
@@ -345,6 +357,7 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
         .map_err(|err| RunError::Kvm(format!("making memory private: {err}")))?;
     let shared = ConvertVm {
         vm,
+        metrics,
         vm_type,
         shared_host,
         counts: Counts::default(),
@@ -414,6 +427,7 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
             pamt_pages: mirror.pamt().counters().pages_in_use,
         });
     if td.is_some() {
+        tracing::debug!("TD teardown");
         shared
             .mmu()
             .teardown()

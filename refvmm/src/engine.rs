@@ -67,6 +67,11 @@ pub fn create_memory(config: &Config, vm: Option<&Arc<KvmVm>>) -> Result<GuestMe
     } else {
         0
     };
+    tracing::debug!(
+        backend = config.memory.backend.name(),
+        size_mib = config.memory.size_mib,
+        "creating guest memory"
+    );
     GuestMemFile::create(
         &backend,
         GmemConfig {
@@ -128,7 +133,7 @@ pub fn prefault(config: &Config, file: &GuestMemFile) -> Result<Option<f64>, Run
     if let Some(bar) = bar {
         bar.finish_and_clear();
     }
-    tracing::info!(gib_s = report.gib_per_s(), "prefault done");
+    tracing::debug!(gib_s = report.gib_per_s(), "prefault done");
     Ok(Some(report.gib_per_s()))
 }
 

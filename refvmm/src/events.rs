@@ -23,12 +23,18 @@ pub struct Metrics {
     pub vcpu_exits: AtomicU64,
     /// Bytes written to the serial port.
     pub serial_bytes: AtomicU64,
-    /// Dirty-log passes finished (all vCPUs).
+    /// Dirty-log passes finished (all vCPUs), or convert vCPUs done.
     pub passes: AtomicU64,
+    /// Faults the software MMU handled.
+    pub faults: AtomicU64,
+    /// Huge pages the software MMU split (eagerly and lazily).
+    pub splits: AtomicU64,
+    /// Conversions between private and shared memory.
+    pub conversions: AtomicU64,
 }
 
-/// A point-in-time copy of [`Metrics`].
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// A point-in-time copy of [`Metrics`]: one line of `--metrics-file`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct MetricsSnapshot {
     /// vCPU exits handled.
     pub vcpu_exits: u64,
@@ -36,6 +42,45 @@ pub struct MetricsSnapshot {
     pub serial_bytes: u64,
     /// Dirty-log passes finished.
     pub passes: u64,
+    /// Faults the software MMU handled.
+    pub faults: u64,
+    /// Huge pages the software MMU split.
+    pub splits: u64,
+    /// Conversions between private and shared memory.
+    pub conversions: u64,
+}
+
+/// One line of the metrics file: the time since the run started, and the
+/// counters.
+#[derive(serde::Serialize)]
+struct MetricsLine {
+    elapsed_s: f64,
+    #[serde(flatten)]
+    metrics: MetricsSnapshot,
+}
+
+/// Where the live metrics go, one JSON object per line, as Firecracker's
+/// metrics file: every second and at the end of the run.
+struct MetricsFile {
+    file: std::io::BufWriter<std::fs::File>,
+    started: std::time::Instant,
+}
+
+impl MetricsFile {
+    fn write(&mut self, metrics: MetricsSnapshot) {
+        use std::io::Write;
+        let line = MetricsLine {
+            elapsed_s: self.started.elapsed().as_secs_f64(),
+            metrics,
+        };
+        let written = serde_json::to_writer(&mut self.file, &line)
+            .map_err(std::io::Error::other)
+            .and_then(|()| writeln!(self.file))
+            .and_then(|()| self.file.flush());
+        if let Err(err) = written {
+            tracing::warn!(%err, "writing the metrics file");
+        }
+    }
 }
 
 impl Metrics {
@@ -45,6 +90,9 @@ impl Metrics {
             vcpu_exits: self.vcpu_exits.load(Ordering::Relaxed),
             serial_bytes: self.serial_bytes.load(Ordering::Relaxed),
             passes: self.passes.load(Ordering::Relaxed),
+            faults: self.faults.load(Ordering::Relaxed),
+            splits: self.splits.load(Ordering::Relaxed),
+            conversions: self.conversions.load(Ordering::Relaxed),
         }
     }
 }
@@ -124,6 +172,7 @@ struct Controller {
     timer: TimerFd,
     metrics: Arc<Metrics>,
     live: Arc<ArcSwap<MetricsSnapshot>>,
+    metrics_file: Option<MetricsFile>,
     finished: bool,
 }
 
@@ -152,6 +201,9 @@ impl MutEventSubscriber for Controller {
             let _ = self.timer.wait();
             let snapshot = self.metrics.snapshot();
             self.live.store(Arc::new(snapshot));
+            if let Some(file) = &mut self.metrics_file {
+                file.write(snapshot);
+            }
             tracing::info!(
                 exits = snapshot.vcpu_exits,
                 serial = snapshot.serial_bytes,
@@ -164,9 +216,11 @@ impl MutEventSubscriber for Controller {
 
 /// Runs `work` on a thread while the main thread runs the event loop; the
 /// loop ends when the work does. Returns the work's result and the last
-/// metrics snapshot.
+/// metrics snapshot. With `metrics_file`, the live metrics are written to
+/// it as JSON lines every second and once more at the end.
 pub fn run_with_event_loop<T: Send>(
     metrics: Arc<Metrics>,
+    metrics_file: Option<std::fs::File>,
     work: impl FnOnce() -> T + Send,
 ) -> std::io::Result<(T, MetricsSnapshot)> {
     let live = Arc::new(ArcSwap::from_pointee(MetricsSnapshot::default()));
@@ -185,6 +239,10 @@ pub fn run_with_event_loop<T: Send>(
         timer,
         metrics: metrics.clone(),
         live: live.clone(),
+        metrics_file: metrics_file.map(|file| MetricsFile {
+            file: std::io::BufWriter::new(file),
+            started: std::time::Instant::now(),
+        }),
         finished: false,
     }));
     let mut manager: EventManager<Arc<Mutex<Controller>>> =
@@ -210,5 +268,12 @@ pub fn run_with_event_loop<T: Send>(
     SIGNAL_EVENT.store(-1, Ordering::Relaxed);
     let last = metrics.snapshot();
     live.store(Arc::new(last));
+    if let Some(file) = &mut controller
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .metrics_file
+    {
+        file.write(last);
+    }
     Ok((result, **live.load()))
 }

@@ -61,6 +61,7 @@ fn build(config: &Config) -> Result<Vm, RunError> {
             what: format!("memslot: {err}"),
             fix: "check the memory backend against the host's KVM (refvmm --check-host)".into(),
         })?;
+    tracing::debug!(slot = 0, bytes = file.size(), "memory bound as a memslot");
     Ok(Vm {
         vm,
         region,
@@ -310,7 +311,9 @@ pub fn run(
                 options.snapshot_dir.is_some() && matches!(workload, Workload::Counter);
             let mut serial_bytes = 0;
             events::register_vcpu_thread();
+            tracing::debug!(vcpu = 0, "vCPU starts");
             let exit = run_until_done(&mut vcpu, serial, &mut serial_bytes, snapshot_here, metrics);
+            tracing::debug!(vcpu = 0, ?exit, "vCPU stops");
             events::unregister_vcpu_thread();
             let exit = exit?;
             if exit == "checkpoint" {
@@ -400,6 +403,7 @@ fn dirty_log(
                     barrier.wait(); // the pass is done
                     barrier.wait(); // go on, or stop
                     if done.load(Ordering::Relaxed) {
+                        tracing::debug!("dirty-log vCPU stops");
                         events::unregister_vcpu_thread();
                         return;
                     }

@@ -57,6 +57,39 @@ struct Cli {
     /// Resume the guest saved in this snapshot directory.
     #[arg(long, value_name = "DIR")]
     restore: Option<PathBuf>,
+    /// Write logs to this file instead of stderr (level `debug` unless
+    /// RUST_LOG says otherwise).
+    #[arg(long, value_name = "PATH")]
+    log_file: Option<PathBuf>,
+    /// Write the live metrics (exits, serial bytes, passes, faults, splits,
+    /// conversions) to this file as JSON lines, every second and at the end.
+    #[arg(long, value_name = "PATH")]
+    metrics_file: Option<PathBuf>,
+}
+
+/// Logs to `log_file` (plain text) or to stderr (colours only on a
+/// terminal), filtered by RUST_LOG or else `default_level`.
+fn init_logs(log_file: Option<&std::path::Path>) -> Result<(), String> {
+    use std::io::IsTerminal;
+    let default_level = if log_file.is_some() { "debug" } else { "warn" };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match log_file {
+        Some(path) => {
+            let file = std::fs::File::create(path)
+                .map_err(|err| format!("--log-file {}: {err}", path.display()))?;
+            builder
+                .with_ansi(false)
+                .with_writer(std::sync::Mutex::new(file))
+                .init();
+        }
+        None => builder
+            .with_ansi(std::io::stderr().is_terminal())
+            .with_writer(std::io::stderr)
+            .init(),
+    }
+    Ok(())
 }
 
 /// The exit code of a run a signal stopped (128 + SIGINT, as shells use).
@@ -70,14 +103,10 @@ fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
 }
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    if let Err(why) = init_logs(cli.log_file.as_deref()) {
+        return fail(2, why);
+    }
     if cli.check_host {
         println!("{}", gmem::HostCaps::probe());
         return ExitCode::SUCCESS;
@@ -123,7 +152,15 @@ fn main() -> ExitCode {
     let json = cli.report == ReportFormat::Json;
     let metrics = std::sync::Arc::new(events::Metrics::default());
     let snapshot_dir = cli.snapshot.clone();
-    let outcome = events::run_with_event_loop(metrics.clone(), || {
+    let metrics_file = match &cli.metrics_file {
+        Some(path) => match std::fs::File::create(path) {
+            Ok(file) => Some(file),
+            Err(err) => return fail(2, format!("--metrics-file {}: {err}", path.display())),
+        },
+        None => None,
+    };
+    tracing::debug!(accel = ?config.accel, workload = refvmm::workload_name(&config.workload), "run starts");
+    let outcome = events::run_with_event_loop(metrics.clone(), metrics_file, || {
         let mut serial: Box<dyn Write + Send> = if json {
             Box::new(std::io::stderr())
         } else {

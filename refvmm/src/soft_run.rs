@@ -161,6 +161,7 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
         pamt_pages: td.mirror.pamt().counters().pages_in_use,
     });
     if td.is_some() {
+        tracing::debug!("TD teardown");
         mmu.teardown()
             .map_err(|err| RunError::Kvm(format!("TD teardown: {err}")))?;
     }
@@ -247,6 +248,17 @@ fn drive(
             write_percent,
             iteration,
         )?;
+        let counters = mmu.counters();
+        metrics.faults.store(counters.faults, Ordering::Relaxed);
+        metrics
+            .splits
+            .store(counters.splits + counters.lazy_splits, Ordering::Relaxed);
+        tracing::debug!(
+            iteration,
+            dirty_pages = log.iter().map(|w| u64::from(w.count_ones())).sum::<u64>(),
+            dirty_s,
+            "dirty-log pass"
+        );
         report.iterations.push(Iteration {
             dirty_s,
             get_dirty_log_s: get_s,

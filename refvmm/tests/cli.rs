@@ -254,7 +254,11 @@ fn sigterm_stops_a_run_cleanly() {
             "workload": {"kind": "dirty_log", "iterations": 1000, "bytes_per_vcpu_mib": 16}}"#,
     );
     let out = run_then_sigterm(&config, &[]);
-    assert_eq!(out.status.code(), Some(130), "a stopped run is not a success");
+    assert_eq!(
+        out.status.code(),
+        Some(130),
+        "a stopped run is not a success"
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("stopped by a signal"));
     // With a JSON report, the report still comes, and says so.
     let out = run_then_sigterm(&config, &["--report", "json"]);
@@ -466,9 +470,18 @@ fn a_config_is_one_json_object_and_nothing_after_it() {
     for (text, says) in [
         ("[]", "one JSON object"),
         (r#"[2, "soft"]"#, "one JSON object"),
-        (r#"{"vcpus": 1} {"vcpus": 2}"#, "text after the configuration object"),
-        (r#"{"vcpus": 1} // text"#, "text after the configuration object"),
-        (r#"{"memory": [64, "anonymous"]}"#, "memory: must be a JSON object"),
+        (
+            r#"{"vcpus": 1} {"vcpus": 2}"#,
+            "text after the configuration object",
+        ),
+        (
+            r#"{"vcpus": 1} // text"#,
+            "text after the configuration object",
+        ),
+        (
+            r#"{"memory": [64, "anonymous"]}"#,
+            "memory: must be a JSON object",
+        ),
         (r#"{"workload": ["hello"]}"#, "workload"),
     ] {
         let config = write_config("not-an-object.json", text);
@@ -502,7 +515,10 @@ fn a_config_read_is_capped_and_a_fifo_wait_stops_on_a_signal() {
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
     let start = Instant::now();
     let out = child.wait_with_output().unwrap();
-    assert!(start.elapsed() < Duration::from_secs(5), "the signal was ignored");
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "the signal was ignored"
+    );
     assert_eq!(out.status.code(), Some(130));
     assert!(String::from_utf8_lossy(&out.stderr).contains("stopped by a signal"));
     let _ = std::fs::remove_file(&fifo);
@@ -531,4 +547,92 @@ fn binary_errors_name_their_own_field_and_an_empty_binary_is_refused() {
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(stderr.contains(field), "{field}: {stderr}");
     }
+}
+
+#[test]
+fn log_file_and_metrics_file_record_the_run() {
+    let dir = std::env::temp_dir().join(format!("refvmm-logs-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (log, metrics) = (dir.join("run.log"), dir.join("metrics.jsonl"));
+    let config = write_config(
+        "logged.json",
+        r#"{"vcpus": 2, "accel": "soft", "memory": {"size_mib": 16},
+            "tdx": {"enabled": true},
+            "workload": {"kind": "dirty_log", "iterations": 3, "bytes_per_vcpu_mib": 4}}"#,
+    );
+    let out = run(&[
+        "--config",
+        config.to_str().unwrap(),
+        "--log-file",
+        log.to_str().unwrap(),
+        "--metrics-file",
+        metrics.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = std::fs::read_to_string(&log).unwrap();
+    for phase in ["creating guest memory", "dirty-log pass", "TD teardown"] {
+        assert!(log.contains(phase), "no {phase:?} in the log:\n{log}");
+    }
+    assert!(!log.contains('\u{1b}'), "no ANSI escapes in a log file");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("one JSON object per line"))
+        .collect();
+    let last = lines.last().expect("at least the final line");
+    assert_eq!(last["passes"], 3);
+    assert!(last["faults"].as_u64().unwrap() > 0);
+    assert!(last["elapsed_s"].as_f64().unwrap() >= 0.0);
+    for field in ["vcpu_exits", "serial_bytes", "splits", "conversions"] {
+        assert!(last.get(field).is_some(), "{field}");
+    }
+    // stderr is not a terminal here: no colour there either.
+    assert!(!String::from_utf8_lossy(&out.stderr).contains('\u{1b}'));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn every_example_is_valid_and_runs_where_the_host_allows() {
+    let mut ran = 0;
+    for entry in std::fs::read_dir(example("")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "json") {
+            continue;
+        }
+        let out = run(&["--print-config", path.to_str().unwrap()]);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let config: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        if config["accel"] == "kvm" && gmem::HostCaps::probe().kvm.is_none() {
+            eprintln!("skip running {}: no KVM", path.display());
+            continue;
+        }
+        let hugetlb = config["memory"]["backend"] == "hugetlb"
+            || config["memory"]["private_backend"] == "hugetlb";
+        let needed_2m = config["memory"]["size_mib"].as_u64().unwrap() / 2;
+        if hugetlb && free_2m_pages() < needed_2m {
+            eprintln!(
+                "skip running {}: {needed_2m} free 2 MiB pages needed",
+                path.display()
+            );
+            continue;
+        }
+        let out = run(&["--config", path.to_str().unwrap(), "--report", "json"]);
+        assert!(
+            out.status.success(),
+            "{}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ran += 1;
+    }
+    assert!(ran > 0, "no example ran");
 }

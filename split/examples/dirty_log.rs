@@ -6,7 +6,10 @@ use mmu_cache::alloc::ChunkAllocator;
 use split::{Gfn, Gpa, LogMode, Memslot, MmuConfig, MmuError, Pfn, TdpMmu};
 
 fn main() -> Result<(), MmuError> {
-    let mmu = TdpMmu::new(PagePool::new(ChunkAllocator::anonymous()), MmuConfig::default())?;
+    let mmu = TdpMmu::new(
+        PagePool::new(ChunkAllocator::anonymous()),
+        MmuConfig::default(),
+    )?;
     let pages = 64 * 256;
     // Guest frames from 0 on host frames from 4 GiB: numbers, not memory.
     mmu.add_memslot(Memslot::new(0, Gfn(0), pages, Pfn(1 << 20))?)?;

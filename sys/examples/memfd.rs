@@ -20,6 +20,10 @@ fn main() -> std::io::Result<()> {
         map.addr().write(0x5a);
         assert_eq!(map.addr().read(), 0x5a);
     }
-    println!("memfd of {} bytes, mapped at {:p}", file_size(&fd)?, map.addr());
+    println!(
+        "memfd of {} bytes, mapped at {:p}",
+        file_size(&fd)?,
+        map.addr()
+    );
     Ok(())
 }

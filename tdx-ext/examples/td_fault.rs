@@ -23,10 +23,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let s = mmu.page_stats();
         s.pages_4k + s.pages_2m + s.pages_1g
     });
-    for call in [Seamcall::MemSeptAdd, Seamcall::MemPageAug, Seamcall::PhymemPamtAdd] {
+    for call in [
+        Seamcall::MemSeptAdd,
+        Seamcall::MemPageAug,
+        Seamcall::PhymemPamtAdd,
+    ] {
         println!("{call:?}: {}", module.calls(call));
     }
-    println!("PAMT pages in use: {}", mirror.pamt().counters().pages_in_use);
+    println!(
+        "PAMT pages in use: {}",
+        mirror.pamt().counters().pages_in_use
+    );
     drop(vcpu);
     mmu.teardown()?;
     Ok(())

@@ -24,8 +24,8 @@ use crate::hooks::{
     ExternalPageTable, ExternalTablePage, HookError, HookVcpuState, NoExternal, TableRef, Topup,
 };
 use crate::lock::{MmuLock, ReadGuard, WriteGuard};
-use crate::shard::ShardedCounters;
 use crate::memslot::{ClearedWord, LogMode, Memslot, MemslotError};
+use crate::shard::ShardedCounters;
 
 /// Pages that hold EPT tables.
 #[derive(Debug)]
