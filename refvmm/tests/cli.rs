@@ -636,3 +636,34 @@ fn every_example_is_valid_and_runs_where_the_host_allows() {
     }
     assert!(ran > 0, "no example ran");
 }
+
+#[test]
+fn memory_the_host_cannot_map_is_blamed_on_its_size() {
+    use std::os::unix::process::CommandExt;
+    let config = write_config(
+        "too-big.json",
+        r#"{"accel": "soft", "memory": {"size_mib": 65536},
+            "workload": {"kind": "dirty_log", "iterations": 1, "bytes_per_vcpu_mib": 1}}"#,
+    );
+    let mut command = refvmm();
+    command.args(["--config", config.to_str().unwrap()]);
+    // SAFETY: setrlimit is async-signal-safe; only the child is limited.
+    unsafe {
+        command.pre_exec(|| {
+            // 8 GiB of address space: the 64 GiB mapping cannot be had.
+            let limit = libc::rlimit {
+                rlim_cur: 8 << 30,
+                rlim_max: 8 << 30,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = command.output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("memory.size_mib"), "{stderr}");
+    assert!(!stderr.contains("memory.backend"), "{stderr}");
+}
