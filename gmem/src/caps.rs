@@ -31,7 +31,12 @@ pub struct KvmCaps {
     pub address_spaces: u64,
     /// `KVM_CAP_READONLY_MEM`.
     pub readonly_mem: bool,
+    /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`: the flags it takes (0: none).
+    pub manual_dirty_log_protect: u64,
 }
+
+/// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`.
+const KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: u32 = 168;
 
 impl KvmCaps {
     /// Reads the capabilities from an open `/dev/kvm`.
@@ -46,11 +51,61 @@ impl KvmCaps {
             nr_memslots: cap(KVM_CAP_NR_MEMSLOTS),
             address_spaces: cap(KVM_CAP_MULTI_ADDRESS_SPACE).max(1),
             readonly_mem: cap(KVM_CAP_READONLY_MEM) != 0,
+            manual_dirty_log_protect: cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2),
         }
     }
 }
 
 pub use mmukit_sys::hugetlb::HugetlbPool;
+
+/// The host's transparent huge page modes (`/sys/kernel/mm/
+/// transparent_hugepage/`): `enabled` for private anonymous memory and
+/// `shmem_enabled` for shmem, which gmem's anonymous (shared) and memfd
+/// memory are.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ThpModes {
+    /// `enabled`: always, madvise or never.
+    pub anonymous: String,
+    /// `shmem_enabled`: always, within_size, advise, never, deny or force.
+    pub shmem: String,
+}
+
+impl ThpModes {
+    /// Reads the modes, or `None` on a kernel without THP.
+    pub fn read() -> Option<Self> {
+        let mode = |file: &str| -> Option<String> {
+            let text =
+                std::fs::read_to_string(format!("/sys/kernel/mm/transparent_hugepage/{file}"))
+                    .ok()?;
+            Self::selected(&text)
+        };
+        Some(Self {
+            anonymous: mode("enabled")?,
+            shmem: mode("shmem_enabled")?,
+        })
+    }
+
+    /// The bracketed word of a sysfs mode line (`always [madvise] never`).
+    fn selected(text: &str) -> Option<String> {
+        let start = text.find('[')? + 1;
+        let end = start + text[start..].find(']')?;
+        Some(text[start..end].to_string())
+    }
+
+    /// Whether shmem gets huge pages for a mapping that asks with
+    /// `MADV_HUGEPAGE` (or without asking).
+    pub fn shmem_allows(&self) -> bool {
+        matches!(
+            self.shmem.as_str(),
+            "always" | "within_size" | "advise" | "force"
+        )
+    }
+
+    /// Whether private anonymous memory gets huge pages when it asks.
+    pub fn anonymous_allows(&self) -> bool {
+        matches!(self.anonymous.as_str(), "always" | "madvise")
+    }
+}
 
 /// Everything gmem probes.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -63,6 +118,8 @@ pub struct HostCaps {
     pub hugetlb: Vec<HugetlbPool>,
     /// Whether `memfd_secret(2)` works.
     pub memfd_secret: bool,
+    /// The transparent huge page modes, when the kernel has THP.
+    pub thp: Option<ThpModes>,
 }
 
 impl HostCaps {
@@ -80,6 +137,7 @@ impl HostCaps {
                 .filter_map(HugetlbPool::read)
                 .collect(),
             memfd_secret: crate::sys::memfd_secret().is_ok(),
+            thp: ThpModes::read(),
         }
     }
 
@@ -129,6 +187,11 @@ impl fmt::Display for HostCaps {
                 )?;
                 writeln!(f, "memory attributes: {:#x}", kvm.memory_attributes)?;
                 writeln!(f, "vm types: {:#x}", kvm.vm_types)?;
+                writeln!(
+                    f,
+                    "manual dirty-log protect: {:#x}",
+                    kvm.manual_dirty_log_protect
+                )?;
             }
             (None, error) => writeln!(f, "kvm: no ({})", error.as_deref().unwrap_or("absent"))?,
         }
@@ -142,11 +205,25 @@ impl fmt::Display for HostCaps {
                 None => writeln!(f, "hugetlb {}kB: no pool", size >> 10)?,
             }
         }
-        write!(
+        writeln!(
             f,
             "memfd_secret: {}",
             if self.memfd_secret { "yes" } else { "no" }
-        )
+        )?;
+        match &self.thp {
+            Some(thp) => write!(
+                f,
+                "thp: private anonymous {}, shmem {} (gmem's anonymous and memfd memory are shmem: {})",
+                thp.anonymous,
+                thp.shmem,
+                if thp.shmem_allows() {
+                    "they ask for huge pages"
+                } else {
+                    "no huge pages"
+                }
+            ),
+            None => write!(f, "thp: no (the kernel has no transparent huge pages)"),
+        }
     }
 }
 
@@ -164,6 +241,21 @@ mod tests {
         if let Some(kvm) = caps.kvm {
             assert!(kvm.guest_memfd_flags & !7 == 0, "unknown flag bits");
         }
+    }
+
+    #[test]
+    fn thp_modes_read_the_bracketed_word() {
+        assert_eq!(
+            ThpModes::selected("always [madvise] never\n").as_deref(),
+            Some("madvise")
+        );
+        assert_eq!(ThpModes::selected("never"), None);
+        let modes = ThpModes {
+            anonymous: "never".into(),
+            shmem: "advise".into(),
+        };
+        assert!(modes.shmem_allows() && !modes.anonymous_allows());
+        assert!(HostCaps::probe().to_string().contains("thp: "));
     }
 
     #[test]

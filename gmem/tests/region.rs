@@ -178,3 +178,33 @@ fn a_clone_of_the_memory_keeps_its_mapping_after_the_layout_goes() {
     memory.write_obj(5u32, GuestAddress(0x100)).unwrap();
     assert_eq!(memory.read_obj::<u32>(GuestAddress(0x100)).unwrap(), 5);
 }
+
+#[test]
+fn anonymous_and_memfd_memory_ask_for_transparent_huge_pages_where_the_host_allows() {
+    use gmem::consts::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
+    use gmem::{Backend, GmemConfig, GuestMemFile, ThpModes};
+    let allowed = ThpModes::read().is_some_and(|modes| modes.shmem_allows());
+    for backend in [Backend::Anonymous, Backend::Memfd] {
+        let file = GuestMemFile::create(
+            &backend,
+            GmemConfig {
+                size: 4 << 20,
+                flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+                huge_page_size_log2: 0,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            file.transparent_huge_pages(),
+            allowed,
+            "{:?}: shmem THP allowed = {allowed}",
+            backend.kind()
+        );
+        // Asked or not, the memory works the same.
+        let view = file.map(0, 4 << 20).unwrap();
+        view.write_at(3 << 20, &[7; 8]).unwrap();
+        let mut back = [0; 8];
+        view.read_at(3 << 20, &mut back).unwrap();
+        assert_eq!(back, [7; 8]);
+    }
+}

@@ -123,6 +123,10 @@ pub struct MemoryConfig {
     /// software-protected VM. `backend` stays the shared memory. The file
     /// is as big as the memory; HugeTLB uses `huge_page_size`.
     pub private_backend: Option<BackendName>,
+    /// Refuse to run unless the memory gets transparent huge pages (the
+    /// host's shmem THP mode allows them: gmem's anonymous and memfd
+    /// memory are shmem). They are asked for wherever allowed either way.
+    pub require_transparent_huge_pages: bool,
 }
 
 impl Default for MemoryConfig {
@@ -134,6 +138,7 @@ impl Default for MemoryConfig {
             prefault: false,
             prefault_threads: 2,
             private_backend: None,
+            require_transparent_huge_pages: false,
         }
     }
 }

@@ -439,6 +439,7 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
         vcpus: config.vcpus,
         memory_bytes: size,
         prefault_gib_s,
+        transparent_huge_pages: shared_file.transparent_huge_pages(),
         workload: "convert".into(),
         convert: Some(figures),
         tdx,

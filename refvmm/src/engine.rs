@@ -50,6 +50,98 @@ pub fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> RunError {
     move |err| RunError::Kvm(format!("{what}: {err}"))
 }
 
+/// Checks, before anything runs, that the host has what the configuration
+/// asks for: KVM (and manual dirty-log protect, mappable guest_memfd) for
+/// `kvm`, enough free HugeTLB pages, `memfd_secret(2)`, and transparent
+/// huge pages when required. The error names the field and what is
+/// missing (exit 2).
+pub fn check_host(config: &Config, caps: &gmem::HostCaps) -> Result<(), RunError> {
+    let missing = |field: &str, what: String, fix: &str| RunError::Host {
+        what: format!("{field}: {what}"),
+        fix: fix.into(),
+    };
+    let backends = [
+        ("memory.backend", Some(config.memory.backend)),
+        ("memory.private_backend", config.memory.private_backend),
+    ];
+    for (field, backend) in backends {
+        match backend {
+            Some(BackendName::Hugetlb) => {
+                let page = 1u64 << config.memory.huge_page_size.log2();
+                let needed = config.memory_bytes() / page;
+                let free = caps.pool(page).map_or(0, |pool| pool.available);
+                if free < needed {
+                    return Err(missing(
+                        field,
+                        format!(
+                            "hugetlb needs {needed} free pages of hugepages-{}kB; the host has {free}",
+                            page >> 10
+                        ),
+                        "reserve them (scripts/setup, or /proc/sys/vm/nr_hugepages as root), or \
+                         lower memory.size_mib",
+                    ));
+                }
+            }
+            Some(BackendName::Secret) if !caps.memfd_secret => {
+                return Err(missing(
+                    field,
+                    "secret memory needs memfd_secret(2), which this kernel does not offer".into(),
+                    "boot with secretmem.enable=1, or pick another backend",
+                ));
+            }
+            _ => {}
+        }
+    }
+    if config.accel == crate::config::Accel::Kvm {
+        let Some(kvm) = &caps.kvm else {
+            return Err(missing(
+                "accel",
+                format!(
+                    "kvm needs /dev/kvm ({})",
+                    caps.kvm_error.as_deref().unwrap_or("absent")
+                ),
+                "run on a host with KVM, or use \"accel\": \"soft\"",
+            ));
+        };
+        if config.mmu.manual_protect && kvm.manual_dirty_log_protect == 0 {
+            return Err(missing(
+                "mmu.manual_protect",
+                "KVM lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2".into(),
+                "turn manual_protect off on this host",
+            ));
+        }
+        let wanted = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
+        if config.memory.backend == BackendName::GuestMemfd
+            && kvm.guest_memfd_flags & wanted != wanted
+        {
+            return Err(missing(
+                "memory.backend",
+                format!(
+                    "guest_memfd memory the host maps needs the MMAP and INIT_SHARED flags; \
+                     KVM_CAP_GUEST_MEMFD_FLAGS is {:#x}",
+                    kvm.guest_memfd_flags
+                ),
+                "use a kernel whose guest_memfd can be mapped, or another backend",
+            ));
+        }
+    }
+    if config.memory.require_transparent_huge_pages
+        && !caps.thp.as_ref().is_some_and(|thp| thp.shmem_allows())
+    {
+        let mode = caps
+            .thp
+            .as_ref()
+            .map_or("no THP".to_string(), |thp| format!("shmem_enabled is {}", thp.shmem));
+        return Err(missing(
+            "memory.require_transparent_huge_pages",
+            format!("the host gives shmem no transparent huge pages ({mode})"),
+            "set /sys/kernel/mm/transparent_hugepage/shmem_enabled to advise (as root), or \
+             drop the requirement",
+        ));
+    }
+    Ok(())
+}
+
 /// Creates the guest memory file the configuration asks for.
 pub fn create_memory(config: &Config, vm: Option<&Arc<KvmVm>>) -> Result<GuestMemFile, RunError> {
     let backend = match config.memory.backend {

@@ -46,6 +46,7 @@ struct Vm {
     vm: Arc<KvmVm>,
     region: Arc<GuestRegion>,
     prefault_gib_s: Option<f64>,
+    thp: bool,
 }
 
 fn build(config: &Config) -> Result<Vm, RunError> {
@@ -66,6 +67,7 @@ fn build(config: &Config) -> Result<Vm, RunError> {
         vm,
         region,
         prefault_gib_s,
+        thp: file.transparent_huge_pages(),
     })
 }
 
@@ -219,6 +221,7 @@ fn base_report(config: &Config, vm: &Vm) -> Report {
         vcpus: config.vcpus,
         memory_bytes: config.memory_bytes(),
         prefault_gib_s: vm.prefault_gib_s,
+        transparent_huge_pages: vm.thp,
         workload: crate::workload_name(&config.workload).into(),
         ..Report::default()
     }

@@ -159,6 +159,10 @@ fn main() -> ExitCode {
         },
         None => None,
     };
+    // What the configuration needs from the host, before any guest runs.
+    if let Err(err) = refvmm::engine::check_host(&config, &gmem::HostCaps::probe()) {
+        return fail(2, err);
+    }
     tracing::debug!(accel = ?config.accel, workload = refvmm::workload_name(&config.workload), "run starts");
     let outcome = events::run_with_event_loop(metrics.clone(), metrics_file, || {
         let mut serial: Box<dyn Write + Send> = if json {

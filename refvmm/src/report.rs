@@ -137,6 +137,9 @@ pub struct Report {
     pub memory_bytes: u64,
     /// Prefault throughput, when prefault was on.
     pub prefault_gib_s: Option<f64>,
+    /// Whether guest memory asked for transparent huge pages (anonymous and
+    /// memfd memory do where the host's shmem THP mode allows).
+    pub transparent_huge_pages: bool,
     /// The workload kind.
     pub workload: String,
     /// dirty_log figures.
@@ -183,6 +186,9 @@ impl Report {
             self.workload,
             self.exit
         );
+        if self.transparent_huge_pages {
+            let _ = writeln!(out, "  memory asked for transparent huge pages");
+        }
         if let Some(rate) = self.prefault_gib_s {
             let _ = writeln!(out, "  prefault: {rate:.2} GiB/s");
         }

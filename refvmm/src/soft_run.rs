@@ -172,6 +172,7 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
         vcpus: config.vcpus,
         memory_bytes: config.memory_bytes(),
         prefault_gib_s,
+        transparent_huge_pages: file.transparent_huge_pages(),
         workload: "dirty_log".into(),
         dirty_log: Some(log_report),
         cache: Some(cache),

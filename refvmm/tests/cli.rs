@@ -667,3 +667,43 @@ fn memory_the_host_cannot_map_is_blamed_on_its_size() {
     assert!(stderr.contains("memory.size_mib"), "{stderr}");
     assert!(!stderr.contains("memory.backend"), "{stderr}");
 }
+
+#[test]
+fn missing_host_features_exit_2_before_any_guest_runs() {
+    let caps = gmem::HostCaps::probe();
+    // Transparent huge pages, required.
+    let config = write_config(
+        "require-thp.json",
+        r#"{"vcpus": 1, "memory": {"size_mib": 4, "require_transparent_huge_pages": true},
+            "workload": {"kind": "hello"}}"#,
+    );
+    let out = run(&["--config", config.to_str().unwrap()]);
+    if caps.thp.as_ref().is_some_and(|thp| thp.shmem_allows()) {
+        eprintln!("this host gives shmem huge pages: the requirement is met");
+    } else {
+        assert_eq!(out.status.code(), Some(2));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("memory.require_transparent_huge_pages"), "{stderr}");
+        assert!(stderr.contains("shmem"), "{stderr}");
+        assert!(out.stdout.is_empty(), "no guest ran: {:?}", out.stdout);
+    }
+    // More HugeTLB pages than the pool has free.
+    let free = caps.pool(2 << 20).map_or(0, |pool| pool.available);
+    let config = write_config(
+        "too-many-huge-pages.json",
+        &format!(
+            r#"{{"accel": "soft", "memory": {{"size_mib": {}, "backend": "hugetlb"}},
+                "workload": {{"kind": "dirty_log", "iterations": 1, "bytes_per_vcpu_mib": 1}}}}"#,
+            (free + 8) * 2
+        ),
+    );
+    let out = run(&["--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("memory.backend"), "{stderr}");
+    assert!(stderr.contains(&format!("{} free", free + 8)) || stderr.contains("needs"), "{stderr}");
+    // And --check-host says what the host has.
+    let out = run(&["--check-host"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("thp: "), "{text}");
+}

@@ -96,6 +96,28 @@ pub(super) trait Storage: Send + Sync + std::fmt::Debug {
     fn populates_by_touch(&self) -> bool {
         false
     }
+
+    /// Whether the memory's mappings ask for transparent huge pages.
+    fn transparent_huge_pages(&self) -> bool {
+        false
+    }
+}
+
+/// Whether shmem mappings should ask for transparent huge pages: the
+/// host's shmem THP mode allows them.
+fn shmem_thp() -> bool {
+    crate::caps::ThpModes::read().is_some_and(|modes| modes.shmem_allows())
+}
+
+/// Asks for transparent huge pages on `[addr, addr + len)`; false when the
+/// kernel refuses.
+///
+/// # Safety
+///
+/// The range must be a mapping the caller owns.
+pub(super) unsafe fn ask_for_huge_pages(addr: *mut u8, len: usize) -> bool {
+    // SAFETY: guaranteed by the caller; the advice changes no contents.
+    unsafe { sys::madvise(addr, len, libc::MADV_HUGEPAGE) }.is_ok()
 }
 
 /// Creates the storage of `backend` for `config`.
@@ -113,7 +135,10 @@ pub(super) fn create(
             let fd = sys::memfd_create(c"mmukit-gmem", libc::MFD_CLOEXEC)
                 .map_err(GmemError::os("memfd_create"))?;
             sys::ftruncate(&fd, config.size).map_err(GmemError::os("ftruncate"))?;
-            Box::new(MemfdFile { fd })
+            Box::new(MemfdFile {
+                fd,
+                thp: shmem_thp(),
+            })
         }
         Backend::Hugetlb => {
             let (fd, master) = create_hugetlb(config, granule)?;
@@ -146,7 +171,12 @@ pub(super) fn create(
                 0,
             )
             .map_err(GmemError::os("mmap"))?;
-            Box::new(AnonymousMemory { master })
+            // Shared anonymous memory is shmem: its huge pages follow the
+            // host's shmem THP mode.
+            // SAFETY: the mapping was just made and is ours.
+            let thp = shmem_thp()
+                && unsafe { ask_for_huge_pages(master.addr(), config.size as usize) };
+            Box::new(AnonymousMemory { master, thp })
         }
     })
 }
@@ -260,6 +290,8 @@ impl Storage for KvmFile {
 #[derive(Debug)]
 struct MemfdFile {
     fd: OwnedFd,
+    /// Whether its views ask for transparent huge pages.
+    thp: bool,
 }
 
 impl Storage for MemfdFile {
@@ -277,6 +309,44 @@ impl Storage for MemfdFile {
 
     fn punch(&self, _: &Inner, _: &FileState, start: u64, end: u64) -> Result<(), GmemError> {
         fallocate(&self.fd, PUNCH, start, end)
+    }
+
+    fn map_view(
+        &self,
+        _: &Inner,
+        view: &Mapping,
+        offset: u64,
+        len: u64,
+        _: i32,
+    ) -> Result<(), GmemError> {
+        map_file_view(view, &self.fd, offset, len)?;
+        if self.thp {
+            // SAFETY: the view's fresh mapping, ours.
+            unsafe { ask_for_huge_pages(view.addr(), len as usize) };
+        }
+        Ok(())
+    }
+
+    unsafe fn map_memory(
+        &self,
+        _: &Inner,
+        _: &FileState,
+        addr: *mut u8,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), GmemError> {
+        // SAFETY: guaranteed by the caller.
+        unsafe { map_file_at(addr, &self.fd, offset, len) }?;
+        if self.thp {
+            // A fixed mapping is a new VMA: ask again.
+            // SAFETY: the range the caller owns, just mapped.
+            unsafe { ask_for_huge_pages(addr, len as usize) };
+        }
+        Ok(())
+    }
+
+    fn transparent_huge_pages(&self) -> bool {
+        self.thp
     }
 }
 
@@ -460,6 +530,8 @@ impl Storage for SecretFile {
 #[derive(Debug)]
 struct AnonymousMemory {
     master: Mapping,
+    /// Whether the memory asked for transparent huge pages.
+    thp: bool,
 }
 
 impl Storage for AnonymousMemory {
@@ -543,5 +615,9 @@ impl Storage for AnonymousMemory {
 
     fn faults_past_end(&self) -> bool {
         false
+    }
+
+    fn transparent_huge_pages(&self) -> bool {
+        self.thp
     }
 }

@@ -355,6 +355,13 @@ impl GuestMemFile {
             .collect()
     }
 
+    /// Whether the file's memory asks for transparent huge pages
+    /// (`MADV_HUGEPAGE`): anonymous and memfd memory do where the host's
+    /// shmem THP mode allows (see [`HostCaps`](crate::HostCaps)).
+    pub fn transparent_huge_pages(&self) -> bool {
+        self.inner.storage.transparent_huge_pages()
+    }
+
     /// The order of the page behind `offset` (what `kvm_gmem_get_pfn`
     /// returns as `max_order`): 9 or 18 for a HugeTLB page of 2 MiB or
     /// 1 GiB while it is whole, 0 once it is split and on the other
@@ -569,6 +576,10 @@ impl GuestMemFile {
                     offset,
                 )
                 .map_err(GmemError::os("mmap"))?;
+                if self.inner.storage.transparent_huge_pages() {
+                    // SAFETY: our fresh mapping of the range.
+                    unsafe { backend::ask_for_huge_pages(temporary.addr(), len as usize) };
+                }
                 temporary.addr() as usize
             }
         };
