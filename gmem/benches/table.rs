@@ -88,7 +88,13 @@ fn qemu_prealloc(size: u64, threads: usize) -> Duration {
     assert_ne!(raw, libc::MAP_FAILED, "mmap");
     let base = (raw as usize).next_multiple_of(align);
     // SAFETY: inside the mapping; advice only.
-    unsafe { libc::madvise(base as *mut libc::c_void, size as usize, libc::MADV_HUGEPAGE) };
+    unsafe {
+        libc::madvise(
+            base as *mut libc::c_void,
+            size as usize,
+            libc::MADV_HUGEPAGE,
+        )
+    };
     let start = Instant::now();
     let part = (size as usize / threads).next_multiple_of(align);
     std::thread::scope(|scope| {
@@ -144,7 +150,11 @@ fn row(row: &Row, size: u64) {
     };
     let touch = first_touch(&file);
     let bound = memset(&file);
-    let thp = if file.transparent_huge_pages() { "thp" } else { "4K " };
+    let thp = if file.transparent_huge_pages() {
+        "thp"
+    } else {
+        "4K "
+    };
     drop(file);
     println!(
         "{:<12} {thp} {:>4} GiB  prefault 1T {:>8.1?} {:>5.2} GiB/s  2T {:>8.1?} {:>5.2} GiB/s  first touch {:>8.1?}  memset {:>7.1?} {:>5.2} GiB/s  ratios 1T {:>5.2} 2T {:>5.2} touch {:>5.2}",

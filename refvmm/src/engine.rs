@@ -128,10 +128,9 @@ pub fn check_host(config: &Config, caps: &gmem::HostCaps) -> Result<(), RunError
     if config.memory.require_transparent_huge_pages
         && !caps.thp.as_ref().is_some_and(|thp| thp.shmem_allows())
     {
-        let mode = caps
-            .thp
-            .as_ref()
-            .map_or("no THP".to_string(), |thp| format!("shmem_enabled is {}", thp.shmem));
+        let mode = caps.thp.as_ref().map_or("no THP".to_string(), |thp| {
+            format!("shmem_enabled is {}", thp.shmem)
+        });
         return Err(missing(
             "memory.require_transparent_huge_pages",
             format!("the host gives shmem no transparent huge pages ({mode})"),
@@ -232,13 +231,14 @@ pub fn prefault(config: &Config, file: &GuestMemFile) -> Result<Option<f64>, Run
 /// Every page written in the pass must be in the log.
 pub fn verify_log(
     log: &[u64],
+    shares_start: u64,
     vcpus: usize,
     share_bytes: u64,
     write_percent: u32,
     iteration: u32,
 ) -> Result<(), RunError> {
     for vcpu in 0..vcpus as u64 {
-        let first = (layout::SHARES + vcpu * share_bytes) / 4096;
+        let first = (shares_start + vcpu * share_bytes) / 4096;
         for i in 0..share_bytes / 4096 {
             if i % 100 >= u64::from(write_percent) {
                 continue;
@@ -248,7 +248,7 @@ pub fn verify_log(
                 return Err(RunError::Guest(format!(
                     "iteration {iteration}: vCPU {vcpu} wrote gpa {:#x}, which is not in the \
                      dirty log",
-                    page * 4096
+                    layout::gpa_of(page * 4096)
                 )));
             }
         }

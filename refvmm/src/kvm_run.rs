@@ -30,7 +30,9 @@ use ioctls::KVM_CLEAR_DIRTY_LOG;
 const KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: u32 = 168;
 /// Manual protect, with every bit initially set.
 const MANUAL_PROTECT_FLAGS: u64 = 1 | 2;
-/// Page tables for long mode live here (3 pages).
+/// Page tables for long mode live here: the PML4, the PDPT, then one page
+/// directory per GiB mapped (up to `layout::MAX_MAPPED_GIB`, below the
+/// dirty-log shares at 1 MiB).
 const LONG_MODE_TABLES: u64 = 0x9000;
 
 /// What the run does besides the workload.
@@ -44,7 +46,11 @@ pub struct KvmOptions {
 
 struct Vm {
     vm: Arc<KvmVm>,
+    /// Memory below the MMIO hole, at guest address 0 (memslot 0).
     region: Arc<GuestRegion>,
+    /// Memory above it, from 4 GiB (memslot 1), when there is more than
+    /// 3 GiB.
+    high: Option<Arc<GuestRegion>>,
     prefault_gib_s: Option<f64>,
     thp: bool,
 }
@@ -53,19 +59,34 @@ fn build(config: &Config) -> Result<Vm, RunError> {
     let vm = open_kvm()?;
     let file = create_memory(config, Some(&vm))?;
     let prefault_gib_s = prefault(config, &file)?;
+    // Memory as real machines lay it out: up to 3 GiB from address 0, the
+    // rest from 4 GiB, leaving the MMIO hole (local APIC, IOAPIC, PCI)
+    // free.
+    let low = file.size().min(layout::MMIO_HOLE_START);
     let region = Arc::new(
-        GuestRegion::new(&file, 0, file.size(), 0, false)
+        GuestRegion::new(&file, 0, low, 0, false)
             .map_err(|err| RunError::Kvm(format!("guest region: {err}")))?,
     );
-    vm.bind(0, region.clone(), 0)
-        .map_err(|err| RunError::Host {
-            what: format!("memslot: {err}"),
-            fix: "check the memory backend against the host's KVM (refvmm --check-host)".into(),
-        })?;
-    tracing::debug!(slot = 0, bytes = file.size(), "memory bound as a memslot");
+    let bind_error = |err: gmem::KvmError| RunError::Host {
+        what: format!("memslot: {err}"),
+        fix: "check the memory backend against the host's KVM (refvmm --check-host)".into(),
+    };
+    vm.bind(0, region.clone(), 0).map_err(bind_error)?;
+    let high = if file.size() > low {
+        let high = Arc::new(
+            GuestRegion::new(&file, low, file.size() - low, layout::HIGH_MEMORY, false)
+                .map_err(|err| RunError::Kvm(format!("guest region above 4 GiB: {err}")))?,
+        );
+        vm.bind(1, high.clone(), 0).map_err(bind_error)?;
+        Some(high)
+    } else {
+        None
+    };
+    tracing::debug!(bytes = file.size(), low, "memory bound as memslots");
     Ok(Vm {
         vm,
         region,
+        high,
         prefault_gib_s,
         thp: file.transparent_huge_pages(),
     })
@@ -154,18 +175,39 @@ fn protected_mode(vcpu: &VcpuFd, long: bool) -> Result<(), RunError> {
     vcpu.set_sregs(&sregs).map_err(kvm_err("KVM_SET_SREGS"))
 }
 
-/// Identity-maps the first 1 GiB with 2 MiB pages for long mode.
-fn long_mode_tables(region: &GuestRegion) -> Result<(), RunError> {
+/// Page tables for long mode over all of guest memory (up to
+/// `layout::MAX_MAPPED_GIB`), with 2 MiB pages: virtual address V maps
+/// guest memory offset V, so the first 3 GiB are identity-mapped and the
+/// rest is found past the 4 GiB hole. Accessed and dirty bits are preset,
+/// so the CPU never writes the tables (they stay out of the dirty log).
+fn long_mode_tables(region: &GuestRegion, memory_bytes: u64) -> Result<(), RunError> {
+    const PRESENT_WRITABLE: u64 = 0x3;
+    const ACCESSED: u64 = 0x20;
+    const DIRTY_HUGE: u64 = 0x40 | 0x80;
     let pml4 = LONG_MODE_TABLES;
     let pdpt = pml4 + 0x1000;
-    let pd = pml4 + 0x2000;
-    write_guest(region, pml4, &(pdpt | 3).to_le_bytes())?;
-    write_guest(region, pdpt, &(pd | 3).to_le_bytes())?;
-    let mut entries = Vec::with_capacity(512 * 8);
-    for i in 0..512u64 {
-        entries.extend_from_slice(&((i << 21) | 0x83).to_le_bytes());
+    let gib = memory_bytes
+        .div_ceil(1 << 30)
+        .clamp(1, layout::MAX_MAPPED_GIB);
+    write_guest(
+        region,
+        pml4,
+        &(pdpt | PRESENT_WRITABLE | ACCESSED).to_le_bytes(),
+    )?;
+    let mut pdpt_entries = Vec::with_capacity(gib as usize * 8);
+    for i in 0..gib {
+        let pd = pdpt + 0x1000 * (1 + i);
+        pdpt_entries.extend_from_slice(&(pd | PRESENT_WRITABLE | ACCESSED).to_le_bytes());
+        let mut entries = Vec::with_capacity(512 * 8);
+        for j in 0..512u64 {
+            let frame = layout::gpa_of((i << 30) + (j << 21));
+            entries.extend_from_slice(
+                &(frame | PRESENT_WRITABLE | ACCESSED | DIRTY_HUGE).to_le_bytes(),
+            );
+        }
+        write_guest(region, pd, &entries)?;
     }
-    write_guest(region, pd, &entries)
+    write_guest(region, pdpt, &pdpt_entries)
 }
 
 /// Runs KVM_RUN on `vcpu` until the guest halts, writes the shutdown port,
@@ -295,7 +337,7 @@ pub fn run(
                         match mode {
                             BinaryMode::Real => real_mode(&vcpu, *entry_gpa)?,
                             BinaryMode::Long => {
-                                long_mode_tables(&vm.region)?;
+                                long_mode_tables(&vm.region, config.memory_bytes())?;
                                 protected_mode(&vcpu, true)?;
                                 let mut regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
                                 regs.rip = *entry_gpa;
@@ -351,7 +393,10 @@ fn dirty_log(
 ) -> Result<DirtyLog, RunError> {
     let vcpus = config.vcpus as usize;
     let pages_per_share = share_bytes / 4096;
-    write_guest(&vm.region, layout::CODE, &programs::dirty_loop())?;
+    // Long mode with paging over all of memory: shares may lie past 4 GiB.
+    write_guest(&vm.region, layout::CODE, &programs::dirty_loop_64())?;
+    long_mode_tables(&vm.region, config.memory_bytes())?;
+    let shares_start = layout::shares_start(config.memory_bytes(), vcpus as u64 * share_bytes);
     let mut fds = Vec::with_capacity(vcpus);
     for id in 0..vcpus {
         let vcpu = vm
@@ -359,11 +404,11 @@ fn dirty_log(
             .vm()
             .create_vcpu(id as u64)
             .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-        protected_mode(&vcpu, false)?;
+        protected_mode(&vcpu, true)?;
         let mut regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
         regs.rip = layout::CODE;
         regs.rflags = 2;
-        regs.rsi = layout::SHARES + id as u64 * share_bytes;
+        regs.rsi = shares_start + id as u64 * share_bytes;
         regs.rbx = pages_per_share;
         regs.rdx = u64::from(PASS_PORT);
         regs.rsp = u64::from(write_percent);
@@ -446,9 +491,14 @@ fn dirty_log(
                 });
             }
         }
-        if let Err(err) = vm.vm.bind(0, vm.region.clone(), KVM_MEM_LOG_DIRTY_PAGES) {
-            finish(&done);
-            return Err(RunError::Kvm(format!("enabling dirty logging: {err}")));
+        let slots: Vec<(u32, &Arc<GuestRegion>)> = std::iter::once((0, &vm.region))
+            .chain(vm.high.as_ref().map(|high| (1, high)))
+            .collect();
+        for &(slot, region) in &slots {
+            if let Err(err) = vm.vm.bind(slot, region.clone(), KVM_MEM_LOG_DIRTY_PAGES) {
+                finish(&done);
+                return Err(RunError::Kvm(format!("enabling dirty logging: {err}")));
+            }
         }
         result.enable_dirty_log_s = start.elapsed().as_secs_f64();
         for iteration in 1..=iterations {
@@ -462,40 +512,58 @@ fn dirty_log(
                 return Err(err);
             }
             let start = Instant::now();
-            let log = match vm.vm.vm().get_dirty_log(0, config.memory_bytes() as usize) {
-                Ok(log) => log,
-                Err(err) => {
-                    finish(&done);
-                    return Err(RunError::Kvm(format!("KVM_GET_DIRTY_LOG: {err}")));
+            // One bitmap over guest memory in order: slot 0 (3 GiB, a whole
+            // number of 64-page words) then slot 1.
+            let mut log = Vec::new();
+            for &(slot, region) in &slots {
+                match vm.vm.vm().get_dirty_log(slot, region.size() as usize) {
+                    Ok(part) => log.extend(part),
+                    Err(err) => {
+                        finish(&done);
+                        return Err(RunError::Kvm(format!("KVM_GET_DIRTY_LOG: {err}")));
+                    }
                 }
-            };
+            }
             let get_s = start.elapsed().as_secs_f64();
             let mut clear_s = 0.0;
             if manual {
                 let start = Instant::now();
-                let mut bitmap = log.clone();
-                let clear = kvm_clear_dirty_log {
-                    slot: 0,
-                    num_pages: (config.memory_bytes() / 4096) as u32,
-                    first_page: 0,
-                    __bindgen_anon_1: kvm_bindings::kvm_clear_dirty_log__bindgen_ty_1 {
-                        dirty_bitmap: bitmap.as_mut_ptr().cast(),
-                    },
-                };
-                // SAFETY: the VM fd is open; `clear` points at a bitmap of
-                // num_pages bits that lives until the call returns.
-                let ret = unsafe { ioctl_with_ref(vm.vm.vm(), KVM_CLEAR_DIRTY_LOG(), &clear) };
-                if ret < 0 {
-                    finish(&done);
-                    return Err(RunError::Kvm(format!(
-                        "KVM_CLEAR_DIRTY_LOG: {}",
-                        std::io::Error::last_os_error()
-                    )));
+                let mut word = 0;
+                for &(slot, region) in &slots {
+                    let pages = region.size() / 4096;
+                    let words = pages.div_ceil(64) as usize;
+                    let mut bitmap = log[word..word + words].to_vec();
+                    word += words;
+                    let clear = kvm_clear_dirty_log {
+                        slot,
+                        num_pages: pages as u32,
+                        first_page: 0,
+                        __bindgen_anon_1: kvm_bindings::kvm_clear_dirty_log__bindgen_ty_1 {
+                            dirty_bitmap: bitmap.as_mut_ptr().cast(),
+                        },
+                    };
+                    // SAFETY: the VM fd is open; `clear` points at a bitmap of
+                    // num_pages bits that lives until the call returns.
+                    let ret = unsafe { ioctl_with_ref(vm.vm.vm(), KVM_CLEAR_DIRTY_LOG(), &clear) };
+                    if ret < 0 {
+                        finish(&done);
+                        return Err(RunError::Kvm(format!(
+                            "KVM_CLEAR_DIRTY_LOG: {}",
+                            std::io::Error::last_os_error()
+                        )));
+                    }
                 }
                 clear_s = start.elapsed().as_secs_f64();
             }
             let dirty_pages: u64 = log.iter().map(|w| u64::from(w.count_ones())).sum();
-            if let Err(err) = verify_log(&log, vcpus, share_bytes, write_percent, iteration) {
+            if let Err(err) = verify_log(
+                &log,
+                shares_start,
+                vcpus,
+                share_bytes,
+                write_percent,
+                iteration,
+            ) {
                 finish(&done);
                 return Err(err);
             }

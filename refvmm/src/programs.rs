@@ -62,33 +62,37 @@ pub fn counter() -> Vec<u8> {
     ]
 }
 
-/// 32-bit protected mode, flat segments, paging off. Registers on entry:
-/// esi = first byte of the vCPU's share, ebx = pages in it, edx = the pass
-/// port, esp = write percentage, eax = the value to write.
+/// The dirty_log guest, in 64-bit long mode with paging over all of guest
+/// memory. Registers on entry: rsi = first byte of the vCPU's share (a
+/// virtual address; the page tables map guest memory in order, past the
+/// 4 GiB hole), ebx = pages in it, edx = the pass port, esp = write
+/// percentage, eax = the value to write.
 ///
 /// Each pass touches every page of the share: page i is written when
 /// `i % 100 < write_percent`, read otherwise; then the guest writes to the
 /// pass port (an exit the host waits for) and starts the next pass.
-pub fn dirty_loop() -> Vec<u8> {
+/// (0x40-0x4f are REX prefixes here, so inc and dec take their two-byte
+/// forms, and the address registers are 64-bit.)
+pub fn dirty_loop_64() -> Vec<u8> {
     vec![
-        0x89, 0xf7, // outer: mov edi, esi
+        0x48, 0x89, 0xf7, // outer: mov rdi, rsi
         0x89, 0xd9, // mov ecx, ebx
         0x31, 0xed, // xor ebp, ebp
         0x39, 0xe5, // inner: cmp ebp, esp
         0x73, 0x04, // jae read
-        0x89, 0x07, // mov [edi], eax
+        0x89, 0x07, // mov [rdi], eax
         0xeb, 0x02, // jmp next
-        0x39, 0x07, // read: cmp [edi], eax
-        0x45, // next: inc ebp
+        0x39, 0x07, // read: cmp [rdi], eax
+        0xff, 0xc5, // next: inc ebp
         0x83, 0xfd, 0x64, // cmp ebp, 100
         0x72, 0x02, // jb nowrap
         0x31, 0xed, // xor ebp, ebp
-        0x81, 0xc7, 0x00, 0x10, 0x00, 0x00, // nowrap: add edi, 4096
-        0x49, // dec ecx
-        0x75, 0xe5, // jnz inner
+        0x48, 0x81, 0xc7, 0x00, 0x10, 0x00, 0x00, // nowrap: add rdi, 4096
+        0xff, 0xc9, // dec ecx
+        0x75, 0xe2, // jnz inner
         0xee, // out dx, al
-        0x40, // inc eax
-        0xeb, 0xdb, // jmp outer
+        0xff, 0xc0, // inc eax
+        0xeb, 0xd6, // jmp outer
     ]
 }
 
@@ -110,10 +114,16 @@ mod tests {
         assert_eq!(code[23..25], [0xfe, 0xc3]);
         assert_eq!(30 + code[29] as i8 as i32, 5);
         assert_eq!(code[5..7], [0x88, 0xd8]);
-        // dirty loop: jnz at 31 -> 6, jmp at 35 -> 0.
-        let code = dirty_loop();
-        assert_eq!(33 + code[32] as i8 as i32, 6);
-        assert_eq!(37 + code[36] as i8 as i32, 0);
-        assert_eq!(code.len(), 37);
+        // 64-bit loop: jae at 9 -> 15, jmp at 13 -> 17, jb at 22 -> 26,
+        // jnz at 35 -> 7, jmp at 40 -> 0.
+        let code = dirty_loop_64();
+        assert_eq!(code.len(), 42);
+        assert_eq!(11 + code[10] as i8 as i32, 15);
+        assert_eq!(15 + code[14] as i8 as i32, 17);
+        assert_eq!(24 + code[23] as i8 as i32, 26);
+        assert_eq!(37 + code[36] as i8 as i32, 7);
+        assert_eq!(42 + code[41] as i8 as i32, 0);
+        assert_eq!(code[7..9], [0x39, 0xe5]);
+        assert_eq!(code[26..29], [0x48, 0x81, 0xc7]);
     }
 }

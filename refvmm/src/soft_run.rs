@@ -92,7 +92,9 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
                     let (mmu, barrier, done, failure) = (&mmu, &barrier, &done, &failure);
                     scope.spawn(move || {
                         let mut caches = mmu.new_vcpu_caches();
-                        let first = layout::SHARES + id * share_bytes;
+                        let first =
+                            layout::shares_start(config.memory_bytes(), vcpus as u64 * share_bytes)
+                                + id * share_bytes;
                         let mut value = 1u64;
                         loop {
                             for i in 0..share_bytes / 4096 {
@@ -244,6 +246,7 @@ fn drive(
         }
         verify_log(
             &log,
+            layout::shares_start(config.memory_bytes(), u64::from(config.vcpus) * share_bytes),
             config.vcpus as usize,
             share_bytes,
             write_percent,

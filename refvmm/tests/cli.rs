@@ -683,7 +683,10 @@ fn missing_host_features_exit_2_before_any_guest_runs() {
     } else {
         assert_eq!(out.status.code(), Some(2));
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(stderr.contains("memory.require_transparent_huge_pages"), "{stderr}");
+        assert!(
+            stderr.contains("memory.require_transparent_huge_pages"),
+            "{stderr}"
+        );
         assert!(stderr.contains("shmem"), "{stderr}");
         assert!(out.stdout.is_empty(), "no guest ran: {:?}", out.stdout);
     }
@@ -701,9 +704,54 @@ fn missing_host_features_exit_2_before_any_guest_runs() {
     assert_eq!(out.status.code(), Some(2));
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("memory.backend"), "{stderr}");
-    assert!(stderr.contains(&format!("{} free", free + 8)) || stderr.contains("needs"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("{} free", free + 8)) || stderr.contains("needs"),
+        "{stderr}"
+    );
     // And --check-host says what the host has.
     let out = run(&["--check-host"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("thp: "), "{text}");
+}
+
+#[test]
+fn sixteen_vcpus_write_guest_memory_past_4_gib_on_kvm() {
+    if !have_kvm() {
+        return;
+    }
+    // 4160 MiB: 3 GiB below the MMIO hole, the rest from 4 GiB. With more
+    // than 3 GiB the shares sit at the top of memory, past 4 GiB, and the
+    // long-mode guest reaches them through its page tables.
+    let config = write_config(
+        "big16.json",
+        r#"{"vcpus": 16, "accel": "kvm", "memory": {"size_mib": 4160, "backend": "anonymous"},
+            "workload": {"kind": "dirty_log", "iterations": 2, "bytes_per_vcpu_mib": 2}}"#,
+    );
+    let report = json_report(&config);
+    assert_eq!(report["vcpus"], 16);
+    assert_eq!(report["memory_bytes"].as_u64().unwrap(), 4160 << 20);
+    for iteration in report["iterations"].as_array().unwrap() {
+        // Every page of every share, each one logged (refvmm checks which).
+        assert_eq!(iteration["dirty_pages"], 16 * 512);
+    }
+    // What cannot work is refused before the run.
+    for (text, field) in [
+        (
+            r#"{"accel": "kvm", "memory": {"size_mib": 262144},
+                "workload": {"kind": "dirty_log", "iterations": 1, "bytes_per_vcpu_mib": 1}}"#,
+            "memory.size_mib",
+        ),
+        (
+            r#"{"accel": "kvm", "memory": {"size_mib": 8192},
+                "workload": {"kind": "binary", "path": "/bin/sh", "load_gpa": 3489660928,
+                             "entry_gpa": 4096}}"#,
+            "workload.load_gpa",
+        ),
+    ] {
+        let config = write_config("big-bad.json", text);
+        let out = run(&["--config", config.to_str().unwrap()]);
+        assert_eq!(out.status.code(), Some(2), "{text}");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains(field), "{text}: {stderr}");
+    }
 }

@@ -174,8 +174,8 @@ pub(super) fn create(
             // Shared anonymous memory is shmem: its huge pages follow the
             // host's shmem THP mode.
             // SAFETY: the mapping was just made and is ours.
-            let thp = shmem_thp()
-                && unsafe { ask_for_huge_pages(master.addr(), config.size as usize) };
+            let thp =
+                shmem_thp() && unsafe { ask_for_huge_pages(master.addr(), config.size as usize) };
             Box::new(AnonymousMemory { master, thp })
         }
     })
