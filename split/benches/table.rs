@@ -262,6 +262,14 @@ fn main() {
         scaling();
         return;
     }
+    if std::env::args().any(|arg| arg == "shadow") {
+        let gib = std::env::var("MMUKIT_BENCH_GIB")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(16);
+        shadow_split_row(gib);
+        return;
+    }
     let gib: u64 = std::env::var("MMUKIT_BENCH_GIB")
         .ok()
         .and_then(|v| v.parse().ok())

@@ -78,7 +78,7 @@ impl ShadowMmu {
         let below = level.below().expect("huge leaves are above 4K");
         let gfn = state.leaf_gfn(huge, level);
         let role = Role::direct(below, guest_access(huge));
-        let (child, _) = self.get_sp(state, caches, None, gfn, role)?;
+        let (child, created) = self.get_sp(state, caches, None, gfn, role)?;
         let si = state
             .slot_index(gfn)
             .expect("huge leaves lie inside a memslot");
@@ -98,18 +98,41 @@ impl ShadowMmu {
         let lists = &mut rmaps.levels[usize::from(below.get() - 1)][first..first + 512];
         let mut added = 0;
         let mut result = Ok(());
-        for (index, (word, list)) in words.iter_mut().zip(lists).enumerate() {
-            if Entry::from_bits(*word).is_present() {
-                continue;
+        // Child i is child 0 with the frame advanced by i child pages: the
+        // frame bits never carry into the others (as in the TDP split).
+        let first_child = huge.split_child(level, 0).bits();
+        let step = below.entry_bytes();
+        if created {
+            // A new shadow page: every entry is free, and most rmap lists of
+            // 4K frames are empty, which is one store each.
+            for (index, (word, list)) in words.iter_mut().zip(lists).enumerate() {
+                let child_addr = child + index as u64 * 8;
+                if let PteList::Empty = list {
+                    *list = PteList::One(child_addr);
+                } else if let Err(err) = list.add(child_addr, &mut caches.descriptors) {
+                    result = Err(err);
+                    break;
+                }
+                *word = first_child + index as u64 * step;
+                added += 1;
             }
-            let child_addr = child + index as u64 * 8;
-            if let Err(err) = list.add(child_addr, &mut caches.descriptors) {
-                result = Err(err);
-                break;
+        } else {
+            for (index, (word, list)) in words.iter_mut().zip(lists).enumerate() {
+                if Entry::from_bits(*word).is_present() {
+                    continue;
+                }
+                let child_addr = child + index as u64 * 8;
+                if let Err(err) = list.add(child_addr, &mut caches.descriptors) {
+                    result = Err(err);
+                    break;
+                }
+                *word = first_child + index as u64 * step;
+                added += 1;
             }
-            *word = huge.split_child(level, index).bits();
-            added += 1;
         }
+        debug_assert!(
+            result.is_err() || Entry::from_bits(words[511]) == huge.split_child(level, 511)
+        );
         stats[stat_index(below)] += added;
         result?;
         let removed = state.rmap(level, gfn).remove(addr);
