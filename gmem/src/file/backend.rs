@@ -2,6 +2,7 @@
 //! (how its memory is made, allocated, punched and mapped). Attributes,
 //! views and conversion are shared by all of them and live elsewhere.
 
+use super::hugetlb::Source;
 use super::*;
 
 /// The per-backend half of a file.
@@ -407,14 +408,20 @@ impl Storage for HugetlbFile {
         end: u64,
     ) -> Result<(), GmemError> {
         fallocate(&self.fd, libc::FALLOC_FL_KEEP_SIZE, start, end)?;
-        if let Some(backing) = &state.split_backing {
-            for &huge in &state.split {
-                let (hs, he) = (huge * file.granule, (huge + 1) * file.granule);
-                let (s, e) = (start.max(hs), end.min(he));
-                if s < e {
-                    fallocate(&backing.fd, libc::FALLOC_FL_KEEP_SIZE, s, e)?;
-                }
+        // Units on 4 KiB pages allocate there too (2 MiB pieces were
+        // allocated when their page was split).
+        let mut at = start;
+        while at < end {
+            let (us, ue, source) = file.unit_of(state, at);
+            if source == Source::Pages {
+                fallocate(
+                    file.source_fd(state, source),
+                    libc::FALLOC_FL_KEEP_SIZE,
+                    at.max(us),
+                    end.min(ue),
+                )?;
             }
+            at = ue;
         }
         Ok(())
     }
@@ -431,11 +438,20 @@ impl Storage for HugetlbFile {
     ) -> Result<(), GmemError> {
         let mut at = start;
         while at < end {
-            let huge = at / file.granule;
-            let next = ((huge + 1) * file.granule).min(end);
-            match (&state.split_backing, state.split.contains(&huge)) {
-                (Some(backing), true) => fallocate(&backing.fd, PUNCH, at, next)?,
-                _ => zero(&self.master, at, next),
+            let (_, ue, source) = file.unit_of(state, at);
+            let next = ue.min(end);
+            match source {
+                Source::Pages => fallocate(file.source_fd(state, source), PUNCH, at, next)?,
+                Source::Pieces => zero(
+                    &state
+                        .mid_backing
+                        .as_ref()
+                        .expect("tiered pages have one")
+                        .map,
+                    at,
+                    next,
+                ),
+                Source::File => zero(&self.master, at, next),
             }
             at = next;
         }
@@ -466,20 +482,14 @@ impl Storage for HugetlbFile {
     ) -> Result<(), GmemError> {
         let mut at = offset;
         while at < offset + len {
-            let huge = at / file.granule;
-            let next = ((huge + 1) * file.granule).min(offset + len);
+            let (us, ue, source) = file.unit_of(state, at);
+            let next = ue.min(offset + len);
+            // Pages of a unit that is not on 4 KiB pages share its
+            // attribute, so the run covers it whole.
+            debug_assert!(source == Source::Pages || (at == us && next == ue));
             let target = addr.wrapping_add((at - offset) as usize);
-            let fd = match (&state.split_backing, state.split.contains(&huge)) {
-                (Some(backing), true) => &backing.fd,
-                // Pages of a huge page that is not split share its
-                // attribute, so the run covers it whole.
-                _ => {
-                    debug_assert!(at.is_multiple_of(file.granule) && next - at == file.granule);
-                    &self.fd
-                }
-            };
             // SAFETY: inside the caller's range.
-            unsafe { map_file_at(target, fd, at, next - at) }?;
+            unsafe { map_file_at(target, file.source_fd(state, source), at, next - at) }?;
             at = next;
         }
         Ok(())

@@ -22,6 +22,7 @@ mod view;
 
 use backend::Storage;
 pub use error::GmemError;
+use hugetlb::{PIECE, Source};
 pub use rules::{check_fallocate, check_mmap};
 use rules::{check_mmap_generic, page_aligned};
 pub use view::View;
@@ -182,7 +183,17 @@ struct FileState {
     views: Vec<ViewRecord>,
     next_view: u64,
     split_backing: Option<SplitBacking>,
+    /// Huge pages not mapped from the file itself: from the 4 KiB backing,
+    /// or (those in `tiered`) piece by piece.
     split: BTreeSet<u64>,
+    /// 1 GiB pages split into 2 MiB pieces of `mid_backing`, so that only
+    /// the pieces in `split_pieces` go down to 4 KiB.
+    tiered: BTreeSet<u64>,
+    /// 2 MiB pieces (`offset >> 21`) of tiered pages on the 4 KiB backing.
+    split_pieces: BTreeSet<u64>,
+    /// A HugeTLB file of 2 MiB pages the size of the file, allocated only
+    /// over tiered pages.
+    mid_backing: Option<SplitBacking>,
     metrics: FileMetrics,
 }
 
@@ -278,6 +289,9 @@ impl GuestMemFile {
                     next_view: 0,
                     split_backing: None,
                     split: BTreeSet::new(),
+                    tiered: BTreeSet::new(),
+                    split_pieces: BTreeSet::new(),
+                    mid_backing: None,
                     metrics: FileMetrics::default(),
                 }),
             }),
@@ -370,11 +384,13 @@ impl GuestMemFile {
         if self.inner.storage.kind() != BackendKind::Hugetlb {
             return 0;
         }
-        let huge = offset / self.inner.granule;
-        if self.state().split.contains(&huge) {
-            0
-        } else {
-            (self.inner.granule.trailing_zeros() - PAGE_SIZE.trailing_zeros()) as u8
+        let state = self.state();
+        match self.inner.unit_of(&state, offset).2 {
+            Source::Pages => 0,
+            Source::Pieces => (PIECE.trailing_zeros() - PAGE_SIZE.trailing_zeros()) as u8,
+            Source::File => {
+                (self.inner.granule.trailing_zeros() - PAGE_SIZE.trailing_zeros()) as u8
+            }
         }
     }
 
@@ -512,13 +528,36 @@ impl GuestMemFile {
                 let (hs, he) = (huge * pages_per_huge, (huge + 1) * pages_per_huge);
                 let mixed = state.attrs.uniform(hs, he).is_none();
                 let split = state.split.contains(&huge);
-                let changed = if mixed && !split {
+                let mut changed = if mixed && !split {
                     inner.split(&mut state, huge)
                 } else if !mixed && split {
                     inner.merge(&mut state, huge)
                 } else {
                     Ok(())
                 };
+                // A 1 GiB page split into 2 MiB pieces: the pieces the
+                // conversion touched go to 4 KiB when mixed, and back when
+                // uniform again.
+                if changed.is_ok() && state.tiered.contains(&huge) {
+                    let hb = huge * inner.granule;
+                    let (rs, re) = (offset.max(hb), end.min(hb + inner.granule));
+                    for piece in rs / PIECE..re.div_ceil(PIECE) {
+                        let pages = PIECE / PAGE_SIZE;
+                        let (ps, pe) = (piece * pages, (piece + 1) * pages);
+                        let piece_mixed = state.attrs.uniform(ps, pe).is_none();
+                        let piece_split = state.split_pieces.contains(&piece);
+                        changed = if piece_mixed && !piece_split {
+                            inner.split_piece(&mut state, piece)
+                        } else if !piece_mixed && piece_split {
+                            inner.merge_piece(&mut state, piece)
+                        } else {
+                            Ok(())
+                        };
+                        if changed.is_err() {
+                            break;
+                        }
+                    }
+                }
                 if let Err(err) = changed {
                     // This huge page and those after it kept their layout:
                     // so do their attributes. The ones before are converted.

@@ -23,7 +23,7 @@ fn fault_source() -> Result<&'static OwnedFd, GmemError> {
 ///
 /// The range must lie inside a mapping owned by the caller, whose memory no
 /// Rust reference points into.
-unsafe fn map_fault_source(addr: *mut u8, len: u64) -> Result<(), GmemError> {
+pub(super) unsafe fn map_fault_source(addr: *mut u8, len: u64) -> Result<(), GmemError> {
     let fd = fault_source()?;
     // SAFETY: guaranteed by the caller.
     unsafe {
@@ -95,11 +95,12 @@ impl GuestMemFile {
         }
         let view = self.register(mapping, offset, len, kind);
         {
-            let mut state = self.state();
-            // Split huge pages in the new view come from their 4 KiB backing.
+            let state = self.state();
+            // Split huge pages in the new view come from where their
+            // memory lies now: 2 MiB pieces or 4 KiB backing.
             let split: Vec<u64> = state.split.iter().copied().collect();
             for huge in split {
-                inner.remap_view_huge(&mut state, view.id, huge, true)?;
+                inner.remap_view_huge_page(&state, view.id, huge)?;
             }
             let end_page = offset
                 .saturating_add(len)
