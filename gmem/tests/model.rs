@@ -38,6 +38,63 @@ fn ops(pages: u64) -> impl Strategy<Value = Vec<Op>> {
     prop::collection::vec(op, 1..40)
 }
 
+/// Applies a convert, punch or write to the file and the model (`modeled`
+/// pages of it); a read is the caller's. Returns whether it was applied.
+fn apply(
+    file: &GuestMemFile,
+    host: &gmem::View,
+    model: &mut [(Attribute, u8)],
+    op: &Op,
+) -> Result<bool, TestCaseError> {
+    let modeled = model.len() as u64;
+    match *op {
+        Op::Convert {
+            first,
+            pages: count,
+            private,
+        } => {
+            let end = (first + count).min(modeled);
+            let to = if private {
+                Attribute::Private
+            } else {
+                Attribute::Shared
+            };
+            file.convert(first * 4096, (end - first) * 4096, to)
+                .unwrap();
+            for page in &mut model[first as usize..end as usize] {
+                page.0 = to;
+            }
+        }
+        Op::Punch {
+            first,
+            pages: count,
+        } => {
+            // A punch may pass the end of what is modeled (and of the file).
+            let end = (first + count).min(modeled);
+            if modeled * 4096 == file.size() {
+                file.punch_hole(first * 4096, count * 4096).unwrap();
+            } else {
+                file.punch_hole(first * 4096, (end - first) * 4096).unwrap();
+            }
+            for page in &mut model[first as usize..end as usize] {
+                page.1 = 0;
+            }
+        }
+        Op::Write { page, byte } => {
+            let result = host.fill(page * 4096, 4096, byte);
+            if model[page as usize].0 == Attribute::Private {
+                let faulted = matches!(result, Err(GmemError::Fault { .. }));
+                prop_assert!(faulted);
+            } else {
+                result.unwrap();
+                model[page as usize].1 = byte;
+            }
+        }
+        Op::Read { .. } => return Ok(false),
+    }
+    Ok(true)
+}
+
 fn run(backend: Backend, log2: u8, pages: u64, ops: Vec<Op>) -> Result<(), TestCaseError> {
     let size = pages * 4096;
     let file = GuestMemFile::create(
@@ -53,54 +110,16 @@ fn run(backend: Backend, log2: u8, pages: u64, ops: Vec<Op>) -> Result<(), TestC
     let guest = file.map_guest(0, size).unwrap();
     let mut model = vec![(Attribute::Shared, 0u8); pages as usize];
     for op in ops {
-        match op {
-            Op::Convert {
-                first,
-                pages: count,
-                private,
-            } => {
-                let end = (first + count).min(pages);
-                let to = if private {
-                    Attribute::Private
-                } else {
-                    Attribute::Shared
-                };
-                file.convert(first * 4096, (end - first) * 4096, to)
-                    .unwrap();
-                for page in &mut model[first as usize..end as usize] {
-                    page.0 = to;
-                }
-            }
-            Op::Punch {
-                first,
-                pages: count,
-            } => {
-                // A punch may pass the end of the file.
-                file.punch_hole(first * 4096, count * 4096).unwrap();
-                let end = (first + count).min(pages);
-                for page in &mut model[first as usize..end as usize] {
-                    page.1 = 0;
-                }
-            }
-            Op::Write { page, byte } => {
-                let result = host.fill(page * 4096, 4096, byte);
-                if model[page as usize].0 == Attribute::Private {
-                    let faulted = matches!(result, Err(GmemError::Fault { .. }));
-                    prop_assert!(faulted);
-                } else {
+        if !apply(&file, &host, &mut model, &op)?
+            && let Op::Read { page } = op
+        {
+            let mut buf = [0u8; 64];
+            let result = host.read_at(page * 4096 + 4032, &mut buf);
+            match model[page as usize] {
+                (Attribute::Private, _) => prop_assert!(result.is_err()),
+                (Attribute::Shared, byte) => {
                     result.unwrap();
-                    model[page as usize].1 = byte;
-                }
-            }
-            Op::Read { page } => {
-                let mut buf = [0u8; 64];
-                let result = host.read_at(page * 4096 + 4032, &mut buf);
-                match model[page as usize] {
-                    (Attribute::Private, _) => prop_assert!(result.is_err()),
-                    (Attribute::Shared, byte) => {
-                        result.unwrap();
-                        prop_assert_eq!(buf, [byte; 64]);
-                    }
+                    prop_assert_eq!(buf, [byte; 64]);
                 }
             }
         }
@@ -169,48 +188,9 @@ fn run_1g(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let mut model = vec![(Attribute::Shared, 0u8); TIERED_PAGES as usize];
     let mut guest = file.map_guest(0, size).unwrap();
     for (step, op) in ops.into_iter().enumerate() {
-        match op {
-            Op::Convert {
-                first,
-                pages: count,
-                private,
-            } => {
-                let end = (first + count).min(TIERED_PAGES);
-                let to = if private {
-                    Attribute::Private
-                } else {
-                    Attribute::Shared
-                };
-                file.convert(first * 4096, (end - first) * 4096, to)
-                    .unwrap();
-                for page in &mut model[first as usize..end as usize] {
-                    page.0 = to;
-                }
-            }
-            Op::Punch {
-                first,
-                pages: count,
-            } => {
-                let end = (first + count).min(TIERED_PAGES);
-                file.punch_hole(first * 4096, (end - first) * 4096).unwrap();
-                for page in &mut model[first as usize..end as usize] {
-                    page.1 = 0;
-                }
-            }
-            Op::Write { page, byte } => {
-                let result = host.fill(page * 4096, 4096, byte);
-                if model[page as usize].0 == Attribute::Private {
-                    let faulted = matches!(result, Err(GmemError::Fault { .. }));
-                    prop_assert!(faulted);
-                } else {
-                    result.unwrap();
-                    model[page as usize].1 = byte;
-                }
-            }
-            Op::Read { .. } => {
-                // A view made now maps every unit from where it lies.
-                guest = file.map_guest(0, size).unwrap();
-            }
+        if !apply(&file, &host, &mut model, &op)? {
+            // A read: a view made now maps every unit from where it lies.
+            guest = file.map_guest(0, size).unwrap();
         }
         for (page, &(attr, byte)) in model.iter().enumerate() {
             let offset = page as u64 * 4096;

@@ -32,18 +32,31 @@ pub(super) trait Storage: Send + Sync + std::fmt::Debug {
         None
     }
 
-    /// Allocates `[start, end)` (checked, inside the file).
+    /// Allocates `[start, end)` (checked, inside the file). By default:
+    /// `fallocate(KEEP_SIZE)` on the descriptor.
     fn allocate(
         &self,
         file: &Inner,
         state: &FileState,
         start: u64,
         end: u64,
-    ) -> Result<(), GmemError>;
+    ) -> Result<(), GmemError> {
+        let _ = (file, state);
+        fallocate(self.descriptor(), libc::FALLOC_FL_KEEP_SIZE, start, end)
+    }
 
     /// Punches `[start, end)` (checked, inside the file): it reads as zero.
-    fn punch(&self, file: &Inner, state: &FileState, start: u64, end: u64)
-    -> Result<(), GmemError>;
+    /// By default: `fallocate(PUNCH_HOLE)` on the descriptor.
+    fn punch(
+        &self,
+        file: &Inner,
+        state: &FileState,
+        start: u64,
+        end: u64,
+    ) -> Result<(), GmemError> {
+        let _ = (file, state);
+        fallocate(self.descriptor(), PUNCH, start, end)
+    }
 
     /// Maps `[offset, offset + len)` of the file at the start of the fresh
     /// reservation `view` for a new view, with the caller's `map_flags`.
@@ -261,14 +274,6 @@ impl Storage for KvmFile {
         Some(&self.fd)
     }
 
-    fn allocate(&self, _: &Inner, _: &FileState, start: u64, end: u64) -> Result<(), GmemError> {
-        fallocate(&self.fd, libc::FALLOC_FL_KEEP_SIZE, start, end)
-    }
-
-    fn punch(&self, _: &Inner, _: &FileState, start: u64, end: u64) -> Result<(), GmemError> {
-        fallocate(&self.fd, PUNCH, start, end)
-    }
-
     fn map_view(
         &self,
         _: &Inner,
@@ -302,14 +307,6 @@ impl Storage for MemfdFile {
 
     fn fd(&self) -> Option<&OwnedFd> {
         Some(&self.fd)
-    }
-
-    fn allocate(&self, _: &Inner, _: &FileState, start: u64, end: u64) -> Result<(), GmemError> {
-        fallocate(&self.fd, libc::FALLOC_FL_KEEP_SIZE, start, end)
-    }
-
-    fn punch(&self, _: &Inner, _: &FileState, start: u64, end: u64) -> Result<(), GmemError> {
-        fallocate(&self.fd, PUNCH, start, end)
     }
 
     fn map_view(
