@@ -149,6 +149,7 @@ fn hugetlb_split_and_merge(log2: u8) {
     }
     let base = host.as_ptr() as usize;
     assert_eq!(kernel_page_size(base), Some(huge));
+    assert_eq!(file.host_page_size(), huge);
     let order = log2 - 12;
     assert_eq!(file.page_order(private), order);
     let frame = guest.host_frame(private).unwrap();

@@ -200,6 +200,8 @@ fn anonymous_and_memfd_memory_ask_for_transparent_huge_pages_where_the_host_allo
             "{:?}: shmem THP allowed = {allowed}",
             backend.kind()
         );
+        let host_page = if allowed { 2 << 20 } else { 4096 };
+        assert_eq!(file.host_page_size(), host_page);
         // Asked or not, the memory works the same.
         let view = file.map(0, 4 << 20).unwrap();
         view.write_at(3 << 20, &[7; 8]).unwrap();

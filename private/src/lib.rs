@@ -41,7 +41,7 @@ use std::sync::Arc;
 
 use gmem::{Attribute, FileMetrics, GmemError, GuestMemFile, View};
 use split::{
-    AttributeChange, Gfn, MemoryAttribute, Memslot, MmuError, Pfn, PrivateMemory,
+    AttributeChange, Gfn, Level, MemoryAttribute, Memslot, MmuError, Pfn, PrivateMemory,
     PrivateMemoryError, PrivatePage, TdpMmu,
 };
 
@@ -71,6 +71,17 @@ pub enum PrivateError {
     /// The file offset is not page aligned.
     #[error("file offset {0:#x} is not page aligned")]
     Unaligned(u64),
+}
+
+/// The largest leaf that may map `file`'s memory in a slot's shared
+/// faults: the host's page size over it ([`GuestMemFile::host_page_size`])
+/// as a level, for [`Memslot::with_host_page_level`].
+pub fn host_page_level(file: &GuestMemFile) -> Level {
+    match file.host_page_size() {
+        size if size >= Level::L1G.entry_bytes() => Level::L1G,
+        size if size >= Level::L2M.entry_bytes() => Level::L2M,
+        _ => Level::L4K,
+    }
 }
 
 /// The private memory of one slot: pages `[offset, offset + pages * 4096)`

@@ -9,6 +9,7 @@ use std::time::Instant;
 
 use mmu_cache::PagePool;
 use mmu_cache::alloc::ChunkAllocator;
+use mmukit_private::host_page_level;
 use split::{LogMode, Memslot, MmuConfig, TdpMmu, VcpuCaches};
 use tdx_ext::pamt::PamtPolicy;
 use tdx_ext::{Seamcall, SimTdxModule, TdxMirror};
@@ -74,7 +75,8 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
     .map_err(|err| RunError::Kvm(format!("software MMU: {err}")))?;
     mmu.add_memslot(
         Memslot::new(0, Gfn(0), npages, Pfn(view.as_ptr() as u64 >> 12))
-            .map_err(|err| RunError::Kvm(format!("memslot: {err}")))?,
+            .map_err(|err| RunError::Kvm(format!("memslot: {err}")))?
+            .with_host_page_level(host_page_level(&file)),
     )
     .map_err(|err| RunError::Kvm(format!("memslot: {err}")))?;
 

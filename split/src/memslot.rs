@@ -101,6 +101,7 @@ pub struct Memslot {
     base_gfn: Gfn,
     npages: u64,
     host_base_pfn: Pfn,
+    host_level: Level,
     private: Option<Arc<dyn PrivateMemory>>,
     logging: AtomicBool,
     manual: AtomicBool,
@@ -110,6 +111,8 @@ pub struct Memslot {
 impl Memslot {
     /// A slot of `npages` guest frames from `base_gfn`, backed by host frames
     /// from `host_base_pfn` (no host memory is touched: frames are numbers).
+    /// The host is taken to map them with pages of any size; see
+    /// [`with_host_page_level`](Self::with_host_page_level).
     pub fn new(
         id: u32,
         base_gfn: Gfn,
@@ -134,6 +137,7 @@ impl Memslot {
             base_gfn,
             npages,
             host_base_pfn,
+            host_level: Level::L1G,
             private: None,
             logging: AtomicBool::new(false),
             manual: AtomicBool::new(false),
@@ -141,6 +145,31 @@ impl Memslot {
                 .map(|_| AtomicU64::new(0))
                 .collect(),
         })
+    }
+
+    /// The slot with its host memory mapped by pages no larger than `level`
+    /// (4K for ordinary memory, 2M where transparent huge pages or 2 MiB
+    /// HugeTLB pages back it, 1G for 1 GiB HugeTLB pages): no leaf of the
+    /// slot's shared memory is larger, as KVM bounds a leaf by
+    /// `host_pfn_mapping_level`. One bound holds for the whole slot.
+    ///
+    /// ```
+    /// use split::{Gfn, Level, Memslot, Pfn};
+    ///
+    /// let slot = Memslot::new(0, Gfn(0), 1 << 18, Pfn(0x4_0000))?;
+    /// assert_eq!(slot.max_level(Gfn(0)), Level::L1G);
+    /// let slot = slot.with_host_page_level(Level::L2M);
+    /// assert_eq!(slot.max_level(Gfn(0)), Level::L2M);
+    /// # Ok::<(), split::MemslotError>(())
+    /// ```
+    pub fn with_host_page_level(mut self, level: Level) -> Self {
+        self.host_level = level;
+        self
+    }
+
+    /// The largest page the host maps the slot's memory with.
+    pub fn host_page_level(&self) -> Level {
+        self.host_level
     }
 
     /// The slot with private memory from `private` (KVM's
@@ -199,10 +228,14 @@ impl Memslot {
             && other.host_base_pfn < self.host_base_pfn + self.npages
     }
 
-    /// The largest leaf level that may map `gfn`: the aligned region must
-    /// lie inside the slot and the host frames must share its alignment.
+    /// The largest leaf level that may map `gfn` from the slot's host
+    /// memory: no larger than the host's pages, the aligned region inside
+    /// the slot, and the host frames sharing its alignment.
     pub fn max_level(&self, gfn: Gfn) -> Level {
         for level in [Level::L1G, Level::L2M] {
+            if level > self.host_level {
+                continue;
+            }
             let pages = level.entry_pages();
             let start = gfn.align_down(pages);
             let host_aligned = self

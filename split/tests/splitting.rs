@@ -500,3 +500,35 @@ fn a_zap_keeps_an_unharvested_write_in_the_log() {
     let log = mmu.get_dirty_log(0).unwrap();
     assert_eq!(log[0], 1 << 7, "the write survives the zap");
 }
+
+/// A leaf is never larger than the host's pages behind the slot, as KVM's
+/// `host_pfn_mapping_level` bounds it: 4 KiB host pages give 4K leaves
+/// however aligned the slot is, 2 MiB pages (THP, 2 MiB HugeTLB) 2M leaves.
+#[test]
+fn the_hosts_page_size_bounds_every_leaf_of_a_slot() {
+    for (host, expected, slot_pages) in [
+        (Level::L4K, Level::L4K, 4 * MIB_PAGES),
+        (Level::L2M, Level::L2M, GIB_PAGES),
+        (Level::L1G, Level::L1G, GIB_PAGES),
+    ] {
+        let (_, mmu) = mmu(MmuConfig::default());
+        let slot = Memslot::new(0, Gfn(0), slot_pages, Pfn(0x4_0000))
+            .unwrap()
+            .with_host_page_level(host);
+        assert_eq!(slot.host_page_level(), host);
+        mmu.add_memslot(slot).unwrap();
+        let mut vcpu = mmu.new_vcpu_caches();
+        for gfn in [0, MIB_PAGES + 3, slot_pages - 1] {
+            let mapped = mmu.fault(&mut vcpu, Gpa(gfn << 12), true).unwrap();
+            assert_eq!(mapped.level, expected, "host {host:?}, gfn {gfn:#x}");
+            assert_eq!(mapped.hpa, Hpa((0x4_0000 + gfn) << 12));
+        }
+        // Dirty logging off again: 4 KiB host pages leave nothing to zap
+        // for a huge remap, so the 4K leaves stay.
+        mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
+        mmu.disable_dirty_logging(0).unwrap();
+        if host == Level::L4K {
+            assert_eq!(checked_stats(&mmu).pages_4k, 3);
+        }
+    }
+}

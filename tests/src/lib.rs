@@ -180,7 +180,8 @@ impl Td {
         let shared = shared_file.map(0, options.size)?;
         let mut vm = PrivateMemoryVm::new(Arc::new(mmu));
         let pages = options.size / 4096;
-        let slot = Memslot::new(0, Gfn(0), pages, Pfn(shared.as_ptr() as u64 >> 12))?;
+        let slot = Memslot::new(0, Gfn(0), pages, Pfn(shared.as_ptr() as u64 >> 12))?
+            .with_host_page_level(mmukit_private::host_page_level(&shared_file));
         vm.bind(slot, &file, 0)?;
         Ok(Self {
             module,

@@ -30,6 +30,9 @@ pub use view::View;
 /// The base page size.
 pub const PAGE_SIZE: u64 = 4096;
 
+/// The size of a transparent huge page on x86-64.
+const THP_SIZE: u64 = 2 << 20;
+
 /// A VM that makes guest_memfd files (`KVM_CREATE_GUEST_MEMFD`). The KVM
 /// binding's [`KvmVm`](crate::KvmVm) is the one this crate provides; the
 /// trait keeps guest memory files apart from the binding, which uses them.
@@ -374,6 +377,21 @@ impl GuestMemFile {
     /// shmem THP mode allows (see [`HostCaps`](crate::HostCaps)).
     pub fn transparent_huge_pages(&self) -> bool {
         self.inner.storage.transparent_huge_pages()
+    }
+
+    /// The largest page the host maps the file's memory with, the bound a
+    /// KVM fault finds in the host page tables (`host_pfn_mapping_level`):
+    /// the HugeTLB page size, 2 MiB where the memory asks for transparent
+    /// huge pages, 4 KiB otherwise. A HugeTLB page split for a conversion
+    /// is mapped with 4 KiB pages until it is merged.
+    pub fn host_page_size(&self) -> u64 {
+        if self.inner.storage.kind() == BackendKind::Hugetlb {
+            self.inner.granule
+        } else if self.transparent_huge_pages() {
+            THP_SIZE
+        } else {
+            PAGE_SIZE
+        }
     }
 
     /// The order of the page behind `offset` (what `kvm_gmem_get_pfn`
