@@ -20,7 +20,8 @@
 //!   rmaps, unsync pages, dirty logging and eager splitting without a vCPU.
 //!
 //! Tables are pages from an `mmu-cache` page cache filled with the
-//! non-present value (suppress-#VE set). Every operation tops up its caches
+//! non-present value (suppress-#VE set), except the shadow MMU's split
+//! cache, whose pages a split writes whole. Every operation tops up its caches
 //! first, then takes the lock; a splitter that runs out drops the lock,
 //! tops up and resumes.
 //!
@@ -52,6 +53,7 @@ pub mod guest;
 pub mod hooks;
 mod lock;
 pub mod memslot;
+mod page_map;
 pub mod shadow;
 mod shard;
 pub mod tdp;

@@ -25,7 +25,6 @@
 //! The page allocator is never called while the lock is held: every cache
 //! is topped up before it is taken.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -50,6 +49,7 @@ use crate::ept::{
 };
 use crate::guest::GuestTables;
 use crate::memslot::{LogMode, Memslot, MemslotError};
+use crate::page_map::PageMap;
 use crate::translation::{Access, PageStats, Translation};
 
 /// Pages that hold shadow tables.
@@ -358,7 +358,7 @@ pub struct ShadowRecount {
 }
 
 struct State {
-    pages: HashMap<u64, SlabBox<ShadowPage>>,
+    pages: PageMap<SlabBox<ShadowPage>>,
     buckets: Vec<u64>,
     slots: Vec<SlotRmaps>,
     stats: [u64; 3],
@@ -525,15 +525,15 @@ impl ShadowMmu {
             split_caches: Mutex::new(ShadowCaches {
                 descriptors: ObjectCache::new(desc_slab.clone()).named("split-descriptors"),
                 headers: ObjectCache::new(header_slab.clone()).named("split-headers"),
-                tables: PageCache::new(pool.clone())
-                    .with_init_value(ept::NON_PRESENT)
-                    .named("split-shadow-pages"),
+                // Unfilled: a split writes every entry of the page it takes
+                // (`split_one`), so a fill would write each page twice.
+                tables: PageCache::new(pool.clone()).named("split-shadow-pages"),
             }),
             pool,
             header_slab,
             desc_slab,
             state: Mutex::new(State {
-                pages: HashMap::new(),
+                pages: PageMap::default(),
                 buckets: vec![0; HASH_BUCKETS],
                 slots: Vec::new(),
                 stats: [0; 3],

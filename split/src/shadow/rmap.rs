@@ -9,6 +9,9 @@ pub struct PteListDesc {
     pub(super) sptes: [u64; PTE_LIST_EXT],
     pub(super) count: u8,
     pub(super) more: Option<SlabBox<PteListDesc>>,
+    /// The box of this descriptor while it heads a list: the list itself is
+    /// one word that holds only the descriptor's address.
+    home: Option<SlabBox<PteListDesc>>,
 }
 
 impl Default for PteListDesc {
@@ -17,6 +20,7 @@ impl Default for PteListDesc {
             sptes: [0; PTE_LIST_EXT],
             count: 0,
             more: None,
+            home: None,
         }
     }
 }
@@ -30,17 +34,105 @@ impl fmt::Debug for PteListDesc {
     }
 }
 
-/// A list of entry addresses: empty, one address, or a descriptor chain
-/// whose first descriptor is the only one that may be partly full.
-#[derive(Debug, Default)]
-pub(super) enum PteList {
-    #[default]
-    Empty,
-    One(u64),
-    Many(SlabBox<PteListDesc>),
+/// The tag of a list word that holds a descriptor's address: entry
+/// addresses are 8-byte aligned, so their low bit is free.
+const DESC_TAG: u64 = 1;
+
+/// A list of entry addresses in one word, as the kernel's `kvm_rmap_head`:
+/// 0 when empty, the (8-byte aligned, non-zero) address when there is one,
+/// or the address of a descriptor chain, tagged with [`DESC_TAG`], whose
+/// first descriptor is the only one that may be partly full. A split
+/// writes 512 of these per table, so their size is most of its cost.
+#[derive(Default)]
+pub(super) struct PteList(u64);
+
+const _: () = assert!(std::mem::size_of::<PteList>() == 8);
+
+impl fmt::Debug for PteList {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.head() {
+            Some(desc) => f.debug_tuple("Many").field(desc).finish(),
+            None if self.0 == 0 => f.write_str("Empty"),
+            None => write!(f, "One({:#x})", self.0),
+        }
+    }
+}
+
+impl Drop for PteList {
+    fn drop(&mut self) {
+        drop(self.take_head());
+    }
 }
 
 impl PteList {
+    /// Makes an empty list hold `spte` alone; false (and no change) when
+    /// the list is not empty.
+    #[inline]
+    pub(super) fn set_if_empty(&mut self, spte: u64) -> bool {
+        debug_assert!(spte != 0 && spte & 7 == 0, "entry address {spte:#x}");
+        let empty = self.0 == 0;
+        if empty {
+            self.0 = spte;
+        }
+        empty
+    }
+
+    /// Whether every list of `lists` is empty (one pass with no branch per
+    /// list).
+    pub(super) fn all_empty(lists: &[PteList]) -> bool {
+        lists.iter().fold(0, |any, list| any | list.0) == 0
+    }
+
+    /// Makes the empty lists `lists` hold one entry address each, list `i`
+    /// the address `first + 8 * i`: the rmaps of a new table's entries.
+    pub(super) fn fill_empty_with_consecutive(lists: &mut [PteList], first: u64) {
+        debug_assert!(Self::all_empty(lists));
+        debug_assert!(first != 0 && first & 7 == 0, "entry address {first:#x}");
+        for (index, list) in lists.iter_mut().enumerate() {
+            list.0 = first + index as u64 * 8;
+        }
+    }
+
+    /// The head descriptor, when the list is a chain.
+    fn head(&self) -> Option<&PteListDesc> {
+        (self.0 & DESC_TAG != 0).then(|| {
+            // SAFETY: a tagged word holds the address of a live descriptor
+            // whose `home` box is owned by this list (see `set_head`).
+            unsafe { &*((self.0 & !DESC_TAG) as *const PteListDesc) }
+        })
+    }
+
+    /// The head descriptor, for changes.
+    fn head_mut(&mut self) -> Option<&mut PteListDesc> {
+        (self.0 & DESC_TAG != 0).then(|| {
+            // SAFETY: as in `head`, and `&mut self` makes the access
+            // exclusive: only this list knows the descriptor's address.
+            unsafe { &mut *((self.0 & !DESC_TAG) as *mut PteListDesc) }
+        })
+    }
+
+    /// Makes `desc` the head of this list, which must hold no descriptor:
+    /// the box moves into the descriptor it owns and the word keeps its
+    /// address.
+    fn set_head(&mut self, mut desc: SlabBox<PteListDesc>) {
+        debug_assert!(self.0 & DESC_TAG == 0);
+        let address: *mut PteListDesc = &mut *desc;
+        debug_assert!(address as u64 & DESC_TAG == 0);
+        // SAFETY: `address` is the box's object in its slab slot, which does
+        // not move when the box does; it stays live until the box, kept in
+        // the object's own `home`, is taken back out by `take_head`.
+        unsafe { (*address).home = Some(desc) };
+        self.0 = address as u64 | DESC_TAG;
+    }
+
+    /// Takes the head descriptor's box out of the list, which is left empty.
+    fn take_head(&mut self) -> Option<SlabBox<PteListDesc>> {
+        let head = self.head_mut()?.home.take();
+        debug_assert!(head.is_some(), "a list's head descriptor owns itself");
+        self.0 = 0;
+        head
+    }
+
     /// Adds `spte`. The empty case, which every split child and most faults
     /// meet, is inlined; the rest takes descriptors from `descs`.
     #[inline]
@@ -49,8 +141,7 @@ impl PteList {
         spte: u64,
         descs: &mut ObjectCache<PteListDesc>,
     ) -> Result<(), CacheError> {
-        if let Self::Empty = self {
-            *self = Self::One(spte);
+        if self.set_if_empty(spte) {
             return Ok(());
         }
         self.add_to_list(spte, descs)
@@ -62,102 +153,92 @@ impl PteList {
         spte: u64,
         descs: &mut ObjectCache<PteListDesc>,
     ) -> Result<(), CacheError> {
-        match self {
-            Self::Empty => *self = Self::One(spte),
-            Self::One(first) => {
-                let first = *first;
-                let mut desc = descs.alloc()?;
-                *desc = PteListDesc::default();
-                desc.sptes[0] = first;
-                desc.sptes[1] = spte;
-                desc.count = 2;
-                *self = Self::Many(desc);
-            }
-            Self::Many(head) if usize::from(head.count) < PTE_LIST_EXT => {
-                let at = usize::from(head.count);
-                head.sptes[at] = spte;
-                head.count += 1;
-            }
-            Self::Many(_) => {
-                let mut desc = descs.alloc()?;
-                *desc = PteListDesc::default();
+        if let Some(head) = self.head_mut()
+            && usize::from(head.count) < PTE_LIST_EXT
+        {
+            head.sptes[usize::from(head.count)] = spte;
+            head.count += 1;
+            return Ok(());
+        }
+        let mut desc = descs.alloc()?;
+        *desc = PteListDesc::default();
+        match self.take_head() {
+            // The full head goes down the chain.
+            Some(old) => {
                 desc.sptes[0] = spte;
                 desc.count = 1;
-                let Self::Many(old) = std::mem::take(self) else {
-                    unreachable!("matched above")
-                };
                 desc.more = Some(old);
-                *self = Self::Many(desc);
+            }
+            None => {
+                desc.sptes[0] = std::mem::take(&mut self.0);
+                desc.sptes[1] = spte;
+                desc.count = 2;
             }
         }
+        self.set_head(desc);
         Ok(())
     }
 
     /// Removes `spte`; the hole is filled with the last entry of the first
-    /// descriptor, which is dropped when it empties.
+    /// descriptor, which is freed when it empties.
     pub(super) fn remove(&mut self, spte: u64) -> bool {
-        match self {
-            Self::Empty => false,
-            Self::One(only) => {
-                let found = *only == spte;
-                if found {
-                    *self = Self::Empty;
-                }
-                found
+        let Some(head) = self.head_mut() else {
+            let found = self.0 != 0 && self.0 == spte;
+            if found {
+                self.0 = 0;
             }
-            Self::Many(head) => {
-                let last_index = usize::from(head.count) - 1;
-                let last = head.sptes[last_index];
-                let mut found = false;
-                let mut desc: &mut PteListDesc = head;
-                loop {
-                    let count = usize::from(desc.count);
-                    if let Some(i) = desc.sptes[..count].iter().position(|&s| s == spte) {
-                        desc.sptes[i] = last;
-                        found = true;
-                        break;
-                    }
-                    match desc.more.as_deref_mut() {
-                        Some(next) => desc = next,
-                        None => break,
-                    }
-                }
-                if !found {
-                    return false;
-                }
-                head.count -= 1;
-                if head.count == 0 {
-                    *self = match head.more.take() {
-                        Some(next) => Self::Many(next),
-                        None => Self::Empty,
-                    };
-                }
-                true
+            return found;
+        };
+        let last = head.sptes[usize::from(head.count) - 1];
+        let mut found = false;
+        let mut desc: &mut PteListDesc = head;
+        loop {
+            let count = usize::from(desc.count);
+            if let Some(i) = desc.sptes[..count].iter().position(|&s| s == spte) {
+                desc.sptes[i] = last;
+                found = true;
+                break;
+            }
+            match desc.more.as_deref_mut() {
+                Some(next) => desc = next,
+                None => break,
             }
         }
+        if !found {
+            return false;
+        }
+        let head = self.head_mut().expect("the list is a chain");
+        head.count -= 1;
+        if head.count == 0 {
+            let next = head.more.take();
+            drop(self.take_head());
+            if let Some(next) = next {
+                self.set_head(next);
+            }
+        }
+        true
     }
 
     pub(super) fn first(&self) -> Option<u64> {
-        match self {
-            Self::Empty => None,
-            Self::One(only) => Some(*only),
-            Self::Many(head) => Some(head.sptes[0]),
+        match self.head() {
+            Some(head) => Some(head.sptes[0]),
+            None => (self.0 != 0).then_some(self.0),
         }
     }
 
     pub(super) fn for_each(&self, mut visit: impl FnMut(u64)) {
-        match self {
-            Self::Empty => {}
-            Self::One(only) => visit(*only),
-            Self::Many(head) => {
-                let mut desc: Option<&PteListDesc> = Some(head);
-                while let Some(d) = desc {
-                    d.sptes[..usize::from(d.count)]
-                        .iter()
-                        .for_each(|&s| visit(s));
-                    desc = d.more.as_deref();
-                }
+        let Some(head) = self.head() else {
+            if self.0 != 0 {
+                visit(self.0);
             }
+            return;
+        };
+        let mut desc: Option<&PteListDesc> = Some(head);
+        while let Some(d) = desc {
+            d.sptes[..usize::from(d.count)]
+                .iter()
+                .for_each(|&s| visit(s));
+            desc = d.more.as_deref();
         }
     }
 
@@ -169,12 +250,10 @@ impl PteList {
 
     pub(super) fn descriptors(&self) -> usize {
         let mut n = 0;
-        if let Self::Many(head) = self {
-            let mut desc: Option<&PteListDesc> = Some(head);
-            while let Some(d) = desc {
-                n += 1;
-                desc = d.more.as_deref();
-            }
+        let mut desc = self.head();
+        while let Some(d) = desc {
+            n += 1;
+            desc = d.more.as_deref();
         }
         n
     }
@@ -190,7 +269,7 @@ impl SlotRmaps {
     pub(super) fn new(slot: Arc<Memslot>) -> Self {
         let levels = [0u32, 9, 18].map(|shift| {
             let count = ((slot.end_gfn().0 - 1) >> shift) - (slot.base_gfn().0 >> shift) + 1;
-            (0..count).map(|_| PteList::Empty).collect()
+            (0..count).map(|_| PteList::default()).collect()
         });
         Self { slot, levels }
     }
@@ -203,5 +282,79 @@ impl SlotRmaps {
     pub(super) fn head(&mut self, level: Level, gfn: u64) -> &mut PteList {
         let index = self.index(level, gfn);
         &mut self.levels[usize::from(level.get() - 1)][index]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mmu_cache::alloc::ChunkAllocator;
+
+    fn descriptors() -> (Arc<Slab<PteListDesc>>, ObjectCache<PteListDesc>) {
+        let pool: Arc<PagePool<ShadowTablePage>> = PagePool::new(ChunkAllocator::anonymous());
+        let slab = Slab::new(pool.for_kind(), None).unwrap();
+        let mut descs = ObjectCache::new(slab.clone());
+        descs.topup_with_capacity(64, 64).unwrap();
+        (slab, descs)
+    }
+
+    fn entries(list: &PteList) -> Vec<u64> {
+        let mut seen = Vec::new();
+        list.for_each(|spte| seen.push(spte));
+        seen.sort_unstable();
+        seen
+    }
+
+    #[test]
+    fn a_list_is_one_word_through_one_entry_and_chains_of_descriptors() {
+        let (slab, mut descs) = descriptors();
+        let cached = slab.live();
+        let mut list = PteList::default();
+        assert_eq!((list.first(), list.len(), list.descriptors()), (None, 0, 0));
+        list.add(0x1000, &mut descs).unwrap();
+        assert_eq!((list.first(), list.descriptors()), (Some(0x1000), 0));
+        // Three descriptors' worth: the head is the only partial one.
+        let all: Vec<u64> = (1..=3 * PTE_LIST_EXT as u64).map(|i| i * 8).collect();
+        let mut list = PteList::default();
+        for &spte in &all {
+            list.add(spte, &mut descs).unwrap();
+        }
+        assert_eq!(list.len(), all.len());
+        assert_eq!(list.descriptors(), 3);
+        assert_eq!(slab.live(), cached);
+        assert_eq!(descs.nr_free(), 64 - 3);
+        assert_eq!(entries(&list), all);
+        // Removing from the middle, the tail and the head keeps the rest.
+        let mut left = all.clone();
+        for spte in [all[20], all[0], all[41], all[13], all[14]] {
+            assert!(list.remove(spte));
+            assert!(!list.remove(spte), "{spte:#x} was removed once");
+            left.retain(|&s| s != spte);
+            assert_eq!(entries(&list), left);
+        }
+        while let Some(spte) = list.first() {
+            assert!(list.remove(spte));
+        }
+        assert_eq!((list.len(), list.descriptors()), (0, 0));
+        assert!(!list.remove(8));
+        assert_eq!(slab.live(), cached - 3, "emptied descriptors go back");
+        // A chain dropped whole frees its descriptors.
+        for &spte in &all {
+            list.add(spte, &mut descs).unwrap();
+        }
+        assert_eq!(slab.live(), cached - 3);
+        drop(list);
+        assert_eq!(slab.live(), cached - 6);
+    }
+
+    #[test]
+    fn consecutive_entries_fill_only_empty_lists() {
+        let mut lists: Vec<PteList> = (0..512).map(|_| PteList::default()).collect();
+        assert!(PteList::all_empty(&lists));
+        PteList::fill_empty_with_consecutive(&mut lists, 0x5000);
+        assert!(!PteList::all_empty(&lists));
+        assert_eq!(lists[0].first(), Some(0x5000));
+        assert_eq!(lists[511].first(), Some(0x5000 + 511 * 8));
+        assert!(!PteList::all_empty(&lists[511..]));
     }
 }

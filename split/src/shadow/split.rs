@@ -102,18 +102,27 @@ impl ShadowMmu {
         // frame bits never carry into the others (as in the TDP split).
         let first_child = huge.split_child(level, 0).bits();
         let step = below.entry_bytes();
-        if created {
+        if created && PteList::all_empty(lists) {
+            // A new shadow page over 4K frames no other entry maps, as in
+            // a first split: two streams of stores.
+            PteList::fill_empty_with_consecutive(lists, child);
+            for (index, word) in words.iter_mut().enumerate() {
+                *word = first_child + index as u64 * step;
+            }
+            added = 512;
+        } else if created {
             // A new shadow page: every entry is free, and most rmap lists of
-            // 4K frames are empty, which is one store each.
-            for (index, (word, list)) in words.iter_mut().zip(lists).enumerate() {
+            // 4K frames are empty, which is one 8-byte store each.
+            for index in 0..words.len() {
                 let child_addr = child + index as u64 * 8;
-                if let PteList::Empty = list {
-                    *list = PteList::One(child_addr);
-                } else if let Err(err) = list.add(child_addr, &mut caches.descriptors) {
+                if let Err(err) = lists[index].add(child_addr, &mut caches.descriptors) {
+                    // The page came unfilled from the split cache: what
+                    // this split did not write becomes non-present.
+                    words[index..].fill(ept::NON_PRESENT);
                     result = Err(err);
                     break;
                 }
-                *word = first_child + index as u64 * step;
+                words[index] = first_child + index as u64 * step;
                 added += 1;
             }
         } else {
@@ -130,8 +139,19 @@ impl ShadowMmu {
                 added += 1;
             }
         }
+        // A new page holds exactly the huge leaf's children; a page found
+        // again keeps the entries it had (write-protected ones among them,
+        // as the kernel's split skips present entries), on the same frames.
         debug_assert!(
-            result.is_err() || Entry::from_bits(words[511]) == huge.split_child(level, 511)
+            result.is_err() || {
+                let (last, child_511) =
+                    (Entry::from_bits(words[511]), huge.split_child(level, 511));
+                if created {
+                    last == child_511
+                } else {
+                    last.addr(below) == child_511.addr(below)
+                }
+            }
         );
         stats[stat_index(below)] += added;
         result?;

@@ -10,7 +10,6 @@ mod fault;
 mod split;
 mod zap;
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
@@ -25,6 +24,7 @@ use crate::hooks::{
 };
 use crate::lock::{MmuLock, ReadGuard, WriteGuard};
 use crate::memslot::{ClearedWord, LogMode, Memslot, MemslotError};
+use crate::page_map::PageMap;
 use crate::shard::ShardedCounters;
 
 /// Pages that hold EPT tables.
@@ -400,7 +400,7 @@ pub struct TdpMmu {
     /// Bumped at the end of each attribute change: a fault that read the
     /// attributes at an older value retries.
     invalidate_seq: AtomicU64,
-    tables: Mutex<HashMap<u64, mmu_cache::SlabBox<TableHeader>>>,
+    tables: Mutex<PageMap<mmu_cache::SlabBox<TableHeader>>>,
     /// Free entries of `tables` (capacity - len), read by faults without
     /// locking the map.
     table_headroom: std::sync::atomic::AtomicUsize,
@@ -641,7 +641,7 @@ impl TdpMmu {
             attributes: RwLock::new(MemoryAttributes::new(MemoryAttribute::Shared)),
             invalidations: AtomicU64::new(0),
             invalidate_seq: AtomicU64::new(0),
-            tables: Mutex::new(HashMap::new()),
+            tables: Mutex::new(PageMap::default()),
             table_headroom: std::sync::atomic::AtomicUsize::new(0),
             slots: arc_swap::ArcSwap::from_pointee(Vec::new()),
             slots_writer: Mutex::new(()),
@@ -794,7 +794,7 @@ impl TdpMmu {
         self.lock.write()
     }
 
-    fn table_map(&self) -> MutexGuard<'_, HashMap<u64, mmu_cache::SlabBox<TableHeader>>> {
+    fn table_map(&self) -> MutexGuard<'_, PageMap<mmu_cache::SlabBox<TableHeader>>> {
         self.tables
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
