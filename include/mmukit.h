@@ -535,6 +535,19 @@ int mmukit_tdp_mmu_access(struct mmukit_tdp_mmu *mmu, uint64_t gpa, bool write, 
 int mmukit_tdp_mmu_add_slot(struct mmukit_tdp_mmu *mmu, uint32_t slot, uint64_t base_gfn, uint64_t npages, uint64_t host_base_pfn);
 
 /*
+ Adds memslot `slot` as [`mmukit_tdp_mmu_add_slot`] does, on host memory
+ mapped with pages of `host_page_size` bytes (4096; 2 MiB for
+ transparent huge pages or 2 MiB HugeTLB pages; 1 GiB for 1 GiB HugeTLB
+ pages): no leaf of the slot is larger, as KVM bounds a leaf by the host's
+ mapping. Another size is -EINVAL.
+
+ # Safety
+
+ `mmu` must be a live handle.
+ */
+int mmukit_tdp_mmu_add_slot_on_host_pages(struct mmukit_tdp_mmu *mmu, uint32_t slot, uint64_t base_gfn, uint64_t npages, uint64_t host_base_pfn, uint64_t host_page_size);
+
+/*
  Handles a fault at `gpa` (-ENOENT when no slot holds it).
 
  # Safety

@@ -321,6 +321,41 @@ pub unsafe extern "C" fn mmukit_tdp_mmu_add_slot(
     })
 }
 
+/// Adds memslot `slot` as [`mmukit_tdp_mmu_add_slot`] does, on host memory
+/// mapped with pages of `host_page_size` bytes (4096; 2 MiB for
+/// transparent huge pages or 2 MiB HugeTLB pages; 1 GiB for 1 GiB HugeTLB
+/// pages): no leaf of the slot is larger, as KVM bounds a leaf by the host's
+/// mapping. Another size is -EINVAL.
+///
+/// # Safety
+///
+/// `mmu` must be a live handle.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn mmukit_tdp_mmu_add_slot_on_host_pages(
+    mmu: *mut mmukit_tdp_mmu,
+    slot: u32,
+    base_gfn: u64,
+    npages: u64,
+    host_base_pfn: u64,
+    host_page_size: u64,
+) -> c_int {
+    let level = match host_page_size {
+        0x1000 => Level::L4K,
+        0x20_0000 => Level::L2M,
+        0x4000_0000 => Level::L1G,
+        _ => return -libc::EINVAL,
+    };
+    with_handle(mmu, |m| {
+        match Memslot::new(slot, Gfn(base_gfn), npages, Pfn(host_base_pfn)) {
+            Ok(memslot) => match m.mmu.add_memslot(memslot.with_host_page_level(level)) {
+                Ok(_) => 0,
+                Err(_) => -libc::EEXIST,
+            },
+            Err(_) => -libc::EINVAL,
+        }
+    })
+}
+
 /// Handles a fault at `gpa` (-ENOENT when no slot holds it).
 ///
 /// # Safety

@@ -33,12 +33,32 @@ static void cycle(struct mmukit_tdp_mmu *mmu) {
     CHECK(mmukit_tdp_mmu_translate(mmu, 1ull << 40, &hpa, &level) == -ENOENT);
 }
 
+/* The host's page size bounds the leaves: 4 KiB pages under a 1 GiB-aligned
+ * slot still give 4K leaves; 2 MiB pages give 2M leaves, not 1G. */
+static void host_pages(void) {
+    struct mmukit_tdp_mmu *mmu = NULL;
+    CHECK(mmukit_tdp_mmu_new(4, false, &mmu) == 0);
+    CHECK(mmukit_tdp_mmu_add_slot_on_host_pages(mmu, 0, 0, 1u << 18, 1u << 20, 8192) == -EINVAL);
+    CHECK(mmukit_tdp_mmu_add_slot_on_host_pages(mmu, 0, 0, 1u << 18, 1u << 20, 4096) == 0);
+    CHECK(mmukit_tdp_mmu_add_slot_on_host_pages(mmu, 1, 1u << 18, 1u << 18, 2u << 20, 2u << 20) == 0);
+    uint64_t hpa = 0;
+    uint8_t level = 0;
+    CHECK(mmukit_tdp_mmu_fault(mmu, 0x7000, true) == 0);
+    CHECK(mmukit_tdp_mmu_translate(mmu, 0x7000, &hpa, &level) == 0);
+    CHECK(level == 1 && hpa == (1ull << 32) + 0x7000);
+    CHECK(mmukit_tdp_mmu_fault(mmu, (1ull << 30) + 0x7000, true) == 0);
+    CHECK(mmukit_tdp_mmu_translate(mmu, (1ull << 30) + 0x7000, &hpa, &level) == 0);
+    CHECK(level == 2 && hpa == (2ull << 32) + 0x7000);
+    mmukit_tdp_mmu_destroy(mmu);
+}
+
 int main(void) {
     struct mmukit_tdp_mmu *mmu = NULL;
     CHECK(mmukit_tdp_mmu_new(3, true, &mmu) == -EINVAL);
     CHECK(mmukit_tdp_mmu_new(4, true, &mmu) == 0);
     cycle(mmu);
     mmukit_tdp_mmu_destroy(mmu);
+    host_pages();
 
     struct mmukit_tdx *tdx = NULL;
     CHECK(mmukit_tdx_new(4, 7, &tdx) == -EINVAL);
