@@ -526,7 +526,9 @@ int mmukit_tdp_mmu_access(struct mmukit_tdp_mmu *mmu, uint64_t gpa, bool write, 
 
 /*
  Adds memslot `slot`: `npages` guest frames from `base_gfn` on host frames
- from `host_base_pfn`.
+ from `host_base_pfn`, with leaves up to 1G wherever the frames align
+ (no bound from the host's pages: see
+ [`mmukit_tdp_mmu_add_slot_on_host_pages`]).
 
  # Safety
 

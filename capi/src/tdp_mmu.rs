@@ -297,7 +297,9 @@ pub unsafe extern "C" fn mmukit_tdp_mmu_access(
 }
 
 /// Adds memslot `slot`: `npages` guest frames from `base_gfn` on host frames
-/// from `host_base_pfn`.
+/// from `host_base_pfn`, with leaves up to 1G wherever the frames align
+/// (no bound from the host's pages: see
+/// [`mmukit_tdp_mmu_add_slot_on_host_pages`]).
 ///
 /// # Safety
 ///
@@ -310,15 +312,17 @@ pub unsafe extern "C" fn mmukit_tdp_mmu_add_slot(
     npages: u64,
     host_base_pfn: u64,
 ) -> c_int {
-    with_handle(mmu, |m| {
-        match Memslot::new(slot, Gfn(base_gfn), npages, Pfn(host_base_pfn)) {
-            Ok(memslot) => match m.mmu.add_memslot(memslot) {
-                Ok(_) => 0,
-                Err(_) => -libc::EEXIST,
-            },
-            Err(_) => -libc::EINVAL,
-        }
-    })
+    // SAFETY: forwarded from the caller; pages of any size.
+    unsafe {
+        mmukit_tdp_mmu_add_slot_on_host_pages(
+            mmu,
+            slot,
+            base_gfn,
+            npages,
+            host_base_pfn,
+            Level::L1G.entry_bytes(),
+        )
+    }
 }
 
 /// Adds memslot `slot` as [`mmukit_tdp_mmu_add_slot`] does, on host memory
@@ -339,11 +343,8 @@ pub unsafe extern "C" fn mmukit_tdp_mmu_add_slot_on_host_pages(
     host_base_pfn: u64,
     host_page_size: u64,
 ) -> c_int {
-    let level = match host_page_size {
-        0x1000 => Level::L4K,
-        0x20_0000 => Level::L2M,
-        0x4000_0000 => Level::L1G,
-        _ => return -libc::EINVAL,
+    let Some(level) = Level::of_page_size(host_page_size) else {
+        return -libc::EINVAL;
     };
     with_handle(mmu, |m| {
         match Memslot::new(slot, Gfn(base_gfn), npages, Pfn(host_base_pfn)) {

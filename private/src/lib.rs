@@ -41,8 +41,8 @@ use std::sync::Arc;
 
 use gmem::{Attribute, FileMetrics, GmemError, GuestMemFile, View};
 use split::{
-    AttributeChange, Gfn, Level, MemoryAttribute, Memslot, MmuError, Pfn, PrivateMemory,
-    PrivateMemoryError, PrivatePage, TdpMmu,
+    AttributeChange, Gfn, Level, MemoryAttribute, Memslot, MemslotError, MmuError, Pfn,
+    PrivateMemory, PrivateMemoryError, PrivatePage, TdpMmu,
 };
 
 /// Errors of binding files and converting memory.
@@ -77,11 +77,26 @@ pub enum PrivateError {
 /// faults: the host's page size over it ([`GuestMemFile::host_page_size`])
 /// as a level, for [`Memslot::with_host_page_level`].
 pub fn host_page_level(file: &GuestMemFile) -> Level {
-    match file.host_page_size() {
-        size if size >= Level::L1G.entry_bytes() => Level::L1G,
-        size if size >= Level::L2M.entry_bytes() => Level::L2M,
-        _ => Level::L4K,
-    }
+    Level::of_page_size(file.host_page_size()).expect("host pages are 4 KiB, 2 MiB or 1 GiB")
+}
+
+/// Memslot `id` of the guest frames from `base_gfn` over all of `view`, a
+/// view of `file`: its host frames are the view's, and its leaves are no
+/// larger than the host's pages over the file ([`host_page_level`]), as a
+/// KVM slot maps its `userspace_addr`.
+pub fn slot_over_view(
+    id: u32,
+    base_gfn: Gfn,
+    file: &GuestMemFile,
+    view: &View,
+) -> Result<Memslot, MemslotError> {
+    Ok(Memslot::new(
+        id,
+        base_gfn,
+        view.len() / 4096,
+        Pfn(view.as_ptr() as u64 >> 12),
+    )?
+    .with_host_page_level(host_page_level(file)))
 }
 
 /// The private memory of one slot: pages `[offset, offset + pages * 4096)`

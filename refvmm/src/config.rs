@@ -693,14 +693,19 @@ impl Config {
                         format!("{} is empty: there is nothing to run", path.display()),
                     ));
                 }
-                if *load_gpa >= self.memory_bytes() {
-                    return Err(invalid(
-                        "workload.load_gpa",
-                        format!(
-                            "{load_gpa:#x} is outside the {} MiB of guest memory",
-                            self.memory.size_mib
-                        ),
-                    ));
+                let outside_memory = |field, gpa: u64| {
+                    (gpa >= self.memory_bytes()).then(|| {
+                        invalid(
+                            field,
+                            format!(
+                                "{gpa:#x} is outside the {} MiB of guest memory",
+                                self.memory.size_mib
+                            ),
+                        )
+                    })
+                };
+                if let Some(err) = outside_memory("workload.load_gpa", *load_gpa) {
+                    return Err(err);
                 }
                 if self.accel == Accel::Kvm && *load_gpa >= layout::MMIO_HOLE_START {
                     return Err(invalid(
@@ -708,14 +713,8 @@ impl Config {
                         "binaries load into the memory below the 3 GiB MMIO hole",
                     ));
                 }
-                if *entry_gpa >= self.memory_bytes() {
-                    return Err(invalid(
-                        "workload.entry_gpa",
-                        format!(
-                            "{entry_gpa:#x} is outside the {} MiB of guest memory",
-                            self.memory.size_mib
-                        ),
-                    ));
+                if let Some(err) = outside_memory("workload.entry_gpa", *entry_gpa) {
+                    return Err(err);
                 }
             }
             Workload::Convert {

@@ -24,10 +24,9 @@ use gmem::consts::GUEST_MEMFD_FLAG_MMAP;
 use gmem::{Backend, GmemConfig, GuestMemFile, View};
 use mmu_cache::PagePool;
 use mmu_cache::alloc::ChunkAllocator;
-use mmukit_private::{ConversionReport, PrivateMemoryVm, host_page_level};
+use mmukit_private::{ConversionReport, PrivateMemoryVm, slot_over_view};
 use split::{
-    Access, Gfn, Gpa, Hpa, MemoryAttribute, Memslot, MmuConfig, MmuError, Pfn, TdpMmu, VcpuCaches,
-    VmType,
+    Access, Gfn, Gpa, Hpa, MemoryAttribute, MmuConfig, MmuError, TdpMmu, VcpuCaches, VmType,
 };
 use tdx_ext::pamt::PamtPolicy;
 use tdx_ext::{Seamcall, SimTdxModule, TdxMirror};
@@ -348,9 +347,8 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
     .map_err(|err| RunError::Kvm(format!("software MMU: {err}")))?;
     let mut vm = PrivateMemoryVm::new(Arc::new(mmu));
     let npages = size / 4096;
-    let slot = Memslot::new(0, Gfn(0), npages, Pfn(shared_guest.as_ptr() as u64 >> 12))
-        .map_err(|err| RunError::Kvm(format!("memslot: {err}")))?
-        .with_host_page_level(host_page_level(&shared_file));
+    let slot = slot_over_view(0, Gfn(0), &shared_file, &shared_guest)
+        .map_err(|err| RunError::Kvm(format!("memslot: {err}")))?;
     vm.bind(slot, &private_file, 0)
         .map_err(|err| RunError::Kvm(format!("binding the private memory: {err}")))?;
     // The VMM makes the guest's memory private before it runs, as a TD's is.

@@ -2,15 +2,15 @@
 //! TDX module when TDX is on) and software vCPU threads that write guest
 //! memory through it.
 
-use split::{Gfn, Gpa, Pfn};
+use split::{Gfn, Gpa};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::Instant;
 
 use mmu_cache::PagePool;
 use mmu_cache::alloc::ChunkAllocator;
-use mmukit_private::host_page_level;
-use split::{LogMode, Memslot, MmuConfig, TdpMmu, VcpuCaches};
+use mmukit_private::slot_over_view;
+use split::{LogMode, MmuConfig, TdpMmu, VcpuCaches};
 use tdx_ext::pamt::PamtPolicy;
 use tdx_ext::{Seamcall, SimTdxModule, TdxMirror};
 
@@ -50,7 +50,6 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
     // Software vCPUs write real guest memory, at the host addresses the MMU
     // translates to.
     let view = file.map_guest(0, file.size())?;
-    let npages = file.size() / 4096;
     let mmu_config = MmuConfig {
         eager_split: config.mmu.eager_split,
         vcpu_cache_capacity: config.mmu.cache_capacity,
@@ -74,9 +73,8 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
     }
     .map_err(|err| RunError::Kvm(format!("software MMU: {err}")))?;
     mmu.add_memslot(
-        Memslot::new(0, Gfn(0), npages, Pfn(view.as_ptr() as u64 >> 12))
-            .map_err(|err| RunError::Kvm(format!("memslot: {err}")))?
-            .with_host_page_level(host_page_level(&file)),
+        slot_over_view(0, Gfn(0), &file, &view)
+            .map_err(|err| RunError::Kvm(format!("memslot: {err}")))?,
     )
     .map_err(|err| RunError::Kvm(format!("memslot: {err}")))?;
 

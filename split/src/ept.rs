@@ -148,6 +148,21 @@ impl Level {
         1 << self.shift()
     }
 
+    /// The leaf level whose entries map pages of `bytes` (4 KiB, 2 MiB or
+    /// 1 GiB), if one does.
+    ///
+    /// ```
+    /// use split::Level;
+    ///
+    /// assert_eq!(Level::of_page_size(2 << 20), Some(Level::L2M));
+    /// assert_eq!(Level::of_page_size(8192), None);
+    /// ```
+    pub fn of_page_size(bytes: u64) -> Option<Self> {
+        [Self::L4K, Self::L2M, Self::L1G]
+            .into_iter()
+            .find(|level| level.entry_bytes() == bytes)
+    }
+
     /// Guest frames one entry at this level maps.
     pub fn entry_pages(self) -> u64 {
         1 << (self.shift() - 12)

@@ -32,7 +32,7 @@ use mmu_cache::alloc::{
 };
 use mmu_cache::{Account, PagePool};
 use mmukit_private::PrivateMemoryVm;
-use split::{Gfn, Gpa, Memslot, MmuConfig, MmuError, Pfn, TdpMmu, VcpuCaches, VmType};
+use split::{Gfn, Gpa, MmuConfig, MmuError, TdpMmu, VcpuCaches, VmType};
 use tdx_ext::pamt::{DynamicPamt, PamtPolicy};
 use tdx_ext::{SimTdxModule, TdxMirror};
 
@@ -179,9 +179,7 @@ impl Td {
         )?;
         let shared = shared_file.map(0, options.size)?;
         let mut vm = PrivateMemoryVm::new(Arc::new(mmu));
-        let pages = options.size / 4096;
-        let slot = Memslot::new(0, Gfn(0), pages, Pfn(shared.as_ptr() as u64 >> 12))?
-            .with_host_page_level(mmukit_private::host_page_level(&shared_file));
+        let slot = mmukit_private::slot_over_view(0, Gfn(0), &shared_file, &shared)?;
         vm.bind(slot, &file, 0)?;
         Ok(Self {
             module,

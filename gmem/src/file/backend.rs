@@ -55,7 +55,7 @@ pub(super) trait Storage: Send + Sync + std::fmt::Debug {
         end: u64,
     ) -> Result<(), GmemError> {
         let _ = (file, state);
-        fallocate(self.descriptor(), PUNCH, start, end)
+        fallocate(self.descriptor(), PUNCH_HOLE, start, end)
     }
 
     /// Maps `[offset, offset + len)` of the file at the start of the fresh
@@ -211,8 +211,6 @@ fn fallocate(fd: &OwnedFd, mode: i32, start: u64, end: u64) -> Result<(), GmemEr
     sys::fallocate(fd, mode, start, end - start).map_err(GmemError::os("fallocate"))
 }
 
-const PUNCH: i32 = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE;
-
 /// Maps `[offset, offset + len)` of `fd` at the start of `view`.
 fn map_file_view(view: &Mapping, fd: &OwnedFd, offset: u64, len: u64) -> Result<(), GmemError> {
     if len == 0 {
@@ -241,6 +239,22 @@ unsafe fn map_file_at(addr: *mut u8, fd: &OwnedFd, offset: u64, len: u64) -> Res
     // SAFETY: guaranteed by the caller.
     unsafe { sys::map_fixed(addr, len as usize, rw, fd, offset) }
         .map_err(GmemError::os("mmap(MAP_FIXED)"))
+}
+
+/// Allocates the pages of `[offset, offset + len)` of an internal mapping
+/// in one call rather than one fault each.
+pub(super) fn populate(map: &Mapping, offset: u64, len: u64) -> Result<(), GmemError> {
+    assert!(offset + len <= map.len() as u64);
+    // SAFETY: inside the mapping (asserted), which the file owns; populating
+    // changes no contents.
+    unsafe {
+        sys::madvise(
+            map.addr().add(offset as usize),
+            len as usize,
+            libc::MADV_POPULATE_WRITE,
+        )
+    }
+    .map_err(GmemError::os("madvise(MADV_POPULATE_WRITE)"))
 }
 
 /// Zeroes `[start, end)` of an internal mapping.
@@ -438,7 +452,7 @@ impl Storage for HugetlbFile {
             let (_, ue, source) = file.unit_of(state, at);
             let next = ue.min(end);
             match source {
-                Source::Pages => fallocate(file.source_fd(state, source), PUNCH, at, next)?,
+                Source::Pages => fallocate(file.source_fd(state, source), PUNCH_HOLE, at, next)?,
                 Source::Pieces => zero(
                     &state
                         .mid_backing
@@ -555,16 +569,7 @@ impl Storage for AnonymousMemory {
     }
 
     fn allocate(&self, _: &Inner, _: &FileState, start: u64, end: u64) -> Result<(), GmemError> {
-        // SAFETY: inside the internal mapping; populating does not change
-        // contents.
-        unsafe {
-            sys::madvise(
-                self.master.addr().add(start as usize),
-                (end - start) as usize,
-                libc::MADV_POPULATE_WRITE,
-            )
-        }
-        .map_err(GmemError::os("madvise(MADV_POPULATE_WRITE)"))
+        populate(&self.master, start, end - start)
     }
 
     fn punch(&self, _: &Inner, _: &FileState, start: u64, end: u64) -> Result<(), GmemError> {

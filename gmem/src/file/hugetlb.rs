@@ -4,9 +4,8 @@
 //! "mid" backing), and only the pieces that are mixed go on down to 4 KiB;
 //! where the 2 MiB pool cannot hold the pieces, it splits to 4 KiB whole.
 
+use super::backend::populate;
 use super::*;
-
-const PUNCH_HOLE: i32 = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE;
 
 /// The size of a piece of a 1 GiB page split in two tiers.
 pub(super) const PIECE: u64 = 2 << 20;
@@ -20,6 +19,43 @@ pub(super) enum Source {
     Pieces,
     /// The 4 KiB backing.
     Pages,
+}
+
+/// Copies `[offset, offset + len)` from one internal mapping to another;
+/// both cover the whole file, each a different one.
+///
+/// # Safety
+///
+/// Nothing may access either range while it runs: a split or merge expects
+/// no access to the page it moves.
+unsafe fn copy_range(from: &Mapping, to: &Mapping, offset: u64, len: u64) {
+    let end = (offset + len) as usize;
+    assert!(end <= from.len() && end <= to.len() && from.addr() != to.addr());
+    // SAFETY: both ranges are inside their mappings (asserted), in
+    // different files, and unused for the copy's length (the caller's word).
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            from.addr().add(offset as usize),
+            to.addr().add(offset as usize),
+            len as usize,
+        )
+    };
+}
+
+impl FileMetrics {
+    /// Counts a split that began at `start`.
+    fn count_split(&mut self, start: Instant) {
+        self.splits += 1;
+        self.split_now += 1;
+        self.split_time += start.elapsed();
+    }
+
+    /// Counts a merge that began at `start`.
+    fn count_merge(&mut self, start: Instant) {
+        self.merges += 1;
+        self.split_now -= 1;
+        self.merge_time += start.elapsed();
+    }
 }
 
 impl Inner {
@@ -188,25 +224,16 @@ impl Inner {
         sys::fallocate(&mid.fd, libc::FALLOC_FL_KEEP_SIZE, hs, len)
             .map_err(GmemError::os("fallocate"))?;
         let master = self.storage.master().expect("HugeTLB files are mapped");
-        // SAFETY: both mappings cover the whole file; the ranges are the
-        // same 1 GiB in two different files, and the mid range was just
-        // allocated.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                master.addr().add(hs as usize),
-                mid.map.addr().add(hs as usize),
-                len as usize,
-            )
-        };
+        // SAFETY: the page is not accessed while it is split; the mid range
+        // was just allocated.
+        unsafe { copy_range(master, &mid.map, hs, len) };
         state.split.insert(huge);
         state.tiered.insert(huge);
         let ids: Vec<u64> = state.views.iter().map(|v| v.id).collect();
         for id in ids {
             self.remap_view_huge_page(state, id, huge)?;
         }
-        state.metrics.splits += 1;
-        state.metrics.split_now += 1;
-        state.metrics.split_time += start.elapsed();
+        state.metrics.count_split(start);
         Ok(())
     }
 
@@ -219,29 +246,12 @@ impl Inner {
             state.split_backing.as_ref().expect("made above"),
             state.mid_backing.as_ref().expect("tiered pages have one"),
         );
-        // SAFETY: inside the internal mapping of the 4 KiB backing.
-        unsafe {
-            sys::madvise(
-                backing.map.addr().add(ps as usize),
-                PIECE as usize,
-                libc::MADV_POPULATE_WRITE,
-            )
-        }
-        .map_err(GmemError::os("madvise(MADV_POPULATE_WRITE)"))?;
-        // SAFETY: both mappings cover the whole file; the same 2 MiB in two
-        // files.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                mid.map.addr().add(ps as usize),
-                backing.map.addr().add(ps as usize),
-                PIECE as usize,
-            )
-        };
+        populate(&backing.map, ps, PIECE)?;
+        // SAFETY: the piece is not accessed while it is split.
+        unsafe { copy_range(&mid.map, &backing.map, ps, PIECE) };
         state.split_pieces.insert(piece);
         self.remap_views(state, ps, ps + PIECE)?;
-        state.metrics.splits += 1;
-        state.metrics.split_now += 1;
-        state.metrics.split_time += start.elapsed();
+        state.metrics.count_split(start);
         Ok(())
     }
 
@@ -253,14 +263,8 @@ impl Inner {
             state.split_backing.as_ref().expect("split pieces have one"),
             state.mid_backing.as_ref().expect("tiered pages have one"),
         );
-        // SAFETY: as in `split_piece`, the other way.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                backing.map.addr().add(ps as usize),
-                mid.map.addr().add(ps as usize),
-                PIECE as usize,
-            )
-        };
+        // SAFETY: as in `split_piece`.
+        unsafe { copy_range(&backing.map, &mid.map, ps, PIECE) };
         state.split_pieces.remove(&piece);
         if let Err(err) = self.remap_views(state, ps, ps + PIECE) {
             // Views already moved see the same data as those left behind.
@@ -272,9 +276,7 @@ impl Inner {
         if let Err(err) = sys::fallocate(&backing.fd, PUNCH_HOLE, ps, PIECE) {
             tracing::warn!(%err, piece, "merge: punching the 4 KiB backing failed; it is freed later");
         }
-        state.metrics.merges += 1;
-        state.metrics.split_now -= 1;
-        state.metrics.merge_time += start.elapsed();
+        state.metrics.count_merge(start);
         Ok(())
     }
 
@@ -293,14 +295,8 @@ impl Inner {
         let start = Instant::now();
         let mid = state.mid_backing.as_ref().expect("tiered pages have one");
         let master = self.storage.master().expect("HugeTLB files are mapped");
-        // SAFETY: as in `split_tiered`, the other way.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                mid.map.addr().add(hs as usize),
-                master.addr().add(hs as usize),
-                len as usize,
-            )
-        };
+        // SAFETY: as in `split_tiered`.
+        unsafe { copy_range(&mid.map, master, hs, len) };
         state.tiered.remove(&huge);
         state.split.remove(&huge);
         if let Err(err) = self.remap_views(state, hs, hs + len) {
@@ -313,9 +309,7 @@ impl Inner {
         if let Err(err) = sys::fallocate(&mid.fd, PUNCH_HOLE, hs, len) {
             tracing::warn!(%err, huge, "merge: giving back the 2 MiB pieces failed");
         }
-        state.metrics.merges += 1;
-        state.metrics.split_now -= 1;
-        state.metrics.merge_time += start.elapsed();
+        state.metrics.count_merge(start);
         Ok(())
     }
 
@@ -372,34 +366,16 @@ impl Inner {
         self.page_backing(state)?;
         let backing = state.split_backing.as_ref().expect("created above");
         let master = self.storage.master().expect("HugeTLB files are mapped");
-        let offset = (huge * self.granule) as usize;
-        // Allocate the 4 KiB pages in one call rather than one fault each.
-        // SAFETY: inside the internal mapping of the backing.
-        unsafe {
-            sys::madvise(
-                backing.map.addr().add(offset),
-                self.granule as usize,
-                libc::MADV_POPULATE_WRITE,
-            )
-        }
-        .map_err(GmemError::os("madvise(MADV_POPULATE_WRITE)"))?;
-        // SAFETY: both internal mappings cover the whole file; the ranges are
-        // the same huge page in two different files.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                master.addr().add(offset),
-                backing.map.addr().add(offset),
-                self.granule as usize,
-            )
-        };
+        let offset = huge * self.granule;
+        populate(&backing.map, offset, self.granule)?;
+        // SAFETY: the page is not accessed while it is split.
+        unsafe { copy_range(master, &backing.map, offset, self.granule) };
         let ids: Vec<u64> = state.views.iter().map(|v| v.id).collect();
         state.split.insert(huge);
         for id in ids {
             self.remap_view_huge(state, id, huge, true)?;
         }
-        state.metrics.splits += 1;
-        state.metrics.split_now += 1;
-        state.metrics.split_time += start.elapsed();
+        state.metrics.count_split(start);
         Ok(())
     }
 
@@ -425,14 +401,8 @@ impl Inner {
             .expect("split pages have a backing");
         let master = self.storage.master().expect("HugeTLB files are mapped");
         let offset = huge * self.granule;
-        // SAFETY: as in `split`, the other way.
-        unsafe {
-            std::ptr::copy_nonoverlapping(
-                backing.map.addr().add(offset as usize),
-                master.addr().add(offset as usize),
-                self.granule as usize,
-            )
-        };
+        // SAFETY: a merge expects no access to the page (see above).
+        unsafe { copy_range(&backing.map, master, offset, self.granule) };
         let ids: Vec<u64> = state.views.iter().map(|v| v.id).collect();
         for (done, &id) in ids.iter().enumerate() {
             if let Err(err) = self.remap_view_huge(state, id, huge, false) {
@@ -452,9 +422,7 @@ impl Inner {
             tracing::warn!(%err, huge, "merge: punching the 4 KiB backing failed; it is freed later");
         }
         state.split.remove(&huge);
-        state.metrics.merges += 1;
-        state.metrics.split_now -= 1;
-        state.metrics.merge_time += start.elapsed();
+        state.metrics.count_merge(start);
         Ok(())
     }
 }

@@ -30,6 +30,9 @@ pub use view::View;
 /// The base page size.
 pub const PAGE_SIZE: u64 = 4096;
 
+/// The `fallocate` mode that frees a range and keeps the size.
+const PUNCH_HOLE: i32 = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE;
+
 /// The size of a transparent huge page on x86-64.
 const THP_SIZE: u64 = 2 << 20;
 
@@ -495,11 +498,7 @@ impl GuestMemFile {
 
     /// Punches a hole in `[offset, offset + len)`: the pages read back as zero.
     pub fn punch_hole(&self, offset: u64, len: u64) -> Result<(), GmemError> {
-        self.fallocate(
-            libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE,
-            offset,
-            len,
-        )
+        self.fallocate(PUNCH_HOLE, offset, len)
     }
 
     // ----- conversion -------------------------------------------------------

@@ -109,7 +109,7 @@ impl ShadowMmu {
             for (index, word) in words.iter_mut().enumerate() {
                 *word = first_child + index as u64 * step;
             }
-            added = 512;
+            added = words.len() as u64;
         } else if created {
             // A new shadow page: every entry is free, and most rmap lists of
             // 4K frames are empty, which is one 8-byte store each.
