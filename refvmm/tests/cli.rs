@@ -121,6 +121,9 @@ fn soft_dirty_log_splits_eagerly_or_lazily_and_runs_tdx() {
     );
 }
 
+/// The soft MMU's shared leaves follow the host's pages, as KVM's
+/// `host_pfn_mapping_level` bounds a leaf by the host page table: 2M over
+/// transparent huge pages, 4K (and nothing for eager splitting) otherwise.
 #[test]
 fn the_soft_mmu_maps_ordinary_memory_with_the_hosts_page_size() {
     for backend in ["anonymous", "memfd"] {

@@ -305,6 +305,9 @@ mod tests {
         seen
     }
 
+    /// The kernel's `pte_list_add` / `pte_list_remove` on a `kvm_rmap_head`:
+    /// one entry in the word itself, then descriptors whose head is the only
+    /// partial one, a removed entry replaced by the head's last.
     #[test]
     fn a_list_is_one_word_through_one_entry_and_chains_of_descriptors() {
         let (slab, mut descs) = descriptors();
