@@ -20,7 +20,8 @@ const BITMAP_WORDS: usize = PAGES_PER_CHUNK / 64;
 /// Where a [`ChunkAllocator`]'s chunks come from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChunkBacking {
-    /// Private anonymous memory.
+    /// Private anonymous memory, advised to be transparent huge pages
+    /// (`MADV_HUGEPAGE`) where the host's THP mode allows.
     Anonymous,
     /// 2 MiB HugeTLB pages (each chunk is one huge page, populated at map time).
     HugeTlb,
@@ -196,6 +197,7 @@ impl ChunkAllocator {
         let mapped = match self.backing {
             ChunkBacking::Anonymous => {
                 map_anonymous_chunk(base, libc::MAP_PRIVATE, "mmap(anonymous chunk)")
+                    .inspect(|()| advise_huge_page(base))
             }
             ChunkBacking::HugeTlb => map_anonymous_chunk(
                 base,
@@ -263,6 +265,21 @@ fn reserve_aligned_chunk() -> Result<usize, AllocError> {
         })?;
     // The pool owns the chunk from now on (unmapped by `unmap`).
     Ok(reservation.into_raw() as usize)
+}
+
+/// Asks for the anonymous chunk at `base` to be one transparent huge page
+/// (`MADV_HUGEPAGE`), where the host's THP mode allows it. Tables carved
+/// from it then share one TLB entry, as the kernel's page tables do in its
+/// huge-mapped direct map; a split that writes thousands of new tables
+/// otherwise misses the TLB on every one. A refusal (a kernel without THP)
+/// leaves 4 KiB pages, which work the same.
+fn advise_huge_page(base: usize) {
+    // SAFETY: `base..base + CHUNK_SIZE` is the chunk this allocator just
+    // mapped; the advice changes how it is backed, not its contents.
+    let advised = unsafe { mmukit_sys::madvise(base as *mut u8, CHUNK_SIZE, libc::MADV_HUGEPAGE) };
+    if let Err(err) = advised {
+        tracing::trace!(base, %err, "anonymous chunk stays on 4 KiB pages");
+    }
 }
 
 /// Maps anonymous memory with `flags` over the reserved chunk at `base`.

@@ -281,6 +281,44 @@ mod tests {
         unsafe { allocator.page_free(page) }.unwrap();
     }
 
+    /// The `VmFlags` line of the mapping in /proc/self/smaps that holds
+    /// `addr`.
+    fn vm_flags_of(addr: usize) -> String {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut inside = false;
+        for line in smaps.lines() {
+            let bounds = line
+                .split_whitespace()
+                .next()
+                .and_then(|r| r.split_once('-'))
+                .and_then(|(start, end)| {
+                    Some((
+                        usize::from_str_radix(start, 16).ok()?,
+                        usize::from_str_radix(end, 16).ok()?,
+                    ))
+                });
+            if let Some((start, end)) = bounds {
+                inside = (start..end).contains(&addr);
+                continue;
+            }
+            if inside && line.starts_with("VmFlags:") {
+                return line.to_owned();
+            }
+        }
+        panic!("no mapping holds {addr:#x}");
+    }
+
+    #[test]
+    fn anonymous_chunks_ask_for_transparent_huge_pages() {
+        let chunks = ChunkAllocator::anonymous();
+        let page = chunks.page_get().unwrap();
+        // `hg`: the mapping was advised MADV_HUGEPAGE.
+        let flags = vm_flags_of(page.as_ptr() as usize);
+        assert!(flags.split_whitespace().any(|flag| flag == "hg"), "{flags}");
+        // SAFETY: not used after this.
+        unsafe { chunks.page_free(page) }.unwrap();
+    }
+
     #[test]
     fn chunk_allocator_carves_2m_chunks() {
         let chunks = ChunkAllocator::anonymous();
