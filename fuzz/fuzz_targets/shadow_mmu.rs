@@ -192,6 +192,7 @@ fuzz_target!(|input: Input| {
         let leaves = recount.stats.pages_4k + recount.stats.pages_2m + recount.stats.pages_1g;
         assert_eq!(recount.rmap_entries as u64, leaves);
         assert_eq!(recount.broken_parents, 0);
+        assert_eq!(recount.broken_rmaps, 0);
         for ngfn in (0..PAGES).step_by(61) {
             if let Some(t) = mmu.translate(&vcpu, Gpa(ngfn << 12)) {
                 let pfn = t.hpa.pfn().0;

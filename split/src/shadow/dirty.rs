@@ -111,7 +111,7 @@ impl ShadowMmu {
                             .is_some_and(|w| w & (1 << (page % 64)) != 0)
                     });
                 if selected {
-                    rmaps.head(level, at).for_each(|addr| {
+                    rmaps.for_each_entry(level, at, |addr| {
                         let sp = pages_map.get_mut(&(addr & !0xfff)).expect("rmapped");
                         let words = sp.page.as_mut().expect("live").words_mut();
                         words[((addr & 0xfff) / 8) as usize] &= !WRITE;

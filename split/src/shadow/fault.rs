@@ -133,7 +133,7 @@ impl ShadowMmu {
         caches.topup()?;
         let levels = usize::from(vcpu.guest.levels());
         let mut state = self.lock();
-        state.pages.reserve(levels + 1);
+        state.reserve_pages(levels + 1);
         let _no_alloc = NoAllocSection::enter();
         state.counters.faults += 1;
         let walk = walk_guest(&*vcpu.guest, self.config.ept_caps, ngpa, kind)?;

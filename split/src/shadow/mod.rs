@@ -65,7 +65,8 @@ pub const SPLIT_DESC_MIN: usize = 512 + 1;
 /// Capacity of the split descriptor cache: the minimum plus the default
 /// capacity, so that a few aliased frames do not force a lock drop.
 pub const SPLIT_DESC_CAPACITY: usize = SPLIT_DESC_MIN + mmu_cache::DEFAULT_CAPACITY;
-/// Buckets of the shadow-page hash.
+/// Buckets of the shadow-page hash at first, as the kernel's
+/// `KVM_NUM_MMU_PAGES`; it grows to one bucket per page past that.
 const HASH_BUCKETS: usize = 1 << 12;
 /// Splits between two voluntary releases of the lock.
 const SPLITS_PER_YIELD: u64 = 64;
@@ -355,6 +356,9 @@ pub struct ShadowRecount {
     pub pages: usize,
     /// Parent pointers that do not match a present table entry.
     pub broken_parents: usize,
+    /// Rmap entries that do not name a present leaf of their level over
+    /// their frame.
+    pub broken_rmaps: usize,
 }
 
 struct State {
@@ -363,10 +367,6 @@ struct State {
     slots: Vec<SlotRmaps>,
     stats: [u64; 3],
     counters: ShadowCounters,
-}
-
-fn bucket(gfn: u64) -> usize {
-    (gfn.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - HASH_BUCKETS.trailing_zeros())) as usize
 }
 
 fn guest_access(leaf: Entry) -> u64 {
@@ -419,7 +419,7 @@ impl State {
     }
 
     fn find(&self, gfn: u64, role: Role) -> Option<u64> {
-        let mut cursor = self.buckets[bucket(gfn)];
+        let mut cursor = self.buckets[self.bucket(gfn)];
         while cursor != 0 {
             let sp = self.sp(cursor);
             if sp.gfn == gfn && sp.role == role {
@@ -432,7 +432,7 @@ impl State {
 
     /// The first page keyed by `gfn` with another role that is unsync.
     fn find_unsync_other(&self, gfn: u64, role: Role) -> Option<u64> {
-        let mut cursor = self.buckets[bucket(gfn)];
+        let mut cursor = self.buckets[self.bucket(gfn)];
         while cursor != 0 {
             let sp = self.sp(cursor);
             if sp.gfn == gfn && sp.role != role && sp.unsync {
@@ -443,15 +443,83 @@ impl State {
         None
     }
 
+    /// The bucket of `gfn`: the 2 MiB region number plus a Fibonacci hash
+    /// of the frame within the region. Frames inside one region (a guest's
+    /// tables, allocated near each other) spread over the buckets, and the
+    /// 2M-aligned frames of consecutive regions (the direct pages an eager
+    /// split creates, in order) fall in consecutive buckets, which a split
+    /// reads as one stream instead of one cache miss per new page.
+    fn bucket(&self, gfn: u64) -> usize {
+        let within = (gfn & 511).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
+        ((gfn >> 9).wrapping_add(within) as usize) & (self.buckets.len() - 1)
+    }
+
+    /// Makes room for `additional` more shadow pages in the page map, and
+    /// in the hash when it would hold more than two pages per bucket.
+    fn reserve_pages(&mut self, additional: usize) {
+        self.pages.reserve(additional);
+        let pages = self.pages.len() + additional;
+        if pages > 2 * self.buckets.len() {
+            self.resize_hash(pages.next_power_of_two());
+        }
+    }
+
+    /// Sizes the page map and the hash for the memslots: room for one
+    /// 4K-level table per 2 MiB of guest memory (what maps it all in 4K
+    /// leaves, as after an eager split), and two buckets per such table,
+    /// never fewer than the kernel's 4096 (`KVM_NUM_MMU_PAGES`). The kernel
+    /// keeps 4096 whatever the guest's size, so a split of 16 GiB, which
+    /// creates 8192 pages, walks chains of 2 to 3 pages for each; here a
+    /// new page's bucket is empty more often than not. Both are sized
+    /// when a slot is added, so a split does not grow them.
+    fn size_for_slots(&mut self) {
+        let tables: u64 = self
+            .slots
+            .iter()
+            .map(|r| r.slot.npages().div_ceil(512))
+            .sum();
+        let tables = usize::try_from(tables).unwrap_or(usize::MAX);
+        self.pages.reserve(tables.saturating_sub(self.pages.len()));
+        let wanted = tables
+            .saturating_mul(2)
+            .checked_next_power_of_two()
+            .unwrap_or(usize::MAX / 2 + 1);
+        if wanted > self.buckets.len() {
+            self.resize_hash(wanted);
+        }
+    }
+
+    /// Rebuilds the hash with `buckets` buckets (a power of two).
+    fn resize_hash(&mut self, buckets: usize) {
+        debug_assert!(buckets.is_power_of_two());
+        self.buckets = vec![0; buckets];
+        let hashed: Vec<u64> = self
+            .pages
+            .iter()
+            .filter(|(_, sp)| !sp.invalid)
+            .map(|(&hpa, _)| hpa)
+            .collect();
+        for hpa in hashed {
+            self.hash_insert(hpa);
+        }
+    }
+
     fn hash_insert(&mut self, hpa: u64) {
-        let b = bucket(self.sp(hpa).gfn);
+        let b = self.bucket(self.sp(hpa).gfn);
         let head = self.buckets[b];
         self.sp_mut(hpa).hash_next = head;
         self.buckets[b] = hpa;
     }
 
+    /// Hashes the new page `sp` at `hpa` before it goes into the page map.
+    fn hash_insert_new(&mut self, hpa: u64, sp: &mut ShadowPage) {
+        let b = self.bucket(sp.gfn);
+        sp.hash_next = self.buckets[b];
+        self.buckets[b] = hpa;
+    }
+
     fn hash_remove(&mut self, hpa: u64) {
-        let b = bucket(self.sp(hpa).gfn);
+        let b = self.bucket(self.sp(hpa).gfn);
         let next = self.sp(hpa).hash_next;
         if self.buckets[b] == hpa {
             self.buckets[b] = next;
@@ -582,6 +650,7 @@ impl ShadowMmu {
             .into());
         }
         state.slots.push(rmaps);
+        state.size_for_slots();
         Ok(slot)
     }
 
@@ -636,11 +705,12 @@ impl ShadowMmu {
     /// Entries in the rmap of L1 frame `gfn` at `level`.
     pub fn rmap_len(&self, gfn: Gfn, level: Level) -> usize {
         let gfn = gfn.0;
-        let mut state = self.lock();
-        match state.slot_index(gfn) {
-            Some(si) => state.slots[si].head(level, gfn).len(),
-            None => 0,
-        }
+        let state = self.lock();
+        state.slot_index(gfn).map_or(0, |si| {
+            let mut entries = 0;
+            state.slots[si].for_each_entry(level, gfn, |_| entries += 1);
+            entries
+        })
     }
 
     /// Counts everything again from the tables and lists; leaf counts must
@@ -678,12 +748,18 @@ impl ShadowMmu {
             });
         }
         for rmaps in &state.slots {
-            for lists in &rmaps.levels {
-                for list in lists {
-                    recount.rmap_entries += list.len();
-                    recount.descriptors += list.descriptors();
+            recount.descriptors += rmaps.for_each_rmapped(|level, gfn, addr| {
+                recount.rmap_entries += 1;
+                let leaf = state
+                    .pages
+                    .get(&(addr & !0xfff))
+                    .map(|_| state.spte(addr))
+                    .filter(|leaf| leaf.is_leaf(level));
+                let frame = rmaps.slot.host_pfn(Gfn(gfn.max(rmaps.slot.base_gfn().0)));
+                if leaf.is_none_or(|leaf| Hpa(leaf.addr(level)).pfn() != frame) {
+                    recount.broken_rmaps += 1;
                 }
-            }
+            });
         }
         recount
     }

@@ -26,7 +26,7 @@ impl ShadowMmu {
     ) -> Result<(ShadowPageInfo, bool), ShadowError> {
         caches.topup()?;
         let mut state = self.lock();
-        state.pages.reserve(1);
+        state.reserve_pages(1);
         let _no_alloc = NoAllocSection::enter();
         let (hpa, created) = self.get_sp(&mut state, caches, vcpu, gfn, role)?;
         Ok((state.sp(hpa).info(), created))
@@ -65,8 +65,8 @@ impl ShadowMmu {
             ..ShadowPage::default()
         };
         let hpa = header.hpa();
+        state.hash_insert_new(hpa, &mut header);
         state.pages.insert(hpa, header);
-        state.hash_insert(hpa);
         state.counters.pages_created += 1;
         Ok((hpa, true))
     }
@@ -183,8 +183,28 @@ impl ShadowMmu {
     }
 
     pub(super) fn zap_sp(&self, state: &mut State, hpa: u64) {
-        let level = state.sp(hpa).role.entry_level();
-        for index in 0..512u64 {
+        let (level, direct, gfn) = {
+            let sp = state.sp(hpa);
+            (sp.role.entry_level(), sp.role.direct, sp.gfn)
+        };
+        let implied = direct
+            && state
+                .slot_index(gfn)
+                .is_some_and(|si| state.slots[si].forget_implied(level, gfn, hpa));
+        if implied {
+            // The page still has the 512 leaves a split gave it, and their
+            // rmaps are its run's word, now cleared.
+            let words = state
+                .sp_mut(hpa)
+                .page
+                .as_mut()
+                .expect("live pages have a table")
+                .words_mut();
+            debug_assert!(words.iter().all(|&w| Entry::from_bits(w).is_leaf(level)));
+            words.fill(ept::NON_PRESENT);
+            state.stats[stat_index(level)] -= 512;
+        }
+        for index in (0..512u64).filter(|_| !implied) {
             let addr = hpa + index * 8;
             let entry = state.spte(addr);
             if !entry.is_present() {

@@ -259,19 +259,42 @@ impl PteList {
     }
 }
 
+/// A run of 512 lists (the 4K lists of one 2 MiB region, or the 2M lists
+/// of one 1 GiB region) no list of which was ever handed out: all empty.
+const RUN_UNTOUCHED: u64 = 0;
+/// A run whose lists hold exactly what they say.
+const RUN_EXPLICIT: u64 = 1;
+// Any other run word is the (page-aligned) address of a direct shadow page
+// whose 512 present leaves map the run's frames in order: list `i` holds
+// only entry `i` of that page, though the lists themselves are empty.
+
 /// Rmaps of one memslot: per leaf level, one list per frame at that level.
+///
+/// A split fills a new direct page with 512 leaves over consecutive
+/// frames, whose lists were empty: writing those 512 lists doubled what a
+/// split writes (the kernel writes them, one `kvm_rmap_head` each). Here
+/// the run records the page instead ([`imply_run`](Self::imply_run)),
+/// and the lists are written only when one of them is first handed out
+/// for a change ([`head`](Self::head)). Entries are visited without that
+/// ([`for_each_entry`](Self::for_each_entry)), and a page zapped while it
+/// implies its run clears the run word ([`forget_implied`](Self::forget_implied)).
 pub(super) struct SlotRmaps {
     pub(super) slot: Arc<Memslot>,
-    pub(super) levels: [Vec<PteList>; 3],
+    levels: [Vec<PteList>; 3],
+    /// Per 4K and 2M level, one word per aligned run of 512 lists:
+    /// [`RUN_UNTOUCHED`], [`RUN_EXPLICIT`] or the page the run implies.
+    runs: [Vec<u64>; 2],
 }
 
 impl SlotRmaps {
     pub(super) fn new(slot: Arc<Memslot>) -> Self {
-        let levels = [0u32, 9, 18].map(|shift| {
-            let count = ((slot.end_gfn().0 - 1) >> shift) - (slot.base_gfn().0 >> shift) + 1;
-            (0..count).map(|_| PteList::default()).collect()
-        });
-        Self { slot, levels }
+        let count = |shift: u32| {
+            (((slot.end_gfn().0 - 1) >> shift) - (slot.base_gfn().0 >> shift) + 1) as usize
+        };
+        let levels =
+            [0u32, 9, 18].map(|shift| (0..count(shift)).map(|_| PteList::default()).collect());
+        let runs = [9u32, 18].map(|shift| vec![RUN_UNTOUCHED; count(shift)]);
+        Self { slot, levels, runs }
     }
 
     pub(super) fn index(&self, level: Level, gfn: u64) -> usize {
@@ -279,9 +302,121 @@ impl SlotRmaps {
         ((gfn >> shift) - (self.slot.base_gfn().0 >> shift)) as usize
     }
 
+    /// The run of `level` lists that holds `gfn`'s list, for the levels
+    /// that have runs (4K and 2M).
+    fn run_index(&self, level: Level, gfn: u64) -> Option<usize> {
+        (level < Level::L1G).then(|| {
+            let shift = 9 * u32::from(level.get());
+            ((gfn >> shift) - (self.slot.base_gfn().0 >> shift)) as usize
+        })
+    }
+
+    /// The lists of the whole run at `run_gfn` (aligned to the run, so the
+    /// run lies inside the slot: runs that a page implies always do).
+    fn run_lists_at(&mut self, level: Level, run_gfn: u64) -> &mut [PteList] {
+        let first = self.index(level, run_gfn);
+        &mut self.levels[usize::from(level.get() - 1)][first..first + 512]
+    }
+
+    /// Writes out the lists of the run holding `gfn` if a page implies
+    /// them, and marks the run explicit.
+    fn make_explicit(&mut self, level: Level, gfn: u64) {
+        let Some(run) = self.run_index(level, gfn) else {
+            return;
+        };
+        let runs = &mut self.runs[usize::from(level.get() - 1)];
+        let owner = std::mem::replace(&mut runs[run], RUN_EXPLICIT);
+        if owner > RUN_EXPLICIT {
+            let run_gfn = gfn & !((512u64 << (9 * u32::from(level.get() - 1))) - 1);
+            PteList::fill_empty_with_consecutive(self.run_lists_at(level, run_gfn), owner);
+        }
+    }
+
+    /// `gfn`'s list at `level`, for a change: the run it is in is written
+    /// out first if a page implies it.
     pub(super) fn head(&mut self, level: Level, gfn: u64) -> &mut PteList {
+        self.make_explicit(level, gfn);
         let index = self.index(level, gfn);
         &mut self.levels[usize::from(level.get() - 1)][index]
+    }
+
+    /// Visits every entry address in `gfn`'s list at `level`, without
+    /// writing out an implied run. Only for visits that keep every entry
+    /// mapping the frame it maps (clearing the write bit, counting).
+    pub(super) fn for_each_entry(&self, level: Level, gfn: u64, mut visit: impl FnMut(u64)) {
+        if let Some(run) = self.run_index(level, gfn) {
+            let owner = self.runs[usize::from(level.get() - 1)][run];
+            if owner > RUN_EXPLICIT {
+                let within = (gfn >> (9 * u32::from(level.get() - 1))) & 511;
+                visit(owner + within * 8);
+                return;
+            }
+        }
+        self.levels[usize::from(level.get() - 1)][self.index(level, gfn)].for_each(visit);
+    }
+
+    /// Whether the 512 `level` lists under the huge leaf at `huge_gfn` (one
+    /// level up, aligned) are empty: known without a read while the run
+    /// is untouched, never while a page implies it.
+    pub(super) fn run_is_empty(&mut self, level: Level, huge_gfn: u64) -> bool {
+        let run = self.run_index(level, huge_gfn).expect("runs are below 1G");
+        match self.runs[usize::from(level.get() - 1)][run] {
+            RUN_UNTOUCHED => true,
+            RUN_EXPLICIT => PteList::all_empty(self.run_lists_at(level, huge_gfn)),
+            _ => false,
+        }
+    }
+
+    /// Makes the empty run under the huge leaf at `huge_gfn` imply the
+    /// leaves of the new direct page `owner`: list `i` holds `owner + 8 * i`.
+    pub(super) fn imply_run(&mut self, level: Level, huge_gfn: u64, owner: u64) {
+        debug_assert!(self.run_is_empty(level, huge_gfn));
+        debug_assert!(
+            owner > RUN_EXPLICIT && owner & 0xfff == 0,
+            "page {owner:#x}"
+        );
+        let run = self.run_index(level, huge_gfn).expect("runs are below 1G");
+        self.runs[usize::from(level.get() - 1)][run] = owner;
+    }
+
+    /// The 512 `level` lists under the huge leaf at `huge_gfn`, for
+    /// changes (written out first if a page implies them).
+    pub(super) fn run_lists(&mut self, level: Level, huge_gfn: u64) -> &mut [PteList] {
+        self.make_explicit(level, huge_gfn);
+        self.run_lists_at(level, huge_gfn)
+    }
+
+    /// When the run holding `gfn` implies `owner`'s leaves, empties it
+    /// (the page is being zapped whole) and returns true: its leaves can
+    /// then go without touching a list.
+    pub(super) fn forget_implied(&mut self, level: Level, gfn: u64, owner: u64) -> bool {
+        let Some(run) = self.run_index(level, gfn) else {
+            return false;
+        };
+        let word = &mut self.runs[usize::from(level.get() - 1)][run];
+        let implied = *word == owner;
+        if implied {
+            *word = RUN_UNTOUCHED;
+        }
+        implied
+    }
+
+    /// Visits every `(level, frame, entry address)` the rmaps hold, implied
+    /// runs included; returns the descriptors in all lists.
+    pub(super) fn for_each_rmapped(&self, mut visit: impl FnMut(Level, u64, u64)) -> usize {
+        let mut descriptors = 0;
+        for level in [Level::L4K, Level::L2M, Level::L1G] {
+            let shift = 9 * u32::from(level.get() - 1);
+            let first_gfn = self.slot.base_gfn().0 >> shift << shift;
+            for (index, list) in self.levels[usize::from(level.get() - 1)].iter().enumerate() {
+                let gfn = first_gfn + ((index as u64) << shift);
+                self.for_each_entry(level, gfn.max(self.slot.base_gfn().0), |addr| {
+                    visit(level, gfn, addr);
+                });
+                descriptors += list.descriptors();
+            }
+        }
+        descriptors
     }
 }
 

@@ -19,7 +19,7 @@ impl ShadowMmu {
         let mut caches = self.split_cache_lock();
         let mut splits = 0;
         let mut state = self.lock();
-        state.pages.reserve(SPLITS_PER_YIELD as usize);
+        state.reserve_pages(SPLITS_PER_YIELD as usize);
         let mut since_yield = 0;
         for level in [Level::L1G, Level::L2M] {
             if level <= target {
@@ -43,7 +43,7 @@ impl ShadowMmu {
                     std::thread::yield_now();
                     caches.topup_for_split()?;
                     state = self.lock();
-                    state.pages.reserve(SPLITS_PER_YIELD as usize);
+                    state.reserve_pages(SPLITS_PER_YIELD as usize);
                     since_yield = 0;
                     continue;
                 }
@@ -94,25 +94,25 @@ impl ShadowMmu {
             .expect("a live shadow page")
             .words_mut();
         let rmaps = &mut slots[si];
-        let first = rmaps.index(below, gfn);
-        let lists = &mut rmaps.levels[usize::from(below.get() - 1)][first..first + 512];
         let mut added = 0;
         let mut result = Ok(());
         // Child i is child 0 with the frame advanced by i child pages: the
         // frame bits never carry into the others (as in the TDP split).
         let first_child = huge.split_child(level, 0).bits();
         let step = below.entry_bytes();
-        if created && PteList::all_empty(lists) {
-            // A new shadow page over 4K frames no other entry maps, as in
-            // a first split: two streams of stores.
-            PteList::fill_empty_with_consecutive(lists, child);
+        if created && rmaps.run_is_empty(below, gfn) {
+            // A new shadow page over frames no other entry maps, as in a
+            // first split: its entries are one run of stores, and the run
+            // of rmaps records the page instead of 512 lists.
             for (index, word) in words.iter_mut().enumerate() {
                 *word = first_child + index as u64 * step;
             }
+            rmaps.imply_run(below, gfn, child);
             added = words.len() as u64;
         } else if created {
             // A new shadow page: every entry is free, and most rmap lists of
             // 4K frames are empty, which is one 8-byte store each.
+            let lists = rmaps.run_lists(below, gfn);
             for index in 0..words.len() {
                 let child_addr = child + index as u64 * 8;
                 if let Err(err) = lists[index].add(child_addr, &mut caches.descriptors) {
@@ -126,6 +126,7 @@ impl ShadowMmu {
                 added += 1;
             }
         } else {
+            let lists = rmaps.run_lists(below, gfn);
             for (index, (word, list)) in words.iter_mut().zip(lists).enumerate() {
                 if Entry::from_bits(*word).is_present() {
                     continue;

@@ -12,7 +12,7 @@ impl ShadowMmu {
         let mut state = self.lock();
         let _no_alloc = NoAllocSection::enter();
         let mut affected = 0;
-        let mut cursor = state.buckets[bucket(table_gfn)];
+        let mut cursor = state.buckets[state.bucket(table_gfn)];
         while cursor != 0 {
             let sp = state.sp_mut(cursor);
             let next = sp.hash_next;
@@ -26,7 +26,7 @@ impl ShadowMmu {
             cursor = next;
         }
         loop {
-            let mut cursor = state.buckets[bucket(table_gfn)];
+            let mut cursor = state.buckets[state.bucket(table_gfn)];
             let mut upper = None;
             while cursor != 0 {
                 let sp = state.sp(cursor);

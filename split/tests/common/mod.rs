@@ -1,6 +1,8 @@
 //! Helpers shared by the split tests.
 #![allow(dead_code, reason = "each test binary uses some of the helpers")]
 
+pub mod shadow;
+
 use std::sync::Arc;
 
 use mmu_cache::PagePool;
