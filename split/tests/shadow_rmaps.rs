@@ -205,10 +205,11 @@ fn shadow_pages_made_before_a_large_slot_is_added_are_still_found() {
     let before: Vec<_> = (0..SLOT_PAGES / 512)
         .map(|i| s.mmu.find_shadow_page(Gfn(i * 512), direct).unwrap())
         .collect();
-    // 64 GiB more guest memory: the hash outgrows the kernel's 4096
-    // buckets and is rebuilt with the pages it already holds.
+    // 8 GiB more guest memory (4096 more 2 MiB regions): the hash
+    // outgrows the kernel's 4096 buckets and is rebuilt with the pages it
+    // already holds.
     s.mmu
-        .add_memslot(Memslot::new(1, Gfn(1 << 20), 1 << 24, Pfn(1 << 30)).unwrap())
+        .add_memslot(Memslot::new(1, Gfn(1 << 20), 1 << 21, Pfn(1 << 30)).unwrap())
         .unwrap();
     for (i, page) in before.iter().enumerate() {
         let found = s.mmu.find_shadow_page(Gfn(i as u64 * 512), direct).unwrap();
