@@ -755,16 +755,7 @@ fn clear_dirty_log_splits_per_word_only_what_it_cleared() {
     let mut s = setup(ShadowConfig::default());
     map_2m(&s);
     // L1 pages [0, 8M): four 2M shadow leaves.
-    for ngfn in (0..2048u64).step_by(512) {
-        s.mmu
-            .fault(
-                &mut s.caches,
-                &mut s.vcpu,
-                Gpa(ngfn << 12),
-                AccessKind::Write,
-            )
-            .unwrap();
-    }
+    fault_all(&mut s, 2048, 512);
     assert_eq!(checked(&s.mmu).pages_2m, 4);
     s.mmu
         .enable_dirty_logging(0, LogMode::ManualInitiallySet)
