@@ -66,7 +66,8 @@ pub const SPLIT_DESC_MIN: usize = 512 + 1;
 /// capacity, so that a few aliased frames do not force a lock drop.
 pub const SPLIT_DESC_CAPACITY: usize = SPLIT_DESC_MIN + mmu_cache::DEFAULT_CAPACITY;
 /// Buckets of the shadow-page hash at first, as the kernel's
-/// `KVM_NUM_MMU_PAGES`; it grows to one bucket per page past that.
+/// `KVM_NUM_MMU_PAGES`; it grows to two per 2 MiB of memslot when slots
+/// are added, and doubles whenever it holds more than two pages a bucket.
 const HASH_BUCKETS: usize = 1 << 12;
 /// Splits between two voluntary releases of the lock.
 const SPLITS_PER_YIELD: u64 = 64;

@@ -203,17 +203,18 @@ impl ShadowMmu {
             debug_assert!(words.iter().all(|&w| Entry::from_bits(w).is_leaf(level)));
             words.fill(ept::NON_PRESENT);
             state.stats[stat_index(level)] -= 512;
-        }
-        for index in (0..512u64).filter(|_| !implied) {
-            let addr = hpa + index * 8;
-            let entry = state.spte(addr);
-            if !entry.is_present() {
-                continue;
-            }
-            if entry.is_leaf(level) {
-                self.drop_leaf(state, addr, level);
-            } else {
-                self.unlink_child(state, addr);
+        } else {
+            for index in 0..512u64 {
+                let addr = hpa + index * 8;
+                let entry = state.spte(addr);
+                if !entry.is_present() {
+                    continue;
+                }
+                if entry.is_leaf(level) {
+                    self.drop_leaf(state, addr, level);
+                } else {
+                    self.unlink_child(state, addr);
+                }
             }
         }
         while let Some(parent) = state.sp(hpa).parents.first() {
