@@ -22,6 +22,10 @@ use crate::alloc::{AllocError, AllocatorId, PAGE_SIZE, PageAllocator};
 /// Number of 64-bit words in a page.
 pub const WORDS_PER_PAGE: usize = PAGE_SIZE / 8;
 
+/// The x86 cache line: the unit [`Page::prefetch`] asks for.
+#[cfg(target_arch = "x86_64")]
+const CACHE_LINE: usize = 64;
+
 /// Errors of page pools.
 #[derive(Debug, thiserror::Error)]
 pub enum PageError {
@@ -266,6 +270,26 @@ impl<K: PageKind> Page<K> {
         // SAFETY: the page is PAGE_SIZE bytes, page aligned, owned by `self`,
         // and any bit pattern is a valid u64.
         unsafe { &*self.addr.as_ptr().cast::<[u64; WORDS_PER_PAGE]>() }
+    }
+
+    /// Starts bringing the page's 64 cache lines into the cache, without
+    /// waiting for them: a hint for a page that is about to be written
+    /// whole (the next table a split fills), so that its stores do not
+    /// wait for one line after another. A line that no other core holds
+    /// arrives exclusive, ready for a store. Nothing else changes; on
+    /// targets other than x86_64 it does nothing.
+    #[inline]
+    pub fn prefetch(&self) {
+        #[cfg(target_arch = "x86_64")]
+        for line in (0..PAGE_SIZE).step_by(CACHE_LINE) {
+            // SAFETY: `line` is inside the page, so the pointer stays in
+            // this live allocation; a prefetch reads nothing the program
+            // sees and never faults.
+            unsafe {
+                let at = self.addr.as_ptr().add(line).cast::<i8>();
+                core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(at);
+            }
+        }
     }
 
     /// The page as 512 mutable words.

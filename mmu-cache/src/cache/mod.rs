@@ -292,6 +292,12 @@ impl<S: CacheSource> MemoryCache<S> {
         Ok(())
     }
 
+    /// The object [`alloc`](Self::alloc) would return next, if any.
+    #[inline]
+    pub fn peek(&self) -> Option<&S::Item> {
+        self.objects.last()
+    }
+
     /// Pops the most recently cached object. Never calls the allocator while
     /// the cache has objects.
     ///

@@ -25,6 +25,21 @@ fn page_cache(policy: FailPolicy) -> (Arc<Counting>, PageCache) {
 }
 
 #[test]
+fn peek_shows_the_page_alloc_returns_next_and_its_prefetch_changes_nothing() {
+    let (_, mut cache) = page_cache(FailPolicy::Never);
+    assert!(cache.peek().is_none());
+    cache.topup_with_capacity(2, 2).unwrap();
+    let next = cache.peek().map(Page::addr).unwrap();
+    let words_before = *cache.peek().unwrap().words();
+    cache.peek().unwrap().prefetch();
+    let page = cache.alloc().unwrap();
+    assert_eq!(page.addr(), next);
+    assert_eq!(*page.words(), words_before);
+    assert_eq!(cache.nr_free(), 1);
+    drop(page);
+}
+
+#[test]
 fn topup_fills_to_default_capacity_then_is_a_noop() {
     let (counting, mut cache) = page_cache(FailPolicy::Never);
     cache.topup(5).unwrap();

@@ -79,6 +79,12 @@ impl ShadowMmu {
         let gfn = state.leaf_gfn(huge, level);
         let role = Role::direct(below, guest_access(huge));
         let (child, created) = self.get_sp(state, caches, None, gfn, role)?;
+        // The next split's table: its lines come in while this one is
+        // written (a new page has every line written, and the cache's
+        // pages were not filled, so they may be far from the CPU).
+        if let Some(next) = caches.tables.peek() {
+            next.prefetch();
+        }
         let si = state
             .slot_index(gfn)
             .expect("huge leaves lie inside a memslot");

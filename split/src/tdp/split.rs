@@ -185,6 +185,10 @@ impl TdpMmu {
     ) -> Result<Option<u64>, MmuError> {
         let below = level.below().expect("huge leaves are above 4K");
         let mut page = caches.tables.alloc()?;
+        // The next split's table comes in while this one is written.
+        if let Some(next) = caches.tables.peek() {
+            next.prefetch();
+        }
         let hpa = page.addr() as u64;
         // The page is ours and not yet linked: plain stores, which the
         // compiler vectorizes. Child i is child 0 with the frame advanced by
