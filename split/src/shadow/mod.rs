@@ -370,6 +370,19 @@ struct State {
     counters: ShadowCounters,
 }
 
+/// Puts the page `sp` at `hpa` at the head of its chain in `buckets`.
+fn hash_push(buckets: &mut [u64], hpa: u64, sp: &mut ShadowPage) {
+    let b = bucket_of(sp.gfn, buckets.len());
+    sp.hash_next = buckets[b];
+    buckets[b] = hpa;
+}
+
+/// [`State::bucket`] in a hash of `buckets` (a power of two) buckets.
+fn bucket_of(gfn: u64, buckets: usize) -> usize {
+    let within = (gfn & 511).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
+    ((gfn >> 9).wrapping_add(within) as usize) & (buckets - 1)
+}
+
 fn guest_access(leaf: Entry) -> u64 {
     (leaf.bits() >> GUEST_ACCESS_SHIFT) & RWX
 }
@@ -451,8 +464,7 @@ impl State {
     /// split creates, in order) fall in consecutive buckets, which a split
     /// reads as one stream instead of one cache miss per new page.
     fn bucket(&self, gfn: u64) -> usize {
-        let within = (gfn & 511).wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32;
-        ((gfn >> 9).wrapping_add(within) as usize) & (self.buckets.len() - 1)
+        bucket_of(gfn, self.buckets.len())
     }
 
     /// Makes room for `additional` more shadow pages in the page map, and
@@ -490,33 +502,20 @@ impl State {
         }
     }
 
-    /// Rebuilds the hash with `buckets` buckets (a power of two).
+    /// Rebuilds the hash with `buckets` buckets (a power of two) from the
+    /// valid pages (zapped ones left the hash when they were zapped).
     fn resize_hash(&mut self, buckets: usize) {
         debug_assert!(buckets.is_power_of_two());
-        self.buckets = vec![0; buckets];
-        let hashed: Vec<u64> = self
-            .pages
-            .iter()
-            .filter(|(_, sp)| !sp.invalid)
-            .map(|(&hpa, _)| hpa)
-            .collect();
-        for hpa in hashed {
-            self.hash_insert(hpa);
+        let mut heads = vec![0; buckets];
+        for (&hpa, sp) in self.pages.iter_mut().filter(|(_, sp)| !sp.invalid) {
+            hash_push(&mut heads, hpa, sp);
         }
-    }
-
-    fn hash_insert(&mut self, hpa: u64) {
-        let b = self.bucket(self.sp(hpa).gfn);
-        let head = self.buckets[b];
-        self.sp_mut(hpa).hash_next = head;
-        self.buckets[b] = hpa;
+        self.buckets = heads;
     }
 
     /// Hashes the new page `sp` at `hpa` before it goes into the page map.
     fn hash_insert_new(&mut self, hpa: u64, sp: &mut ShadowPage) {
-        let b = self.bucket(sp.gfn);
-        sp.hash_next = self.buckets[b];
-        self.buckets[b] = hpa;
+        hash_push(&mut self.buckets, hpa, sp);
     }
 
     fn hash_remove(&mut self, hpa: u64) {
@@ -756,7 +755,7 @@ impl ShadowMmu {
                     .get(&(addr & !0xfff))
                     .map(|_| state.spte(addr))
                     .filter(|leaf| leaf.is_leaf(level));
-                let frame = rmaps.slot.host_pfn(Gfn(gfn.max(rmaps.slot.base_gfn().0)));
+                let frame = rmaps.slot.host_pfn(Gfn(gfn));
                 if leaf.is_none_or(|leaf| Hpa(leaf.addr(level)).pfn() != frame) {
                     recount.broken_rmaps += 1;
                 }

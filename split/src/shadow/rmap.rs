@@ -286,19 +286,38 @@ pub(super) struct SlotRmaps {
     runs: [Vec<u64>; 2],
 }
 
+/// Where `level`'s lists (and runs) sit in [`SlotRmaps`]' arrays.
+fn at(level: Level) -> usize {
+    usize::from(level.get() - 1)
+}
+
+/// Frames per list at `level`, as a shift: a list covers one leaf.
+fn list_shift(level: Level) -> u32 {
+    level.entry_pages().trailing_zeros()
+}
+
+/// Frames per run of 512 lists at `level`, as a shift.
+fn run_shift(level: Level) -> u32 {
+    list_shift(level) + 9
+}
+
 impl SlotRmaps {
     pub(super) fn new(slot: Arc<Memslot>) -> Self {
         let count = |shift: u32| {
             (((slot.end_gfn().0 - 1) >> shift) - (slot.base_gfn().0 >> shift) + 1) as usize
         };
-        let levels =
-            [0u32, 9, 18].map(|shift| (0..count(shift)).map(|_| PteList::default()).collect());
-        let runs = [9u32, 18].map(|shift| vec![RUN_UNTOUCHED; count(shift)]);
+        let levels = [Level::L4K, Level::L2M, Level::L1G].map(|level| {
+            (0..count(list_shift(level)))
+                .map(|_| PteList::default())
+                .collect()
+        });
+        let runs =
+            [Level::L4K, Level::L2M].map(|level| vec![RUN_UNTOUCHED; count(run_shift(level))]);
         Self { slot, levels, runs }
     }
 
     pub(super) fn index(&self, level: Level, gfn: u64) -> usize {
-        let shift = 9 * u32::from(level.get() - 1);
+        let shift = list_shift(level);
         ((gfn >> shift) - (self.slot.base_gfn().0 >> shift)) as usize
     }
 
@@ -306,16 +325,22 @@ impl SlotRmaps {
     /// that have runs (4K and 2M).
     fn run_index(&self, level: Level, gfn: u64) -> Option<usize> {
         (level < Level::L1G).then(|| {
-            let shift = 9 * u32::from(level.get());
+            let shift = run_shift(level);
             ((gfn >> shift) - (self.slot.base_gfn().0 >> shift)) as usize
         })
     }
 
     /// The lists of the whole run at `run_gfn` (aligned to the run, so the
     /// run lies inside the slot: runs that a page implies always do).
-    fn run_lists_at(&mut self, level: Level, run_gfn: u64) -> &mut [PteList] {
+    fn run_lists_at(&self, level: Level, run_gfn: u64) -> &[PteList] {
         let first = self.index(level, run_gfn);
-        &mut self.levels[usize::from(level.get() - 1)][first..first + 512]
+        &self.levels[at(level)][first..first + 512]
+    }
+
+    /// [`run_lists_at`](Self::run_lists_at), for changes.
+    fn run_lists_at_mut(&mut self, level: Level, run_gfn: u64) -> &mut [PteList] {
+        let first = self.index(level, run_gfn);
+        &mut self.levels[at(level)][first..first + 512]
     }
 
     /// Writes out the lists of the run holding `gfn` if a page implies
@@ -324,11 +349,10 @@ impl SlotRmaps {
         let Some(run) = self.run_index(level, gfn) else {
             return;
         };
-        let runs = &mut self.runs[usize::from(level.get() - 1)];
-        let owner = std::mem::replace(&mut runs[run], RUN_EXPLICIT);
+        let owner = std::mem::replace(&mut self.runs[at(level)][run], RUN_EXPLICIT);
         if owner > RUN_EXPLICIT {
-            let run_gfn = gfn & !((512u64 << (9 * u32::from(level.get() - 1))) - 1);
-            PteList::fill_empty_with_consecutive(self.run_lists_at(level, run_gfn), owner);
+            let run_gfn = gfn >> run_shift(level) << run_shift(level);
+            PteList::fill_empty_with_consecutive(self.run_lists_at_mut(level, run_gfn), owner);
         }
     }
 
@@ -337,7 +361,7 @@ impl SlotRmaps {
     pub(super) fn head(&mut self, level: Level, gfn: u64) -> &mut PteList {
         self.make_explicit(level, gfn);
         let index = self.index(level, gfn);
-        &mut self.levels[usize::from(level.get() - 1)][index]
+        &mut self.levels[at(level)][index]
     }
 
     /// Visits every entry address in `gfn`'s list at `level`, without
@@ -345,22 +369,22 @@ impl SlotRmaps {
     /// mapping the frame it maps (clearing the write bit, counting).
     pub(super) fn for_each_entry(&self, level: Level, gfn: u64, mut visit: impl FnMut(u64)) {
         if let Some(run) = self.run_index(level, gfn) {
-            let owner = self.runs[usize::from(level.get() - 1)][run];
+            let owner = self.runs[at(level)][run];
             if owner > RUN_EXPLICIT {
-                let within = (gfn >> (9 * u32::from(level.get() - 1))) & 511;
+                let within = (gfn >> list_shift(level)) & 511;
                 visit(owner + within * 8);
                 return;
             }
         }
-        self.levels[usize::from(level.get() - 1)][self.index(level, gfn)].for_each(visit);
+        self.levels[at(level)][self.index(level, gfn)].for_each(visit);
     }
 
     /// Whether the 512 `level` lists under the huge leaf at `huge_gfn` (one
     /// level up, aligned) are empty: known without a read while the run
     /// is untouched, never while a page implies it.
-    pub(super) fn run_is_empty(&mut self, level: Level, huge_gfn: u64) -> bool {
+    pub(super) fn run_is_empty(&self, level: Level, huge_gfn: u64) -> bool {
         let run = self.run_index(level, huge_gfn).expect("runs are below 1G");
-        match self.runs[usize::from(level.get() - 1)][run] {
+        match self.runs[at(level)][run] {
             RUN_UNTOUCHED => true,
             RUN_EXPLICIT => PteList::all_empty(self.run_lists_at(level, huge_gfn)),
             _ => false,
@@ -376,14 +400,14 @@ impl SlotRmaps {
             "page {owner:#x}"
         );
         let run = self.run_index(level, huge_gfn).expect("runs are below 1G");
-        self.runs[usize::from(level.get() - 1)][run] = owner;
+        self.runs[at(level)][run] = owner;
     }
 
     /// The 512 `level` lists under the huge leaf at `huge_gfn`, for
     /// changes (written out first if a page implies them).
     pub(super) fn run_lists(&mut self, level: Level, huge_gfn: u64) -> &mut [PteList] {
         self.make_explicit(level, huge_gfn);
-        self.run_lists_at(level, huge_gfn)
+        self.run_lists_at_mut(level, huge_gfn)
     }
 
     /// When the run holding `gfn` implies `owner`'s leaves, empties it
@@ -393,7 +417,7 @@ impl SlotRmaps {
         let Some(run) = self.run_index(level, gfn) else {
             return false;
         };
-        let word = &mut self.runs[usize::from(level.get() - 1)][run];
+        let word = &mut self.runs[at(level)][run];
         let implied = *word == owner;
         if implied {
             *word = RUN_UNTOUCHED;
@@ -402,17 +426,17 @@ impl SlotRmaps {
     }
 
     /// Visits every `(level, frame, entry address)` the rmaps hold, implied
-    /// runs included; returns the descriptors in all lists.
+    /// runs included (a list that starts before the slot is keyed by the
+    /// slot's first frame); returns the descriptors in all lists.
     pub(super) fn for_each_rmapped(&self, mut visit: impl FnMut(Level, u64, u64)) -> usize {
+        let base = self.slot.base_gfn().0;
         let mut descriptors = 0;
         for level in [Level::L4K, Level::L2M, Level::L1G] {
-            let shift = 9 * u32::from(level.get() - 1);
-            let first_gfn = self.slot.base_gfn().0 >> shift << shift;
-            for (index, list) in self.levels[usize::from(level.get() - 1)].iter().enumerate() {
-                let gfn = first_gfn + ((index as u64) << shift);
-                self.for_each_entry(level, gfn.max(self.slot.base_gfn().0), |addr| {
-                    visit(level, gfn, addr);
-                });
+            let shift = list_shift(level);
+            for (index, list) in self.levels[at(level)].iter().enumerate() {
+                let gfn = ((base >> shift) + index as u64) << shift;
+                let gfn = gfn.max(base);
+                self.for_each_entry(level, gfn, |addr| visit(level, gfn, addr));
                 descriptors += list.descriptors();
             }
         }
