@@ -1,8 +1,11 @@
 //! The shadow MMU's rmaps around a split: a new direct page's run of 512
 //! rmaps is recorded as the page (not written list by list), and every
 //! path that reads or changes one of those rmaps sees exactly what the
-//! kernel's `kvm_rmap_head`s would hold. Also the shadow-page hash, which
-//! is sized by the memslots.
+//! kernel's `kvm_rmap_head`s would hold after `shadow_mmu_split_huge_page`
+//! (one `__rmap_add` per child), `pte_list_remove` and
+//! `rmap_write_protect`. Also the shadow-page hash (`mmu_page_hash`,
+//! looked up by `kvm_mmu_find_shadow_page`), which is sized by the
+//! memslots.
 
 mod common;
 
