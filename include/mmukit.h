@@ -75,6 +75,62 @@
 #define MMUKIT_GMEM_GUEST_MEMFD 4
 
 /*
+ Host capability: a usable `/dev/kvm`.
+ */
+#define MMUKIT_CAP_KVM 0
+
+/*
+ Host capability: `KVM_CAP_GUEST_MEMFD`.
+ */
+#define MMUKIT_CAP_GUEST_MEMFD 1
+
+/*
+ Host capability: guest_memfd with `MMAP | INIT_SHARED` (memory the host
+ maps, shared from the start).
+ */
+#define MMUKIT_CAP_GUEST_MEMFD_MMAP 2
+
+/*
+ Host capability: `KVM_CAP_MEMORY_ATTRIBUTES` with the private bit.
+ */
+#define MMUKIT_CAP_MEMORY_ATTRIBUTES 3
+
+/*
+ Host capability: software-protected VMs (`KVM_CAP_VM_TYPES`).
+ */
+#define MMUKIT_CAP_SW_PROTECTED_VM 4
+
+/*
+ Host capability: `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`.
+ */
+#define MMUKIT_CAP_MANUAL_DIRTY_LOG_PROTECT 5
+
+/*
+ Host capability: `KVM_CAP_DIRTY_LOG_RING`.
+ */
+#define MMUKIT_CAP_DIRTY_LOG_RING 6
+
+/*
+ Host capability: a 2 MiB HugeTLB pool with pages reserved.
+ */
+#define MMUKIT_CAP_HUGETLB_2M 7
+
+/*
+ Host capability: a 1 GiB HugeTLB pool with pages reserved.
+ */
+#define MMUKIT_CAP_HUGETLB_1G 8
+
+/*
+ Host capability: `memfd_secret(2)`.
+ */
+#define MMUKIT_CAP_MEMFD_SECRET 9
+
+/*
+ Host capability: transparent huge pages for shmem.
+ */
+#define MMUKIT_CAP_SHMEM_THP 10
+
+/*
  VM type: every frame shared (`KVM_X86_DEFAULT_VM`).
  */
 #define MMUKIT_VM_DEFAULT 0
@@ -360,6 +416,14 @@ int mmukit_cache_free_all(struct mmukit_cache *cache);
  `cache` must be a live handle or NULL; it is invalid afterwards.
  */
 void mmukit_cache_destroy(struct mmukit_cache *cache);
+
+/*
+ Whether this host offers `capability` (one of `MMUKIT_CAP_*`): 1 when
+ it does, 0 when it does not (or `MMUKIT_HIDE_CAPS` hides it), -EINVAL
+ for an unknown number. The host is probed once per process; ask here
+ rather than guess from an errno.
+ */
+int mmukit_host_has(uint32_t capability);
 
 /*
  Creates a guest memory file; `*out` receives the handle. A guest_memfd

@@ -17,6 +17,42 @@ pub const MMUKIT_GMEM_SECRET: u32 = 3;
 /// caller's with `mmukit_gmem_create_on_vm`).
 pub const MMUKIT_GMEM_GUEST_MEMFD: u32 = 4;
 
+/// Host capability: a usable `/dev/kvm`.
+pub const MMUKIT_CAP_KVM: u32 = 0;
+/// Host capability: `KVM_CAP_GUEST_MEMFD`.
+pub const MMUKIT_CAP_GUEST_MEMFD: u32 = 1;
+/// Host capability: guest_memfd with `MMAP | INIT_SHARED` (memory the host
+/// maps, shared from the start).
+pub const MMUKIT_CAP_GUEST_MEMFD_MMAP: u32 = 2;
+/// Host capability: `KVM_CAP_MEMORY_ATTRIBUTES` with the private bit.
+pub const MMUKIT_CAP_MEMORY_ATTRIBUTES: u32 = 3;
+/// Host capability: software-protected VMs (`KVM_CAP_VM_TYPES`).
+pub const MMUKIT_CAP_SW_PROTECTED_VM: u32 = 4;
+/// Host capability: `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`.
+pub const MMUKIT_CAP_MANUAL_DIRTY_LOG_PROTECT: u32 = 5;
+/// Host capability: `KVM_CAP_DIRTY_LOG_RING`.
+pub const MMUKIT_CAP_DIRTY_LOG_RING: u32 = 6;
+/// Host capability: a 2 MiB HugeTLB pool with pages reserved.
+pub const MMUKIT_CAP_HUGETLB_2M: u32 = 7;
+/// Host capability: a 1 GiB HugeTLB pool with pages reserved.
+pub const MMUKIT_CAP_HUGETLB_1G: u32 = 8;
+/// Host capability: `memfd_secret(2)`.
+pub const MMUKIT_CAP_MEMFD_SECRET: u32 = 9;
+/// Host capability: transparent huge pages for shmem.
+pub const MMUKIT_CAP_SHMEM_THP: u32 = 10;
+
+/// Whether this host offers `capability` (one of `MMUKIT_CAP_*`): 1 when
+/// it does, 0 when it does not (or `MMUKIT_HIDE_CAPS` hides it), -EINVAL
+/// for an unknown number. The host is probed once per process; ask here
+/// rather than guess from an errno.
+#[unsafe(no_mangle)]
+pub extern "C" fn mmukit_host_has(capability: u32) -> c_int {
+    guard(|| match Capability::ALL.get(capability as usize) {
+        Some(&cap) => c_int::from(HostCaps::get().has(cap)),
+        None => -libc::EINVAL,
+    })
+}
+
 /// How a guest memory file is made. Set `struct_size` to
 /// `sizeof(struct mmukit_gmem_config)`: the struct may grow at its end.
 #[repr(C)]

@@ -41,7 +41,9 @@
 use std::ffi::{c_char, c_int};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use gmem::{Attribute, Backend, GmemConfig, GmemError, GuestMemFile, KvmVm, View};
+use gmem::{
+    Attribute, Backend, Capability, GmemConfig, GmemError, GuestMemFile, HostCaps, KvmVm, View,
+};
 use mmu_cache::alloc::{AllocError, AllocatorId, ChunkAllocator, PageAllocator};
 use mmu_cache::{CacheError, PageCache, PagePool};
 use split::{Level, LogMode, Memslot, MmuConfig, MmuError, TdpMmu, VcpuCaches};
@@ -133,6 +135,45 @@ mod tests {
         // SAFETY: a static NUL-terminated string.
         let c = unsafe { std::ffi::CStr::from_ptr(super::mmukit_version()) };
         assert_eq!(c.to_str().unwrap(), version);
+    }
+
+    #[test]
+    fn each_capability_number_names_its_capability() {
+        use gmem::Capability;
+        let numbers = [
+            (super::MMUKIT_CAP_KVM, Capability::Kvm),
+            (super::MMUKIT_CAP_GUEST_MEMFD, Capability::GuestMemfd),
+            (
+                super::MMUKIT_CAP_GUEST_MEMFD_MMAP,
+                Capability::GuestMemfdMmap,
+            ),
+            (
+                super::MMUKIT_CAP_MEMORY_ATTRIBUTES,
+                Capability::MemoryAttributes,
+            ),
+            (
+                super::MMUKIT_CAP_SW_PROTECTED_VM,
+                Capability::SoftwareProtectedVm,
+            ),
+            (
+                super::MMUKIT_CAP_MANUAL_DIRTY_LOG_PROTECT,
+                Capability::ManualDirtyLogProtect,
+            ),
+            (super::MMUKIT_CAP_DIRTY_LOG_RING, Capability::DirtyLogRing),
+            (super::MMUKIT_CAP_HUGETLB_2M, Capability::Hugetlb2M),
+            (super::MMUKIT_CAP_HUGETLB_1G, Capability::Hugetlb1G),
+            (super::MMUKIT_CAP_MEMFD_SECRET, Capability::MemfdSecret),
+            (super::MMUKIT_CAP_SHMEM_THP, Capability::ShmemThp),
+        ];
+        assert_eq!(numbers.len(), Capability::ALL.len());
+        for (number, cap) in numbers {
+            assert_eq!(Capability::ALL[number as usize], cap);
+            assert_eq!(
+                super::mmukit_host_has(number),
+                i32::from(gmem::HostCaps::get().has(cap))
+            );
+        }
+        assert_eq!(super::mmukit_host_has(11), -libc::EINVAL);
     }
 }
 

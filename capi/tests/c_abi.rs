@@ -27,6 +27,23 @@ fn have(tool: &str) -> bool {
         .is_ok_and(|o| o.status.success())
 }
 
+/// A C program that skips prints `skip TEST: needs CAPABILITY ...` (having
+/// asked `mmukit_host_has`): record it as the Rust tests record theirs.
+fn record_c_skips(stdout: &str) {
+    for line in stdout.lines() {
+        let Some((test, rest)) = line
+            .strip_prefix("skip ")
+            .and_then(|line| line.split_once(": needs "))
+        else {
+            continue;
+        };
+        let name = rest.split([' ', ':']).next().unwrap_or_default();
+        let cap = gmem::Capability::from_name(name)
+            .unwrap_or_else(|| panic!("{test} skips for an unknown capability: {line}"));
+        gmem::caps::record_skip(&format!("C {test}"), cap, rest);
+    }
+}
+
 fn compile_and_run(source: &Path) {
     let lib = lib_dir();
     let stat = lib.join("libmmukit.a");
@@ -76,6 +93,9 @@ fn compile_and_run(source: &Path) {
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         );
+        if bin == &static_bin {
+            record_c_skips(&String::from_utf8_lossy(&out.stdout));
+        }
     }
     if have("valgrind") {
         let out = Command::new("valgrind")

@@ -1,16 +1,35 @@
 //! What this host offers: KVM and its guest_memfd capabilities, HugeTLB
-//! pools, and memfd_secret.
+//! pools, memfd_secret and transparent huge pages, each answerable by
+//! [`Capability`] (hidden ones read as missing: see [`mmukit_sys::host`]).
+//!
+//! A test that needs something of the host asks here and skips with one
+//! line naming it:
+//!
+//! ```
+//! use gmem::{Capability, HostCaps};
+//!
+//! if !HostCaps::get().allows("example", &[Capability::Kvm, Capability::GuestMemfdMmap]) {
+//!     return; // printed: skip example: needs guest_memfd_mmap: ...
+//! }
+//! ```
 
 use std::fmt;
+use std::sync::OnceLock;
 
 use kvm_ioctls::Kvm;
 
+pub use mmukit_sys::host::{Capability, record_skip};
+
 use crate::consts::{
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
-    KVM_CAP_GUEST_MEMFD, KVM_CAP_GUEST_MEMFD_FLAGS, KVM_CAP_MEMORY_ATTRIBUTES,
-    KVM_CAP_MULTI_ADDRESS_SPACE, KVM_CAP_NR_MEMSLOTS, KVM_CAP_READONLY_MEM, KVM_CAP_USER_MEMORY2,
-    KVM_CAP_VM_TYPES,
+    KVM_CAP_DIRTY_LOG_RING, KVM_CAP_GUEST_MEMFD, KVM_CAP_GUEST_MEMFD_FLAGS,
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2, KVM_CAP_MEMORY_ATTRIBUTES, KVM_CAP_MULTI_ADDRESS_SPACE,
+    KVM_CAP_NR_MEMSLOTS, KVM_CAP_READONLY_MEM, KVM_CAP_USER_MEMORY2, KVM_CAP_VM_TYPES,
+    KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_X86_SW_PROTECTED_VM,
 };
+
+/// Flags of a guest_memfd the host maps and that starts shared.
+const SHARED_MMAP: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
 
 /// KVM's answers, when `/dev/kvm` could be opened.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -33,13 +52,13 @@ pub struct KvmCaps {
     pub readonly_mem: bool,
     /// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`: the flags it takes (0: none).
     pub manual_dirty_log_protect: u64,
+    /// `KVM_CAP_DIRTY_LOG_RING`: the largest ring in bytes (0: none).
+    pub dirty_log_ring: u64,
 }
 
-/// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`.
-const KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: u32 = 168;
-
 impl KvmCaps {
-    /// Reads the capabilities from an open `/dev/kvm`.
+    /// Reads the capabilities from an open `/dev/kvm`, with those
+    /// [`mmukit_sys::host::HIDE_ENV`] hides read as absent.
     pub fn read(kvm: &Kvm) -> Self {
         let cap = |c: u32| kvm.check_extension_raw(libc::c_ulong::from(c)).max(0) as u64;
         Self {
@@ -52,7 +71,52 @@ impl KvmCaps {
             address_spaces: cap(KVM_CAP_MULTI_ADDRESS_SPACE).max(1),
             readonly_mem: cap(KVM_CAP_READONLY_MEM) != 0,
             manual_dirty_log_protect: cap(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2),
+            dirty_log_ring: cap(KVM_CAP_DIRTY_LOG_RING),
         }
+        .without_hidden()
+    }
+
+    /// These answers with every hidden capability cleared.
+    pub fn without_hidden(mut self) -> Self {
+        if Capability::GuestMemfd.is_hidden() {
+            self.guest_memfd = false;
+            self.guest_memfd_flags = 0;
+        }
+        if Capability::GuestMemfdMmap.is_hidden() {
+            self.guest_memfd_flags &= !SHARED_MMAP;
+        }
+        if Capability::MemoryAttributes.is_hidden() {
+            self.memory_attributes = 0;
+        }
+        if Capability::SoftwareProtectedVm.is_hidden() {
+            self.vm_types &= !(1 << KVM_X86_SW_PROTECTED_VM);
+        }
+        if Capability::ManualDirtyLogProtect.is_hidden() {
+            self.manual_dirty_log_protect = 0;
+        }
+        if Capability::DirtyLogRing.is_hidden() {
+            self.dirty_log_ring = 0;
+        }
+        self
+    }
+
+    /// Whether KVM offers `cap` (`None` for a capability that is not
+    /// KVM's).
+    pub fn has(&self, cap: Capability) -> Option<bool> {
+        Some(match cap {
+            Capability::Kvm => true,
+            Capability::GuestMemfd => self.guest_memfd,
+            Capability::GuestMemfdMmap => {
+                self.guest_memfd && self.guest_memfd_flags & SHARED_MMAP == SHARED_MMAP
+            }
+            Capability::MemoryAttributes => {
+                self.memory_attributes & u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE) != 0
+            }
+            Capability::SoftwareProtectedVm => self.vm_types & (1 << KVM_X86_SW_PROTECTED_VM) != 0,
+            Capability::ManualDirtyLogProtect => self.manual_dirty_log_protect != 0,
+            Capability::DirtyLogRing => self.dirty_log_ring != 0,
+            _ => return None,
+        })
     }
 }
 
@@ -123,11 +187,22 @@ pub struct HostCaps {
 }
 
 impl HostCaps {
-    /// Probes the host.
+    /// Probes the host now (HugeTLB pools' free pages change as memory is
+    /// taken; the rest does not). Hidden capabilities read as absent.
     pub fn probe() -> Self {
-        let (kvm, kvm_error) = match Kvm::new() {
-            Ok(kvm) => (Some(KvmCaps::read(&kvm)), None),
-            Err(err) => (None, Some(format!("/dev/kvm: {err}"))),
+        let (kvm, kvm_error) = if Capability::Kvm.is_hidden() {
+            (
+                None,
+                Some(format!(
+                    "/dev/kvm: hidden by {}",
+                    mmukit_sys::host::HIDE_ENV
+                )),
+            )
+        } else {
+            match Kvm::new() {
+                Ok(kvm) => (Some(KvmCaps::read(&kvm)), None),
+                Err(err) => (None, Some(format!("/dev/kvm: {err}"))),
+            }
         };
         Self {
             kvm,
@@ -136,8 +211,77 @@ impl HostCaps {
                 .into_iter()
                 .filter_map(HugetlbPool::read)
                 .collect(),
-            memfd_secret: crate::sys::memfd_secret().is_ok(),
-            thp: ThpModes::read(),
+            memfd_secret: mmukit_sys::host::memfd_secret_works(),
+            thp: ThpModes::read().filter(|_| !Capability::ShmemThp.is_hidden()),
+        }
+    }
+
+    /// The host as probed once by this process: what every test asks.
+    pub fn get() -> &'static Self {
+        static CAPS: OnceLock<HostCaps> = OnceLock::new();
+        CAPS.get_or_init(Self::probe)
+    }
+
+    /// Whether the host offers `cap`. A HugeTLB pool counts when the
+    /// kernel has it with pages reserved (how many are free is
+    /// [`hugetlb_pages_free`]'s question); shmem THP when `shmem_enabled`
+    /// gives huge pages to a mapping that asks.
+    pub fn has(&self, cap: Capability) -> bool {
+        match cap {
+            Capability::Hugetlb2M => self.pool(2 << 20).is_some_and(|pool| pool.total > 0),
+            Capability::Hugetlb1G => self.pool(1 << 30).is_some_and(|pool| pool.total > 0),
+            Capability::MemfdSecret => self.memfd_secret,
+            Capability::ShmemThp => self.thp.as_ref().is_some_and(ThpModes::shmem_allows),
+            kvm_cap => self
+                .kvm
+                .as_ref()
+                .and_then(|kvm| kvm.has(kvm_cap))
+                .unwrap_or(false),
+        }
+    }
+
+    /// What the host has of `cap`, in words, for a skip line.
+    pub fn describe(&self, cap: Capability) -> String {
+        match (cap, &self.kvm) {
+            (Capability::Hugetlb2M | Capability::Hugetlb1G, _) => {
+                let size = if cap == Capability::Hugetlb2M {
+                    2 << 20
+                } else {
+                    1 << 30
+                };
+                match self.pool(size) {
+                    Some(pool) => format!("{} has {} pages", pool.name, pool.total),
+                    None => format!("no {} pool", mmukit_sys::hugetlb::pool_name(size)),
+                }
+            }
+            (Capability::MemfdSecret, _) => "memfd_secret(2) fails".into(),
+            (Capability::ShmemThp, _) => match &self.thp {
+                Some(thp) => format!("shmem_enabled is {}", thp.shmem),
+                None => "no transparent huge pages".into(),
+            },
+            (_, None) => self
+                .kvm_error
+                .clone()
+                .unwrap_or_else(|| "no /dev/kvm".into()),
+            (Capability::GuestMemfd | Capability::GuestMemfdMmap, Some(kvm)) => format!(
+                "KVM_CAP_GUEST_MEMFD is {}, KVM_CAP_GUEST_MEMFD_FLAGS is {}",
+                u8::from(kvm.guest_memfd),
+                flag_names(kvm.guest_memfd_flags)
+            ),
+            (_, Some(_)) => format!("KVM does not offer {cap}"),
+        }
+    }
+
+    /// For test suites: whether the host has every capability in `needs`;
+    /// where it lacks one, `test` is reported skipped with one line naming
+    /// it ([`mmukit_sys::host::record_skip`]).
+    pub fn allows(&self, test: &str, needs: &[Capability]) -> bool {
+        match needs.iter().find(|&&cap| !self.has(cap)) {
+            Some(&missing) => {
+                mmukit_sys::host::record_skip(test, missing, &self.describe(missing));
+                false
+            }
+            None => true,
         }
     }
 
@@ -147,7 +291,33 @@ impl HostCaps {
     }
 }
 
-fn flag_names(flags: u64) -> String {
+/// For test suites: whether the HugeTLB pool of `page_size` bytes has
+/// `pages` free now; otherwise `test` is reported skipped, naming the pool.
+pub fn hugetlb_pages_free(test: &str, page_size: u64, pages: u64) -> bool {
+    let capability = if page_size == 1 << 30 {
+        Capability::Hugetlb1G
+    } else {
+        Capability::Hugetlb2M
+    };
+    let pool = HugetlbPool::read(page_size);
+    if pool.as_ref().is_some_and(|pool| pool.available >= pages) {
+        return true;
+    }
+    let name = mmukit_sys::hugetlb::pool_name(page_size);
+    let found = pool.map_or_else(
+        || "no pool".into(),
+        |pool| format!("{} free", pool.available),
+    );
+    mmukit_sys::host::record_skip(
+        test,
+        capability,
+        &format!("{pages} free pages of {name} needed, {found} (scripts/setup reserves them)"),
+    );
+    false
+}
+
+/// The names of guest_memfd flag bits, `|`-joined.
+pub fn flag_names(flags: u64) -> String {
     let names: Vec<&str> = [
         (GUEST_MEMFD_FLAG_MMAP, "MMAP"),
         (GUEST_MEMFD_FLAG_INIT_SHARED, "INIT_SHARED"),
@@ -164,66 +334,84 @@ fn flag_names(flags: u64) -> String {
     }
 }
 
+impl HostCaps {
+    /// What the host has of `cap` beyond yes or no (flags, pages, modes),
+    /// for `--check-host`; empty where there is nothing more to say.
+    pub fn detail(&self, cap: Capability) -> String {
+        let kvm = self.kvm.as_ref();
+        match cap {
+            Capability::Kvm => match kvm {
+                Some(kvm) => format!(
+                    "{} memslots, user memory2 {}",
+                    kvm.nr_memslots,
+                    if kvm.user_memory2 { "yes" } else { "no" }
+                ),
+                None => self.kvm_error.clone().unwrap_or_default(),
+            },
+            Capability::GuestMemfd | Capability::GuestMemfdMmap => kvm
+                .map(|kvm| format!("flags {}", flag_names(kvm.guest_memfd_flags)))
+                .unwrap_or_default(),
+            Capability::ManualDirtyLogProtect => kvm
+                .filter(|kvm| kvm.manual_dirty_log_protect != 0)
+                .map(|kvm| {
+                    let mut names = vec!["MANUAL_PROTECT_ENABLE"];
+                    if kvm.manual_dirty_log_protect & 2 != 0 {
+                        names.push("INITIALLY_SET");
+                    }
+                    names.join("|")
+                })
+                .unwrap_or_default(),
+            Capability::DirtyLogRing => kvm
+                .filter(|kvm| kvm.dirty_log_ring != 0)
+                .map(|kvm| format!("up to {} KiB", kvm.dirty_log_ring >> 10))
+                .unwrap_or_default(),
+            Capability::Hugetlb2M | Capability::Hugetlb1G => {
+                let size = if cap == Capability::Hugetlb2M {
+                    2 << 20
+                } else {
+                    1 << 30
+                };
+                match self.pool(size) {
+                    Some(pool) => format!("{} pages, {} available", pool.total, pool.available),
+                    None => "no pool".into(),
+                }
+            }
+            Capability::ShmemThp => match &self.thp {
+                Some(thp) => format!(
+                    "shmem_enabled {}, enabled {} (gmem's anonymous and memfd memory are shmem)",
+                    thp.shmem, thp.anonymous
+                ),
+                None => "the kernel has no transparent huge pages".into(),
+            },
+            Capability::MemoryAttributes
+            | Capability::SoftwareProtectedVm
+            | Capability::MemfdSecret => String::new(),
+        }
+    }
+}
+
+/// One line per capability, by name: `guest_memfd: no (flags none)`; then
+/// the capabilities hidden by `MMUKIT_HIDE_CAPS`, if any.
 impl fmt::Display for HostCaps {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match (&self.kvm, &self.kvm_error) {
-            (Some(kvm), _) => {
-                writeln!(f, "kvm: yes")?;
-                writeln!(
-                    f,
-                    "guest_memfd: {}",
-                    if kvm.guest_memfd { "yes" } else { "no" }
-                )?;
-                writeln!(
-                    f,
-                    "guest_memfd flags: {:#x} ({})",
-                    kvm.guest_memfd_flags,
-                    flag_names(kvm.guest_memfd_flags)
-                )?;
-                writeln!(
-                    f,
-                    "user memory2: {}",
-                    if kvm.user_memory2 { "yes" } else { "no" }
-                )?;
-                writeln!(f, "memory attributes: {:#x}", kvm.memory_attributes)?;
-                writeln!(f, "vm types: {:#x}", kvm.vm_types)?;
-                writeln!(
-                    f,
-                    "manual dirty-log protect: {:#x}",
-                    kvm.manual_dirty_log_protect
-                )?;
-            }
-            (None, error) => writeln!(f, "kvm: no ({})", error.as_deref().unwrap_or("absent"))?,
-        }
-        for size in [2u64 << 20, 1 << 30] {
-            match self.pool(size) {
-                Some(pool) => writeln!(
-                    f,
-                    "hugetlb {}: {} pages, {} available",
-                    pool.name, pool.total, pool.available
-                )?,
-                None => writeln!(f, "hugetlb {}kB: no pool", size >> 10)?,
+        for cap in Capability::ALL {
+            let answer = if self.has(cap) { "yes" } else { "no" };
+            match self.detail(cap) {
+                detail if detail.is_empty() => writeln!(f, "{cap}: {answer}")?,
+                detail => writeln!(f, "{cap}: {answer} ({detail})")?,
             }
         }
-        writeln!(
-            f,
-            "memfd_secret: {}",
-            if self.memfd_secret { "yes" } else { "no" }
-        )?;
-        match &self.thp {
-            Some(thp) => write!(
+        let hidden = mmukit_sys::host::hidden();
+        if !hidden.is_empty() {
+            let names: Vec<&str> = hidden.iter().map(|cap| cap.name()).collect();
+            writeln!(
                 f,
-                "thp: private anonymous {}, shmem {} (gmem's anonymous and memfd memory are shmem: {})",
-                thp.anonymous,
-                thp.shmem,
-                if thp.shmem_allows() {
-                    "they ask for huge pages"
-                } else {
-                    "no huge pages"
-                }
-            ),
-            None => write!(f, "thp: no (the kernel has no transparent huge pages)"),
+                "hidden by {}: {}",
+                mmukit_sys::host::HIDE_ENV,
+                names.join(", ")
+            )?;
         }
+        Ok(())
     }
 }
 
@@ -235,9 +423,14 @@ mod tests {
     fn probe_reports_every_line() {
         let caps = HostCaps::probe();
         let text = caps.to_string();
-        assert!(text.contains("kvm: "));
-        assert!(text.contains("hugetlb hugepages-2048kB") || text.contains("hugetlb 2048kB"));
-        assert!(text.contains("memfd_secret: "));
+        for cap in Capability::ALL {
+            let line = text
+                .lines()
+                .find(|line| line.starts_with(&format!("{cap}: ")))
+                .unwrap_or_else(|| panic!("no line for {cap}: {text}"));
+            let answer = if caps.has(cap) { "yes" } else { "no" };
+            assert!(line[cap.name().len() + 2..].starts_with(answer), "{line}");
+        }
         if let Some(kvm) = caps.kvm {
             assert!(kvm.guest_memfd_flags & !7 == 0, "unknown flag bits");
         }
@@ -255,7 +448,7 @@ mod tests {
             shmem: "advise".into(),
         };
         assert!(modes.shmem_allows() && !modes.anonymous_allows());
-        assert!(HostCaps::probe().to_string().contains("thp: "));
+        assert!(HostCaps::probe().to_string().contains("shmem_thp: "));
     }
 
     #[test]

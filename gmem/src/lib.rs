@@ -63,7 +63,7 @@ pub mod region;
 use mmukit_sys as sys;
 
 pub use attrs::Attribute;
-pub use caps::{HostCaps, ThpModes};
+pub use caps::{Capability, HostCaps, ThpModes};
 pub use file::{
     Backend, BackendKind, FileMetrics, GmemConfig, GmemError, GuestMemFile, GuestMemfdVm,
     PAGE_SIZE, Protection, View, ViewKind, check_fallocate, check_mmap,

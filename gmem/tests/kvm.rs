@@ -8,9 +8,11 @@ mod common;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
-use common::{SHARED_MMAP, kvm_vm};
+use common::{SHARED_MMAP, guest_memfd_vm, host_allows};
 use gmem::consts::{KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES};
-use gmem::{Backend, GmemConfig, GuestMemFile, GuestRegion, KvmVm, SlotBinding, SlotRequest};
+use gmem::{
+    Backend, Capability, GmemConfig, GuestMemFile, GuestRegion, KvmVm, SlotBinding, SlotRequest,
+};
 use kvm_bindings::kvm_userspace_memory_region2;
 use kvm_ioctls::VcpuExit;
 
@@ -29,14 +31,14 @@ const GUEST: [u8; 19] = [
     0xf4, // hlt
 ];
 
-fn vm_or_skip(test: &str) -> Option<Arc<KvmVm>> {
-    match kvm_vm() {
-        Ok(vm) => Some(vm),
-        Err(why) => {
-            eprintln!("skip {test}: {why}");
-            None
-        }
-    }
+/// A VM with mappable guest_memfd, or `None` (the skip reported).
+fn vm_or_skip(what: &str) -> Option<Arc<KvmVm>> {
+    guest_memfd_vm(what)
+}
+
+/// A VM, on any KVM, or `None` (the skip reported).
+fn plain_vm_or_skip(what: &str) -> Option<Arc<KvmVm>> {
+    host_allows(what, &[Capability::Kvm]).then(|| KvmVm::new().expect("the probe found KVM"))
 }
 
 /// Runs `GUEST` (at gpa 0, real mode) on a new vCPU until it halts.
@@ -162,7 +164,7 @@ fn binding_errors_are_einval_like_the_kernel() {
 
 #[test]
 fn plain_backends_bind_as_ordinary_slots_and_secret_is_refused() {
-    let Some(vm) = vm_or_skip("plain slots") else {
+    let Some(vm) = plain_vm_or_skip("plain slots") else {
         return;
     };
     let memfd = GuestMemFile::create(
@@ -253,20 +255,15 @@ fn conversion_tells_kvm_where_it_can_and_says_so() {
     // Outside the region.
     assert!(convert_guest_range(&region, 0x10_7000, 0x2000, Attribute::Private, None).is_err());
     // This host's KVM has no memory attributes: only host views protect.
-    match kvm_vm() {
-        Ok(vm) => {
-            let vm: &KvmVm = &vm;
-            let protection =
-                convert_guest_range(&region, 0x10_1000, 0x1000, Attribute::Shared, Some(vm))
-                    .unwrap();
-            let expected = if vm.supports_private_attributes() {
-                Protection::HostViewAndKvm
-            } else {
-                Protection::HostViewOnly
-            };
-            assert_eq!(protection, expected);
-        }
-        Err(why) => eprintln!("skip the real VM part: {why}"),
+    if let Some(vm) = plain_vm_or_skip("the real VM part") {
+        let protection =
+            convert_guest_range(&region, 0x10_1000, 0x1000, Attribute::Shared, Some(&*vm)).unwrap();
+        let expected = if vm.supports_private_attributes() {
+            Protection::HostViewAndKvm
+        } else {
+            Protection::HostViewOnly
+        };
+        assert_eq!(protection, expected);
     }
 }
 
@@ -448,8 +445,8 @@ fn predicted_memslot_verdicts_match_the_kernels() {
         }),
     ];
     for (what, expected, build) in cases {
-        let vm = kvm_vm().unwrap();
-        let other_vm = kvm_vm().unwrap();
+        let vm = KvmVm::new().unwrap();
+        let other_vm = KvmVm::new().unwrap();
         let private = gmem_file_with(&vm, 4 * MEM, 0);
         let foreign = gmem_file_with(&other_vm, 4 * MEM, 0);
         let first = shared_region(MEM, 0);

@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::sync::Arc;
 
 use gmem::consts::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
-use gmem::{Backend, GmemConfig, GuestMemFile, KvmVm};
+use gmem::{Backend, Capability, GmemConfig, GuestMemFile, KvmVm};
 
 use crate::config::{BackendName, Config, layout};
 
@@ -50,93 +50,122 @@ pub fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> RunError {
     move |err| RunError::Kvm(format!("{what}: {err}"))
 }
 
-/// Checks, before anything runs, that the host has what the configuration
-/// asks for: KVM (and manual dirty-log protect, mappable guest_memfd) for
-/// `kvm`, enough free HugeTLB pages, `memfd_secret(2)`, and transparent
-/// huge pages when required. The error names the field and what is
-/// missing (exit 2).
-pub fn check_host(config: &Config, caps: &gmem::HostCaps) -> Result<(), RunError> {
-    let missing = |field: &str, what: String, fix: &str| RunError::Host {
-        what: format!("{field}: {what}"),
-        fix: fix.into(),
+/// One thing a configuration needs of the host: the capability, the field
+/// that asks for it, and what to do without it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HostNeed {
+    /// The capability.
+    pub capability: Capability,
+    /// The configuration field that needs it.
+    pub field: &'static str,
+    /// What to do on a host without it.
+    pub fix: &'static str,
+}
+
+/// What `config` needs of the host, in the order [`check_host`] checks it.
+pub fn host_needs(config: &Config) -> Vec<HostNeed> {
+    let mut needs = Vec::new();
+    let mut need = |capability, field, fix| {
+        needs.push(HostNeed {
+            capability,
+            field,
+            fix,
+        });
     };
+    let kvm = config.accel == crate::config::Accel::Kvm;
+    if kvm {
+        need(
+            Capability::Kvm,
+            "accel",
+            "run on a host with KVM, or use \"accel\": \"soft\"",
+        );
+    }
     let backends = [
         ("memory.backend", Some(config.memory.backend)),
         ("memory.private_backend", config.memory.private_backend),
     ];
     for (field, backend) in backends {
         match backend {
-            Some(BackendName::Hugetlb) => {
-                let page = 1u64 << config.memory.huge_page_size.log2();
-                let needed = config.memory_bytes() / page;
-                let free = caps.pool(page).map_or(0, |pool| pool.available);
-                if free < needed {
-                    return Err(missing(
-                        field,
-                        format!(
-                            "hugetlb needs {needed} free pages of hugepages-{}kB; the host has {free}",
-                            page >> 10
-                        ),
-                        "reserve them (scripts/setup, or /proc/sys/vm/nr_hugepages as root), or \
-                         lower memory.size_mib",
-                    ));
-                }
-            }
-            Some(BackendName::Secret) if !caps.memfd_secret => {
-                return Err(missing(
-                    field,
-                    "secret memory needs memfd_secret(2), which this kernel does not offer".into(),
-                    "boot with secretmem.enable=1, or pick another backend",
-                ));
-            }
+            Some(BackendName::Hugetlb) => need(
+                match config.memory.huge_page_size.log2() {
+                    30 => Capability::Hugetlb1G,
+                    _ => Capability::Hugetlb2M,
+                },
+                field,
+                "reserve HugeTLB pages (scripts/setup, or /proc/sys/vm/nr_hugepages as root), or \
+                 pick another backend",
+            ),
+            Some(BackendName::Secret) => need(
+                Capability::MemfdSecret,
+                field,
+                "boot with secretmem.enable=1, or pick another backend",
+            ),
+            Some(BackendName::GuestMemfd) => need(
+                Capability::GuestMemfdMmap,
+                field,
+                "use a kernel whose guest_memfd the host can map (KVM_CAP_GUEST_MEMFD_FLAGS \
+                 with MMAP and INIT_SHARED), or another backend",
+            ),
             _ => {}
         }
     }
-    if config.accel == crate::config::Accel::Kvm {
-        let Some(kvm) = &caps.kvm else {
-            return Err(missing(
-                "accel",
-                format!(
-                    "kvm needs /dev/kvm ({})",
-                    caps.kvm_error.as_deref().unwrap_or("absent")
-                ),
-                "run on a host with KVM, or use \"accel\": \"soft\"",
-            ));
-        };
-        if config.mmu.manual_protect && kvm.manual_dirty_log_protect == 0 {
-            return Err(missing(
-                "mmu.manual_protect",
-                "KVM lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2".into(),
-                "turn manual_protect off on this host",
-            ));
-        }
-        let wanted = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
-        if config.memory.backend == BackendName::GuestMemfd
-            && kvm.guest_memfd_flags & wanted != wanted
-        {
-            return Err(missing(
-                "memory.backend",
-                format!(
-                    "guest_memfd memory the host maps needs the MMAP and INIT_SHARED flags; \
-                     KVM_CAP_GUEST_MEMFD_FLAGS is {:#x}",
-                    kvm.guest_memfd_flags
-                ),
-                "use a kernel whose guest_memfd can be mapped, or another backend",
-            ));
-        }
+    if kvm && config.mmu.manual_protect {
+        need(
+            Capability::ManualDirtyLogProtect,
+            "mmu.manual_protect",
+            "turn manual_protect off on this host",
+        );
     }
-    if config.memory.require_transparent_huge_pages
-        && !caps.thp.as_ref().is_some_and(|thp| thp.shmem_allows())
-    {
-        let mode = caps.thp.as_ref().map_or("no THP".to_string(), |thp| {
-            format!("shmem_enabled is {}", thp.shmem)
-        });
-        return Err(missing(
+    if config.memory.require_transparent_huge_pages {
+        need(
+            Capability::ShmemThp,
             "memory.require_transparent_huge_pages",
-            format!("the host gives shmem no transparent huge pages ({mode})"),
             "set /sys/kernel/mm/transparent_hugepage/shmem_enabled to advise (as root), or \
              drop the requirement",
-        ));
+        );
+    }
+    needs
+}
+
+/// Checks, before anything runs, that the host has what the configuration
+/// asks for ([`host_needs`]), and enough free HugeTLB pages. The error
+/// names the field and what is missing (exit 2).
+pub fn check_host(config: &Config, caps: &gmem::HostCaps) -> Result<(), RunError> {
+    for need in host_needs(config) {
+        if !caps.has(need.capability) {
+            return Err(RunError::Host {
+                what: format!(
+                    "{}: needs {} ({})",
+                    need.field,
+                    need.capability,
+                    caps.describe(need.capability)
+                ),
+                fix: need.fix.into(),
+            });
+        }
+    }
+    let backends = [
+        ("memory.backend", Some(config.memory.backend)),
+        ("memory.private_backend", config.memory.private_backend),
+    ];
+    for (field, backend) in backends {
+        if backend == Some(BackendName::Hugetlb) {
+            let page = 1u64 << config.memory.huge_page_size.log2();
+            let needed = config.memory_bytes() / page;
+            let free = caps.pool(page).map_or(0, |pool| pool.available);
+            if free < needed {
+                return Err(RunError::Host {
+                    what: format!(
+                        "{field}: hugetlb needs {needed} free pages of hugepages-{}kB; the host \
+                         has {free}",
+                        page >> 10
+                    ),
+                    fix: "reserve them (scripts/setup, or /proc/sys/vm/nr_hugepages as root), \
+                          or lower memory.size_mib"
+                        .into(),
+                });
+            }
+        }
     }
     Ok(())
 }

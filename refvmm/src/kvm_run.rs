@@ -5,11 +5,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::Instant;
 
-use gmem::consts::KVM_MEM_LOG_DIRTY_PAGES;
+use gmem::consts::{
+    KVM_DIRTY_LOG_INITIALLY_SET, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_MEM_LOG_DIRTY_PAGES,
+};
 use gmem::{GuestRegion, KvmVm};
-use kvm_bindings::{kvm_clear_dirty_log, kvm_enable_cap, kvm_segment};
+use kvm_bindings::kvm_segment;
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vmm_sys_util::ioctl::ioctl_with_ref;
 
 use crate::config::{BinaryMode, Config, Workload, layout};
 use crate::engine::{RunError, create_memory, kvm_err, open_kvm, prefault, verify_log};
@@ -18,18 +19,9 @@ use crate::programs::{self, CHECKPOINT_PORT, PASS_PORT, SERIAL, SERIAL_LSR, SHUT
 use crate::report::{DirtyLog, Iteration, Report};
 use crate::snapshot::{self, Snapshot};
 
-mod ioctls {
-    use kvm_bindings::kvm_clear_dirty_log;
-    // The kernel declares it _IOWR: the bitmap is read, and the struct is
-    // passed both ways.
-    vmm_sys_util::ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, 0xae, 0xc0, kvm_clear_dirty_log);
-}
-use ioctls::KVM_CLEAR_DIRTY_LOG;
-
-/// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`.
-const KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: u32 = 168;
 /// Manual protect, with every bit initially set.
-const MANUAL_PROTECT_FLAGS: u64 = 1 | 2;
+const MANUAL_PROTECT_FLAGS: u64 =
+    (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET) as u64;
 /// Page tables for long mode live here: the PML4, the PDPT, then one page
 /// directory per GiB mapped (up to `layout::MAX_MAPPED_GIB`, below the
 /// dirty-log shares at 1 MiB).
@@ -477,19 +469,12 @@ fn dirty_log(
         }
         let manual = config.mmu.manual_protect;
         let start = Instant::now();
-        if manual {
-            let cap = kvm_enable_cap {
-                cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-                args: [MANUAL_PROTECT_FLAGS, 0, 0, 0],
-                ..Default::default()
-            };
-            if let Err(err) = vm.vm.vm().enable_cap(&cap) {
-                finish(&done);
-                return Err(RunError::Host {
-                    what: format!("mmu.manual_protect: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2: {err}"),
-                    fix: "turn manual_protect off on this host".into(),
-                });
-            }
+        if manual && let Err(err) = vm.vm.enable_manual_dirty_log_protect(MANUAL_PROTECT_FLAGS) {
+            finish(&done);
+            return Err(RunError::Host {
+                what: format!("mmu.manual_protect: {err}"),
+                fix: "turn manual_protect off on this host".into(),
+            });
         }
         let slots: Vec<(u32, &Arc<GuestRegion>)> = std::iter::once((0, &vm.region))
             .chain(vm.high.as_ref().map(|high| (1, high)))
@@ -516,11 +501,11 @@ fn dirty_log(
             // number of 64-page words) then slot 1.
             let mut log = Vec::new();
             for &(slot, region) in &slots {
-                match vm.vm.vm().get_dirty_log(slot, region.size() as usize) {
+                match vm.vm.dirty_log(slot, region.size()) {
                     Ok(part) => log.extend(part),
                     Err(err) => {
                         finish(&done);
-                        return Err(RunError::Kvm(format!("KVM_GET_DIRTY_LOG: {err}")));
+                        return Err(RunError::Kvm(err.to_string()));
                     }
                 }
             }
@@ -532,25 +517,11 @@ fn dirty_log(
                 for &(slot, region) in &slots {
                     let pages = region.size() / 4096;
                     let words = pages.div_ceil(64) as usize;
-                    let mut bitmap = log[word..word + words].to_vec();
+                    let bitmap = &mut log[word..word + words];
                     word += words;
-                    let clear = kvm_clear_dirty_log {
-                        slot,
-                        num_pages: pages as u32,
-                        first_page: 0,
-                        __bindgen_anon_1: kvm_bindings::kvm_clear_dirty_log__bindgen_ty_1 {
-                            dirty_bitmap: bitmap.as_mut_ptr().cast(),
-                        },
-                    };
-                    // SAFETY: the VM fd is open; `clear` points at a bitmap of
-                    // num_pages bits that lives until the call returns.
-                    let ret = unsafe { ioctl_with_ref(vm.vm.vm(), KVM_CLEAR_DIRTY_LOG(), &clear) };
-                    if ret < 0 {
+                    if let Err(err) = vm.vm.clear_dirty_log(slot, 0, pages as u32, bitmap) {
                         finish(&done);
-                        return Err(RunError::Kvm(format!(
-                            "KVM_CLEAR_DIRTY_LOG: {}",
-                            std::io::Error::last_os_error()
-                        )));
+                        return Err(RunError::Kvm(err.to_string()));
                     }
                 }
                 clear_s = start.elapsed().as_secs_f64();

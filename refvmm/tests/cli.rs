@@ -7,6 +7,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use gmem::{Capability, HostCaps};
+use refvmm::config::BackendName;
+
 fn refvmm() -> Command {
     Command::new(env!("CARGO_BIN_EXE_refvmm"))
 }
@@ -32,13 +35,16 @@ fn json_report(config: &Path) -> serde_json::Value {
     serde_json::from_slice(&out.stdout).expect("one JSON object on stdout")
 }
 
-fn have_kvm() -> bool {
-    let caps = gmem::HostCaps::probe();
-    if caps.kvm.is_none() {
-        eprintln!("skip: no usable /dev/kvm ({:?})", caps.kvm_error);
-        return false;
-    }
-    true
+/// Whether the host has every capability `needs` lists; otherwise the
+/// skip of `test` is reported, naming the missing one.
+fn host_allows(test: &str, needs: &[Capability]) -> bool {
+    HostCaps::get().allows(test, needs)
+}
+
+/// Whether `pages` 2 MiB HugeTLB pages are free now; otherwise the skip of
+/// `test` is reported.
+fn free_2m(test: &str, pages: u64) -> bool {
+    gmem::caps::hugetlb_pages_free(test, 2 << 20, pages)
 }
 
 fn free_2m_pages() -> u64 {
@@ -57,10 +63,27 @@ fn write_config(name: &str, text: &str) -> PathBuf {
 
 #[test]
 fn hello_prints_its_line_on_anonymous_and_guest_memfd_memory() {
-    if !have_kvm() {
+    let test = "hello_prints_its_line_on_anonymous_and_guest_memfd_memory";
+    if !host_allows(test, &[Capability::Kvm]) {
         return;
     }
-    for name in ["hello.json", "hello-guest-memfd.json"] {
+    for (name, needs) in [
+        ("hello.json", &[][..]),
+        ("hello-guest-memfd.json", &[Capability::GuestMemfdMmap][..]),
+    ] {
+        if !host_allows(&format!("{test} ({name})"), needs) {
+            // Refused before anything runs, naming the field and the
+            // capability.
+            let out = run(&["--config", example(name).to_str().unwrap()]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{name}: {stderr}");
+            assert!(
+                stderr.contains("memory.backend: needs guest_memfd_mmap"),
+                "{stderr}"
+            );
+            assert!(out.stdout.is_empty(), "no guest ran: {:?}", out.stdout);
+            continue;
+        }
         let out = run(&["--config", example(name).to_str().unwrap()]);
         assert!(
             out.status.success(),
@@ -77,11 +100,13 @@ fn hello_prints_its_line_on_anonymous_and_guest_memfd_memory() {
 
 #[test]
 fn dirty_log_on_kvm_verifies_every_iteration() {
-    if !have_kvm() {
+    if !host_allows(
+        "dirty_log_on_kvm_verifies_every_iteration",
+        &[Capability::Kvm],
+    ) {
         return;
     }
-    if free_2m_pages() < 16 {
-        eprintln!("skip: fewer than 16 free 2 MiB pages (scripts/setup reserves them)");
+    if !free_2m("dirty_log_on_kvm_verifies_every_iteration", 16) {
         return;
     }
     let report = json_report(&example("dirty-log-hugetlb.json"));
@@ -97,8 +122,7 @@ fn dirty_log_on_kvm_verifies_every_iteration() {
 fn soft_dirty_log_splits_eagerly_or_lazily_and_runs_tdx() {
     // The three examples use 256 + 256 + 128 MiB of HugeTLB memory, one at
     // a time.
-    if free_2m_pages() < 128 {
-        eprintln!("skip: fewer than 128 free 2 MiB pages (scripts/setup reserves them)");
+    if !free_2m("soft_dirty_log_splits_eagerly_or_lazily_and_runs_tdx", 128) {
         return;
     }
     let eager = json_report(&example("dirty-log-soft-eager.json"));
@@ -152,7 +176,10 @@ fn the_soft_mmu_maps_ordinary_memory_with_the_hosts_page_size() {
 
 #[test]
 fn manual_protect_on_kvm_clears_and_catches_every_write() {
-    if !have_kvm() {
+    if !host_allows(
+        "manual_protect_on_kvm_clears_and_catches_every_write",
+        &[Capability::Kvm, Capability::ManualDirtyLogProtect],
+    ) {
         return;
     }
     let config = write_config(
@@ -164,10 +191,6 @@ fn manual_protect_on_kvm_clears_and_catches_every_write() {
     );
     let out = run(&["--config", config.to_str().unwrap(), "--report", "json"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    if stderr.contains("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2") {
-        eprintln!("skip: this KVM has no manual dirty-log protect: {stderr}");
-        return;
-    }
     assert!(out.status.success(), "{stderr}");
     let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let iterations = report["iterations"].as_array().unwrap();
@@ -306,7 +329,10 @@ fn sigterm_stops_a_run_cleanly() {
 
 #[test]
 fn snapshot_then_restore_prints_what_one_run_prints() {
-    if !have_kvm() {
+    if !host_allows(
+        "snapshot_then_restore_prints_what_one_run_prints",
+        &[Capability::Kvm],
+    ) {
         return;
     }
     let config = example("counter.json");
@@ -356,7 +382,10 @@ fn snapshot_then_restore_prints_what_one_run_prints() {
 
 #[test]
 fn a_flat_binary_runs_in_real_and_long_mode() {
-    if !have_kvm() {
+    if !host_allows(
+        "a_flat_binary_runs_in_real_and_long_mode",
+        &[Capability::Kvm],
+    ) {
         return;
     }
     // Real mode: out 0x3f8 'R'; hlt.
@@ -397,7 +426,10 @@ fn a_flat_binary_runs_in_real_and_long_mode() {
 
 #[test]
 fn sigterm_kicks_a_spinning_kvm_guest_out_and_stops_cleanly() {
-    if !have_kvm() {
+    if !host_allows(
+        "sigterm_kicks_a_spinning_kvm_guest_out_and_stops_cleanly",
+        &[Capability::Kvm],
+    ) {
         return;
     }
     // Real mode: jmp $ (the guest never exits on its own).
@@ -418,8 +450,7 @@ fn sigterm_kicks_a_spinning_kvm_guest_out_and_stops_cleanly() {
 
 #[test]
 fn convert_moves_a_soft_td_and_its_hugetlb_file_together() {
-    if free_2m_pages() < 8 {
-        eprintln!("skip: 8 free 2 MiB HugeTLB pages needed (scripts/setup reserves them)");
+    if !free_2m("convert_moves_a_soft_td_and_its_hugetlb_file_together", 8) {
         return;
     }
     let report = json_report(&example("convert-td-hugetlb.json"));
@@ -630,6 +661,9 @@ fn log_file_and_metrics_file_record_the_run() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Every example parses; each runs where the host has what it needs
+/// (`engine::host_needs`), and is refused with exit 2 naming the field and
+/// the capability where it does not.
 #[test]
 fn every_example_is_valid_and_runs_where_the_host_allows() {
     let mut ran = 0;
@@ -645,19 +679,26 @@ fn every_example_is_valid_and_runs_where_the_host_allows() {
             path.display(),
             String::from_utf8_lossy(&out.stderr)
         );
-        let config: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-        if config["accel"] == "kvm" && gmem::HostCaps::probe().kvm.is_none() {
-            eprintln!("skip running {}: no KVM", path.display());
+        let config = refvmm::config::Config::load(&path).unwrap();
+        let needs = refvmm::engine::host_needs(&config);
+        let test = format!("example {}", path.file_name().unwrap().to_string_lossy());
+        let capabilities: Vec<Capability> = needs.iter().map(|need| need.capability).collect();
+        if !host_allows(&test, &capabilities) {
+            let missing = needs
+                .iter()
+                .find(|need| !HostCaps::get().has(need.capability))
+                .unwrap();
+            let out = run(&["--config", path.to_str().unwrap()]);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{test}: {stderr}");
+            let named = format!("{}: needs {}", missing.field, missing.capability);
+            assert!(stderr.contains(&named), "{test}: {stderr}");
             continue;
         }
-        let hugetlb = config["memory"]["backend"] == "hugetlb"
-            || config["memory"]["private_backend"] == "hugetlb";
-        let needed_2m = config["memory"]["size_mib"].as_u64().unwrap() / 2;
-        if hugetlb && free_2m_pages() < needed_2m {
-            eprintln!(
-                "skip running {}: {needed_2m} free 2 MiB pages needed",
-                path.display()
-            );
+        let hugetlb = config.memory.backend == BackendName::Hugetlb
+            || config.memory.private_backend == Some(BackendName::Hugetlb);
+        let page = 1u64 << config.memory.huge_page_size.log2();
+        if hugetlb && !gmem::caps::hugetlb_pages_free(&test, page, config.memory_bytes() / page) {
             continue;
         }
         let out = run(&["--config", path.to_str().unwrap(), "--report", "json"]);
@@ -709,17 +750,17 @@ fn missing_host_features_exit_2_before_any_guest_runs() {
     // Transparent huge pages, required.
     let config = write_config(
         "require-thp.json",
-        r#"{"vcpus": 1, "memory": {"size_mib": 4, "require_transparent_huge_pages": true},
-            "workload": {"kind": "hello"}}"#,
+        r#"{"vcpus": 1, "accel": "soft", "memory": {"size_mib": 4, "require_transparent_huge_pages": true},
+            "workload": {"kind": "dirty_log", "iterations": 1, "bytes_per_vcpu_mib": 1}}"#,
     );
     let out = run(&["--config", config.to_str().unwrap()]);
-    if caps.thp.as_ref().is_some_and(|thp| thp.shmem_allows()) {
-        eprintln!("this host gives shmem huge pages: the requirement is met");
+    if caps.has(Capability::ShmemThp) {
+        assert!(out.status.success(), "the requirement is met");
     } else {
         assert_eq!(out.status.code(), Some(2));
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert!(
-            stderr.contains("memory.require_transparent_huge_pages"),
+            stderr.contains("memory.require_transparent_huge_pages: needs shmem_thp"),
             "{stderr}"
         );
         assert!(stderr.contains("shmem"), "{stderr}");
@@ -746,12 +787,15 @@ fn missing_host_features_exit_2_before_any_guest_runs() {
     // And --check-host says what the host has.
     let out = run(&["--check-host"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("thp: "), "{text}");
+    assert!(text.contains("shmem_thp: "), "{text}");
 }
 
 #[test]
 fn sixteen_vcpus_write_guest_memory_past_4_gib_on_kvm() {
-    if !have_kvm() {
+    if !host_allows(
+        "sixteen_vcpus_write_guest_memory_past_4_gib_on_kvm",
+        &[Capability::Kvm],
+    ) {
         return;
     }
     // 4160 MiB: 3 GiB below the MMIO hole, the rest from 4 GiB. With more

@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use crate::host::Capability;
+
 /// One HugeTLB pool.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HugetlbPool {
@@ -23,8 +25,16 @@ pub fn pool_name(page_size: u64) -> String {
 
 impl HugetlbPool {
     /// The pool of `page_size` bytes, read from sysfs; `None` where the
-    /// kernel has no such pool.
+    /// kernel has no such pool, or where [`crate::host::HIDE_ENV`] hides it.
     pub fn read(page_size: u64) -> Option<Self> {
+        let capability = match page_size {
+            0x20_0000 => Capability::Hugetlb2M,
+            0x4000_0000 => Capability::Hugetlb1G,
+            _ => return None,
+        };
+        if capability.is_hidden() {
+            return None;
+        }
         let name = pool_name(page_size);
         let dir = Path::new("/sys/kernel/mm/hugepages").join(&name);
         let read = |file: &str| -> Option<u64> {

@@ -26,10 +26,26 @@ use std::ptr::NonNull;
 use rustix::fs::{FallocateFlags, MemfdFlags};
 use rustix::mm::{Advice, MapFlags, MremapFlags, ProtFlags};
 
+pub mod host;
 pub mod hugetlb;
 
-/// `memfd_create(name, flags)` (`MFD_*` flags).
+use host::Capability;
+
+/// `memfd_create(name, flags)` (`MFD_*` flags). With `MFD_HUGETLB` and
+/// the pool of that page size hidden ([`host::HIDE_ENV`]), `EINVAL`, as a
+/// kernel without HugeTLB answers.
 pub fn memfd_create(name: &CStr, flags: libc::c_uint) -> io::Result<OwnedFd> {
+    if flags & libc::MFD_HUGETLB != 0 {
+        let log2 = (flags >> libc::MFD_HUGE_SHIFT) & libc::MFD_HUGE_MASK;
+        let pool = if log2 == 30 {
+            Capability::Hugetlb1G
+        } else {
+            Capability::Hugetlb2M
+        };
+        if pool.is_hidden() {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+    }
     Ok(rustix::fs::memfd_create(
         name,
         MemfdFlags::from_bits_retain(flags),
@@ -38,7 +54,11 @@ pub fn memfd_create(name: &CStr, flags: libc::c_uint) -> io::Result<OwnedFd> {
 
 /// `memfd_secret(O_CLOEXEC)`: memory removed from the kernel direct map. A
 /// raw system call (447 on x86_64): neither libc nor rustix wraps it.
+/// `ENOSYS` where [`host::HIDE_ENV`] hides it, as on a kernel without it.
 pub fn memfd_secret() -> io::Result<OwnedFd> {
+    if Capability::MemfdSecret.is_hidden() {
+        return Err(io::Error::from_raw_os_error(libc::ENOSYS));
+    }
     // SAFETY: memfd_secret takes one integer flag and returns a descriptor
     // or -1; it touches no memory of ours.
     let ret = unsafe { libc::syscall(libc::SYS_memfd_secret, libc::O_CLOEXEC) };

@@ -12,7 +12,7 @@
 
 use std::time::{Duration, Instant};
 
-use mmukit_tests::{Td, TdOptions, hugetlb_pages_free};
+use mmukit_tests::{Td, TdOptions};
 use split::{Gfn, MemoryAttribute};
 use tdx_ext::Seamcall;
 
@@ -65,17 +65,12 @@ fn fault_in(options: TdOptions, step_pages: u64) -> (Duration, u64, u64, u64) {
 }
 
 fn main() {
-    let free = match hugetlb_pages_free(2 << 20) {
-        Ok(free) if free >= 4 => free,
-        Ok(free) => {
-            println!("skip: {free} free 2 MiB HugeTLB pages; scripts/setup reserves 64");
-            return;
-        }
-        Err(why) => {
-            println!("skip: no 2 MiB HugeTLB pool: {why}");
-            return;
-        }
-    };
+    let free = gmem::HostCaps::probe()
+        .pool(2 << 20)
+        .map_or(0, |pool| pool.available);
+    if !gmem::caps::hugetlb_pages_free("the private-memory table", 2 << 20, 4) {
+        return;
+    }
     let copy = memcpy_2m();
 
     // Conversion round trips, one per huge page.

@@ -8,8 +8,10 @@
 //!   mirror, a TD's TDP MMU (private main tree, shared tree) and one slot
 //!   whose shared frames are anonymous memory and whose private memory is
 //!   a guest memory file on any backend.
-//! - [`hugetlb_pages_free`]: whether a test can have the HugeTLB pages it
-//!   needs, so that it can skip with a reason on a host without them.
+//!
+//! Tests that need HugeTLB pages or KVM ask gmem's probe
+//! (`gmem::HostCaps::allows`, `gmem::caps::hugetlb_pages_free`), which
+//! skips them with one line naming what is missing.
 //!
 //! ```
 //! use mmukit_tests::{Td, TdOptions};
@@ -45,19 +47,6 @@ pub fn failing() -> Arc<Failing> {
         ChunkAllocator::anonymous(),
         FailPolicy::Never,
     )))
-}
-
-/// Free HugeTLB pages of `size` bytes, or why there are none to use.
-pub fn hugetlb_pages_free(size: u64) -> Result<u64, String> {
-    let path = format!(
-        "/sys/kernel/mm/hugepages/hugepages-{}kB/free_hugepages",
-        size >> 10
-    );
-    std::fs::read_to_string(&path)
-        .map_err(|err| format!("{path}: {err}"))?
-        .trim()
-        .parse()
-        .map_err(|err| format!("{path}: {err}"))
 }
 
 /// What a [`Td`] is made of.

@@ -5,9 +5,9 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use gmem::Backend;
+use gmem::{Backend, Capability, HostCaps};
 use mmu_cache::alloc::FailPolicy;
-use mmukit_tests::{Td, TdOptions, hugetlb_pages_free};
+use mmukit_tests::{Td, TdOptions};
 use split::{Gfn, Gpa, Level, MemoryAttribute, MmuError, VcpuCaches};
 use tdx_ext::Seamcall;
 
@@ -16,18 +16,13 @@ const MIB2_PAGES: u64 = 512;
 /// A TD over a HugeTLB file of `huge_pages` 2 MiB pages, or `None` (with
 /// the reason printed) where the host has too few free.
 fn hugetlb_td(huge_pages: u64, software_protected: bool) -> Option<Td> {
-    match hugetlb_pages_free(2 << 20) {
-        Ok(free) if free >= huge_pages => {}
-        Ok(free) => {
-            eprintln!(
-                "skip: {huge_pages} free 2 MiB HugeTLB pages needed, {free} free (scripts/setup reserves them)"
-            );
-            return None;
-        }
-        Err(why) => {
-            eprintln!("skip: no 2 MiB HugeTLB pool: {why}");
-            return None;
-        }
+    // The test harness names each test's thread after the test.
+    let test = std::thread::current()
+        .name()
+        .unwrap_or("conversion")
+        .to_string();
+    if !gmem::caps::hugetlb_pages_free(&test, 2 << 20, huge_pages) {
+        return None;
     }
     let options = TdOptions::hugetlb_2m(huge_pages << 21);
     let options = if software_protected {
@@ -306,18 +301,21 @@ fn failures_in_the_mmu_and_td_caches_leak_nothing_across_conversions() {
 
 #[test]
 fn every_backend_serves_a_tds_private_memory() {
-    for backend in [Backend::Memfd, Backend::Anonymous, Backend::Secret] {
+    for (backend, needs) in [
+        (Backend::Memfd, &[][..]),
+        (Backend::Anonymous, &[][..]),
+        (Backend::Secret, &[Capability::MemfdSecret][..]),
+    ] {
         let name = backend.kind().name();
-        let td = match Td::new(TdOptions {
+        let test = format!("every_backend_serves_a_tds_private_memory ({name})");
+        if !HostCaps::get().allows(&test, needs) {
+            continue;
+        }
+        let td = Td::new(TdOptions {
             backend,
             ..TdOptions::memfd(2 << 21)
-        }) {
-            Ok(td) => td,
-            Err(err) => {
-                eprintln!("skip the {name} backend: {err}");
-                continue;
-            }
-        };
+        })
+        .unwrap();
         td.vm
             .convert(Gfn(0), Gfn(2 * MIB2_PAGES), MemoryAttribute::Private)
             .unwrap();
@@ -340,23 +338,17 @@ fn every_backend_serves_a_tds_private_memory() {
 fn a_file_that_refuses_a_conversion_leaves_the_mmu_attributes_and_pages_as_they_were() {
     // A guest_memfd created private cannot be converted in place by this
     // kernel: the file's step fails after the MMU zapped.
-    let vm = match gmem::KvmVm::new() {
-        Ok(vm) => vm,
-        Err(err) => {
-            eprintln!("skip: no KVM VM for a guest_memfd: {err}");
-            return;
-        }
-    };
-    let td = match Td::new(TdOptions {
-        backend: Backend::Kvm(vm),
+    if !HostCaps::get().allows(
+        "a_file_that_refuses_a_conversion_leaves_the_mmu_attributes_and_pages_as_they_were",
+        &[Capability::Kvm, Capability::GuestMemfdMmap],
+    ) {
+        return;
+    }
+    let td = Td::new(TdOptions {
+        backend: Backend::Kvm(gmem::KvmVm::new().unwrap()),
         ..TdOptions::memfd(2 << 21)
-    }) {
-        Ok(td) => td,
-        Err(err) => {
-            eprintln!("skip: guest_memfd with MMAP: {err}");
-            return;
-        }
-    };
+    })
+    .unwrap();
     let mmu = td.mmu();
     td.vm
         .convert(Gfn(0), Gfn(2 * MIB2_PAGES), MemoryAttribute::Private)

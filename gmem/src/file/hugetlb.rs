@@ -454,7 +454,16 @@ mod tests {
         })
     }
 
+    /// A HugeTLB file of `size` bytes in 2 MiB pages, or `None` (the skip
+    /// of the running test reported) where the pool has too few free.
     fn hugetlb_file(size: u64) -> Option<GuestMemFile> {
+        let test = std::thread::current()
+            .name()
+            .unwrap_or("hugetlb")
+            .to_string();
+        if !crate::caps::hugetlb_pages_free(&test, 2 << 20, size >> 21) {
+            return None;
+        }
         let file = GuestMemFile::create(
             &Backend::Hugetlb,
             GmemConfig {
@@ -463,13 +472,7 @@ mod tests {
                 huge_page_size_log2: 21,
             },
         );
-        match file {
-            Ok(file) => Some(file),
-            Err(err) => {
-                eprintln!("skip: no 2 MiB HugeTLB pages here ({err})");
-                None
-            }
-        }
+        Some(file.expect("the pool had the pages free"))
     }
 
     /// A merge whose second remap fails moves the first view back onto the

@@ -5,7 +5,9 @@
 use std::sync::Arc;
 
 use gmem::consts::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
-use gmem::{Backend, BackendKind, GmemConfig, GmemError, GuestMemFile, HostCaps, KvmVm};
+use gmem::{
+    Backend, BackendKind, Capability, GmemConfig, GmemError, GuestMemFile, HostCaps, KvmVm,
+};
 
 pub const SHARED_MMAP: u64 = GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED;
 
@@ -42,21 +44,30 @@ impl Case {
     }
 }
 
-/// HugeTLB 2 MiB pages available to a test that needs `pages` of them.
-pub fn hugetlb_available(page_size: u64, pages: u64) -> Result<(), String> {
-    let caps = HostCaps::probe();
-    match caps.pool(page_size) {
-        Some(pool) if pool.available >= pages => Ok(()),
-        Some(pool) => Err(format!(
-            "{} has {} pages available, {pages} needed (scripts/setup reserves them)",
-            pool.name, pool.available
-        )),
-        None => Err(format!("no HugeTLB pool of {page_size} bytes")),
-    }
+/// The running test's name: the test harness names each test's thread
+/// after its test.
+pub fn current_test() -> String {
+    std::thread::current()
+        .name()
+        .unwrap_or("gmem test")
+        .to_string()
 }
 
-/// Every backend this host can run; the others are named with the reason
-/// they are skipped.
+/// Whether `pages` HugeTLB pages of `page_size` bytes are free for the
+/// running test; otherwise its skip is reported, naming the pool.
+pub fn hugetlb_available(page_size: u64, pages: u64) -> bool {
+    gmem::caps::hugetlb_pages_free(&current_test(), page_size, pages)
+}
+
+/// Whether the host has every capability in `needs` for the running test
+/// (`what` names the part of it that needs them); otherwise the skip is
+/// reported.
+pub fn host_allows(what: &str, needs: &[Capability]) -> bool {
+    HostCaps::get().allows(&format!("{} ({what})", current_test()), needs)
+}
+
+/// Every backend this host can run; the others are reported skipped,
+/// naming the capability they need.
 pub fn cases(huge_pages_needed: u64) -> Vec<Case> {
     let mut cases = vec![
         Case {
@@ -72,64 +83,42 @@ pub fn cases(huge_pages_needed: u64) -> Vec<Case> {
             log2: 0,
         },
     ];
-    if HostCaps::probe().memfd_secret {
+    if host_allows("secret", &[Capability::MemfdSecret]) {
         cases.push(Case {
             name: "secret",
             backend: Backend::Secret,
             page: 4096,
             log2: 0,
         });
-    } else {
-        eprintln!("skip secret: this kernel has no memfd_secret");
     }
-    match hugetlb_available(2 << 20, huge_pages_needed) {
-        Ok(()) => cases.push(Case {
+    if hugetlb_available(2 << 20, huge_pages_needed.max(1)) {
+        cases.push(Case {
             name: "hugetlb-2M",
             backend: Backend::Hugetlb,
             page: 2 << 20,
             log2: 21,
-        }),
-        Err(why) => eprintln!("skip hugetlb-2M: {why}"),
+        });
     }
-    match kvm_vm() {
-        Ok(vm) => cases.push(Case {
-            name: "guest_memfd",
-            backend: Backend::Kvm(vm),
-            page: 4096,
-            log2: 0,
-        }),
-        Err(why) => eprintln!("skip guest_memfd: {why}"),
-    }
+    cases.extend(guest_memfd_case());
     cases
 }
 
-/// The kernel's guest_memfd backend, or `None` (with the reason printed)
-/// where this host has none.
+/// The kernel's guest_memfd backend, or `None` (the skip reported) where
+/// this host has no guest_memfd the host can map.
 pub fn guest_memfd_case() -> Option<Case> {
-    match kvm_vm() {
-        Ok(vm) => Some(Case {
-            name: "guest_memfd",
-            backend: Backend::Kvm(vm),
-            page: 4096,
-            log2: 0,
-        }),
-        Err(why) => {
-            eprintln!("skip: no guest_memfd on this host: {why}");
-            None
-        }
-    }
+    guest_memfd_vm("guest_memfd").map(|vm| Case {
+        name: "guest_memfd",
+        backend: Backend::Kvm(vm),
+        page: 4096,
+        log2: 0,
+    })
 }
 
-/// A VM whose KVM offers guest_memfd with MMAP, or why not.
-pub fn kvm_vm() -> Result<Arc<KvmVm>, String> {
-    let vm = KvmVm::new().map_err(|err| err.to_string())?;
-    if !vm.caps().guest_memfd {
-        return Err("KVM has no KVM_CAP_GUEST_MEMFD".into());
-    }
-    if vm.caps().guest_memfd_flags & GUEST_MEMFD_FLAG_MMAP == 0 {
-        return Err("KVM's guest_memfd cannot be mapped (no GUEST_MEMFD_FLAG_MMAP)".into());
-    }
-    Ok(vm)
+/// A VM whose KVM offers guest_memfd with MMAP and INIT_SHARED, or `None`
+/// (the skip of `what` reported).
+pub fn guest_memfd_vm(what: &str) -> Option<Arc<KvmVm>> {
+    host_allows(what, &[Capability::Kvm, Capability::GuestMemfdMmap])
+        .then(|| KvmVm::new().expect("the probe found KVM"))
 }
 
 /// Runs `access` in a forked child; returns the signal that killed it, or

@@ -1,6 +1,8 @@
 //! KVM binding: a VM, its guest_memfd files, and memslots registered with
 //! `KVM_SET_USER_MEMORY_REGION2`.
 
+mod dirty;
+
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::{Arc, Mutex};
@@ -9,7 +11,7 @@ use kvm_bindings::{kvm_create_guest_memfd, kvm_memory_attributes, kvm_userspace_
 use kvm_ioctls::{Kvm, VmFd};
 
 use crate::attrs::Attribute;
-use crate::caps::KvmCaps;
+use crate::caps::{Capability, KvmCaps};
 use crate::consts::{
     GUEST_MEMFD_FLAG_NO_DIRECT_MAP, KVM_CAP_GUEST_MEMFD_FLAGS, KVM_MEM_GUEST_MEMFD,
     KVM_MEM_LOG_DIRTY_PAGES, KVM_MEM_READONLY, KVM_MEMORY_ATTRIBUTE_PRIVATE, KVM_X86_TDX_VM,
@@ -444,6 +446,13 @@ impl GuestMemfdVm for KvmVm {
     /// `KVM_CREATE_GUEST_MEMFD` of `config`: the kernel checks the size and
     /// the flags and answers with its errno.
     fn create_guest_memfd(&self, config: GmemConfig) -> Result<OwnedFd, GmemError> {
+        if Capability::GuestMemfd.is_hidden() {
+            // What a kernel without guest_memfd answers: an unknown VM ioctl.
+            return Err(GmemError::Os {
+                op: "KVM_CREATE_GUEST_MEMFD",
+                source: std::io::Error::from_raw_os_error(libc::ENOTTY),
+            });
+        }
         let raw = self
             .vm
             .create_guest_memfd(kvm_create_guest_memfd {
@@ -463,6 +472,17 @@ impl GuestMemfdVm for KvmVm {
     fn guest_memfd_flags(&self) -> u64 {
         self.caps.guest_memfd_flags
     }
+}
+
+/// Opens `/dev/kvm`, unless `MMUKIT_HIDE_CAPS` hides KVM.
+fn open_kvm() -> Result<Kvm, KvmError> {
+    if Capability::Kvm.is_hidden() {
+        return Err(KvmError::NoKvm(format!(
+            "/dev/kvm: hidden by {}",
+            mmukit_sys::host::HIDE_ENV
+        )));
+    }
+    Kvm::new().map_err(|err| KvmError::NoKvm(format!("/dev/kvm: {err}")))
 }
 
 /// Where a memslot goes and what backs it.
@@ -498,7 +518,7 @@ impl KvmVm {
 
     /// A VM of `vm_type` (`KVM_CREATE_VM`'s argument).
     pub fn with_type(vm_type: u64) -> Result<Arc<Self>, KvmError> {
-        let kvm = Kvm::new().map_err(|err| KvmError::NoKvm(format!("/dev/kvm: {err}")))?;
+        let kvm = open_kvm()?;
         let vm = kvm
             .create_vm_with_type(vm_type)
             .map_err(KvmError::ioctl("KVM_CREATE_VM"))?;
@@ -515,7 +535,7 @@ impl KvmVm {
         vm_type: u64,
     ) -> Result<Arc<Self>, KvmError> {
         use std::os::fd::{AsRawFd, IntoRawFd};
-        let kvm = Kvm::new().map_err(|err| KvmError::NoKvm(format!("/dev/kvm: {err}")))?;
+        let kvm = open_kvm()?;
         let owned = vm_fd
             .try_clone_to_owned()
             .map_err(|err| KvmError::Invalid(format!("duplicating the VM descriptor: {err}")))?;
@@ -542,6 +562,7 @@ impl KvmVm {
         let flags = vm.check_extension_raw(libc::c_ulong::from(KVM_CAP_GUEST_MEMFD_FLAGS));
         if flags >= 0 {
             caps.guest_memfd_flags = flags as u64;
+            caps = caps.without_hidden();
         }
         Arc::new(Self {
             kvm,
