@@ -195,6 +195,7 @@ pub extern "C" fn mmukit_strerror(code: c_int) -> *const c_char {
         libc::ENOSPC => b"no space left\0",
         libc::EEXIST => b"already exists\0",
         libc::E2BIG => b"a newer struct with fields this library does not know\0",
+        libc::ENOTTY => b"the kernel does not know this call (an older KVM)\0",
         _ => b"unknown error\0",
     };
     message.as_ptr().cast()

@@ -40,7 +40,8 @@ fn record_c_skips(stdout: &str) {
         let name = rest.split([' ', ':']).next().unwrap_or_default();
         let cap = gmem::Capability::from_name(name)
             .unwrap_or_else(|| panic!("{test} skips for an unknown capability: {line}"));
-        gmem::caps::record_skip(&format!("C {test}"), cap, rest);
+        let detail = rest[name.len()..].trim_matches([' ', '(', ')', ':']);
+        gmem::caps::record_skip(&format!("C {test}"), cap, detail);
     }
 }
 

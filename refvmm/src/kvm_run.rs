@@ -32,6 +32,8 @@ const LONG_MODE_TABLES: u64 = 0x9000;
 pub struct KvmOptions {
     /// Save a snapshot here at the counter's checkpoint.
     pub snapshot_dir: Option<std::path::PathBuf>,
+    /// Replace a snapshot already in `snapshot_dir`.
+    pub overwrite_snapshot: bool,
     /// Resume from this snapshot.
     pub restore: Option<Snapshot>,
 }
@@ -360,7 +362,7 @@ pub fn run(
                 vcpu.set_kvm_immediate_exit(1);
                 let _ = vcpu.run();
                 vcpu.set_kvm_immediate_exit(0);
-                snapshot::save(dir, config, &vcpu, &vm.region)?;
+                snapshot::save(dir, config, &vcpu, &vm.region, options.overwrite_snapshot)?;
                 report.exit = format!("snapshot saved to {}", dir.display());
             } else {
                 report.exit = exit;

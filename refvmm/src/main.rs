@@ -54,6 +54,10 @@ struct Cli {
     /// Save a snapshot here when the counter workload reaches its checkpoint.
     #[arg(long, value_name = "DIR", requires = "config")]
     snapshot: Option<PathBuf>,
+    /// Replace the snapshot the --snapshot directory holds already (without
+    /// it, a run that would overwrite one is refused before it starts).
+    #[arg(long, requires = "snapshot")]
+    overwrite: bool,
     /// Resume the guest saved in this snapshot directory.
     #[arg(long, value_name = "DIR")]
     restore: Option<PathBuf>,
@@ -146,8 +150,19 @@ fn main() -> ExitCode {
             );
         }
     };
-    if cli.snapshot.is_some() && !matches!(config.workload, Workload::Counter) {
-        return fail(2, "--snapshot: only the counter workload has a checkpoint");
+    if let Some(dir) = &cli.snapshot {
+        if !matches!(config.workload, Workload::Counter) {
+            return fail(2, "--snapshot: only the counter workload has a checkpoint");
+        }
+        if snapshot::exists(dir) && !cli.overwrite {
+            return fail(
+                2,
+                format!(
+                    "--snapshot: {} holds a snapshot already; give --overwrite to replace it",
+                    dir.display()
+                ),
+            );
+        }
     }
     let json = cli.report == ReportFormat::Json;
     let metrics = std::sync::Arc::new(events::Metrics::default());
@@ -176,6 +191,7 @@ fn main() -> ExitCode {
                 &mut *serial,
                 kvm_run::KvmOptions {
                     snapshot_dir,
+                    overwrite_snapshot: cli.overwrite,
                     restore,
                 },
                 &metrics,

@@ -17,28 +17,21 @@ pub const FORMAT_VERSION: u32 = 1;
 const STATE_FILE: &str = "snapshot.json";
 const MEMORY_FILE: &str = "memory.bin";
 
-/// CRC-64/XZ (ECMA-182 polynomial, reflected).
+/// The checksum of snapshots: CRC-64/XZ (ECMA-182 polynomial, reflected).
+const CRC64: crc::Crc<u64> = crc::Crc::<u64>::new(&crc::CRC_64_XZ);
+
+/// CRC-64/XZ of `bytes`.
 pub fn crc64(bytes: &[u8]) -> u64 {
-    const POLY: u64 = 0xC96C_5795_D787_0F42;
-    static TABLE: std::sync::OnceLock<[u64; 256]> = std::sync::OnceLock::new();
-    let table = TABLE.get_or_init(|| {
-        let mut table = [0u64; 256];
-        for (i, slot) in table.iter_mut().enumerate() {
-            let mut crc = i as u64;
-            for _ in 0..8 {
-                crc = if crc & 1 != 0 {
-                    (crc >> 1) ^ POLY
-                } else {
-                    crc >> 1
-                };
-            }
-            *slot = crc;
-        }
-        table
-    });
-    !bytes.iter().fold(!0u64, |crc, &b| {
-        table[((crc ^ u64::from(b)) & 0xff) as usize] ^ (crc >> 8)
-    })
+    CRC64.checksum(bytes)
+}
+
+/// Guest memory moves between the guest and the memory file this much at a
+/// time: no copy of all of it is ever held.
+const CHUNK: u64 = 1 << 20;
+
+/// Whether `dir` holds a snapshot already (one that a save would replace).
+pub fn exists(dir: &Path) -> bool {
+    dir.join(STATE_FILE).exists()
 }
 
 /// What a snapshot holds.
@@ -74,22 +67,39 @@ fn err(what: impl Into<String>) -> RunError {
     RunError::Snapshot(what.into())
 }
 
-/// Saves the vCPU, the configuration and guest memory to `dir`.
+/// Saves the vCPU, the configuration and guest memory to `dir`. A snapshot
+/// already there is refused unless `overwrite`. Memory is streamed to the
+/// file a chunk at a time, the checksum computed on the way.
 pub fn save(
     dir: &Path,
     config: &Config,
     vcpu: &VcpuFd,
     region: &GuestRegion,
+    overwrite: bool,
 ) -> Result<(), RunError> {
+    use std::io::Write;
+    if exists(dir) && !overwrite {
+        return Err(err(format!(
+            "{} holds a snapshot already (give --overwrite to replace it)",
+            dir.display()
+        )));
+    }
     std::fs::create_dir_all(dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
     let size = region.size();
-    let mut memory = vec![0u8; size as usize];
-    region
-        .view()
-        .read_at(0, &mut memory)
-        .map_err(|e| err(format!("reading guest memory: {e}")))?;
-    std::fs::write(dir.join(MEMORY_FILE), &memory)
-        .map_err(|e| err(format!("{}: {e}", dir.join(MEMORY_FILE).display())))?;
+    let memory_path = dir.join(MEMORY_FILE);
+    let file_error = |e: std::io::Error| err(format!("{}: {e}", memory_path.display()));
+    let mut out = std::io::BufWriter::new(std::fs::File::create(&memory_path).map_err(file_error)?);
+    let mut digest = CRC64.digest();
+    let mut chunk = vec![0u8; CHUNK.min(size) as usize];
+    let view = region.view();
+    for offset in (0..size).step_by(CHUNK as usize) {
+        let bytes = &mut chunk[..(size - offset).min(CHUNK) as usize];
+        view.read_at(offset, bytes)
+            .map_err(|e| err(format!("reading guest memory at {offset:#x}: {e}")))?;
+        digest.update(bytes);
+        out.write_all(bytes).map_err(file_error)?;
+    }
+    out.flush().map_err(file_error)?;
     let private_ranges = region
         .file()
         .attribute_runs(0, size)
@@ -103,7 +113,7 @@ pub fn save(
         regs: vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?,
         sregs: vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?,
         memory_bytes: size,
-        memory_crc64: crc64(&memory),
+        memory_crc64: digest.finalize(),
         private_ranges,
         dir: dir.to_owned(),
     };
@@ -158,25 +168,36 @@ pub fn restore_into(
     vcpu: &VcpuFd,
     region: &GuestRegion,
 ) -> Result<(), RunError> {
+    use std::io::Read;
     let path = snapshot.dir.join(MEMORY_FILE);
-    let memory = std::fs::read(&path).map_err(|e| err(format!("{}: {e}", path.display())))?;
-    if memory.len() as u64 != snapshot.memory_bytes || memory.len() as u64 != region.size() {
+    let file_error = |e: std::io::Error| err(format!("{}: {e}", path.display()));
+    let mut file = std::fs::File::open(&path).map_err(file_error)?;
+    let length = file.metadata().map_err(file_error)?.len();
+    if length != snapshot.memory_bytes || length != region.size() {
         return Err(err(format!(
-            "{}: {} bytes, the snapshot says {}",
+            "{}: {length} bytes, the snapshot says {} and the guest has {}",
             path.display(),
-            memory.len(),
-            snapshot.memory_bytes
+            snapshot.memory_bytes,
+            region.size()
         )));
     }
-    if crc64(&memory) != snapshot.memory_crc64 {
+    // Streamed into guest memory a chunk at a time; the guest runs only
+    // once the whole file has matched its checksum.
+    let mut digest = CRC64.digest();
+    let mut chunk = vec![0u8; CHUNK.min(length) as usize];
+    let view = region.view();
+    for offset in (0..length).step_by(CHUNK as usize) {
+        let bytes = &mut chunk[..(length - offset).min(CHUNK) as usize];
+        file.read_exact(bytes).map_err(file_error)?;
+        digest.update(bytes);
+        view.write_at(offset, bytes)
+            .map_err(|e| err(format!("writing guest memory at {offset:#x}: {e}")))?;
+    }
+    if digest.finalize() != snapshot.memory_crc64 {
         return Err(err(
             "the memory checksum does not match: the snapshot is damaged",
         ));
     }
-    region
-        .view()
-        .write_at(0, &memory)
-        .map_err(|e| err(format!("writing guest memory: {e}")))?;
     for &(start, end) in &snapshot.private_ranges {
         region
             .file()

@@ -377,6 +377,25 @@ fn snapshot_then_restore_prints_what_one_run_prints() {
     let damaged = run(&["--restore", dir.to_str().unwrap()]);
     assert_eq!(damaged.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&damaged.stderr).contains("checksum"));
+    // A snapshot is not overwritten unless asked: refused before the guest
+    // runs, the old files untouched.
+    let state = std::fs::read(dir.join("snapshot.json")).unwrap();
+    let again = [
+        "--config",
+        config.to_str().unwrap(),
+        "--snapshot",
+        dir.to_str().unwrap(),
+    ];
+    let refused = run(&again);
+    assert_eq!(refused.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("--overwrite"), "{stderr}");
+    assert!(refused.stdout.is_empty(), "no guest ran");
+    assert_eq!(std::fs::read(dir.join("snapshot.json")).unwrap(), state);
+    let replaced = run(&[&again[..], &["--overwrite"]].concat());
+    assert!(replaced.status.success());
+    let restored = run(&["--restore", dir.to_str().unwrap(), "--report", "json"]);
+    assert!(restored.status.success(), "the new snapshot is whole");
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -476,7 +495,16 @@ fn convert_moves_a_soft_td_and_its_hugetlb_file_together() {
 
 #[test]
 fn convert_runs_a_software_protected_vm_on_every_plain_backend() {
-    for backend in ["memfd", "anonymous", "secret"] {
+    for (backend, needs) in [
+        ("memfd", &[][..]),
+        ("anonymous", &[][..]),
+        ("secret", &[Capability::MemfdSecret][..]),
+    ] {
+        let test =
+            format!("convert_runs_a_software_protected_vm_on_every_plain_backend ({backend})");
+        if !host_allows(&test, needs) {
+            continue;
+        }
         let config = write_config(
             &format!("convert-{backend}.json"),
             &format!(
