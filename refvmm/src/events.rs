@@ -10,6 +10,7 @@ use std::time::Duration;
 use arc_swap::ArcSwap;
 use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+use vmm_sys_util::signal;
 use vmm_sys_util::timerfd::TimerFd;
 
 /// Set by SIGINT/SIGTERM: every vCPU loop stops at its next exit, and a
@@ -100,9 +101,9 @@ impl Metrics {
 /// The eventfd the signal handler writes to (-1 before the loop starts).
 static SIGNAL_EVENT: AtomicI32 = AtomicI32::new(-1);
 /// Threads to kick out of KVM_RUN when a signal stops the run.
-static VCPU_THREADS: Mutex<Vec<libc::pthread_t>> = Mutex::new(Vec::new());
+static VCPU_THREADS: Mutex<Vec<VcpuThread>> = Mutex::new(Vec::new());
 
-extern "C" fn on_stop_signal(_: libc::c_int) {
+extern "C" fn on_stop_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     STOP.store(true, Ordering::Relaxed);
     let fd = SIGNAL_EVENT.load(Ordering::Relaxed);
     if fd >= 0 {
@@ -112,32 +113,48 @@ extern "C" fn on_stop_signal(_: libc::c_int) {
     }
 }
 
-extern "C" fn on_kick(_: libc::c_int) {}
+extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-/// Installs SIGINT/SIGTERM (stop the run) and SIGUSR1 (kick a vCPU out of
-/// KVM_RUN; no SA_RESTART, so the ioctl returns EINTR).
+/// The signal that kicks a vCPU thread out of KVM_RUN: the first real-time
+/// signal, as Firecracker and Cloud Hypervisor use.
+fn kick_signal() -> libc::c_int {
+    signal::SIGRTMIN()
+}
+
+/// Installs SIGINT/SIGTERM (stop the run) and the kick signal (out of
+/// KVM_RUN: vmm-sys-util installs handlers without SA_RESTART, so the ioctl
+/// returns EINTR).
 pub fn install_signal_handlers() {
-    let handlers: [(libc::c_int, extern "C" fn(libc::c_int)); 3] = [
+    let handlers: [(libc::c_int, signal::SignalHandler); 3] = [
         (libc::SIGINT, on_stop_signal),
         (libc::SIGTERM, on_stop_signal),
-        (libc::SIGUSR1, on_kick),
+        (kick_signal(), on_kick),
     ];
-    for (signal, handler) in handlers {
-        // SAFETY: the handlers only touch atomics and call write(2), both
-        // async-signal-safe; the sigaction struct is fully initialized.
-        unsafe {
-            let mut action: libc::sigaction = std::mem::zeroed();
-            action.sa_sigaction = handler as usize;
-            libc::sigemptyset(&mut action.sa_mask);
-            libc::sigaction(signal, &action, std::ptr::null_mut());
+    for (number, handler) in handlers {
+        // The handlers only touch atomics and call write(2), both
+        // async-signal-safe.
+        if let Err(err) = signal::register_signal_handler(number, handler) {
+            tracing::warn!(number, %err, "installing a signal handler");
         }
+    }
+}
+
+/// A registered vCPU thread, which the kick signal can reach.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct VcpuThread(libc::pthread_t);
+
+// SAFETY: the handle is a live thread's: threads unregister (under the
+// registry's lock) before they exit, and kicks are sent under that lock.
+unsafe impl signal::Killable for VcpuThread {
+    fn pthread_handle(&self) -> libc::pthread_t {
+        self.0
     }
 }
 
 /// Registers the calling thread as a vCPU thread to kick on a stop.
 pub fn register_vcpu_thread() {
     // SAFETY: pthread_self has no preconditions.
-    let me = unsafe { libc::pthread_self() };
+    let me = VcpuThread(unsafe { libc::pthread_self() });
     VCPU_THREADS
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -147,7 +164,7 @@ pub fn register_vcpu_thread() {
 /// Unregisters the calling thread.
 pub fn unregister_vcpu_thread() {
     // SAFETY: pthread_self has no preconditions.
-    let me = unsafe { libc::pthread_self() };
+    let me = VcpuThread(unsafe { libc::pthread_self() });
     VCPU_THREADS
         .lock()
         .unwrap_or_else(|p| p.into_inner())
@@ -155,14 +172,15 @@ pub fn unregister_vcpu_thread() {
 }
 
 fn kick_vcpu_threads() {
-    for &thread in VCPU_THREADS
+    use signal::Killable;
+    for thread in VCPU_THREADS
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .iter()
     {
-        // SAFETY: registered threads unregister before they exit, under the
-        // same lock, so `thread` is alive.
-        unsafe { libc::pthread_kill(thread, libc::SIGUSR1) };
+        if let Err(err) = thread.kill(kick_signal()) {
+            tracing::warn!(%err, "kicking a vCPU thread");
+        }
     }
 }
 

@@ -167,6 +167,32 @@ pub struct Report {
     pub exit: String,
 }
 
+/// A duration in seconds, printed in the unit that keeps three
+/// significant digits: `1.25 s`, `12.5 ms`, `840 us`, `0 us`.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Seconds(pub f64);
+
+impl std::fmt::Display for Seconds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.0;
+        let (value, unit) = if s >= 1.0 {
+            (s, "s")
+        } else if s >= 1e-3 {
+            (s * 1e3, "ms")
+        } else {
+            (s * 1e6, "us")
+        };
+        let decimals = if value >= 100.0 || value == 0.0 {
+            0
+        } else if value >= 10.0 {
+            1
+        } else {
+            2
+        };
+        write!(f, "{value:.decimals$} {unit}")
+    }
+}
+
 impl Report {
     /// The report as one JSON object.
     pub fn to_json(&self) -> String {
@@ -178,10 +204,11 @@ impl Report {
         let mut out = String::new();
         let _ = writeln!(
             out,
-            "refvmm: {} on {} memory, {} vCPUs, {} MiB, workload {}: {}",
+            "refvmm: {} on {} memory, {} vCPU{}, {} MiB, workload {}: {}",
             self.accel,
             self.backend,
             self.vcpus,
+            if self.vcpus == 1 { "" } else { "s" },
             self.memory_bytes >> 20,
             self.workload,
             self.exit
@@ -195,17 +222,18 @@ impl Report {
         if let Some(log) = &self.dirty_log {
             let _ = writeln!(
                 out,
-                "  populate {:.3}s, enable dirty logging {:.3}s",
-                log.populate_s, log.enable_dirty_log_s
+                "  populate {}, enable dirty logging {}",
+                Seconds(log.populate_s),
+                Seconds(log.enable_dirty_log_s)
             );
             for (i, it) in log.iterations.iter().enumerate() {
                 let _ = writeln!(
                     out,
-                    "  iteration {}: dirty {:.3}s, get {:.3}s, clear {:.3}s, {} dirty pages",
+                    "  iteration {}: dirty {}, get {}, clear {}, {} dirty pages",
                     i + 1,
-                    it.dirty_s,
-                    it.get_dirty_log_s,
-                    it.clear_dirty_log_s,
+                    Seconds(it.dirty_s),
+                    Seconds(it.get_dirty_log_s),
+                    Seconds(it.clear_dirty_log_s),
                     it.dirty_pages
                 );
             }
@@ -233,7 +261,7 @@ impl Report {
             let _ = writeln!(
                 out,
                 "  {} with {} private memory: {} conversions ({} of 4 KiB pages), {} memory-fault \
-                 exits, {} demotes, {} leaves zapped, {:.3}s",
+                 exits, {} demotes, {} leaves zapped, {}",
                 c.vm_type,
                 c.private_backend,
                 c.conversions,
@@ -241,7 +269,7 @@ impl Report {
                 c.memory_fault_exits,
                 c.demotes,
                 c.zapped,
-                c.run_s
+                Seconds(c.run_s)
             );
             let _ = writeln!(
                 out,
@@ -277,5 +305,29 @@ impl Report {
             );
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_keep_their_digits_in_a_fitting_unit() {
+        assert_eq!(Seconds(1.25).to_string(), "1.25 s");
+        assert_eq!(Seconds(0.0125).to_string(), "12.5 ms");
+        assert_eq!(Seconds(0.000_84).to_string(), "840 us");
+        assert_eq!(Seconds(0.000_000_4).to_string(), "0.40 us");
+        assert_eq!(Seconds(0.0).to_string(), "0 us");
+        assert_eq!(Seconds(125.0).to_string(), "125 s");
+    }
+
+    #[test]
+    fn one_vcpu_is_not_plural() {
+        let report = Report {
+            vcpus: 1,
+            ..Report::default()
+        };
+        assert!(report.to_human().contains(", 1 vCPU, "));
     }
 }

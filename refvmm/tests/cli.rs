@@ -862,3 +862,74 @@ fn sixteen_vcpus_write_guest_memory_past_4_gib_on_kvm() {
         assert!(stderr.contains(field), "{text}: {stderr}");
     }
 }
+
+/// Messages a user can act on: no Rust type names, no `?:` for a syntax
+/// error, no float notation for a big integer; the file named for
+/// validation errors too; an empty file and a byte-order mark get their
+/// own message; `--config -` reads standard input.
+#[test]
+fn bad_input_gets_messages_a_user_can_act_on() {
+    let cases: [(&[u8], &str); 7] = [
+        (br#"{"vcpus": 1,}"#, "trailing comma"),
+        (b"", "the configuration is empty"),
+        (b"\xef\xbb\xbf{\"vcpus\": 1}", "byte-order mark"),
+        (
+            br#"{"memory": 5}"#,
+            "memory: invalid type: integer `5`, expected a JSON object",
+        ),
+        (
+            br#"{"memory": {"size_mib": 100000000000000000000}}"#,
+            "memory.size_mib: invalid type: a number that is not a whole number in range",
+        ),
+        (br#"{"vcpus": 65}"#, "vcpus: must be between 1 and 64"),
+        (br#"{"workload": 3}"#, "expected a JSON object"),
+    ];
+    for (i, (text, needle)) in cases.into_iter().enumerate() {
+        let path = write_config(&format!("message{i}.json"), "");
+        std::fs::write(&path, text).unwrap();
+        let out = run(&["--config", path.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains(needle), "{needle:?}: {stderr}");
+        assert!(
+            stderr.contains(&format!("{}: ", path.display())),
+            "names the file: {stderr}"
+        );
+        for internal in ["struct ", "RawWorkload", "MemoryConfig", "?:", "e+", "u64"] {
+            assert!(!stderr.contains(internal), "{internal:?} in {stderr}");
+        }
+    }
+    // Standard input.
+    let mut child = refvmm()
+        .args(["--config", "-", "--report", "json"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(
+            br#"{"accel": "soft", "memory": {"size_mib": 8},
+                 "workload": {"kind": "dirty_log", "iterations": 1, "bytes_per_vcpu_mib": 1}}"#,
+        )
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["iterations"].as_array().unwrap().len(), 1);
+    let out = refvmm()
+        .args(["--config", "-"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("<stdin>: the configuration is empty"));
+}
