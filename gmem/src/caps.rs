@@ -18,7 +18,7 @@ use std::sync::OnceLock;
 
 use kvm_ioctls::Kvm;
 
-pub use mmukit_sys::host::{Capability, record_skip};
+pub use mmukit_sys::host::{Capability, hidden_from_env, record_skip};
 
 use crate::consts::{
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP,

@@ -447,6 +447,9 @@ impl Default for Config {
 pub mod layout {
     /// Where built-in programs are loaded.
     pub const CODE: u64 = 0x1000;
+    /// Where the vCPUs after the first of a `hello`, `counter` or `binary`
+    /// run park: one `hlt` instruction, below [`CODE`].
+    pub const PARK: u64 = 0xff0;
     /// Where the dirty-log shares of the vCPUs start in guest memory of
     /// up to [`MMIO_HOLE_START`].
     pub const SHARES: u64 = 1 << 20;
@@ -781,10 +784,23 @@ impl Config {
                         format!("{} is not a readable file", path.display()),
                     ));
                 }
-                if std::fs::metadata(path).is_ok_and(|m| m.len() == 0) {
+                let length = std::fs::metadata(path).map_or(0, |m| m.len());
+                if length == 0 {
                     return Err(invalid(
                         "workload.path",
                         format!("{} is empty: there is nothing to run", path.display()),
+                    ));
+                }
+                if self.vcpus > 1 && (*load_gpa..load_gpa + length).contains(&layout::PARK) {
+                    return Err(invalid(
+                        "workload.load_gpa",
+                        format!(
+                            "with {} vCPUs the others park on a `hlt` at {:#x}, which the \
+                             binary ({length} bytes at {load_gpa:#x}) would cover: load it \
+                             elsewhere, or run one vCPU",
+                            self.vcpus,
+                            layout::PARK
+                        ),
                     ));
                 }
                 let outside_memory = |field, gpa: u64| {

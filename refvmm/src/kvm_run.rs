@@ -250,6 +250,39 @@ fn run_until_done(
     }
 }
 
+/// Creates vCPUs 1.. of `config` and runs each until it halts on the `hlt`
+/// at [`layout::PARK`]; returns them, parked.
+fn park_secondary_vcpus(
+    config: &Config,
+    vm: &Vm,
+    metrics: &Metrics,
+) -> Result<Vec<VcpuFd>, RunError> {
+    if config.vcpus < 2 {
+        return Ok(Vec::new());
+    }
+    write_guest(&vm.region, layout::PARK, &[0xf4])?;
+    let mut parked = Vec::with_capacity(config.vcpus as usize - 1);
+    for id in 1..u64::from(config.vcpus) {
+        let mut vcpu = vm
+            .vm
+            .vm()
+            .create_vcpu(id)
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        real_mode(&vcpu, layout::PARK)?;
+        let mut ignored = std::io::sink();
+        let mut serial_bytes = 0;
+        let exit = run_until_done(&mut vcpu, &mut ignored, &mut serial_bytes, false, metrics)?;
+        if exit != "halted" {
+            return Err(RunError::Guest(format!(
+                "vCPU {id} did not park on its hlt: {exit}"
+            )));
+        }
+        parked.push(vcpu);
+    }
+    tracing::debug!(parked = parked.len(), "secondary vCPUs parked");
+    Ok(parked)
+}
+
 fn base_report(config: &Config, vm: &Vm) -> Report {
     Report {
         accel: "kvm".into(),
@@ -294,6 +327,10 @@ pub fn run(
                 .vm()
                 .create_vcpu(0)
                 .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            // The others run too: each to a `hlt`, where it stays parked
+            // (kept open until the run ends) while vCPU 0 runs the program.
+            let parked = park_secondary_vcpus(config, &vm, metrics)?;
+            report.vcpus_parked = parked.len() as u32;
             if let Some(snapshot) = &options.restore {
                 snapshot::restore_into(snapshot, &vcpu, &vm.region)?;
             } else {

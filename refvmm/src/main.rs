@@ -39,13 +39,16 @@ enum ReportFormat {
 #[derive(Debug, Parser)]
 #[command(version, about, long_about = None)]
 struct Cli {
-    /// Run the VM described by this JSON file.
-    #[arg(long, value_name = "FILE", conflicts_with_all = ["check_host", "print_config", "restore"])]
+    /// Run the VM described by this JSON file (`-`: standard input). With
+    /// --check-host: check the host against what it needs instead.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["print_config", "restore"])]
     config: Option<PathBuf>,
     /// Report format.
     #[arg(long, value_enum, default_value_t = ReportFormat::Human)]
     report: ReportFormat,
-    /// Print what this host offers, one line each.
+    /// Print what this host offers, one capability a line (JSON with
+    /// --report json); with --config, exit 2 when the host lacks what that
+    /// configuration needs.
     #[arg(long)]
     check_host: bool,
     /// Print the configuration in FILE with every default filled in.
@@ -101,85 +104,229 @@ const EXIT_INTERRUPTED: u8 = 130;
 /// What the report says of such a run.
 const STOPPED: &str = "stopped by a signal";
 
-fn fail(code: u8, message: impl std::fmt::Display) -> ExitCode {
-    eprintln!("refvmm: {message}");
-    ExitCode::from(code)
+/// How a failed run ends: exit code, the field at fault (if any), and the
+/// message; printed on stderr, and as one JSON object on stdout with
+/// `--report json`.
+struct Failure {
+    code: u8,
+    field: Option<String>,
+    message: String,
+}
+
+impl Failure {
+    fn new(code: u8, message: impl std::fmt::Display) -> Self {
+        Self {
+            code,
+            field: None,
+            message: message.to_string(),
+        }
+    }
+
+    fn field(mut self, field: Option<&str>) -> Self {
+        self.field = field.map(str::to_string);
+        self
+    }
+
+    fn exit(self, json: bool) -> ExitCode {
+        eprintln!("refvmm: {}", self.message);
+        if json {
+            let object = serde_json::json!({
+                "exit": self.code,
+                "error": { "field": self.field, "message": self.message },
+            });
+            let _ = writeln!(std::io::stdout(), "{object}");
+        }
+        ExitCode::from(self.code)
+    }
+}
+
+/// The field a message of the form `field: ...` names, when it starts with
+/// one (configuration and host errors do).
+fn leading_field(message: &str) -> Option<&str> {
+    let (head, _) = message.split_once(": ")?;
+    let is_field = !head.is_empty()
+        && head.chars().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.' || c == '-'
+        });
+    is_field.then_some(head)
+}
+
+/// `--check-host`: every capability by name, and with a configuration,
+/// whether the host has what it needs (exit 2 when it does not).
+fn check_host(config: Option<&Config>, json: bool) -> Result<ExitCode, Failure> {
+    let caps = gmem::HostCaps::probe();
+    let hidden = mmukit_sys_hidden().map_err(|err| Failure::new(2, err))?;
+    let needs = config.map(refvmm::engine::host_needs).unwrap_or_default();
+    let verdict = config.map(|config| refvmm::engine::check_host(config, &caps));
+    let failure = match &verdict {
+        Some(Err(err)) => {
+            let message = err.to_string();
+            let field = leading_field(&message).map(str::to_string);
+            Some(Failure {
+                code: 2,
+                field,
+                message,
+            })
+        }
+        _ => None,
+    };
+    let mut out = std::io::stdout();
+    if json {
+        let capabilities: serde_json::Map<String, serde_json::Value> = gmem::Capability::ALL
+            .iter()
+            .map(|&cap| {
+                (
+                    cap.name().to_string(),
+                    serde_json::json!({ "available": caps.has(cap), "detail": caps.detail(cap) }),
+                )
+            })
+            .collect();
+        let needs: Vec<serde_json::Value> = needs
+            .iter()
+            .map(|need| {
+                serde_json::json!({
+                    "capability": need.capability.name(),
+                    "field": need.field,
+                    "available": caps.has(need.capability),
+                })
+            })
+            .collect();
+        let mut object = serde_json::json!({ "capabilities": capabilities, "hidden": hidden });
+        if let Some(verdict) = &verdict {
+            object["config_needs"] = serde_json::Value::Array(needs);
+            object["config_runs_here"] = serde_json::Value::Bool(verdict.is_ok());
+        }
+        // One object, whatever the verdict.
+        object["exit"] = serde_json::json!(failure.as_ref().map_or(0, |f| f.code));
+        if let Some(failure) = &failure {
+            object["error"] =
+                serde_json::json!({ "field": failure.field, "message": failure.message });
+            eprintln!("refvmm: {}", failure.message);
+        }
+        let _ = writeln!(out, "{object}");
+        return Ok(ExitCode::from(failure.map_or(0, |f| f.code)));
+    }
+    let _ = write!(out, "{caps}");
+    for need in &needs {
+        let answer = if caps.has(need.capability) {
+            "yes"
+        } else {
+            "NO"
+        };
+        let _ = writeln!(
+            out,
+            "config needs {} (for {}): {answer}",
+            need.capability, need.field
+        );
+    }
+    match failure {
+        Some(failure) => Err(failure),
+        None => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// The capabilities `MMUKIT_HIDE_CAPS` hides, by name; an unknown name is
+/// an error.
+fn mmukit_sys_hidden() -> Result<Vec<&'static str>, String> {
+    gmem::caps::hidden_from_env()
+        .map(|hidden| hidden.iter().map(|cap| cap.name()).collect())
+        .map_err(|err| err.to_string())
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    if let Err(why) = init_logs(cli.log_file.as_deref()) {
-        return fail(2, why);
+    let json = cli.report == ReportFormat::Json;
+    match run(cli) {
+        Ok(code) => code,
+        Err(failure) => failure.exit(json),
     }
+}
+
+/// A configuration error: exit 2 (130 when a signal stopped the wait for
+/// it), naming its field.
+fn config_failure(err: refvmm::config::ConfigError) -> Failure {
+    let code = match &err {
+        refvmm::config::ConfigError::Read { .. }
+            if events::STOP.load(std::sync::atomic::Ordering::Relaxed) =>
+        {
+            EXIT_INTERRUPTED
+        }
+        _ => 2,
+    };
+    let field = err.field().map(str::to_string);
+    Failure::new(code, &err).field(field.as_deref())
+}
+
+fn run(cli: Cli) -> Result<ExitCode, Failure> {
+    init_logs(cli.log_file.as_deref())
+        .map_err(|why| Failure::new(2, why).field(Some("--log-file")))?;
+    let json = cli.report == ReportFormat::Json;
     if cli.check_host {
-        println!("{}", gmem::HostCaps::probe());
-        return ExitCode::SUCCESS;
+        let config = match &cli.config {
+            Some(path) => Some(Config::load(path).map_err(config_failure)?),
+            None => None,
+        };
+        return check_host(config.as_ref(), json);
     }
     if let Some(path) = &cli.print_config {
-        return match Config::load(path) {
-            Ok(config) => {
-                println!(
-                    "{}",
-                    serde_json::to_string_pretty(&config).expect("configs serialize")
-                );
-                ExitCode::SUCCESS
-            }
-            Err(err) => fail(2, err),
-        };
+        let config = Config::load(path).map_err(config_failure)?;
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&config).expect("configs serialize")
+        );
+        return Ok(ExitCode::SUCCESS);
     }
     events::install_signal_handlers();
     let (config, restore) = match (&cli.config, &cli.restore) {
-        (Some(path), None) => match Config::load(path) {
-            Ok(config) => (config, None),
-            Err(err @ refvmm::config::ConfigError::Read { .. })
-                if events::STOP.load(std::sync::atomic::Ordering::Relaxed) =>
-            {
-                return fail(EXIT_INTERRUPTED, err);
-            }
-            Err(err) => return fail(2, err),
-        },
-        (None, Some(dir)) => match snapshot::load(dir) {
-            Ok(snapshot) => (snapshot.config.clone(), Some(snapshot)),
-            Err(err) => return fail(2, err),
-        },
+        (Some(path), None) => (Config::load(path).map_err(config_failure)?, None),
+        (None, Some(dir)) => {
+            let snapshot =
+                snapshot::load(dir).map_err(|err| Failure::new(2, err).field(Some("--restore")))?;
+            (snapshot.config.clone(), Some(snapshot))
+        }
         _ => {
-            return fail(
+            return Err(Failure::new(
                 2,
                 "give --config FILE (or --restore DIR, --check-host, --print-config FILE); \
                  see --help",
-            );
+            ));
         }
     };
     if let Some(dir) = &cli.snapshot {
+        let refuse = |message: String| Failure::new(2, message).field(Some("--snapshot"));
         if !matches!(config.workload, Workload::Counter) {
-            return fail(2, "--snapshot: only the counter workload has a checkpoint");
+            return Err(refuse(
+                "--snapshot: only the counter workload has a checkpoint".into(),
+            ));
         }
         if snapshot::exists(dir) && !cli.overwrite {
-            return fail(
-                2,
-                format!(
-                    "--snapshot: {} holds a snapshot already; give --overwrite to replace it",
-                    dir.display()
-                ),
-            );
+            return Err(refuse(format!(
+                "--snapshot: {} holds a snapshot already; give --overwrite to replace it",
+                dir.display()
+            )));
         }
     }
-    let json = cli.report == ReportFormat::Json;
     let metrics = std::sync::Arc::new(events::Metrics::default());
     let snapshot_dir = cli.snapshot.clone();
     let metrics_file = match &cli.metrics_file {
-        Some(path) => match std::fs::File::create(path) {
-            Ok(file) => Some(file),
-            Err(err) => return fail(2, format!("--metrics-file {}: {err}", path.display())),
-        },
+        Some(path) => Some(std::fs::File::create(path).map_err(|err| {
+            Failure::new(2, format!("--metrics-file {}: {err}", path.display()))
+                .field(Some("--metrics-file"))
+        })?),
         None => None,
     };
+    let run_failure = |err: RunError| {
+        let field = match &err {
+            RunError::Host { what, .. } => leading_field(what).map(str::to_string),
+            RunError::Memory(_) => Some("memory.backend".to_string()),
+            _ => None,
+        };
+        Failure::new(err.exit_code() as u8, &err).field(field.as_deref())
+    };
     // What the configuration needs from the host, before any guest runs.
-    if let Err(err) = refvmm::engine::check_host(&config, &gmem::HostCaps::probe()) {
-        return fail(2, err);
-    }
+    refvmm::engine::check_host(&config, &gmem::HostCaps::probe()).map_err(run_failure)?;
     tracing::debug!(accel = ?config.accel, workload = refvmm::workload_name(&config.workload), "run starts");
-    let outcome = events::run_with_event_loop(metrics.clone(), metrics_file, || {
+    let (result, live) = events::run_with_event_loop(metrics.clone(), metrics_file, || {
         let mut serial: Box<dyn Write + Send> = if json {
             Box::new(std::io::stderr())
         } else {
@@ -198,14 +345,12 @@ fn main() -> ExitCode {
             ),
             Accel::Soft => soft_run::run(&config, &metrics),
         }
-    });
-    let (result, live) = match outcome {
-        Ok(outcome) => outcome,
-        Err(err) => return fail(2, format!("event loop: {err}")),
-    };
+    })
+    .map_err(|err| Failure::new(2, format!("event loop: {err}")))?;
     let stopped = events::STOP.load(std::sync::atomic::Ordering::Relaxed);
     let result = match result {
-        // A signal stopped the run part-way: report what it did.
+        // A signal stopped the run before the workload had anything to
+        // report: report what it did.
         Err(RunError::Guest(why)) if stopped => {
             tracing::debug!(%why, "the run stopped on a signal");
             Ok(Report {
@@ -220,30 +365,28 @@ fn main() -> ExitCode {
         }
         other => other,
     };
-    let result = result.map(|mut report| {
-        report.vcpu_exits = live.vcpu_exits;
-        report.passes = live.passes;
-        report.interrupted = stopped || report.exit == STOPPED;
-        if report.interrupted {
-            report.exit = STOPPED.into();
+    let mut report = result.map_err(|err| {
+        if stopped {
+            Failure::new(EXIT_INTERRUPTED, format!("{STOPPED}: {err}"))
+        } else {
+            run_failure(err)
         }
-        report
-    });
-    match result {
-        Ok(report) => {
-            let text = if json {
-                report.to_json()
-            } else {
-                report.to_human()
-            };
-            let mut out = std::io::stdout();
-            let _ = writeln!(out, "{text}");
-            if report.interrupted {
-                ExitCode::from(EXIT_INTERRUPTED)
-            } else {
-                ExitCode::SUCCESS
-            }
-        }
-        Err(err) => fail(err.exit_code() as u8, &err as &RunError),
+    })?;
+    report.vcpu_exits = live.vcpu_exits;
+    report.passes = live.passes;
+    report.interrupted = stopped || report.exit == STOPPED;
+    if report.interrupted {
+        report.exit = STOPPED.into();
     }
+    let text = if json {
+        report.to_json()
+    } else {
+        report.to_human()
+    };
+    let _ = writeln!(std::io::stdout(), "{text}");
+    Ok(if report.interrupted {
+        ExitCode::from(EXIT_INTERRUPTED)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

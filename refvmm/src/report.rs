@@ -131,8 +131,12 @@ pub struct Report {
     pub accel: String,
     /// The memory backend.
     pub backend: String,
-    /// vCPUs.
+    /// vCPUs created, every one of which ran.
     pub vcpus: u32,
+    /// Of those, the ones that ran only to park (halted) while the first
+    /// ran the program (`hello`, `counter`, `binary`).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub vcpus_parked: u32,
     /// Guest memory.
     pub memory_bytes: u64,
     /// Prefault throughput, when prefault was on.
@@ -165,6 +169,10 @@ pub struct Report {
     pub interrupted: bool,
     /// Why the run ended.
     pub exit: String,
+}
+
+fn is_zero(value: &u32) -> bool {
+    *value == 0
 }
 
 /// A duration in seconds, printed in the unit that keeps three
@@ -213,6 +221,13 @@ impl Report {
             self.workload,
             self.exit
         );
+        if self.vcpus_parked > 0 {
+            let _ = writeln!(
+                out,
+                "  vCPU 0 ran the program; {} more ran to a halt and stayed parked",
+                self.vcpus_parked
+            );
+        }
         if self.transparent_huge_pages {
             let _ = writeln!(out, "  memory asked for transparent huge pages");
         }

@@ -933,3 +933,162 @@ fn bad_input_gets_messages_a_user_can_act_on() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("<stdin>: the configuration is empty"));
 }
+
+/// Every configured vCPU is created and runs: with `hello` the first runs
+/// the program and the others park on a `hlt`; the report counts them. A
+/// binary that would cover the parking `hlt` is refused, naming its field.
+#[test]
+fn every_configured_vcpu_of_a_hello_run_is_created_and_runs() {
+    if !host_allows(
+        "every_configured_vcpu_of_a_hello_run_is_created_and_runs",
+        &[Capability::Kvm],
+    ) {
+        return;
+    }
+    let config = write_config(
+        "hello-4.json",
+        r#"{"vcpus": 4, "memory": {"size_mib": 4}, "workload": {"kind": "hello"}}"#,
+    );
+    let out = run(&["--config", config.to_str().unwrap(), "--report", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["vcpus"], 4);
+    assert_eq!(report["vcpus_parked"], 3);
+    assert_eq!(report["exit"], "halted");
+    // 3 parking exits, then the hello's.
+    assert!(report["vcpu_exits"].as_u64().unwrap() > 3);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("Hello from mmukit guest"));
+    let binary = write_config("cover-park.bin", "");
+    std::fs::write(&binary, [0xf4; 32]).unwrap();
+    let config = write_config(
+        "cover-park.json",
+        &format!(
+            r#"{{"vcpus": 2, "memory": {{"size_mib": 4}}, "workload": {{"kind": "binary",
+                "path": "{}", "load_gpa": 4080, "entry_gpa": 4080}}}}"#,
+            binary.display()
+        ),
+    );
+    let out = run(&["--config", config.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("workload.load_gpa"));
+}
+
+/// With `--report json` every ending prints one JSON object on stdout:
+/// exit 2 (configuration or host) and exit 1 (the guest failed) as
+/// `{"exit", "error": {"field", "message"}}`; `--check-host` prints JSON,
+/// and exits 2 when the host lacks what `--config` needs.
+#[test]
+fn every_exit_prints_one_json_object_with_report_json() {
+    let one_object = |out: &Output| -> serde_json::Value {
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert_eq!(text.trim().lines().count(), 1, "one object: {text}");
+        serde_json::from_str(text.trim()).expect("JSON on stdout")
+    };
+    let bad = write_config("json-bad.json", r#"{"vcpus": 0}"#);
+    let out = run(&["--config", bad.to_str().unwrap(), "--report", "json"]);
+    assert_eq!(out.status.code(), Some(2));
+    let object = one_object(&out);
+    assert_eq!(object["exit"], 2);
+    assert_eq!(object["error"]["field"], "vcpus");
+    assert!(
+        object["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("between 1 and 64")
+    );
+    // A host that lacks a capability: hide KVM, so every host lacks it.
+    let hello = example("hello.json");
+    let out = refvmm()
+        .args(["--config", hello.to_str().unwrap(), "--report", "json"])
+        .env("MMUKIT_HIDE_CAPS", "kvm")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let object = one_object(&out);
+    assert_eq!(object["error"]["field"], "accel");
+    assert!(
+        object["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("needs kvm")
+    );
+    // --check-host: JSON, by name; and against a configuration.
+    let out = refvmm()
+        .args([
+            "--check-host",
+            "--report",
+            "json",
+            "--config",
+            hello.to_str().unwrap(),
+        ])
+        .env("MMUKIT_HIDE_CAPS", "kvm")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let object = one_object(&out);
+    assert_eq!(object["capabilities"]["kvm"]["available"], false);
+    assert_eq!(
+        object["capabilities"]["guest_memfd_mmap"]["available"],
+        false
+    );
+    assert_eq!(object["hidden"][0], "kvm");
+    assert_eq!(object["config_runs_here"], false);
+    assert_eq!(object["exit"], 2);
+    assert_eq!(object["error"]["field"], "accel");
+    let soft = example("dirty-log-soft-lazy.json");
+    let out = run(&["--check-host", "--config", soft.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("hugetlb_2m: "), "{text}");
+    assert!(
+        !text.contains("0x"),
+        "capabilities by name, not hex: {text}"
+    );
+    assert_eq!(
+        out.status.success(),
+        HostCaps::get().has(Capability::Hugetlb2M),
+        "{text}"
+    );
+    // An unknown capability to hide is refused.
+    let out = refvmm()
+        .args(["--check-host"])
+        .env("MMUKIT_HIDE_CAPS", "kvmm")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    // The guest fails (exit 1): long mode, ud2 with no IDT triple-faults.
+    if !host_allows(
+        "every_exit_prints_one_json_object_with_report_json (exit 1)",
+        &[Capability::Kvm],
+    ) {
+        return;
+    }
+    let binary = write_config("ud2.bin", "");
+    std::fs::write(&binary, [0x0f, 0x0b]).unwrap();
+    let config = write_config(
+        "ud2.json",
+        &format!(
+            r#"{{"vcpus": 1, "memory": {{"size_mib": 4}}, "workload": {{"kind": "binary",
+                "path": "{}", "load_gpa": 1048576, "entry_gpa": 1048576, "mode": "long"}}}}"#,
+            binary.display()
+        ),
+    );
+    let out = run(&["--config", config.to_str().unwrap(), "--report", "json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let object = one_object(&out);
+    assert_eq!(object["exit"], 1);
+    assert!(
+        object["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("guest")
+    );
+}
