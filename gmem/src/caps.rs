@@ -184,6 +184,19 @@ pub struct HostCaps {
     pub memfd_secret: bool,
     /// The transparent huge page modes, when the kernel has THP.
     pub thp: Option<ThpModes>,
+    /// `MemAvailable` of `/proc/meminfo` in bytes: what the host can give
+    /// without swapping, when the kernel says.
+    pub mem_available: Option<u64>,
+}
+
+/// `MemAvailable` of `/proc/meminfo`, in bytes.
+fn mem_available() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text
+        .lines()
+        .find(|line| line.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib << 10)
 }
 
 impl HostCaps {
@@ -213,6 +226,7 @@ impl HostCaps {
                 .collect(),
             memfd_secret: mmukit_sys::host::memfd_secret_works(),
             thp: ThpModes::read().filter(|_| !Capability::ShmemThp.is_hidden()),
+            mem_available: mem_available(),
         }
     }
 

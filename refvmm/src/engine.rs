@@ -144,6 +144,23 @@ pub fn check_host(config: &Config, caps: &gmem::HostCaps) -> Result<(), RunError
             });
         }
     }
+    // Prefault touches all of memory at once: more than the host has
+    // available would push it into swap or the OOM killer. (HugeTLB memory
+    // comes from its pool, checked below.)
+    if config.memory.prefault
+        && config.memory.backend != BackendName::Hugetlb
+        && let Some(available) = caps.mem_available
+        && config.memory_bytes() > available
+    {
+        return Err(RunError::Host {
+            what: format!(
+                "memory.size_mib: {} MiB to prefault, and the host has {} MiB available",
+                config.memory.size_mib,
+                available >> 20
+            ),
+            fix: "lower memory.size_mib, or turn memory.prefault off".into(),
+        });
+    }
     let backends = [
         ("memory.backend", Some(config.memory.backend)),
         ("memory.private_backend", config.memory.private_backend),
@@ -156,8 +173,9 @@ pub fn check_host(config: &Config, caps: &gmem::HostCaps) -> Result<(), RunError
             if free < needed {
                 return Err(RunError::Host {
                     what: format!(
-                        "{field}: hugetlb needs {needed} free pages of hugepages-{}kB; the host \
-                         has {free}",
+                        "memory.size_mib: {} MiB of hugetlb memory ({field}) needs {needed} free \
+                         pages of hugepages-{}kB; the host has {free}",
+                        config.memory.size_mib,
                         page >> 10
                     ),
                     fix: "reserve them (scripts/setup, or /proc/sys/vm/nr_hugepages as root), \

@@ -1092,3 +1092,30 @@ fn every_exit_prints_one_json_object_with_report_json() {
             .contains("guest")
     );
 }
+
+/// Prefaulting more memory than the host has available is refused before
+/// anything is touched, naming `memory.size_mib` (as a HugeTLB shortfall
+/// is).
+#[test]
+fn prefault_past_the_hosts_available_memory_is_refused_naming_the_size() {
+    let available = HostCaps::probe().mem_available.expect("MemAvailable") >> 20;
+    let config = write_config(
+        "prefault-too-big.json",
+        &format!(
+            r#"{{"accel": "soft", "memory": {{"size_mib": {}, "prefault": true}},
+                "workload": {{"kind": "dirty_log", "iterations": 1, "bytes_per_vcpu_mib": 1}}}}"#,
+            available + 1024
+        ),
+    );
+    let out = run(&["--config", config.to_str().unwrap(), "--report", "json"]);
+    assert_eq!(out.status.code(), Some(2));
+    let object: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(object["error"]["field"], "memory.size_mib");
+    assert!(
+        object["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("MiB available"),
+        "{object}"
+    );
+}
