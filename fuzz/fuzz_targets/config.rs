@@ -15,8 +15,13 @@ fuzz_target!(|data: &[u8]| {
             let printed = serde_json_roundtrip(&config);
             assert_eq!(Config::parse(&printed).unwrap(), config);
         }
-        Err(ConfigError::Invalid { field, message }) => {
+        Err(ConfigError::Invalid {
+            field,
+            message,
+            file,
+        }) => {
             assert!(!field.is_empty() && !message.is_empty());
+            assert!(file.is_none(), "text parsed directly names no file");
         }
         Err(ConfigError::Parse { message, .. }) => assert!(!message.is_empty()),
         Err(ConfigError::Read { .. }) => unreachable!("no file is read"),
