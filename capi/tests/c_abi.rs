@@ -40,7 +40,12 @@ fn record_c_skips(stdout: &str) {
         let name = rest.split([' ', ':']).next().unwrap_or_default();
         let cap = gmem::Capability::from_name(name)
             .unwrap_or_else(|| panic!("{test} skips for an unknown capability: {line}"));
-        let detail = rest[name.len()..].trim_matches([' ', '(', ')', ':']);
+        // `CAP (detail)` or `CAP: detail`.
+        let detail = rest[name.len()..].trim_start_matches([' ', ':']);
+        let detail = detail
+            .strip_prefix('(')
+            .and_then(|inner| inner.strip_suffix(')'))
+            .unwrap_or(detail);
         gmem::caps::record_skip(&format!("C {test}"), cap, detail);
     }
 }

@@ -220,9 +220,9 @@ impl HostCaps {
         Self {
             kvm,
             kvm_error,
-            hugetlb: [2 << 20, 1 << 30]
+            hugetlb: [Capability::Hugetlb2M, Capability::Hugetlb1G]
                 .into_iter()
-                .filter_map(HugetlbPool::read)
+                .filter_map(|cap| HugetlbPool::read(cap.hugetlb_page_size()?))
                 .collect(),
             memfd_secret: mmukit_sys::host::memfd_secret_works(),
             thp: ThpModes::read().filter(|_| !Capability::ShmemThp.is_hidden()),
@@ -242,8 +242,9 @@ impl HostCaps {
     /// gives huge pages to a mapping that asks.
     pub fn has(&self, cap: Capability) -> bool {
         match cap {
-            Capability::Hugetlb2M => self.pool(2 << 20).is_some_and(|pool| pool.total > 0),
-            Capability::Hugetlb1G => self.pool(1 << 30).is_some_and(|pool| pool.total > 0),
+            Capability::Hugetlb2M | Capability::Hugetlb1G => {
+                self.hugetlb_pool(cap).is_some_and(|pool| pool.total > 0)
+            }
             Capability::MemfdSecret => self.memfd_secret,
             Capability::ShmemThp => self.thp.as_ref().is_some_and(ThpModes::shmem_allows),
             kvm_cap => self
@@ -257,17 +258,13 @@ impl HostCaps {
     /// What the host has of `cap`, in words, for a skip line.
     pub fn describe(&self, cap: Capability) -> String {
         match (cap, &self.kvm) {
-            (Capability::Hugetlb2M | Capability::Hugetlb1G, _) => {
-                let size = if cap == Capability::Hugetlb2M {
-                    2 << 20
-                } else {
-                    1 << 30
-                };
-                match self.pool(size) {
-                    Some(pool) => format!("{} has {} pages", pool.name, pool.total),
-                    None => format!("no {} pool", mmukit_sys::hugetlb::pool_name(size)),
-                }
-            }
+            (Capability::Hugetlb2M | Capability::Hugetlb1G, _) => match self.hugetlb_pool(cap) {
+                Some(pool) => format!("{} has {} pages", pool.name, pool.total),
+                None => format!(
+                    "no {} pool",
+                    mmukit_sys::hugetlb::pool_name(cap.hugetlb_page_size().unwrap_or_default())
+                ),
+            },
             (Capability::MemfdSecret, _) => "memfd_secret(2) fails".into(),
             (Capability::ShmemThp, _) => match &self.thp {
                 Some(thp) => format!("shmem_enabled is {}", thp.shmem),
@@ -299,6 +296,11 @@ impl HostCaps {
         }
     }
 
+    /// The pool a HugeTLB capability names, if the kernel has it.
+    fn hugetlb_pool(&self, cap: Capability) -> Option<&HugetlbPool> {
+        self.pool(cap.hugetlb_page_size()?)
+    }
+
     /// The pool of `page_size` bytes, if the kernel has one.
     pub fn pool(&self, page_size: u64) -> Option<&HugetlbPool> {
         self.hugetlb.iter().find(|pool| pool.page_size == page_size)
@@ -308,11 +310,7 @@ impl HostCaps {
 /// For test suites: whether the HugeTLB pool of `page_size` bytes has
 /// `pages` free now; otherwise `test` is reported skipped, naming the pool.
 pub fn hugetlb_pages_free(test: &str, page_size: u64, pages: u64) -> bool {
-    let capability = if page_size == 1 << 30 {
-        Capability::Hugetlb1G
-    } else {
-        Capability::Hugetlb2M
-    };
+    let capability = Capability::hugetlb_of(page_size).unwrap_or(Capability::Hugetlb2M);
     let pool = HugetlbPool::read(page_size);
     if pool.as_ref().is_some_and(|pool| pool.available >= pages) {
         return true;
@@ -379,17 +377,10 @@ impl HostCaps {
                 .filter(|kvm| kvm.dirty_log_ring != 0)
                 .map(|kvm| format!("up to {} KiB", kvm.dirty_log_ring >> 10))
                 .unwrap_or_default(),
-            Capability::Hugetlb2M | Capability::Hugetlb1G => {
-                let size = if cap == Capability::Hugetlb2M {
-                    2 << 20
-                } else {
-                    1 << 30
-                };
-                match self.pool(size) {
-                    Some(pool) => format!("{} pages, {} available", pool.total, pool.available),
-                    None => "no pool".into(),
-                }
-            }
+            Capability::Hugetlb2M | Capability::Hugetlb1G => match self.hugetlb_pool(cap) {
+                Some(pool) => format!("{} pages, {} available", pool.total, pool.available),
+                None => "no pool".into(),
+            },
             Capability::ShmemThp => match &self.thp {
                 Some(thp) => format!(
                     "shmem_enabled {}, enabled {} (gmem's anonymous and memfd memory are shmem)",

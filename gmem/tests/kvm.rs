@@ -31,11 +31,6 @@ const GUEST: [u8; 19] = [
     0xf4, // hlt
 ];
 
-/// A VM with mappable guest_memfd, or `None` (the skip reported).
-fn vm_or_skip(what: &str) -> Option<Arc<KvmVm>> {
-    guest_memfd_vm(what)
-}
-
 /// A VM, on any KVM, or `None` (the skip reported).
 fn plain_vm_or_skip(what: &str) -> Option<Arc<KvmVm>> {
     host_allows(what, &[Capability::Kvm]).then(|| KvmVm::new().expect("the probe found KVM"))
@@ -75,7 +70,7 @@ fn gmem_file(vm: &Arc<KvmVm>, size: u64) -> GuestMemFile {
 
 #[test]
 fn a_guest_reads_and_writes_guest_memfd_memory() {
-    let Some(vm) = vm_or_skip("guest run") else {
+    let Some(vm) = guest_memfd_vm("guest run") else {
         return;
     };
     let file = gmem_file(&vm, MEM);
@@ -94,7 +89,7 @@ fn a_guest_reads_and_writes_guest_memfd_memory() {
 
 #[test]
 fn binding_errors_are_einval_like_the_kernel() {
-    let Some(vm) = vm_or_skip("binding errors") else {
+    let Some(vm) = guest_memfd_vm("binding errors") else {
         return;
     };
     let file = gmem_file(&vm, MEM);
@@ -300,7 +295,7 @@ fn shared_region(size: u64, gpa: u64) -> Arc<GuestRegion> {
 /// through `bind_private` first).
 #[test]
 fn predicted_memslot_verdicts_match_the_kernels() {
-    if vm_or_skip("memslot verdicts").is_none() {
+    if guest_memfd_vm("memslot verdicts").is_none() {
         return;
     }
     type Build = fn(&Arc<KvmVm>, &GuestMemFile, &Arc<KvmVm>, &GuestMemFile, u64) -> SlotRequest;
@@ -468,7 +463,7 @@ fn predicted_memslot_verdicts_match_the_kernels() {
 /// is all shared (no memory attributes here) runs from the shared mapping.
 #[test]
 fn a_private_guest_memfd_binds_beside_a_shared_mapping() {
-    let Some(vm) = vm_or_skip("confidential layout") else {
+    let Some(vm) = guest_memfd_vm("confidential layout") else {
         return;
     };
     let private = gmem_file_with(&vm, MEM, 0);

@@ -43,6 +43,23 @@ impl RunError {
             _ => 2,
         }
     }
+
+    /// The configuration field at fault, when there is one: a host error's
+    /// message starts with it (`memory.backend: needs ...`).
+    pub fn field(&self) -> Option<&str> {
+        match self {
+            Self::Host { what, .. } => {
+                let (head, _) = what.split_once(": ")?;
+                let is_field = !head.is_empty()
+                    && head.chars().all(|c| {
+                        c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '_' | '.' | '-')
+                    });
+                is_field.then_some(head)
+            }
+            Self::Memory(_) => Some("memory.backend"),
+            _ => None,
+        }
+    }
 }
 
 /// Maps a kvm-ioctls error into a run error naming the call.
@@ -60,6 +77,16 @@ pub struct HostNeed {
     pub field: &'static str,
     /// What to do on a host without it.
     pub fix: &'static str,
+}
+
+/// The memory backends `config` uses, with the field naming each.
+fn memory_backends(config: &Config) -> impl Iterator<Item = (&'static str, BackendName)> {
+    [
+        ("memory.backend", Some(config.memory.backend)),
+        ("memory.private_backend", config.memory.private_backend),
+    ]
+    .into_iter()
+    .filter_map(|(field, backend)| Some((field, backend?)))
 }
 
 /// What `config` needs of the host, in the order [`check_host`] checks it.
@@ -80,27 +107,21 @@ pub fn host_needs(config: &Config) -> Vec<HostNeed> {
             "run on a host with KVM, or use \"accel\": \"soft\"",
         );
     }
-    let backends = [
-        ("memory.backend", Some(config.memory.backend)),
-        ("memory.private_backend", config.memory.private_backend),
-    ];
-    for (field, backend) in backends {
+    for (field, backend) in memory_backends(config) {
         match backend {
-            Some(BackendName::Hugetlb) => need(
-                match config.memory.huge_page_size.log2() {
-                    30 => Capability::Hugetlb1G,
-                    _ => Capability::Hugetlb2M,
-                },
+            BackendName::Hugetlb => need(
+                Capability::hugetlb_of(1 << config.memory.huge_page_size.log2())
+                    .unwrap_or(Capability::Hugetlb2M),
                 field,
                 "reserve HugeTLB pages (scripts/setup, or /proc/sys/vm/nr_hugepages as root), or \
                  pick another backend",
             ),
-            Some(BackendName::Secret) => need(
+            BackendName::Secret => need(
                 Capability::MemfdSecret,
                 field,
                 "boot with secretmem.enable=1, or pick another backend",
             ),
-            Some(BackendName::GuestMemfd) => need(
+            BackendName::GuestMemfd => need(
                 Capability::GuestMemfdMmap,
                 field,
                 "use a kernel whose guest_memfd the host can map (KVM_CAP_GUEST_MEMFD_FLAGS \
@@ -161,12 +182,8 @@ pub fn check_host(config: &Config, caps: &gmem::HostCaps) -> Result<(), RunError
             fix: "lower memory.size_mib, or turn memory.prefault off".into(),
         });
     }
-    let backends = [
-        ("memory.backend", Some(config.memory.backend)),
-        ("memory.private_backend", config.memory.private_backend),
-    ];
-    for (field, backend) in backends {
-        if backend == Some(BackendName::Hugetlb) {
+    for (field, backend) in memory_backends(config) {
+        if backend == BackendName::Hugetlb {
             let page = 1u64 << config.memory.huge_page_size.log2();
             let needed = config.memory_bytes() / page;
             let free = caps.pool(page).map_or(0, |pool| pool.available);

@@ -140,34 +140,21 @@ impl Failure {
     }
 }
 
-/// The field a message of the form `field: ...` names, when it starts with
-/// one (configuration and host errors do).
-fn leading_field(message: &str) -> Option<&str> {
-    let (head, _) = message.split_once(": ")?;
-    let is_field = !head.is_empty()
-        && head.chars().all(|c| {
-            c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '.' || c == '-'
-        });
-    is_field.then_some(head)
+impl From<&RunError> for Failure {
+    fn from(err: &RunError) -> Self {
+        Failure::new(err.exit_code() as u8, err).field(err.field())
+    }
 }
 
 /// `--check-host`: every capability by name, and with a configuration,
 /// whether the host has what it needs (exit 2 when it does not).
 fn check_host(config: Option<&Config>, json: bool) -> Result<ExitCode, Failure> {
     let caps = gmem::HostCaps::probe();
-    let hidden = mmukit_sys_hidden().map_err(|err| Failure::new(2, err))?;
+    let hidden = hidden_capability_names().map_err(|err| Failure::new(2, err))?;
     let needs = config.map(refvmm::engine::host_needs).unwrap_or_default();
     let verdict = config.map(|config| refvmm::engine::check_host(config, &caps));
     let failure = match &verdict {
-        Some(Err(err)) => {
-            let message = err.to_string();
-            let field = leading_field(&message).map(str::to_string);
-            Some(Failure {
-                code: 2,
-                field,
-                message,
-            })
-        }
+        Some(Err(err)) => Some(Failure::from(err)),
         _ => None,
     };
     let mut out = std::io::stdout();
@@ -227,7 +214,7 @@ fn check_host(config: Option<&Config>, json: bool) -> Result<ExitCode, Failure> 
 
 /// The capabilities `MMUKIT_HIDE_CAPS` hides, by name; an unknown name is
 /// an error.
-fn mmukit_sys_hidden() -> Result<Vec<&'static str>, String> {
+fn hidden_capability_names() -> Result<Vec<&'static str>, String> {
     gmem::caps::hidden_from_env()
         .map(|hidden| hidden.iter().map(|cap| cap.name()).collect())
         .map_err(|err| err.to_string())
@@ -315,14 +302,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
         })?),
         None => None,
     };
-    let run_failure = |err: RunError| {
-        let field = match &err {
-            RunError::Host { what, .. } => leading_field(what).map(str::to_string),
-            RunError::Memory(_) => Some("memory.backend".to_string()),
-            _ => None,
-        };
-        Failure::new(err.exit_code() as u8, &err).field(field.as_deref())
-    };
+    let run_failure = |err: RunError| Failure::from(&err);
     // What the configuration needs from the host, before any guest runs.
     refvmm::engine::check_host(&config, &gmem::HostCaps::probe()).map_err(run_failure)?;
     tracing::debug!(accel = ?config.accel, workload = refvmm::workload_name(&config.workload), "run starts");

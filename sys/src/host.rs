@@ -101,6 +101,23 @@ impl Capability {
         }
     }
 
+    /// The page size of a HugeTLB pool capability, in bytes.
+    pub const fn hugetlb_page_size(self) -> Option<u64> {
+        match self {
+            Self::Hugetlb2M => Some(1 << 21),
+            Self::Hugetlb1G => Some(1 << 30),
+            _ => None,
+        }
+    }
+
+    /// The HugeTLB pool capability of `page_size`-byte pages, if there is
+    /// one.
+    pub fn hugetlb_of(page_size: u64) -> Option<Self> {
+        [Self::Hugetlb2M, Self::Hugetlb1G]
+            .into_iter()
+            .find(|cap| cap.hugetlb_page_size() == Some(page_size))
+    }
+
     /// The capability called `name`.
     pub fn from_name(name: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|cap| cap.name() == name)

@@ -27,11 +27,7 @@ impl HugetlbPool {
     /// The pool of `page_size` bytes, read from sysfs; `None` where the
     /// kernel has no such pool, or where [`crate::host::HIDE_ENV`] hides it.
     pub fn read(page_size: u64) -> Option<Self> {
-        let capability = match page_size {
-            0x20_0000 => Capability::Hugetlb2M,
-            0x4000_0000 => Capability::Hugetlb1G,
-            _ => return None,
-        };
+        let capability = Capability::hugetlb_of(page_size)?;
         if capability.is_hidden() {
             return None;
         }

@@ -36,13 +36,12 @@ use host::Capability;
 /// kernel without HugeTLB answers.
 pub fn memfd_create(name: &CStr, flags: libc::c_uint) -> io::Result<OwnedFd> {
     if flags & libc::MFD_HUGETLB != 0 {
-        let log2 = (flags >> libc::MFD_HUGE_SHIFT) & libc::MFD_HUGE_MASK;
-        let pool = if log2 == 30 {
-            Capability::Hugetlb1G
-        } else {
-            Capability::Hugetlb2M
+        // No size bits: the default huge page size, 2 MiB on x86.
+        let log2 = match (flags >> libc::MFD_HUGE_SHIFT) & libc::MFD_HUGE_MASK {
+            0 => 21,
+            log2 => log2,
         };
-        if pool.is_hidden() {
+        if Capability::hugetlb_of(1 << log2).is_some_and(Capability::is_hidden) {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
     }
