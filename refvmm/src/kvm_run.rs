@@ -451,7 +451,7 @@ fn dirty_log(
     let done = Arc::new(AtomicBool::new(false));
     let failure: Arc<Mutex<Option<String>>> = Arc::default();
     let mut result = DirtyLog::default();
-    std::thread::scope(|scope| -> Result<(), RunError> {
+    let outcome = std::thread::scope(|scope| -> Result<(), RunError> {
         for mut vcpu in fds {
             let (barrier, done, failure) = (barrier.clone(), done.clone(), failure.clone());
             scope.spawn(move || {
@@ -472,12 +472,16 @@ fn dirty_log(
                             Err(err) => break Err(format!("KVM_RUN: {err}")),
                         }
                     };
+                    // A failure is only recorded: the main thread finds it
+                    // after the pass and alone decides to stop (`done`). A
+                    // vCPU setting `done` itself could make another, still
+                    // reading it after the last barrier, leave a pass
+                    // early and strand the rest at the next barrier.
                     if let Err(why) = outcome {
                         failure
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
                             .get_or_insert(why);
-                        done.store(true, Ordering::Relaxed);
                     }
                     barrier.wait(); // the pass is done
                     barrier.wait(); // go on, or stop
@@ -530,11 +534,11 @@ fn dirty_log(
             barrier.wait(); // go
             barrier.wait(); // pass done
             let dirty_s = start.elapsed().as_secs_f64();
-            metrics.passes.fetch_add(1, Ordering::Relaxed);
             if let Err(err) = check_failure() {
                 finish(&done);
                 return Err(err);
             }
+            metrics.passes.fetch_add(1, Ordering::Relaxed);
             let start = Instant::now();
             // One bitmap over guest memory in order: slot 0 (3 GiB, a whole
             // number of 64-page words) then slot 1.
@@ -586,6 +590,14 @@ fn dirty_log(
         }
         finish(&done);
         Ok(())
-    })?;
-    Ok(result)
+    });
+    match outcome {
+        // A signal stopped a pass: the report keeps the passes done (and
+        // the populate and enable times).
+        Err(RunError::Guest(why)) if STOP.load(Ordering::Relaxed) => {
+            tracing::debug!(%why, passes = result.iterations.len(), "stopped by a signal");
+            Ok(result)
+        }
+        other => other.map(|()| result),
+    }
 }

@@ -1119,3 +1119,70 @@ fn prefault_past_the_hosts_available_memory_is_refused_naming_the_size() {
         "{object}"
     );
 }
+
+/// Starts refvmm on `config` with a metrics file, waits until it has done
+/// `passes` dirty-log passes, then stops it with SIGTERM.
+fn stop_after_passes(config: &Path, passes: u64) -> Output {
+    let metrics = config.with_extension("metrics");
+    let _ = std::fs::remove_file(&metrics);
+    let mut child = refvmm()
+        .args(["--config", config.to_str().unwrap(), "--report", "json"])
+        .arg("--metrics-file")
+        .arg(&metrics)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let done = std::fs::read_to_string(&metrics)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+            .filter_map(|line| line["passes"].as_u64())
+            .max()
+            .unwrap_or(0);
+        let exited = child.try_wait().unwrap().is_some();
+        if done >= passes || exited || Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // SAFETY: signals our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    child.wait_with_output().unwrap()
+}
+
+/// An interrupted run's JSON report keeps what finished: the prefault
+/// rate, the populate and enable times, and every pass done (as many as the
+/// live metrics counted), on the soft accelerator and on KVM.
+#[test]
+fn an_interrupted_json_report_keeps_the_passes_it_finished() {
+    for accel in ["soft", "kvm"] {
+        let test = format!("an_interrupted_json_report_keeps_the_passes_it_finished ({accel})");
+        if accel == "kvm" && !host_allows(&test, &[Capability::Kvm]) {
+            continue;
+        }
+        let config = write_config(
+            &format!("interrupted-{accel}.json"),
+            &format!(
+                r#"{{"vcpus": 2, "accel": "{accel}", "memory": {{"size_mib": 64, "prefault": true}},
+                    "workload": {{"kind": "dirty_log", "iterations": 1000, "bytes_per_vcpu_mib": 16}}}}"#
+            ),
+        );
+        let out = stop_after_passes(&config, 2);
+        assert_eq!(
+            out.status.code(),
+            Some(130),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).expect("a report");
+        assert_eq!(report["interrupted"], true, "{report}");
+        let iterations = report["iterations"].as_array().expect("iterations kept");
+        assert!(iterations.len() >= 2, "{accel}: {report}");
+        assert_eq!(report["passes"], iterations.len(), "{accel}: {report}");
+        assert!(report["prefault_gib_s"].as_f64().unwrap() > 0.0, "{report}");
+        assert!(report["populate_s"].as_f64().unwrap() > 0.0, "{report}");
+    }
+}
