@@ -257,9 +257,55 @@ pub enum BinaryMode {
     Long,
 }
 
+/// The `workload` section: what the guest runs, and for how long at most.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "RawWorkload")]
+pub struct WorkloadConfig {
+    /// What the guest runs (the section's `kind` and its fields).
+    pub kind: Workload,
+    /// Fail the run (exit 1, with the vCPUs' registers) when it has not
+    /// ended after this many milliseconds; none by default.
+    pub timeout_ms: Option<u64>,
+}
+
+impl std::ops::Deref for WorkloadConfig {
+    type Target = Workload;
+
+    fn deref(&self) -> &Workload {
+        &self.kind
+    }
+}
+
+impl From<Workload> for WorkloadConfig {
+    fn from(kind: Workload) -> Self {
+        Self {
+            kind,
+            timeout_ms: None,
+        }
+    }
+}
+
+impl Serialize for WorkloadConfig {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        /// The section as written: the kind's fields, then the timeout.
+        #[derive(Serialize)]
+        struct Section<'a> {
+            #[serde(flatten)]
+            kind: &'a Workload,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            timeout_ms: Option<u64>,
+        }
+        Section {
+            kind: &self.kind,
+            timeout_ms: self.timeout_ms,
+        }
+        .serialize(serializer)
+    }
+}
+
 /// What the guest runs.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", try_from = "RawWorkload")]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Workload {
     /// Prints a line on the serial port and halts.
     #[default]
@@ -324,6 +370,22 @@ struct RawWorkload {
     mode: Option<BinaryMode>,
     rounds: Option<u32>,
     huge_pages_per_vcpu: Option<u64>,
+    timeout_ms: Option<u64>,
+}
+
+impl TryFrom<RawWorkload> for WorkloadConfig {
+    type Error = String;
+
+    fn try_from(raw: RawWorkload) -> Result<Self, String> {
+        let timeout_ms = raw.timeout_ms;
+        if timeout_ms == Some(0) {
+            return Err("`timeout_ms` must be at least 1 (leave it out for no limit)".into());
+        }
+        Ok(Self {
+            kind: Workload::try_from(raw)?,
+            timeout_ms,
+        })
+    }
 }
 
 impl TryFrom<RawWorkload> for Workload {
@@ -427,7 +489,7 @@ pub struct Config {
     /// TDX.
     pub tdx: TdxConfig,
     /// Workload.
-    pub workload: Workload,
+    pub workload: WorkloadConfig,
 }
 
 impl Default for Config {
@@ -438,7 +500,7 @@ impl Default for Config {
             memory: MemoryConfig::default(),
             mmu: MmuConfig::default(),
             tdx: TdxConfig::default(),
-            workload: Workload::Hello,
+            workload: Workload::Hello.into(),
         }
     }
 }
@@ -599,7 +661,7 @@ impl Config {
         };
         let mut config = Self::parse_unchecked(&text).map_err(in_file)?;
         // A binary named by a relative path lies next to the configuration.
-        if let Workload::Binary { path: binary, .. } = &mut config.workload
+        if let Workload::Binary { path: binary, .. } = &mut config.workload.kind
             && binary.is_relative()
             && !stdin
             && let Some(dir) = path.parent()
@@ -729,7 +791,7 @@ impl Config {
                  it reaches through the direct map; use another backend",
             ));
         }
-        match &self.workload {
+        match &self.workload.kind {
             Workload::DirtyLog {
                 iterations,
                 bytes_per_vcpu_mib,
@@ -889,7 +951,7 @@ impl Config {
                     ));
                 }
             }
-            if matches!(self.workload, Workload::DirtyLog { .. }) {
+            if matches!(self.workload.kind, Workload::DirtyLog { .. }) {
                 return Err(invalid(
                     "memory.private_backend",
                     "dirty logging covers shared memory only; run dirty_log without \
@@ -899,7 +961,7 @@ impl Config {
         }
         if self.accel == Accel::Soft
             && !matches!(
-                self.workload,
+                self.workload.kind,
                 Workload::DirtyLog { .. } | Workload::Convert { .. }
             )
         {
@@ -909,7 +971,7 @@ impl Config {
                  run on it",
             ));
         }
-        if self.accel == Accel::Kvm && matches!(self.workload, Workload::Convert { .. }) {
+        if self.accel == Accel::Kvm && matches!(self.workload.kind, Workload::Convert { .. }) {
             return Err(invalid(
                 "workload.kind",
                 "convert runs on the soft accelerator; use \"accel\": \"soft\"",

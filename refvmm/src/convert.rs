@@ -33,7 +33,7 @@ use tdx_ext::{Seamcall, SimTdxModule, TdxMirror};
 
 use crate::config::{BackendName, Config, PamtPolicyName, Workload};
 use crate::engine::{RunError, create_memory, prefault};
-use crate::events::{Metrics, STOP};
+use crate::events::{Metrics, STOP, TIMED_OUT};
 use crate::report::{ConvertFigures, Report};
 
 const HUGE_PAGES: u64 = 512;
@@ -239,6 +239,11 @@ impl ConvertVm<'_> {
             if STOP.load(Ordering::Relaxed) {
                 return Err("stopped by a signal".into());
             }
+            if TIMED_OUT.load(Ordering::Relaxed) {
+                return Err(format!(
+                    "workload.timeout_ms passed with vCPU {id} at round {round} of {rounds}"
+                ));
+            }
             if round > 0 {
                 self.private_pass(&mut vcpu, start, end, round)?;
             }
@@ -286,7 +291,7 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
     let Workload::Convert {
         rounds,
         huge_pages_per_vcpu,
-    } = config.workload
+    } = config.workload.kind
     else {
         unreachable!("called for the convert workload");
     };

@@ -30,6 +30,11 @@ pub enum RunError {
     /// The guest or the workload failed.
     #[error("guest: {0}")]
     Guest(String),
+    /// A vCPU stopped in a way no workload expects (a triple fault, an
+    /// emulation failure, a failed entry, memory with no slot) or ran past
+    /// `workload.timeout_ms`: its exit and registers.
+    #[error("guest: {0}")]
+    GuestFault(Box<GuestFault>),
     /// A snapshot could not be saved or restored.
     #[error("snapshot: {0}")]
     Snapshot(String),
@@ -39,7 +44,7 @@ impl RunError {
     /// The process exit code for this error.
     pub fn exit_code(&self) -> i32 {
         match self {
-            Self::Guest(_) => 1,
+            Self::Guest(_) | Self::GuestFault(_) => 1,
             _ => 2,
         }
     }
@@ -59,6 +64,133 @@ impl RunError {
             Self::Memory(_) => Some("memory.backend"),
             _ => None,
         }
+    }
+}
+
+/// Where a vCPU stood when it failed: what a VMM developer reads first.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct GuestFault {
+    /// The vCPU.
+    pub vcpu: u64,
+    /// Why it stopped: the KVM exit (`KVM_EXIT_SHUTDOWN: triple fault`,
+    /// `KVM_EXIT_INTERNAL_ERROR`, ...) or the timeout.
+    pub exit: String,
+    /// `kvm_run.internal.suberror` of `KVM_EXIT_INTERNAL_ERROR`
+    /// (1: emulation failure, 2: simultaneous exceptions, 3: delivery event).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub suberror: Option<u32>,
+    /// The registers, when KVM could read them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub registers: Option<Registers>,
+}
+
+/// A vCPU's registers at a fault.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[expect(missing_docs, reason = "the x86 register names say what each is")]
+pub struct Registers {
+    pub rip: u64,
+    pub rsp: u64,
+    pub rflags: u64,
+    pub rax: u64,
+    pub rbx: u64,
+    pub rcx: u64,
+    pub rdx: u64,
+    pub rsi: u64,
+    pub rdi: u64,
+    pub rbp: u64,
+    pub cr0: u64,
+    pub cr2: u64,
+    pub cr3: u64,
+    pub cr4: u64,
+    pub efer: u64,
+    pub cs_selector: u16,
+    pub cs_base: u64,
+}
+
+impl Registers {
+    /// Reads them from `vcpu`.
+    pub fn read(vcpu: &kvm_ioctls::VcpuFd) -> Option<Self> {
+        let regs = vcpu.get_regs().ok()?;
+        let sregs = vcpu.get_sregs().ok()?;
+        Some(Self {
+            rip: regs.rip,
+            rsp: regs.rsp,
+            rflags: regs.rflags,
+            rax: regs.rax,
+            rbx: regs.rbx,
+            rcx: regs.rcx,
+            rdx: regs.rdx,
+            rsi: regs.rsi,
+            rdi: regs.rdi,
+            rbp: regs.rbp,
+            cr0: sregs.cr0,
+            cr2: sregs.cr2,
+            cr3: sregs.cr3,
+            cr4: sregs.cr4,
+            efer: sregs.efer,
+            cs_selector: sregs.cs.selector,
+            cs_base: sregs.cs.base,
+        })
+    }
+
+    /// The processor mode the registers say.
+    pub fn mode(&self) -> &'static str {
+        if self.efer & (1 << 10) != 0 {
+            "long"
+        } else if self.cr0 & 1 != 0 {
+            "protected"
+        } else {
+            "real"
+        }
+    }
+}
+
+impl GuestFault {
+    /// The fault of `vcpu` (number `id`) stopped by `exit`, with its
+    /// registers.
+    pub fn of(vcpu: &kvm_ioctls::VcpuFd, id: u64, exit: impl Into<String>) -> RunError {
+        RunError::GuestFault(Box::new(Self {
+            vcpu: id,
+            exit: exit.into(),
+            suberror: None,
+            registers: Registers::read(vcpu),
+        }))
+    }
+}
+
+impl std::fmt::Display for GuestFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "vCPU {} stopped: {}", self.vcpu, self.exit)?;
+        if let Some(suberror) = self.suberror {
+            write!(f, " (suberror {suberror})")?;
+        }
+        if let Some(r) = &self.registers {
+            write!(
+                f,
+                "; {} mode, rip={:#x} cs={:#x} (base {:#x}) rsp={:#x} rflags={:#x} \
+                 rax={:#x} rbx={:#x} rcx={:#x} rdx={:#x} rsi={:#x} rdi={:#x} rbp={:#x} \
+                 cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+                r.mode(),
+                r.rip,
+                r.cs_selector,
+                r.cs_base,
+                r.rsp,
+                r.rflags,
+                r.rax,
+                r.rbx,
+                r.rcx,
+                r.rdx,
+                r.rsi,
+                r.rdi,
+                r.rbp,
+                r.cr0,
+                r.cr2,
+                r.cr3,
+                r.cr4,
+                r.efer
+            )?;
+        }
+        Ok(())
     }
 }
 

@@ -17,6 +17,10 @@ use vmm_sys_util::timerfd::TimerFd;
 /// software run at its next pass.
 pub static STOP: AtomicBool = AtomicBool::new(false);
 
+/// Set when the run passes `workload.timeout_ms`: every vCPU loop stops
+/// at its next exit (kicked out of KVM_RUN) and reports where it stood.
+pub static TIMED_OUT: AtomicBool = AtomicBool::new(false);
+
 /// Counters the vCPU threads bump.
 #[derive(Debug, Default)]
 pub struct Metrics {
@@ -188,6 +192,8 @@ struct Controller {
     done: EventFd,
     signal: EventFd,
     timer: TimerFd,
+    /// Fires once at `workload.timeout_ms`.
+    deadline: Option<TimerFd>,
     metrics: Arc<Metrics>,
     live: Arc<ArcSwap<MetricsSnapshot>>,
     metrics_file: Option<MetricsFile>,
@@ -204,6 +210,10 @@ impl MutEventSubscriber for Controller {
             ops.add(Events::new_raw(fd, EventSet::IN))
                 .expect("registering a fresh fd");
         }
+        if let Some(deadline) = &self.deadline {
+            ops.add(Events::new_raw(deadline.as_raw_fd(), EventSet::IN))
+                .expect("registering a fresh fd");
+        }
     }
 
     fn process(&mut self, events: Events, _ops: &mut EventOps) {
@@ -214,6 +224,11 @@ impl MutEventSubscriber for Controller {
         } else if fd == self.signal.as_raw_fd() {
             let _ = self.signal.read();
             tracing::warn!("signal: stopping the run");
+            kick_vcpu_threads();
+        } else if let Some(deadline) = self.deadline.as_mut().filter(|d| d.as_raw_fd() == fd) {
+            let _ = deadline.wait();
+            tracing::warn!("workload.timeout_ms passed: stopping the vCPUs");
+            TIMED_OUT.store(true, Ordering::Relaxed);
             kick_vcpu_threads();
         } else if fd == self.timer.as_raw_fd() {
             let _ = self.timer.wait();
@@ -235,10 +250,13 @@ impl MutEventSubscriber for Controller {
 /// Runs `work` on a thread while the main thread runs the event loop; the
 /// loop ends when the work does. Returns the work's result and the last
 /// metrics snapshot. With `metrics_file`, the live metrics are written to
-/// it as JSON lines every second and once more at the end.
+/// it as JSON lines every second and once more at the end. At `timeout`
+/// (`workload.timeout_ms`), [`TIMED_OUT`] is set and the vCPU threads are
+/// kicked.
 pub fn run_with_event_loop<T: Send>(
     metrics: Arc<Metrics>,
     metrics_file: Option<std::fs::File>,
+    timeout: Option<Duration>,
     work: impl FnOnce() -> T + Send,
 ) -> std::io::Result<(T, MetricsSnapshot)> {
     let live = Arc::new(ArcSwap::from_pointee(MetricsSnapshot::default()));
@@ -246,6 +264,14 @@ pub fn run_with_event_loop<T: Send>(
     let signal = EventFd::new(EFD_NONBLOCK)?;
     let mut timer = TimerFd::new()?;
     timer.reset(Duration::from_secs(1), Some(Duration::from_secs(1)))?;
+    let deadline = match timeout {
+        Some(timeout) => {
+            let mut deadline = TimerFd::new()?;
+            deadline.reset(timeout, None)?;
+            Some(deadline)
+        }
+        None => None,
+    };
     SIGNAL_EVENT.store(signal.as_raw_fd(), Ordering::Relaxed);
     if STOP.load(Ordering::Relaxed) {
         signal.write(1)?;
@@ -255,6 +281,7 @@ pub fn run_with_event_loop<T: Send>(
         done,
         signal,
         timer,
+        deadline,
         metrics: metrics.clone(),
         live: live.clone(),
         metrics_file: metrics_file.map(|file| MetricsFile {

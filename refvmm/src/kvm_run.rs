@@ -13,7 +13,7 @@ use kvm_bindings::kvm_segment;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::config::{BinaryMode, Config, Workload, layout};
-use crate::engine::{RunError, create_memory, kvm_err, open_kvm, prefault, verify_log};
+use crate::engine::{GuestFault, RunError, create_memory, kvm_err, open_kvm, prefault, verify_log};
 use crate::events::{self, Metrics, STOP};
 use crate::programs::{self, CHECKPOINT_PORT, PASS_PORT, SERIAL, SERIAL_LSR, SHUTDOWN_PORT};
 use crate::report::{DirtyLog, Iteration, Report};
@@ -204,23 +204,79 @@ fn long_mode_tables(region: &GuestRegion, memory_bytes: u64) -> Result<(), RunEr
     write_guest(region, pdpt, &pdpt_entries)
 }
 
-/// Runs KVM_RUN on `vcpu` until the guest halts, writes the shutdown port,
-/// or (`checkpoint`) reaches the counter's checkpoint; serial output goes
-/// to `serial`. Returns the reason.
+/// What an exit no workload expects says, in words.
+fn unexpected_exit(exit: &VcpuExit) -> String {
+    match exit {
+        VcpuExit::Shutdown => "KVM_EXIT_SHUTDOWN: the guest shut down (a triple fault)".into(),
+        VcpuExit::InternalError => "KVM_EXIT_INTERNAL_ERROR".into(),
+        VcpuExit::FailEntry(reason, cpu) => {
+            format!("KVM_EXIT_FAIL_ENTRY: hardware entry failure reason {reason:#x} on CPU {cpu}")
+        }
+        VcpuExit::MmioRead(gpa, data) => format!(
+            "KVM_EXIT_MMIO: a {}-byte read at gpa {gpa:#x}, where no memory is",
+            data.len()
+        ),
+        VcpuExit::MmioWrite(gpa, data) => format!(
+            "KVM_EXIT_MMIO: a {}-byte write at gpa {gpa:#x}, where no memory is",
+            data.len()
+        ),
+        other => format!("an exit no workload expects: {other:?}"),
+    }
+}
+
+/// Why a vCPU loop stops before its guest is done, if it must: a signal
+/// (reported as an interrupted run) or the workload's timeout (a fault).
+fn stop_requested(vcpu: &VcpuFd, id: u64) -> Option<RunError> {
+    if STOP.load(Ordering::Relaxed) {
+        Some(RunError::Guest("stopped by a signal".into()))
+    } else if events::TIMED_OUT.load(Ordering::Relaxed) {
+        Some(GuestFault::of(
+            vcpu,
+            id,
+            "workload.timeout_ms passed with the guest still running",
+        ))
+    } else {
+        None
+    }
+}
+
+/// The fault of vCPU `id` after the unexpected exit `exit`, with the
+/// suberror of an internal error.
+fn fault(vcpu: &mut VcpuFd, id: u64, exit: String) -> RunError {
+    let run = vcpu.get_kvm_run();
+    let suberror = (run.exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR).then(|| {
+        // SAFETY: KVM filled `internal`, the union member its exit reason
+        // names.
+        unsafe { run.__bindgen_anon_1.internal.suberror }
+    });
+    let mut err = GuestFault::of(vcpu, id, exit);
+    if let RunError::GuestFault(fault) = &mut err {
+        fault.suberror = suberror;
+    }
+    err
+}
+
+/// Runs KVM_RUN on vCPU `id` until the guest halts, writes the shutdown
+/// port, or (`checkpoint`) reaches the counter's checkpoint; serial output
+/// goes to `serial`. Returns the reason; an exit no workload expects, or
+/// the timeout, is a [`GuestFault`].
 fn run_until_done(
     vcpu: &mut VcpuFd,
+    id: u64,
     serial: &mut dyn Write,
     serial_bytes: &mut u64,
     stop_at_checkpoint: bool,
     metrics: &Metrics,
 ) -> Result<String, RunError> {
     loop {
-        if STOP.load(Ordering::Relaxed) {
-            return Ok("stopped by a signal".into());
+        match stop_requested(vcpu, id) {
+            Some(RunError::Guest(why)) => return Ok(why),
+            Some(err) => return Err(err),
+            None => {}
         }
         let exit = vcpu.run();
         metrics.vcpu_exits.fetch_add(1, Ordering::Relaxed);
-        match exit {
+        let unexpected = match exit {
             Ok(VcpuExit::IoOut(SERIAL, data)) => {
                 serial
                     .write_all(data)
@@ -229,24 +285,24 @@ fn run_until_done(
                 metrics
                     .serial_bytes
                     .fetch_add(data.len() as u64, Ordering::Relaxed);
+                continue;
             }
             Ok(VcpuExit::IoOut(SHUTDOWN_PORT, _)) => return Ok("shutdown port".into()),
             Ok(VcpuExit::IoOut(CHECKPOINT_PORT, _)) if stop_at_checkpoint => {
                 return Ok("checkpoint".into());
             }
-            Ok(VcpuExit::IoOut(_, _)) => {}
+            Ok(VcpuExit::IoOut(_, _)) => continue,
             Ok(VcpuExit::IoIn(port, data)) => {
                 // A transmitter that is always ready; nothing else answers.
                 data.fill(if port == SERIAL_LSR { 0x60 } else { 0xff });
+                continue;
             }
             Ok(VcpuExit::Hlt) => return Ok("halted".into()),
-            Ok(VcpuExit::Shutdown) => {
-                return Err(RunError::Guest("the guest shut down (triple fault)".into()));
-            }
-            Ok(other) => return Err(RunError::Guest(format!("unexpected exit {other:?}"))),
-            Err(err) if err.errno() == libc::EINTR => {}
+            Ok(other) => unexpected_exit(&other),
+            Err(err) if err.errno() == libc::EINTR => continue,
             Err(err) => return Err(RunError::Guest(format!("KVM_RUN: {err}"))),
-        }
+        };
+        return Err(fault(vcpu, id, unexpected));
     }
 }
 
@@ -271,7 +327,14 @@ fn park_secondary_vcpus(
         real_mode(&vcpu, layout::PARK)?;
         let mut ignored = std::io::sink();
         let mut serial_bytes = 0;
-        let exit = run_until_done(&mut vcpu, &mut ignored, &mut serial_bytes, false, metrics)?;
+        let exit = run_until_done(
+            &mut vcpu,
+            id,
+            &mut ignored,
+            &mut serial_bytes,
+            false,
+            metrics,
+        )?;
         if exit != "halted" {
             return Err(RunError::Guest(format!(
                 "vCPU {id} did not park on its hlt: {exit}"
@@ -305,7 +368,7 @@ pub fn run(
 ) -> Result<Report, RunError> {
     let vm = build(config)?;
     let mut report = base_report(config, &vm);
-    match &config.workload {
+    match &config.workload.kind {
         Workload::DirtyLog {
             iterations,
             bytes_per_vcpu_mib,
@@ -388,7 +451,14 @@ pub fn run(
             let mut serial_bytes = 0;
             events::register_vcpu_thread();
             tracing::debug!(vcpu = 0, "vCPU starts");
-            let exit = run_until_done(&mut vcpu, serial, &mut serial_bytes, snapshot_here, metrics);
+            let exit = run_until_done(
+                &mut vcpu,
+                0,
+                serial,
+                &mut serial_bytes,
+                snapshot_here,
+                metrics,
+            );
             tracing::debug!(vcpu = 0, ?exit, "vCPU stops");
             events::unregister_vcpu_thread();
             let exit = exit?;
@@ -449,28 +519,33 @@ fn dirty_log(
     }
     let barrier = Arc::new(Barrier::new(vcpus + 1));
     let done = Arc::new(AtomicBool::new(false));
-    let failure: Arc<Mutex<Option<String>>> = Arc::default();
+    let failure: Arc<Mutex<Option<RunError>>> = Arc::default();
     let mut result = DirtyLog::default();
     let outcome = std::thread::scope(|scope| -> Result<(), RunError> {
-        for mut vcpu in fds {
+        for (id, mut vcpu) in fds.into_iter().enumerate() {
             let (barrier, done, failure) = (barrier.clone(), done.clone(), failure.clone());
+            let id = id as u64;
             scope.spawn(move || {
                 events::register_vcpu_thread();
                 loop {
                     let outcome = loop {
-                        if STOP.load(Ordering::Relaxed) {
-                            break Err("stopped by a signal".to_string());
+                        if let Some(err) = stop_requested(&vcpu, id) {
+                            break Err(err);
                         }
                         let exit = vcpu.run();
                         metrics.vcpu_exits.fetch_add(1, Ordering::Relaxed);
-                        match exit {
+                        let unexpected = match exit {
                             Ok(VcpuExit::IoOut(PASS_PORT, _)) => break Ok(()),
-                            Ok(VcpuExit::IoOut(_, _)) => {}
-                            Ok(VcpuExit::IoIn(_, data)) => data.fill(0xff),
-                            Ok(other) => break Err(format!("unexpected exit {other:?}")),
-                            Err(err) if err.errno() == libc::EINTR => {}
-                            Err(err) => break Err(format!("KVM_RUN: {err}")),
-                        }
+                            Ok(VcpuExit::IoOut(_, _)) => continue,
+                            Ok(VcpuExit::IoIn(_, data)) => {
+                                data.fill(0xff);
+                                continue;
+                            }
+                            Ok(other) => unexpected_exit(&other),
+                            Err(err) if err.errno() == libc::EINTR => continue,
+                            Err(err) => break Err(RunError::Guest(format!("KVM_RUN: {err}"))),
+                        };
+                        break Err(fault(&mut vcpu, id, unexpected));
                     };
                     // A failure is only recorded: the main thread finds it
                     // after the pass and alone decides to stop (`done`). A
@@ -494,8 +569,8 @@ fn dirty_log(
             });
         }
         let check_failure = || -> Result<(), RunError> {
-            match failure.lock().unwrap_or_else(|p| p.into_inner()).clone() {
-                Some(why) => Err(RunError::Guest(why)),
+            match failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                Some(err) => Err(err),
                 None => Ok(()),
             }
         };

@@ -111,6 +111,8 @@ struct Failure {
     code: u8,
     field: Option<String>,
     message: String,
+    /// Where the guest stood, when a vCPU faulted or timed out.
+    guest: Option<serde_json::Value>,
 }
 
 impl Failure {
@@ -119,6 +121,7 @@ impl Failure {
             code,
             field: None,
             message: message.to_string(),
+            guest: None,
         }
     }
 
@@ -130,10 +133,13 @@ impl Failure {
     fn exit(self, json: bool) -> ExitCode {
         eprintln!("refvmm: {}", self.message);
         if json {
-            let object = serde_json::json!({
+            let mut object = serde_json::json!({
                 "exit": self.code,
                 "error": { "field": self.field, "message": self.message },
             });
+            if let Some(guest) = self.guest {
+                object["error"]["guest"] = guest;
+            }
             let _ = writeln!(std::io::stdout(), "{object}");
         }
         ExitCode::from(self.code)
@@ -142,7 +148,11 @@ impl Failure {
 
 impl From<&RunError> for Failure {
     fn from(err: &RunError) -> Self {
-        Failure::new(err.exit_code() as u8, err).field(err.field())
+        let mut failure = Failure::new(err.exit_code() as u8, err).field(err.field());
+        if let RunError::GuestFault(fault) = err {
+            failure.guest = serde_json::to_value(fault).ok();
+        }
+        failure
     }
 }
 
@@ -281,7 +291,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
     };
     if let Some(dir) = &cli.snapshot {
         let refuse = |message: String| Failure::new(2, message).field(Some("--snapshot"));
-        if !matches!(config.workload, Workload::Counter) {
+        if !matches!(config.workload.kind, Workload::Counter) {
             return Err(refuse(
                 "--snapshot: only the counter workload has a checkpoint".into(),
             ));
@@ -306,27 +316,32 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
     // What the configuration needs from the host, before any guest runs.
     refvmm::engine::check_host(&config, &gmem::HostCaps::probe()).map_err(run_failure)?;
     tracing::debug!(accel = ?config.accel, workload = refvmm::workload_name(&config.workload), "run starts");
-    let (result, live) = events::run_with_event_loop(metrics.clone(), metrics_file, || {
-        let mut serial: Box<dyn Write + Send> = if json {
-            Box::new(std::io::stderr())
-        } else {
-            Box::new(std::io::stdout())
-        };
-        match config.accel {
-            Accel::Kvm => kvm_run::run(
-                &config,
-                &mut *serial,
-                kvm_run::KvmOptions {
-                    snapshot_dir,
-                    overwrite_snapshot: cli.overwrite,
-                    restore,
-                },
-                &metrics,
-            ),
-            Accel::Soft => soft_run::run(&config, &metrics),
-        }
-    })
-    .map_err(|err| Failure::new(2, format!("event loop: {err}")))?;
+    let timeout = config
+        .workload
+        .timeout_ms
+        .map(std::time::Duration::from_millis);
+    let (result, live) =
+        events::run_with_event_loop(metrics.clone(), metrics_file, timeout, || {
+            let mut serial: Box<dyn Write + Send> = if json {
+                Box::new(std::io::stderr())
+            } else {
+                Box::new(std::io::stdout())
+            };
+            match config.accel {
+                Accel::Kvm => kvm_run::run(
+                    &config,
+                    &mut *serial,
+                    kvm_run::KvmOptions {
+                        snapshot_dir,
+                        overwrite_snapshot: cli.overwrite,
+                        restore,
+                    },
+                    &metrics,
+                ),
+                Accel::Soft => soft_run::run(&config, &metrics),
+            }
+        })
+        .map_err(|err| Failure::new(2, format!("event loop: {err}")))?;
     let stopped = events::STOP.load(std::sync::atomic::Ordering::Relaxed);
     let result = match result {
         // A signal stopped the run before the workload had anything to

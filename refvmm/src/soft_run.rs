@@ -16,7 +16,7 @@ use tdx_ext::{Seamcall, SimTdxModule, TdxMirror};
 
 use crate::config::{BackendName, Config, PamtPolicyName, Workload, layout};
 use crate::engine::{RunError, create_memory, open_kvm, prefault, verify_log};
-use crate::events::{Metrics, STOP};
+use crate::events::{Metrics, STOP, TIMED_OUT};
 use crate::report::{CacheFigures, DirtyLog, Iteration, Report, SplitFigures, TdxFigures};
 
 struct Td {
@@ -26,14 +26,14 @@ struct Td {
 
 /// Runs the dirty_log workload on the software MMU stack.
 pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
-    if let Workload::Convert { .. } = config.workload {
+    if let Workload::Convert { .. } = config.workload.kind {
         return crate::convert::run(config, metrics);
     }
     let Workload::DirtyLog {
         iterations,
         bytes_per_vcpu_mib,
         write_percent,
-    } = config.workload
+    } = config.workload.kind
     else {
         return Err(RunError::Host {
             what: "workload.kind".into(),
@@ -227,6 +227,12 @@ fn drive(
             // Stopped by a signal: the report keeps the passes done.
             tracing::debug!(iteration, "stopped by a signal before this pass");
             break;
+        }
+        if TIMED_OUT.load(Ordering::Relaxed) {
+            return Err(RunError::Guest(format!(
+                "workload.timeout_ms passed after {} of {iterations} passes",
+                iteration - 1
+            )));
         }
         let start = Instant::now();
         barrier.wait();

@@ -1091,6 +1091,90 @@ fn every_exit_prints_one_json_object_with_report_json() {
             .unwrap()
             .contains("guest")
     );
+    // What a VMM developer needs: the exit, and the registers where the
+    // guest stood (long mode, paging on).
+    let guest = &object["error"]["guest"];
+    assert!(
+        guest["exit"]
+            .as_str()
+            .unwrap()
+            .contains("KVM_EXIT_SHUTDOWN"),
+        "{guest}"
+    );
+    assert_eq!(guest["vcpu"], 0);
+    assert_ne!(
+        guest["registers"]["efer"].as_u64().unwrap() & (1 << 10),
+        0,
+        "{guest}"
+    );
+    assert!(guest["registers"]["cr3"].as_u64().unwrap() > 0, "{guest}");
+}
+
+/// `workload.timeout_ms` ends a guest that never stops: exit 1, naming the
+/// timeout, with the registers of the vCPU where it spun; and a soft run
+/// past its timeout fails the same way.
+#[test]
+fn a_spinning_guest_is_stopped_at_the_workload_timeout_with_its_registers() {
+    let soft = write_config(
+        "soft-timeout.json",
+        r#"{"vcpus": 2, "accel": "soft", "memory": {"size_mib": 64},
+            "workload": {"kind": "dirty_log", "iterations": 1000, "bytes_per_vcpu_mib": 16,
+                         "timeout_ms": 300}}"#,
+    );
+    let out = run(&["--config", soft.to_str().unwrap(), "--report", "json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let object: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        object["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("workload.timeout_ms"),
+        "{object}"
+    );
+    if !host_allows(
+        "a_spinning_guest_is_stopped_at_the_workload_timeout_with_its_registers (kvm)",
+        &[Capability::Kvm],
+    ) {
+        return;
+    }
+    // Real mode at 0x1000: jmp $ (the guest never exits on its own).
+    let binary = write_config("spin-timeout.bin", "");
+    std::fs::write(&binary, [0xeb, 0xfe]).unwrap();
+    let config = write_config(
+        "spin-timeout.json",
+        &format!(
+            r#"{{"vcpus": 1, "memory": {{"size_mib": 4}}, "workload": {{"kind": "binary",
+                "path": "{}", "load_gpa": 4096, "entry_gpa": 4096, "timeout_ms": 300}}}}"#,
+            binary.display()
+        ),
+    );
+    let out = run(&["--config", config.to_str().unwrap(), "--report", "json"]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let object: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let guest = &object["error"]["guest"];
+    assert!(
+        guest["exit"].as_str().unwrap().contains("timeout_ms"),
+        "{guest}"
+    );
+    // Real mode, CS based at 0: the jmp at 0x1000 is where it spins.
+    assert_eq!(guest["registers"]["rip"], 0x1000, "{guest}");
+    assert_eq!(
+        guest["registers"]["cr0"].as_u64().unwrap() & 1,
+        0,
+        "{guest}"
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("real mode, rip=0x1000"), "{stderr}");
 }
 
 /// Prefaulting more memory than the host has available is refused before
