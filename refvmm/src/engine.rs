@@ -424,6 +424,58 @@ pub fn prefault(config: &Config, file: &GuestMemFile) -> Result<Option<f64>, Run
     Ok(Some(report.gib_per_s()))
 }
 
+/// Progress of the dirty-log passes on a terminal (stderr): pass N of M,
+/// the memory the vCPUs have written and the rate. Nothing off a terminal.
+pub struct PassProgress {
+    bar: Option<indicatif::ProgressBar>,
+    bytes_per_pass: u64,
+    started: std::time::Instant,
+}
+
+impl PassProgress {
+    /// Progress over `passes` passes that each write `bytes_per_pass`.
+    pub fn new(passes: u32, bytes_per_pass: u64) -> Self {
+        let bar = std::io::stderr().is_terminal().then(|| {
+            let bar = indicatif::ProgressBar::new(u64::from(passes));
+            bar.set_style(
+                indicatif::ProgressStyle::with_template(
+                    "dirty-log pass {pos}/{len} {bar:30} {msg}",
+                )
+                .expect("a valid template"),
+            );
+            bar
+        });
+        Self {
+            bar,
+            bytes_per_pass,
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// One more pass is done.
+    pub fn pass_done(&self) {
+        let Some(bar) = &self.bar else {
+            return;
+        };
+        bar.inc(1);
+        let written = bar.position() * self.bytes_per_pass;
+        let rate = written as f64 / self.started.elapsed().as_secs_f64().max(1e-9);
+        bar.set_message(format!(
+            "{} written, {}/s",
+            indicatif::BinaryBytes(written),
+            indicatif::BinaryBytes(rate as u64)
+        ));
+    }
+}
+
+impl Drop for PassProgress {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.bar {
+            bar.finish_and_clear();
+        }
+    }
+}
+
 /// Every page written in the pass must be in the log.
 pub fn verify_log(
     log: &[u64],

@@ -13,7 +13,9 @@ use kvm_bindings::kvm_segment;
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::config::{BinaryMode, Config, Workload, layout};
-use crate::engine::{GuestFault, RunError, create_memory, kvm_err, open_kvm, prefault, verify_log};
+use crate::engine::{
+    GuestFault, PassProgress, RunError, create_memory, kvm_err, open_kvm, prefault, verify_log,
+};
 use crate::events::{self, Metrics, STOP};
 use crate::programs::{self, CHECKPOINT_PORT, PASS_PORT, SERIAL, SERIAL_LSR, SHUTDOWN_PORT};
 use crate::report::{DirtyLog, Iteration, Report};
@@ -244,11 +246,13 @@ fn stop_requested(vcpu: &VcpuFd, id: u64) -> Option<RunError> {
 /// suberror of an internal error.
 fn fault(vcpu: &mut VcpuFd, id: u64, exit: String) -> RunError {
     let run = vcpu.get_kvm_run();
-    let suberror = (run.exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR).then(|| {
+    let suberror = if run.exit_reason == kvm_bindings::KVM_EXIT_INTERNAL_ERROR {
         // SAFETY: KVM filled `internal`, the union member its exit reason
         // names.
-        unsafe { run.__bindgen_anon_1.internal.suberror }
-    });
+        Some(unsafe { run.__bindgen_anon_1.internal.suberror })
+    } else {
+        None
+    };
     let mut err = GuestFault::of(vcpu, id, exit);
     if let RunError::GuestFault(fault) = &mut err {
         fault.suberror = suberror;
@@ -604,6 +608,10 @@ fn dirty_log(
             }
         }
         result.enable_dirty_log_s = start.elapsed().as_secs_f64();
+        let progress = PassProgress::new(
+            iterations,
+            vcpus as u64 * share_bytes * u64::from(write_percent) / 100,
+        );
         for iteration in 1..=iterations {
             let start = Instant::now();
             barrier.wait(); // go
@@ -662,6 +670,7 @@ fn dirty_log(
                 clear_dirty_log_s: clear_s,
                 dirty_pages,
             });
+            progress.pass_done();
         }
         finish(&done);
         Ok(())

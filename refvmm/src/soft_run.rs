@@ -15,7 +15,7 @@ use tdx_ext::pamt::PamtPolicy;
 use tdx_ext::{Seamcall, SimTdxModule, TdxMirror};
 
 use crate::config::{BackendName, Config, PamtPolicyName, Workload, layout};
-use crate::engine::{RunError, create_memory, open_kvm, prefault, verify_log};
+use crate::engine::{PassProgress, RunError, create_memory, open_kvm, prefault, verify_log};
 use crate::events::{Metrics, STOP, TIMED_OUT};
 use crate::report::{CacheFigures, DirtyLog, Iteration, Report, SplitFigures, TdxFigures};
 
@@ -222,6 +222,10 @@ fn drive(
         .map_err(|err| RunError::Kvm(format!("enable dirty logging: {err}")))?;
     report.enable_dirty_log_s = start.elapsed().as_secs_f64();
     report.pages_after_enable = Some(mmu.page_stats().into());
+    let progress = PassProgress::new(
+        iterations,
+        u64::from(config.vcpus) * share_bytes * u64::from(write_percent) / 100,
+    );
     for iteration in 1..=iterations {
         if STOP.load(Ordering::Relaxed) {
             // Stopped by a signal: the report keeps the passes done.
@@ -277,6 +281,7 @@ fn drive(
             clear_dirty_log_s: clear_s,
             dirty_pages: log.iter().map(|w| u64::from(w.count_ones())).sum(),
         });
+        progress.pass_done();
     }
     let counters = mmu.counters();
     report.splits = Some(SplitFigures {

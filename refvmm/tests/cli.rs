@@ -1270,3 +1270,36 @@ fn an_interrupted_json_report_keeps_the_passes_it_finished() {
         assert!(report["populate_s"].as_f64().unwrap() > 0.0, "{report}");
     }
 }
+
+/// On a terminal a long run shows its progress: pass N of M, the memory
+/// written and the rate (run under `script`, which gives refvmm a
+/// pseudo-terminal). Off a terminal nothing of it is printed.
+#[test]
+fn a_long_run_shows_its_passes_on_a_terminal_and_nowhere_else() {
+    let config = write_config(
+        "progress.json",
+        r#"{"vcpus": 2, "accel": "soft", "memory": {"size_mib": 64},
+            "workload": {"kind": "dirty_log", "iterations": 200, "bytes_per_vcpu_mib": 16}}"#,
+    );
+    let command = format!(
+        "{} --config {}",
+        env!("CARGO_BIN_EXE_refvmm"),
+        config.display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &command, "/dev/null"])
+        .output()
+        .expect("script(1), from util-linux");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let screen = String::from_utf8_lossy(&out.stdout);
+    assert!(screen.contains("dirty-log pass "), "{screen}");
+    assert!(screen.contains("/200"), "{screen}");
+    assert!(screen.contains("written, "), "{screen}");
+    let piped = run(&["--config", config.to_str().unwrap()]);
+    assert!(piped.status.success());
+    assert!(!String::from_utf8_lossy(&piped.stderr).contains("dirty-log pass"));
+}
