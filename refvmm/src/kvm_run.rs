@@ -21,6 +21,8 @@ use crate::programs::{self, CHECKPOINT_PORT, PASS_PORT, SERIAL, SERIAL_LSR, SHUT
 use crate::report::{DirtyLog, Iteration, Report};
 use crate::snapshot::{self, Snapshot};
 
+/// What a loop a signal stopped says.
+const STOPPED_BY_A_SIGNAL: &str = "stopped by a signal";
 /// Manual protect, with every bit initially set.
 const MANUAL_PROTECT_FLAGS: u64 =
     (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET) as u64;
@@ -226,17 +228,24 @@ fn unexpected_exit(exit: &VcpuExit) -> String {
     }
 }
 
-/// Why a vCPU loop stops before its guest is done, if it must: a signal
-/// (reported as an interrupted run) or the workload's timeout (a fault).
-fn stop_requested(vcpu: &VcpuFd, id: u64) -> Option<RunError> {
+/// Why a vCPU loop stops before its guest is done.
+enum Stop {
+    /// SIGINT or SIGTERM: the run reports what it did, as interrupted.
+    Signal,
+    /// `workload.timeout_ms` passed: a fault, with the vCPU's registers.
+    Timeout(RunError),
+}
+
+/// Whether vCPU `id`'s loop must stop now, and why.
+fn stop_requested(vcpu: &VcpuFd, id: u64) -> Option<Stop> {
     if STOP.load(Ordering::Relaxed) {
-        Some(RunError::Guest("stopped by a signal".into()))
+        Some(Stop::Signal)
     } else if events::TIMED_OUT.load(Ordering::Relaxed) {
-        Some(GuestFault::of(
+        Some(Stop::Timeout(GuestFault::of(
             vcpu,
             id,
             "workload.timeout_ms passed with the guest still running",
-        ))
+        )))
     } else {
         None
     }
@@ -274,8 +283,8 @@ fn run_until_done(
 ) -> Result<String, RunError> {
     loop {
         match stop_requested(vcpu, id) {
-            Some(RunError::Guest(why)) => return Ok(why),
-            Some(err) => return Err(err),
+            Some(Stop::Signal) => return Ok(STOPPED_BY_A_SIGNAL.into()),
+            Some(Stop::Timeout(fault)) => return Err(fault),
             None => {}
         }
         let exit = vcpu.run();
@@ -533,8 +542,12 @@ fn dirty_log(
                 events::register_vcpu_thread();
                 loop {
                     let outcome = loop {
-                        if let Some(err) = stop_requested(&vcpu, id) {
-                            break Err(err);
+                        match stop_requested(&vcpu, id) {
+                            Some(Stop::Signal) => {
+                                break Err(RunError::Guest(STOPPED_BY_A_SIGNAL.into()));
+                            }
+                            Some(Stop::Timeout(fault)) => break Err(fault),
+                            None => {}
                         }
                         let exit = vcpu.run();
                         metrics.vcpu_exits.fetch_add(1, Ordering::Relaxed);
