@@ -8,6 +8,10 @@ use std::cell::Cell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
+/// Huge leaves a splitter splits between two voluntary releases of the
+/// lock, so that faults waiting for it are not starved by a long split.
+pub(crate) const SPLITS_PER_YIELD: u64 = 64;
+
 /// Reader shards per lock; threads beyond this share shards.
 pub(crate) const SHARDS: usize = 64;
 

@@ -15,6 +15,12 @@ pub struct PageStats {
     pub pages_1g: u64,
 }
 
+/// The slot of `level`'s leaf count in a per-level array: 0 for 4K, 1 for
+/// 2M, 2 for 1G (both MMUs keep their counts this way).
+pub(crate) fn stat_index(level: Level) -> usize {
+    usize::from(level.get() - 1)
+}
+
 /// What a translation found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Translation {

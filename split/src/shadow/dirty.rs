@@ -1,6 +1,12 @@
 //! Dirty logging on the shadow MMU: write protection through the rmaps.
 
-use super::*;
+use mmu_cache::alloc::NoAllocSection;
+
+use crate::addr::Gfn;
+use crate::ept::{Level, WRITE};
+use crate::memslot::{LogMode, Memslot, MemslotError};
+
+use super::{ShadowError, ShadowMmu};
 
 impl ShadowMmu {
     /// Starts dirty logging on slot `id`. Classic mode splits huge leaves

@@ -1,6 +1,16 @@
 //! Faults: the guest EPT walk (the CPU's rules) and the shadow path.
 
-use super::*;
+use mmu_cache::alloc::NoAllocSection;
+
+use crate::addr::{Gfn, Gpa, Hpa};
+use crate::ept::{ACCESSED, AccessKind, DIRTY, Entry, EptCaps, Level, RWX, WRITE};
+use crate::guest::GuestTables;
+use crate::memslot::Memslot;
+use crate::translation::{Access, Translation, stat_index};
+
+use super::{
+    GUEST_ACCESS_SHIFT, Role, ShadowCaches, ShadowError, ShadowMmu, State, Vcpu, guest_access,
+};
 
 /// The walk of the guest's EPT for one nested frame.
 pub(super) struct GuestWalk {

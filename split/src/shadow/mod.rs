@@ -25,32 +25,28 @@
 //! The page allocator is never called while the lock is held: every cache
 //! is topped up before it is taken.
 
-use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard};
-
-use mmu_cache::alloc::NoAllocSection;
-use mmu_cache::{
-    CacheError, ObjectCache, Page, PageCache, PageKind, PagePool, Slab, SlabBox, SlabError,
-};
-
 mod dirty;
 mod fault;
 mod page;
 mod rmap;
 mod split;
 mod sync;
-
 pub use rmap::PteListDesc;
+
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use mmu_cache::{
+    CacheError, ObjectCache, Page, PageCache, PageKind, PagePool, Slab, SlabBox, SlabError,
+};
 use rmap::{PteList, SlotRmaps};
 
 use crate::addr::{Gfn, Gpa, Hpa};
-use crate::ept::{
-    self, ACCESSED, AccessKind, DIRTY, Entry, EptCaps, EptError, Level, MemType, RWX, WRITE,
-};
+use crate::ept::{self, AccessKind, Entry, EptCaps, EptError, Level, MemType, RWX};
 use crate::guest::GuestTables;
-use crate::memslot::{LogMode, Memslot, MemslotError};
+use crate::memslot::{Memslot, MemslotError};
 use crate::page_map::PageMap;
-use crate::translation::{Access, PageStats, Translation};
+use crate::translation::PageStats;
 
 /// Pages that hold shadow tables.
 #[derive(Debug)]
@@ -69,8 +65,6 @@ pub const SPLIT_DESC_CAPACITY: usize = SPLIT_DESC_MIN + mmu_cache::DEFAULT_CAPAC
 /// `KVM_NUM_MMU_PAGES`; it grows to two per 2 MiB of memslot when slots
 /// are added, and doubles whenever it holds more than two pages a bucket.
 const HASH_BUCKETS: usize = 1 << 12;
-/// Splits between two voluntary releases of the lock.
-const SPLITS_PER_YIELD: u64 = 64;
 /// Where a leaf keeps the guest's permissions (in bits EPT ignores), so
 /// that write protection for dirty logging can be undone and split
 /// children know the guest's access.
@@ -385,10 +379,6 @@ fn bucket_of(gfn: u64, buckets: usize) -> usize {
 
 fn guest_access(leaf: Entry) -> u64 {
     (leaf.bits() >> GUEST_ACCESS_SHIFT) & RWX
-}
-
-fn stat_index(level: Level) -> usize {
-    usize::from(level.get() - 1)
 }
 
 impl State {

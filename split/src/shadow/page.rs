@@ -1,6 +1,16 @@
 //! Shadow pages: found or made by `(gfn, role)`, linked, and zapped.
 
-use super::*;
+use mmu_cache::ObjectCache;
+use mmu_cache::alloc::NoAllocSection;
+
+use crate::addr::{Gfn, Hpa};
+use crate::ept::{self, Entry, Level};
+use crate::translation::stat_index;
+
+use super::{
+    PteListDesc, Role, ShadowCaches, ShadowError, ShadowMmu, ShadowPage, ShadowPageInfo, State,
+    Vcpu,
+};
 
 impl ShadowMmu {
     /// Finds the shadow page `(gfn, role)` or creates it from `caches`.

@@ -1,7 +1,15 @@
 //! Reverse maps and parent lists: lists of entry addresses, one address
 //! inline or chains of 14-entry descriptors from an object cache.
 
-use super::*;
+use std::fmt;
+use std::sync::Arc;
+
+use mmu_cache::{CacheError, ObjectCache, SlabBox};
+
+use crate::ept::Level;
+use crate::memslot::Memslot;
+
+use super::PTE_LIST_EXT;
 
 /// A descriptor of an rmap or parent list: up to [`PTE_LIST_EXT`] entry
 /// addresses and the next descriptor.
@@ -447,7 +455,9 @@ impl SlotRmaps {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::shadow::ShadowTablePage;
     use mmu_cache::alloc::ChunkAllocator;
+    use mmu_cache::{PagePool, Slab};
 
     fn descriptors() -> (Arc<Slab<PteListDesc>>, ObjectCache<PteListDesc>) {
         let pool: Arc<PagePool<ShadowTablePage>> = PagePool::new(ChunkAllocator::anonymous());

@@ -1,6 +1,13 @@
 //! Eager splitting of huge shadow leaves without a vCPU.
 
-use super::*;
+use mmu_cache::alloc::NoAllocSection;
+
+use crate::addr::Gfn;
+use crate::ept::{self, Entry, Level};
+use crate::lock::SPLITS_PER_YIELD;
+use crate::translation::stat_index;
+
+use super::{Role, ShadowCaches, ShadowError, ShadowMmu, State, guest_access};
 
 impl ShadowMmu {
     /// Splits every huge leaf that maps L1 frames in `[start_gfn, end_gfn)`

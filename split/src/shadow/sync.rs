@@ -1,6 +1,12 @@
 //! Unsync pages: the write-protection trap and the sync from the guest.
 
-use super::*;
+use mmu_cache::alloc::NoAllocSection;
+
+use crate::addr::Gfn;
+use crate::ept::Level;
+use crate::guest::GuestTables;
+
+use super::{ShadowMmu, State, Vcpu, guest_access};
 
 impl ShadowMmu {
     /// The guest wrote its table at L1 frame `table_gfn` (the write that a

@@ -1,7 +1,15 @@
 //! Software vCPU accesses: the hardware walker with the vCPU's walk cache,
 //! and translation without side effects.
 
-use super::*;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use crate::addr::{Gpa, Hpa};
+use crate::ept::{ACCESSED, DIRTY, Entry, Level, WRITE};
+use crate::tdp::{MmuError, TdpMmu, VcpuCaches};
+use crate::translation::Access;
+
+use super::vcpu::WalkCache;
+use super::walk::{Next, Tree, entries, load};
 
 impl TdpMmu {
     /// What the hardware walker does for a guest access: under the shared

@@ -1,7 +1,28 @@
 //! Memory attributes: private and shared frames, and the conversions
 //! between them (`KVM_SET_MEMORY_ATTRIBUTES`).
 
-use super::*;
+use std::sync::atomic::Ordering;
+
+use mmu_cache::alloc::NoAllocSection;
+
+use crate::addr::Gfn;
+use crate::attributes::{MemoryAttribute, MemoryAttributes};
+use crate::tdp::{MmuError, TdpMmu, VmType};
+
+use super::stats::Count;
+use super::walk::Tree;
+
+/// What a [`TdpMmu::set_memory_attributes`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttributeChange {
+    /// Frames whose attribute changed.
+    pub frames: u64,
+    /// Huge leaves split so that the range's edges fall between leaves
+    /// (a TD's private 2M leaves: BLOCK, TRACK and DEMOTE on the S-EPT).
+    pub splits: u64,
+    /// Leaves zapped over the range.
+    pub zapped: u64,
+}
 
 /// An attribute change in progress: faults retry until it is dropped,
 /// which bumps the sequence they check (the kernel's

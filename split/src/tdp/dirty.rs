@@ -1,7 +1,17 @@
 //! Dirty logging: enable, disable (zap of what can be huge again), get,
 //! the per-word clear, and the protect pass.
 
-use super::*;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use mmu_cache::alloc::NoAllocSection;
+
+use crate::addr::Gfn;
+use crate::ept::{DIRTY, Entry, Level};
+use crate::memslot::{ClearedWord, LogMode, Memslot, MemslotError};
+use crate::tdp::{MmuError, TdpMmu};
+
+use super::stats::Count;
+use super::walk::{entries, load, protect_leaf};
 
 impl TdpMmu {
     /// Starts dirty logging on slot `id`.

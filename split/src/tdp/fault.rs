@@ -2,7 +2,22 @@
 //! installed with compare-and-exchange, lazy splits of write-protected huge
 //! leaves.
 
-use super::*;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use mmu_cache::Page;
+use mmu_cache::alloc::NoAllocSection;
+
+use crate::addr::{Gfn, Gpa, Hpa, Pfn};
+use crate::attributes::MemoryAttribute;
+use crate::ept::{self, ACCESSED, DIRTY, Entry, Level, WRITE};
+use crate::hooks::{ExternalTablePage, HookError, HookVcpuState, TableRef, Topup};
+use crate::memslot::Memslot;
+use crate::tdp::{MmuError, TableHeader, TdpMmu, VcpuCaches, VmType};
+use crate::translation::Translation;
+
+use super::FROZEN;
+use super::stats::Count;
+use super::walk::{FrameSource, Next, Tree, WalkStep, cas};
 
 impl TdpMmu {
     /// Handles a fault at `gpa`: tops up `caches` (outside the lock), then

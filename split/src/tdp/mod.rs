@@ -2,30 +2,39 @@
 //! lock with compare-and-exchange, with dirty logging and eager splitting.
 
 pub use crate::translation::{Access, PageStats, Translation};
-
 mod access;
 mod attributes;
+mod config;
 mod dirty;
+mod error;
 mod fault;
 mod split;
+mod stats;
+mod vcpu;
+mod walk;
 mod zap;
+pub use attributes::AttributeChange;
+pub use config::{MmuConfig, VmType};
+pub use error::MmuError;
+pub use stats::MmuCounters;
+pub use vcpu::{TABLES_PER_FAULT, VcpuCaches};
+pub use zap::TeardownReport;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
-use mmu_cache::alloc::NoAllocSection;
-use mmu_cache::{CacheError, ObjectCache, Page, PageCache, PageKind, PagePool, Slab, SlabError};
+use mmu_cache::{CacheError, ObjectCache, Page, PageCache, PageKind, PagePool, Slab};
 
-use crate::addr::{Gfn, Gpa, Hpa, Pfn};
+use crate::addr::{Gfn, Gpa, Hpa};
 use crate::attributes::{MemoryAttribute, MemoryAttributes};
-use crate::ept::{self, ACCESSED, DIRTY, Entry, Level, MemType, WRITE};
-use crate::hooks::{
-    ExternalPageTable, ExternalTablePage, HookError, HookVcpuState, NoExternal, TableRef, Topup,
-};
+use crate::ept::{self, Level};
+use crate::hooks::{ExternalPageTable, ExternalTablePage, NoExternal, TableRef};
 use crate::lock::{MmuLock, ReadGuard, WriteGuard};
-use crate::memslot::{ClearedWord, LogMode, Memslot, MemslotError};
+use crate::memslot::{Memslot, MemslotError};
 use crate::page_map::PageMap;
-use crate::shard::ShardedCounters;
+
+use self::stats::{Count, Counters};
+use self::vcpu::{RESERVE_THREADS, WalkCache};
 
 /// Pages that hold EPT tables.
 #[derive(Debug)]
@@ -34,68 +43,6 @@ impl PageKind for TablePage {}
 
 /// The value an entry holds while an external hook runs on it.
 const FROZEN: u64 = ept::NON_PRESENT | 0x5a0;
-/// Splits between two voluntary releases of the lock.
-const SPLITS_PER_YIELD: u64 = 64;
-
-/// Errors of the TDP MMU.
-#[derive(Debug, thiserror::Error)]
-pub enum MmuError {
-    /// No memslot holds the guest frame (an MMIO access in KVM terms).
-    #[error("no memslot holds gpa {gpa:#x}")]
-    NoSlot {
-        /// The guest physical address.
-        gpa: Gpa,
-    },
-    /// The address is beyond what the paging depth translates.
-    #[error("gpa {gpa:#x} is beyond the {levels}-level address space")]
-    AddressTooWide {
-        /// The guest physical address.
-        gpa: Gpa,
-        /// The paging depth.
-        levels: u8,
-    },
-    /// A topup of the MMU's caches failed.
-    #[error("topping up the MMU caches: {0}")]
-    Cache(#[from] CacheError),
-    /// A memslot operation failed.
-    #[error(transparent)]
-    Memslot(#[from] MemslotError),
-    /// An external page-table hook failed; the tree is unchanged there.
-    #[error(transparent)]
-    Hook(#[from] HookError),
-    /// A leaf could not be encoded (a frame not aligned to its level).
-    #[error("building a leaf: {0}")]
-    Entry(#[from] ept::EptError),
-    /// The header slab could not be created.
-    #[error(transparent)]
-    Slab(#[from] SlabError),
-    /// The configuration is invalid, or the VM's type does not allow the
-    /// operation.
-    #[error("invalid MMU configuration: {0}")]
-    Config(&'static str),
-    /// The access's kind (private or shared) differs from the frame's
-    /// memory attribute, or a private access found no private memory: the
-    /// vCPU exits to the VMM (`KVM_EXIT_MEMORY_FAULT`, with
-    /// `KVM_MEMORY_EXIT_FLAG_PRIVATE` when `private`), which converts the
-    /// range and runs the vCPU again.
-    #[error("memory fault at {gpa}: a {} access to {} memory", if *.private { "private" } else { "shared" }, if *.private { "shared (or no private)" } else { "private" })]
-    MemoryFault {
-        /// The faulting address (with a TD's shared bit, as the guest used it).
-        gpa: Gpa,
-        /// The size of the range to convert.
-        size: u64,
-        /// Whether the access was private.
-        private: bool,
-    },
-    /// The slot's private memory could not give a frame.
-    #[error("private memory of {gpa}: {source}")]
-    PrivateMemory {
-        /// The faulting address.
-        gpa: Gpa,
-        /// The provider's error.
-        source: crate::memslot::PrivateMemoryError,
-    },
-}
 
 /// The bookkeeping of one table: where it sits and the page that holds it
 /// (the kernel's `struct kvm_mmu_page`).
@@ -133,240 +80,6 @@ impl TableHeader {
             hpa: self.table_hpa().unwrap_or_default(),
             external: self.external_hpa(),
         }
-    }
-}
-
-/// Tables (and headers) one fault may link: one per level of a 5-level walk.
-pub const TABLES_PER_FAULT: usize = 5;
-
-/// vCPU threads whose faults the table map has room for at once.
-const RESERVE_THREADS: usize = 64;
-
-/// What one vCPU brings to its faults and accesses, as KVM's vcpu does:
-/// caches for every level of a 5-level walk, topped up before the lock;
-/// the hooks' own state of the vCPU (a TDX mirror's PAMT cache); and the
-/// vCPU's walk cache (the leaf table of its last access).
-#[derive(Debug)]
-pub struct VcpuCaches {
-    /// Table pages, filled with the non-present value.
-    pub tables: PageCache<TablePage>,
-    /// Table headers.
-    pub headers: ObjectCache<TableHeader>,
-    /// External table pages, topped up only when the hooks ask for them.
-    pub external: PageCache<ExternalTablePage>,
-    /// The hooks' state of this vCPU, if they keep one.
-    pub hooks: Option<Box<dyn HookVcpuState>>,
-    /// The leaf table of this vCPU's last access.
-    walk: WalkCache,
-}
-
-impl VcpuCaches {
-    /// The hooks' state of this vCPU, as the hooks take it (downcast it
-    /// with [`HookVcpuState::as_any_mut`] to the hooks' own type).
-    pub fn hook_state(&mut self) -> Option<&mut dyn HookVcpuState> {
-        match &mut self.hooks {
-            Some(state) => Some(&mut **state),
-            None => None,
-        }
-    }
-
-    /// Returns every cached object (the hooks' too) to its allocator;
-    /// returns how many.
-    pub fn free_all(&mut self) -> usize {
-        self.tables.free_all()
-            + self.headers.free_all()
-            + self.external.free_all()
-            + self.hooks.as_mut().map_or(0, |hooks| hooks.free_all())
-    }
-
-    /// The topup before a fault takes the lock: tables and headers for a
-    /// 5-level walk at the MMU's vCPU cache `capacity` (the configuration,
-    /// not the set's default), and an external page per level when
-    /// `external_levels` is given (the hooks ask for external tables).
-    pub fn topup_for_fault(
-        &mut self,
-        capacity: usize,
-        external_levels: Option<u8>,
-    ) -> Result<(), CacheError> {
-        self.tables
-            .topup_with_capacity(capacity, TABLES_PER_FAULT)
-            .map_err(|err| CacheError::in_set("tables", err))?;
-        self.headers
-            .topup_with_capacity(capacity, TABLES_PER_FAULT)
-            .map_err(|err| CacheError::in_set("headers", err))?;
-        if let Some(levels) = external_levels {
-            self.external
-                .topup_with_capacity(capacity, usize::from(levels))
-                .map_err(|err| CacheError::in_set("external", err))?;
-        }
-        Ok(())
-    }
-}
-
-/// What kind of VM the MMU serves (KVM's `vm_type`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum VmType {
-    /// Every frame shared (`KVM_X86_DEFAULT_VM`): no memory attributes;
-    /// every fault maps the memslot's host frames in the one tree.
-    #[default]
-    Default,
-    /// `KVM_X86_SW_PROTECTED_VM`: per-frame memory attributes; a fault is
-    /// private when its frame is (the attributes are the source of truth,
-    /// as the kernel sets `PFERR_PRIVATE_ACCESS` from them), and private
-    /// faults take their frames from the slot's private memory. One tree.
-    SoftwareProtected,
-    /// A TD: an access is shared when the GPA has bit `shared_bit` set
-    /// (47 with 4-level paging, 51 with 5). Private frames are mapped in the
-    /// main tree, which the hooks mirror (the S-EPT), shared ones in a
-    /// second, direct tree the hooks never see. The frame number is the GPA
-    /// without the shared bit.
-    Td {
-        /// The GPA bit that marks a shared access.
-        shared_bit: u8,
-    },
-}
-
-impl VmType {
-    /// A TD with the shared bit of `levels`-level paging: the top bit of
-    /// its GPA width (GPAW 48 or 52).
-    pub fn td(levels: u8) -> Self {
-        Self::Td {
-            shared_bit: Self::td_shared_bit(levels),
-        }
-    }
-
-    fn td_shared_bit(levels: u8) -> u8 {
-        if levels >= 5 { 51 } else { 47 }
-    }
-
-    /// Whether the VM has memory attributes and private memory.
-    pub fn has_private_memory(self) -> bool {
-        self != Self::Default
-    }
-}
-
-/// What a [`TdpMmu::set_memory_attributes`] did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct AttributeChange {
-    /// Frames whose attribute changed.
-    pub frames: u64,
-    /// Huge leaves split so that the range's edges fall between leaves
-    /// (a TD's private 2M leaves: BLOCK, TRACK and DEMOTE on the S-EPT).
-    pub splits: u64,
-    /// Leaves zapped over the range.
-    pub zapped: u64,
-}
-
-/// Configuration of a [`TdpMmu`].
-#[derive(Clone, Copy, Debug)]
-pub struct MmuConfig {
-    /// Paging depth: 4 or 5.
-    pub levels: u8,
-    /// Split huge pages when dirty logging starts (or at the first clear in
-    /// manual mode). Off: writes split lazily, one fault at a time.
-    pub eager_split: bool,
-    /// Capacity of the split caches (tables topped up per lock hold while
-    /// splitting).
-    pub split_cache_capacity: usize,
-    /// Memory type of leaves.
-    pub memtype: MemType,
-    /// Capacity of each vCPU cache (objects per topup, at least 5).
-    pub vcpu_cache_capacity: usize,
-    /// The kind of VM: whether it has private memory, and how a fault
-    /// says it is private.
-    pub vm_type: VmType,
-}
-
-impl Default for MmuConfig {
-    fn default() -> Self {
-        Self {
-            levels: 4,
-            eager_split: true,
-            split_cache_capacity: 256,
-            memtype: MemType::Wb,
-            vcpu_cache_capacity: mmu_cache::DEFAULT_CAPACITY,
-            vm_type: VmType::Default,
-        }
-    }
-}
-
-/// Counters of MMU work.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MmuCounters {
-    /// Faults handled.
-    pub faults: u64,
-    /// Walks retried after losing a race.
-    pub retries: u64,
-    /// Huge leaves split (eagerly or for a boundary).
-    pub splits: u64,
-    /// Huge leaves split by a write fault (lazy mode, or a huge leaf an
-    /// eager split could not split).
-    pub lazy_splits: u64,
-    /// Huge leaves that an eager split under dirty logging could not split
-    /// (split caches not filled, hooks refusing) and that were
-    /// write-protected whole instead, counted at each protect pass.
-    pub split_fallbacks: u64,
-    /// Times a splitter dropped the lock to top up or to yield.
-    pub lock_drops: u64,
-    /// Tables linked.
-    pub tables_linked: u64,
-    /// Tables freed.
-    pub tables_freed: u64,
-    /// External pages kept out of the allocator because the hooks could
-    /// not take them back (they may still belong to the external side).
-    pub external_leaked: u64,
-    /// Faults that exited to the VMM with a memory fault (a private access
-    /// to shared memory or the other way round).
-    pub memory_faults: u64,
-    /// Calls of [`TdpMmu::set_memory_attributes`] that changed frames.
-    pub conversions: u64,
-}
-
-/// The MMU's counters, each a slot of [`Counters`].
-#[derive(Clone, Copy, Debug)]
-pub(super) enum Count {
-    Faults,
-    Retries,
-    Splits,
-    LazySplits,
-    SplitFallbacks,
-    LockDrops,
-    TablesLinked,
-    TablesFreed,
-    ExternalLeaked,
-    MemoryFaults,
-    Conversions,
-}
-
-/// Leaf counts come after the work counters.
-const LEAVES: usize = Count::Conversions as usize + 1;
-
-/// Work counters and leaf counts, sharded per thread: a fault bumps its own
-/// thread's cache line, never one that every vCPU writes.
-#[derive(Default)]
-pub(super) struct Counters(ShardedCounters<{ LEAVES + 3 }>);
-
-impl Counters {
-    pub(super) fn add(&self, count: Count, value: u64) {
-        self.0.add(count as usize, value);
-    }
-
-    fn get(&self, count: Count) -> u64 {
-        self.0.get(count as usize)
-    }
-
-    /// `value` more leaves of `level`.
-    pub(super) fn add_leaves(&self, level: Level, value: u64) {
-        self.0.add(LEAVES + stat_index(level), value);
-    }
-
-    /// `value` fewer leaves of `level`.
-    pub(super) fn sub_leaves(&self, level: Level, value: u64) {
-        self.0.sub(LEAVES + stat_index(level), value);
-    }
-
-    fn leaves(&self, level: Level) -> u64 {
-        self.0.get(LEAVES + stat_index(level))
     }
 }
 
@@ -423,32 +136,6 @@ pub struct TdpMmu {
     table_generation: AtomicU64,
 }
 
-/// The leaf table a vCPU's last access walked to: the software vCPU's
-/// paging-structure cache. Valid for the MMU `mmu` while its table
-/// generation is still `generation`, since a linked table stays linked
-/// at its place until one is unlinked.
-#[derive(Clone, Copy, Debug)]
-struct WalkCache {
-    mmu: u64,
-    generation: u64,
-    /// `gfn >> 9` of the 2 MiB region the table maps.
-    region: u64,
-    /// Whether the table is in a TD's shared tree.
-    shared: bool,
-    table_hpa: u64,
-}
-
-impl WalkCache {
-    /// Matches no MMU.
-    const EMPTY: Self = Self {
-        mmu: 0,
-        generation: 0,
-        region: 0,
-        shared: false,
-        table_hpa: 0,
-    };
-}
-
 /// Identifiers of MMUs; 0 is never given, so an empty walk cache matches
 /// none.
 static NEXT_MMU_ID: AtomicU64 = AtomicU64::new(1);
@@ -461,116 +148,6 @@ impl std::fmt::Debug for TdpMmu {
             .field("tables", &self.live_tables())
             .finish()
     }
-}
-
-/// Borrows the 512 entries of the table at `hpa`.
-///
-/// # Safety
-///
-/// `hpa` must be the address of a table page of this MMU that stays linked
-/// (or owned by the caller) for `'a`; callers hold the MMU lock, and tables
-/// are freed only under the write lock.
-unsafe fn entries<'a>(hpa: u64) -> &'a [AtomicU64; 512] {
-    // SAFETY: guaranteed by the caller; a table page is 4 KiB, page aligned,
-    // and only ever accessed atomically while linked.
-    unsafe { &*(hpa as *const [AtomicU64; 512]) }
-}
-
-fn load(table: &[AtomicU64; 512], index: usize) -> Entry {
-    Entry::from_bits(table[index].load(Ordering::Acquire))
-}
-
-fn cas(table: &[AtomicU64; 512], index: usize, old: Entry, new: Entry) -> bool {
-    table[index]
-        .compare_exchange(old.bits(), new.bits(), Ordering::AcqRel, Ordering::Acquire)
-        .is_ok()
-}
-
-/// Makes the next write to a leaf's memory visible to dirty logging: clears
-/// the dirty bit, and write-protects a huge leaf (whose dirty bit could not
-/// say which 4K page was written). A compare-and-exchange loop, so that it
-/// runs beside faults and accesses under the read lock; an entry that
-/// stops being this leaf (zapped, frozen, split) is left to its new owner.
-fn protect_leaf(table: &[AtomicU64; 512], index: usize, level: Level, mut entry: Entry) {
-    let clear = if level > Level::L4K {
-        DIRTY | WRITE
-    } else {
-        DIRTY
-    };
-    loop {
-        let protected = entry.without(clear);
-        if protected == entry {
-            return;
-        }
-        match table[index].compare_exchange(
-            entry.bits(),
-            protected.bits(),
-            Ordering::AcqRel,
-            Ordering::Acquire,
-        ) {
-            Ok(_) => return,
-            Err(now) => {
-                entry = Entry::from_bits(now);
-                if !entry.is_leaf(level) {
-                    return;
-                }
-            }
-        }
-    }
-}
-
-/// Which tree of the MMU: the main one (mirrored by the hooks, if any; the
-/// only one of a VM that is not a TD) or a TD's direct tree of shared
-/// memory, which the hooks never see.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(super) enum Tree {
-    /// The main tree.
-    Main,
-    /// A TD's shared tree.
-    Shared,
-}
-
-/// The hooks of a tree no external side mirrors.
-static NO_EXTERNAL: NoExternal = NoExternal;
-
-/// Where a fault's frame comes from.
-#[derive(Clone, Copy, Debug)]
-pub(super) enum FrameSource {
-    /// The memslot's host frames.
-    Slot,
-    /// The slot's private memory: the frame of the faulting gfn and the
-    /// largest leaf its page allows there.
-    Private {
-        /// The frame of the faulting gfn.
-        pfn: Pfn,
-        /// The largest leaf the page's order and alignment allow.
-        max_level: Level,
-    },
-}
-
-/// One step of a [`TdpMmu::walk`]: the entry for the walked frame in a table
-/// at `level` (entries of `level` map `level.entry_pages()` frames).
-pub(super) struct WalkStep<'a> {
-    /// The table.
-    pub(super) table: &'a [AtomicU64; 512],
-    /// The entry's index in it.
-    pub(super) index: usize,
-    /// The table's level.
-    pub(super) level: Level,
-    /// The entry, as loaded.
-    pub(super) entry: Entry,
-}
-
-/// What a walk does after a step.
-pub(super) enum Next<T> {
-    /// Go on into the table at this address, one level down.
-    Descend(u64),
-    /// Stop with this result.
-    Stop(T),
-}
-
-fn stat_index(level: Level) -> usize {
-    usize::from(level.get() - 1)
 }
 
 impl TdpMmu {
@@ -656,21 +233,6 @@ impl TdpMmu {
             table_generation: AtomicU64::new(0),
         })
     }
-
-    /// A fresh vCPU context: its caches, the hooks' state of it, and an
-    /// empty walk cache.
-    pub fn new_vcpu_caches(&self) -> VcpuCaches {
-        VcpuCaches {
-            tables: PageCache::new(self.pool.clone())
-                .with_init_value(ept::NON_PRESENT)
-                .named("vcpu-tables"),
-            headers: ObjectCache::new(self.header_slab.clone()).named("vcpu-headers"),
-            external: PageCache::new(self.external_pool.clone()).named("vcpu-external"),
-            hooks: self.hooks.new_vcpu_state(),
-            walk: WalkCache::EMPTY,
-        }
-    }
-
     /// Whether the MMU provides an external page for every table.
     pub fn has_external_tables(&self) -> bool {
         self.external_tables
@@ -692,100 +254,6 @@ impl TdpMmu {
             .as_ref()
             .map(|root| Hpa(root.addr() as u64))
     }
-
-    /// The root table's address as a number, for walks.
-    pub(super) fn root_addr(&self) -> u64 {
-        self.root.addr() as u64
-    }
-
-    /// The root of `tree`, as a number.
-    pub(super) fn tree_root(&self, tree: Tree) -> u64 {
-        match tree {
-            Tree::Main => self.root_addr(),
-            Tree::Shared => self
-                .shared_root
-                .as_ref()
-                .expect("only a TD has a shared tree")
-                .addr() as u64,
-        }
-    }
-
-    /// The MMU's trees: the main one, and a TD's shared one.
-    pub(super) fn trees(&self) -> impl Iterator<Item = Tree> + use<> {
-        std::iter::once(Tree::Main).chain(self.shared_root.is_some().then_some(Tree::Shared))
-    }
-
-    /// The hooks that mirror `tree` (none for a TD's shared tree).
-    pub(super) fn hooks_of(&self, tree: Tree) -> &dyn ExternalPageTable {
-        match tree {
-            Tree::Main => &*self.hooks,
-            Tree::Shared => &NO_EXTERNAL,
-        }
-    }
-
-    /// Whether tables of `tree` carry an external page.
-    pub(super) fn external_of(&self, tree: Tree) -> bool {
-        tree == Tree::Main && self.external_tables
-    }
-
-    /// The largest leaf of `tree`.
-    pub(super) fn max_leaf_of(&self, tree: Tree) -> Level {
-        match tree {
-            Tree::Main => self.max_leaf,
-            Tree::Shared => Level::L1G,
-        }
-    }
-
-    /// Where an address, as the guest used it, is mapped: a TD's shared
-    /// accesses in the shared tree, at the frame without the shared bit;
-    /// everything else in the main tree.
-    pub(super) fn place(&self, gpa: Gpa) -> (Tree, Gfn) {
-        match self.config.vm_type {
-            VmType::Td { shared_bit } if gpa.0 & (1 << shared_bit) != 0 => {
-                (Tree::Shared, Gpa(gpa.0 & !(1 << shared_bit)).gfn())
-            }
-            _ => (Tree::Main, gpa.gfn()),
-        }
-    }
-
-    fn top_level(&self) -> Level {
-        Level::new(self.config.levels).expect("validated at construction")
-    }
-
-    /// The one walk from the root towards `gfn`, which faults, accesses and
-    /// splits share: `visit` sees the entry at each level and says whether
-    /// to descend (into the entry's table, or a table it just linked) or to
-    /// stop. Callers hold the lock, which keeps every table on the way
-    /// linked.
-    pub(super) fn walk<'a, T>(
-        &'a self,
-        tree: Tree,
-        gfn: u64,
-        mut visit: impl FnMut(WalkStep<'a>) -> Next<T>,
-    ) -> T {
-        let mut table_hpa = self.tree_root(tree);
-        let mut level = self.top_level();
-        loop {
-            // SAFETY: the root, or a table the previous step found linked (or
-            // linked itself) under the caller's lock, which keeps it alive.
-            let table = unsafe { entries(table_hpa) };
-            let index = level.index(gfn);
-            let entry = load(table, index);
-            match visit(WalkStep {
-                table,
-                index,
-                level,
-                entry,
-            }) {
-                Next::Stop(result) => return result,
-                Next::Descend(hpa) => {
-                    table_hpa = hpa;
-                    level = level.below().expect("tables are above 4K");
-                }
-            }
-        }
-    }
-
     fn read_lock(&self) -> ReadGuard<'_> {
         self.lock.read()
     }
@@ -912,104 +380,6 @@ impl TdpMmu {
             ..t
         })
     }
-
-    /// Leaf counts kept incrementally.
-    pub fn page_stats(&self) -> PageStats {
-        PageStats {
-            pages_4k: self.counters.leaves(Level::L4K),
-            pages_2m: self.counters.leaves(Level::L2M),
-            pages_1g: self.counters.leaves(Level::L1G),
-        }
-    }
-
-    /// Leaf and table counts from a walk of the whole tree; the leaf counts
-    /// must equal [`page_stats`](Self::page_stats).
-    pub fn recount(&self) -> (PageStats, usize) {
-        let _guard = self.write_lock();
-        let mut stats = PageStats::default();
-        let mut tables = 0;
-        for tree in self.trees() {
-            self.walk_all(
-                self.tree_root(tree),
-                self.top_level(),
-                &mut |entry, level| {
-                    if entry.is_leaf(level) {
-                        match level.get() {
-                            1 => stats.pages_4k += 1,
-                            2 => stats.pages_2m += 1,
-                            _ => stats.pages_1g += 1,
-                        }
-                    } else {
-                        tables += 1;
-                    }
-                },
-            );
-        }
-        (stats, tables)
-    }
-
-    fn walk_all(&self, table_hpa: u64, level: Level, visit: &mut impl FnMut(Entry, Level)) {
-        // SAFETY: callers hold the lock; the table is linked.
-        let table = unsafe { entries(table_hpa) };
-        for index in 0..512 {
-            let entry = load(table, index);
-            if !entry.is_present() {
-                continue;
-            }
-            visit(entry, level);
-            if !entry.is_leaf(level) {
-                self.walk_all(
-                    entry.addr(level),
-                    level.below().expect("tables above 4K"),
-                    visit,
-                );
-            }
-        }
-    }
-
-    /// Pages this MMU holds from its pool: the root, linked tables, the
-    /// split caches and the header slab's pages (vCPU caches not included).
-    pub fn pages_held(&self) -> usize {
-        let split = self.split_caches.lock().unwrap_or_else(|p| p.into_inner());
-        let roots = 1 + usize::from(self.shared_root.is_some());
-        roots + self.live_tables() + split.tables.nr_free() + self.header_slab.pages()
-    }
-
-    /// Tables linked below the root.
-    pub fn live_tables(&self) -> usize {
-        self.table_map().len()
-    }
-
-    /// Work counters.
-    pub fn counters(&self) -> MmuCounters {
-        let c = &self.counters;
-        MmuCounters {
-            faults: c.get(Count::Faults),
-            retries: c.get(Count::Retries),
-            splits: c.get(Count::Splits),
-            lazy_splits: c.get(Count::LazySplits),
-            split_fallbacks: c.get(Count::SplitFallbacks),
-            lock_drops: c.get(Count::LockDrops),
-            tables_linked: c.get(Count::TablesLinked),
-            tables_freed: c.get(Count::TablesFreed),
-            external_leaked: c.get(Count::ExternalLeaked),
-            memory_faults: c.get(Count::MemoryFaults),
-            conversions: c.get(Count::Conversions),
-        }
-    }
-}
-
-/// What [`TdpMmu::teardown`] did.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct TeardownReport {
-    /// Leaves taken back.
-    pub leaves: u64,
-    /// Leaves whose hook failed (cleared from the tree all the same).
-    pub leaf_errors: u64,
-    /// Tables freed.
-    pub tables: u64,
-    /// External pages leaked because the hooks could not take them back.
-    pub external_leaked: u64,
 }
 
 impl Drop for TdpMmu {

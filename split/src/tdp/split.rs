@@ -1,6 +1,18 @@
 //! Huge-page splits: eager, boundary and the shared split step.
 
-use super::*;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use mmu_cache::alloc::NoAllocSection;
+
+use crate::addr::{Gfn, Hpa};
+use crate::ept::{Entry, Level};
+use crate::hooks::{HookError, TableRef, Topup};
+use crate::lock::{ReadGuard, SPLITS_PER_YIELD, WriteGuard};
+use crate::tdp::{MmuError, TableHeader, TdpMmu, VcpuCaches};
+
+use super::FROZEN;
+use super::stats::Count;
+use super::walk::{Next, Tree, WalkStep, cas};
 
 impl TdpMmu {
     /// Splits every huge leaf overlapping `[start_gfn, end_gfn)` down to

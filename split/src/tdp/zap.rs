@@ -1,6 +1,29 @@
 //! Zaps and teardown: leaves and tables taken back through the hooks.
 
-use super::*;
+use std::sync::atomic::Ordering;
+
+use mmu_cache::alloc::NoAllocSection;
+
+use crate::addr::{Gfn, Hpa};
+use crate::ept::{self, DIRTY, Entry, Level};
+use crate::hooks::TableRef;
+use crate::tdp::{MmuError, TdpMmu};
+
+use super::stats::Count;
+use super::walk::{Tree, entries, load};
+
+/// What [`TdpMmu::teardown`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TeardownReport {
+    /// Leaves taken back.
+    pub leaves: u64,
+    /// Leaves whose hook failed (cleared from the tree all the same).
+    pub leaf_errors: u64,
+    /// Tables freed.
+    pub tables: u64,
+    /// External pages leaked because the hooks could not take them back.
+    pub external_leaked: u64,
+}
 
 impl TdpMmu {
     /// Unmaps every leaf that overlaps `[start_gfn, end_gfn)` (a huge leaf
