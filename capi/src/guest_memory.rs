@@ -3,7 +3,11 @@
 use std::ffi::c_int;
 use std::sync::{Arc, Mutex};
 
-use super::*;
+use gmem::{
+    Attribute, Backend, Capability, GmemConfig, GmemError, GuestMemFile, HostCaps, KvmVm, View,
+};
+
+use crate::{guard, read_config, with_handle};
 
 /// Backend: shared anonymous memory.
 pub const MMUKIT_GMEM_ANONYMOUS: u32 = 0;

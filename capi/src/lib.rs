@@ -41,14 +41,7 @@
 use std::ffi::{c_char, c_int};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 
-use gmem::{
-    Attribute, Backend, Capability, GmemConfig, GmemError, GuestMemFile, HostCaps, KvmVm, View,
-};
-use mmu_cache::alloc::{AllocError, AllocatorId, ChunkAllocator, PageAllocator};
-use mmu_cache::{CacheError, PageCache, PagePool};
-use split::{Level, LogMode, Memslot, MmuConfig, MmuError, TdpMmu, VcpuCaches};
-use tdx_ext::pamt::PamtPolicy;
-use tdx_ext::{Seamcall, SimTdxModule, TdxMirror};
+use mmu_cache::CacheError;
 
 /// Runs `body`, turning a panic into -EIO so that nothing unwinds into C.
 fn guard(body: impl FnOnce() -> c_int) -> c_int {

@@ -5,7 +5,10 @@ use std::ffi::{c_int, c_void};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 
-use super::*;
+use mmu_cache::alloc::{AllocError, AllocatorId, ChunkAllocator, PageAllocator};
+use mmu_cache::{PageCache, PagePool};
+
+use crate::{cache_errno, guard, read_config};
 
 /// A page allocator supplied by the caller.
 #[repr(C)]

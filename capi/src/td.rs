@@ -3,7 +3,11 @@
 use std::ffi::c_int;
 use std::sync::Arc;
 
-use super::*;
+use tdx_ext::pamt::PamtPolicy;
+use tdx_ext::{Seamcall, SimTdxModule, TdxMirror};
+
+use crate::guard;
+use crate::tdp_mmu::{mmukit_tdp_mmu, new_mmu};
 
 /// PAMT policy: PAMT for S-EPT pages just before they go to the module.
 pub const MMUKIT_PAMT_ON_INSTALL: u32 = 0;

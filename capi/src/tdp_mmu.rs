@@ -3,10 +3,17 @@
 use std::ffi::c_int;
 use std::sync::{Arc, Mutex, RwLock};
 
+use mmu_cache::PagePool;
+use mmu_cache::alloc::ChunkAllocator;
 use mmukit_private::PrivateMemoryVm;
-use split::{Access, Gfn, Gpa, MemoryAttribute, Pfn, VmType};
+use split::{
+    Access, Gfn, Gpa, Level, LogMode, MemoryAttribute, Memslot, MmuConfig, MmuError, Pfn, TdpMmu,
+    VcpuCaches, VmType,
+};
+use tdx_ext::TdxMirror;
 
-use super::*;
+use crate::guest_memory::{gmem_errno, mmukit_gmem};
+use crate::{cache_errno, guard, with_handle};
 
 /// Leaf counts.
 #[repr(C)]
