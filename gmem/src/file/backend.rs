@@ -2,8 +2,17 @@
 //! (how its memory is made, allocated, punched and mapped). Attributes,
 //! views and conversion are shared by all of them and live elsewhere.
 
-use super::hugetlb::Source;
-use super::*;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+use super::error::GmemError;
+use super::hugetlb::HugetlbFile;
+use super::mapping::{
+    PUNCH_HOLE, ask_for_huge_pages, fallocate, map_file_at, map_file_view, map_whole, populate,
+    zero,
+};
+use super::{Backend, BackendKind, FileState, GmemConfig, GuestMemfdVm, Inner};
+use crate::sys::{self, Mapping};
 
 /// The per-backend half of a file.
 pub(super) trait Storage: Send + Sync + std::fmt::Debug {
@@ -29,6 +38,11 @@ pub(super) trait Storage: Send + Sync + std::fmt::Debug {
     /// fallocate, mmap) the kernel answers with guest_memfd's own rules;
     /// `None` where gmem applies them.
     fn kernel_file(&self) -> Option<&OwnedFd> {
+        None
+    }
+
+    /// The HugeTLB file, for what only HugeTLB does (page orders, splits).
+    fn hugetlb(&self) -> Option<&HugetlbFile> {
         None
     }
 
@@ -123,17 +137,6 @@ fn shmem_thp() -> bool {
     crate::caps::ThpModes::read().is_some_and(|modes| modes.shmem_allows())
 }
 
-/// Asks for transparent huge pages on `[addr, addr + len)`; false when the
-/// kernel refuses.
-///
-/// # Safety
-///
-/// The range must be a mapping the caller owns.
-pub(super) unsafe fn ask_for_huge_pages(addr: *mut u8, len: usize) -> bool {
-    // SAFETY: guaranteed by the caller; the advice changes no contents.
-    unsafe { sys::madvise(addr, len, libc::MADV_HUGEPAGE) }.is_ok()
-}
-
 /// Creates the storage of `backend` for `config`.
 pub(super) fn create(
     backend: &Backend,
@@ -154,10 +157,7 @@ pub(super) fn create(
                 thp: shmem_thp(),
             })
         }
-        Backend::Hugetlb => {
-            let (fd, master) = create_hugetlb(config, granule)?;
-            Box::new(HugetlbFile { fd, master })
-        }
+        Backend::Hugetlb => Box::new(HugetlbFile::create(config, granule)?),
         Backend::Secret => {
             let fd = sys::memfd_secret().map_err(|err| {
                 if err.raw_os_error() == Some(libc::ENOSYS) {
@@ -193,75 +193,6 @@ pub(super) fn create(
             Box::new(AnonymousMemory { master, thp })
         }
     })
-}
-
-/// A shared read-write mapping of all of `fd`.
-pub(super) fn map_whole(fd: &OwnedFd, size: u64) -> Result<Mapping, GmemError> {
-    Mapping::new(
-        size as usize,
-        libc::PROT_READ | libc::PROT_WRITE,
-        libc::MAP_SHARED,
-        Some(fd),
-        0,
-    )
-    .map_err(GmemError::os("mmap"))
-}
-
-fn fallocate(fd: &OwnedFd, mode: i32, start: u64, end: u64) -> Result<(), GmemError> {
-    sys::fallocate(fd, mode, start, end - start).map_err(GmemError::os("fallocate"))
-}
-
-/// Maps `[offset, offset + len)` of `fd` at the start of `view`.
-fn map_file_view(view: &Mapping, fd: &OwnedFd, offset: u64, len: u64) -> Result<(), GmemError> {
-    if len == 0 {
-        return Ok(());
-    }
-    // SAFETY: the start of the caller's fresh reservation.
-    unsafe {
-        sys::map_fixed(
-            view.addr(),
-            len as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            fd,
-            offset,
-        )
-    }
-    .map_err(GmemError::os("mmap"))
-}
-
-/// Maps `[offset, offset + len)` of `fd` read-write at `addr`.
-///
-/// # Safety
-///
-/// As [`Storage::map_memory`]: the range lies inside a view's mapping.
-unsafe fn map_file_at(addr: *mut u8, fd: &OwnedFd, offset: u64, len: u64) -> Result<(), GmemError> {
-    let rw = libc::PROT_READ | libc::PROT_WRITE;
-    // SAFETY: guaranteed by the caller.
-    unsafe { sys::map_fixed(addr, len as usize, rw, fd, offset) }
-        .map_err(GmemError::os("mmap(MAP_FIXED)"))
-}
-
-/// Allocates the pages of `[offset, offset + len)` of an internal mapping
-/// in one call rather than one fault each.
-pub(super) fn populate(map: &Mapping, offset: u64, len: u64) -> Result<(), GmemError> {
-    assert!(offset + len <= map.len() as u64);
-    // SAFETY: inside the mapping (asserted), which the file owns; populating
-    // changes no contents.
-    unsafe {
-        sys::madvise(
-            map.addr().add(offset as usize),
-            len as usize,
-            libc::MADV_POPULATE_WRITE,
-        )
-    }
-    .map_err(GmemError::os("madvise(MADV_POPULATE_WRITE)"))
-}
-
-/// Zeroes `[start, end)` of an internal mapping.
-fn zero(master: &Mapping, start: u64, end: u64) {
-    // SAFETY: inside the internal read-write mapping of the whole file;
-    // guest memory is reached through raw pointers only.
-    unsafe { std::ptr::write_bytes(master.addr().add(start as usize), 0, (end - start) as usize) };
 }
 
 /// KVM guest_memfd: the kernel answers every file operation.
@@ -362,111 +293,36 @@ impl Storage for MemfdFile {
     }
 }
 
-/// A HugeTLB memfd, reserved whole at creation; huge pages that become
-/// mixed move to a 4 KiB split backing (see `hugetlb.rs`).
-#[derive(Debug)]
-pub(super) struct HugetlbFile {
-    fd: OwnedFd,
-    master: Mapping,
-}
-
-fn create_hugetlb(config: GmemConfig, granule: u64) -> Result<(OwnedFd, Mapping), GmemError> {
-    let needed = config.size / granule;
-    let pool = HugetlbPool::read(granule);
-    let shortfall = |pool: Option<HugetlbPool>| GmemError::HugetlbShortfall {
-        pool: pool.as_ref().map_or_else(
-            || format!("hugepages-{}kB", granule >> 10),
-            |p| p.name.clone(),
-        ),
-        needed,
-        free: pool.map_or(0, |p| p.available),
-    };
-    if pool.as_ref().is_none_or(|p| p.available < needed) {
-        return Err(shortfall(pool));
-    }
-    let log2 = u32::from(config.huge_page_size_log2);
-    let flags = libc::MFD_CLOEXEC | libc::MFD_HUGETLB | (log2 << libc::MFD_HUGE_SHIFT);
-    let name = CString::new("mmukit-gmem-hugetlb").expect("no NUL");
-    let fd = sys::memfd_create(&name, flags).map_err(GmemError::os("memfd_create"))?;
-    sys::ftruncate(&fd, config.size).map_err(GmemError::os("ftruncate"))?;
-    // A shared mapping without MAP_NORESERVE reserves every huge page of the
-    // file now, so that no later fault can fail.
-    let master = map_whole(&fd, config.size).map_err(|err| match err.errno() {
-        libc::ENOMEM => shortfall(HugetlbPool::read(granule)),
-        _ => err,
-    })?;
-    Ok((fd, master))
-}
-
+/// HugeTLB: the file's own type keeps its pages and their splits.
 impl Storage for HugetlbFile {
     fn kind(&self) -> BackendKind {
         BackendKind::Hugetlb
     }
 
     fn fd(&self) -> Option<&OwnedFd> {
-        Some(&self.fd)
+        Some(HugetlbFile::fd(self))
     }
 
     fn master(&self) -> Option<&Mapping> {
-        Some(&self.master)
+        Some(HugetlbFile::master(self))
+    }
+
+    fn hugetlb(&self) -> Option<&HugetlbFile> {
+        Some(self)
     }
 
     fn allocate(
         &self,
-        file: &Inner,
+        _: &Inner,
         state: &FileState,
         start: u64,
         end: u64,
     ) -> Result<(), GmemError> {
-        fallocate(&self.fd, libc::FALLOC_FL_KEEP_SIZE, start, end)?;
-        // Units on 4 KiB pages allocate there too (2 MiB pieces were
-        // allocated when their page was split).
-        let mut at = start;
-        while at < end {
-            let (us, ue, source) = file.unit_of(state, at);
-            if source == Source::Pages {
-                fallocate(
-                    file.source_fd(state, source),
-                    libc::FALLOC_FL_KEEP_SIZE,
-                    at.max(us),
-                    end.min(ue),
-                )?;
-            }
-            at = ue;
-        }
-        Ok(())
+        HugetlbFile::allocate(self, state, start, end)
     }
 
-    /// Split huge pages: punch their 4 KiB backing. Whole huge pages are
-    /// zeroed in place, so that they stay reserved and no later fault can
-    /// fail.
-    fn punch(
-        &self,
-        file: &Inner,
-        state: &FileState,
-        start: u64,
-        end: u64,
-    ) -> Result<(), GmemError> {
-        let mut at = start;
-        while at < end {
-            let (_, ue, source) = file.unit_of(state, at);
-            let next = ue.min(end);
-            match source {
-                Source::Pages => fallocate(file.source_fd(state, source), PUNCH_HOLE, at, next)?,
-                Source::Pieces => zero(
-                    &state
-                        .mid_backing
-                        .as_ref()
-                        .expect("tiered pages have one")
-                        .map,
-                    at,
-                    next,
-                ),
-                Source::File => zero(&self.master, at, next),
-            }
-            at = next;
-        }
-        Ok(())
+    fn punch(&self, _: &Inner, state: &FileState, start: u64, end: u64) -> Result<(), GmemError> {
+        HugetlbFile::punch(self, state, start, end)
     }
 
     /// hugetlbfs grows a file that is mapped past its end: only the part
@@ -480,30 +336,19 @@ impl Storage for HugetlbFile {
         _: i32,
     ) -> Result<(), GmemError> {
         let inside = len.min(file.size.saturating_sub(offset));
-        map_file_view(view, &self.fd, offset, inside)
+        map_file_view(view, HugetlbFile::fd(self), offset, inside)
     }
 
     unsafe fn map_memory(
         &self,
-        file: &Inner,
+        _: &Inner,
         state: &FileState,
         addr: *mut u8,
         offset: u64,
         len: u64,
     ) -> Result<(), GmemError> {
-        let mut at = offset;
-        while at < offset + len {
-            let (us, ue, source) = file.unit_of(state, at);
-            let next = ue.min(offset + len);
-            // Pages of a unit that is not on 4 KiB pages share its
-            // attribute, so the run covers it whole.
-            debug_assert!(source == Source::Pages || (at == us && next == ue));
-            let target = addr.wrapping_add((at - offset) as usize);
-            // SAFETY: inside the caller's range.
-            unsafe { map_file_at(target, file.source_fd(state, source), at, next - at) }?;
-            at = next;
-        }
-        Ok(())
+        // SAFETY: guaranteed by the caller.
+        unsafe { HugetlbFile::map_memory(self, state, addr, offset, len) }
     }
 
     fn faults_past_end(&self) -> bool {

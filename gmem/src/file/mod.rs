@@ -1,14 +1,11 @@
 //! Guest memory files: one guest_memfd contract over five backends.
 
-use std::collections::BTreeSet;
-use std::ffi::CString;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::attrs::{AttrMap, Attribute};
-use crate::caps::HugetlbPool;
 use crate::consts::{
     GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_NO_DIRECT_MAP,
 };
@@ -17,21 +14,20 @@ use crate::sys::{self, Mapping};
 mod backend;
 mod error;
 mod hugetlb;
+mod mapping;
 mod rules;
 mod view;
 
 use backend::Storage;
 pub use error::GmemError;
-use hugetlb::{PIECE, Source};
+use hugetlb::SplitState;
+use mapping::PUNCH_HOLE;
 pub use rules::{check_fallocate, check_mmap};
-use rules::{check_mmap_generic, page_aligned};
+use rules::page_aligned;
 pub use view::View;
 
 /// The base page size.
 pub const PAGE_SIZE: u64 = 4096;
-
-/// The `fallocate` mode that frees a range and keeps the size.
-const PUNCH_HOLE: i32 = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE;
 
 /// The size of a transparent huge page on x86-64.
 const THP_SIZE: u64 = 2 << 20;
@@ -150,11 +146,16 @@ pub enum Protection {
 /// Counters and latencies of a file.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FileMetrics {
-    /// Huge pages split into 4 KiB backing.
+    /// Split steps on a HugeTLB file, each counted once: a 2 MiB page onto
+    /// 4 KiB pages; a 1 GiB page into 2 MiB pieces (the first tier), or
+    /// onto 4 KiB pages whole where the 2 MiB pool is short; a 2 MiB piece
+    /// of a tiered 1 GiB page onto 4 KiB pages (the second tier). So a
+    /// 4 KiB conversion inside a whole 1 GiB page counts two.
     pub splits: u64,
-    /// Huge pages merged back.
+    /// Merge steps, the reverse of each split step, counted the same way.
     pub merges: u64,
-    /// Huge pages split right now.
+    /// Split steps in force now (`splits - merges`): huge pages split, plus
+    /// pieces of tiered pages on 4 KiB pages.
     pub split_now: u64,
     /// Time spent splitting.
     pub split_time: Duration,
@@ -175,31 +176,14 @@ struct ViewRecord {
     kind: ViewKind,
 }
 
-/// The 4 KiB backing that split huge pages move to: a sparse memfd the size
-/// of the file, and an internal mapping of it.
-#[derive(Debug)]
-struct SplitBacking {
-    fd: OwnedFd,
-    map: Mapping,
-}
-
 #[derive(Debug)]
 struct FileState {
     attrs: AttrMap,
     views: Vec<ViewRecord>,
     next_view: u64,
-    split_backing: Option<SplitBacking>,
-    /// Huge pages not mapped from the file itself: from the 4 KiB backing,
-    /// or (those in `tiered`) piece by piece.
-    split: BTreeSet<u64>,
-    /// 1 GiB pages split into 2 MiB pieces of `mid_backing`, so that only
-    /// the pieces in `split_pieces` go down to 4 KiB.
-    tiered: BTreeSet<u64>,
-    /// 2 MiB pieces (`offset >> 21`) of tiered pages on the 4 KiB backing.
-    split_pieces: BTreeSet<u64>,
-    /// A HugeTLB file of 2 MiB pages the size of the file, allocated only
-    /// over tiered pages.
-    mid_backing: Option<SplitBacking>,
+    /// Where a HugeTLB file's split huge pages lie (empty on the other
+    /// backends).
+    splits: SplitState,
     metrics: FileMetrics,
 }
 
@@ -293,11 +277,7 @@ impl GuestMemFile {
                     attrs: AttrMap::new(size / PAGE_SIZE, initial),
                     views: Vec::new(),
                     next_view: 0,
-                    split_backing: None,
-                    split: BTreeSet::new(),
-                    tiered: BTreeSet::new(),
-                    split_pieces: BTreeSet::new(),
-                    mid_backing: None,
+                    splits: SplitState::default(),
                     metrics: FileMetrics::default(),
                 }),
             }),
@@ -388,8 +368,8 @@ impl GuestMemFile {
     /// huge pages, 4 KiB otherwise. A HugeTLB page split for a conversion
     /// is mapped with 4 KiB pages until it is merged.
     pub fn host_page_size(&self) -> u64 {
-        if self.inner.storage.kind() == BackendKind::Hugetlb {
-            self.inner.granule
+        if let Some(hugetlb) = self.inner.storage.hugetlb() {
+            hugetlb.page_size()
         } else if self.transparent_huge_pages() {
             THP_SIZE
         } else {
@@ -402,22 +382,15 @@ impl GuestMemFile {
     /// 1 GiB while it is whole, 0 once it is split and on the other
     /// backends.
     pub fn page_order(&self, offset: u64) -> u8 {
-        if self.inner.storage.kind() != BackendKind::Hugetlb {
-            return 0;
-        }
-        let state = self.state();
-        match self.inner.unit_of(&state, offset).2 {
-            Source::Pages => 0,
-            Source::Pieces => (PIECE.trailing_zeros() - PAGE_SIZE.trailing_zeros()) as u8,
-            Source::File => {
-                (self.inner.granule.trailing_zeros() - PAGE_SIZE.trailing_zeros()) as u8
-            }
+        match self.inner.storage.hugetlb() {
+            Some(hugetlb) => hugetlb.page_order(&self.state().splits, offset),
+            None => 0,
         }
     }
 
     /// Huge pages currently split.
     pub fn split_huge_pages(&self) -> Vec<u64> {
-        self.state().split.iter().copied().collect()
+        self.state().splits.split_pages()
     }
 
     // ----- file operations --------------------------------------------------
@@ -539,58 +512,28 @@ impl GuestMemFile {
             Attribute::Shared => state.metrics.to_shared += last - first,
         }
         let (mut protect_first, mut protect_last) = (first, last);
-        if inner.storage.kind() == BackendKind::Hugetlb {
-            let pages_per_huge = inner.granule / PAGE_SIZE;
-            for huge in offset / inner.granule..end.div_ceil(inner.granule) {
-                let (hs, he) = (huge * pages_per_huge, (huge + 1) * pages_per_huge);
-                let mixed = state.attrs.uniform(hs, he).is_none();
-                let split = state.split.contains(&huge);
-                let mut changed = if mixed && !split {
-                    inner.split(&mut state, huge)
-                } else if !mixed && split {
-                    inner.merge(&mut state, huge)
-                } else {
-                    Ok(())
-                };
-                // A 1 GiB page split into 2 MiB pieces: the pieces the
-                // conversion touched go to 4 KiB when mixed, and back when
-                // uniform again.
-                if changed.is_ok() && state.tiered.contains(&huge) {
-                    let hb = huge * inner.granule;
-                    let (rs, re) = (offset.max(hb), end.min(hb + inner.granule));
-                    for piece in rs / PIECE..re.div_ceil(PIECE) {
-                        let pages = PIECE / PAGE_SIZE;
-                        let (ps, pe) = (piece * pages, (piece + 1) * pages);
-                        let piece_mixed = state.attrs.uniform(ps, pe).is_none();
-                        let piece_split = state.split_pieces.contains(&piece);
-                        changed = if piece_mixed && !piece_split {
-                            inner.split_piece(&mut state, piece)
-                        } else if !piece_mixed && piece_split {
-                            inner.merge_piece(&mut state, piece)
-                        } else {
-                            Ok(())
-                        };
-                        if changed.is_err() {
-                            break;
-                        }
-                    }
+        if let Some(hugetlb) = inner.storage.hugetlb() {
+            match hugetlb.follow_conversion(&mut state, offset, end) {
+                Ok(reshaped) => {
+                    protect_first = protect_first.min(reshaped.start);
+                    protect_last = protect_last.max(reshaped.end);
                 }
-                if let Err(err) = changed {
-                    // This huge page and those after it kept their layout:
-                    // so do their attributes. The ones before are converted.
-                    let kept = hs.max(first);
+                Err(stopped) => {
+                    // The huge page that failed and those after it kept
+                    // their layout: so do their attributes. The ones before
+                    // are converted.
+                    let kept = stopped.kept_from;
                     for (run_start, run_end, attr) in before {
                         if run_end > kept {
                             state.attrs.set(run_start.max(kept), run_end, attr);
                         }
                     }
-                    if protect_first < kept {
-                        inner.protect(&state, protect_first, kept, None)?;
+                    let from = protect_first.min(stopped.reshaped_from);
+                    if from < kept {
+                        inner.protect(&state, from, kept, None)?;
                     }
-                    return Err(err);
+                    return Err(stopped.error);
                 }
-                protect_first = protect_first.min(hs);
-                protect_last = protect_last.max(he);
             }
         }
         inner.protect(&state, protect_first, protect_last, None)?;
@@ -634,7 +577,7 @@ impl GuestMemFile {
                 .map_err(GmemError::os("mmap"))?;
                 if self.inner.storage.transparent_huge_pages() {
                     // SAFETY: our fresh mapping of the range.
-                    unsafe { backend::ask_for_huge_pages(temporary.addr(), len as usize) };
+                    unsafe { mapping::ask_for_huge_pages(temporary.addr(), len as usize) };
                 }
                 temporary.addr() as usize
             }

@@ -1,42 +1,15 @@
 //! Views: mappings of a file that follow its attributes; private pages
 //! and the parts past the end fault with SIGBUS.
 
-use super::*;
+use std::sync::Arc;
 
-/// An empty memfd: every page of a mapping of it lies past its end, so any
-/// access raises SIGBUS. Host views map private pages, and the parts of
-/// themselves past the end of the file, from it.
-fn fault_source() -> Result<&'static OwnedFd, GmemError> {
-    static SOURCE: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
-    if let Some(fd) = SOURCE.get() {
-        return Ok(fd);
-    }
-    let fd = sys::memfd_create(c"mmukit-gmem-sigbus", libc::MFD_CLOEXEC)
-        .map_err(GmemError::os("memfd_create"))?;
-    Ok(SOURCE.get_or_init(|| fd))
-}
+use crate::attrs::Attribute;
+use crate::sys::Mapping;
 
-/// Maps `[addr, addr + len)` from the fault source: touching it raises
-/// SIGBUS.
-///
-/// # Safety
-///
-/// The range must lie inside a mapping owned by the caller, whose memory no
-/// Rust reference points into.
-pub(super) unsafe fn map_fault_source(addr: *mut u8, len: u64) -> Result<(), GmemError> {
-    let fd = fault_source()?;
-    // SAFETY: guaranteed by the caller.
-    unsafe {
-        sys::map_fixed(
-            addr,
-            len as usize,
-            libc::PROT_READ | libc::PROT_WRITE,
-            fd,
-            0,
-        )
-    }
-    .map_err(GmemError::os("mmap(MAP_FIXED)"))
-}
+use super::error::GmemError;
+use super::mapping::map_fault_source;
+use super::rules::{check_mmap, check_mmap_generic};
+use super::{FileState, GuestMemFile, Inner, PAGE_SIZE, ViewKind, ViewRecord};
 
 impl GuestMemFile {
     /// Maps `[offset, offset + len)` shared as a host view (private pages
@@ -64,8 +37,8 @@ impl GuestMemFile {
         let inner = &self.inner;
         // Views start on a 2 MiB boundary when they are that big (a huge
         // page boundary for HugeTLB), so huge mappings line up with them.
-        let align = if inner.storage.kind() == BackendKind::Hugetlb {
-            inner.granule
+        let align = if let Some(hugetlb) = inner.storage.hugetlb() {
+            hugetlb.page_size()
         } else if len >= 2 << 20 {
             2 << 20
         } else {
@@ -96,11 +69,8 @@ impl GuestMemFile {
         let view = self.register(mapping, offset, len, kind);
         {
             let state = self.state();
-            // Split huge pages in the new view come from where their
-            // memory lies now: 2 MiB pieces or 4 KiB backing.
-            let split: Vec<u64> = state.split.iter().copied().collect();
-            for huge in split {
-                inner.remap_view_huge_page(&state, view.id, huge)?;
+            if let Some(hugetlb) = inner.storage.hugetlb() {
+                hugetlb.remap_new_view(&state, view.id)?;
             }
             let end_page = offset
                 .saturating_add(len)

@@ -1,0 +1,154 @@
+//! The mapping steps every backend is built from: whole-file mappings,
+//! fixed remaps inside a view, populate, zero, copy, and the fault source
+//! that makes an access raise SIGBUS. A leaf: it knows descriptors and
+//! mappings, nothing of files or views.
+
+use std::os::fd::OwnedFd;
+
+use super::error::GmemError;
+use crate::sys::{self, Mapping};
+
+/// The `fallocate` mode that frees a range and keeps the size.
+pub(super) const PUNCH_HOLE: i32 = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE;
+
+/// Read and write: the protection of every mapping of guest memory.
+const READ_WRITE: i32 = libc::PROT_READ | libc::PROT_WRITE;
+
+/// A shared read-write mapping of all of `fd`.
+pub(super) fn map_whole(fd: &OwnedFd, size: u64) -> Result<Mapping, GmemError> {
+    Mapping::new(size as usize, READ_WRITE, libc::MAP_SHARED, Some(fd), 0)
+        .map_err(GmemError::os("mmap"))
+}
+
+/// A shared read-write mapping of all of `fd` that reserves nothing: pages
+/// are taken only where they are allocated.
+pub(super) fn map_whole_sparse(fd: &OwnedFd, size: u64) -> Result<Mapping, GmemError> {
+    Mapping::new(
+        size as usize,
+        READ_WRITE,
+        libc::MAP_SHARED | libc::MAP_NORESERVE,
+        Some(fd),
+        0,
+    )
+    .map_err(GmemError::os("mmap"))
+}
+
+/// `fallocate(fd, mode, start, end - start)`.
+pub(super) fn fallocate(fd: &OwnedFd, mode: i32, start: u64, end: u64) -> Result<(), GmemError> {
+    sys::fallocate(fd, mode, start, end - start).map_err(GmemError::os("fallocate"))
+}
+
+/// Maps `[offset, offset + len)` of `fd` at the start of `view`.
+pub(super) fn map_file_view(
+    view: &Mapping,
+    fd: &OwnedFd,
+    offset: u64,
+    len: u64,
+) -> Result<(), GmemError> {
+    if len == 0 {
+        return Ok(());
+    }
+    // SAFETY: the start of the caller's fresh reservation.
+    unsafe { sys::map_fixed(view.addr(), len as usize, READ_WRITE, fd, offset) }
+        .map_err(GmemError::os("mmap"))
+}
+
+/// Maps `[offset, offset + len)` of `fd` read-write at `addr`.
+///
+/// # Safety
+///
+/// The range must lie inside a view's mapping, under the state lock, with
+/// no Rust reference into it.
+pub(super) unsafe fn map_file_at(
+    addr: *mut u8,
+    fd: &OwnedFd,
+    offset: u64,
+    len: u64,
+) -> Result<(), GmemError> {
+    // SAFETY: guaranteed by the caller.
+    unsafe { sys::map_fixed(addr, len as usize, READ_WRITE, fd, offset) }
+        .map_err(GmemError::os("mmap(MAP_FIXED)"))
+}
+
+/// Allocates the pages of `[offset, offset + len)` of an internal mapping
+/// in one call rather than one fault each.
+pub(super) fn populate(map: &Mapping, offset: u64, len: u64) -> Result<(), GmemError> {
+    assert!(offset + len <= map.len() as u64);
+    // SAFETY: inside the mapping (asserted), which the file owns; populating
+    // changes no contents.
+    unsafe {
+        sys::madvise(
+            map.addr().add(offset as usize),
+            len as usize,
+            libc::MADV_POPULATE_WRITE,
+        )
+    }
+    .map_err(GmemError::os("madvise(MADV_POPULATE_WRITE)"))
+}
+
+/// Zeroes `[start, end)` of an internal mapping.
+pub(super) fn zero(map: &Mapping, start: u64, end: u64) {
+    assert!(start <= end && end <= map.len() as u64);
+    // SAFETY: inside the internal read-write mapping (asserted); guest
+    // memory is reached through raw pointers only.
+    unsafe { std::ptr::write_bytes(map.addr().add(start as usize), 0, (end - start) as usize) };
+}
+
+/// Copies `[offset, offset + len)` from one internal mapping to the same
+/// offsets of another; both cover the whole file, each a different one.
+///
+/// # Safety
+///
+/// Nothing may access either range while it runs: a split or merge expects
+/// no access to the page it moves.
+pub(super) unsafe fn copy_range(from: &Mapping, to: &Mapping, offset: u64, len: u64) {
+    let end = (offset + len) as usize;
+    assert!(end <= from.len() && end <= to.len() && from.addr() != to.addr());
+    // SAFETY: both ranges are inside their mappings (asserted), in
+    // different files, and unused for the copy's length (the caller's word).
+    unsafe {
+        std::ptr::copy_nonoverlapping(
+            from.addr().add(offset as usize),
+            to.addr().add(offset as usize),
+            len as usize,
+        )
+    };
+}
+
+/// Asks for transparent huge pages on `[addr, addr + len)`; false when the
+/// kernel refuses.
+///
+/// # Safety
+///
+/// The range must be a mapping the caller owns.
+pub(super) unsafe fn ask_for_huge_pages(addr: *mut u8, len: usize) -> bool {
+    // SAFETY: guaranteed by the caller; the advice changes no contents.
+    unsafe { sys::madvise(addr, len, libc::MADV_HUGEPAGE) }.is_ok()
+}
+
+/// An empty memfd: every page of a mapping of it lies past its end, so any
+/// access raises SIGBUS. Host views map private pages, and the parts of
+/// themselves past the end of the file, from it.
+fn fault_source() -> Result<&'static OwnedFd, GmemError> {
+    static SOURCE: std::sync::OnceLock<OwnedFd> = std::sync::OnceLock::new();
+    if let Some(fd) = SOURCE.get() {
+        return Ok(fd);
+    }
+    let fd = sys::memfd_create(c"mmukit-gmem-sigbus", libc::MFD_CLOEXEC)
+        .map_err(GmemError::os("memfd_create"))?;
+    Ok(SOURCE.get_or_init(|| fd))
+}
+
+/// Maps `[addr, addr + len)` from the fault source: touching it raises
+/// SIGBUS.
+///
+/// # Safety
+///
+/// The range must lie inside a mapping owned by the caller, whose memory no
+/// Rust reference points into.
+pub(super) unsafe fn map_fault_source(addr: *mut u8, len: u64) -> Result<(), GmemError> {
+    let fd = fault_source()?;
+    // SAFETY: guaranteed by the caller.
+    unsafe { sys::map_fixed(addr, len as usize, READ_WRITE, fd, 0) }
+        .map_err(GmemError::os("mmap(MAP_FIXED)"))
+}
