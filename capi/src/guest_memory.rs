@@ -233,7 +233,13 @@ pub unsafe extern "C" fn mmukit_gmem_bind(
         let Some(vm) = &g.vm else {
             return -libc::ENOTSUP;
         };
-        let region = match gmem::GuestRegion::new(&g.file, file_offset, size, guest_addr, false) {
+        let region = match gmem::GuestRegion::new(
+            &g.file,
+            file_offset,
+            size,
+            guest_addr,
+            gmem::DirtyTracking::Off,
+        ) {
             Ok(region) => Arc::new(region),
             Err(gmem::RegionError::File(err)) => return gmem_errno(&err),
             Err(_) => return -libc::EINVAL,

@@ -14,6 +14,7 @@ use tdx_ext::TdxMirror;
 
 use crate::guest_memory::{gmem_errno, mmukit_gmem};
 use crate::{cache_errno, guard, with_handle};
+use split::AccessKind;
 
 /// Leaf counts.
 #[repr(C)]
@@ -260,18 +261,19 @@ pub unsafe extern "C" fn mmukit_tdp_mmu_access(
         if hpa.is_null() || !hpa.is_aligned() || (!fault.is_null() && !fault.is_aligned()) {
             return -libc::EINVAL;
         }
-        let private = match kind {
+        let attribute = match kind {
             MMUKIT_ACCESS_AUTO => None,
-            MMUKIT_ACCESS_SHARED => Some(false),
-            MMUKIT_ACCESS_PRIVATE => Some(true),
+            MMUKIT_ACCESS_SHARED => Some(MemoryAttribute::Shared),
+            MMUKIT_ACCESS_PRIVATE => Some(MemoryAttribute::Private),
             _ => return -libc::EINVAL,
         };
+        let access = AccessKind::data(write);
         let mut caches = m.caches.lock().unwrap_or_else(|p| p.into_inner());
-        let result = match m.mmu.access(&mut caches, Gpa(gpa), write) {
+        let result = match m.mmu.access(&mut caches, Gpa(gpa), access) {
             Access::Hit(found) => Ok(found),
-            Access::Miss => match private {
-                None => m.mmu.fault(&mut caches, Gpa(gpa), write),
-                Some(private) => m.mmu.fault_as(&mut caches, Gpa(gpa), write, private),
+            Access::Miss => match attribute {
+                None => m.mmu.fault(&mut caches, Gpa(gpa), access),
+                Some(attribute) => m.mmu.fault_as(&mut caches, Gpa(gpa), access, attribute),
             }
             .map(|t| t.hpa),
         };
@@ -377,7 +379,7 @@ pub unsafe extern "C" fn mmukit_tdp_mmu_fault(
 ) -> c_int {
     with_handle(mmu, |m| {
         let mut caches = m.caches.lock().unwrap_or_else(|p| p.into_inner());
-        match m.mmu.fault(&mut caches, Gpa(gpa), write) {
+        match m.mmu.fault(&mut caches, Gpa(gpa), AccessKind::data(write)) {
             Ok(_) => 0,
             Err(err) => mmu_errno(&err),
         }

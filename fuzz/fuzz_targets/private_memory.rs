@@ -14,7 +14,7 @@ use libfuzzer_sys::fuzz_target;
 use mmu_cache::PagePool;
 use mmu_cache::alloc::{ChunkAllocator, FailPolicy, FailingAllocator};
 use split::{
-    Gfn, Gpa, Level, MemoryAttribute, Memslot, MmuConfig, MmuError, Pfn, PrivateMemory,
+    AccessKind, Gfn, Gpa, Level, MemoryAttribute, Memslot, MmuConfig, MmuError, Pfn, PrivateMemory,
     PrivateMemoryError, PrivatePage, TdpMmu, VmType,
 };
 use tdx_ext::TdxMirror;
@@ -117,7 +117,7 @@ fuzz_target!(|input: Input| {
                     MemoryAttribute::Private => Gfn(gfn).gpa(),
                     MemoryAttribute::Shared => shared_gpa(gfn),
                 };
-                match mmu.fault(&mut vcpu, gpa, write) {
+                match mmu.fault(&mut vcpu, gpa, AccessKind::data(write)) {
                     Ok(t) => {
                         let expected = match attribute {
                             MemoryAttribute::Private => Pfn(PRIVATE_HOST + gfn),
@@ -141,7 +141,12 @@ fuzz_target!(|input: Input| {
                     shared_gpa(gfn)
                 };
                 let attribute = mmu.memory_attribute(Gfn(gfn));
-                match mmu.fault_as(&mut vcpu, gpa, write, private) {
+                match mmu.fault_as(
+                    &mut vcpu,
+                    gpa,
+                    AccessKind::data(write),
+                    MemoryAttribute::of_access(private),
+                ) {
                     Ok(_) => assert_eq!(attribute == MemoryAttribute::Private, private),
                     Err(MmuError::MemoryFault { private: p, .. }) => {
                         assert_eq!(p, private);

@@ -16,7 +16,7 @@ use libfuzzer_sys::fuzz_target;
 use mmu_cache::PagePool;
 use mmu_cache::alloc::{ChunkAllocator, FailPolicy, FailingAllocator};
 use split::tdp::Access;
-use split::{Level, LogMode, Memslot, MmuConfig, TdpMmu};
+use split::{AccessKind, Level, LogMode, Memslot, MmuConfig, TdpMmu};
 
 const PAGES: u64 = 4096;
 const HOST: u64 = 1 << 20;
@@ -85,7 +85,7 @@ fuzz_target!(|input: Input| {
         match op {
             Op::Fault { page, write } => {
                 let gfn = u64::from(page) % PAGES;
-                match mmu.fault(&mut caches, Gpa(gfn << 12), write) {
+                match mmu.fault(&mut caches, Gpa(gfn << 12), AccessKind::data(write)) {
                     Ok(_) => {
                         faulted.insert(gfn);
                     }
@@ -100,7 +100,7 @@ fuzz_target!(|input: Input| {
                     _ => Access::Miss,
                 };
                 assert_eq!(
-                    mmu.access(&mut caches, Gpa(gfn << 12), write),
+                    mmu.access(&mut caches, Gpa(gfn << 12), AccessKind::data(write)),
                     expected,
                     "gfn {gfn:#x}"
                 );

@@ -73,4 +73,4 @@ pub use kvm::{
     choose_backend, convert_guest_range,
 };
 pub use prefault::{PrefaultError, PrefaultReport};
-pub use region::{GuestMemoryLayout, GuestRegion, RegionError};
+pub use region::{DirtyTracking, GuestMemoryLayout, GuestRegion, RegionError};

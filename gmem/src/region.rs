@@ -13,6 +13,17 @@ use crate::file::{GmemError, GuestMemFile, PAGE_SIZE, View};
 /// The bitmap type of regions: dirty tracking when asked for.
 pub type RegionBitmap = Option<AtomicBitmap>;
 
+/// Whether a region keeps a dirty bitmap of the writes made through
+/// vm-memory.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DirtyTracking {
+    /// No bitmap.
+    #[default]
+    Off,
+    /// A bitmap of 4 KiB pages written through vm-memory.
+    Bitmap,
+}
+
 /// Errors of guest regions.
 #[derive(Debug, thiserror::Error)]
 pub enum RegionError {
@@ -39,13 +50,13 @@ pub struct GuestRegion {
 
 impl GuestRegion {
     /// Maps the range as a guest view and wraps it for vm-memory, with a
-    /// dirty bitmap when `dirty_tracking` is on.
+    /// dirty bitmap when `dirty` asks for one.
     pub fn new(
         file: &GuestMemFile,
         file_offset: u64,
         size: u64,
         guest_addr: u64,
-        dirty_tracking: bool,
+        dirty: DirtyTracking,
     ) -> Result<Self, RegionError> {
         if !guest_addr.is_multiple_of(PAGE_SIZE) {
             return Err(RegionError::Layout(format!(
@@ -65,7 +76,7 @@ impl GuestRegion {
             .into());
         }
         let view = file.map_guest(file_offset, size)?;
-        let bitmap = dirty_tracking.then(|| {
+        let bitmap = (dirty == DirtyTracking::Bitmap).then(|| {
             AtomicBitmap::new(
                 size as usize,
                 NonZeroUsize::new(PAGE_SIZE as usize).expect("4096"),
@@ -145,7 +156,7 @@ impl Drop for GuestRegion {
 /// Guest regions and the vm-memory view of all of them.
 ///
 /// ```
-/// use gmem::{Backend, GmemConfig, GuestMemFile, GuestRegion, GuestMemoryLayout};
+/// use gmem::{Backend, DirtyTracking, GmemConfig, GuestMemFile, GuestRegion, GuestMemoryLayout};
 /// use gmem::consts::{GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_INIT_SHARED};
 /// use vm_memory::{Bytes, GuestAddress};
 ///
@@ -154,8 +165,8 @@ impl Drop for GuestRegion {
 ///     flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
 ///     huge_page_size_log2: 0,
 /// })?;
-/// let low = GuestRegion::new(&file, 0, 1 << 20, 0, false)?;
-/// let high = GuestRegion::new(&file, 1 << 20, 1 << 20, 1 << 32, true)?;
+/// let low = GuestRegion::new(&file, 0, 1 << 20, 0, DirtyTracking::Off)?;
+/// let high = GuestRegion::new(&file, 1 << 20, 1 << 20, 1 << 32, DirtyTracking::Bitmap)?;
 /// let layout = GuestMemoryLayout::new(vec![low, high])?;
 /// layout.memory().write_obj(0x1234_5678u32, GuestAddress((1 << 32) + 8)).unwrap();
 /// let mut back = [0u8; 4];

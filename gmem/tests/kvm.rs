@@ -9,6 +9,7 @@ use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use common::{SHARED_MMAP, guest_memfd_vm, host_allows};
+use gmem::DirtyTracking;
 use gmem::consts::{KVM_MEM_GUEST_MEMFD, KVM_MEM_LOG_DIRTY_PAGES};
 use gmem::{
     Backend, Capability, GmemConfig, GuestMemFile, GuestRegion, KvmVm, SlotBinding, SlotRequest,
@@ -74,7 +75,7 @@ fn a_guest_reads_and_writes_guest_memfd_memory() {
         return;
     };
     let file = gmem_file(&vm, MEM);
-    let region = Arc::new(GuestRegion::new(&file, 0, MEM, 0, false).unwrap());
+    let region = Arc::new(GuestRegion::new(&file, 0, MEM, 0, DirtyTracking::Off).unwrap());
     let view = region.view();
     view.write_at(0, &GUEST).unwrap();
     view.fill(DATA, 1, 0xaa).unwrap();
@@ -171,7 +172,7 @@ fn plain_backends_bind_as_ordinary_slots_and_secret_is_refused() {
         },
     )
     .unwrap();
-    let region = Arc::new(GuestRegion::new(&memfd, 0, MEM, 0x40_0000, false).unwrap());
+    let region = Arc::new(GuestRegion::new(&memfd, 0, MEM, 0x40_0000, DirtyTracking::Off).unwrap());
     vm.bind(3, region, KVM_MEM_LOG_DIRTY_PAGES).unwrap();
     vm.unbind(3).unwrap();
     if let Ok(secret) = GuestMemFile::create(
@@ -182,7 +183,8 @@ fn plain_backends_bind_as_ordinary_slots_and_secret_is_refused() {
             huge_page_size_log2: 0,
         },
     ) {
-        let region = Arc::new(GuestRegion::new(&secret, 0, MEM, 0x80_0000, false).unwrap());
+        let region =
+            Arc::new(GuestRegion::new(&secret, 0, MEM, 0x80_0000, DirtyTracking::Off).unwrap());
         let err = vm.bind(4, region, 0).unwrap_err();
         assert_eq!(err.errno(), libc::EINVAL);
         assert!(err.to_string().contains("direct map"), "{err}");
@@ -192,7 +194,7 @@ fn plain_backends_bind_as_ordinary_slots_and_secret_is_refused() {
 /// A stand-in for KVM_SET_MEMORY_ATTRIBUTES, which this host's KVM lacks.
 #[derive(Default)]
 struct RecordingAttributes {
-    calls: std::sync::Mutex<Vec<(u64, u64, bool)>>,
+    calls: std::sync::Mutex<Vec<(u64, u64, gmem::Attribute)>>,
     refuse: bool,
 }
 
@@ -201,11 +203,16 @@ impl gmem::MemoryAttributes for RecordingAttributes {
         true
     }
 
-    fn set_private(&self, gpa: u64, size: u64, private: bool) -> Result<(), gmem::KvmError> {
+    fn set_memory_attribute(
+        &self,
+        gpa: u64,
+        size: u64,
+        attribute: gmem::Attribute,
+    ) -> Result<(), gmem::KvmError> {
         if self.refuse {
             return Err(gmem::KvmError::NotSupported("refused by the test".into()));
         }
-        self.calls.lock().unwrap().push((gpa, size, private));
+        self.calls.lock().unwrap().push((gpa, size, attribute));
         Ok(())
     }
 }
@@ -222,13 +229,16 @@ fn conversion_tells_kvm_where_it_can_and_says_so() {
         },
     )
     .unwrap();
-    let region = GuestRegion::new(&file, 0x4000, 0x8000, 0x10_0000, false).unwrap();
+    let region = GuestRegion::new(&file, 0x4000, 0x8000, 0x10_0000, DirtyTracking::Off).unwrap();
     // With attributes (a stand-in): KVM is told the gpa range, the file the offset.
     let kvm = RecordingAttributes::default();
     let protection =
         convert_guest_range(&region, 0x10_1000, 0x2000, Attribute::Private, Some(&kvm)).unwrap();
     assert_eq!(protection, Protection::HostViewAndKvm);
-    assert_eq!(*kvm.calls.lock().unwrap(), vec![(0x10_1000, 0x2000, true)]);
+    assert_eq!(
+        *kvm.calls.lock().unwrap(),
+        vec![(0x10_1000, 0x2000, Attribute::Private)]
+    );
     assert_eq!(file.attribute(0x5000), Attribute::Private);
     assert_eq!(file.attribute(0x7000), Attribute::Shared);
     // A refusal changes nothing.
@@ -286,7 +296,7 @@ fn shared_region(size: u64, gpa: u64) -> Arc<GuestRegion> {
         },
     )
     .unwrap();
-    Arc::new(GuestRegion::new(&file, 0, size, gpa, false).unwrap())
+    Arc::new(GuestRegion::new(&file, 0, size, gpa, DirtyTracking::Off).unwrap())
 }
 
 /// `predict` and the kernel give the same verdict for each case: the

@@ -6,6 +6,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use common::{SHARED_MMAP, cases, hugetlb_available};
+use gmem::DirtyTracking;
 use gmem::consts::GUEST_MEMFD_FLAG_INIT_SHARED;
 use gmem::{
     Attribute, Backend, GmemConfig, GuestMemFile, GuestMemoryLayout, GuestRegion, PAGE_SIZE,
@@ -88,8 +89,15 @@ fn vm_memory_reads_and_writes_through_regions_with_dirty_tracking() {
     for case in cases(8) {
         let size = 4 * case.page;
         let file = case.create(size, SHARED_MMAP).unwrap();
-        let low = GuestRegion::new(&file, 0, 2 * case.page, 0, true).unwrap();
-        let high = GuestRegion::new(&file, 2 * case.page, 2 * case.page, 1 << 32, false).unwrap();
+        let low = GuestRegion::new(&file, 0, 2 * case.page, 0, DirtyTracking::Bitmap).unwrap();
+        let high = GuestRegion::new(
+            &file,
+            2 * case.page,
+            2 * case.page,
+            1 << 32,
+            DirtyTracking::Off,
+        )
+        .unwrap();
         let layout = GuestMemoryLayout::new(vec![high, low]).unwrap();
         let memory = layout.memory();
         assert_eq!(memory.num_regions(), 2);
@@ -132,9 +140,10 @@ fn a_region_on_hugetlb_follows_a_split() {
         },
     )
     .unwrap();
-    let layout =
-        GuestMemoryLayout::new(vec![GuestRegion::new(&file, 0, 2 << 20, 0, false).unwrap()])
-            .unwrap();
+    let layout = GuestMemoryLayout::new(vec![
+        GuestRegion::new(&file, 0, 2 << 20, 0, DirtyTracking::Off).unwrap(),
+    ])
+    .unwrap();
     let memory = layout.memory();
     memory.write_obj(7u64, GuestAddress(0x10_0000)).unwrap();
     file.convert(0x5000, 0x1000, Attribute::Private).unwrap();
@@ -167,9 +176,10 @@ fn a_clone_of_the_memory_keeps_its_mapping_after_the_layout_goes() {
         },
     )
     .unwrap();
-    let layout =
-        GuestMemoryLayout::new(vec![GuestRegion::new(&file, 0, 1 << 20, 0, false).unwrap()])
-            .unwrap();
+    let layout = GuestMemoryLayout::new(vec![
+        GuestRegion::new(&file, 0, 1 << 20, 0, DirtyTracking::Off).unwrap(),
+    ])
+    .unwrap();
     let clone = layout.memory().clone();
     drop(layout);
     let shared = Mutex::new(clone);

@@ -8,6 +8,7 @@ use gmem::{Backend, GmemConfig, GuestMemFile};
 use mmu_cache::PagePool;
 use mmu_cache::alloc::ChunkAllocator;
 use mmukit_private::PrivateMemoryVm;
+use split::AccessKind;
 use split::{Gfn, Gpa, MemoryAttribute, Memslot, MmuConfig, MmuError, Pfn, TdpMmu, VmType};
 use tdx_ext::TdxMirror;
 use tdx_ext::pamt::PamtPolicy;
@@ -37,9 +38,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     vm.convert(Gfn(0), Gfn(1024), MemoryAttribute::Private)?;
     let shared_bit = 1u64 << 47;
     let mut vcpu = mmu.new_vcpu_caches();
-    let private = mmu.fault(&mut vcpu, Gpa(0x5000), true)?;
+    let private = mmu.fault(&mut vcpu, Gpa(0x5000), AccessKind::Write)?;
     println!("private gpa 0x5000 -> {} (the file)", private.hpa);
-    match mmu.fault(&mut vcpu, Gpa(shared_bit | 0x5000), true) {
+    match mmu.fault(&mut vcpu, Gpa(shared_bit | 0x5000), AccessKind::Write) {
         Err(MmuError::MemoryFault { gpa, private, .. }) => {
             println!("memory-fault exit at {gpa} (private access: {private})");
         }
@@ -47,7 +48,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let report = vm.convert(Gfn(5), Gfn(6), MemoryAttribute::Shared)?;
     println!("converted: {report:?}");
-    let shared = mmu.fault(&mut vcpu, Gpa(shared_bit | 0x5000), true)?;
+    let shared = mmu.fault(&mut vcpu, Gpa(shared_bit | 0x5000), AccessKind::Write)?;
     println!("shared gpa 0x5000 -> {} (the slot)", shared.hpa);
     drop(vcpu);
     mmu.teardown()?;

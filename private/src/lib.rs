@@ -32,7 +32,7 @@
 //! vm.bind(Memslot::new(0, Gfn(0), 1024, Pfn(0x10_0000))?, &file, 0)?;
 //! vm.convert(Gfn(0), Gfn(1024), MemoryAttribute::Private)?;
 //! let mut vcpu = mmu.new_vcpu_caches();
-//! let t = mmu.fault(&mut vcpu, Gpa(0x3000), true)?;
+//! let t = mmu.fault(&mut vcpu, Gpa(0x3000), AccessKind::Write)?;
 //! assert_eq!(Some(t.hpa.pfn().0), vm.binding(0).unwrap().private_memory().frame(3));
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```

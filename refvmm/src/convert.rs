@@ -35,6 +35,7 @@ use crate::config::{BackendName, Config, PamtPolicyName, Workload};
 use crate::engine::{RunError, create_memory, prefault};
 use crate::events::{Metrics, STOP, TIMED_OUT};
 use crate::report::{ConvertFigures, Report};
+use split::AccessKind;
 
 const HUGE_PAGES: u64 = 512;
 
@@ -93,9 +94,13 @@ impl ConvertVm<'_> {
         write: bool,
     ) -> Result<Hpa, MmuError> {
         let gpa = self.gpa(gfn, private);
-        match self.mmu().access(vcpu, gpa, write) {
+        let access = AccessKind::data(write);
+        match self.mmu().access(vcpu, gpa, access) {
             Access::Hit(hpa) => Ok(hpa),
-            Access::Miss => Ok(self.mmu().fault_as(vcpu, gpa, write, private)?.hpa),
+            Access::Miss => {
+                let attribute = MemoryAttribute::of_access(private);
+                Ok(self.mmu().fault_as(vcpu, gpa, access, attribute)?.hpa)
+            }
         }
     }
 

@@ -20,6 +20,7 @@ use crate::events::{self, Metrics, STOP};
 use crate::programs::{self, CHECKPOINT_PORT, PASS_PORT, SERIAL, SERIAL_LSR, SHUTDOWN_PORT};
 use crate::report::{DirtyLog, Iteration, Report};
 use crate::snapshot::{self, Snapshot};
+use gmem::DirtyTracking;
 
 /// What a loop a signal stopped says.
 const STOPPED_BY_A_SIGNAL: &str = "stopped by a signal";
@@ -62,7 +63,7 @@ fn build(config: &Config) -> Result<Vm, RunError> {
     // free.
     let low = file.size().min(layout::MMIO_HOLE_START);
     let region = Arc::new(
-        GuestRegion::new(&file, 0, low, 0, false)
+        GuestRegion::new(&file, 0, low, 0, DirtyTracking::Off)
             .map_err(|err| RunError::Kvm(format!("guest region: {err}")))?,
     );
     let bind_error = |err: gmem::KvmError| RunError::Host {
@@ -72,8 +73,14 @@ fn build(config: &Config) -> Result<Vm, RunError> {
     vm.bind(0, region.clone(), 0).map_err(bind_error)?;
     let high = if file.size() > low {
         let high = Arc::new(
-            GuestRegion::new(&file, low, file.size() - low, layout::HIGH_MEMORY, false)
-                .map_err(|err| RunError::Kvm(format!("guest region above 4 GiB: {err}")))?,
+            GuestRegion::new(
+                &file,
+                low,
+                file.size() - low,
+                layout::HIGH_MEMORY,
+                DirtyTracking::Off,
+            )
+            .map_err(|err| RunError::Kvm(format!("guest region above 4 GiB: {err}")))?,
         );
         vm.bind(1, high.clone(), 0).map_err(bind_error)?;
         Some(high)

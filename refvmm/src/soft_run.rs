@@ -131,17 +131,16 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
                     })
                 })
                 .collect();
-            let outcome = drive(
-                &mmu,
-                config,
+            let passes = Passes {
                 iterations,
                 share_bytes,
                 write_percent,
-                &barrier,
-                &failure,
-                &mut log_report,
-                metrics,
-            );
+            };
+            let meeting = Meeting {
+                barrier: &barrier,
+                failure: &failure,
+            };
+            let outcome = drive(&mmu, config, passes, meeting, &mut log_report, metrics);
             done.store(true, Ordering::Relaxed);
             barrier.wait();
             let caches: Vec<VcpuCaches> = handles
@@ -186,22 +185,38 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
     })
 }
 
-/// The host side of the test: populate, enable, iterate, verify.
-#[expect(
-    clippy::too_many_arguments,
-    reason = "the host side of the test needs the run's whole state"
-)]
-fn drive(
-    mmu: &TdpMmu,
-    config: &Config,
+/// What each dirty-log pass does: how many, the bytes each vCPU walks,
+/// and the share of its pages it writes.
+#[derive(Clone, Copy, Debug)]
+struct Passes {
     iterations: u32,
     share_bytes: u64,
     write_percent: u32,
-    barrier: &Barrier,
-    failure: &Mutex<Option<String>>,
+}
+
+/// Where the host side and the vCPU threads meet: the barrier that starts
+/// and ends each pass, and the first failure a vCPU met.
+#[derive(Clone, Copy)]
+struct Meeting<'a> {
+    barrier: &'a Barrier,
+    failure: &'a Mutex<Option<String>>,
+}
+
+/// The host side of the test: populate, enable, iterate, verify.
+fn drive(
+    mmu: &TdpMmu,
+    config: &Config,
+    passes: Passes,
+    meeting: Meeting<'_>,
     report: &mut DirtyLog,
     metrics: &Metrics,
 ) -> Result<(), RunError> {
+    let Passes {
+        iterations,
+        share_bytes,
+        write_percent,
+    } = passes;
+    let Meeting { barrier, failure } = meeting;
     let check = || match failure.lock().unwrap_or_else(|p| p.into_inner()).clone() {
         Some(why) => Err(RunError::Guest(why)),
         None => Ok(()),

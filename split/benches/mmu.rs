@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use criterion::{Criterion, criterion_group, criterion_main};
 use mmu_cache::alloc::ChunkAllocator;
 use mmu_cache::{PAGE_SIZE, Page, PagePool};
+use split::AccessKind;
 use split::guest::GuestEpt;
 use split::shadow::{ShadowConfig, ShadowMmu, Vcpu};
 use split::{Level, Memslot, MmuConfig, TdpMmu};
@@ -24,7 +25,8 @@ fn tdp_with_2m_leaves(pool: Arc<PagePool<split::tdp::TablePage>>) -> TdpMmu {
         .unwrap();
     let mut caches = mmu.new_vcpu_caches();
     for leaf in 0..LEAVES {
-        mmu.fault(&mut caches, Gpa(leaf << 21), true).unwrap();
+        mmu.fault(&mut caches, Gpa(leaf << 21), AccessKind::Write)
+            .unwrap();
     }
     mmu
 }
@@ -107,7 +109,7 @@ fn access_and_fault(c: &mut Criterion) {
     group.bench_function("access_hit_write", |b| {
         b.iter(|| {
             gpa = (gpa + 4096) & ((LEAVES << 21) - 1);
-            black_box(mmu.access(&mut vcpu, Gpa(black_box(gpa)), true))
+            black_box(mmu.access(&mut vcpu, Gpa(black_box(gpa)), AccessKind::Write))
         })
     });
     group.bench_function("fault_4k", |b| {
@@ -119,7 +121,10 @@ fn access_and_fault(c: &mut Criterion) {
             let mut caches = mmu.new_vcpu_caches();
             let start = Instant::now();
             for gfn in 0..iters {
-                black_box(mmu.fault(&mut caches, Gpa(gfn << 12), true).unwrap());
+                black_box(
+                    mmu.fault(&mut caches, Gpa(gfn << 12), AccessKind::Write)
+                        .unwrap(),
+                );
             }
             start.elapsed()
         })

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use mmu_cache::alloc::ChunkAllocator;
 use mmu_cache::{PAGE_SIZE, Page, PagePool};
+use split::AccessKind;
 use split::guest::GuestEpt;
 use split::shadow::{ShadowConfig, ShadowMmu, Vcpu};
 use split::{Level, LogMode, Memslot, MmuConfig, TdpMmu};
@@ -49,7 +50,7 @@ fn new_mmu(gib: u64, eager: bool, host_base_pfn: u64) -> TdpMmu {
 fn populate(mmu: &TdpMmu, gib: u64, step: u64) {
     let mut caches = mmu.new_vcpu_caches();
     for gpa in (0..gib << 30).step_by(step as usize) {
-        mmu.fault(&mut caches, Gpa(gpa), true).unwrap();
+        mmu.fault(&mut caches, Gpa(gpa), AccessKind::Write).unwrap();
     }
 }
 

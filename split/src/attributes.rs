@@ -32,6 +32,12 @@ pub enum MemoryAttribute {
 }
 
 impl MemoryAttribute {
+    /// Private when `private`, else shared: the kind of an access as a
+    /// fault flag (`PFERR_PRIVATE_ACCESS`) gives it.
+    pub fn of_access(private: bool) -> Self {
+        if private { Self::Private } else { Self::Shared }
+    }
+
     /// `KVM_MEMORY_ATTRIBUTE_PRIVATE` (bit 3) when private, 0 when shared.
     pub fn kvm_bits(self) -> u64 {
         match self {

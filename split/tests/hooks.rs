@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 
 use mmu_cache::PagePool;
 use mmu_cache::alloc::{ChunkAllocator, CountingAllocator, PageAllocator};
+use split::AccessKind;
 use split::tdp::Access;
 use split::{
     Entry, ExternalPageTable, HookError, HookOp, HookVcpuState, Level, LogMode, Memslot, MmuConfig,
@@ -204,7 +205,7 @@ fn the_mirror_follows_faults_splits_and_zaps() {
     let (_, mirror, mmu) = mirrored_mmu();
     let mut vcpu = mmu.new_vcpu_caches();
     for gpa in (0..8u64 << 20).step_by(2 << 20) {
-        mmu.fault(&mut vcpu, Gpa(gpa), true).unwrap();
+        mmu.fault(&mut vcpu, Gpa(gpa), AccessKind::Write).unwrap();
     }
     assert_identical(&mirror, &mmu);
     mmu.split_huge_pages(Gfn(0), Gfn(1024), Level::L4K).unwrap();
@@ -212,7 +213,8 @@ fn the_mirror_follows_faults_splits_and_zaps() {
     mmu.zap_range(Gfn(0), Gfn(512)).unwrap();
     assert_identical(&mirror, &mmu);
     mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
-    mmu.fault(&mut vcpu, Gpa(0x3000), true).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0x3000), AccessKind::Write)
+        .unwrap();
     assert_identical(&mirror, &mmu);
     mmu.zap_range(Gfn(0), Gfn(2048)).unwrap();
     assert_identical(&mirror, &mmu);
@@ -223,11 +225,13 @@ fn the_mirror_follows_faults_splits_and_zaps() {
 fn a_refused_set_leaf_leaves_both_unchanged() {
     let (counting, mirror, mmu) = mirrored_mmu();
     let mut vcpu = mmu.new_vcpu_caches();
-    mmu.fault(&mut vcpu, Gpa(0), true).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0), AccessKind::Write).unwrap();
     let stats = mmu.page_stats();
     let tables = mmu.live_tables();
     mirror.fail(Op::SetLeaf, 1, false);
-    let err = mmu.fault(&mut vcpu, Gpa(2 << 20), true).unwrap_err();
+    let err = mmu
+        .fault(&mut vcpu, Gpa(2 << 20), AccessKind::Write)
+        .unwrap_err();
     let MmuError::Hook(hook) = &err else {
         panic!("{err}")
     };
@@ -242,7 +246,8 @@ fn a_refused_set_leaf_leaves_both_unchanged() {
     assert_eq!(mmu.live_tables(), tables);
     assert_identical(&mirror, &mmu);
     // The next attempt goes through.
-    mmu.fault(&mut vcpu, Gpa(2 << 20), true).unwrap();
+    mmu.fault(&mut vcpu, Gpa(2 << 20), AccessKind::Write)
+        .unwrap();
     assert_identical(&mirror, &mmu);
     drop(vcpu);
     drop(mmu);
@@ -254,7 +259,7 @@ fn a_busy_hook_is_retried() {
     let (_, mirror, mmu) = mirrored_mmu();
     let mut vcpu = mmu.new_vcpu_caches();
     mirror.fail(Op::SetLeaf, 3, true);
-    mmu.fault(&mut vcpu, Gpa(0), true).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0), AccessKind::Write).unwrap();
     assert_eq!(mmu.counters().retries, 3);
     assert_identical(&mirror, &mmu);
 }
@@ -264,11 +269,15 @@ fn a_refused_link_returns_the_table_page_and_links_nothing() {
     let (counting, mirror, mmu) = mirrored_mmu();
     let mut vcpu = mmu.new_vcpu_caches();
     mirror.fail(Op::Link, 1, false);
-    assert!(mmu.fault(&mut vcpu, Gpa(0x5000), true).is_err());
+    assert!(
+        mmu.fault(&mut vcpu, Gpa(0x5000), AccessKind::Write)
+            .is_err()
+    );
     assert_eq!(mmu.live_tables(), 0);
     assert_eq!(mmu.translate(Gpa(0x5000)), None);
     assert_identical(&mirror, &mmu);
-    mmu.fault(&mut vcpu, Gpa(0x5000), true).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0x5000), AccessKind::Write)
+        .unwrap();
     assert_identical(&mirror, &mmu);
     drop(vcpu);
     drop(mmu);
@@ -279,7 +288,7 @@ fn a_refused_link_returns_the_table_page_and_links_nothing() {
 fn a_refused_split_keeps_the_huge_leaf_in_both() {
     let (counting, mirror, mmu) = mirrored_mmu();
     let mut vcpu = mmu.new_vcpu_caches();
-    mmu.fault(&mut vcpu, Gpa(0), true).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0), AccessKind::Write).unwrap();
     let before = mmu.translate(Gpa(0x1000)).unwrap();
     mirror.fail(Op::SplitLeaf, 1, false);
     assert!(mmu.split_huge_pages(Gfn(0), Gfn(512), Level::L4K).is_err());
@@ -301,7 +310,7 @@ fn a_refused_remove_stops_the_zap_where_it_is() {
     let (_, mirror, mmu) = mirrored_mmu();
     let mut vcpu = mmu.new_vcpu_caches();
     for gpa in (0..8u64 << 20).step_by(2 << 20) {
-        mmu.fault(&mut vcpu, Gpa(gpa), true).unwrap();
+        mmu.fault(&mut vcpu, Gpa(gpa), AccessKind::Write).unwrap();
     }
     mirror.fail(Op::RemoveLeaf, 1, false);
     assert!(mmu.zap_range(Gfn(0), Gfn(2048)).is_err());
@@ -325,14 +334,16 @@ fn a_failing_lazy_split_leaves_both_trees_as_they_were() {
         ..MmuConfig::default()
     });
     let mut vcpu = mmu.new_vcpu_caches();
-    mmu.fault(&mut vcpu, Gpa(0), false).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0), AccessKind::Read).unwrap();
     mmu.enable_dirty_logging(0, LogMode::ManualInitiallySet)
         .unwrap();
     mmu.clear_dirty_log(0, 0, &[1]).unwrap(); // write-protects the 2M leaf
     let before = mmu.translate(Gpa(0x5000)).unwrap();
     let tables = mmu.live_tables();
     mirror.fail(Op::SplitLeaf, 1, false);
-    let err = mmu.fault(&mut vcpu, Gpa(0x5000), true).unwrap_err();
+    let err = mmu
+        .fault(&mut vcpu, Gpa(0x5000), AccessKind::Write)
+        .unwrap_err();
     assert!(
         matches!(err, MmuError::Hook(HookError::Refused { .. })),
         "{err}"
@@ -347,7 +358,8 @@ fn a_failing_lazy_split_leaves_both_trees_as_they_were() {
     assert_eq!(mirror.tables(), tables);
     assert!(!mirror.state().calls.contains(&Op::RemoveLeaf));
     mirror.fail(Op::SplitLeaf, 2, true);
-    mmu.fault(&mut vcpu, Gpa(0x5000), true).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0x5000), AccessKind::Write)
+        .unwrap();
     assert_eq!(mmu.counters().lazy_splits, 1);
     assert_eq!(mirror.leaves().len(), 512, "all 512 children, in both");
     assert_eq!(mirror.state().exclusive_splits, vec![false]);
@@ -363,7 +375,7 @@ fn a_failing_lazy_split_leaves_both_trees_as_they_were() {
 fn a_refused_table_free_keeps_the_table_in_both() {
     let (_, mirror, mmu) = mirrored_mmu();
     let mut vcpu = mmu.new_vcpu_caches();
-    mmu.fault(&mut vcpu, Gpa(0), true).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0), AccessKind::Write).unwrap();
     mmu.split_huge_pages(Gfn(0), Gfn(512), Level::L4K).unwrap();
     let tables = mmu.live_tables();
     mirror.fail(Op::FreeTable, 1, false);
@@ -382,9 +394,10 @@ fn a_refused_table_free_keeps_the_table_in_both() {
 fn a_refused_remove_while_disabling_dirty_logging_leaves_both_alike() {
     let (_, mirror, mmu) = mirrored_mmu();
     let mut vcpu = mmu.new_vcpu_caches();
-    mmu.fault(&mut vcpu, Gpa(0), true).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0), AccessKind::Write).unwrap();
     mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
-    mmu.fault(&mut vcpu, Gpa(0x3000), true).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0x3000), AccessKind::Write)
+        .unwrap();
     mirror.fail(Op::RemoveLeaf, 1, false);
     assert!(mmu.disable_dirty_logging(0).is_err());
     assert_identical(&mirror, &mmu);
@@ -482,7 +495,7 @@ fn external_pages_follow_tables_and_a_refused_reclaim_leaks_one() {
     mmu.add_memslot(Memslot::new(0, Gfn(0), 4096, Pfn(0x40000)).unwrap())
         .unwrap();
     let mut vcpu = mmu.new_vcpu_caches();
-    mmu.fault(&mut vcpu, Gpa(0), true).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0), AccessKind::Write).unwrap();
     assert_eq!(hooks.live(), mmu.live_tables());
     assert!(
         hooks.state.lock().unwrap().topups >= 1,
@@ -493,7 +506,7 @@ fn external_pages_follow_tables_and_a_refused_reclaim_leaks_one() {
     mmu.zap_range(Gfn(0), Gfn(1 << 36)).unwrap();
     assert_eq!((hooks.live(), mmu.live_tables()), (0, 0));
     for gpa in (0..16u64 << 20).step_by(2 << 20) {
-        mmu.fault(&mut vcpu, Gpa(gpa), true).unwrap();
+        mmu.fault(&mut vcpu, Gpa(gpa), AccessKind::Write).unwrap();
     }
     let tables = mmu.live_tables() as u64;
     let report = mmu.teardown().unwrap();
@@ -524,21 +537,31 @@ fn an_access_after_its_table_was_freed_walks_the_new_one() {
     mmu.add_memslot(Memslot::new(0, Gfn(0), 16384, Pfn(0x40001)).unwrap())
         .unwrap();
     let mut vcpu = mmu.new_vcpu_caches();
-    mmu.fault(&mut vcpu, Gpa(0), true).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0), AccessKind::Write).unwrap();
     let freed = mirror.leaf_table(Gfn(0)).unwrap();
     assert!(matches!(
-        mmu.access(&mut vcpu, Gpa(0), true),
+        mmu.access(&mut vcpu, Gpa(0), AccessKind::Write),
         Access::Hit(_)
     ));
     mmu.zap_range(Gfn(0), Gfn(512)).unwrap();
     assert_eq!(mirror.leaf_table(Gfn(0)), None, "the zap freed the table");
-    assert_eq!(mmu.access(&mut vcpu, Gpa(0), true), Access::Miss);
-    mmu.fault(&mut vcpu, Gpa(0x5000), true).unwrap();
+    assert_eq!(
+        mmu.access(&mut vcpu, Gpa(0), AccessKind::Write),
+        Access::Miss
+    );
+    mmu.fault(&mut vcpu, Gpa(0x5000), AccessKind::Write)
+        .unwrap();
     let linked = mirror.leaf_table(Gfn(0)).unwrap();
     assert_ne!(linked, freed, "the region has a new table");
     let hpa = mmu.translate(Gpa(0x5000)).unwrap().hpa;
-    assert_eq!(mmu.access(&mut vcpu, Gpa(0x5000), true), Access::Hit(hpa));
-    assert_eq!(mmu.access(&mut vcpu, Gpa(0), false), Access::Miss);
+    assert_eq!(
+        mmu.access(&mut vcpu, Gpa(0x5000), AccessKind::Write),
+        Access::Hit(hpa)
+    );
+    assert_eq!(
+        mmu.access(&mut vcpu, Gpa(0), AccessKind::Read),
+        Access::Miss
+    );
     assert_identical(&mirror, &mmu);
 }
 
@@ -566,7 +589,9 @@ impl ExternalPageTable for FaultDuringSplit {
         let (done, finished) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
             let mut vcpu = mmu.new_vcpu_caches();
-            let result = mmu.fault(&mut vcpu, Gpa(6 << 20), true).map(|_| ());
+            let result = mmu
+                .fault(&mut vcpu, Gpa(6 << 20), AccessKind::Write)
+                .map(|_| ());
             let _ = done.send(result.is_ok());
         });
         let faulted = finished
@@ -594,7 +619,7 @@ fn a_vcpu_fault_completes_while_an_eager_split_is_in_progress() {
     mmu.add_memslot(Memslot::new(0, Gfn(0), 2048, Pfn(0x40000)).unwrap())
         .unwrap();
     let mut vcpu = mmu.new_vcpu_caches();
-    mmu.fault(&mut vcpu, Gpa(0), true).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0), AccessKind::Write).unwrap();
     mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
     assert_eq!(*faulted.lock().unwrap(), vec![true]);
     let stats = common::checked_stats(&mmu);

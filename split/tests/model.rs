@@ -9,6 +9,7 @@ mod common;
 use common::{MIB_PAGES, checked_stats, failing_mmu};
 use mmu_cache::alloc::{FailPolicy, PageAllocator};
 use proptest::prelude::*;
+use split::AccessKind;
 use split::{Gfn, Gpa, Hpa, Pfn};
 use split::{Level, LogMode, Memslot, MmuConfig};
 
@@ -83,7 +84,7 @@ proptest! {
             let removes = matches!(op, Op::Zap { .. } | Op::Disable { .. });
             let before = mapped(&mmu);
             match op {
-                Op::Fault { gfn, write } => match mmu.fault(&mut vcpu, Gpa(gfn << 12), write) {
+                Op::Fault { gfn, write } => match mmu.fault(&mut vcpu, Gpa(gfn << 12), AccessKind::data(write)) {
                     Ok(t) => {
                         prop_assert_eq!(Some(t.hpa.pfn().0), host_frame(gfn));
                         prop_assert_eq!(mmu.translate(Gpa(gfn << 12)).map(|t| t.hpa.pfn().0), host_frame(gfn));
@@ -92,7 +93,7 @@ proptest! {
                     Err(split::MmuError::Cache(_)) if failing => {}
                     Err(other) => prop_assert!(false, "fault: {}", other),
                 },
-                Op::Access { gfn, write } => match mmu.access(&mut vcpu, Gpa(gfn << 12), write) {
+                Op::Access { gfn, write } => match mmu.access(&mut vcpu, Gpa(gfn << 12), AccessKind::data(write)) {
                     split::Access::Hit(hpa) => prop_assert_eq!(Some(hpa.pfn().0), host_frame(gfn)),
                     split::Access::Miss => {}
                 },

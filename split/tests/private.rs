@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::{MIB_PAGES, checked_stats, mmu};
+use split::AccessKind;
 use split::{
     Gfn, Gpa, Level, MemoryAttribute, Memslot, MmuConfig, MmuError, Pfn, PrivateMemory,
     PrivateMemoryError, PrivatePage, VmType,
@@ -71,12 +72,17 @@ fn a_default_vm_has_no_attributes_and_no_private_faults() {
         .unwrap();
     assert!(matches!(
         mmu.set_memory_attributes(Gfn(0), Gfn(1), MemoryAttribute::Private),
-        Err(MmuError::Config(_))
+        Err(MmuError::NoPrivateMemory { .. })
     ));
     let mut vcpu = mmu.new_vcpu_caches();
     assert!(matches!(
-        mmu.fault_as(&mut vcpu, Gpa(0), true, true),
-        Err(MmuError::Config(_))
+        mmu.fault_as(
+            &mut vcpu,
+            Gpa(0),
+            AccessKind::Write,
+            MemoryAttribute::Private
+        ),
+        Err(MmuError::NoPrivateMemory { .. })
     ));
     assert_eq!(mmu.memory_attribute(Gfn(0)), MemoryAttribute::Shared);
 }
@@ -87,7 +93,12 @@ fn a_mismatched_access_exits_with_a_memory_fault_and_the_kind_of_access() {
     let mut vcpu = mmu.new_vcpu_caches();
     // Memory starts shared: a private access exits.
     let err = mmu
-        .fault_as(&mut vcpu, Gpa(0x5123), true, true)
+        .fault_as(
+            &mut vcpu,
+            Gpa(0x5123),
+            AccessKind::Write,
+            MemoryAttribute::Private,
+        )
         .unwrap_err();
     assert!(
         matches!(
@@ -103,14 +114,23 @@ fn a_mismatched_access_exits_with_a_memory_fault_and_the_kind_of_access() {
     mmu.set_memory_attributes(Gfn(5), Gfn(6), MemoryAttribute::Private)
         .unwrap();
     let err = mmu
-        .fault_as(&mut vcpu, Gpa(0x5000), false, false)
+        .fault_as(
+            &mut vcpu,
+            Gpa(0x5000),
+            AccessKind::Read,
+            MemoryAttribute::Shared,
+        )
         .unwrap_err();
     assert!(matches!(err, MmuError::MemoryFault { private: false, .. }));
     assert_eq!(mmu.counters().memory_faults, 2);
     // The kind the attributes say (what the kernel does for these VMs).
-    let t = mmu.fault(&mut vcpu, Gpa(0x5000), true).unwrap();
+    let t = mmu
+        .fault(&mut vcpu, Gpa(0x5000), AccessKind::Write)
+        .unwrap();
     assert_eq!(t.hpa, Pfn(PRIVATE_HOST + 5).hpa());
-    let t = mmu.fault(&mut vcpu, Gpa(0x6000), true).unwrap();
+    let t = mmu
+        .fault(&mut vcpu, Gpa(0x6000), AccessKind::Write)
+        .unwrap();
     assert_eq!(t.hpa, Pfn(SHARED_HOST + 6).hpa());
 }
 
@@ -122,14 +142,18 @@ fn a_private_leaf_is_no_bigger_than_its_page_the_slot_and_the_uniform_range() {
     mmu.set_memory_attributes(Gfn(0), Gfn(8 * MIB_PAGES), MemoryAttribute::Private)
         .unwrap();
     // 2 MiB pages, the 1 GiB range mixed (the rest of it is shared): 2M.
-    let t = mmu.fault(&mut vcpu, Gpa(0x20_3000), true).unwrap();
+    let t = mmu
+        .fault(&mut vcpu, Gpa(0x20_3000), AccessKind::Write)
+        .unwrap();
     assert_eq!(
         (t.level, t.hpa),
         (Level::L2M, Pfn(PRIVATE_HOST + 0x203).hpa())
     );
     // A split page: 4K.
     file.split.lock().unwrap().push(2);
-    let t = mmu.fault(&mut vcpu, Gpa(0x40_5000), true).unwrap();
+    let t = mmu
+        .fault(&mut vcpu, Gpa(0x40_5000), AccessKind::Write)
+        .unwrap();
     assert_eq!(
         (t.level, t.hpa),
         (Level::L4K, Pfn(PRIVATE_HOST + 0x405).hpa())
@@ -141,9 +165,13 @@ fn a_private_leaf_is_no_bigger_than_its_page_the_slot_and_the_uniform_range() {
         .unwrap();
     assert_eq!((change.frames, change.zapped, change.splits), (1, 1, 0));
     assert!(mmu.translate(Gpa(0x20_3000)).is_none());
-    let t = mmu.fault(&mut vcpu, Gpa(0x20_3000), false).unwrap();
+    let t = mmu
+        .fault(&mut vcpu, Gpa(0x20_3000), AccessKind::Read)
+        .unwrap();
     assert_eq!(t.level, Level::L4K);
-    let t = mmu.fault(&mut vcpu, Gpa(0x21_0000), false).unwrap();
+    let t = mmu
+        .fault(&mut vcpu, Gpa(0x21_0000), AccessKind::Read)
+        .unwrap();
     assert_eq!(
         (t.level, t.hpa),
         (Level::L4K, Pfn(SHARED_HOST + 0x210).hpa())
@@ -151,7 +179,9 @@ fn a_private_leaf_is_no_bigger_than_its_page_the_slot_and_the_uniform_range() {
     // Back to uniform: a software-protected VM maps huge again after a zap.
     mmu.set_memory_attributes(Gfn(0x200), Gfn(0x400), MemoryAttribute::Private)
         .unwrap();
-    let t = mmu.fault(&mut vcpu, Gpa(0x20_3000), false).unwrap();
+    let t = mmu
+        .fault(&mut vcpu, Gpa(0x20_3000), AccessKind::Read)
+        .unwrap();
     assert_eq!(t.level, Level::L2M);
     checked_stats(&mmu);
 }
@@ -181,7 +211,7 @@ fn a_private_page_not_aligned_like_the_guest_frame_maps_4k() {
     mmu.set_memory_attributes(Gfn(0), Gfn(4 * MIB_PAGES), MemoryAttribute::Private)
         .unwrap();
     let mut vcpu = mmu.new_vcpu_caches();
-    let t = mmu.fault(&mut vcpu, Gpa(0x1000), false).unwrap();
+    let t = mmu.fault(&mut vcpu, Gpa(0x1000), AccessKind::Read).unwrap();
     assert_eq!((t.level, t.hpa), (Level::L4K, Pfn(PRIVATE_HOST + 2).hpa()));
 }
 
@@ -200,7 +230,7 @@ fn private_memory_errors_and_missing_private_memory_are_reported() {
         .unwrap();
     let mut vcpu = plain.new_vcpu_caches();
     assert!(matches!(
-        plain.fault(&mut vcpu, Gpa(0), true),
+        plain.fault(&mut vcpu, Gpa(0), AccessKind::Write),
         Err(MmuError::MemoryFault { private: true, .. })
     ));
     // The provider's error reaches the caller with the address.
@@ -225,7 +255,7 @@ fn private_memory_errors_and_missing_private_memory_are_reported() {
     .unwrap();
     let mut vcpu = mmu.new_vcpu_caches();
     let err = mmu
-        .fault(&mut vcpu, Gfn(64 * MIB_PAGES + 3).gpa(), false)
+        .fault(&mut vcpu, Gfn(64 * MIB_PAGES + 3).gpa(), AccessKind::Read)
         .unwrap_err();
     assert!(matches!(err, MmuError::PrivateMemory { .. }));
     assert!(
@@ -234,7 +264,7 @@ fn private_memory_errors_and_missing_private_memory_are_reported() {
     );
     assert!(matches!(
         mmu.set_memory_attributes(Gfn(3), Gfn(3), MemoryAttribute::Private),
-        Err(MmuError::Config(_))
+        Err(MmuError::AttributeRange { .. })
     ));
 }
 
@@ -247,11 +277,11 @@ fn a_td_maps_shared_accesses_in_its_shared_tree_and_private_ones_in_the_main_tre
     let mut vcpu = mmu.new_vcpu_caches();
     // All shared at first: a private access exits.
     assert!(matches!(
-        mmu.fault(&mut vcpu, Gpa(0x20_0000), true),
+        mmu.fault(&mut vcpu, Gpa(0x20_0000), AccessKind::Write),
         Err(MmuError::MemoryFault { private: true, .. })
     ));
     let t = mmu
-        .fault(&mut vcpu, Gpa(shared_bit | 0x20_0000), true)
+        .fault(&mut vcpu, Gpa(shared_bit | 0x20_0000), AccessKind::Write)
         .unwrap();
     assert_eq!(
         (t.level, t.hpa),
@@ -263,14 +293,16 @@ fn a_td_maps_shared_accesses_in_its_shared_tree_and_private_ones_in_the_main_tre
         .unwrap();
     assert_eq!(change.zapped, 1);
     assert!(mmu.translate(Gpa(shared_bit | 0x20_0000)).is_none());
-    let t = mmu.fault(&mut vcpu, Gpa(0x20_0000), true).unwrap();
+    let t = mmu
+        .fault(&mut vcpu, Gpa(0x20_0000), AccessKind::Write)
+        .unwrap();
     assert_eq!(
         (t.level, t.hpa),
         (Level::L2M, Pfn(PRIVATE_HOST + 0x200).hpa())
     );
     // A shared access to private memory exits.
     assert!(matches!(
-        mmu.fault(&mut vcpu, Gpa(shared_bit | 0x20_0000), false),
+        mmu.fault(&mut vcpu, Gpa(shared_bit | 0x20_0000), AccessKind::Read),
         Err(MmuError::MemoryFault { private: false, .. })
     ));
     // One 4 KiB page to shared: the 2M leaf is split, and only that page
@@ -288,7 +320,7 @@ fn a_td_maps_shared_accesses_in_its_shared_tree_and_private_ones_in_the_main_tre
         );
     }
     let t = mmu
-        .fault(&mut vcpu, Gpa(shared_bit | 0x23_4000), true)
+        .fault(&mut vcpu, Gpa(shared_bit | 0x23_4000), AccessKind::Write)
         .unwrap();
     assert_eq!(
         (t.level, t.hpa),
@@ -298,7 +330,9 @@ fn a_td_maps_shared_accesses_in_its_shared_tree_and_private_ones_in_the_main_tre
     mmu.set_memory_attributes(Gfn(0x234), Gfn(0x235), MemoryAttribute::Private)
         .unwrap();
     assert!(mmu.translate(Gpa(shared_bit | 0x23_4000)).is_none());
-    let t = mmu.fault(&mut vcpu, Gpa(0x23_4000), true).unwrap();
+    let t = mmu
+        .fault(&mut vcpu, Gpa(0x23_4000), AccessKind::Write)
+        .unwrap();
     assert_eq!(t.level, Level::L4K);
     assert_eq!(checked_stats(&mmu).pages_4k, 512);
     // Teardown takes both trees back.
@@ -318,7 +352,14 @@ fn a_tds_shared_bit_must_be_the_top_gpa_bit() {
         },
     )
     .unwrap_err();
-    assert!(matches!(err, MmuError::Config(_)));
+    assert!(matches!(
+        err,
+        MmuError::SharedBit {
+            shared_bit: 40,
+            expected: 47,
+            levels: 4
+        }
+    ));
     assert_eq!(VmType::td(5), VmType::Td { shared_bit: 51 });
 }
 
@@ -340,7 +381,7 @@ fn faults_racing_conversions_never_leave_a_mapping_of_the_wrong_kind() {
                     seed ^= seed >> 7;
                     seed ^= seed << 17;
                     let gfn = seed % span;
-                    match mmu.fault(&mut vcpu, Gfn(gfn).gpa(), seed & 1 == 0) {
+                    match mmu.fault(&mut vcpu, Gfn(gfn).gpa(), AccessKind::data(seed & 1 == 0)) {
                         Ok(_) => {}
                         // The attribute changed between the look and the fault.
                         Err(MmuError::MemoryFault { .. }) => exits += 1,
@@ -406,7 +447,8 @@ fn faults_racing_conversions_never_leave_a_mapping_of_the_wrong_kind() {
 fn a_failing_step_after_the_zap_leaves_the_attributes_as_they_were() {
     let mmu = protected(VmType::SoftwareProtected, FakeFile::new(9));
     let mut vcpu = mmu.new_vcpu_caches();
-    mmu.fault(&mut vcpu, Gpa(0x4000), true).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0x4000), AccessKind::Write)
+        .unwrap();
     let err = mmu
         .set_memory_attributes_with(Gfn(4), Gfn(5), MemoryAttribute::Private, || {
             Err("the file could not convert".into())
@@ -417,6 +459,8 @@ fn a_failing_step_after_the_zap_leaves_the_attributes_as_they_were() {
     assert_eq!(mmu.counters().conversions, 0);
     // The zapped mapping faults back in as it was.
     assert!(mmu.translate(Gpa(0x4000)).is_none());
-    let t = mmu.fault(&mut vcpu, Gpa(0x4000), true).unwrap();
+    let t = mmu
+        .fault(&mut vcpu, Gpa(0x4000), AccessKind::Write)
+        .unwrap();
     assert_eq!(t.hpa, Pfn(SHARED_HOST + 4).hpa());
 }

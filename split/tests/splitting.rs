@@ -4,6 +4,7 @@ mod common;
 
 use common::{GIB_PAGES, MIB_PAGES, checked_stats, failing_mmu, mmu};
 use mmu_cache::alloc::{FailPolicy, PageAllocator};
+use split::AccessKind;
 use split::ept::{ADDR_MASK, PAGE_SIZE_BIT};
 use split::{Gfn, Gpa, Hpa, Pfn};
 use split::{Level, LogMode, Memslot, MmuConfig, PageStats};
@@ -14,7 +15,7 @@ fn a_2m_leaf_splits_into_512_4k_leaves_with_the_same_bits() {
     mmu.add_memslot(Memslot::new(0, Gfn(0), 2 * MIB_PAGES, Pfn(0x40000)).unwrap())
         .unwrap();
     let mut vcpu = mmu.new_vcpu_caches();
-    let huge = mmu.fault(&mut vcpu, Gpa(0), true).unwrap();
+    let huge = mmu.fault(&mut vcpu, Gpa(0), AccessKind::Write).unwrap();
     assert_eq!(huge.level, Level::L2M);
     assert_eq!(
         checked_stats(&mmu),
@@ -57,7 +58,9 @@ fn a_1g_leaf_split_to_4k_makes_513_tables_and_262144_leaves() {
         .unwrap();
     let mut vcpu = mmu.new_vcpu_caches();
     assert_eq!(
-        mmu.fault(&mut vcpu, Gpa(1 << 30), false).unwrap().level,
+        mmu.fault(&mut vcpu, Gpa(1 << 30), AccessKind::Read)
+            .unwrap()
+            .level,
         Level::L1G
     );
     let tables_before = mmu.live_tables();
@@ -98,7 +101,7 @@ fn stats_move_by_512_per_split() {
         .unwrap();
     let mut vcpu = mmu.new_vcpu_caches();
     for gpa in (0..16u64 << 20).step_by(2 << 20) {
-        mmu.fault(&mut vcpu, Gpa(gpa), false).unwrap();
+        mmu.fault(&mut vcpu, Gpa(gpa), AccessKind::Read).unwrap();
     }
     for (done, start) in (0..8u64).map(|i| i * 512).enumerate() {
         mmu.split_huge_pages(Gfn(start), Gfn(start + 512), Level::L4K)
@@ -116,7 +119,7 @@ fn split_cross_boundary_splits_only_the_straddling_leaves() {
         .unwrap();
     let mut vcpu = mmu.new_vcpu_caches();
     for gpa in (0..8u64 << 20).step_by(2 << 20) {
-        mmu.fault(&mut vcpu, Gpa(gpa), false).unwrap();
+        mmu.fault(&mut vcpu, Gpa(gpa), AccessKind::Read).unwrap();
     }
     assert_eq!(
         mmu.split_cross_boundary(Gfn(3 * MIB_PAGES), Gfn(5 * MIB_PAGES))
@@ -152,7 +155,7 @@ fn boundary_splits_of_a_1g_leaf_go_only_as_deep_as_needed() {
     mmu.add_memslot(Memslot::new(0, Gfn(0), GIB_PAGES, Pfn(0)).unwrap())
         .unwrap();
     let mut vcpu = mmu.new_vcpu_caches();
-    mmu.fault(&mut vcpu, Gpa(0), false).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0), AccessKind::Read).unwrap();
     // [2M, 6M): 2M-aligned, so the 1G leaf splits to 2M and no further.
     assert_eq!(
         mmu.split_cross_boundary(Gfn(2 * MIB_PAGES), Gfn(6 * MIB_PAGES))
@@ -310,7 +313,7 @@ fn lazy_splitting_keeps_the_511_neighbours_of_a_write_fault() {
     assert_eq!(mmu.get_dirty_log(0).unwrap()[0], 1 << 3);
     // The next write to a neighbour is a fault on a 4K leaf, and logged.
     assert_eq!(
-        mmu.access(&mut vcpu, Gpa(0x5000), true),
+        mmu.access(&mut vcpu, Gpa(0x5000), AccessKind::Write),
         split::Access::Miss
     );
     mmu.write(&mut vcpu, Gpa(0x5000)).unwrap();
@@ -444,7 +447,7 @@ fn a_1g_split_with_a_tiny_cache_completes_without_allocating_under_the_lock() {
     mmu.add_memslot(Memslot::new(0, Gfn(0), GIB_PAGES, Pfn(0)).unwrap())
         .unwrap();
     let mut vcpu = mmu.new_vcpu_caches();
-    mmu.fault(&mut vcpu, Gpa(0), true).unwrap();
+    mmu.fault(&mut vcpu, Gpa(0), AccessKind::Write).unwrap();
     mmu.enable_dirty_logging(0, LogMode::Classic).unwrap();
     assert_eq!(
         checked_stats(&mmu),
@@ -478,7 +481,9 @@ fn five_level_paging_maps_high_addresses() {
     five.add_memslot(Memslot::new(0, Gfn(base), 512, Pfn(7)).unwrap())
         .unwrap();
     let mut vcpu = five.new_vcpu_caches();
-    let t = five.fault(&mut vcpu, Gpa((base + 3) << 12), true).unwrap();
+    let t = five
+        .fault(&mut vcpu, Gpa((base + 3) << 12), AccessKind::Write)
+        .unwrap();
     assert_eq!(t.hpa, Hpa(10 << 12));
     let (_, four) = mmu(MmuConfig::default());
     assert!(
@@ -519,7 +524,9 @@ fn the_hosts_page_size_bounds_every_leaf_of_a_slot() {
         mmu.add_memslot(slot).unwrap();
         let mut vcpu = mmu.new_vcpu_caches();
         for gfn in [0, MIB_PAGES + 3, slot_pages - 1] {
-            let mapped = mmu.fault(&mut vcpu, Gpa(gfn << 12), true).unwrap();
+            let mapped = mmu
+                .fault(&mut vcpu, Gpa(gfn << 12), AccessKind::Write)
+                .unwrap();
             assert_eq!(mapped.level, expected, "host {host:?}, gfn {gfn:#x}");
             assert_eq!(mapped.hpa, Hpa((0x4_0000 + gfn) << 12));
         }

@@ -11,6 +11,7 @@ use std::time::Instant;
 
 use mmu_cache::PagePool;
 use mmu_cache::alloc::ChunkAllocator;
+use split::AccessKind;
 use split::{Memslot, MmuConfig, TdpMmu};
 use tdx_ext::pamt::{DynamicPamt, PamtPolicy};
 use tdx_ext::{Seamcall, SimTdxModule, TdxMirror};
@@ -45,7 +46,8 @@ fn run(policy: PamtPolicy, leaf_4k: bool) {
     let step = if leaf_4k { 1 } else { 512 };
     let start = Instant::now();
     for gfn in (0..GIB_PAGES).step_by(step) {
-        mmu.fault(&mut vcpu, Gpa(gfn << 12), true).expect("fault");
+        mmu.fault(&mut vcpu, Gpa(gfn << 12), AccessKind::Write)
+            .expect("fault");
     }
     let elapsed = start.elapsed();
     let seamcalls: u64 = Seamcall::ALL.iter().map(|&s| module.calls(s)).sum();

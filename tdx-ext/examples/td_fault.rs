@@ -3,6 +3,7 @@
 
 use mmu_cache::PagePool;
 use mmu_cache::alloc::ChunkAllocator;
+use split::AccessKind;
 use split::{Gfn, Gpa, Memslot, MmuConfig, Pfn, TdpMmu};
 use tdx_ext::pamt::PamtPolicy;
 use tdx_ext::{Seamcall, TdxMirror};
@@ -17,7 +18,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     mmu.add_memslot(Memslot::new(0, Gfn(0), 4096, Pfn(1 << 20))?)?;
     let mut vcpu = mmu.new_vcpu_caches();
     for gpa in [0x1000, 0x20_0000, 0x40_3000] {
-        mmu.fault(&mut vcpu, Gpa(gpa), true)?;
+        mmu.fault(&mut vcpu, Gpa(gpa), AccessKind::Write)?;
     }
     assert_eq!(module.leaves().len() as u64, {
         let s = mmu.page_stats();

@@ -28,7 +28,7 @@
 //! // 4 MiB of private memory on host frames at 4 GiB.
 //! mmu.add_memslot(Memslot::new(0, Gfn(0), 1024, Pfn(1 << 20))?)?;
 //! let mut vcpu = mmu.new_vcpu_caches();
-//! mmu.fault(&mut vcpu, Gpa(0x1000), true)?;
+//! mmu.fault(&mut vcpu, Gpa(0x1000), AccessKind::Write)?;
 //! // The module's S-EPT has the same 2M leaf as the mirror.
 //! assert_eq!(module.leaves().len(), 1);
 //! # Ok::<(), Box<dyn std::error::Error>>(())

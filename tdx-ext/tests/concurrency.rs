@@ -8,6 +8,7 @@ use split::{Gfn, Gpa};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::{assert_mirrored, td, teardown_and_check};
+use split::AccessKind;
 use split::Level;
 use tdx_ext::pamt::PamtPolicy;
 
@@ -29,7 +30,7 @@ fn faults_zaps_and_splits_race_without_breaking_the_mirror() {
                         let mut caches = mmu.new_vcpu_caches();
                         let mut gfn = id * 7;
                         for _ in 0..FAULTS_PER_VCPU {
-                            mmu.fault(&mut caches, Gpa((gfn % 8192) << 12), true)
+                            mmu.fault(&mut caches, Gpa((gfn % 8192) << 12), AccessKind::Write)
                                 .unwrap();
                             gfn += 13;
                         }

@@ -17,6 +17,7 @@ use mmu_cache::alloc::{
     ChunkAllocator, CountingAllocator, FailPolicy, FailingAllocator, PageAllocator,
 };
 use mmu_cache::{Account, PagePool};
+use split::AccessKind;
 use split::{Level, Memslot, MmuConfig, TdpMmu};
 use tdx_ext::pamt::{DynamicPamt, PamtPolicy};
 use tdx_ext::{SimTdxModule, TdxMirror};
@@ -84,7 +85,10 @@ fn every_kth_page_failing_leaves_no_leak_and_no_half_done_change() {
                 let before = translations(&t.mmu);
                 let gpa = ((step * 2654435761) % 4096) << 12;
                 let result = match step % 6 {
-                    0..=2 => t.mmu.fault(&mut vcpu, Gpa(gpa), true).map(drop),
+                    0..=2 => t
+                        .mmu
+                        .fault(&mut vcpu, Gpa(gpa), AccessKind::Write)
+                        .map(drop),
                     3 => {
                         let first = (step * 97) % 4096;
                         t.mmu

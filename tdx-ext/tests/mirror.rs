@@ -5,6 +5,7 @@
 mod common;
 
 use common::{assert_mirrored, td, teardown_and_check};
+use split::AccessKind;
 use split::{Entry, ExternalPageTable, Level, TableRef};
 use split::{Gfn, Gpa, Hpa, Pfn};
 use tdx_ext::pamt::PamtPolicy;
@@ -19,7 +20,7 @@ fn faults_zaps_and_teardown_keep_the_sept_identical_and_return_every_page() {
             let t = td(policy, 4096, pfn_offset);
             let mut vcpu = t.mmu.new_vcpu_caches();
             for gpa in (0..16u64 << 20).step_by(0x3_1000) {
-                t.mmu.fault(&mut vcpu, Gpa(gpa), true).unwrap();
+                t.mmu.fault(&mut vcpu, Gpa(gpa), AccessKind::Write).unwrap();
             }
             assert_eq!(t.mmu.translate(Gpa(0)).unwrap().level, leaf);
             assert_mirrored(&t);
@@ -30,7 +31,7 @@ fn faults_zaps_and_teardown_keep_the_sept_identical_and_return_every_page() {
             assert_mirrored(&t);
             assert_eq!(t.mmu.live_tables(), 0);
             for gpa in (0..8u64 << 20).step_by(0x2_0000) {
-                t.mmu.fault(&mut vcpu, Gpa(gpa), true).unwrap();
+                t.mmu.fault(&mut vcpu, Gpa(gpa), AccessKind::Write).unwrap();
             }
             assert_mirrored(&t);
             teardown_and_check(t, vec![vcpu]);
@@ -42,7 +43,9 @@ fn faults_zaps_and_teardown_keep_the_sept_identical_and_return_every_page() {
 fn a_removal_is_block_track_kick_remove_wbinvd_then_the_pamt_reference() {
     let t = td(PamtPolicy::OnInstall, 1024, 1);
     let mut vcpu = t.mmu.new_vcpu_caches();
-    t.mmu.fault(&mut vcpu, Gpa(0x5000), true).unwrap();
+    t.mmu
+        .fault(&mut vcpu, Gpa(0x5000), AccessKind::Write)
+        .unwrap();
     let page = t.mmu.translate(Gpa(0x5000)).unwrap().hpa;
     let pamt = t.mirror.pamt();
     assert_eq!(pamt.refcount(page), 1);
@@ -62,7 +65,9 @@ fn a_removal_is_block_track_kick_remove_wbinvd_then_the_pamt_reference() {
         Err(TdxStatus::TlbTrackingNotDone)
     );
     // ...so a fresh leaf goes through the whole order.
-    t.mmu.fault(&mut vcpu, Gpa(0x6000), true).unwrap();
+    t.mmu
+        .fault(&mut vcpu, Gpa(0x6000), AccessKind::Write)
+        .unwrap();
     let other = t.mmu.translate(Gpa(0x6000)).unwrap().hpa;
     t.mmu.zap_range(Gfn(6), Gfn(7)).unwrap();
     let after: Vec<u64> = [
@@ -103,7 +108,9 @@ fn a_removal_is_block_track_kick_remove_wbinvd_then_the_pamt_reference() {
 fn busy_is_retried_once_after_a_kick() {
     let t = td(PamtPolicy::OnInstall, 1024, 1);
     let mut vcpu = t.mmu.new_vcpu_caches();
-    t.mmu.fault(&mut vcpu, Gpa(0x5000), true).unwrap();
+    t.mmu
+        .fault(&mut vcpu, Gpa(0x5000), AccessKind::Write)
+        .unwrap();
     t.module
         .inject(Seamcall::MemPageRemove, 1, TdxStatus::OperandBusy, 1);
     t.mmu.zap_range(Gfn(5), Gfn(6)).unwrap();
@@ -118,13 +125,17 @@ fn a_failing_seamcall_leaves_mirror_sept_and_pamt_unchanged() {
     for policy in POLICIES {
         let t = td(policy, 1024, 1);
         let mut vcpu = t.mmu.new_vcpu_caches();
-        t.mmu.fault(&mut vcpu, Gpa(0), true).unwrap();
+        t.mmu.fault(&mut vcpu, Gpa(0), AccessKind::Write).unwrap();
         let pamt_before = t.mirror.pamt().counters();
         let tables = t.mmu.live_tables();
         // A new 4K leaf in the same table: AUG refused.
         t.module
             .inject(Seamcall::MemPageAug, 1, TdxStatus::OperandInvalid, 1);
-        assert!(t.mmu.fault(&mut vcpu, Gpa(0x1000), true).is_err());
+        assert!(
+            t.mmu
+                .fault(&mut vcpu, Gpa(0x1000), AccessKind::Write)
+                .is_err()
+        );
         assert!(t.mmu.translate(Gpa(0x1000)).is_none());
         assert_mirrored(&t);
         assert_eq!(t.mirror.pamt().counters().regions, pamt_before.regions);
@@ -135,7 +146,7 @@ fn a_failing_seamcall_leaves_mirror_sept_and_pamt_unchanged() {
         t.mmu
             .add_memslot(split::Memslot::new(1, Gfn(far >> 12), 512, Pfn((2 << 20) + 1)).unwrap())
             .unwrap();
-        let result = t.mmu.fault(&mut vcpu, Gpa(far), true);
+        let result = t.mmu.fault(&mut vcpu, Gpa(far), AccessKind::Write);
         // Busy is the retryable kind: the MMU retries the fault, which then works.
         assert!(result.is_ok(), "{result:?}");
         assert!(t.mirror.counters().busy_retries >= 1);
@@ -151,7 +162,9 @@ fn demote_splits_a_private_2m_leaf_under_the_write_lock_only() {
     for policy in POLICIES {
         let t = td(policy, 1024, 0);
         let mut vcpu = t.mmu.new_vcpu_caches();
-        t.mmu.fault(&mut vcpu, Gpa(0x20_0000), true).unwrap();
+        t.mmu
+            .fault(&mut vcpu, Gpa(0x20_0000), AccessKind::Write)
+            .unwrap();
         let huge = t.mmu.translate(Gpa(0x20_0000)).unwrap();
         assert_eq!(huge.level, Level::L2M);
         assert_eq!(
@@ -198,7 +211,7 @@ fn demote_splits_a_private_2m_leaf_under_the_write_lock_only() {
 fn pamt_pages_and_table_pages_are_told_apart_at_run_time() {
     let t = td(PamtPolicy::OnInstall, 1024, 1);
     let mut vcpu = t.mmu.new_vcpu_caches();
-    t.mmu.fault(&mut vcpu, Gpa(0), true).unwrap();
+    t.mmu.fault(&mut vcpu, Gpa(0), AccessKind::Write).unwrap();
     // A page holding PAMT, offered as an S-EPT page, is refused by the module.
     let guest = t.mmu.translate(Gpa(0)).unwrap().hpa;
     let [pamt_held, _] = t
@@ -241,7 +254,9 @@ fn demote_hands_the_module_the_ranges_pamt_pair() {
     for policy in POLICIES {
         let t = td(policy, 1024, 0);
         let mut vcpu = t.mmu.new_vcpu_caches();
-        t.mmu.fault(&mut vcpu, Gpa(0x20_0000), true).unwrap();
+        t.mmu
+            .fault(&mut vcpu, Gpa(0x20_0000), AccessKind::Write)
+            .unwrap();
         let huge = t.mmu.translate(Gpa(0x20_0000)).unwrap().hpa;
         let adds = t.module.calls(Seamcall::PhymemPamtAdd);
         t.mmu
@@ -267,7 +282,9 @@ fn a_failure_after_block_unblocks_the_entry() {
     for policy in POLICIES {
         let t = td(policy, 1024, 0);
         let mut vcpu = t.mmu.new_vcpu_caches();
-        t.mmu.fault(&mut vcpu, Gpa(0x20_0000), true).unwrap();
+        t.mmu
+            .fault(&mut vcpu, Gpa(0x20_0000), AccessKind::Write)
+            .unwrap();
         t.module
             .inject(Seamcall::MemPageDemote, 1, TdxStatus::OperandInvalid, 1);
         assert!(
@@ -307,7 +324,9 @@ fn a_busy_pamt_add_on_the_fault_path_is_retried() {
     let mut vcpu = t.mmu.new_vcpu_caches();
     t.module
         .inject(Seamcall::PhymemPamtAdd, 1, TdxStatus::OperandBusy, 3);
-    t.mmu.fault(&mut vcpu, Gpa(0x5000), true).unwrap();
+    t.mmu
+        .fault(&mut vcpu, Gpa(0x5000), AccessKind::Write)
+        .unwrap();
     assert_eq!(t.mirror.pamt().counters().busy_retries, 3);
     assert_mirrored(&t);
     teardown_and_check(t, vec![vcpu]);
@@ -320,7 +339,10 @@ fn a_busy_pamt_add_on_the_fault_path_is_retried() {
 fn private_leaves_stop_at_2m() {
     let t = td(PamtPolicy::OnInstall, 1 << 18, 0);
     let mut vcpu = t.mmu.new_vcpu_caches();
-    let leaf = t.mmu.fault(&mut vcpu, Gpa(0x1234_5000), true).unwrap();
+    let leaf = t
+        .mmu
+        .fault(&mut vcpu, Gpa(0x1234_5000), AccessKind::Write)
+        .unwrap();
     assert_eq!(leaf.level, Level::L2M);
     assert_eq!(t.mmu.page_stats().pages_1g, 0);
     assert_eq!(
@@ -338,10 +360,13 @@ fn private_leaves_stop_at_2m() {
 fn a_refused_seamcall_keeps_its_leaf_and_status() {
     let t = td(PamtPolicy::OnInstall, 1024, 1);
     let mut vcpu = t.mmu.new_vcpu_caches();
-    t.mmu.fault(&mut vcpu, Gpa(0), true).unwrap();
+    t.mmu.fault(&mut vcpu, Gpa(0), AccessKind::Write).unwrap();
     t.module
         .inject(Seamcall::MemPageAug, 1, TdxStatus::OperandInvalid, 1);
-    let err = t.mmu.fault(&mut vcpu, Gpa(0x1000), true).unwrap_err();
+    let err = t
+        .mmu
+        .fault(&mut vcpu, Gpa(0x1000), AccessKind::Write)
+        .unwrap_err();
     let split::MmuError::Hook(hook) = &err else {
         panic!("{err}")
     };
@@ -373,7 +398,9 @@ fn each_vcpu_tops_up_its_own_pamt_cache_in_its_vcpu_context() {
     };
     assert_eq!((held(&mut first), held(&mut second)), (0, 0));
     let cached_before = t.mirror.counters().pamt_cached;
-    t.mmu.fault(&mut first, Gpa(0x5000), true).unwrap();
+    t.mmu
+        .fault(&mut first, Gpa(0x5000), AccessKind::Write)
+        .unwrap();
     assert_eq!(
         t.mirror.counters().pamt_cached,
         cached_before + held(&mut first) as u64,
@@ -384,7 +411,9 @@ fn each_vcpu_tops_up_its_own_pamt_cache_in_its_vcpu_context() {
         "the topup filled the faulting vCPU's cache"
     );
     assert_eq!(held(&mut second), 0, "another vCPU's cache is untouched");
-    t.mmu.fault(&mut second, Gpa(0x20_0000), true).unwrap();
+    t.mmu
+        .fault(&mut second, Gpa(0x20_0000), AccessKind::Write)
+        .unwrap();
     assert!(held(&mut second) > 0);
     let returned = first.free_all();
     assert!(returned > 0, "free_all hands the vCPU's PAMT pages back");

@@ -13,6 +13,7 @@ use std::collections::HashSet;
 
 use common::{assert_mirrored, td, teardown_and_check};
 use proptest::prelude::*;
+use split::AccessKind;
 use split::{HookError, Level, MmuError};
 use tdx_ext::pamt::PamtPolicy;
 use tdx_ext::{Seamcall, TdxStatus};
@@ -64,7 +65,7 @@ proptest! {
             // BUSY twice in a row (two injections) is a persistent failure:
             // the operation reports it, and everything must still agree.
             let result = match op {
-                Op::Fault { page } => t.mmu.fault(&mut vcpu, Gpa(page << 12), true).map(drop),
+                Op::Fault { page } => t.mmu.fault(&mut vcpu, Gpa(page << 12), AccessKind::Write).map(drop),
                 Op::Zap { first, pages } => t.mmu.zap_range(Gfn(first), Gfn(first + pages)),
                 Op::Split { first, pages } => {
                     t.mmu.split_huge_pages(Gfn(first), Gfn(first + pages), Level::L4K).map(drop)

@@ -8,6 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use gmem::{Backend, Capability, HostCaps};
 use mmu_cache::alloc::FailPolicy;
 use mmukit_tests::{Td, TdOptions};
+use split::AccessKind;
 use split::{Gfn, Gpa, Level, MemoryAttribute, MmuError, VcpuCaches};
 use tdx_ext::Seamcall;
 
@@ -143,7 +144,9 @@ fn a_td_over_hugetlb_maps_2m_private_leaves_demotes_on_a_4k_conversion_and_keeps
             MemoryAttribute::Private,
         )
         .unwrap();
-    let t = mmu.fault(&mut vcpu, Gfn(MIB2_PAGES).gpa(), false).unwrap();
+    let t = mmu
+        .fault(&mut vcpu, Gfn(MIB2_PAGES).gpa(), AccessKind::Read)
+        .unwrap();
     assert_eq!(t.level, Level::L2M);
     drop(vcpu);
     mmu.teardown().unwrap();
@@ -357,7 +360,8 @@ fn a_file_that_refuses_a_conversion_leaves_the_mmu_attributes_and_pages_as_they_
     // Faults map the file's frames (nothing touches them: the kernel
     // holds them private).
     for gfn in 0..8 {
-        mmu.fault(&mut vcpu, Gfn(gfn).gpa(), true).unwrap();
+        mmu.fault(&mut vcpu, Gfn(gfn).gpa(), AccessKind::Write)
+            .unwrap();
     }
     let err = td
         .vm
@@ -370,7 +374,8 @@ fn a_file_that_refuses_a_conversion_leaves_the_mmu_attributes_and_pages_as_they_
         "zapped before the file refused"
     );
     // The page faults back in as private.
-    mmu.fault(&mut vcpu, Gfn(3).gpa(), true).unwrap();
+    mmu.fault(&mut vcpu, Gfn(3).gpa(), AccessKind::Write)
+        .unwrap();
     let (recount, _) = mmu.recount();
     assert_eq!(recount, mmu.page_stats());
     vcpu.free_all();

@@ -22,8 +22,8 @@ use backend::Storage;
 pub use error::GmemError;
 use hugetlb::SplitState;
 use mapping::PUNCH_HOLE;
-pub use rules::{check_fallocate, check_mmap};
 use rules::page_aligned;
+pub use rules::{check_fallocate, check_mmap};
 pub use view::View;
 
 /// The base page size.

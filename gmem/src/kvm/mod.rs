@@ -143,8 +143,13 @@ pub trait MemoryAttributes {
     /// Whether the private attribute can be set at all.
     fn supports_private(&self) -> bool;
 
-    /// Sets (or clears) the private attribute of `[gpa, gpa + size)`.
-    fn set_private(&self, gpa: u64, size: u64, private: bool) -> Result<(), KvmError>;
+    /// Gives `[gpa, gpa + size)` the memory attribute `attribute`.
+    fn set_memory_attribute(
+        &self,
+        gpa: u64,
+        size: u64,
+        attribute: Attribute,
+    ) -> Result<(), KvmError>;
 }
 
 impl MemoryAttributes for KvmVm {
@@ -152,8 +157,13 @@ impl MemoryAttributes for KvmVm {
         self.supports_private_attributes()
     }
 
-    fn set_private(&self, gpa: u64, size: u64, private: bool) -> Result<(), KvmError> {
-        KvmVm::set_private(self, gpa, size, private)
+    fn set_memory_attribute(
+        &self,
+        gpa: u64,
+        size: u64,
+        attribute: Attribute,
+    ) -> Result<(), KvmError> {
+        KvmVm::set_memory_attribute(self, gpa, size, attribute)
     }
 }
 
@@ -180,7 +190,7 @@ pub fn convert_guest_range(
     let offset = region.file_offset() + (gpa - region.guest_addr());
     let told_kvm = match kvm {
         Some(kvm) if kvm.supports_private() => {
-            kvm.set_private(gpa, size, to == Attribute::Private)?;
+            kvm.set_memory_attribute(gpa, size, to)?;
             true
         }
         _ => false,
@@ -770,8 +780,15 @@ impl KvmVm {
         Ok(bound.region)
     }
 
-    /// Sets or clears the private attribute of `[gpa, gpa + size)`.
-    pub fn set_private(&self, gpa: u64, size: u64, private: bool) -> Result<(), KvmError> {
+    /// Gives `[gpa, gpa + size)` the memory attribute `attribute`
+    /// (`KVM_SET_MEMORY_ATTRIBUTES`: private sets
+    /// `KVM_MEMORY_ATTRIBUTE_PRIVATE`, shared clears it).
+    pub fn set_memory_attribute(
+        &self,
+        gpa: u64,
+        size: u64,
+        attribute: Attribute,
+    ) -> Result<(), KvmError> {
         if !self.supports_private_attributes() {
             return Err(KvmError::NotSupported(
                 "KVM_SET_MEMORY_ATTRIBUTES (KVM_CAP_MEMORY_ATTRIBUTES has no private bit)".into(),
@@ -781,10 +798,9 @@ impl KvmVm {
             .set_memory_attributes(kvm_memory_attributes {
                 address: gpa,
                 size,
-                attributes: if private {
-                    u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE)
-                } else {
-                    0
+                attributes: match attribute {
+                    Attribute::Private => u64::from(KVM_MEMORY_ATTRIBUTE_PRIVATE),
+                    Attribute::Shared => 0,
                 },
                 flags: 0,
             })

@@ -12,6 +12,15 @@ use super::{
     GUEST_ACCESS_SHIFT, Role, ShadowCaches, ShadowError, ShadowMmu, State, Vcpu, guest_access,
 };
 
+/// What a shadow leaf maps: the L1 memslot of the frame, the guest's walk
+/// to it, and whether the fault writes.
+#[derive(Clone, Copy)]
+struct LeafTarget<'a> {
+    slot: &'a Memslot,
+    walk: &'a GuestWalk,
+    write: bool,
+}
+
 /// The walk of the guest's EPT for one nested frame.
 pub(super) struct GuestWalk {
     /// The guest table frame per level (index = level number).
@@ -169,8 +178,13 @@ impl ShadowMmu {
                 let current = spte.is_leaf(level)
                     && spte.addr(level) == slot.host_pfn(Gfn(base_gfn)).hpa().0
                     && guest_access(spte) == walk.access;
+                let target = LeafTarget {
+                    slot: &slot,
+                    walk: &walk,
+                    write,
+                };
                 if current {
-                    let leaf = self.touch_leaf(&mut state, &slot, addr, spte, &walk, write);
+                    let leaf = self.touch_leaf(&mut state, target, addr, spte);
                     return Ok(self.translation(leaf, level, ngpa));
                 }
                 if spte.is_leaf(level) {
@@ -180,8 +194,7 @@ impl ShadowMmu {
                     // A table where a huge leaf fits again (after dirty logging).
                     self.unlink_child(&mut state, addr);
                 }
-                let leaf =
-                    self.install_leaf(&mut state, caches, &slot, addr, level, &walk, write)?;
+                let leaf = self.install_leaf(&mut state, caches, target, addr, level)?;
                 return Ok(self.translation(leaf, level, ngpa));
             }
             let below = level.below().expect("the goal is at or above 4K");
@@ -225,15 +238,16 @@ impl ShadowMmu {
         }
     }
 
+    /// Marks the current leaf at `addr` accessed (and dirty, logged, on a
+    /// write) for `target`.
     fn touch_leaf(
         &self,
         state: &mut State,
-        slot: &Memslot,
+        target: LeafTarget<'_>,
         addr: u64,
         leaf: Entry,
-        walk: &GuestWalk,
-        write: bool,
     ) -> Entry {
+        let LeafTarget { slot, walk, write } = target;
         let touched = if write {
             if slot.logging() {
                 slot.mark_dirty(Gfn(walk.gfn));
@@ -246,20 +260,17 @@ impl ShadowMmu {
         touched
     }
 
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "the fault's state, as the kernel passes it"
-    )]
+    /// Installs the shadow leaf for `target` at `addr` (an entry of
+    /// `level`), with its rmap entry.
     fn install_leaf(
         &self,
         state: &mut State,
         caches: &mut ShadowCaches,
-        slot: &Memslot,
+        target: LeafTarget<'_>,
         addr: u64,
         level: Level,
-        walk: &GuestWalk,
-        write: bool,
     ) -> Result<Entry, ShadowError> {
+        let LeafTarget { slot, walk, write } = target;
         let base_gfn = walk.gfn & !(level.entry_pages() - 1);
         let mut perms = walk.access;
         if slot.logging() && !write {

@@ -4,7 +4,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::addr::{Gpa, Hpa};
-use crate::ept::{ACCESSED, DIRTY, Entry, Level, WRITE};
+use crate::ept::{ACCESSED, AccessKind, DIRTY, Entry, Level, WRITE};
 use crate::tdp::{MmuError, TdpMmu, VcpuCaches};
 use crate::translation::Access;
 
@@ -17,7 +17,8 @@ impl TdpMmu {
     /// a missing leaf or a write-protected one is a miss, to be handled by
     /// [`fault`](Self::fault). `vcpu` is the accessing vCPU: its walk cache
     /// remembers the leaf table of its last access.
-    pub fn access(&self, vcpu: &mut VcpuCaches, gpa: Gpa, write: bool) -> Access {
+    pub fn access(&self, vcpu: &mut VcpuCaches, gpa: Gpa, kind: AccessKind) -> Access {
+        let write = kind == AccessKind::Write;
         let (tree, gfn) = self.place(gpa);
         let _guard = self.read_lock();
         let Some((table, index, level, entry)) = self.find_leaf_cached(&mut vcpu.walk, tree, gfn.0)
@@ -98,17 +99,17 @@ impl TdpMmu {
 
     /// A guest write: [`access`](Self::access), faulting on a miss.
     pub fn write(&self, caches: &mut VcpuCaches, gpa: Gpa) -> Result<Hpa, MmuError> {
-        match self.access(caches, gpa, true) {
+        match self.access(caches, gpa, AccessKind::Write) {
             Access::Hit(hpa) => Ok(hpa),
-            Access::Miss => self.fault(caches, gpa, true).map(|t| t.hpa),
+            Access::Miss => self.fault(caches, gpa, AccessKind::Write).map(|t| t.hpa),
         }
     }
 
     /// A guest read: [`access`](Self::access), faulting on a miss.
     pub fn read(&self, caches: &mut VcpuCaches, gpa: Gpa) -> Result<Hpa, MmuError> {
-        match self.access(caches, gpa, false) {
+        match self.access(caches, gpa, AccessKind::Read) {
             Access::Hit(hpa) => Ok(hpa),
-            Access::Miss => self.fault(caches, gpa, false).map(|t| t.hpa),
+            Access::Miss => self.fault(caches, gpa, AccessKind::Read).map(|t| t.hpa),
         }
     }
 }

@@ -88,11 +88,11 @@ impl TdpMmu {
     /// let mmu = TdpMmu::new(PagePool::new(ChunkAllocator::anonymous()), config)?;
     /// mmu.add_memslot(Memslot::new(0, Gfn(0), 1024, Pfn(0x10_0000))?)?;
     /// let mut vcpu = mmu.new_vcpu_caches();
-    /// mmu.fault(&mut vcpu, Gpa(0x1000), true)?; // shared: the slot's frames
+    /// mmu.fault(&mut vcpu, Gpa(0x1000), AccessKind::Write)?; // shared: the slot's frames
     /// mmu.set_memory_attributes(Gfn(1), Gfn(2), MemoryAttribute::Private)?;
     /// // A shared access to the page now exits to the VMM.
     /// assert!(matches!(
-    ///     mmu.fault_as(&mut vcpu, Gpa(0x1000), true, false),
+    ///     mmu.fault_as(&mut vcpu, Gpa(0x1000), AccessKind::Write, MemoryAttribute::Shared),
     ///     Err(MmuError::MemoryFault { private: false, .. })
     /// ));
     /// # Ok::<(), MmuError>(())
@@ -120,18 +120,16 @@ impl TdpMmu {
         after_zap: impl FnOnce() -> Result<(), crate::memslot::PrivateMemoryError>,
     ) -> Result<AttributeChange, MmuError> {
         if !self.config.vm_type.has_private_memory() {
-            return Err(MmuError::Config(
-                "memory attributes need a software-protected VM or a TD",
-            ));
+            return Err(MmuError::NoPrivateMemory {
+                what: "setting memory attributes",
+            });
         }
         let width = match self.config.vm_type {
             VmType::Td { shared_bit } => u32::from(shared_bit),
             _ => self.top_level().shift() + 9,
         };
         if start >= end || end.0 > 1 << (width - 12) {
-            return Err(MmuError::Config(
-                "a memory attribute range must be non-empty and inside the address space",
-            ));
+            return Err(MmuError::AttributeRange { start, end, width });
         }
         let _invalidation = Invalidation::begin(self);
         let mut change = AttributeChange::default();

@@ -2,7 +2,7 @@
 
 use mmu_cache::{CacheError, SlabError};
 
-use crate::addr::Gpa;
+use crate::addr::{Gfn, Gpa};
 use crate::ept;
 use crate::hooks::HookError;
 use crate::memslot::MemslotError;
@@ -39,10 +39,64 @@ pub enum MmuError {
     /// The header slab could not be created.
     #[error(transparent)]
     Slab(#[from] SlabError),
-    /// The configuration is invalid, or the VM's type does not allow the
-    /// operation.
-    #[error("invalid MMU configuration: {0}")]
-    Config(&'static str),
+    /// The paging depth is not 4 or 5.
+    #[error("levels {levels}: the paging depth must be 4 or 5")]
+    Levels {
+        /// The depth asked for.
+        levels: u8,
+    },
+    /// A cache capacity is below what one operation needs.
+    #[error("{cache} {capacity}: must be at least {min}")]
+    CacheCapacity {
+        /// The configuration field.
+        cache: &'static str,
+        /// The capacity asked for.
+        capacity: usize,
+        /// The least that works.
+        min: usize,
+    },
+    /// A TD's shared bit is not the top bit of its GPA width.
+    #[error(
+        "shared bit {shared_bit}: a TD's shared bit is the top GPA bit, {expected} with {levels}-level paging"
+    )]
+    SharedBit {
+        /// The bit asked for.
+        shared_bit: u8,
+        /// The bit the paging depth gives.
+        expected: u8,
+        /// The paging depth.
+        levels: u8,
+    },
+    /// A default VM (`KVM_X86_DEFAULT_VM`) has neither memory attributes
+    /// nor private memory.
+    #[error(
+        "{what}: a default VM has no private memory (memory attributes need a software-protected VM or a TD)"
+    )]
+    NoPrivateMemory {
+        /// What was asked.
+        what: &'static str,
+    },
+    /// A private fault at a TD address with the shared bit set: such an
+    /// access is shared by definition.
+    #[error(
+        "a private fault at {gpa}, whose shared bit is set: a TD's shared access is never private"
+    )]
+    PrivateWithSharedBit {
+        /// The address as the guest used it.
+        gpa: Gpa,
+    },
+    /// A memory attribute range that is empty or passes the address space.
+    #[error(
+        "memory attribute range {start}..{end} is empty or passes the {width}-bit address space"
+    )]
+    AttributeRange {
+        /// The first frame.
+        start: Gfn,
+        /// The frame after the last.
+        end: Gfn,
+        /// The guest physical address width.
+        width: u32,
+    },
     /// The access's kind (private or shared) differs from the frame's
     /// memory attribute, or a private access found no private memory: the
     /// vCPU exits to the VMM (`KVM_EXIT_MEMORY_FAULT`, with

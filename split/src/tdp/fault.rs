@@ -2,14 +2,14 @@
 //! installed with compare-and-exchange, lazy splits of write-protected huge
 //! leaves.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use mmu_cache::Page;
 use mmu_cache::alloc::NoAllocSection;
 
 use crate::addr::{Gfn, Gpa, Hpa, Pfn};
 use crate::attributes::MemoryAttribute;
-use crate::ept::{self, ACCESSED, DIRTY, Entry, Level, WRITE};
+use crate::ept::{self, ACCESSED, AccessKind, DIRTY, Entry, Level, WRITE};
 use crate::hooks::{ExternalTablePage, HookError, HookVcpuState, TableRef, Topup};
 use crate::memslot::Memslot;
 use crate::tdp::{MmuError, TableHeader, TdpMmu, VcpuCaches, VmType};
@@ -33,29 +33,31 @@ impl TdpMmu {
         &self,
         caches: &mut VcpuCaches,
         gpa: Gpa,
-        write: bool,
+        access: AccessKind,
     ) -> Result<Translation, MmuError> {
-        let private = match self.config.vm_type {
-            VmType::Default => false,
-            VmType::SoftwareProtected => {
-                self.memory_attribute(gpa.gfn()) == MemoryAttribute::Private
-            }
-            VmType::Td { shared_bit } => gpa.0 & (1 << shared_bit) == 0,
+        let attribute = match self.config.vm_type {
+            VmType::Default => MemoryAttribute::Shared,
+            VmType::SoftwareProtected => self.memory_attribute(gpa.gfn()),
+            VmType::Td { shared_bit } if gpa.0 & (1 << shared_bit) == 0 => MemoryAttribute::Private,
+            VmType::Td { .. } => MemoryAttribute::Shared,
         };
-        self.fault_as(caches, gpa, write, private)
+        self.fault_as(caches, gpa, access, attribute)
     }
 
     /// A fault whose kind the hardware flagged (`PFERR_PRIVATE_ACCESS`):
-    /// `private` must match the frame's memory attribute, or the fault is a
-    /// [`MmuError::MemoryFault`] for the VMM to convert the range and retry.
-    /// A private fault takes its frame from the slot's private memory.
+    /// `attribute` (the kind of the access) must match the frame's memory
+    /// attribute, or the fault is a [`MmuError::MemoryFault`] for the VMM
+    /// to convert the range and retry. A private fault takes its frame from
+    /// the slot's private memory.
     pub fn fault_as(
         &self,
         caches: &mut VcpuCaches,
         gpa: Gpa,
-        write: bool,
-        private: bool,
+        access: AccessKind,
+        attribute: MemoryAttribute,
     ) -> Result<Translation, MmuError> {
+        let private = attribute == MemoryAttribute::Private;
+        let write = access == AccessKind::Write;
         let (tree, gfn) = self.place(gpa);
         if gfn.gpa().0 >> (self.top_level().shift() + 9) != 0 {
             return Err(MmuError::AddressTooWide {
@@ -64,12 +66,12 @@ impl TdpMmu {
             });
         }
         if private && !self.config.vm_type.has_private_memory() {
-            return Err(MmuError::Config("a default VM has no private memory"));
+            return Err(MmuError::NoPrivateMemory {
+                what: "a private fault",
+            });
         }
         if private && tree == Tree::Shared {
-            return Err(MmuError::Config(
-                "a TD access with the shared bit is never private",
-            ));
+            return Err(MmuError::PrivateWithSharedBit { gpa });
         }
         // The slot list, loaded without a lock or a shared write; the guard
         // keeps it for the whole fault.
@@ -195,10 +197,11 @@ impl TdpMmu {
         };
         self.walk(tree, gfn, |step| {
             let WalkStep {
-                table,
-                index,
+                table: _,
+                index: _,
                 level,
                 entry,
+                ..
             } = step;
             if entry.bits() == FROZEN {
                 return Next::Stop(Ok(None));
@@ -209,7 +212,7 @@ impl TdpMmu {
             // goal replaces it (the lazy split).
             let usable = !write || entry.has(WRITE);
             if entry.is_leaf(level) && (at_goal || !entry.is_huge_leaf(level) || usable) {
-                return Next::Stop(Ok(self.touch_leaf(table, index, level, entry, gfn, write)));
+                return Next::Stop(Ok(self.touch_leaf(step, write)));
             }
             if entry.is_present() && !entry.is_leaf(level) {
                 // A table, above the goal or where a huge leaf could go (left
@@ -218,13 +221,9 @@ impl TdpMmu {
             }
             if at_goal {
                 return Next::Stop(self.install_leaf(
-                    tree,
-                    table,
-                    index,
-                    level,
+                    step,
                     slot,
                     frame.source,
-                    gfn,
                     write,
                     caches.hook_state(),
                 ));
@@ -234,15 +233,13 @@ impl TdpMmu {
             // of its 512 children (the kernel's `tdp_mmu_split_huge_page` in
             // `kvm_tdp_mmu_map`), so its other mappings stay.
             let linked = if entry.is_huge_leaf(level) {
-                let base_gfn = gfn & !(level.entry_pages() - 1);
-                let split =
-                    self.split_leaf(tree, caches, table, index, level, entry, base_gfn, false);
+                let split = self.split_leaf(caches, step, false);
                 if matches!(split, Ok(Some(_))) {
                     self.counters.add(Count::LazySplits, 1);
                 }
                 split
             } else {
-                self.link_new_table(tree, caches, table, index, level, gfn)
+                self.link_new_table(caches, step)
             };
             match linked {
                 Ok(Some(new_hpa)) => Next::Descend(new_hpa),
@@ -254,15 +251,15 @@ impl TdpMmu {
 
     /// A present leaf was found: mark it accessed (and dirty on write), or
     /// make a write-protected one writable. Returns the translation.
-    fn touch_leaf(
-        &self,
-        table: &[AtomicU64; 512],
-        index: usize,
-        level: Level,
-        entry: Entry,
-        gfn: u64,
-        write: bool,
-    ) -> Option<Translation> {
+    fn touch_leaf(&self, step: WalkStep<'_>, write: bool) -> Option<Translation> {
+        let WalkStep {
+            table,
+            index,
+            level,
+            entry,
+            gfn,
+            ..
+        } = step;
         let wanted = if write {
             entry.with(WRITE | ACCESSED | DIRTY)
         } else {
@@ -285,24 +282,25 @@ impl TdpMmu {
         }
     }
 
-    /// Installs a leaf in the non-present `table[index]`; `None` on a lost race.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "the entry, its place, the fault and the vCPU, as the kernel passes them"
-    )]
+    /// Installs a leaf at the walk's non-present entry; `None` on a lost
+    /// race.
     fn install_leaf(
         &self,
-        tree: Tree,
-        table: &[AtomicU64; 512],
-        index: usize,
-        level: Level,
+        step: WalkStep<'_>,
         slot: &Memslot,
         source: FrameSource,
-        gfn: u64,
         write: bool,
         vcpu: Option<&mut dyn HookVcpuState>,
     ) -> Result<Option<Translation>, MmuError> {
-        let base_gfn = gfn & !(level.entry_pages() - 1);
+        let WalkStep {
+            tree,
+            table,
+            index,
+            level,
+            gfn,
+            ..
+        } = step;
+        let base_gfn = step.base_gfn();
         let base_pfn = match source {
             FrameSource::Slot => slot.host_pfn(Gfn(base_gfn)),
             FrameSource::Private { pfn, .. } => Pfn(pfn.0 - (gfn - base_gfn)),
@@ -331,19 +329,22 @@ impl TdpMmu {
         Ok(Some(self.translation(leaf, level, gfn)))
     }
 
-    /// Links a new empty table at the non-present `table[index]` (level
-    /// `level`). Returns the new table's address, or `None` on a lost race.
+    /// Links a new empty table at the walk's non-present entry. Returns the
+    /// new table's address, or `None` on a lost race.
     fn link_new_table(
         &self,
-        tree: Tree,
         caches: &mut VcpuCaches,
-        table: &[AtomicU64; 512],
-        index: usize,
-        level: Level,
-        gfn: u64,
+        step: WalkStep<'_>,
     ) -> Result<Option<u64>, MmuError> {
+        let WalkStep {
+            tree,
+            table,
+            index,
+            level,
+            ..
+        } = step;
         let old = Entry::NON_PRESENT;
-        let base_gfn = gfn & !(level.entry_pages() - 1);
+        let base_gfn = step.base_gfn();
         let below = level.below().expect("tables live above 4K");
         let page = caches.tables.alloc()?;
         let external = if self.external_of(tree) {

@@ -86,13 +86,13 @@ impl TableHeader {
 /// The TDP MMU of one VM.
 ///
 /// ```
-/// use split::{Gfn, Gpa, Memslot, MmuConfig, Pfn, TdpMmu};
+/// use split::{AccessKind, Gfn, Gpa, Memslot, MmuConfig, Pfn, TdpMmu};
 /// use mmu_cache::{PagePool, alloc::ChunkAllocator};
 ///
 /// let mmu = TdpMmu::new(PagePool::new(ChunkAllocator::anonymous()), MmuConfig::default())?;
 /// mmu.add_memslot(Memslot::new(0, Gfn(0), 1 << 18, Pfn(1 << 18))?)?; // 1 GiB at gpa 0
 /// let mut caches = mmu.new_vcpu_caches();
-/// mmu.fault(&mut caches, Gpa(0x1234_5000), true)?;
+/// mmu.fault(&mut caches, Gpa(0x1234_5000), AccessKind::Write)?;
 /// assert_eq!(mmu.page_stats().pages_1g, 1);
 /// mmu.enable_dirty_logging(0, split::LogMode::Classic)?;
 /// assert_eq!(mmu.page_stats().pages_4k, 1 << 18); // split eagerly
@@ -163,22 +163,33 @@ impl TdpMmu {
         hooks: Arc<dyn ExternalPageTable>,
     ) -> Result<Self, MmuError> {
         if !(4..=5).contains(&config.levels) {
-            return Err(MmuError::Config("levels must be 4 or 5"));
+            return Err(MmuError::Levels {
+                levels: config.levels,
+            });
         }
         if config.split_cache_capacity == 0 {
-            return Err(MmuError::Config("split_cache_capacity must be at least 1"));
+            return Err(MmuError::CacheCapacity {
+                cache: "split_cache_capacity",
+                capacity: 0,
+                min: 1,
+            });
         }
-        if config.vcpu_cache_capacity < 5 {
-            return Err(MmuError::Config(
-                "vcpu_cache_capacity must be at least 5 (one 5-level walk)",
-            ));
+        if config.vcpu_cache_capacity < TABLES_PER_FAULT {
+            // One 5-level walk.
+            return Err(MmuError::CacheCapacity {
+                cache: "vcpu_cache_capacity",
+                capacity: config.vcpu_cache_capacity,
+                min: TABLES_PER_FAULT,
+            });
         }
         if let VmType::Td { shared_bit } = config.vm_type
             && shared_bit != VmType::td_shared_bit(config.levels)
         {
-            return Err(MmuError::Config(
-                "a TD's shared bit is the top GPA bit: 47 with 4 levels, 51 with 5",
-            ));
+            return Err(MmuError::SharedBit {
+                shared_bit,
+                expected: VmType::td_shared_bit(config.levels),
+                levels: config.levels,
+            });
         }
         let new_root = || -> Result<Page<TablePage>, MmuError> {
             let mut root: Page<TablePage> =

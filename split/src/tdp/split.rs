@@ -1,6 +1,6 @@
 //! Huge-page splits: eager, boundary and the shared split step.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 
 use mmu_cache::alloc::NoAllocSection;
 
@@ -126,14 +126,9 @@ impl TdpMmu {
         exclusive: bool,
     ) -> Result<Step, MmuError> {
         self.walk(Tree::Main, cursor, |step| {
-            let WalkStep {
-                table,
-                index,
-                level,
-                entry,
-            } = step;
+            let WalkStep { level, entry, .. } = step;
             let pages = level.entry_pages();
-            let leaf_gfn = cursor & !(pages - 1);
+            let leaf_gfn = step.base_gfn();
             let next = leaf_gfn + pages;
             if entry.bits() == FROZEN {
                 return Next::Stop(Ok(Step::Raced));
@@ -144,22 +139,12 @@ impl TdpMmu {
                 return Next::Stop(Ok(Step::Skip(next)));
             }
             if entry.is_leaf(level) {
-                return Next::Stop(
-                    self.split_leaf(
-                        Tree::Main,
-                        caches,
-                        table,
-                        index,
-                        level,
-                        entry,
-                        leaf_gfn,
-                        exclusive,
-                    )
-                    .map(|linked| match linked {
+                return Next::Stop(self.split_leaf(caches, step, exclusive).map(
+                    |linked| match linked {
                         Some(_) => Step::Split,
                         None => Step::Raced,
-                    }),
-                );
+                    },
+                ));
             }
             if level.below().is_none_or(|below| below <= target) {
                 return Next::Stop(Ok(Step::Skip(next)));
@@ -168,8 +153,8 @@ impl TdpMmu {
         })
     }
 
-    /// Replaces the huge leaf `leaf` at `table[index]` (level `level`,
-    /// mapping from `gfn`) with a table filled with its 512 children, which
+    /// Replaces the huge leaf the walk stands on with a table filled with
+    /// its 512 children, which
     /// map the same memory with the same bits (the kernel's
     /// `tdp_mmu_split_huge_page`). The children are written before the link
     /// is published, and the link is a compare-and-exchange from `leaf`, so
@@ -180,21 +165,21 @@ impl TdpMmu {
     /// Returns the new table, or `None` when the entry changed under us or
     /// the hooks were busy: nothing changed, and the caller retries. A
     /// refusal of the hooks leaves both trees as they were and is an error.
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "the entry, its place and the lock held, as the kernel passes them"
-    )]
     pub(super) fn split_leaf(
         &self,
-        tree: Tree,
         caches: &mut VcpuCaches,
-        table: &[AtomicU64; 512],
-        index: usize,
-        level: Level,
-        leaf: Entry,
-        gfn: u64,
+        step: WalkStep<'_>,
         exclusive: bool,
     ) -> Result<Option<u64>, MmuError> {
+        let WalkStep {
+            tree,
+            table,
+            index,
+            level,
+            entry: leaf,
+            ..
+        } = step;
+        let gfn = step.base_gfn();
         let below = level.below().expect("huge leaves are above 4K");
         let mut page = caches.tables.alloc()?;
         // The next split's table comes in while this one is written.

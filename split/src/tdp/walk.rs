@@ -93,9 +93,13 @@ pub(super) enum FrameSource {
     },
 }
 
-/// One step of a [`TdpMmu::walk`]: the entry for the walked frame in a table
-/// at `level` (entries of `level` map `level.entry_pages()` frames).
+/// One step of a [`TdpMmu::walk`]: where the walk stands (the kernel's
+/// `tdp_iter`): the entry for the walked frame in a table at `level`
+/// (entries of `level` map `level.entry_pages()` frames) of `tree`.
+#[derive(Clone, Copy)]
 pub(super) struct WalkStep<'a> {
+    /// The tree walked.
+    pub(super) tree: Tree,
     /// The table.
     pub(super) table: &'a [AtomicU64; 512],
     /// The entry's index in it.
@@ -104,6 +108,53 @@ pub(super) struct WalkStep<'a> {
     pub(super) level: Level,
     /// The entry, as loaded.
     pub(super) entry: Entry,
+    /// The frame the walk goes to.
+    pub(super) gfn: u64,
+}
+
+impl WalkStep<'_> {
+    /// The first frame the entry maps.
+    pub(super) fn base_gfn(&self) -> u64 {
+        self.gfn & !(self.level.entry_pages() - 1)
+    }
+}
+
+/// A table met by a recursive walk of a whole tree (zap, teardown): its
+/// tree, its address, the level of its entries and the first frame it
+/// maps.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct TableAt {
+    pub(super) tree: Tree,
+    pub(super) hpa: u64,
+    pub(super) level: Level,
+    pub(super) gfn: u64,
+}
+
+impl TableAt {
+    /// The root of `tree` of `mmu`.
+    pub(super) fn root(mmu: &TdpMmu, tree: Tree) -> Self {
+        Self {
+            tree,
+            hpa: mmu.tree_root(tree),
+            level: mmu.top_level(),
+            gfn: 0,
+        }
+    }
+
+    /// The first frame entry `index` maps.
+    pub(super) fn entry_gfn(&self, index: usize) -> u64 {
+        self.gfn + index as u64 * self.level.entry_pages()
+    }
+
+    /// The table that `entry`, at `index`, links.
+    pub(super) fn child(&self, index: usize, entry: Entry) -> Self {
+        Self {
+            tree: self.tree,
+            hpa: entry.addr(self.level),
+            level: self.level.below().expect("tables are above 4K"),
+            gfn: self.entry_gfn(index),
+        }
+    }
 }
 
 /// What a walk does after a step.
@@ -194,10 +245,12 @@ impl TdpMmu {
             let index = level.index(gfn);
             let entry = load(table, index);
             match visit(WalkStep {
+                tree,
                 table,
                 index,
                 level,
                 entry,
+                gfn,
             }) {
                 Next::Stop(result) => return result,
                 Next::Descend(hpa) => {

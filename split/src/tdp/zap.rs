@@ -1,5 +1,6 @@
 //! Zaps and teardown: leaves and tables taken back through the hooks.
 
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 
 use mmu_cache::alloc::NoAllocSection;
@@ -10,7 +11,7 @@ use crate::hooks::TableRef;
 use crate::tdp::{MmuError, TdpMmu};
 
 use super::stats::Count;
-use super::walk::{Tree, entries, load};
+use super::walk::{TableAt, Tree, entries, load};
 
 /// What [`TdpMmu::teardown`] did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -50,37 +51,23 @@ impl TdpMmu {
     ) -> Result<u64, MmuError> {
         let mut zapped = 0;
         self.zap_table(
-            tree,
-            self.tree_root(tree),
-            self.top_level(),
-            0,
-            start_gfn.0,
-            end_gfn.0,
+            TableAt::root(self, tree),
+            start_gfn.0..end_gfn.0,
             &mut zapped,
         )?;
         Ok(zapped)
     }
 
-    #[expect(
-        clippy::too_many_arguments,
-        reason = "the tree, the table's place, the range and the count of a recursive walk"
-    )]
-    fn zap_table(
-        &self,
-        tree: Tree,
-        table_hpa: u64,
-        level: Level,
-        table_gfn: u64,
-        start: u64,
-        end: u64,
-        zapped: &mut u64,
-    ) -> Result<(), MmuError> {
-        let hooks = self.hooks_of(tree);
+    /// Zaps the leaves of `at` and below that overlap `range` (frames),
+    /// counting them in `zapped`; frees the tables left empty inside it.
+    fn zap_table(&self, at: TableAt, range: Range<u64>, zapped: &mut u64) -> Result<(), MmuError> {
+        let (start, end, level) = (range.start, range.end, at.level);
+        let hooks = self.hooks_of(at.tree);
         // SAFETY: the write lock is held and the table is linked.
-        let table = unsafe { entries(table_hpa) };
+        let table = unsafe { entries(at.hpa) };
         let pages = level.entry_pages();
         for index in 0..512 {
-            let gfn = table_gfn + index as u64 * pages;
+            let gfn = at.entry_gfn(index);
             if gfn + pages <= start || gfn >= end {
                 continue;
             }
@@ -99,9 +86,9 @@ impl TdpMmu {
                 }
                 continue;
             }
-            let below = level.below().expect("tables above 4K");
-            let child = entry.addr(level);
-            self.zap_table(tree, child, below, gfn, start, end, zapped)?;
+            let child_at = at.child(index, entry);
+            let (below, child) = (child_at.level, child_at.hpa);
+            self.zap_table(child_at, range.clone(), zapped)?;
             if gfn >= start && gfn + pages <= end {
                 let table_ref = self.table_map().get(&child).map_or(
                     TableRef {
@@ -136,30 +123,22 @@ impl TdpMmu {
         self.torn_down.store(true, Ordering::Release);
         let mut report = TeardownReport::default();
         for tree in self.trees() {
-            let root = self.tree_root(tree);
-            self.teardown_table(tree, root, self.top_level(), 0, &mut report);
+            self.teardown_table(TableAt::root(self, tree), &mut report);
         }
         Ok(report)
     }
 
-    fn teardown_table(
-        &self,
-        tree: Tree,
-        table_hpa: u64,
-        level: Level,
-        table_gfn: u64,
-        report: &mut TeardownReport,
-    ) {
-        let hooks = self.hooks_of(tree);
+    fn teardown_table(&self, at: TableAt, report: &mut TeardownReport) {
+        let level = at.level;
+        let hooks = self.hooks_of(at.tree);
         // SAFETY: the write lock is held and the table is linked.
-        let table = unsafe { entries(table_hpa) };
-        let pages = level.entry_pages();
+        let table = unsafe { entries(at.hpa) };
         for index in 0..512 {
             let entry = load(table, index);
             if !entry.is_present() {
                 continue;
             }
-            let gfn = table_gfn + index as u64 * pages;
+            let gfn = at.entry_gfn(index);
             if entry.is_leaf(level) {
                 match hooks.remove_leaf(Gfn(gfn), level, entry) {
                     Ok(()) => report.leaves += 1,
@@ -169,9 +148,9 @@ impl TdpMmu {
                 self.counters.sub_leaves(level, 1);
                 continue;
             }
-            let below = level.below().expect("tables above 4K");
-            let child = entry.addr(level);
-            self.teardown_table(tree, child, below, gfn, report);
+            let child_at = at.child(index, entry);
+            let (below, child) = (child_at.level, child_at.hpa);
+            self.teardown_table(child_at, report);
             table[index].store(ept::NON_PRESENT, Ordering::Release);
             self.table_generation.fetch_add(1, Ordering::Relaxed);
             let Some(mut header) = self.remove_table(child) else {
