@@ -20,7 +20,7 @@
 //! use gmem::consts::GUEST_MEMFD_FLAG_MMAP;
 //! use mmu_cache::{PagePool, alloc::ChunkAllocator};
 //! use mmukit_private::PrivateMemoryVm;
-//! use split::{Gfn, Gpa, MemoryAttribute, Memslot, MmuConfig, Pfn, TdpMmu, VmType};
+//! use split::{AccessKind, Gfn, Gpa, MemoryAttribute, Memslot, MmuConfig, Pfn, TdpMmu, VmType};
 //!
 //! let config = MmuConfig { vm_type: VmType::SoftwareProtected, ..MmuConfig::default() };
 //! let mmu = Arc::new(TdpMmu::new(PagePool::new(ChunkAllocator::anonymous()), config)?);
