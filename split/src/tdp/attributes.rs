@@ -82,7 +82,9 @@ impl TdpMmu {
     ///
     /// ```
     /// use mmu_cache::{PagePool, alloc::ChunkAllocator};
-    /// use split::{Gfn, Gpa, MemoryAttribute, Memslot, MmuConfig, MmuError, Pfn, TdpMmu, VmType};
+    /// use split::{
+    ///     AccessKind, Gfn, Gpa, MemoryAttribute, Memslot, MmuConfig, MmuError, Pfn, TdpMmu, VmType,
+    /// };
     ///
     /// let config = MmuConfig { vm_type: VmType::SoftwareProtected, ..MmuConfig::default() };
     /// let mmu = TdpMmu::new(PagePool::new(ChunkAllocator::anonymous()), config)?;
