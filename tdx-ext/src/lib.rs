@@ -17,7 +17,7 @@
 //!
 //! ```
 //! use mmu_cache::{PagePool, alloc::ChunkAllocator};
-//! use split::{Gfn, Gpa, Memslot, MmuConfig, Pfn, TdpMmu};
+//! use split::{AccessKind, Gfn, Gpa, Memslot, MmuConfig, Pfn, TdpMmu};
 //! use tdx_ext::{TdxMirror, TdxModule, pamt::PamtPolicy};
 //!
 //! // A finalized TD on the software module; `TdxMirror::new` takes your own
