@@ -66,11 +66,12 @@ pub use attrs::Attribute;
 pub use caps::{Capability, HostCaps, ThpModes};
 pub use file::{
     Backend, BackendKind, FileMetrics, GmemConfig, GmemError, GuestMemFile, GuestMemfdVm,
-    PAGE_SIZE, Protection, View, ViewKind, check_fallocate, check_mmap,
+    InvalidArgument, PAGE_SIZE, Protection, Unsupported, View, ViewKind, check_fallocate,
+    check_mmap,
 };
 pub use kvm::{
-    KvmError, KvmVm, MemoryAttributes, SlotBinding, SlotChange, SlotRequest, check_memory,
-    choose_backend, convert_guest_range,
+    KvmError, KvmVm, MemoryAttributes, MemoryRefusal, MissingCapability, SlotBinding, SlotChange,
+    SlotError, SlotRequest, check_memory, choose_backend, convert_guest_range,
 };
 pub use prefault::{PrefaultError, PrefaultReport};
 pub use region::{DirtyTracking, GuestMemoryLayout, GuestRegion, RegionError};

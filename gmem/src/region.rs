@@ -8,7 +8,7 @@ use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{GuestAddress, GuestMemoryMmap, GuestRegionMmap};
 
-use crate::file::{GmemError, GuestMemFile, PAGE_SIZE, View};
+use crate::file::{GmemError, GuestMemFile, InvalidArgument, PAGE_SIZE, View};
 
 /// The bitmap type of regions: dirty tracking when asked for.
 pub type RegionBitmap = Option<AtomicBitmap>;
@@ -30,12 +30,26 @@ pub enum RegionError {
     /// The file refused the mapping.
     #[error(transparent)]
     File(#[from] GmemError),
-    /// vm-memory refused the region.
+    /// A guest address that is not page aligned.
+    #[error("guest address {guest_addr:#x} is not page aligned")]
+    GuestAddress {
+        /// The address given.
+        guest_addr: u64,
+    },
+    /// vm-memory refused the region's mapping.
     #[error("vm-memory: {0}")]
-    VmMemory(String),
+    Mapping(#[source] vm_memory::mmap::MmapRegionError),
+    /// The region passes the end of the guest address space.
+    #[error("a region of {size:#x} bytes at {guest_addr:#x} wraps the address space")]
+    Wraps {
+        /// The region's guest address.
+        guest_addr: u64,
+        /// The region's size.
+        size: u64,
+    },
     /// Regions overlap, or none was given.
     #[error("guest memory layout: {0}")]
-    Layout(String),
+    Layout(#[source] vm_memory::GuestRegionCollectionError),
 }
 
 /// A guest view of `[file_offset, file_offset + size)` placed at
@@ -59,20 +73,17 @@ impl GuestRegion {
         dirty: DirtyTracking,
     ) -> Result<Self, RegionError> {
         if !guest_addr.is_multiple_of(PAGE_SIZE) {
-            return Err(RegionError::Layout(format!(
-                "guest address {guest_addr:#x} is not page aligned"
-            )));
+            return Err(RegionError::GuestAddress { guest_addr });
         }
         if file_offset
             .checked_add(size)
             .is_none_or(|end| end > file.size())
         {
-            return Err(GmemError::Invalid {
-                what: format!(
-                    "region {file_offset:#x}+{size:#x} passes the file's end {:#x}",
-                    file.size()
-                ),
-            }
+            return Err(GmemError::from(InvalidArgument::RegionPastEnd {
+                offset: file_offset,
+                len: size,
+                size: file.size(),
+            })
             .into());
         }
         let view = file.map_guest(file_offset, size)?;
@@ -92,9 +103,9 @@ impl GuestRegion {
                 .with_raw_mmap_pointer(view.as_ptr())
         }
         .build()
-        .map_err(|err| RegionError::VmMemory(err.to_string()))?;
+        .map_err(RegionError::Mapping)?;
         let region = GuestRegionMmap::new(mapping, GuestAddress(guest_addr))
-            .ok_or_else(|| RegionError::VmMemory("the region wraps the address space".into()))?;
+            .ok_or(RegionError::Wraps { guest_addr, size })?;
         Ok(Self {
             file: file.clone(),
             view,
@@ -188,7 +199,7 @@ impl GuestMemoryLayout {
         regions.sort_by_key(|r| r.guest_addr);
         let memory =
             GuestMemoryMmap::from_arc_regions(regions.iter().map(|r| r.region.clone()).collect())
-                .map_err(|err| RegionError::Layout(err.to_string()))?;
+                .map_err(RegionError::Layout)?;
         Ok(Self { memory, regions })
     }
 

@@ -210,7 +210,7 @@ impl gmem::MemoryAttributes for RecordingAttributes {
         attribute: gmem::Attribute,
     ) -> Result<(), gmem::KvmError> {
         if self.refuse {
-            return Err(gmem::KvmError::NotSupported("refused by the test".into()));
+            return Err(gmem::MissingCapability::Other("refused by the test").into());
         }
         self.calls.lock().unwrap().push((gpa, size, attribute));
         Ok(())

@@ -163,7 +163,7 @@ pub(super) fn create(
                 if err.raw_os_error() == Some(libc::ENOSYS) {
                     GmemError::Unavailable {
                         backend: "secret",
-                        why: "the kernel has no memfd_secret (boot with secretmem.enable=1)".into(),
+                        why: "the kernel has no memfd_secret (boot with secretmem.enable=1)",
                     }
                 } else {
                     GmemError::os("memfd_secret")(err)

@@ -19,7 +19,7 @@ mod rules;
 mod view;
 
 use backend::Storage;
-pub use error::GmemError;
+pub use error::{GmemError, InvalidArgument, Unsupported};
 use hugetlb::SplitState;
 use mapping::PUNCH_HOLE;
 use rules::page_aligned;
@@ -230,31 +230,32 @@ impl GuestMemFile {
         let granule = match (kind, config.huge_page_size_log2) {
             (BackendKind::Hugetlb, log2 @ (21 | 30)) => 1u64 << log2,
             (BackendKind::Hugetlb, log2) => {
-                return Err(GmemError::invalid(format!(
-                    "huge_page_size_log2 {log2}: HugeTLB files need 21 (2 MiB) or 30 (1 GiB)"
-                )));
+                return Err(InvalidArgument::HugePageSize { log2 }.into());
             }
             (_, 0) => PAGE_SIZE,
             (_, log2) => {
-                return Err(GmemError::invalid(format!(
-                    "huge_page_size_log2 {log2} on the {} backend, which has no huge pages",
-                    kind.name()
-                )));
+                return Err(InvalidArgument::NoHugePages {
+                    log2,
+                    backend: kind.name(),
+                }
+                .into());
             }
         };
         if kind != BackendKind::Kvm {
             if config.size == 0 || !config.size.is_multiple_of(granule) {
-                return Err(GmemError::invalid(format!(
-                    "size {:#x} is not a non-zero multiple of {granule:#x}",
-                    config.size
-                )));
+                return Err(InvalidArgument::Size {
+                    size: config.size,
+                    granule,
+                }
+                .into());
             }
             let unknown = config.flags & !kind.supported_flags();
             if unknown != 0 {
-                return Err(GmemError::invalid(format!(
-                    "flags {unknown:#x} are not supported by the {} backend",
-                    kind.name()
-                )));
+                return Err(InvalidArgument::Flags {
+                    flags: unknown,
+                    backend: kind.name(),
+                }
+                .into());
             }
         }
         let initial = if config.flags & GUEST_MEMFD_FLAG_INIT_SHARED != 0 {
@@ -407,7 +408,7 @@ impl GuestMemFile {
                     Ok(ret as usize)
                 }
             }
-            _ => Err(GmemError::invalid("guest memory files cannot be read")),
+            _ => Err(InvalidArgument::FileIo { done: "read" }.into()),
         }
     }
 
@@ -423,7 +424,7 @@ impl GuestMemFile {
                     Ok(ret as usize)
                 }
             }
-            _ => Err(GmemError::invalid("guest memory files cannot be written")),
+            _ => Err(InvalidArgument::FileIo { done: "written" }.into()),
         }
     }
 
@@ -431,9 +432,7 @@ impl GuestMemFile {
     pub fn set_len(&self, len: u64) -> Result<(), GmemError> {
         match self.inner.storage.kernel_file() {
             Some(fd) => sys::ftruncate(fd, len).map_err(GmemError::os("ftruncate")),
-            _ => Err(GmemError::invalid(
-                "the size of a guest memory file is fixed",
-            )),
+            _ => Err(InvalidArgument::FixedSize.into()),
         }
     }
 
@@ -488,20 +487,16 @@ impl GuestMemFile {
             .checked_add(len)
             .filter(|&end| end <= self.inner.size);
         let Some(end) = end.filter(|_| len > 0 && page_aligned(offset) && page_aligned(len)) else {
-            return Err(GmemError::invalid(format!(
-                "conversion range {offset:#x}+{len:#x} is not page aligned inside the file"
-            )));
+            return Err(InvalidArgument::Range {
+                op: "conversion",
+                offset,
+                len,
+            }
+            .into());
         };
         let inner = &self.inner;
         if inner.kernel_private() && to == Attribute::Shared {
-            return Err(GmemError::NotSupported {
-                what: format!(
-                    "converting {offset:#x}+{len:#x} to shared: this guest_memfd was created \
-                     private and the kernel cannot convert it in place (no memory attributes \
-                     on the guest_memfd); map shared memory separately (SlotBinding with a \
-                     shared mapping)"
-                ),
-            });
+            return Err(Unsupported::SharedConversionOfPrivateFile { offset, len }.into());
         }
         let mut state = self.state();
         let (first, last) = (offset / PAGE_SIZE, end / PAGE_SIZE);
@@ -550,15 +545,18 @@ impl GuestMemFile {
         progress: &(dyn Fn(u64, u64) + Sync),
     ) -> Result<crate::prefault::PrefaultReport, GmemError> {
         if threads == 0 {
-            return Err(GmemError::invalid("prefault needs at least one thread"));
+            return Err(InvalidArgument::NoThreads.into());
         }
         let end = offset
             .checked_add(len)
             .filter(|&end| end <= self.inner.size);
         let Some(_) = end.filter(|_| page_aligned(offset) && page_aligned(len)) else {
-            return Err(GmemError::invalid(format!(
-                "prefault range {offset:#x}+{len:#x} is not page aligned inside the file"
-            )));
+            return Err(InvalidArgument::Range {
+                op: "prefault",
+                offset,
+                len,
+            }
+            .into());
         };
         let temporary;
         let base = match self.inner.storage.master() {

@@ -2,7 +2,8 @@
 
 use std::io;
 
-use super::{GmemError, PAGE_SIZE};
+use super::PAGE_SIZE;
+use super::error::{GmemError, InvalidArgument, Unsupported};
 use crate::consts::GUEST_MEMFD_FLAG_MMAP;
 
 pub(super) fn page_aligned(value: u64) -> bool {
@@ -68,12 +69,15 @@ pub fn check_mmap(
         return Err(GmemError::NoMmap);
     }
     if !shared {
-        return Err(GmemError::invalid("guest memory can only be mapped shared"));
+        return Err(InvalidArgument::PrivateMapping.into());
     }
     if !offset.is_multiple_of(granule) || !len.is_multiple_of(granule) {
-        return Err(GmemError::invalid(format!(
-            "mapping {offset:#x}+{len:#x} is not whole {granule:#x}-byte pages"
-        )));
+        return Err(InvalidArgument::MappingPages {
+            offset,
+            len,
+            granule,
+        }
+        .into());
     }
     Ok(len)
 }
@@ -91,9 +95,7 @@ pub(super) fn check_mmap_generic(
         source: io::Error::from_raw_os_error(errno),
     };
     if len == 0 || !page_aligned(offset) {
-        return Err(GmemError::invalid(format!(
-            "mapping {offset:#x}+{len:#x}: the length must be non-zero and the offset page aligned"
-        )));
+        return Err(InvalidArgument::Mapping { offset, len }.into());
     }
     let len = len
         .checked_next_multiple_of(PAGE_SIZE)
@@ -113,17 +115,13 @@ pub(super) fn check_mmap_generic(
         libc::MAP_SHARED => true,
         MAP_SHARED_VALIDATE => {
             if map_flags & !LEGACY_MAP_MASK != 0 {
-                return Err(GmemError::NotSupported {
-                    what: format!("mmap flags {map_flags:#x} with MAP_SHARED_VALIDATE"),
-                });
+                return Err(Unsupported::ValidatedMapFlags { flags: map_flags }.into());
             }
             true
         }
         libc::MAP_PRIVATE => false,
         _ => {
-            return Err(GmemError::invalid(format!(
-                "mmap flags {map_flags:#x} name no map type"
-            )));
+            return Err(InvalidArgument::MapType { flags: map_flags }.into());
         }
     };
     Ok((len, shared))
@@ -167,48 +165,41 @@ pub fn check_fallocate(
     size: u64,
 ) -> Result<std::ops::Range<u64>, GmemError> {
     if offset > MAX_FILE_OFFSET || len > MAX_FILE_OFFSET || len == 0 {
-        return Err(GmemError::invalid(format!(
-            "fallocate offset {offset:#x} and length {len:#x} must be non-negative, and the \
-             length non-zero"
-        )));
+        return Err(InvalidArgument::FallocateArguments { offset, len }.into());
     }
     let keep_size = mode & libc::FALLOC_FL_KEEP_SIZE != 0;
-    let unsupported = |what: String| Err(GmemError::NotSupported { what });
+    let unsupported = |why: Unsupported| Err(GmemError::NotSupported(why));
     if mode & !(FALLOC_MODE_MASK | libc::FALLOC_FL_KEEP_SIZE) != 0 {
-        return unsupported(format!("fallocate mode {mode:#x} has unknown bits"));
+        return unsupported(Unsupported::UnknownFallocateBits { mode });
     }
     match mode & FALLOC_MODE_MASK {
         // Allocate, unshare and zero ranges take KEEP_SIZE or not.
         0 | 0x40 | 0x10 => {}
         libc::FALLOC_FL_PUNCH_HOLE if !keep_size => {
-            return unsupported("punching a hole needs FALLOC_FL_KEEP_SIZE".into());
+            return unsupported(Unsupported::PunchWithoutKeepSize);
         }
         libc::FALLOC_FL_PUNCH_HOLE => {}
         0x08 | 0x20 | 0x80 if keep_size => {
-            return unsupported(format!("fallocate mode {mode:#x} cannot keep the size"));
+            return unsupported(Unsupported::ModeCannotKeepSize { mode });
         }
         0x08 | 0x20 | 0x80 => {}
-        _ => return unsupported(format!("fallocate mode {mode:#x} combines modes")),
+        _ => return unsupported(Unsupported::CombinedModes { mode }),
     }
     let end = offset + len;
     if end > MAX_FILE_OFFSET {
         return Err(GmemError::TooBig { offset, len });
     }
     if !keep_size {
-        return unsupported("fallocate without FALLOC_FL_KEEP_SIZE: the file size is fixed".into());
+        return unsupported(Unsupported::SizeChange);
     }
     if mode & !(libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE) != 0 {
-        return unsupported(format!("fallocate mode {mode:#x} on guest memory"));
+        return unsupported(Unsupported::FallocateMode { mode });
     }
     if !page_aligned(offset) || !page_aligned(len) {
-        return Err(GmemError::invalid(format!(
-            "fallocate range {offset:#x}+{len:#x} is not page aligned"
-        )));
+        return Err(InvalidArgument::FallocateAlignment { offset, len }.into());
     }
     if mode & libc::FALLOC_FL_PUNCH_HOLE == 0 && end > size {
-        return Err(GmemError::invalid(format!(
-            "allocation {offset:#x}..{end:#x} passes the end {size:#x}"
-        )));
+        return Err(InvalidArgument::AllocationPastEnd { offset, end, size }.into());
     }
     Ok(offset..end)
 }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::attrs::Attribute;
 use crate::sys::Mapping;
 
-use super::error::GmemError;
+use super::error::{GmemError, InvalidArgument};
 use super::mapping::map_fault_source;
 use super::rules::{check_mmap, check_mmap_generic};
 use super::{FileState, GuestMemFile, Inner, PAGE_SIZE, ViewKind, ViewRecord};
@@ -236,7 +236,10 @@ impl View {
         let end = at
             .checked_add(len as u64)
             .filter(|&end| end <= self.len)
-            .ok_or_else(|| GmemError::invalid("access outside the view"))?;
+            .ok_or(InvalidArgument::OutsideView {
+                at,
+                len: len as u64,
+            })?;
         let (file_start, file_end) = (
             self.offset.saturating_add(at),
             self.offset.saturating_add(end),

@@ -5,7 +5,7 @@
 use kvm_bindings::{kvm_clear_dirty_log, kvm_clear_dirty_log__bindgen_ty_1, kvm_enable_cap};
 use vmm_sys_util::ioctl::ioctl_with_ref;
 
-use super::{KvmError, KvmVm};
+use super::{KvmError, KvmVm, MissingCapability};
 use crate::consts::KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
 
 mod ioctls {
@@ -27,9 +27,7 @@ impl KvmVm {
     pub fn enable_manual_dirty_log_protect(&self, flags: u64) -> Result<(), KvmError> {
         let offered = self.caps().manual_dirty_log_protect;
         if offered == 0 || flags & !offered != 0 {
-            return Err(KvmError::NotSupported(format!(
-                "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 with flags {flags:#x} (KVM offers {offered:#x})"
-            )));
+            return Err(MissingCapability::ManualDirtyLogProtect { flags, offered }.into());
         }
         let cap = kvm_enable_cap {
             cap: KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
@@ -62,10 +60,10 @@ impl KvmVm {
         bitmap: &mut [u64],
     ) -> Result<(), KvmError> {
         if (bitmap.len() as u64) < u64::from(num_pages).div_ceil(64) {
-            return Err(KvmError::Invalid(format!(
-                "a bitmap of {} words holds fewer than {num_pages} pages",
-                bitmap.len()
-            )));
+            return Err(KvmError::DirtyBitmap {
+                words: bitmap.len(),
+                pages: num_pages,
+            });
         }
         let clear = kvm_clear_dirty_log {
             slot,

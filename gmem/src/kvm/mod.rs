@@ -2,6 +2,9 @@
 //! `KVM_SET_USER_MEMORY_REGION2`.
 
 mod dirty;
+mod error;
+
+pub use error::{KvmError, MemoryRefusal, MissingCapability, SlotError};
 
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
@@ -21,55 +24,6 @@ use crate::file::{
 };
 use crate::region::GuestRegion;
 
-/// Errors of the KVM binding. Each has the errno the kernel gives in the
-/// same case ([`KvmError::errno`]).
-#[derive(Debug, thiserror::Error)]
-pub enum KvmError {
-    /// `/dev/kvm` is missing or cannot be opened.
-    #[error("KVM is not available: {0}")]
-    NoKvm(String),
-    /// An invalid slot (EINVAL).
-    #[error("invalid memslot: {0}")]
-    Invalid(String),
-    /// The slot overlaps another (EEXIST).
-    #[error("memslot overlap: {0}")]
-    Exists(String),
-    /// The memory cannot back a KVM guest (EINVAL).
-    #[error("{0}")]
-    Refused(String),
-    /// The host lacks a capability (EOPNOTSUPP).
-    #[error("not supported by this host's KVM: {0}")]
-    NotSupported(String),
-    /// An ioctl failed.
-    #[error("{op}: {source}")]
-    Ioctl {
-        /// The ioctl.
-        op: &'static str,
-        /// The kernel's error.
-        source: std::io::Error,
-    },
-}
-
-impl KvmError {
-    /// The errno of this error.
-    pub fn errno(&self) -> i32 {
-        match self {
-            Self::NoKvm(_) => libc::ENODEV,
-            Self::Invalid(_) | Self::Refused(_) => libc::EINVAL,
-            Self::NotSupported(_) => libc::EOPNOTSUPP,
-            Self::Exists(_) => libc::EEXIST,
-            Self::Ioctl { source, .. } => source.raw_os_error().unwrap_or(libc::EIO),
-        }
-    }
-
-    fn ioctl(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> Self {
-        move |err| Self::Ioctl {
-            op,
-            source: std::io::Error::from_raw_os_error(err.errno()),
-        }
-    }
-}
-
 /// Checks that memory of `backend` with guest_memfd `flags` can back a VM
 /// of `vm_type` on a KVM with `caps`:
 /// - `secret` memory has no direct map, which KVM needs to map it into a
@@ -84,29 +38,17 @@ pub fn check_memory(
 ) -> Result<(), KvmError> {
     let no_direct_map = caps.guest_memfd_flags & GUEST_MEMFD_FLAG_NO_DIRECT_MAP != 0;
     if backend == BackendKind::Secret {
-        return Err(KvmError::Refused(if no_direct_map {
-            "memfd_secret memory cannot back a KVM memslot; this kernel offers \
-             GUEST_MEMFD_FLAG_NO_DIRECT_MAP: use the guest_memfd backend with that flag"
-                .into()
-        } else {
-            "memfd_secret memory has no kernel direct map, and KVM can only map guest \
-             memory it can reach through the direct map; this kernel has no \
-             GUEST_MEMFD_FLAG_NO_DIRECT_MAP, so use another backend"
-                .into()
-        }));
+        return Err(MemoryRefusal::SecretMemory {
+            kernel_offers_no_direct_map: no_direct_map,
+        }
+        .into());
     }
     if flags & GUEST_MEMFD_FLAG_NO_DIRECT_MAP != 0 {
         if vm_type == u64::from(KVM_X86_TDX_VM) {
-            return Err(KvmError::Refused(
-                "GUEST_MEMFD_FLAG_NO_DIRECT_MAP with a TDX VM: TDX needs the direct map \
-                 (the TDX module's page conversions and cache flushes go through it)"
-                    .into(),
-            ));
+            return Err(MemoryRefusal::NoDirectMapOnTdx.into());
         }
         if !no_direct_map {
-            return Err(KvmError::NotSupported(
-                "GUEST_MEMFD_FLAG_NO_DIRECT_MAP (the kernel does not offer it)".into(),
-            ));
+            return Err(MissingCapability::NoDirectMap.into());
         }
     }
     Ok(())
@@ -182,10 +124,11 @@ pub fn convert_guest_range(
             .checked_add(size)
             .is_some_and(|end| end <= region.guest_addr() + region.size());
     if !inside {
-        return Err(KvmError::Invalid(format!(
-            "range {gpa:#x}+{size:#x} is not inside the region at {:#x}",
-            region.guest_addr()
-        )));
+        return Err(KvmError::OutsideRegion {
+            gpa,
+            size,
+            region: region.guest_addr(),
+        });
     }
     let offset = region.file_offset() + (gpa - region.guest_addr());
     let told_kvm = match kvm {
@@ -198,7 +141,7 @@ pub fn convert_guest_range(
     region
         .file()
         .convert(offset, size, to)
-        .map_err(|err| KvmError::Invalid(err.to_string()))?;
+        .map_err(KvmError::File)?;
     Ok(if told_kvm {
         Protection::HostViewAndKvm
     } else {
@@ -281,14 +224,14 @@ fn predict(
     slots: &HashMap<u32, BoundSlot>,
     request: &SlotRequest,
 ) -> Result<SlotChange, KvmError> {
-    let invalid = |what: String| Err(KvmError::Invalid(what));
+    let invalid = |why: SlotError| Err(KvmError::Slot(why));
     let id = u64::from(request.slot & 0xffff);
     let as_id = u64::from(request.slot >> 16);
     if id >= caps.nr_memslots {
-        return invalid(format!(
-            "memslot id {id} is beyond this VM's {} memslots",
-            caps.nr_memslots
-        ));
+        return invalid(SlotError::IdBeyond {
+            id,
+            slots: caps.nr_memslots,
+        });
     }
     let gmem = request.flags & KVM_MEM_GUEST_MEMFD != 0;
     let mut valid = KVM_MEM_LOG_DIRTY_PAGES | KVM_MEM_GUEST_MEMFD;
@@ -298,28 +241,19 @@ fn predict(
         valid |= KVM_MEM_READONLY;
     }
     if request.flags & !valid != 0 {
-        return invalid(format!(
-            "memslot flags {:#x}: {} are not allowed here",
-            request.flags,
-            if gmem {
-                "dirty logging and read-only"
-            } else {
-                "these bits"
-            }
-        ));
+        return invalid(SlotError::Flags {
+            flags: request.flags,
+            guest_memfd: gmem,
+        });
     }
     let aligned = |value: u64| value.is_multiple_of(PAGE_SIZE);
     if !aligned(request.size) {
-        return invalid(format!(
-            "memslot size {:#x} is not page aligned",
-            request.size
-        ));
+        return invalid(SlotError::Size { size: request.size });
     }
     if !aligned(request.guest_addr) {
-        return invalid(format!(
-            "guest address {:#x} is not page aligned",
-            request.guest_addr
-        ));
+        return invalid(SlotError::GuestAddress {
+            addr: request.guest_addr,
+        });
     }
     if !aligned(request.userspace_addr)
         || request
@@ -327,48 +261,45 @@ fn predict(
             .checked_add(request.size)
             .is_none_or(|end| end > USER_ADDRESS_END)
     {
-        return invalid(format!(
-            "userspace address {:#x} (+{:#x}) is not page aligned user memory",
-            request.userspace_addr, request.size
-        ));
+        return invalid(SlotError::UserspaceAddress {
+            addr: request.userspace_addr,
+            size: request.size,
+        });
     }
     let gmem_offset = request
         .guest_memfd
         .as_ref()
         .map_or(0, |(_, offset)| *offset);
     if gmem && (!aligned(gmem_offset) || gmem_offset.checked_add(request.size).is_none()) {
-        return invalid(format!(
-            "guest_memfd offset {gmem_offset:#x} is not page aligned"
-        ));
+        return invalid(SlotError::GuestMemfdOffset {
+            offset: gmem_offset,
+        });
     }
     if as_id >= caps.address_spaces {
-        return invalid(format!("memslot address space {as_id} does not exist"));
+        return invalid(SlotError::AddressSpace { as_id });
     }
     if request.guest_addr.checked_add(request.size).is_none() {
-        return invalid(format!(
-            "guest range {:#x}+{:#x} wraps",
-            request.guest_addr, request.size
-        ));
+        return invalid(SlotError::Wraps {
+            addr: request.guest_addr,
+            size: request.size,
+        });
     }
     let npages = request.size / PAGE_SIZE;
     if npages > MAX_SLOT_PAGES {
-        return invalid(format!("{npages} pages are more than one memslot holds"));
+        return invalid(SlotError::TooLarge { pages: npages });
     }
     let old = slots.get(&request.slot);
     if request.size == 0 {
         return match old {
             Some(_) => Ok(SlotChange::Delete),
-            None => invalid(format!("memslot {} does not exist", request.slot)),
+            None => invalid(SlotError::NoSuchSlot { slot: request.slot }),
         };
     }
     let base_gfn = request.guest_addr / PAGE_SIZE;
     let change = match old {
         None => SlotChange::Create,
         Some(_) if gmem => {
-            return invalid(format!(
-                "memslot {} is bound; a guest_memfd slot cannot be changed, only deleted",
-                request.slot
-            ));
+            return invalid(SlotError::GuestMemfdSlotChange { slot: request.slot });
         }
         Some(old) => {
             let old = &old.memory;
@@ -376,11 +307,7 @@ fn predict(
                 || request.size != old.memory_size
                 || (request.flags ^ old.flags) & KVM_MEM_READONLY != 0
             {
-                return invalid(format!(
-                    "memslot {} is bound: its userspace address, size and read-only flag \
-                     cannot change",
-                    request.slot
-                ));
+                return invalid(SlotError::FixedFields { slot: request.slot });
             }
             if request.guest_addr != old.guest_phys_addr {
                 SlotChange::Move
@@ -400,34 +327,34 @@ fn predict(
                 && base_gfn < (bound.memory.guest_phys_addr + bound.memory.memory_size) / PAGE_SIZE
         });
         if let Some((&other, _)) = overlap {
-            return Err(KvmError::Exists(format!(
-                "guest range {:#x}+{:#x} overlaps memslot {other}",
-                request.guest_addr, request.size
-            )));
+            return invalid(SlotError::Overlap {
+                addr: request.guest_addr,
+                size: request.size,
+                other,
+            });
         }
     }
     if gmem {
         let Some((file, offset)) = &request.guest_memfd else {
-            return invalid("KVM_MEM_GUEST_MEMFD without a guest_memfd".into());
+            return invalid(SlotError::NoGuestMemfd);
         };
         if file.backend() != BackendKind::Kvm {
-            return invalid(format!(
-                "{} memory is not a guest_memfd",
-                file.backend().name()
-            ));
+            return invalid(SlotError::NotGuestMemfd {
+                backend: file.backend().name(),
+            });
         }
         if !file
             .vm()
             .is_some_and(|owner| std::ptr::addr_eq(Arc::as_ptr(owner), vm as *const KvmVm))
         {
-            return invalid("the guest_memfd belongs to another VM".into());
+            return invalid(SlotError::OtherVm);
         }
         if offset + request.size > file.size() {
-            return invalid(format!(
-                "guest_memfd range {offset:#x}+{:#x} passes the file's end {:#x}",
-                request.size,
-                file.size()
-            ));
+            return invalid(SlotError::PastFileEnd {
+                offset: *offset,
+                size: request.size,
+                file_size: file.size(),
+            });
         }
         let taken = slots.iter().find(|(_, bound)| {
             bound
@@ -440,10 +367,11 @@ fn predict(
                 })
         });
         if let Some((&other, _)) = taken {
-            return invalid(format!(
-                "guest_memfd range {offset:#x}+{:#x} is bound to memslot {other} already",
-                request.size
-            ));
+            return invalid(SlotError::GuestMemfdTaken {
+                offset: *offset,
+                size: request.size,
+                other,
+            });
         }
     }
     Ok(change)
@@ -487,12 +415,9 @@ impl GuestMemfdVm for KvmVm {
 /// Opens `/dev/kvm`, unless `MMUKIT_HIDE_CAPS` hides KVM.
 fn open_kvm() -> Result<Kvm, KvmError> {
     if Capability::Kvm.is_hidden() {
-        return Err(KvmError::NoKvm(format!(
-            "/dev/kvm: hidden by {}",
-            mmukit_sys::host::HIDE_ENV
-        )));
+        return Err(KvmError::KvmHidden);
     }
-    Kvm::new().map_err(|err| KvmError::NoKvm(format!("/dev/kvm: {err}")))
+    Kvm::new().map_err(|err| KvmError::NoKvm(std::io::Error::from_raw_os_error(err.errno())))
 }
 
 /// Where a memslot goes and what backs it.
@@ -548,16 +473,22 @@ impl KvmVm {
         let kvm = open_kvm()?;
         let owned = vm_fd
             .try_clone_to_owned()
-            .map_err(|err| KvmError::Invalid(format!("duplicating the VM descriptor: {err}")))?;
+            .map_err(|source| KvmError::VmDescriptor {
+                what: "duplicating",
+                source,
+            })?;
         // A VM descriptor is the anonymous inode "kvm-vm".
-        let target = std::fs::read_link(format!("/proc/self/fd/{}", owned.as_raw_fd()))
-            .map_err(|err| KvmError::Invalid(format!("inspecting the VM descriptor: {err}")))?;
+        let target = std::fs::read_link(format!("/proc/self/fd/{}", owned.as_raw_fd())).map_err(
+            |source| KvmError::VmDescriptor {
+                what: "inspecting",
+                source,
+            },
+        )?;
         if target.as_os_str() != "anon_inode:kvm-vm" {
-            return Err(KvmError::Invalid(format!(
-                "descriptor {} is not a KVM VM ({})",
-                vm_fd.as_raw_fd(),
-                target.display()
-            )));
+            return Err(KvmError::NotAVm {
+                fd: vm_fd.as_raw_fd(),
+                target,
+            });
         }
         // SAFETY: `owned` is a KVM VM descriptor (checked above), whose
         // ownership passes to the VmFd.
@@ -652,10 +583,9 @@ impl KvmVm {
         flags: u32,
     ) -> Result<(), KvmError> {
         if private_file.backend() != BackendKind::Kvm {
-            return Err(KvmError::Invalid(format!(
-                "private memory must be a guest_memfd, not {} memory",
-                private_file.backend().name()
-            )));
+            return Err(KvmError::PrivateNotGuestMemfd {
+                backend: private_file.backend().name(),
+            });
         }
         let file = shared.file();
         check_memory(file.backend(), file.flags(), self.vm_type, &self.caps)?;
@@ -764,9 +694,7 @@ impl KvmVm {
     /// Deletes memslot `slot` and returns the region it held.
     pub fn unbind(&self, slot: u32) -> Result<Arc<GuestRegion>, KvmError> {
         let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
-        let bound = slots
-            .get(&slot)
-            .ok_or_else(|| KvmError::Invalid(format!("memslot {slot} is not bound")))?;
+        let bound = slots.get(&slot).ok_or(KvmError::NotBound { slot })?;
         let memory = kvm_userspace_memory_region2 {
             slot,
             flags: bound.memory.flags & KVM_MEM_GUEST_MEMFD,
@@ -790,9 +718,7 @@ impl KvmVm {
         attribute: Attribute,
     ) -> Result<(), KvmError> {
         if !self.supports_private_attributes() {
-            return Err(KvmError::NotSupported(
-                "KVM_SET_MEMORY_ATTRIBUTES (KVM_CAP_MEMORY_ATTRIBUTES has no private bit)".into(),
-            ));
+            return Err(MissingCapability::PrivateAttribute.into());
         }
         self.vm
             .set_memory_attributes(kvm_memory_attributes {
