@@ -26,7 +26,8 @@ use mmu_cache::PagePool;
 use mmu_cache::alloc::ChunkAllocator;
 use mmukit_private::{ConversionReport, PrivateMemoryVm, slot_over_view};
 use split::{
-    Access, Gfn, Gpa, Hpa, MemoryAttribute, MmuConfig, MmuError, TdpMmu, VcpuCaches, VmType,
+    Access, AccessKind, Gfn, Gpa, Hpa, MemoryAttribute, MmuConfig, MmuError, TdpMmu, VcpuCaches,
+    VmType,
 };
 use tdx_ext::pamt::PamtPolicy;
 use tdx_ext::{Seamcall, SimTdxModule, TdxMirror};
@@ -34,8 +35,8 @@ use tdx_ext::{Seamcall, SimTdxModule, TdxMirror};
 use crate::config::{BackendName, Config, PamtPolicyName, Workload};
 use crate::engine::{RunError, create_memory, prefault};
 use crate::events::{Metrics, STOP, TIMED_OUT};
+use crate::guest_error::GuestError;
 use crate::report::{ConvertFigures, Report};
-use split::AccessKind;
 
 const HUGE_PAGES: u64 = 512;
 
@@ -125,11 +126,16 @@ impl ConvertVm<'_> {
         Ok(unsafe { std::ptr::read_volatile(hpa.0 as *const u64) })
     }
 
-    fn convert(&self, start: u64, end: u64, to: MemoryAttribute) -> Result<(), String> {
-        let report: ConversionReport = self
-            .vm
-            .convert(Gfn(start), Gfn(end), to)
-            .map_err(|err| format!("converting gfn {start:#x}..{end:#x} to {to}: {err}"))?;
+    fn convert(&self, start: u64, end: u64, to: MemoryAttribute) -> Result<(), GuestError> {
+        let report: ConversionReport =
+            self.vm
+                .convert(Gfn(start), Gfn(end), to)
+                .map_err(|source| GuestError::Convert {
+                    start,
+                    end,
+                    to,
+                    source,
+                })?;
         tracing::trace!(start, end, %to, ?report, "conversion");
         self.metrics.conversions.fetch_add(1, Ordering::Relaxed);
         let c = &self.counts;
@@ -150,10 +156,10 @@ impl ConvertVm<'_> {
         start: u64,
         end: u64,
         round: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), GuestError> {
         for gfn in start..end {
             self.write(vcpu, gfn, true, pattern(gfn, round))
-                .map_err(|err| format!("private write of gfn {gfn:#x}: {err}"))?;
+                .map_err(access_error("write", MemoryAttribute::Private, gfn))?;
         }
         self.check_private(vcpu, start, end, round, None)
     }
@@ -165,16 +171,19 @@ impl ConvertVm<'_> {
         end: u64,
         round: u64,
         skip: Option<u64>,
-    ) -> Result<(), String> {
+    ) -> Result<(), GuestError> {
         for gfn in (start..end).filter(|&g| Some(g) != skip) {
-            let value = self
-                .read(vcpu, gfn, true)
-                .map_err(|err| format!("private read of gfn {gfn:#x}: {err}"))?;
+            let value = self.read(vcpu, gfn, true).map_err(access_error(
+                "read",
+                MemoryAttribute::Private,
+                gfn,
+            ))?;
             if value != pattern(gfn, round) {
-                return Err(format!(
-                    "gfn {gfn:#x} reads {value:#x} as private memory, not {:#x}",
-                    pattern(gfn, round)
-                ));
+                return Err(GuestError::PrivateValue {
+                    gfn,
+                    read: value,
+                    expected: pattern(gfn, round),
+                });
             }
             self.counts.checked.fetch_add(1, Ordering::Relaxed);
         }
@@ -187,19 +196,23 @@ impl ConvertVm<'_> {
         vcpu: &mut VcpuCaches,
         gfn: u64,
         round: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), GuestError> {
         let value = shared_pattern(gfn, round);
-        self.write(vcpu, gfn, false, value)
-            .map_err(|err| format!("shared write of gfn {gfn:#x}: {err}"))?;
+        self.write(vcpu, gfn, false, value).map_err(access_error(
+            "write",
+            MemoryAttribute::Shared,
+            gfn,
+        ))?;
         let mut word = [0u8; 8];
         self.shared_host
             .read_at(gfn * 4096, &mut word)
-            .map_err(|err| format!("the host reading shared gfn {gfn:#x}: {err}"))?;
+            .map_err(|source| GuestError::HostRead { gfn, source })?;
         if u64::from_ne_bytes(word) != value {
-            return Err(format!(
-                "the host sees {:#x} at shared gfn {gfn:#x}, the guest wrote {value:#x}",
-                u64::from_ne_bytes(word)
-            ));
+            return Err(GuestError::SharedValue {
+                gfn,
+                seen: u64::from_ne_bytes(word),
+                wrote: value,
+            });
         }
         self.counts.checked.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -214,7 +227,7 @@ impl ConvertVm<'_> {
         vcpu: &mut VcpuCaches,
         gfn: u64,
         value: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), GuestError> {
         if !matches!(self.vm_type, VmType::Td { .. }) {
             self.convert(gfn, gfn + 1, MemoryAttribute::Private)?;
         }
@@ -223,15 +236,18 @@ impl ConvertVm<'_> {
             Err(MmuError::MemoryFault { private: true, .. }) => {
                 self.counts.exits.fetch_add(1, Ordering::Relaxed);
                 self.convert(gfn, gfn + 1, MemoryAttribute::Private)?;
-                self.write(vcpu, gfn, true, value)
-                    .map_err(|err| format!("private write of gfn {gfn:#x} after converting: {err}"))
+                self.write(vcpu, gfn, true, value).map_err(access_error(
+                    "write after converting",
+                    MemoryAttribute::Private,
+                    gfn,
+                ))
             }
-            Err(err) => Err(format!("private write of gfn {gfn:#x}: {err}")),
+            Err(err) => Err(access_error("write", MemoryAttribute::Private, gfn)(err)),
         }
     }
 
     /// One vCPU's rounds over its huge pages `[first, first + count)`.
-    fn vcpu(&self, id: u64, first: u64, count: u64, rounds: u32) -> Result<(), String> {
+    fn vcpu(&self, id: u64, first: u64, count: u64, rounds: u32) -> Result<(), GuestError> {
         tracing::debug!(vcpu = id, "convert vCPU starts");
         let mut vcpu = self.mmu().new_vcpu_caches();
         let start = first * HUGE_PAGES;
@@ -242,12 +258,14 @@ impl ConvertVm<'_> {
         first_pass?;
         for round in 0..u64::from(rounds) {
             if STOP.load(Ordering::Relaxed) {
-                return Err("stopped by a signal".into());
+                return Err(GuestError::Stopped);
             }
             if TIMED_OUT.load(Ordering::Relaxed) {
-                return Err(format!(
-                    "workload.timeout_ms passed with vCPU {id} at round {round} of {rounds}"
-                ));
+                return Err(GuestError::TimedOutInRound {
+                    vcpu: id,
+                    round,
+                    rounds,
+                });
             }
             if round > 0 {
                 self.private_pass(&mut vcpu, start, end, round)?;
@@ -345,7 +363,7 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
         };
         Some(
             TdxMirror::finalized_on_sim(levels, policy)
-                .map_err(|status| RunError::Kvm(format!("finalize the TD: {status}")))?,
+                .map_err(RunError::tdx("finalizing the TD"))?,
         )
     } else {
         None
@@ -354,16 +372,15 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
         Some((_, mirror)) => TdpMmu::with_hooks(pool, mmu_config, mirror.clone()),
         None => TdpMmu::new(pool, mmu_config),
     }
-    .map_err(|err| RunError::Kvm(format!("software MMU: {err}")))?;
+    .map_err(RunError::mmu("creating the MMU"))?;
     let mut vm = PrivateMemoryVm::new(Arc::new(mmu));
     let npages = size / 4096;
-    let slot = slot_over_view(0, Gfn(0), &shared_file, &shared_guest)
-        .map_err(|err| RunError::Kvm(format!("memslot: {err}")))?;
+    let slot = slot_over_view(0, Gfn(0), &shared_file, &shared_guest).map_err(RunError::Memslot)?;
     vm.bind(slot, &private_file, 0)
-        .map_err(|err| RunError::Kvm(format!("binding the private memory: {err}")))?;
+        .map_err(RunError::private("binding the private memory"))?;
     // The VMM makes the guest's memory private before it runs, as a TD's is.
     vm.convert(Gfn(0), Gfn(npages), MemoryAttribute::Private)
-        .map_err(|err| RunError::Kvm(format!("making memory private: {err}")))?;
+        .map_err(RunError::private("making memory private"))?;
     let shared = ConvertVm {
         vm,
         metrics,
@@ -373,7 +390,7 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
         first_pass: Barrier::new(config.vcpus as usize + 1),
     };
 
-    let failure: Mutex<Option<String>> = Mutex::new(None);
+    let failure: Mutex<Option<GuestError>> = Mutex::new(None);
     let start = Instant::now();
     let pages_before = std::thread::scope(|scope| {
         let handles: Vec<_> = (0..u64::from(config.vcpus))
@@ -385,7 +402,10 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
                         failure
                             .lock()
                             .unwrap_or_else(|p| p.into_inner())
-                            .get_or_insert(format!("vCPU {id}: {why}"));
+                            .get_or_insert(GuestError::OnVcpu {
+                                vcpu: id,
+                                source: Box::new(why),
+                            });
                     }
                     metrics.passes.fetch_add(1, Ordering::Relaxed);
                 })
@@ -402,7 +422,7 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
     });
     let run_s = start.elapsed().as_secs_f64();
     if let Some(why) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(RunError::Guest(why));
+        return Err(why.into());
     }
     let files = shared.vm.file_metrics();
     let c = &shared.counts;
@@ -440,7 +460,7 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
         shared
             .mmu()
             .teardown()
-            .map_err(|err| RunError::Kvm(format!("TD teardown: {err}")))?;
+            .map_err(RunError::mmu("tearing the TD down"))?;
     }
     Ok(Report {
         accel: "soft".into(),
@@ -455,4 +475,18 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
         exit: "rounds done".into(),
         ..Report::default()
     })
+}
+
+/// A conversion workload's guest access of `gfn` failed.
+fn access_error(
+    op: &'static str,
+    attribute: MemoryAttribute,
+    gfn: u64,
+) -> impl Fn(MmuError) -> GuestError {
+    move |source| GuestError::ConvertAccess {
+        op,
+        attribute,
+        gfn,
+        source,
+    }
 }

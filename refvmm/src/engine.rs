@@ -8,6 +8,8 @@ use gmem::consts::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
 use gmem::{Backend, Capability, GmemConfig, GuestMemFile, KvmVm};
 
 use crate::config::{BackendName, Config, layout};
+use crate::guest_error::GuestError;
+use crate::snapshot::SnapshotError;
 
 /// Errors of a run; [`RunError::exit_code`] maps them to 1 (the guest or
 /// the workload failed) or 2 (configuration or host).
@@ -24,12 +26,60 @@ pub enum RunError {
     /// Guest memory could not be made.
     #[error("memory.backend: {0}")]
     Memory(#[from] gmem::GmemError),
-    /// A KVM call failed.
-    #[error("KVM: {0}")]
-    Kvm(String),
+    /// A KVM ioctl failed.
+    #[error("KVM: {op}: {source}")]
+    Ioctl {
+        /// The ioctl.
+        op: &'static str,
+        /// The kernel's error.
+        source: kvm_ioctls::Error,
+    },
+    /// gmem's KVM binding refused a step.
+    #[error("KVM: {step}: {source}")]
+    Kvm {
+        /// The step.
+        step: &'static str,
+        /// The binding's error.
+        source: gmem::KvmError,
+    },
+    /// A guest memory region could not be made.
+    #[error("guest memory: {step}: {source}")]
+    Region {
+        /// The step.
+        step: &'static str,
+        /// The region's error.
+        source: gmem::RegionError,
+    },
+    /// The software MMU refused a step.
+    #[error("software MMU: {step}: {source}")]
+    Mmu {
+        /// The step.
+        step: &'static str,
+        /// The MMU's error.
+        source: split::MmuError,
+    },
+    /// A memslot over guest memory could not be made.
+    #[error("software MMU: memslot: {0}")]
+    Memslot(#[source] split::MemslotError),
+    /// The private-memory VM refused a step.
+    #[error("private memory: {step}: {source}")]
+    Private {
+        /// The step.
+        step: &'static str,
+        /// Its error.
+        source: mmukit_private::PrivateError,
+    },
+    /// The software TDX module refused a step.
+    #[error("TDX module: {step}: {status}")]
+    Tdx {
+        /// The step.
+        step: &'static str,
+        /// The module's status.
+        status: tdx_ext::TdxStatus,
+    },
     /// The guest or the workload failed.
     #[error("guest: {0}")]
-    Guest(String),
+    Guest(#[from] GuestError),
     /// A vCPU stopped in a way no workload expects (a triple fault, an
     /// emulation failure, a failed entry, memory with no slot) or ran past
     /// `workload.timeout_ms`: its exit and registers.
@@ -37,7 +87,7 @@ pub enum RunError {
     GuestFault(Box<GuestFault>),
     /// A snapshot could not be saved or restored.
     #[error("snapshot: {0}")]
-    Snapshot(String),
+    Snapshot(#[from] SnapshotError),
 }
 
 impl RunError {
@@ -194,9 +244,50 @@ impl std::fmt::Display for GuestFault {
     }
 }
 
+/// What each dirty-log pass does: how many passes, the bytes each vCPU
+/// walks, and the share of its pages it writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PassPlan {
+    /// Passes after the populate pass.
+    pub iterations: u32,
+    /// Bytes of each vCPU's share.
+    pub share_bytes: u64,
+    /// Percent of each share's pages written (the rest are read).
+    pub write_percent: u32,
+}
+
+impl PassPlan {
+    /// The bytes all `vcpus` shares take.
+    pub fn total_share_bytes(&self, vcpus: usize) -> u64 {
+        vcpus as u64 * self.share_bytes
+    }
+}
+
 /// Maps a kvm-ioctls error into a run error naming the call.
-pub fn kvm_err(what: &'static str) -> impl Fn(kvm_ioctls::Error) -> RunError {
-    move |err| RunError::Kvm(format!("{what}: {err}"))
+pub fn kvm_err(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> RunError {
+    move |source| RunError::Ioctl { op, source }
+}
+
+impl RunError {
+    /// Wraps an MMU error of `step`.
+    pub fn mmu(step: &'static str) -> impl Fn(split::MmuError) -> Self {
+        move |source| Self::Mmu { step, source }
+    }
+
+    /// Wraps a KVM binding error of `step`.
+    pub fn kvm(step: &'static str) -> impl Fn(gmem::KvmError) -> Self {
+        move |source| Self::Kvm { step, source }
+    }
+
+    /// Wraps a TDX module status of `step`.
+    pub fn tdx(step: &'static str) -> impl Fn(tdx_ext::TdxStatus) -> Self {
+        move |status| Self::Tdx { step, status }
+    }
+
+    /// Wraps a private-memory error of `step`.
+    pub fn private(step: &'static str) -> impl Fn(mmukit_private::PrivateError) -> Self {
+        move |source| Self::Private { step, source }
+    }
 }
 
 /// One thing a configuration needs of the host: the capability, the field
@@ -493,11 +584,12 @@ pub fn verify_log(
             }
             let page = first + i;
             if log[(page / 64) as usize] & (1 << (page % 64)) == 0 {
-                return Err(RunError::Guest(format!(
-                    "iteration {iteration}: vCPU {vcpu} wrote gpa {:#x}, which is not in the \
-                     dirty log",
-                    layout::gpa_of(page * 4096)
-                )));
+                return Err(GuestError::NotInDirtyLog {
+                    iteration,
+                    vcpu,
+                    gpa: layout::gpa_of(page * 4096),
+                }
+                .into());
             }
         }
     }

@@ -76,7 +76,7 @@ struct Cli {
 
 /// Logs to `log_file` (plain text) or to stderr (colours only on a
 /// terminal), filtered by RUST_LOG or else `default_level`.
-fn init_logs(log_file: Option<&std::path::Path>) -> Result<(), String> {
+fn init_logs(log_file: Option<&std::path::Path>) -> std::io::Result<()> {
     use std::io::IsTerminal;
     let default_level = if log_file.is_some() { "debug" } else { "warn" };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -84,8 +84,7 @@ fn init_logs(log_file: Option<&std::path::Path>) -> Result<(), String> {
     let builder = tracing_subscriber::fmt().with_env_filter(filter);
     match log_file {
         Some(path) => {
-            let file = std::fs::File::create(path)
-                .map_err(|err| format!("--log-file {}: {err}", path.display()))?;
+            let file = std::fs::File::create(path)?;
             builder
                 .with_ansi(false)
                 .with_writer(std::sync::Mutex::new(file))
@@ -255,8 +254,10 @@ fn config_failure(err: refvmm::config::ConfigError) -> Failure {
 }
 
 fn run(cli: Cli) -> Result<ExitCode, Failure> {
-    init_logs(cli.log_file.as_deref())
-        .map_err(|why| Failure::new(2, why).field(Some("--log-file")))?;
+    init_logs(cli.log_file.as_deref()).map_err(|err| {
+        let path = cli.log_file.as_deref().unwrap_or(std::path::Path::new("-"));
+        Failure::new(2, format!("--log-file {}: {err}", path.display())).field(Some("--log-file"))
+    })?;
     let json = cli.report == ReportFormat::Json;
     if cli.check_host {
         let config = match &cli.config {

@@ -63,8 +63,83 @@ struct Envelope {
     body: String,
 }
 
-fn err(what: impl Into<String>) -> RunError {
-    RunError::Snapshot(what.into())
+/// Why a snapshot could not be saved or restored.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    /// A snapshot is in the directory already.
+    #[error("{} holds a snapshot already (give --overwrite to replace it)", dir.display())]
+    Exists {
+        /// The directory.
+        dir: PathBuf,
+    },
+    /// A file of the snapshot could not be read or written.
+    #[error("{}: {source}", path.display())]
+    File {
+        /// The file (or directory).
+        path: PathBuf,
+        /// The system's error.
+        source: std::io::Error,
+    },
+    /// Guest memory could not be read (save) or written (restore).
+    #[error("{op} guest memory at {offset:#x}: {source}")]
+    Memory {
+        /// "reading" or "writing".
+        op: &'static str,
+        /// The offset in guest memory.
+        offset: u64,
+        /// The guest memory file's error.
+        source: gmem::GmemError,
+    },
+    /// The state could not be encoded.
+    #[error("encoding the state: {0}")]
+    Encode(#[source] serde_json::Error),
+    /// The state file is not a refvmm snapshot.
+    #[error("not a refvmm snapshot: {0}")]
+    NotASnapshot(#[source] serde_json::Error),
+    /// The state inside the envelope does not parse.
+    #[error("state: {0}")]
+    State(#[source] serde_json::Error),
+    /// A format version this refvmm does not read.
+    #[error("format version {found} is unknown (this refvmm reads version {FORMAT_VERSION})")]
+    Version {
+        /// The version found.
+        found: u32,
+    },
+    /// The state's version disagrees with its envelope's.
+    #[error("the state's format version disagrees with its envelope")]
+    VersionMismatch,
+    /// A checksum that does not match: the snapshot is damaged.
+    #[error("the {part} checksum does not match: the snapshot is damaged")]
+    Checksum {
+        /// "state" or "memory".
+        part: &'static str,
+    },
+    /// The memory file's length disagrees with the state or the guest.
+    #[error(
+        "{}: {length} bytes, the snapshot says {recorded} and the guest has {guest}",
+        path.display()
+    )]
+    MemoryLength {
+        /// The memory file.
+        path: PathBuf,
+        /// Its length.
+        length: u64,
+        /// The length the state records.
+        recorded: u64,
+        /// The guest's memory size.
+        guest: u64,
+    },
+    /// The private ranges could not be made private again.
+    #[error("restoring attributes: {0}")]
+    Attributes(#[source] gmem::GmemError),
+}
+
+/// A file error of `path`.
+fn file_error(path: &Path) -> impl Fn(std::io::Error) -> SnapshotError + '_ {
+    move |source| SnapshotError::File {
+        path: path.to_owned(),
+        source,
+    }
 }
 
 /// Saves the vCPU, the configuration and guest memory to `dir`. A snapshot
@@ -79,27 +154,32 @@ pub fn save(
 ) -> Result<(), RunError> {
     use std::io::Write;
     if exists(dir) && !overwrite {
-        return Err(err(format!(
-            "{} holds a snapshot already (give --overwrite to replace it)",
-            dir.display()
-        )));
+        return Err(SnapshotError::Exists {
+            dir: dir.to_owned(),
+        }
+        .into());
     }
-    std::fs::create_dir_all(dir).map_err(|e| err(format!("{}: {e}", dir.display())))?;
+    std::fs::create_dir_all(dir).map_err(file_error(dir))?;
     let size = region.size();
     let memory_path = dir.join(MEMORY_FILE);
-    let file_error = |e: std::io::Error| err(format!("{}: {e}", memory_path.display()));
-    let mut out = std::io::BufWriter::new(std::fs::File::create(&memory_path).map_err(file_error)?);
+    let memory_error = file_error(&memory_path);
+    let mut out =
+        std::io::BufWriter::new(std::fs::File::create(&memory_path).map_err(&memory_error)?);
     let mut digest = CRC64.digest();
     let mut chunk = vec![0u8; CHUNK.min(size) as usize];
     let view = region.view();
     for offset in (0..size).step_by(CHUNK as usize) {
         let bytes = &mut chunk[..(size - offset).min(CHUNK) as usize];
         view.read_at(offset, bytes)
-            .map_err(|e| err(format!("reading guest memory at {offset:#x}: {e}")))?;
+            .map_err(|source| SnapshotError::Memory {
+                op: "reading",
+                offset,
+                source,
+            })?;
         digest.update(bytes);
-        out.write_all(bytes).map_err(file_error)?;
+        out.write_all(bytes).map_err(&memory_error)?;
     }
-    out.flush().map_err(file_error)?;
+    out.flush().map_err(&memory_error)?;
     let private_ranges = region
         .file()
         .attribute_runs(0, size)
@@ -117,46 +197,41 @@ pub fn save(
         private_ranges,
         dir: dir.to_owned(),
     };
-    let body = serde_json::to_string(&snapshot).map_err(|e| err(e.to_string()))?;
+    let body = serde_json::to_string(&snapshot).map_err(SnapshotError::Encode)?;
     let envelope = Envelope {
         format_version: FORMAT_VERSION,
         checksum: crc64(body.as_bytes()),
         body,
     };
-    let text = serde_json::to_string_pretty(&envelope).map_err(|e| err(e.to_string()))?;
-    std::fs::write(dir.join(STATE_FILE), text)
-        .map_err(|e| err(format!("{}: {e}", dir.join(STATE_FILE).display())))
+    let text = serde_json::to_string_pretty(&envelope).map_err(SnapshotError::Encode)?;
+    let state_path = dir.join(STATE_FILE);
+    std::fs::write(&state_path, text).map_err(file_error(&state_path))?;
+    Ok(())
 }
 
 /// Reads a snapshot, refusing unknown versions and bad checksums.
 pub fn load(dir: &Path) -> Result<Snapshot, RunError> {
     let path = dir.join(STATE_FILE);
-    let text =
-        std::fs::read_to_string(&path).map_err(|e| err(format!("{}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(&path).map_err(file_error(&path))?;
     decode(&text, dir)
 }
 
 /// Decodes the state file's text (`dir` locates the memory file).
 pub fn decode(text: &str, dir: &Path) -> Result<Snapshot, RunError> {
-    let envelope: Envelope =
-        serde_json::from_str(text).map_err(|e| err(format!("not a refvmm snapshot: {e}")))?;
+    let envelope: Envelope = serde_json::from_str(text).map_err(SnapshotError::NotASnapshot)?;
     if envelope.format_version != FORMAT_VERSION {
-        return Err(err(format!(
-            "format version {} is unknown (this refvmm reads version {FORMAT_VERSION})",
-            envelope.format_version
-        )));
+        return Err(SnapshotError::Version {
+            found: envelope.format_version,
+        }
+        .into());
     }
     if crc64(envelope.body.as_bytes()) != envelope.checksum {
-        return Err(err(
-            "the state checksum does not match: the snapshot is damaged",
-        ));
+        return Err(SnapshotError::Checksum { part: "state" }.into());
     }
     let mut snapshot: Snapshot =
-        serde_json::from_str(&envelope.body).map_err(|e| err(format!("state: {e}")))?;
+        serde_json::from_str(&envelope.body).map_err(SnapshotError::State)?;
     if snapshot.format_version != FORMAT_VERSION {
-        return Err(err(
-            "the state's format version disagrees with its envelope",
-        ));
+        return Err(SnapshotError::VersionMismatch.into());
     }
     snapshot.dir = dir.to_owned();
     Ok(snapshot)
@@ -170,16 +245,17 @@ pub fn restore_into(
 ) -> Result<(), RunError> {
     use std::io::Read;
     let path = snapshot.dir.join(MEMORY_FILE);
-    let file_error = |e: std::io::Error| err(format!("{}: {e}", path.display()));
-    let mut file = std::fs::File::open(&path).map_err(file_error)?;
-    let length = file.metadata().map_err(file_error)?.len();
+    let memory_error = file_error(&path);
+    let mut file = std::fs::File::open(&path).map_err(&memory_error)?;
+    let length = file.metadata().map_err(&memory_error)?.len();
     if length != snapshot.memory_bytes || length != region.size() {
-        return Err(err(format!(
-            "{}: {length} bytes, the snapshot says {} and the guest has {}",
-            path.display(),
-            snapshot.memory_bytes,
-            region.size()
-        )));
+        return Err(SnapshotError::MemoryLength {
+            path: path.clone(),
+            length,
+            recorded: snapshot.memory_bytes,
+            guest: region.size(),
+        }
+        .into());
     }
     // Streamed into guest memory a chunk at a time; the guest runs only
     // once the whole file has matched its checksum.
@@ -188,21 +264,23 @@ pub fn restore_into(
     let view = region.view();
     for offset in (0..length).step_by(CHUNK as usize) {
         let bytes = &mut chunk[..(length - offset).min(CHUNK) as usize];
-        file.read_exact(bytes).map_err(file_error)?;
+        file.read_exact(bytes).map_err(&memory_error)?;
         digest.update(bytes);
         view.write_at(offset, bytes)
-            .map_err(|e| err(format!("writing guest memory at {offset:#x}: {e}")))?;
+            .map_err(|source| SnapshotError::Memory {
+                op: "writing",
+                offset,
+                source,
+            })?;
     }
     if digest.finalize() != snapshot.memory_crc64 {
-        return Err(err(
-            "the memory checksum does not match: the snapshot is damaged",
-        ));
+        return Err(SnapshotError::Checksum { part: "memory" }.into());
     }
     for &(start, end) in &snapshot.private_ranges {
         region
             .file()
             .convert(start, end - start, Attribute::Private)
-            .map_err(|e| err(format!("restoring attributes: {e}")))?;
+            .map_err(SnapshotError::Attributes)?;
     }
     vcpu.set_sregs(&snapshot.sregs)
         .map_err(kvm_err("KVM_SET_SREGS"))?;

@@ -2,7 +2,6 @@
 //! TDX module when TDX is on) and software vCPU threads that write guest
 //! memory through it.
 
-use split::{Gfn, Gpa};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 use std::time::Instant;
@@ -10,13 +9,16 @@ use std::time::Instant;
 use mmu_cache::PagePool;
 use mmu_cache::alloc::ChunkAllocator;
 use mmukit_private::slot_over_view;
-use split::{LogMode, MmuConfig, TdpMmu, VcpuCaches};
+use split::{Gfn, Gpa, LogMode, MmuConfig, TdpMmu, VcpuCaches};
 use tdx_ext::pamt::PamtPolicy;
 use tdx_ext::{Seamcall, SimTdxModule, TdxMirror};
 
 use crate::config::{BackendName, Config, PamtPolicyName, Workload, layout};
-use crate::engine::{PassProgress, RunError, create_memory, open_kvm, prefault, verify_log};
+use crate::engine::{
+    PassPlan, PassProgress, RunError, create_memory, open_kvm, prefault, verify_log,
+};
 use crate::events::{Metrics, STOP, TIMED_OUT};
+use crate::guest_error::GuestError;
 use crate::report::{CacheFigures, DirtyLog, Iteration, Report, SplitFigures, TdxFigures};
 
 struct Td {
@@ -62,7 +64,7 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
             PamtPolicyName::OnCacheEntry => PamtPolicy::OnCacheEntry,
         };
         let (module, mirror) = TdxMirror::finalized_on_sim(mmu_config.levels, policy)
-            .map_err(|status| RunError::Kvm(format!("finalize the TD: {status}")))?;
+            .map_err(RunError::tdx("finalizing the TD"))?;
         Some(Td { module, mirror })
     } else {
         None
@@ -71,18 +73,15 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
         Some(td) => TdpMmu::with_hooks(pool, mmu_config, td.mirror.clone()),
         None => TdpMmu::new(pool, mmu_config),
     }
-    .map_err(|err| RunError::Kvm(format!("software MMU: {err}")))?;
-    mmu.add_memslot(
-        slot_over_view(0, Gfn(0), &file, &view)
-            .map_err(|err| RunError::Kvm(format!("memslot: {err}")))?,
-    )
-    .map_err(|err| RunError::Kvm(format!("memslot: {err}")))?;
+    .map_err(RunError::mmu("creating the MMU"))?;
+    mmu.add_memslot(slot_over_view(0, Gfn(0), &file, &view).map_err(RunError::Memslot)?)
+        .map_err(RunError::mmu("adding the memslot"))?;
 
     let share_bytes = bytes_per_vcpu_mib << 20;
     let vcpus = config.vcpus as usize;
     let barrier = Barrier::new(vcpus + 1);
     let done = AtomicBool::new(false);
-    let failure: Mutex<Option<String>> = Mutex::new(None);
+    let failure: Mutex<Option<GuestError>> = Mutex::new(None);
     let mut log_report = DirtyLog::default();
     let mut cache = CacheFigures::default();
     let caches: Vec<VcpuCaches> =
@@ -117,7 +116,11 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
                                     failure
                                         .lock()
                                         .unwrap_or_else(|p| p.into_inner())
-                                        .get_or_insert(format!("vCPU {id} at gpa {gpa:#x}: {err}"));
+                                        .get_or_insert(GuestError::Access {
+                                            vcpu: id,
+                                            gpa,
+                                            source: err,
+                                        });
                                     break;
                                 }
                             }
@@ -131,7 +134,7 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
                     })
                 })
                 .collect();
-            let passes = Passes {
+            let passes = PassPlan {
                 iterations,
                 share_bytes,
                 write_percent,
@@ -164,7 +167,7 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
     if td.is_some() {
         tracing::debug!("TD teardown");
         mmu.teardown()
-            .map_err(|err| RunError::Kvm(format!("TD teardown: {err}")))?;
+            .map_err(RunError::mmu("tearing the TD down"))?;
     }
     drop(caches);
     Ok(Report {
@@ -185,39 +188,30 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
     })
 }
 
-/// What each dirty-log pass does: how many, the bytes each vCPU walks,
-/// and the share of its pages it writes.
-#[derive(Clone, Copy, Debug)]
-struct Passes {
-    iterations: u32,
-    share_bytes: u64,
-    write_percent: u32,
-}
-
 /// Where the host side and the vCPU threads meet: the barrier that starts
 /// and ends each pass, and the first failure a vCPU met.
 #[derive(Clone, Copy)]
 struct Meeting<'a> {
     barrier: &'a Barrier,
-    failure: &'a Mutex<Option<String>>,
+    failure: &'a Mutex<Option<GuestError>>,
 }
 
 /// The host side of the test: populate, enable, iterate, verify.
 fn drive(
     mmu: &TdpMmu,
     config: &Config,
-    passes: Passes,
+    passes: PassPlan,
     meeting: Meeting<'_>,
     report: &mut DirtyLog,
     metrics: &Metrics,
 ) -> Result<(), RunError> {
-    let Passes {
+    let PassPlan {
         iterations,
         share_bytes,
         write_percent,
     } = passes;
     let Meeting { barrier, failure } = meeting;
-    let check = || match failure.lock().unwrap_or_else(|p| p.into_inner()).clone() {
+    let check = || match failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
         Some(why) => Err(RunError::Guest(why)),
         None => Ok(()),
     };
@@ -234,7 +228,7 @@ fn drive(
     };
     let start = Instant::now();
     mmu.enable_dirty_logging(0, mode)
-        .map_err(|err| RunError::Kvm(format!("enable dirty logging: {err}")))?;
+        .map_err(RunError::mmu("enabling dirty logging"))?;
     report.enable_dirty_log_s = start.elapsed().as_secs_f64();
     report.pages_after_enable = Some(mmu.page_stats().into());
     let progress = PassProgress::new(
@@ -248,10 +242,11 @@ fn drive(
             break;
         }
         if TIMED_OUT.load(Ordering::Relaxed) {
-            return Err(RunError::Guest(format!(
-                "workload.timeout_ms passed after {} of {iterations} passes",
-                iteration - 1
-            )));
+            return Err(GuestError::TimedOut {
+                done: iteration - 1,
+                passes: iterations,
+            }
+            .into());
         }
         let start = Instant::now();
         barrier.wait();
@@ -262,13 +257,13 @@ fn drive(
         let start = Instant::now();
         let log = mmu
             .get_dirty_log(0)
-            .map_err(|err| RunError::Kvm(format!("get dirty log: {err}")))?;
+            .map_err(RunError::mmu("getting the dirty log"))?;
         let get_s = start.elapsed().as_secs_f64();
         let mut clear_s = 0.0;
         if manual {
             let start = Instant::now();
             mmu.clear_dirty_log(0, 0, &log)
-                .map_err(|err| RunError::Kvm(format!("clear dirty log: {err}")))?;
+                .map_err(RunError::mmu("clearing the dirty log"))?;
             clear_s = start.elapsed().as_secs_f64();
         }
         verify_log(
