@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::sys;
 
 /// The page size prefault steps by.
-const PAGE: usize = 4096;
+const PAGE: usize = sys::size::PAGE_4K as usize;
 
 /// Errors of prefault.
 #[derive(Debug, thiserror::Error)]

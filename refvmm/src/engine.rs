@@ -336,8 +336,7 @@ pub fn host_needs(config: &Config) -> Vec<HostNeed> {
                 Capability::hugetlb_of(1 << config.memory.huge_page_size.log2())
                     .unwrap_or(Capability::Hugetlb2M),
                 field,
-                "reserve HugeTLB pages (scripts/setup, or /proc/sys/vm/nr_hugepages as root), or \
-                 pick another backend",
+                "reserve HugeTLB pages (scripts/reserve-hugepages), or pick another backend",
             ),
             BackendName::Secret => need(
                 Capability::MemfdSecret,
@@ -411,16 +410,17 @@ pub fn check_host(config: &Config, caps: &gmem::HostCaps) -> Result<(), RunError
             let needed = config.memory_bytes() / page;
             let free = caps.pool(page).map_or(0, |pool| pool.available);
             if free < needed {
+                let pool = mmukit_sys::hugetlb::pool_name(page);
                 return Err(RunError::Host {
                     what: format!(
                         "memory.size_mib: {} MiB of hugetlb memory ({field}) needs {needed} free \
-                         pages of hugepages-{}kB; the host has {free}",
+                         pages of {pool}; the host has {free}",
                         config.memory.size_mib,
-                        page >> 10
                     ),
-                    fix: "reserve them (scripts/setup, or /proc/sys/vm/nr_hugepages as root), \
-                          or lower memory.size_mib"
-                        .into(),
+                    fix: format!(
+                        "{}, or lower memory.size_mib",
+                        mmukit_sys::hugetlb::reserve_hint(&pool)
+                    ),
                 });
             }
         }

@@ -28,6 +28,7 @@ use rustix::mm::{Advice, MapFlags, MremapFlags, ProtFlags};
 
 pub mod host;
 pub mod hugetlb;
+pub mod size;
 
 use host::Capability;
 

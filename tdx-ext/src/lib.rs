@@ -40,7 +40,7 @@ pub mod pamt;
 pub mod sim;
 pub mod status;
 
-pub use mirror::{MirrorCounters, TdxMirror, VcpuPamtCache};
+pub use mirror::{MirrorCounters, TdPages, TdxMirror, VcpuPamtCache};
 pub use module::{SeamcallResult, TdxModule};
 pub use sim::{PageState, SimTdxModule};
 pub use status::{Seamcall, SeamcallError, TdxStatus};

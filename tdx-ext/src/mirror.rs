@@ -17,6 +17,40 @@ use crate::pamt::{DynamicPamt, PamtBackedAllocator, PamtCache, PamtError, PamtPa
 use crate::sim::SimTdxModule;
 use crate::status::{Seamcall, SeamcallError, TdxStatus};
 
+/// Where a software TD's pages come from: the PAMT pages, the S-EPT
+/// pages, and the account both are charged to.
+#[derive(Clone)]
+pub struct TdPages {
+    /// The PAMT pages' allocator.
+    pub pamt: Arc<dyn PageAllocator>,
+    /// The S-EPT pages' allocator.
+    pub tables: Arc<dyn PageAllocator>,
+    /// The account charged, if any.
+    pub account: Option<Arc<Account>>,
+}
+
+impl TdPages {
+    /// Both from anonymous memory, charged to no account.
+    pub fn anonymous() -> Self {
+        Self {
+            pamt: Arc::new(ChunkAllocator::anonymous()),
+            tables: Arc::new(ChunkAllocator::anonymous()),
+            account: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for TdPages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TdPages")
+            .field(
+                "account",
+                &self.account.as_ref().map(|a| a.name().to_owned()),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
 /// PAMT pages one split may need: a pair for the new S-EPT page's region
 /// and a pair for the demoted range.
 const PAMT_PER_SPLIT: usize = 4;
@@ -240,15 +274,22 @@ impl TdxMirror {
         levels: u8,
         policy: PamtPolicy,
     ) -> Result<(Arc<SimTdxModule>, Arc<Self>), TdxStatus> {
+        Self::finalized_on_sim_with(levels, policy, TdPages::anonymous())
+    }
+
+    /// [`finalized_on_sim`](Self::finalized_on_sim) with the TD's pages
+    /// from `pages`: the one wiring of module, PAMT and mirror.
+    pub fn finalized_on_sim_with(
+        levels: u8,
+        policy: PamtPolicy,
+        pages: TdPages,
+    ) -> Result<(Arc<SimTdxModule>, Arc<Self>), TdxStatus> {
         let module = Arc::new(SimTdxModule::new(levels));
-        let pamt = DynamicPamt::new(module.clone(), PagePool::new(ChunkAllocator::anonymous()));
-        let mirror = Self::new(
+        let pamt = DynamicPamt::new(
             module.clone(),
-            pamt,
-            ChunkAllocator::anonymous(),
-            None,
-            policy,
+            PagePool::from_shared(pages.pamt, pages.account.clone()),
         );
+        let mirror = Self::new(module.clone(), pamt, pages.tables, pages.account, policy);
         mirror.finalize()?;
         Ok((module, mirror))
     }

@@ -15,8 +15,8 @@ use split::Hpa;
 use crate::module::TdxModule;
 use crate::status::TdxStatus;
 
-/// Size of a PAMT region.
-pub const REGION: u64 = 2 << 20;
+/// Size of a PAMT region: one 2 MiB page.
+pub use mmukit_sys::size::PAGE_2M as REGION;
 
 /// Pages that hold PAMT entries. They belong to the PAMT side: a page of
 /// this kind cannot be handed to a function that takes page-table pages,

@@ -10,8 +10,8 @@ use split::{Gpa, Hpa, Level};
 use crate::module::{SeamcallResult, TdxModule};
 use crate::status::{Seamcall, TdxStatus};
 
-const PAGE: u64 = 4096;
-const REGION: u64 = 2 << 20;
+use crate::pamt::REGION;
+use mmukit_sys::size::PAGE_4K as PAGE;
 
 /// What the module holds a host page as.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -5,7 +5,7 @@ use split::Level;
 use split::{Gpa, Hpa};
 use tdx_ext::{PageState, Seamcall, SimTdxModule, TdxModule, TdxStatus};
 
-const MB2: u64 = 2 << 20;
+use mmukit_sys::size::PAGE_2M as MB2;
 /// Host pages used as S-EPT pages, PAMT pages and guest pages: fake frames.
 const SEPT_REGION: u64 = 0x1_0000_0000;
 const GUEST_REGION: u64 = 0x2_0000_0000;

@@ -35,7 +35,8 @@ use mmu_cache::alloc::{
 use mmu_cache::{Account, PagePool};
 use mmukit_private::PrivateMemoryVm;
 use split::{Gfn, Gpa, MmuConfig, MmuError, TdpMmu, VcpuCaches, VmType};
-use tdx_ext::pamt::{DynamicPamt, PamtPolicy};
+use tdx_ext::TdPages;
+use tdx_ext::pamt::PamtPolicy;
 use tdx_ext::{SimTdxModule, TdxMirror};
 
 /// An allocator that counts its pages and fails when told to.
@@ -132,19 +133,13 @@ impl Td {
         };
         let (module, mirror, mmu) = match options.vm_type {
             VmType::Td { .. } => {
-                let module = Arc::new(SimTdxModule::new(4));
-                let pamt = DynamicPamt::new(
-                    module.clone(),
-                    PagePool::from_shared(pamt_alloc.clone(), Some(account.clone())),
-                );
-                let mirror = TdxMirror::new(
-                    module.clone(),
-                    pamt,
-                    table_alloc.clone(),
-                    Some(account.clone()),
-                    options.pamt_policy,
-                );
-                mirror.finalize()?;
+                let pages = TdPages {
+                    pamt: pamt_alloc.clone(),
+                    tables: table_alloc.clone(),
+                    account: Some(account.clone()),
+                };
+                let (module, mirror) =
+                    TdxMirror::finalized_on_sim_with(4, options.pamt_policy, pages)?;
                 let mmu = TdpMmu::with_hooks(pool, config, mirror.clone())?;
                 (Some(module), Some(mirror), mmu)
             }

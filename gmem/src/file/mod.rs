@@ -27,10 +27,10 @@ pub use rules::{check_fallocate, check_mmap};
 pub use view::View;
 
 /// The base page size.
-pub const PAGE_SIZE: u64 = 4096;
+pub use mmukit_sys::size::PAGE_4K as PAGE_SIZE;
 
 /// The size of a transparent huge page on x86-64.
-const THP_SIZE: u64 = 2 << 20;
+use mmukit_sys::size::PAGE_2M as THP_SIZE;
 
 /// A VM that makes guest_memfd files (`KVM_CREATE_GUEST_MEMFD`). The KVM
 /// binding's [`KvmVm`](crate::KvmVm) is the one this crate provides; the

@@ -32,7 +32,7 @@ pub use section::NoAllocSection;
 pub use testing::{CountingAllocator, FailPolicy, FailingAllocator};
 
 /// Size in bytes of every page an allocator hands out.
-pub const PAGE_SIZE: usize = 4096;
+pub const PAGE_SIZE: usize = mmukit_sys::size::PAGE_4K as usize;
 
 /// Errors of page allocators.
 #[derive(Debug, thiserror::Error)]

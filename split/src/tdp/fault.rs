@@ -393,8 +393,7 @@ impl TdpMmu {
     }
 }
 
-/// The bytes of a base page.
-const PAGE_BYTES: u64 = 4096;
+use mmukit_sys::size::PAGE_4K as PAGE_BYTES;
 
 /// What a fault maps: where the frame comes from, and the largest leaf the
 /// memory attributes allow.

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use mmu_cache::alloc::{ChunkAllocator, CountingAllocator, PageAllocator};
 use mmu_cache::{Account, PagePool};
 use split::{Memslot, MmuConfig, TdpMmu};
-use tdx_ext::pamt::{DynamicPamt, PamtPolicy};
-use tdx_ext::{SimTdxModule, TdxMirror};
+use tdx_ext::pamt::PamtPolicy;
+use tdx_ext::{SimTdxModule, TdPages, TdxMirror};
 
 pub type Counting = CountingAllocator<ChunkAllocator>;
 
@@ -34,22 +34,14 @@ fn counting() -> Arc<Counting> {
 /// A finalized TD with one slot of `pages` guest pages at gpa 0 on host
 /// frames from `HOST_PFN + pfn_offset` (1 makes every leaf 4K).
 pub fn td(policy: PamtPolicy, pages: u64, pfn_offset: u64) -> Td {
-    let module = Arc::new(SimTdxModule::new(4));
     let account = Arc::new(Account::new("td"));
-    let pamt_alloc = counting();
-    let pamt = DynamicPamt::new(
-        module.clone(),
-        PagePool::from_shared(pamt_alloc.clone(), Some(account.clone())),
-    );
-    let table_alloc = counting();
-    let mirror = TdxMirror::new(
-        module.clone(),
-        pamt,
-        table_alloc.clone(),
-        Some(account.clone()),
-        policy,
-    );
-    mirror.finalize().unwrap();
+    let (pamt_alloc, table_alloc) = (counting(), counting());
+    let td_pages = TdPages {
+        pamt: pamt_alloc.clone(),
+        tables: table_alloc.clone(),
+        account: Some(account.clone()),
+    };
+    let (module, mirror) = TdxMirror::finalized_on_sim_with(4, policy, td_pages).unwrap();
     let mmu_alloc = counting();
     let mmu = TdpMmu::with_hooks(
         PagePool::from_shared(mmu_alloc.clone(), Some(account.clone())),

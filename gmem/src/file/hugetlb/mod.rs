@@ -25,7 +25,7 @@ use crate::caps::HugetlbPool;
 use crate::sys::{self, Mapping};
 
 /// The size of a piece of a 1 GiB page split in two tiers.
-pub(super) const PIECE: u64 = 2 << 20;
+pub(super) use mmukit_sys::size::PAGE_2M as PIECE;
 
 /// A HugeTLB memfd, reserved whole at creation.
 #[derive(Debug)]
@@ -136,10 +136,9 @@ impl HugetlbFile {
     pub(super) fn create(config: GmemConfig, page_size: u64) -> Result<Self, GmemError> {
         let needed = config.size / page_size;
         let shortfall = |pool: Option<HugetlbPool>| GmemError::HugetlbShortfall {
-            pool: pool.as_ref().map_or_else(
-                || format!("hugepages-{}kB", page_size >> 10),
-                |p| p.name.clone(),
-            ),
+            pool: pool
+                .as_ref()
+                .map_or_else(|| sys::hugetlb::pool_name(page_size), |p| p.name.clone()),
             needed,
             free: pool.map_or(0, |p| p.available),
         };
