@@ -10,7 +10,6 @@ use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::engine::{RunError, kvm_err};
 
 /// The format this refvmm writes and reads.
 pub const FORMAT_VERSION: u32 = 1;
@@ -129,9 +128,22 @@ pub enum SnapshotError {
         /// The guest's memory size.
         guest: u64,
     },
+    /// The vCPU's registers could not be read (save) or set (restore).
+    #[error("{op}: {source}")]
+    Registers {
+        /// The ioctl.
+        op: &'static str,
+        /// The kernel's error.
+        source: kvm_ioctls::Error,
+    },
     /// The private ranges could not be made private again.
     #[error("restoring attributes: {0}")]
     Attributes(#[source] gmem::GmemError),
+}
+
+/// A register ioctl's error.
+fn registers(op: &'static str) -> impl Fn(kvm_ioctls::Error) -> SnapshotError {
+    move |source| SnapshotError::Registers { op, source }
 }
 
 /// A file error of `path`.
@@ -151,13 +163,12 @@ pub fn save(
     vcpu: &VcpuFd,
     region: &GuestRegion,
     overwrite: bool,
-) -> Result<(), RunError> {
+) -> Result<(), SnapshotError> {
     use std::io::Write;
     if exists(dir) && !overwrite {
         return Err(SnapshotError::Exists {
             dir: dir.to_owned(),
-        }
-        .into());
+        });
     }
     std::fs::create_dir_all(dir).map_err(file_error(dir))?;
     let size = region.size();
@@ -190,8 +201,8 @@ pub fn save(
     let snapshot = Snapshot {
         format_version: FORMAT_VERSION,
         config: config.clone(),
-        regs: vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?,
-        sregs: vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?,
+        regs: vcpu.get_regs().map_err(registers("KVM_GET_REGS"))?,
+        sregs: vcpu.get_sregs().map_err(registers("KVM_GET_SREGS"))?,
         memory_bytes: size,
         memory_crc64: digest.finalize(),
         private_ranges,
@@ -210,28 +221,27 @@ pub fn save(
 }
 
 /// Reads a snapshot, refusing unknown versions and bad checksums.
-pub fn load(dir: &Path) -> Result<Snapshot, RunError> {
+pub fn load(dir: &Path) -> Result<Snapshot, SnapshotError> {
     let path = dir.join(STATE_FILE);
     let text = std::fs::read_to_string(&path).map_err(file_error(&path))?;
     decode(&text, dir)
 }
 
 /// Decodes the state file's text (`dir` locates the memory file).
-pub fn decode(text: &str, dir: &Path) -> Result<Snapshot, RunError> {
+pub fn decode(text: &str, dir: &Path) -> Result<Snapshot, SnapshotError> {
     let envelope: Envelope = serde_json::from_str(text).map_err(SnapshotError::NotASnapshot)?;
     if envelope.format_version != FORMAT_VERSION {
         return Err(SnapshotError::Version {
             found: envelope.format_version,
-        }
-        .into());
+        });
     }
     if crc64(envelope.body.as_bytes()) != envelope.checksum {
-        return Err(SnapshotError::Checksum { part: "state" }.into());
+        return Err(SnapshotError::Checksum { part: "state" });
     }
     let mut snapshot: Snapshot =
         serde_json::from_str(&envelope.body).map_err(SnapshotError::State)?;
     if snapshot.format_version != FORMAT_VERSION {
-        return Err(SnapshotError::VersionMismatch.into());
+        return Err(SnapshotError::VersionMismatch);
     }
     snapshot.dir = dir.to_owned();
     Ok(snapshot)
@@ -242,7 +252,7 @@ pub fn restore_into(
     snapshot: &Snapshot,
     vcpu: &VcpuFd,
     region: &GuestRegion,
-) -> Result<(), RunError> {
+) -> Result<(), SnapshotError> {
     use std::io::Read;
     let path = snapshot.dir.join(MEMORY_FILE);
     let memory_error = file_error(&path);
@@ -254,8 +264,7 @@ pub fn restore_into(
             length,
             recorded: snapshot.memory_bytes,
             guest: region.size(),
-        }
-        .into());
+        });
     }
     // Streamed into guest memory a chunk at a time; the guest runs only
     // once the whole file has matched its checksum.
@@ -274,7 +283,7 @@ pub fn restore_into(
             })?;
     }
     if digest.finalize() != snapshot.memory_crc64 {
-        return Err(SnapshotError::Checksum { part: "memory" }.into());
+        return Err(SnapshotError::Checksum { part: "memory" });
     }
     for &(start, end) in &snapshot.private_ranges {
         region
@@ -283,9 +292,9 @@ pub fn restore_into(
             .map_err(SnapshotError::Attributes)?;
     }
     vcpu.set_sregs(&snapshot.sregs)
-        .map_err(kvm_err("KVM_SET_SREGS"))?;
+        .map_err(registers("KVM_SET_SREGS"))?;
     vcpu.set_regs(&snapshot.regs)
-        .map_err(kvm_err("KVM_SET_REGS"))
+        .map_err(registers("KVM_SET_REGS"))
 }
 
 #[cfg(test)]
