@@ -32,7 +32,13 @@ fn crate_map(text: &str) -> BTreeMap<String, (String, BTreeSet<String>)> {
 fn workspace(root: &Path) -> BTreeMap<String, (String, BTreeSet<String>)> {
     let cargo = option_env!("CARGO").unwrap_or("cargo");
     let output = Command::new(cargo)
-        .args(["metadata", "--format-version", "1", "--no-deps", "--offline"])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--offline",
+        ])
         .current_dir(root)
         .output()
         .expect("cargo metadata runs");
@@ -100,5 +106,8 @@ fn architecture_stays_short() {
         .expect("tests/ sits in the workspace");
     let text = std::fs::read_to_string(root.join("ARCHITECTURE.md")).expect("ARCHITECTURE.md");
     let lines = text.lines().count();
-    assert!(lines < 350, "ARCHITECTURE.md is {lines} lines: keep it under 350");
+    assert!(
+        lines < 350,
+        "ARCHITECTURE.md is {lines} lines: keep it under 350"
+    );
 }
