@@ -24,7 +24,7 @@ pub enum AddressError {
         given: String,
     },
     /// `tcp:` without a host and a port that is a number.
-    #[error("{given:?}: tcp: needs HOST:PORT with a port from 1 to 65535")]
+    #[error("{given:?}: tcp: needs HOST:PORT with a port from 0 (any, to listen) to 65535")]
     HostPort {
         /// The address given.
         given: String,
@@ -64,7 +64,7 @@ impl std::str::FromStr for Address {
             let (host, port) = rest.rsplit_once(':').ok_or_else(bad)?;
             let port: u16 = port.parse().map_err(|_| bad())?;
             let host = host.trim_start_matches('[').trim_end_matches(']');
-            if host.is_empty() || port == 0 {
+            if host.is_empty() {
                 return Err(bad());
             }
             return Ok(Self::Tcp {
@@ -284,7 +284,7 @@ mod tests {
             "unix:",
             "tcp:host",
             "tcp::80",
-            "tcp:h:0",
+            "tcp:h:-1",
             "tcp:h:99999",
             "file:/x",
         ] {
