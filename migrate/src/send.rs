@@ -213,6 +213,30 @@ impl Sender {
         finished: &dyn Fn() -> bool,
         progress: &dyn Fn(&PassReport),
     ) -> Result<Precopy, MigrateError> {
+        let outcome = self.precopy_passes(memory, log, finished, progress);
+        outcome.map_err(|err| self.why(err))
+    }
+
+    /// A write that failed because the destination refused the stream
+    /// (and closed it) is reported with the destination's reason.
+    fn why(&mut self, err: MigrateError) -> MigrateError {
+        if !matches!(err, MigrateError::Send { .. }) {
+            return err;
+        }
+        let _ = self.control.set_read_timeout(Some(Duration::from_secs(1)));
+        match Reader::new(&mut self.control).reply() {
+            Ok(Reply::Refused(why)) => MigrateError::Refused(why),
+            _ => err,
+        }
+    }
+
+    fn precopy_passes(
+        &mut self,
+        memory: &GuestMemoryMap,
+        log: &mut dyn DirtyLog,
+        finished: &dyn Fn() -> bool,
+        progress: &dyn Fn(&PassReport),
+    ) -> Result<Precopy, MigrateError> {
         let started = Instant::now();
         let mut report = SendReport {
             setup_s: self.setup_s,
@@ -235,8 +259,12 @@ impl Sender {
             };
             let left = count(&pending) * PAGE_SIZE;
             let estimate = Duration::from_secs_f64((left as f64 / rate).min(1e9));
-            if estimate <= self.options.max_downtime || finished() {
+            if estimate <= self.options.max_downtime {
                 report.converged = true;
+                break;
+            }
+            if finished() {
+                // The workload ended: its vCPUs stop now, whatever is left.
                 break;
             }
             let pass = report.passes.len() as u32;
@@ -262,6 +290,18 @@ impl Sender {
     /// destination to take over.
     pub fn switch_over(
         mut self,
+        memory: &GuestMemoryMap,
+        log: &mut dyn DirtyLog,
+        precopy: Precopy,
+        state: &[(String, Vec<u8>)],
+        stopped: Instant,
+    ) -> Result<SendReport, MigrateError> {
+        let outcome = self.send_rest(memory, log, precopy, state, stopped);
+        outcome.map_err(|err| self.why(err))
+    }
+
+    fn send_rest(
+        &mut self,
         memory: &GuestMemoryMap,
         log: &mut dyn DirtyLog,
         precopy: Precopy,

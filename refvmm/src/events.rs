@@ -36,6 +36,12 @@ pub struct Metrics {
     pub splits: AtomicU64,
     /// Conversions between private and shared memory.
     pub conversions: AtomicU64,
+    /// Migration passes over memory finished.
+    pub migration_passes: AtomicU64,
+    /// Pages a migration sent (or received).
+    pub migration_pages: AtomicU64,
+    /// Bytes a migration sent (or received).
+    pub migration_bytes: AtomicU64,
 }
 
 /// A point-in-time copy of [`Metrics`]: one line of `--metrics-file`.
@@ -53,6 +59,12 @@ pub struct MetricsSnapshot {
     pub splits: u64,
     /// Conversions between private and shared memory.
     pub conversions: u64,
+    /// Migration passes over memory finished.
+    pub migration_passes: u64,
+    /// Pages a migration sent (or received).
+    pub migration_pages: u64,
+    /// Bytes a migration sent (or received).
+    pub migration_bytes: u64,
 }
 
 /// One line of the metrics file: the time since the run started, and the
@@ -98,6 +110,9 @@ impl Metrics {
             faults: self.faults.load(Ordering::Relaxed),
             splits: self.splits.load(Ordering::Relaxed),
             conversions: self.conversions.load(Ordering::Relaxed),
+            migration_passes: self.migration_passes.load(Ordering::Relaxed),
+            migration_pages: self.migration_pages.load(Ordering::Relaxed),
+            migration_bytes: self.migration_bytes.load(Ordering::Relaxed),
         }
     }
 }

@@ -62,6 +62,21 @@ pub enum GuestError {
         /// What failed.
         source: Box<GuestError>,
     },
+    /// Guest memory does not hold what the guest wrote last (checked at
+    /// the end of a run, on a migration's destination above all).
+    #[error(
+        "vCPU {vcpu}'s memory at gpa {gpa:#x} holds {found:#x}, not {expected:#x}, what it wrote last"
+    )]
+    StaleMemory {
+        /// The vCPU whose memory it is.
+        vcpu: u64,
+        /// Where.
+        gpa: u64,
+        /// What it holds.
+        found: u64,
+        /// What it should hold.
+        expected: u64,
+    },
     /// A signal stopped the run.
     #[error("stopped by a signal")]
     Stopped,

@@ -8,6 +8,7 @@ pub mod engine;
 pub mod events;
 pub mod guest_error;
 pub mod kvm_run;
+pub mod migration;
 pub mod programs;
 pub mod report;
 pub mod snapshot;
@@ -23,5 +24,6 @@ pub fn workload_name(workload: &Workload) -> &'static str {
         Workload::Counter => "counter",
         Workload::Binary { .. } => "binary",
         Workload::Convert { .. } => "convert",
+        Workload::Idle { .. } => "idle",
     }
 }

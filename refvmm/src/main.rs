@@ -40,9 +40,21 @@ enum ReportFormat {
 #[command(version, about, long_about = None)]
 struct Cli {
     /// Run the VM described by this JSON file (`-`: standard input). With
-    /// --check-host: check the host against what it needs instead.
+    /// --check-host: check the host against what it needs instead. With
+    /// --incoming: the fields this destination changes (where memory comes
+    /// from: memory.backend, memory.huge_page_size, memory.prefault).
     #[arg(long, value_name = "FILE", conflicts_with_all = ["print_config", "restore"])]
     config: Option<PathBuf>,
+    /// Receive a VM migrating from another refvmm at ADDR (`unix:PATH` or
+    /// `tcp:HOST:PORT`), and run the rest of its workload.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["print_config", "restore", "snapshot", "migrate_to", "check_host"])]
+    incoming: Option<String>,
+    /// Move the running VM to the refvmm listening at ADDR (`unix:PATH` or
+    /// `tcp:HOST:PORT`), as the configuration's `migration` section says.
+    /// Exit 0 once the destination took over; 3 when the migration failed
+    /// and this process ran the workload to its end itself.
+    #[arg(long, value_name = "ADDR", requires = "config", conflicts_with_all = ["snapshot", "restore"])]
+    migrate_to: Option<String>,
     /// Report format.
     #[arg(long, value_enum, default_value_t = ReportFormat::Human)]
     report: ReportFormat,
@@ -275,6 +287,9 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
         return Ok(ExitCode::SUCCESS);
     }
     events::install_signal_handlers();
+    if let Some(address) = &cli.incoming {
+        return incoming(&cli, address, json);
+    }
     let (config, restore) = match (&cli.config, &cli.restore) {
         (Some(path), None) => (Config::load(path).map_err(config_failure)?, None),
         (None, Some(dir)) => {
@@ -314,6 +329,23 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
         None => None,
     };
     let run_failure = |err: RunError| Failure::from(&err);
+    let migration = match &cli.migrate_to {
+        Some(address) => {
+            let address: migrate::Address = address
+                .parse()
+                .map_err(|err| Failure::new(2, err).field(Some("--migrate-to")))?;
+            config.check_migratable().map_err(config_failure)?;
+            if config.accel != Accel::Soft {
+                return Err(Failure::new(
+                    2,
+                    "--migrate-to: kvm VMs do not migrate yet; run the VM with \"accel\": \"soft\"",
+                )
+                .field(Some("accel")));
+            }
+            Some(refvmm::migration::SourcePlan::new(&config, address))
+        }
+        None => None,
+    };
     // What the configuration needs from the host, before any guest runs.
     refvmm::engine::check_host(&config, &gmem::HostCaps::probe()).map_err(run_failure)?;
     tracing::debug!(accel = ?config.accel, workload = refvmm::workload_name(&config.workload), "run starts");
@@ -339,7 +371,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                     },
                     &metrics,
                 ),
-                Accel::Soft => soft_run::run(&config, &metrics),
+                Accel::Soft => soft_run::run(&config, &metrics, migration.as_ref()),
             }
         })
         .map_err(|err| Failure::new(2, format!("event loop: {err}")))?;
@@ -380,9 +412,53 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
         report.to_human()
     };
     let _ = writeln!(std::io::stdout(), "{text}");
+    let migration_failed = report
+        .migration
+        .as_ref()
+        .is_some_and(|m| m.outcome != "completed");
     Ok(if report.interrupted {
         ExitCode::from(EXIT_INTERRUPTED)
+    } else if migration_failed {
+        ExitCode::from(refvmm::migration::EXIT_MIGRATION_FAILED)
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// `--incoming ADDR`: receive a VM and run the rest of its workload.
+fn incoming(cli: &Cli, address: &str, json: bool) -> Result<ExitCode, Failure> {
+    use refvmm::migration::{Destination, Overrides};
+    let address: migrate::Address = address
+        .parse()
+        .map_err(|err| Failure::new(2, err).field(Some("--incoming")))?;
+    let overrides = match &cli.config {
+        Some(path) => Overrides::load(path).map_err(config_failure)?,
+        None => Overrides::default(),
+    };
+    let failure = |err: refvmm::migration::DestinationError| {
+        Failure::new(err.exit_code(), &err).field(err.field().as_deref())
+    };
+    let destination = Destination::listen(address, overrides).map_err(failure)?;
+    let metrics = std::sync::Arc::new(events::Metrics::default());
+    let metrics_file = match &cli.metrics_file {
+        Some(path) => Some(std::fs::File::create(path).map_err(|err| {
+            Failure::new(2, format!("--metrics-file {}: {err}", path.display()))
+                .field(Some("--metrics-file"))
+        })?),
+        None => None,
+    };
+    let (result, live) = events::run_with_event_loop(metrics.clone(), metrics_file, None, || {
+        destination.run(&metrics)
+    })
+    .map_err(|err| Failure::new(2, format!("event loop: {err}")))?;
+    let mut report = result.map_err(failure)?;
+    report.vcpu_exits = live.vcpu_exits;
+    report.passes = live.passes;
+    let text = if json {
+        report.to_json()
+    } else {
+        report.to_human()
+    };
+    let _ = writeln!(std::io::stdout(), "{text}");
+    Ok(ExitCode::SUCCESS)
 }

@@ -73,6 +73,16 @@ pub fn counter() -> Vec<u8> {
 /// pass port (an exit the host waits for) and starts the next pass.
 /// (0x40-0x4f are REX prefixes here, so inc and dec take their two-byte
 /// forms, and the address registers are 64-bit.)
+/// The idle guest: `hlt` in a loop (each halt exits to the VMM, which
+/// waits before it runs the vCPU again).
+pub fn idle() -> Vec<u8> {
+    vec![
+        0xf4, // hlt
+        0xeb, 0xfd, // jmp hlt
+    ]
+}
+
+/// The dirty-log loop in long mode.
 pub fn dirty_loop_64() -> Vec<u8> {
     vec![
         0x48, 0x89, 0xf7, // outer: mov rdi, rsi

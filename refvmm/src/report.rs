@@ -158,6 +158,9 @@ pub struct Report {
     /// TDX figures.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tdx: Option<TdxFigures>,
+    /// Live migration figures (with `--migrate-to` or `--incoming`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub migration: Option<crate::migration::MigrationFigures>,
     /// Bytes the guest wrote to the serial port.
     pub serial_bytes: u64,
     /// vCPU exits handled (KVM), from the live metrics.
@@ -318,6 +321,9 @@ impl Report {
                 "  tdx: {} SEAMCALLs, {} PAMT pages in use",
                 tdx.seamcalls, tdx.pamt_pages
             );
+        }
+        if let Some(migration) = &self.migration {
+            migration.write_human(&mut out);
         }
         out
     }

@@ -1,11 +1,15 @@
 //! The `soft` accelerator: split's TDP MMU (a mirror over tdx-ext's software
 //! TDX module when TDX is on) and software vCPU threads that write guest
-//! memory through it.
+//! memory through it. Its `dirty_log` and `idle` workloads migrate: a run
+//! may start fresh or resume from a migration's state, and may send itself
+//! to another refvmm.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
+use gmem::{GuestMemFile, View};
+use migrate::{GuestMemoryMap, SoftDirtyLog};
 use mmu_cache::PagePool;
 use mmu_cache::alloc::ChunkAllocator;
 use mmukit_private::slot_over_view;
@@ -13,12 +17,13 @@ use split::{Gfn, Gpa, LogMode, MmuConfig, TdpMmu, VcpuCaches};
 use tdx_ext::pamt::PamtPolicy;
 use tdx_ext::{Seamcall, SimTdxModule, TdxMirror};
 
-use crate::config::{BackendName, Config, PamtPolicyName, Workload, layout};
+use crate::config::{BackendName, Config, Fill, PamtPolicyName, Workload, layout};
 use crate::engine::{
     PassPlan, PassProgress, RunError, create_memory, open_kvm, prefault, verify_log,
 };
 use crate::events::{Metrics, STOP, TIMED_OUT};
 use crate::guest_error::GuestError;
+use crate::migration::{self, Handover, SourcePlan, Switch, WorkloadState};
 use crate::report::{CacheFigures, DirtyLog, Iteration, Report, SplitFigures, TdxFigures};
 
 struct Td {
@@ -26,32 +31,71 @@ struct Td {
     mirror: Arc<TdxMirror>,
 }
 
-/// Runs the dirty_log workload on the software MMU stack.
-pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
+/// Guest memory of a soft VM: the file, the guest view the software vCPUs
+/// write through, and the prefault's rate.
+#[derive(Debug)]
+pub struct SoftMemory {
+    file: GuestMemFile,
+    view: Arc<View>,
+    prefault_gib_s: Option<f64>,
+}
+
+impl SoftMemory {
+    /// Creates (and prefaults) the memory `config` asks for.
+    pub fn create(config: &Config) -> Result<Self, RunError> {
+        let vm = if config.memory.backend == BackendName::GuestMemfd {
+            Some(open_kvm()?)
+        } else {
+            None
+        };
+        let file = create_memory(config, vm.as_ref())?;
+        let prefault_gib_s = prefault(config, &file)?;
+        // Software vCPUs write real guest memory, at the host addresses the
+        // MMU translates to.
+        let view = Arc::new(file.map_guest(0, file.size())?);
+        Ok(Self {
+            file,
+            view,
+            prefault_gib_s,
+        })
+    }
+
+    /// The memory as a migration reads and writes it.
+    pub fn map(&self) -> GuestMemoryMap {
+        GuestMemoryMap::new(vec![self.view.clone()])
+    }
+}
+
+/// Where a run starts.
+#[derive(Clone, Copy, Debug)]
+pub enum Start {
+    /// From the beginning.
+    Fresh,
+    /// Where a migrated VM's workload stood.
+    Resumed(WorkloadState),
+}
+
+/// Runs the soft accelerator's workload.
+pub fn run(
+    config: &Config,
+    metrics: &Metrics,
+    migration: Option<&SourcePlan>,
+) -> Result<Report, RunError> {
     if let Workload::Convert { .. } = config.workload.kind {
         return crate::convert::run(config, metrics);
     }
-    let Workload::DirtyLog {
-        iterations,
-        bytes_per_vcpu_mib,
-        write_percent,
-    } = config.workload.kind
-    else {
-        return Err(RunError::Host {
-            what: "workload.kind".into(),
-            fix: "the soft accelerator runs only dirty_log".into(),
-        });
-    };
-    let vm = if config.memory.backend == BackendName::GuestMemfd {
-        Some(open_kvm()?)
-    } else {
-        None
-    };
-    let file = create_memory(config, vm.as_ref())?;
-    let prefault_gib_s = prefault(config, &file)?;
-    // Software vCPUs write real guest memory, at the host addresses the MMU
-    // translates to.
-    let view = file.map_guest(0, file.size())?;
+    let memory = SoftMemory::create(config)?;
+    run_on(config, metrics, memory, Start::Fresh, migration)
+}
+
+/// Runs the workload on `memory` from `start`, migrating by `migration`.
+pub fn run_on(
+    config: &Config,
+    metrics: &Metrics,
+    memory: SoftMemory,
+    start: Start,
+    migration: Option<&SourcePlan>,
+) -> Result<Report, RunError> {
     let mmu_config = MmuConfig {
         eager_split: config.mmu.eager_split,
         vcpu_cache_capacity: config.mmu.cache_capacity,
@@ -74,93 +118,57 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
         None => TdpMmu::new(pool, mmu_config),
     }
     .map_err(RunError::mmu("creating the MMU"))?;
-    mmu.add_memslot(slot_over_view(0, Gfn(0), &file, &view).map_err(RunError::Memslot)?)
-        .map_err(RunError::mmu("adding the memslot"))?;
-
-    let share_bytes = bytes_per_vcpu_mib << 20;
-    let vcpus = config.vcpus as usize;
-    let barrier = Barrier::new(vcpus + 1);
-    let done = AtomicBool::new(false);
-    let failure: Mutex<Option<GuestError>> = Mutex::new(None);
-    let mut log_report = DirtyLog::default();
-    let mut cache = CacheFigures::default();
-    let caches: Vec<VcpuCaches> =
-        std::thread::scope(|scope| -> Result<Vec<VcpuCaches>, RunError> {
-            let handles: Vec<_> = (0..vcpus as u64)
-                .map(|id| {
-                    let (mmu, barrier, done, failure) = (&mmu, &barrier, &done, &failure);
-                    scope.spawn(move || {
-                        let mut caches = mmu.new_vcpu_caches();
-                        let first =
-                            layout::shares_start(config.memory_bytes(), vcpus as u64 * share_bytes)
-                                + id * share_bytes;
-                        let mut value = 1u64;
-                        loop {
-                            for i in 0..share_bytes / 4096 {
-                                let gpa = first + i * 4096;
-                                let result = if i % 100 < u64::from(write_percent) {
-                                    mmu.write(&mut caches, Gpa(gpa)).map(|hpa| {
-                                        // SAFETY: the MMU translated into the
-                                        // guest view, which outlives this thread.
-                                        unsafe {
-                                            std::ptr::write_volatile(hpa.0 as *mut u64, value)
-                                        }
-                                    })
-                                } else {
-                                    mmu.read(&mut caches, Gpa(gpa)).map(|hpa| {
-                                        // SAFETY: as above.
-                                        unsafe { std::ptr::read_volatile(hpa.0 as *const u64) };
-                                    })
-                                };
-                                if let Err(err) = result {
-                                    failure
-                                        .lock()
-                                        .unwrap_or_else(|p| p.into_inner())
-                                        .get_or_insert(GuestError::Access {
-                                            vcpu: id,
-                                            gpa,
-                                            source: err,
-                                        });
-                                    break;
-                                }
-                            }
-                            value += 1;
-                            barrier.wait();
-                            barrier.wait();
-                            if done.load(Ordering::Relaxed) {
-                                return caches;
-                            }
-                        }
-                    })
-                })
-                .collect();
-            let passes = PassPlan {
+    mmu.add_memslot(
+        slot_over_view(0, Gfn(0), &memory.file, &memory.view).map_err(RunError::Memslot)?,
+    )
+    .map_err(RunError::mmu("adding the memslot"))?;
+    let mut report = Report {
+        accel: "soft".into(),
+        backend: config.memory.backend.name().into(),
+        vcpus: config.vcpus,
+        memory_bytes: config.memory_bytes(),
+        prefault_gib_s: memory.prefault_gib_s,
+        transparent_huge_pages: memory.file.transparent_huge_pages(),
+        workload: crate::workload_name(&config.workload).into(),
+        ..Report::default()
+    };
+    let switch = Switch::default();
+    let run = Run {
+        config,
+        metrics,
+        mmu: &mmu,
+        memory: &memory,
+        start,
+        migration,
+        switch: &switch,
+    };
+    let end = match config.workload.kind {
+        Workload::DirtyLog {
+            iterations,
+            bytes_per_vcpu_mib,
+            write_percent,
+        } => {
+            let plan = PassPlan {
                 iterations,
-                share_bytes,
+                share_bytes: bytes_per_vcpu_mib << 20,
                 write_percent,
             };
-            let meeting = Meeting {
-                barrier: &barrier,
-                failure: &failure,
-            };
-            let outcome = drive(&mmu, config, passes, meeting, &mut log_report, metrics);
-            done.store(true, Ordering::Relaxed);
-            barrier.wait();
-            let caches: Vec<VcpuCaches> = handles
-                .into_iter()
-                .map(|h| h.join().expect("vCPU threads do not panic"))
-                .collect();
-            outcome?;
-            Ok(caches)
-        })?;
-    for vcpu in &caches {
-        for stats in [vcpu.tables.stats(), vcpu.headers.stats()] {
-            cache.topups += stats.fills;
-            cache.pages_taken += stats.obtained;
-            cache.fallback_allocations += stats.empty_allocs;
+            let (end, log, cache) = run.dirty_log(plan)?;
+            report.dirty_log = Some(log);
+            report.cache = Some(cache);
+            end
         }
-    }
-    let tdx = td.as_ref().map(|td| TdxFigures {
+        Workload::Idle { duration_ms, fill } => {
+            run.idle(Duration::from_millis(duration_ms), fill)?
+        }
+        _ => {
+            return Err(RunError::Host {
+                what: "workload.kind".into(),
+                fix: "the soft accelerator runs dirty_log, convert and idle".into(),
+            });
+        }
+    };
+    report.tdx = td.as_ref().map(|td| TdxFigures {
         seamcalls: Seamcall::ALL.iter().map(|&s| td.module.calls(s)).sum(),
         pamt_pages: td.mirror.pamt().counters().pages_in_use,
     });
@@ -169,56 +177,296 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
         mmu.teardown()
             .map_err(RunError::mmu("tearing the TD down"))?;
     }
-    drop(caches);
-    Ok(Report {
-        accel: "soft".into(),
-        backend: config.memory.backend.name().into(),
-        vcpus: config.vcpus,
-        memory_bytes: config.memory_bytes(),
-        prefault_gib_s,
-        transparent_huge_pages: file.transparent_huge_pages(),
-        workload: "dirty_log".into(),
-        dirty_log: Some(log_report),
-        cache: Some(cache),
-        tdx,
-        serial_bytes: 0,
-        vcpu_exits: 0,
-        exit: "iterations done".into(),
-        ..Report::default()
-    })
+    if let Some(plan) = migration {
+        report.migration = Some(migration::source_figures(plan, switch.outcome()));
+    }
+    report.exit = match end {
+        End::Done(exit) => exit.into(),
+        End::Stopped => "stopped by a signal".into(),
+        End::Migrated => format!(
+            "migrated to {}",
+            migration.map_or_else(String::new, |p| p.address.to_string())
+        ),
+    };
+    Ok(report)
+}
+
+/// One run's parts: what the workloads share.
+struct Run<'a> {
+    config: &'a Config,
+    metrics: &'a Metrics,
+    mmu: &'a TdpMmu,
+    memory: &'a SoftMemory,
+    start: Start,
+    migration: Option<&'a SourcePlan>,
+    switch: &'a Switch,
+}
+
+/// How a workload ended on this side.
+enum End {
+    /// It ran to its end here (after a failed migration too).
+    Done(&'static str),
+    /// A signal stopped it.
+    Stopped,
+    /// The destination took over.
+    Migrated,
 }
 
 /// Where the host side and the vCPU threads meet: the barrier that starts
-/// and ends each pass, and the first failure a vCPU met.
-#[derive(Clone, Copy)]
+/// and ends each pass, the stop flag, the first failure a vCPU met, and
+/// the migration, whose dirty log the vCPUs feed.
 struct Meeting<'a> {
-    barrier: &'a Barrier,
-    failure: &'a Mutex<Option<GuestError>>,
+    barrier: Barrier,
+    done: AtomicBool,
+    failure: Mutex<Option<GuestError>>,
+    switch: &'a Switch,
 }
 
-/// The host side of the test: populate, enable, iterate, verify.
+impl Meeting<'_> {
+    fn check(&self) -> Result<(), RunError> {
+        match self
+            .failure
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        {
+            Some(why) => Err(RunError::Guest(why)),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The value pass `pass` writes (0 is the populate pass).
+fn pass_value(pass: u32) -> u64 {
+    u64::from(pass) + 1
+}
+
+impl Run<'_> {
+    /// The dirty-log workload: vCPU threads write their shares pass after
+    /// pass; the host checks the log each pass (but while a migration owns
+    /// it), and at the end that every page holds what was written last.
+    fn dirty_log(&self, plan: PassPlan) -> Result<(End, DirtyLog, CacheFigures), RunError> {
+        let Run {
+            config,
+            metrics,
+            mmu,
+            memory,
+            start,
+            migration,
+            switch,
+        } = *self;
+        let vcpus = config.vcpus as usize;
+        let first_pass = match start {
+            Start::Fresh => 0,
+            Start::Resumed(state) => state.passes_done + 1,
+        };
+        let meeting = Meeting {
+            barrier: Barrier::new(vcpus + 1),
+            done: AtomicBool::new(false),
+            failure: Mutex::new(None),
+            switch,
+        };
+        let mut log_report = DirtyLog::default();
+        let started = Instant::now();
+        let map = memory.map();
+        let (end, caches) = std::thread::scope(|scope| -> Result<_, RunError> {
+            let handles: Vec<_> = (0..vcpus as u64)
+                .map(|id| {
+                    let meeting = &meeting;
+                    scope.spawn(move || vcpu_passes(mmu, config, plan, id, first_pass, meeting))
+                })
+                .collect();
+            if let Some(plan) = migration {
+                let map = &map;
+                scope.spawn(move || {
+                    let mut log = SoftDirtyLog::sharing(mmu, vec![0]);
+                    migration::send(plan, config, map, &mut log, switch, started, metrics);
+                });
+            }
+            let outcome = drive(
+                mmu,
+                config,
+                plan,
+                first_pass,
+                &meeting,
+                &mut log_report,
+                metrics,
+            );
+            if outcome.is_err() {
+                switch.abandon();
+            }
+            // Every way out lets the vCPUs go: they leave at the next barrier.
+            meeting.done.store(true, Ordering::Relaxed);
+            meeting.barrier.wait();
+            let caches: Vec<VcpuCaches> = handles
+                .into_iter()
+                .map(|h| h.join().expect("vCPU threads do not panic"))
+                .collect();
+            Ok((outcome?, caches))
+        })?;
+        if matches!(end, End::Done(_)) {
+            verify_memory(&map, config, plan)?;
+        }
+        let mut cache = CacheFigures::default();
+        for vcpu in &caches {
+            for stats in [vcpu.tables.stats(), vcpu.headers.stats()] {
+                cache.topups += stats.fills;
+                cache.pages_taken += stats.obtained;
+                cache.fallback_allocations += stats.empty_allocs;
+            }
+        }
+        Ok((end, log_report, cache))
+    }
+
+    /// The idle workload: memory holds its fill, the vCPUs halt, the host
+    /// waits for `duration` (less what the source idled) or a migration.
+    fn idle(&self, duration: Duration, fill: Fill) -> Result<End, RunError> {
+        let Run {
+            config,
+            metrics,
+            mmu,
+            memory,
+            start,
+            migration,
+            switch,
+        } = *self;
+        let map = memory.map();
+        let idled_before = match start {
+            Start::Fresh => {
+                if fill == Fill::Random {
+                    fill_random(&memory.view);
+                }
+                Duration::ZERO
+            }
+            Start::Resumed(state) => {
+                verify_fill(&map, fill)?;
+                Duration::from_millis(state.elapsed_ms)
+            }
+        };
+        let started = Instant::now();
+        switch.ready();
+        std::thread::scope(|scope| {
+            if let Some(plan) = migration {
+                let map = &map;
+                scope.spawn(move || {
+                    let mut log = SoftDirtyLog::new(mmu, vec![0]);
+                    migration::send(plan, config, map, &mut log, switch, started, metrics);
+                });
+            }
+            let state = || WorkloadState {
+                elapsed_ms: (idled_before + started.elapsed()).as_millis() as u64,
+                ..WorkloadState::default()
+            };
+            let mut end = End::Done("idle time over");
+            loop {
+                if STOP.load(Ordering::Relaxed) {
+                    end = End::Stopped;
+                    break;
+                }
+                if idled_before + started.elapsed() >= duration {
+                    break;
+                }
+                if switch.wants_stop()
+                    && let Handover::Migrated(_) = switch.hand_over(vec![state().section()])
+                {
+                    return Ok(End::Migrated);
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            if migration.is_some()
+                && !switch.over()
+                && let Handover::Migrated(_) = switch.hand_over(vec![state().section()])
+            {
+                return Ok(End::Migrated);
+            }
+            Ok(end)
+        })
+    }
+}
+
+/// One software vCPU: waits for each pass, writes (or reads) its share
+/// through the MMU, and says it is done, until the host says stop.
+fn vcpu_passes(
+    mmu: &TdpMmu,
+    config: &Config,
+    plan: PassPlan,
+    id: u64,
+    first_pass: u32,
+    meeting: &Meeting<'_>,
+) -> VcpuCaches {
+    let mut caches = mmu.new_vcpu_caches();
+    let vcpus = u64::from(config.vcpus);
+    let first = layout::shares_start(config.memory_bytes(), vcpus * plan.share_bytes)
+        + id * plan.share_bytes;
+    let mut pass = first_pass;
+    loop {
+        meeting.barrier.wait(); // go
+        if meeting.done.load(Ordering::Relaxed) {
+            return caches;
+        }
+        // While a migration reads the dirty log, a write marks its page
+        // again after the store (a CPU sets the dirty bit with it), so a
+        // harvest between the translation and the store misses nothing.
+        let remark = meeting.switch.migrating();
+        let value = pass_value(pass);
+        for i in 0..plan.share_bytes / 4096 {
+            let gpa = Gpa(first + i * 4096);
+            let result = if i % 100 < u64::from(plan.write_percent) {
+                mmu.write(&mut caches, gpa).and_then(|hpa| {
+                    // SAFETY: the MMU translated into the guest view, which
+                    // outlives this thread.
+                    unsafe { std::ptr::write_volatile(hpa.0 as *mut u64, value) };
+                    if remark {
+                        mmu.write(&mut caches, gpa)?;
+                    }
+                    Ok(())
+                })
+            } else {
+                mmu.read(&mut caches, gpa).map(|hpa| {
+                    // SAFETY: as above.
+                    unsafe { std::ptr::read_volatile(hpa.0 as *const u64) };
+                })
+            };
+            if let Err(err) = result {
+                meeting
+                    .failure
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_or_insert(GuestError::Access {
+                        vcpu: id,
+                        gpa: gpa.0,
+                        source: err,
+                    });
+                break;
+            }
+        }
+        pass += 1;
+        meeting.barrier.wait(); // the pass is done
+    }
+}
+
+/// The host side: the populate pass (fresh runs), dirty logging on, then
+/// each pass checked against the log, stopping for a migration's
+/// switch-over at a pass boundary.
 fn drive(
     mmu: &TdpMmu,
     config: &Config,
-    passes: PassPlan,
-    meeting: Meeting<'_>,
+    plan: PassPlan,
+    first_pass: u32,
+    meeting: &Meeting<'_>,
     report: &mut DirtyLog,
     metrics: &Metrics,
-) -> Result<(), RunError> {
-    let PassPlan {
-        iterations,
-        share_bytes,
-        write_percent,
-    } = passes;
-    let Meeting { barrier, failure } = meeting;
-    let check = || match failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
-        Some(why) => Err(RunError::Guest(why)),
-        None => Ok(()),
+) -> Result<End, RunError> {
+    let one_pass = || {
+        meeting.barrier.wait(); // go
+        meeting.barrier.wait(); // done
+        meeting.check()
     };
-    let start = Instant::now();
-    barrier.wait();
-    report.populate_s = start.elapsed().as_secs_f64();
-    check()?;
+    if first_pass == 0 {
+        let start = Instant::now();
+        one_pass()?;
+        report.populate_s = start.elapsed().as_secs_f64();
+    }
     report.pages_before_enable = Some(mmu.page_stats().into());
     let manual = config.mmu.manual_protect;
     let mode = if manual {
@@ -229,68 +477,89 @@ fn drive(
     let start = Instant::now();
     mmu.enable_dirty_logging(0, mode)
         .map_err(RunError::mmu("enabling dirty logging"))?;
+    if manual {
+        // Initially set: clear once, so the first pass's log holds its own
+        // writes only.
+        let log = mmu
+            .get_dirty_log(0)
+            .map_err(RunError::mmu("getting the dirty log"))?;
+        mmu.clear_dirty_log(0, 0, &log)
+            .map_err(RunError::mmu("clearing the dirty log"))?;
+    }
     report.enable_dirty_log_s = start.elapsed().as_secs_f64();
     report.pages_after_enable = Some(mmu.page_stats().into());
+    meeting.switch.ready();
     let progress = PassProgress::new(
-        iterations,
-        u64::from(config.vcpus) * share_bytes * u64::from(write_percent) / 100,
+        plan.iterations,
+        u64::from(config.vcpus) * plan.share_bytes * u64::from(plan.write_percent) / 100,
     );
-    for iteration in 1..=iterations {
+    let shares_start = layout::shares_start(
+        config.memory_bytes(),
+        plan.total_share_bytes(config.vcpus as usize),
+    );
+    for iteration in first_pass.max(1)..=plan.iterations {
         if STOP.load(Ordering::Relaxed) {
             // Stopped by a signal: the report keeps the passes done.
             tracing::debug!(iteration, "stopped by a signal before this pass");
-            break;
+            return Ok(End::Stopped);
         }
         if TIMED_OUT.load(Ordering::Relaxed) {
             return Err(GuestError::TimedOut {
                 done: iteration - 1,
-                passes: iterations,
+                passes: plan.iterations,
             }
             .into());
         }
+        if meeting.switch.wants_stop() {
+            let state = WorkloadState {
+                passes_done: iteration - 1,
+                ..WorkloadState::default()
+            };
+            if let Handover::Migrated(_) = meeting.switch.hand_over(vec![state.section()]) {
+                return Ok(End::Migrated);
+            }
+        }
+        let epoch = meeting.switch.epoch();
+        let migrating = meeting.switch.migrating();
         let start = Instant::now();
-        barrier.wait();
-        barrier.wait();
+        one_pass()?;
         let dirty_s = start.elapsed().as_secs_f64();
         metrics.passes.fetch_add(1, Ordering::Relaxed);
-        check()?;
-        let start = Instant::now();
-        let log = mmu
-            .get_dirty_log(0)
-            .map_err(RunError::mmu("getting the dirty log"))?;
-        let get_s = start.elapsed().as_secs_f64();
-        let mut clear_s = 0.0;
-        if manual {
+        let mut pass = Iteration {
+            dirty_s,
+            ..Iteration::default()
+        };
+        // A pass that began while a migration owned the log is not checked
+        // against it (the migration harvested its bits).
+        if !migrating && !meeting.switch.migrating() && meeting.switch.epoch() == epoch {
             let start = Instant::now();
-            mmu.clear_dirty_log(0, 0, &log)
-                .map_err(RunError::mmu("clearing the dirty log"))?;
-            clear_s = start.elapsed().as_secs_f64();
+            let log = mmu
+                .get_dirty_log(0)
+                .map_err(RunError::mmu("getting the dirty log"))?;
+            pass.get_dirty_log_s = start.elapsed().as_secs_f64();
+            if manual {
+                let start = Instant::now();
+                mmu.clear_dirty_log(0, 0, &log)
+                    .map_err(RunError::mmu("clearing the dirty log"))?;
+                pass.clear_dirty_log_s = start.elapsed().as_secs_f64();
+            }
+            verify_log(
+                &log,
+                shares_start,
+                config.vcpus as usize,
+                plan.share_bytes,
+                plan.write_percent,
+                iteration,
+            )?;
+            pass.dirty_pages = log.iter().map(|w| u64::from(w.count_ones())).sum();
         }
-        verify_log(
-            &log,
-            layout::shares_start(config.memory_bytes(), u64::from(config.vcpus) * share_bytes),
-            config.vcpus as usize,
-            share_bytes,
-            write_percent,
-            iteration,
-        )?;
         let counters = mmu.counters();
         metrics.faults.store(counters.faults, Ordering::Relaxed);
         metrics
             .splits
             .store(counters.splits + counters.lazy_splits, Ordering::Relaxed);
-        tracing::debug!(
-            iteration,
-            dirty_pages = log.iter().map(|w| u64::from(w.count_ones())).sum::<u64>(),
-            dirty_s,
-            "dirty-log pass"
-        );
-        report.iterations.push(Iteration {
-            dirty_s,
-            get_dirty_log_s: get_s,
-            clear_dirty_log_s: clear_s,
-            dirty_pages: log.iter().map(|w| u64::from(w.count_ones())).sum(),
-        });
+        tracing::debug!(iteration, dirty_s, "dirty-log pass");
+        report.iterations.push(pass);
         progress.pass_done();
     }
     let counters = mmu.counters();
@@ -299,5 +568,93 @@ fn drive(
         lazy: counters.lazy_splits,
         fallbacks: counters.split_fallbacks,
     });
+    // A migration still running switches over now, with every pass done.
+    if !meeting.switch.over() && meeting.switch.migrating() {
+        let state = WorkloadState {
+            passes_done: plan.iterations,
+            ..WorkloadState::default()
+        };
+        if let Handover::Migrated(_) = meeting.switch.hand_over(vec![state.section()]) {
+            return Ok(End::Migrated);
+        }
+    }
+    Ok(End::Done("iterations done"))
+}
+
+/// The guest's own check at the end: every page written holds the value of
+/// the last pass.
+fn verify_memory(memory: &GuestMemoryMap, config: &Config, plan: PassPlan) -> Result<(), RunError> {
+    let vcpus = u64::from(config.vcpus);
+    let shares_start = layout::shares_start(config.memory_bytes(), vcpus * plan.share_bytes);
+    let expected = pass_value(plan.iterations);
+    let mut page = vec![0u8; 4096];
+    for vcpu in 0..vcpus {
+        let first = (shares_start + vcpu * plan.share_bytes) / 4096;
+        for i in 0..plan.share_bytes / 4096 {
+            if i % 100 >= u64::from(plan.write_percent) {
+                continue;
+            }
+            let frame = first + i;
+            memory.read(frame, &mut page);
+            let found = u64::from_ne_bytes(page[..8].try_into().expect("8 bytes"));
+            if found != expected {
+                return Err(GuestError::StaleMemory {
+                    vcpu,
+                    gpa: frame * 4096,
+                    found,
+                    expected,
+                }
+                .into());
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The word a `random` fill puts at `word` of `page`: no page is zero.
+fn fill_word(page: u64, word: u64) -> u64 {
+    // splitmix64 of the word's index; never zero for the first word.
+    let mut z = (page << 9 | word).wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    (z ^ (z >> 31)) | u64::from(word == 0)
+}
+
+/// Fills memory with the `random` pattern.
+fn fill_random(view: &View) {
+    let words = view.len() / 8;
+    let base = view.as_ptr().cast::<u64>();
+    for index in 0..words {
+        // SAFETY: inside the view, which the caller owns; guest memory is
+        // reached through raw pointers only.
+        unsafe {
+            base.add(index as usize)
+                .write(fill_word(index / 512, index % 512))
+        };
+    }
+}
+
+/// The idle guest's check: memory holds its fill.
+fn verify_fill(memory: &GuestMemoryMap, fill: Fill) -> Result<(), RunError> {
+    let mut page = vec![0u8; 4096];
+    for frame in 0..memory.pages() {
+        memory.read(frame, &mut page);
+        for (word, bytes) in page.chunks_exact(8).enumerate() {
+            let found = u64::from_ne_bytes(bytes.try_into().expect("8 bytes"));
+            let expected = match fill {
+                Fill::Zero => 0,
+                Fill::Random => fill_word(frame, word as u64),
+            };
+            if found != expected {
+                return Err(GuestError::StaleMemory {
+                    vcpu: 0,
+                    gpa: frame * 4096 + word as u64 * 8,
+                    found,
+                    expected,
+                }
+                .into());
+            }
+        }
+    }
     Ok(())
 }

@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 pub use self::input::MAX_CONFIG_BYTES;
 use self::input::read_config_text;
 pub use self::schema::{
-    Accel, BackendName, BinaryMode, HugePageSize, MemoryConfig, MmuConfig, PamtPolicyName,
-    TdxConfig, Workload, WorkloadConfig,
+    Accel, BackendName, BinaryMode, Fill, HugePageSize, MemoryConfig, MigrationConfig, MmuConfig,
+    PamtPolicyName, TdxConfig, Workload, WorkloadConfig,
 };
 
 /// Errors of configurations; each names the field and what to do.
@@ -131,6 +131,8 @@ pub struct Config {
     pub tdx: TdxConfig,
     /// Workload.
     pub workload: WorkloadConfig,
+    /// Live migration (with `--migrate-to`).
+    pub migration: MigrationConfig,
 }
 
 impl Default for Config {
@@ -142,6 +144,7 @@ impl Default for Config {
             mmu: MmuConfig::default(),
             tdx: TdxConfig::default(),
             workload: Workload::Hello.into(),
+            migration: MigrationConfig::default(),
         }
     }
 }
@@ -242,7 +245,7 @@ impl Config {
         // serde takes a struct from an array of its fields in order; a
         // configuration names them.
         if let Ok(serde_json::Value::Object(fields)) = serde_json::from_str(text) {
-            for section in ["memory", "mmu", "tdx", "workload"] {
+            for section in ["memory", "mmu", "tdx", "workload", "migration"] {
                 if fields.get(section).is_some_and(|v| !v.is_object()) {
                     return Err(parse_error(
                         Some(section.into()),

@@ -236,6 +236,14 @@ pub enum Workload {
         /// 2 MiB pages each vCPU owns (at least 2).
         huge_pages_per_vcpu: u64,
     },
+    /// The vCPUs halt until the VM is migrated or `duration_ms` passes;
+    /// guest memory holds `fill` (the idle guest of a migration).
+    Idle {
+        /// How long the guest idles, at most.
+        duration_ms: u64,
+        /// What guest memory holds before the guest starts.
+        fill: Fill,
+    },
     /// A flat binary from a file.
     Binary {
         /// The file.
@@ -249,6 +257,17 @@ pub enum Workload {
     },
 }
 
+/// What guest memory holds before an `idle` guest starts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fill {
+    /// Zeros: what fresh memory holds.
+    #[default]
+    Zero,
+    /// Pseudo-random bytes in every page (no page is zero).
+    Random,
+}
+
 /// The kinds of workload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -258,6 +277,7 @@ enum WorkloadKind {
     Counter,
     Convert,
     Binary,
+    Idle,
 }
 
 /// The workload as written: every field named on its own (so that a wrong
@@ -275,6 +295,8 @@ struct RawWorkload {
     mode: Option<BinaryMode>,
     rounds: Option<u32>,
     huge_pages_per_vcpu: Option<u64>,
+    duration_ms: Option<u64>,
+    fill: Option<Fill>,
     timeout_ms: Option<u64>,
 }
 
@@ -335,6 +357,10 @@ impl TryFrom<RawWorkload> for Workload {
             ("rounds", raw.rounds.is_some()),
             ("huge_pages_per_vcpu", raw.huge_pages_per_vcpu.is_some()),
         ];
+        let idle_fields = [
+            ("duration_ms", raw.duration_ms.is_some()),
+            ("fill", raw.fill.is_some()),
+        ];
         let foreign = |fields: &[(&'static str, bool)], kind: &'static str| match fields
             .iter()
             .find(|(_, set)| *set)
@@ -354,11 +380,22 @@ impl TryFrom<RawWorkload> for Workload {
                 foreign(&dirty_log_fields, kind)?;
                 foreign(&binary_fields, kind)?;
                 foreign(&convert_fields, kind)?;
+                foreign(&idle_fields, kind)?;
                 workload
+            }
+            WorkloadKind::Idle => {
+                foreign(&dirty_log_fields, "idle")?;
+                foreign(&binary_fields, "idle")?;
+                foreign(&convert_fields, "idle")?;
+                Self::Idle {
+                    duration_ms: raw.duration_ms.unwrap_or(10_000),
+                    fill: raw.fill.unwrap_or_default(),
+                }
             }
             WorkloadKind::Convert => {
                 foreign(&dirty_log_fields, "convert")?;
                 foreign(&binary_fields, "convert")?;
+                foreign(&idle_fields, "convert")?;
                 Self::Convert {
                     rounds: raw.rounds.unwrap_or(4),
                     huge_pages_per_vcpu: raw.huge_pages_per_vcpu.unwrap_or(2),
@@ -367,6 +404,7 @@ impl TryFrom<RawWorkload> for Workload {
             WorkloadKind::DirtyLog => {
                 foreign(&binary_fields, "dirty_log")?;
                 foreign(&convert_fields, "dirty_log")?;
+                foreign(&idle_fields, "dirty_log")?;
                 Self::DirtyLog {
                     iterations: raw.iterations.unwrap_or_else(default_iterations),
                     bytes_per_vcpu_mib: raw
@@ -378,6 +416,7 @@ impl TryFrom<RawWorkload> for Workload {
             WorkloadKind::Binary => {
                 foreign(&dirty_log_fields, "binary")?;
                 foreign(&convert_fields, "binary")?;
+                foreign(&idle_fields, "binary")?;
                 Self::Binary {
                     path: raw
                         .path
@@ -401,4 +440,33 @@ fn default_bytes_per_vcpu_mib() -> u64 {
 
 fn default_write_percent() -> u32 {
     100
+}
+
+/// The `migration` section: how the VM moves when `--migrate-to` is given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MigrationConfig {
+    /// When the migration starts, from the start of the workload.
+    pub after_ms: u64,
+    /// The downtime allowed: switch over once what is left would take
+    /// less to send (QEMU's default, 300 ms).
+    pub max_downtime_ms: u64,
+    /// Passes after the full copy before switching over, converged or not.
+    pub max_iterations: u32,
+    /// MiB per second at most; 0 for no limit.
+    pub bandwidth_mib_s: u64,
+    /// Connections that carry memory (as QEMU's multifd channels).
+    pub streams: u32,
+}
+
+impl Default for MigrationConfig {
+    fn default() -> Self {
+        Self {
+            after_ms: 0,
+            max_downtime_ms: 300,
+            max_iterations: 30,
+            bandwidth_mib_s: 0,
+            streams: 1,
+        }
+    }
 }

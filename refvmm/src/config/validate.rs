@@ -28,8 +28,24 @@ impl Config {
                 rounds,
                 huge_pages_per_vcpu,
             } => self.check_convert(*rounds, *huge_pages_per_vcpu)?,
+            Workload::Idle { duration_ms, fill } => {
+                if !(1..=86_400_000).contains(duration_ms) {
+                    return Err(invalid(
+                        "workload.duration_ms",
+                        "must be between 1 and 86400000 (a day)",
+                    ));
+                }
+                if self.accel == Accel::Kvm && *fill == crate::config::Fill::Random {
+                    return Err(invalid(
+                        "workload.fill",
+                        "the kvm idle guest's memory holds its program: \"random\" fills the \
+                         soft accelerator's idle guest only",
+                    ));
+                }
+            }
             Workload::Hello | Workload::Counter => {}
         }
+        self.check_migration()?;
         self.check_private_memory()?;
         self.check_accelerator()
     }
@@ -87,6 +103,58 @@ impl Config {
             return Err(invalid(
                 "mmu.cache_capacity",
                 "must be between 5 (one 5-level walk) and 4096",
+            ));
+        }
+        Ok(())
+    }
+
+    /// The `migration` section.
+    fn check_migration(&self) -> Result<(), ConfigError> {
+        let migration = &self.migration;
+        if !(1..=migrate::format::MAX_STREAMS).contains(&migration.streams) {
+            return Err(invalid(
+                "migration.streams",
+                format!("must be between 1 and {}", migrate::format::MAX_STREAMS),
+            ));
+        }
+        if migration.max_downtime_ms == 0 {
+            return Err(invalid("migration.max_downtime_ms", "must be at least 1"));
+        }
+        if migration.after_ms > 86_400_000 {
+            return Err(invalid(
+                "migration.after_ms",
+                "must be at most 86400000 (a day)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Whether the VM can migrate: not a TD (TD migration needs the TDX
+    /// module's migration interface), not the convert workload. The
+    /// field at fault, and why.
+    pub fn check_migratable(&self) -> Result<(), ConfigError> {
+        if self.tdx.enabled {
+            return Err(invalid(
+                "tdx.enabled",
+                "a TD does not migrate: that needs the TDX module's migration interface",
+            ));
+        }
+        if matches!(self.workload.kind, Workload::Convert { .. }) {
+            return Err(invalid(
+                "workload.kind",
+                "convert does not migrate (its private memory is not readable through the \
+                 host mapping); run dirty_log, counter, binary or idle",
+            ));
+        }
+        if self.accel == Accel::Soft
+            && !matches!(
+                self.workload.kind,
+                Workload::DirtyLog { .. } | Workload::Idle { .. }
+            )
+        {
+            return Err(invalid(
+                "workload.kind",
+                "on the soft accelerator dirty_log and idle migrate",
             ));
         }
         Ok(())
@@ -289,7 +357,7 @@ impl Config {
         if self.accel == Accel::Soft
             && !matches!(
                 self.workload.kind,
-                Workload::DirtyLog { .. } | Workload::Convert { .. }
+                Workload::DirtyLog { .. } | Workload::Convert { .. } | Workload::Idle { .. }
             )
         {
             return Err(invalid(

@@ -205,6 +205,31 @@ fn run_until_done(
     }
 }
 
+/// The idle guest: runs vCPU 0 to each `hlt`, and lets it halt a while,
+/// until `duration` passed (or a signal).
+fn idle(
+    vcpu: &mut VcpuFd,
+    duration: std::time::Duration,
+    serial: &mut dyn Write,
+    serial_bytes: &mut u64,
+    metrics: &Metrics,
+) -> Result<String, RunError> {
+    let started = std::time::Instant::now();
+    loop {
+        if STOP.load(Ordering::Relaxed) {
+            return Ok(STOPPED_BY_A_SIGNAL.into());
+        }
+        if started.elapsed() >= duration {
+            return Ok("idle time over".into());
+        }
+        let exit = run_until_done(vcpu, 0, serial, serial_bytes, false, metrics)?;
+        if exit != "halted" {
+            return Ok(exit);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
 /// Creates vCPUs 1.. of `config` and runs each until it halts on the `hlt`
 /// at [`layout::PARK`]; returns them, parked.
 fn park_secondary_vcpus(
@@ -335,6 +360,10 @@ pub fn run(
                             }
                         }
                     }
+                    Workload::Idle { .. } => {
+                        write_guest(&vm.region, layout::CODE, &programs::idle())?;
+                        real_mode(&vcpu, layout::CODE)?;
+                    }
                     Workload::DirtyLog { .. } => unreachable!("handled above"),
                     Workload::Convert { .. } => {
                         unreachable!("validation keeps convert on the soft accelerator")
@@ -346,14 +375,23 @@ pub fn run(
             let mut serial_bytes = 0;
             events::register_vcpu_thread();
             tracing::debug!(vcpu = 0, "vCPU starts");
-            let exit = run_until_done(
-                &mut vcpu,
-                0,
-                serial,
-                &mut serial_bytes,
-                snapshot_here,
-                metrics,
-            );
+            let exit = match workload {
+                Workload::Idle { duration_ms, .. } => idle(
+                    &mut vcpu,
+                    std::time::Duration::from_millis(*duration_ms),
+                    serial,
+                    &mut serial_bytes,
+                    metrics,
+                ),
+                _ => run_until_done(
+                    &mut vcpu,
+                    0,
+                    serial,
+                    &mut serial_bytes,
+                    snapshot_here,
+                    metrics,
+                ),
+            };
             tracing::debug!(vcpu = 0, ?exit, "vCPU stops");
             events::unregister_vcpu_thread();
             let exit = exit?;
