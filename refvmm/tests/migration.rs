@@ -399,3 +399,28 @@ fn a_td_and_the_convert_workload_are_refused_before_anything_runs() {
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(json(&out.stdout)["error"]["field"], "--migrate-to");
 }
+
+#[test]
+fn the_readme_commands_move_the_example_vm() {
+    let dir = dir("example");
+    let examples = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples/migration");
+    let socket = dir.join("vm.sock");
+    let address = format!("unix:{}", socket.display());
+    let dest = destination(&address, Some(&examples.join("destination.json")));
+    let src = source(&examples.join("source.json"), &address);
+    let dest = finish(dest, Duration::from_secs(120));
+    assert!(
+        src.status.success(),
+        "{}",
+        String::from_utf8_lossy(&src.stderr)
+    );
+    assert!(
+        dest.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dest.stderr)
+    );
+    let src = json(&src.stdout);
+    assert_eq!(src["migration"]["outcome"], "completed", "{src}");
+    assert_eq!(src["migration"]["streams"], 2);
+    assert_eq!(json(&dest.stdout)["backend"], "memfd");
+}
