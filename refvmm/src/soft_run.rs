@@ -220,6 +220,11 @@ struct Meeting<'a> {
     done: AtomicBool,
     failure: Mutex<Option<GuestError>>,
     switch: &'a Switch,
+    /// Whether a migration may read the dirty log during a pass: then a
+    /// write marks its page again after the store (a CPU sets the dirty
+    /// bit with it), so a harvest between the translation and the store
+    /// misses nothing.
+    remark: bool,
 }
 
 impl Meeting<'_> {
@@ -265,6 +270,7 @@ impl Run<'_> {
             done: AtomicBool::new(false),
             failure: Mutex::new(None),
             switch,
+            remark: migration.is_some(),
         };
         let mut log_report = DirtyLog::default();
         let started = Instant::now();
@@ -404,10 +410,7 @@ fn vcpu_passes(
         if meeting.done.load(Ordering::Relaxed) {
             return caches;
         }
-        // While a migration reads the dirty log, a write marks its page
-        // again after the store (a CPU sets the dirty bit with it), so a
-        // harvest between the translation and the store misses nothing.
-        let remark = meeting.switch.migrating();
+        let remark = meeting.remark;
         let value = pass_value(pass);
         for i in 0..plan.share_bytes / 4096 {
             let gpa = Gpa(first + i * 4096);
@@ -529,29 +532,24 @@ fn drive(
             dirty_s,
             ..Iteration::default()
         };
-        // A pass that began while a migration owned the log is not checked
-        // against it (the migration harvested its bits).
-        if !migrating && !meeting.switch.migrating() && meeting.switch.epoch() == epoch {
-            let start = Instant::now();
-            let log = mmu
-                .get_dirty_log(0)
-                .map_err(RunError::mmu("getting the dirty log"))?;
-            pass.get_dirty_log_s = start.elapsed().as_secs_f64();
-            if manual {
-                let start = Instant::now();
-                mmu.clear_dirty_log(0, 0, &log)
-                    .map_err(RunError::mmu("clearing the dirty log"))?;
-                pass.clear_dirty_log_s = start.elapsed().as_secs_f64();
-            }
+        // A pass that began while a migration owned the log, or that a
+        // migration's harvest may have crossed, is not checked against it.
+        let checked = if migrating {
+            None
+        } else {
+            meeting
+                .switch
+                .unless_migrating(epoch, || read_pass_log(mmu, manual, &mut pass))
+        };
+        if let Some(log) = checked {
             verify_log(
-                &log,
+                &log?,
                 shares_start,
                 config.vcpus as usize,
                 plan.share_bytes,
                 plan.write_percent,
                 iteration,
             )?;
-            pass.dirty_pages = log.iter().map(|w| u64::from(w.count_ones())).sum();
         }
         let counters = mmu.counters();
         metrics.faults.store(counters.faults, Ordering::Relaxed);
@@ -579,6 +577,23 @@ fn drive(
         }
     }
     Ok(End::Done("iterations done"))
+}
+
+/// Reads (and in manual mode clears) the log of a pass, timing both.
+fn read_pass_log(mmu: &TdpMmu, manual: bool, pass: &mut Iteration) -> Result<Vec<u64>, RunError> {
+    let start = Instant::now();
+    let log = mmu
+        .get_dirty_log(0)
+        .map_err(RunError::mmu("getting the dirty log"))?;
+    pass.get_dirty_log_s = start.elapsed().as_secs_f64();
+    if manual {
+        let start = Instant::now();
+        mmu.clear_dirty_log(0, 0, &log)
+            .map_err(RunError::mmu("clearing the dirty log"))?;
+        pass.clear_dirty_log_s = start.elapsed().as_secs_f64();
+    }
+    pass.dirty_pages = log.iter().map(|w| u64::from(w.count_ones())).sum();
+    Ok(log)
 }
 
 /// The guest's own check at the end: every page written holds the value of

@@ -54,17 +54,20 @@ fn json(out: &[u8]) -> serde_json::Value {
         .unwrap_or_else(|err| panic!("one JSON object ({err}): {}", String::from_utf8_lossy(out)))
 }
 
-/// Waits for `child` at most `limit`.
-fn finish(mut child: Child, limit: Duration) -> Output {
-    let start = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if start.elapsed() > limit {
-            let _ = child.kill();
+/// Waits for `child` at most `limit`, reading its output as it comes (a
+/// long report would fill the pipe).
+fn finish(child: Child, limit: Duration) -> Output {
+    let pid = child.id() as i32;
+    let (sender, receiver) = std::sync::mpsc::channel();
+    std::thread::spawn(move || sender.send(child.wait_with_output()));
+    match receiver.recv_timeout(limit) {
+        Ok(output) => output.unwrap(),
+        Err(_) => {
+            // SAFETY: kill(2) of our own child.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
             panic!("the destination did not end within {limit:?}");
         }
-        std::thread::sleep(Duration::from_millis(20));
     }
-    child.wait_with_output().unwrap()
 }
 
 /// Waits until the destination bound its unix socket at `path` (without

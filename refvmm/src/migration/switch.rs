@@ -97,6 +97,23 @@ impl Switch {
         )
     }
 
+    /// Runs `read_log` with the dirty log the workload's own: unless a
+    /// migration owns it now or took it since `epoch` (then `None`). A
+    /// migration cannot start while `read_log` runs.
+    pub fn unless_migrating<T>(&self, epoch: u64, read_log: impl FnOnce() -> T) -> Option<T> {
+        let phase = self.phase();
+        let owned = matches!(
+            *phase,
+            Phase::Precopy | Phase::Requested | Phase::Stopped { .. }
+        );
+        if owned || self.epoch() != epoch {
+            return None;
+        }
+        let result = read_log();
+        drop(phase);
+        Some(result)
+    }
+
     /// Whether the migration asks for the vCPUs to stop.
     pub fn wants_stop(&self) -> bool {
         matches!(*self.phase(), Phase::Requested)
@@ -193,10 +210,12 @@ impl Switch {
         *Self::flag(&self.finished)
     }
 
-    /// The migration starts sending.
+    /// The migration starts sending (and owns the dirty log).
     pub fn start_precopy(&self) {
-        *self.phase() = Phase::Precopy;
+        let mut phase = self.phase();
+        *phase = Phase::Precopy;
         self.epoch.fetch_add(1, Ordering::SeqCst);
+        drop(phase);
         self.changed.notify_all();
     }
 
@@ -223,8 +242,10 @@ impl Switch {
 
     /// The migration is over.
     pub fn finish(&self, outcome: Result<SendReport, String>) {
-        *self.phase() = Phase::Done(outcome);
+        let mut phase = self.phase();
+        *phase = Phase::Done(outcome);
         self.epoch.fetch_add(1, Ordering::SeqCst);
+        drop(phase);
         self.changed.notify_all();
     }
 }
