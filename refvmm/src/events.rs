@@ -190,6 +190,12 @@ pub fn unregister_vcpu_thread() {
         .retain(|&t| t != me);
 }
 
+/// Kicks every registered vCPU thread out of KVM_RUN (its loop then sees
+/// why: a stop, a timeout, a migration's switch-over).
+pub fn kick_vcpus() {
+    kick_vcpu_threads();
+}
+
 fn kick_vcpu_threads() {
     use signal::Killable;
     for thread in VCPU_THREADS

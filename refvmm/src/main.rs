@@ -335,12 +335,15 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 .parse()
                 .map_err(|err| Failure::new(2, err).field(Some("--migrate-to")))?;
             config.check_migratable().map_err(config_failure)?;
-            if config.accel != Accel::Soft {
+            if config.accel == Accel::Kvm
+                && matches!(config.workload.kind, Workload::DirtyLog { .. })
+            {
                 return Err(Failure::new(
                     2,
-                    "--migrate-to: kvm VMs do not migrate yet; run the VM with \"accel\": \"soft\"",
+                    "--migrate-to: the kvm dirty_log workload does not migrate yet; migrate \
+                     idle, counter or binary on kvm, or dirty_log on soft",
                 )
-                .field(Some("accel")));
+                .field(Some("workload.kind")));
             }
             Some(refvmm::migration::SourcePlan::new(&config, address))
         }
@@ -370,6 +373,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                         restore,
                     },
                     &metrics,
+                    migration.as_ref(),
                 ),
                 Accel::Soft => soft_run::run(&config, &metrics, migration.as_ref()),
             }
@@ -448,17 +452,30 @@ fn incoming(cli: &Cli, address: &str, json: bool) -> Result<ExitCode, Failure> {
         None => None,
     };
     let (result, live) = events::run_with_event_loop(metrics.clone(), metrics_file, None, || {
-        destination.run(&metrics)
+        let mut serial: Box<dyn Write + Send> = if json {
+            Box::new(std::io::stderr())
+        } else {
+            Box::new(std::io::stdout())
+        };
+        destination.run(&mut *serial, &metrics)
     })
     .map_err(|err| Failure::new(2, format!("event loop: {err}")))?;
     let mut report = result.map_err(failure)?;
     report.vcpu_exits = live.vcpu_exits;
     report.passes = live.passes;
+    report.interrupted = events::STOP.load(std::sync::atomic::Ordering::Relaxed);
+    if report.interrupted {
+        report.exit = STOPPED.into();
+    }
     let text = if json {
         report.to_json()
     } else {
         report.to_human()
     };
     let _ = writeln!(std::io::stdout(), "{text}");
-    Ok(ExitCode::SUCCESS)
+    Ok(if report.interrupted {
+        ExitCode::from(EXIT_INTERRUPTED)
+    } else {
+        ExitCode::SUCCESS
+    })
 }

@@ -427,3 +427,101 @@ fn the_readme_commands_move_the_example_vm() {
     assert_eq!(src["migration"]["streams"], 2);
     assert_eq!(json(&dest.stdout)["backend"], "memfd");
 }
+
+/// Whether the host has KVM; otherwise the skip of `test` is reported.
+fn kvm(test: &str) -> bool {
+    gmem::HostCaps::get().allows(test, &[gmem::Capability::Kvm])
+}
+
+#[test]
+fn a_kvm_counter_moves_at_its_checkpoint_and_counts_on_where_it_stopped() {
+    if !kvm("a_kvm_counter_moves_at_its_checkpoint_and_counts_on_where_it_stopped") {
+        return;
+    }
+    let dir = dir("kvm-counter");
+    let config = write(
+        &dir,
+        "vm.json",
+        r#"{"vcpus": 2, "accel": "kvm", "memory": {"size_mib": 16}, "workload": {"kind": "counter"}}"#,
+    );
+    let socket = dir.join("m.sock");
+    let address = format!("unix:{}", socket.display());
+    let dest = refvmm()
+        .args(["--incoming", &address])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let src = refvmm()
+        .args([
+            "--config",
+            config.to_str().unwrap(),
+            "--migrate-to",
+            &address,
+        ])
+        .output()
+        .unwrap();
+    let dest = finish(dest, Duration::from_secs(30));
+    assert!(
+        src.status.success(),
+        "{}",
+        String::from_utf8_lossy(&src.stderr)
+    );
+    assert!(
+        dest.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dest.stderr)
+    );
+    let here = String::from_utf8_lossy(&src.stdout);
+    let there = String::from_utf8_lossy(&dest.stdout);
+    // The source printed up to the checkpoint; the destination, with the
+    // vCPU's registers it received, the rest.
+    assert!(here.starts_with("0\n1\n2\n3\n4\n"), "{here}");
+    assert!(!here.contains("5\n"), "{here}");
+    assert!(there.starts_with("5\n6\n7\n8\n9\n"), "{there}");
+    assert!(there.contains("workload counter: halted"), "{there}");
+    assert!(
+        there.contains("1 more ran to a halt"),
+        "the parked vCPU moved too: {there}"
+    );
+}
+
+#[test]
+fn a_kvm_idle_guest_moves_over_tcp_with_two_connections() {
+    if !kvm("a_kvm_idle_guest_moves_over_tcp_with_two_connections") {
+        return;
+    }
+    let dir = dir("kvm-idle");
+    let config = write(
+        &dir,
+        "vm.json",
+        r#"{"vcpus": 1, "accel": "kvm", "memory": {"size_mib": 32},
+            "workload": {"kind": "idle", "duration_ms": 60000},
+            "migration": {"after_ms": 100, "streams": 2}}"#,
+    );
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = format!("tcp:127.0.0.1:{}", listener.local_addr().unwrap().port());
+    drop(listener);
+    let dest = destination(&address, None);
+    let start = Instant::now();
+    let src = source(&config, &address);
+    assert!(
+        src.status.success(),
+        "{}",
+        String::from_utf8_lossy(&src.stderr)
+    );
+    assert!(start.elapsed() < Duration::from_secs(30));
+    let report = json(&src.stdout);
+    assert_eq!(report["migration"]["outcome"], "completed", "{report}");
+    assert!(
+        report["migration"]["downtime_s"].as_f64().unwrap() < 0.3,
+        "{report}"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill(2) of our own child.
+    unsafe { libc::kill(dest.id() as i32, libc::SIGTERM) };
+    let dest = finish(dest, Duration::from_secs(20));
+    let report = json(&dest.stdout);
+    assert_eq!(report["accel"], "kvm", "{report}");
+    assert_eq!(report["migration"]["role"], "destination");
+}

@@ -2,6 +2,8 @@
 
 mod boot;
 mod dirty_log;
+mod program;
+pub mod state;
 
 use std::io::Write;
 use std::sync::Arc;
@@ -10,19 +12,28 @@ use std::sync::atomic::Ordering;
 use gmem::{DirtyTracking, GuestRegion, KvmVm};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
-use crate::config::{BinaryMode, Config, Workload, layout};
+use crate::config::{Config, Workload, layout};
 use crate::engine::{GuestFault, PassPlan, RunError, create_memory, kvm_err, open_kvm, prefault};
+use crate::events;
 use crate::events::{Metrics, STOP};
 use crate::guest_error::GuestError;
 use crate::programs::{CHECKPOINT_PORT, SERIAL, SERIAL_LSR, SHUTDOWN_PORT};
 use crate::report::Report;
 use crate::snapshot::Snapshot;
-use crate::{events, programs, snapshot};
 
-use self::boot::{long_mode_tables, protected_mode, real_mode, write_guest};
+use self::boot::{real_mode, write_guest};
 
 /// What a loop a signal stopped says.
 const STOPPED_BY_A_SIGNAL: &str = "stopped by a signal";
+
+/// Where a vCPU loop stops besides the workload's end and signals.
+#[derive(Clone, Copy, Debug, Default)]
+struct Stops<'a> {
+    /// At the counter's checkpoint.
+    checkpoint: bool,
+    /// Where this migration asks.
+    migration: Option<&'a crate::migration::Switch>,
+}
 
 /// What the run does besides the workload.
 #[derive(Debug, Default)]
@@ -35,7 +46,9 @@ pub struct KvmOptions {
     pub restore: Option<Snapshot>,
 }
 
-struct Vm {
+/// A KVM VM with its memory bound.
+#[derive(Debug)]
+pub struct Vm {
     vm: Arc<KvmVm>,
     /// Memory below the MMIO hole, at guest address 0 (memslot 0).
     region: Arc<GuestRegion>,
@@ -46,7 +59,26 @@ struct Vm {
     thp: bool,
 }
 
-fn build(config: &Config) -> Result<Vm, RunError> {
+impl Vm {
+    /// Guest memory in memslot order, as a migration reads and writes it.
+    pub fn memory_map(&self) -> migrate::GuestMemoryMap {
+        let mut owners: Vec<Arc<dyn migrate::HostMemory>> = vec![self.region.clone()];
+        if let Some(high) = &self.high {
+            owners.push(high.clone());
+        }
+        migrate::GuestMemoryMap::new(owners)
+    }
+
+    /// The memslots and their regions, in memory order.
+    fn slots(&self) -> Vec<(u32, Arc<GuestRegion>)> {
+        std::iter::once((0, self.region.clone()))
+            .chain(self.high.clone().map(|high| (1, high)))
+            .collect()
+    }
+}
+
+/// Opens KVM, makes the memory `config` asks for and binds it.
+pub fn build(config: &Config) -> Result<Vm, RunError> {
     let vm = open_kvm()?;
     let file = create_memory(config, Some(&vm))?;
     let prefault_gib_s = prefault(config, &file)?;
@@ -166,10 +198,13 @@ fn run_until_done(
     id: u64,
     serial: &mut dyn Write,
     serial_bytes: &mut u64,
-    stop_at_checkpoint: bool,
+    stops: Stops<'_>,
     metrics: &Metrics,
 ) -> Result<String, RunError> {
     loop {
+        if stops.migration.is_some_and(|switch| switch.wants_stop()) {
+            return Ok(program::MIGRATION_POINT.into());
+        }
         match stop_requested(vcpu, id) {
             Some(Stop::Signal) => return Ok(STOPPED_BY_A_SIGNAL.into()),
             Some(Stop::Timeout(fault)) => return Err(fault),
@@ -187,7 +222,7 @@ fn run_until_done(
                 continue;
             }
             Ok(VcpuExit::IoOut(SHUTDOWN_PORT, _)) => return Ok("shutdown port".into()),
-            Ok(VcpuExit::IoOut(CHECKPOINT_PORT, _)) if stop_at_checkpoint => {
+            Ok(VcpuExit::IoOut(CHECKPOINT_PORT, _)) if stops.checkpoint => {
                 return Ok("checkpoint".into());
             }
             Ok(VcpuExit::IoOut(_, _)) => continue,
@@ -202,31 +237,6 @@ fn run_until_done(
             Err(source) => return Err(GuestError::KvmRun { vcpu: id, source }.into()),
         };
         return Err(fault(vcpu, id, unexpected));
-    }
-}
-
-/// The idle guest: runs vCPU 0 to each `hlt`, and lets it halt a while,
-/// until `duration` passed (or a signal).
-fn idle(
-    vcpu: &mut VcpuFd,
-    duration: std::time::Duration,
-    serial: &mut dyn Write,
-    serial_bytes: &mut u64,
-    metrics: &Metrics,
-) -> Result<String, RunError> {
-    let started = std::time::Instant::now();
-    loop {
-        if STOP.load(Ordering::Relaxed) {
-            return Ok(STOPPED_BY_A_SIGNAL.into());
-        }
-        if started.elapsed() >= duration {
-            return Ok("idle time over".into());
-        }
-        let exit = run_until_done(vcpu, 0, serial, serial_bytes, false, metrics)?;
-        if exit != "halted" {
-            return Ok(exit);
-        }
-        std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
 
@@ -256,7 +266,7 @@ fn park_secondary_vcpus(
             id,
             &mut ignored,
             &mut serial_bytes,
-            false,
+            Stops::default(),
             metrics,
         )?;
         if exit != "halted" {
@@ -287,6 +297,7 @@ pub fn run(
     serial: &mut dyn Write,
     options: KvmOptions,
     metrics: &Metrics,
+    migration: Option<&crate::migration::SourcePlan>,
 ) -> Result<Report, RunError> {
     let vm = build(config)?;
     let mut report = base_report(config, &vm);
@@ -304,112 +315,30 @@ pub fn run(
             report.dirty_log = Some(dirty_log::dirty_log(config, &vm, plan, metrics)?);
             report.exit = "iterations done".into();
         }
-        workload => {
-            let mut vcpu = vm
-                .vm
-                .vm()
-                .create_vcpu(0)
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            // The others run too: each to a `hlt`, where it stays parked
-            // (kept open until the run ends) while vCPU 0 runs the program.
-            let parked = park_secondary_vcpus(config, &vm, metrics)?;
-            report.vcpus_parked = parked.len() as u32;
-            if let Some(snapshot) = &options.restore {
-                snapshot::restore_into(snapshot, &vcpu, &vm.region)?;
-            } else {
-                match workload {
-                    Workload::Hello => {
-                        write_guest(
-                            &vm.region,
-                            layout::CODE,
-                            &programs::hello(layout::CODE as u16),
-                        )?;
-                        real_mode(&vcpu, layout::CODE)?;
-                    }
-                    Workload::Counter => {
-                        write_guest(&vm.region, layout::CODE, &programs::counter())?;
-                        real_mode(&vcpu, layout::CODE)?;
-                    }
-                    Workload::Binary {
-                        path,
-                        load_gpa,
-                        entry_gpa,
-                        mode,
-                    } => {
-                        let bytes = std::fs::read(path).map_err(|err| RunError::Host {
-                            what: format!("workload.path {}: {err}", path.display()),
-                            fix: "give a readable flat binary".into(),
-                        })?;
-                        if *load_gpa + bytes.len() as u64 > config.memory_bytes() {
-                            return Err(RunError::Host {
-                                what: "workload.path: the binary does not fit in guest memory"
-                                    .into(),
-                                fix: "raise memory.size_mib or lower workload.load_gpa".into(),
-                            });
-                        }
-                        write_guest(&vm.region, *load_gpa, &bytes)?;
-                        match mode {
-                            BinaryMode::Real => real_mode(&vcpu, *entry_gpa)?,
-                            BinaryMode::Long => {
-                                long_mode_tables(&vm.region, config.memory_bytes())?;
-                                protected_mode(&vcpu, true)?;
-                                let mut regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
-                                regs.rip = *entry_gpa;
-                                regs.rflags = 2;
-                                vcpu.set_regs(&regs).map_err(kvm_err("KVM_SET_REGS"))?;
-                            }
-                        }
-                    }
-                    Workload::Idle { .. } => {
-                        write_guest(&vm.region, layout::CODE, &programs::idle())?;
-                        real_mode(&vcpu, layout::CODE)?;
-                    }
-                    Workload::DirtyLog { .. } => unreachable!("handled above"),
-                    Workload::Convert { .. } => {
-                        unreachable!("validation keeps convert on the soft accelerator")
-                    }
-                }
-            }
-            let snapshot_here =
-                options.snapshot_dir.is_some() && matches!(workload, Workload::Counter);
-            let mut serial_bytes = 0;
-            events::register_vcpu_thread();
-            tracing::debug!(vcpu = 0, "vCPU starts");
-            let exit = match workload {
-                Workload::Idle { duration_ms, .. } => idle(
-                    &mut vcpu,
-                    std::time::Duration::from_millis(*duration_ms),
-                    serial,
-                    &mut serial_bytes,
-                    metrics,
-                ),
-                _ => run_until_done(
-                    &mut vcpu,
-                    0,
-                    serial,
-                    &mut serial_bytes,
-                    snapshot_here,
-                    metrics,
-                ),
-            };
-            tracing::debug!(vcpu = 0, ?exit, "vCPU stops");
-            events::unregister_vcpu_thread();
-            let exit = exit?;
-            if exit == "checkpoint" {
-                let dir = options.snapshot_dir.as_ref().expect("checked above");
-                // Complete the pending port write, so that the saved state
-                // resumes after it.
-                vcpu.set_kvm_immediate_exit(1);
-                let _ = vcpu.run();
-                vcpu.set_kvm_immediate_exit(0);
-                snapshot::save(dir, config, &vcpu, &vm.region, options.overwrite_snapshot)?;
-                report.exit = format!("snapshot saved to {}", dir.display());
-            } else {
-                report.exit = exit;
-            }
-            report.serial_bytes = serial_bytes;
-            serial.flush().map_err(GuestError::Serial)?;
-        }
+        _ => program::run(
+            config,
+            &vm,
+            serial,
+            options,
+            metrics,
+            migration,
+            &mut report,
+        )?,
     }
+    Ok(report)
+}
+
+/// Resumes a VM that migrated here: `vm` holds its memory (received), and
+/// `state` its vCPUs' and workload's state.
+pub fn resume(
+    config: &Config,
+    vm: &Vm,
+    state: &crate::migration::StateSections,
+    workload: crate::migration::WorkloadState,
+    serial: &mut dyn Write,
+    metrics: &Metrics,
+) -> Result<Report, RunError> {
+    let mut report = base_report(config, vm);
+    program::resume(config, vm, state, workload, serial, metrics, &mut report)?;
     Ok(report)
 }

@@ -14,6 +14,7 @@ use super::{MigrationFigures, WorkloadState};
 use crate::config::{Accel, Config, ConfigError};
 use crate::engine::RunError;
 use crate::events::Metrics;
+use crate::kvm_run;
 use crate::report::Report;
 use crate::soft_run::{self, SoftMemory, Start};
 
@@ -155,6 +156,14 @@ impl Overrides {
     }
 }
 
+/// Where a received VM runs.
+enum Machine {
+    /// The soft accelerator's memory.
+    Soft(SoftMemory),
+    /// A KVM VM with its memory bound.
+    Kvm(kvm_run::Vm),
+}
+
 /// A destination waiting for its VM.
 #[derive(Debug)]
 pub struct Destination {
@@ -189,8 +198,13 @@ impl Destination {
             .map_or(u64::MAX, |available| available + huge)
     }
 
-    /// Receives the VM and runs the rest of its workload.
-    pub fn run(self, metrics: &Metrics) -> Result<Report, DestinationError> {
+    /// Receives the VM and runs the rest of its workload (its serial
+    /// output to `serial`).
+    pub fn run(
+        self,
+        serial: &mut dyn std::io::Write,
+        metrics: &Metrics,
+    ) -> Result<Report, DestinationError> {
         let limits = Limits {
             max_memory_bytes: Self::memory_limit(),
             ..Limits::default()
@@ -205,15 +219,24 @@ impl Destination {
             }
         };
         tracing::debug!(accel = ?config.accel, "incoming VM accepted");
-        let memory = match SoftMemory::create(&config) {
-            Ok(memory) => memory,
+        let machine = match config.accel {
+            Accel::Soft => SoftMemory::create(&config).map(Machine::Soft),
+            Accel::Kvm => kvm_run::build(&config).map(Machine::Kvm),
+        };
+        let machine = match machine {
+            Ok(machine) => machine,
             Err(err) => {
                 incoming.refuse(&err.to_string());
                 return Err(DestinationError::Host(err));
             }
         };
+        let map = match &machine {
+            Machine::Soft(memory) => memory.map(),
+            Machine::Kvm(vm) => vm.memory_map(),
+        };
         // SAFETY: no vCPU exists yet: nothing else touches the memory.
-        let received = unsafe { incoming.receive(&memory.map()) }?;
+        let received = unsafe { incoming.receive(&map) }?;
+        drop(map);
         let state = match WorkloadState::from_sections(&received.state) {
             Ok(state) => state,
             Err(why) => {
@@ -235,10 +258,16 @@ impl Destination {
         };
         // The source stops only once it hears this; a destination that
         // cannot say it runs nothing (the source resumes).
+        let sections = received.state.clone();
         received.taken_over()?;
         tracing::debug!(?state, "the destination took over");
-        let mut report = soft_run::run_on(&config, metrics, memory, Start::Resumed(state), None)
-            .map_err(DestinationError::Run)?;
+        let mut report = match machine {
+            Machine::Soft(memory) => {
+                soft_run::run_on(&config, metrics, memory, Start::Resumed(state), None)
+            }
+            Machine::Kvm(vm) => kvm_run::resume(&config, &vm, &sections, state, serial, metrics),
+        }
+        .map_err(DestinationError::Run)?;
         report.migration = Some(figures);
         Ok(report)
     }
@@ -248,13 +277,6 @@ impl Destination {
     fn judge(&self, source: &str) -> Result<Config, DestinationError> {
         let config = self.overrides.apply(source)?;
         config.check_migratable()?;
-        if config.accel != Accel::Soft {
-            return Err(DestinationError::Host(RunError::Host {
-                what: "accel: a kvm VM arrived at a destination that runs only soft VMs so far"
-                    .into(),
-                fix: "migrate a soft VM".into(),
-            }));
-        }
         crate::engine::check_host(&config, gmem::HostCaps::get())
             .map_err(DestinationError::Host)?;
         Ok(config)

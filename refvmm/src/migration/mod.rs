@@ -38,6 +38,12 @@ pub struct WorkloadState {
     pub passes_done: u32,
     /// Milliseconds the idle workload had idled.
     pub elapsed_ms: u64,
+    /// Whether the program had ended (halted) when it moved.
+    #[serde(default)]
+    pub finished: bool,
+    /// Bytes the guest wrote to the serial port so far.
+    #[serde(default)]
+    pub serial_bytes: u64,
 }
 
 impl WorkloadState {

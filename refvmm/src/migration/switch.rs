@@ -49,6 +49,8 @@ pub struct Switch {
     /// Bumped at every change of phase: a pass that saw the same epoch at
     /// its start and end, outside a migration, had the dirty log to itself.
     epoch: AtomicU64,
+    /// Wakes vCPUs that run guest code, so that they see a stop request.
+    waker: Option<fn()>,
 }
 
 impl Default for Switch {
@@ -60,11 +62,21 @@ impl Default for Switch {
             finished: Mutex::new(false),
             gone: Mutex::new(false),
             epoch: AtomicU64::new(0),
+            waker: None,
         }
     }
 }
 
 impl Switch {
+    /// A switch whose stop requests call `waker` (to kick vCPUs out of
+    /// the guest).
+    pub fn with_waker(waker: fn()) -> Self {
+        Self {
+            waker: Some(waker),
+            ..Self::default()
+        }
+    }
+
     fn phase(&self) -> MutexGuard<'_, Phase> {
         self.phase.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -225,6 +237,9 @@ impl Switch {
         let mut phase = self.phase();
         *phase = Phase::Requested;
         self.changed.notify_all();
+        if let Some(wake) = self.waker {
+            wake();
+        }
         loop {
             if let Phase::Stopped { at, state } = &mut *phase {
                 return Some((*at, std::mem::take(state)));
