@@ -335,16 +335,6 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
                 .parse()
                 .map_err(|err| Failure::new(2, err).field(Some("--migrate-to")))?;
             config.check_migratable().map_err(config_failure)?;
-            if config.accel == Accel::Kvm
-                && matches!(config.workload.kind, Workload::DirtyLog { .. })
-            {
-                return Err(Failure::new(
-                    2,
-                    "--migrate-to: the kvm dirty_log workload does not migrate yet; migrate \
-                     idle, counter or binary on kvm, or dirty_log on soft",
-                )
-                .field(Some("workload.kind")));
-            }
             Some(refvmm::migration::SourcePlan::new(&config, address))
         }
         None => None,

@@ -298,9 +298,8 @@ impl Run<'_> {
                 &mut log_report,
                 metrics,
             );
-            if outcome.is_err() {
-                switch.abandon();
-            }
+            // A migration still waiting for the workload stops waiting.
+            switch.abandon();
             // Every way out lets the vCPUs go: they leave at the next barrier.
             meeting.done.store(true, Ordering::Relaxed);
             meeting.barrier.wait();
@@ -567,7 +566,7 @@ fn drive(
         fallbacks: counters.split_fallbacks,
     });
     // A migration still running switches over now, with every pass done.
-    if !meeting.switch.over() && meeting.switch.migrating() {
+    if meeting.remark && !meeting.switch.over() {
         let state = WorkloadState {
             passes_done: plan.iterations,
             ..WorkloadState::default()

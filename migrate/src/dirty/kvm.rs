@@ -19,6 +19,9 @@ pub struct KvmDirtyLog {
     slots: Vec<(u32, Arc<GuestRegion>)>,
     /// Manual protect with initially-set bits.
     manual: bool,
+    /// Whether this log turns logging on and off (or shares the VM's own,
+    /// which stays on).
+    owns_logging: bool,
     logging: bool,
 }
 
@@ -33,6 +36,20 @@ impl KvmDirtyLog {
             vm,
             slots,
             manual,
+            owns_logging: true,
+            logging: false,
+        }
+    }
+
+    /// The log the VM keeps on already for its own workload (in manual
+    /// mode when `manual`): `start` drops what was logged before it, and
+    /// `stop` leaves logging as it was.
+    pub fn sharing(vm: Arc<KvmVm>, slots: Vec<(u32, Arc<GuestRegion>)>, manual: bool) -> Self {
+        Self {
+            vm,
+            slots,
+            manual,
+            owns_logging: false,
             logging: false,
         }
     }
@@ -59,6 +76,13 @@ impl KvmDirtyLog {
 
 impl DirtyLog for KvmDirtyLog {
     fn start(&mut self) -> Result<(), DirtyLogError> {
+        if !self.owns_logging {
+            // Writes before the start are in memory already: the full copy
+            // sends them.
+            self.read()?;
+            self.logging = true;
+            return Ok(());
+        }
         if self.manual {
             let flags = (KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE | KVM_DIRTY_LOG_INITIALLY_SET) as u64;
             self.vm.enable_manual_dirty_log_protect(flags)?;
@@ -82,7 +106,7 @@ impl DirtyLog for KvmDirtyLog {
     }
 
     fn stop(&mut self) -> Result<(), DirtyLogError> {
-        if self.logging {
+        if self.logging && self.owns_logging {
             for (slot, region) in &self.slots {
                 self.vm.bind(*slot, region.clone(), 0)?;
             }

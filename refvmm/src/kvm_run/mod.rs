@@ -312,8 +312,19 @@ pub fn run(
                 share_bytes: *bytes_per_vcpu_mib << 20,
                 write_percent: *write_percent,
             };
-            report.dirty_log = Some(dirty_log::dirty_log(config, &vm, plan, metrics)?);
-            report.exit = "iterations done".into();
+            let (log, ended, switch) =
+                dirty_log::dirty_log(config, &vm, plan, metrics, None, migration)?;
+            report.dirty_log = Some(log);
+            report.exit = match ended {
+                dirty_log::Ended::Here => "iterations done".into(),
+                dirty_log::Ended::Migrated => format!(
+                    "migrated to {}",
+                    migration.map_or_else(String::new, |p| p.address.to_string())
+                ),
+            };
+            if let (Some(plan), Some(switch)) = (migration, switch) {
+                report.migration = Some(crate::migration::source_figures(plan, switch.outcome()));
+            }
         }
         _ => program::run(
             config,
@@ -339,6 +350,23 @@ pub fn resume(
     metrics: &Metrics,
 ) -> Result<Report, RunError> {
     let mut report = base_report(config, vm);
+    if let Workload::DirtyLog {
+        iterations,
+        bytes_per_vcpu_mib,
+        write_percent,
+    } = config.workload.kind
+    {
+        let plan = PassPlan {
+            iterations,
+            share_bytes: bytes_per_vcpu_mib << 20,
+            write_percent,
+        };
+        let (log, _, _) =
+            dirty_log::dirty_log(config, vm, plan, metrics, Some((state, workload)), None)?;
+        report.dirty_log = Some(log);
+        report.exit = "iterations done".into();
+        return Ok(report);
+    }
     program::resume(config, vm, state, workload, serial, metrics, &mut report)?;
     Ok(report)
 }

@@ -194,9 +194,8 @@ pub(super) fn run(
             migration: migration.map(|_| &switch),
         };
         let outcome = migrate_or_run(&mut program, stops, started, migration.is_some());
-        if outcome.is_err() {
-            switch.abandon();
-        }
+        // A migration still waiting for the workload stops waiting.
+        switch.abandon();
         outcome
     });
     tracing::debug!(vcpu = 0, ?exit, "vCPU stops");
