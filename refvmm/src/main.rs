@@ -321,13 +321,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
     }
     let metrics = std::sync::Arc::new(events::Metrics::default());
     let snapshot_dir = cli.snapshot.clone();
-    let metrics_file = match &cli.metrics_file {
-        Some(path) => Some(std::fs::File::create(path).map_err(|err| {
-            Failure::new(2, format!("--metrics-file {}: {err}", path.display()))
-                .field(Some("--metrics-file"))
-        })?),
-        None => None,
-    };
+    let metrics_file = open_metrics_file(cli.metrics_file.as_deref())?;
     let run_failure = |err: RunError| Failure::from(&err);
     let migration = match &cli.migrate_to {
         Some(address) => {
@@ -348,11 +342,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
         .map(std::time::Duration::from_millis);
     let (result, live) =
         events::run_with_event_loop(metrics.clone(), metrics_file, timeout, || {
-            let mut serial: Box<dyn Write + Send> = if json {
-                Box::new(std::io::stderr())
-            } else {
-                Box::new(std::io::stdout())
-            };
+            let mut serial = serial_output(json);
             match config.accel {
                 Accel::Kvm => kvm_run::run(
                     &config,
@@ -400,23 +390,7 @@ fn run(cli: Cli) -> Result<ExitCode, Failure> {
     if report.interrupted {
         report.exit = STOPPED.into();
     }
-    let text = if json {
-        report.to_json()
-    } else {
-        report.to_human()
-    };
-    let _ = writeln!(std::io::stdout(), "{text}");
-    let migration_failed = report
-        .migration
-        .as_ref()
-        .is_some_and(|m| m.outcome != "completed");
-    Ok(if report.interrupted {
-        ExitCode::from(EXIT_INTERRUPTED)
-    } else if migration_failed {
-        ExitCode::from(refvmm::migration::EXIT_MIGRATION_FAILED)
-    } else {
-        ExitCode::SUCCESS
-    })
+    Ok(print_report(&report, json))
 }
 
 /// `--incoming ADDR`: receive a VM and run the rest of its workload.
@@ -434,19 +408,9 @@ fn incoming(cli: &Cli, address: &str, json: bool) -> Result<ExitCode, Failure> {
     };
     let destination = Destination::listen(address, overrides).map_err(failure)?;
     let metrics = std::sync::Arc::new(events::Metrics::default());
-    let metrics_file = match &cli.metrics_file {
-        Some(path) => Some(std::fs::File::create(path).map_err(|err| {
-            Failure::new(2, format!("--metrics-file {}: {err}", path.display()))
-                .field(Some("--metrics-file"))
-        })?),
-        None => None,
-    };
+    let metrics_file = open_metrics_file(cli.metrics_file.as_deref())?;
     let (result, live) = events::run_with_event_loop(metrics.clone(), metrics_file, None, || {
-        let mut serial: Box<dyn Write + Send> = if json {
-            Box::new(std::io::stderr())
-        } else {
-            Box::new(std::io::stdout())
-        };
+        let mut serial = serial_output(json);
         destination.run(&mut *serial, &metrics)
     })
     .map_err(|err| Failure::new(2, format!("event loop: {err}")))?;
@@ -457,15 +421,48 @@ fn incoming(cli: &Cli, address: &str, json: bool) -> Result<ExitCode, Failure> {
     if report.interrupted {
         report.exit = STOPPED.into();
     }
+    Ok(print_report(&report, json))
+}
+
+/// Prints `report` on stdout; the exit code it means: 130 when a signal
+/// stopped the run, 3 when its migration failed, else 0.
+fn print_report(report: &Report, json: bool) -> ExitCode {
     let text = if json {
         report.to_json()
     } else {
         report.to_human()
     };
     let _ = writeln!(std::io::stdout(), "{text}");
-    Ok(if report.interrupted {
+    let migration_failed = report
+        .migration
+        .as_ref()
+        .is_some_and(|m| m.outcome != "completed");
+    if report.interrupted {
         ExitCode::from(EXIT_INTERRUPTED)
+    } else if migration_failed {
+        ExitCode::from(refvmm::migration::EXIT_MIGRATION_FAILED)
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+/// Where the guest's serial output goes: stdout, or stderr when stdout
+/// carries a JSON report.
+fn serial_output(json: bool) -> Box<dyn Write + Send> {
+    if json {
+        Box::new(std::io::stderr())
+    } else {
+        Box::new(std::io::stdout())
+    }
+}
+
+/// `--metrics-file`: created (truncated) before the run.
+fn open_metrics_file(path: Option<&std::path::Path>) -> Result<Option<std::fs::File>, Failure> {
+    path.map(|path| {
+        std::fs::File::create(path).map_err(|err| {
+            Failure::new(2, format!("--metrics-file {}: {err}", path.display()))
+                .field(Some("--metrics-file"))
+        })
     })
+    .transpose()
 }

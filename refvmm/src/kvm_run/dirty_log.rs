@@ -174,6 +174,14 @@ fn enable_logging(vm: &Vm, manual: bool, result: &mut DirtyLog) -> Result<(), Ru
     Ok(())
 }
 
+/// `KVM_CREATE_VCPU` of vCPU `id`.
+fn create_vcpu(vm: &Vm, id: u64) -> Result<VcpuFd, RunError> {
+    vm.vm
+        .vm()
+        .create_vcpu(id)
+        .map_err(kvm_err("KVM_CREATE_VCPU"))
+}
+
 /// The vCPUs in long mode with paging over all of memory (shares may lie
 /// past 4 GiB), each at the loop over its own share.
 fn create_vcpus(
@@ -186,11 +194,7 @@ fn create_vcpus(
     long_mode_tables(&vm.region, config.memory_bytes())?;
     (0..u64::from(config.vcpus))
         .map(|id| {
-            let vcpu = vm
-                .vm
-                .vm()
-                .create_vcpu(id)
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let vcpu = create_vcpu(vm, id)?;
             protected_mode(&vcpu, true)?;
             let mut regs = vcpu.get_regs().map_err(kvm_err("KVM_GET_REGS"))?;
             regs.rip = layout::CODE;
@@ -211,11 +215,7 @@ fn create_vcpus(
 fn restore_vcpus(config: &Config, vm: &Vm, state: &StateSections) -> Result<Vec<VcpuFd>, RunError> {
     (0..u64::from(config.vcpus))
         .map(|id| {
-            let vcpu = vm
-                .vm
-                .vm()
-                .create_vcpu(id)
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let vcpu = create_vcpu(vm, id)?;
             state::restore(&vcpu, id, state).map_err(|why| RunError::Host {
                 what: format!("the migrated vCPU state: {why}"),
                 fix: "migrate between hosts whose KVM takes the same vCPU state".into(),
