@@ -118,6 +118,19 @@ impl GuestMemoryMap {
         unsafe { std::ptr::copy_nonoverlapping(host as *const u8, buf.as_mut_ptr(), buf.len()) };
     }
 
+    /// Copies `buf` (whole pages) into pages from `first_page`, inside one
+    /// range, as a device model writes guest memory: a running guest sees
+    /// the bytes arrive in no particular order.
+    pub fn write(&self, first_page: u64, buf: &[u8]) {
+        let count = buf.len() as u64 / PAGE_SIZE;
+        let (host, left) = self.locate(first_page).expect("a page inside memory");
+        assert!(count <= left, "a run inside one range");
+        // SAFETY: the run lies inside a mapping this map keeps alive (the
+        // range's owner); guest memory is reached through raw pointers
+        // only, so no Rust reference aliases it, and `buf` is ours.
+        unsafe { std::ptr::copy_nonoverlapping(buf.as_ptr(), host as *mut u8, buf.len()) };
+    }
+
     /// A sink that writes received pages into this memory, only those of
     /// chunks `c` with `c % parts == part` (one connection's share).
     ///

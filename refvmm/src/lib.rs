@@ -6,6 +6,7 @@ pub mod config;
 pub mod convert;
 pub mod engine;
 pub mod events;
+pub mod fill;
 pub mod guest_error;
 pub mod kvm_run;
 pub mod migration;

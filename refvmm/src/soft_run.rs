@@ -22,6 +22,7 @@ use crate::engine::{
     PassPlan, PassProgress, RunError, create_memory, open_kvm, prefault, verify_log,
 };
 use crate::events::{Metrics, STOP, TIMED_OUT};
+use crate::fill;
 use crate::guest_error::GuestError;
 use crate::migration::{self, Handover, SourcePlan, Switch, WorkloadState};
 use crate::report::{CacheFigures, DirtyLog, Iteration, Report, SplitFigures, TdxFigures};
@@ -338,13 +339,11 @@ impl Run<'_> {
         let map = memory.map();
         let idled_before = match start {
             Start::Fresh => {
-                if fill == Fill::Random {
-                    fill_random(&memory.view);
-                }
+                fill::write(&map, fill, 0);
                 Duration::ZERO
             }
             Start::Resumed(state) => {
-                verify_fill(&map, fill)?;
+                fill::verify(&map, fill, 0)?;
                 Duration::from_millis(state.elapsed_ms)
             }
         };
@@ -615,54 +614,6 @@ fn verify_memory(memory: &GuestMemoryMap, config: &Config, plan: PassPlan) -> Re
                 return Err(GuestError::StaleMemory {
                     vcpu,
                     gpa: frame * 4096,
-                    found,
-                    expected,
-                }
-                .into());
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The word a `random` fill puts at `word` of `page`: no page is zero.
-fn fill_word(page: u64, word: u64) -> u64 {
-    // splitmix64 of the word's index; never zero for the first word.
-    let mut z = (page << 9 | word).wrapping_add(0x9e37_79b9_7f4a_7c15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    (z ^ (z >> 31)) | u64::from(word == 0)
-}
-
-/// Fills memory with the `random` pattern.
-fn fill_random(view: &View) {
-    let words = view.len() / 8;
-    let base = view.as_ptr().cast::<u64>();
-    for index in 0..words {
-        // SAFETY: inside the view, which the caller owns; guest memory is
-        // reached through raw pointers only.
-        unsafe {
-            base.add(index as usize)
-                .write(fill_word(index / 512, index % 512))
-        };
-    }
-}
-
-/// The idle guest's check: memory holds its fill.
-fn verify_fill(memory: &GuestMemoryMap, fill: Fill) -> Result<(), RunError> {
-    let mut page = vec![0u8; 4096];
-    for frame in 0..memory.pages() {
-        memory.read(frame, &mut page);
-        for (word, bytes) in page.chunks_exact(8).enumerate() {
-            let found = u64::from_ne_bytes(bytes.try_into().expect("8 bytes"));
-            let expected = match fill {
-                Fill::Zero => 0,
-                Fill::Random => fill_word(frame, word as u64),
-            };
-            if found != expected {
-                return Err(GuestError::StaleMemory {
-                    vcpu: 0,
-                    gpa: frame * 4096 + word as u64 * 8,
                     found,
                     expected,
                 }

@@ -5,6 +5,9 @@ pub const CODE: u64 = 0x1000;
 /// Where the vCPUs after the first of a `hello`, `counter` or `binary`
 /// run park: one `hlt` instruction, below [`CODE`].
 pub const PARK: u64 = 0xff0;
+/// Where the `kvm` idle guest's fill starts: the pages below hold its
+/// program and the parked vCPUs' `hlt`.
+pub const IDLE_FILL: u64 = 0x2000;
 /// Where the dirty-log shares of the vCPUs start in guest memory of
 /// up to [`MMIO_HOLE_START`].
 pub const SHARES: u64 = 1 << 20;

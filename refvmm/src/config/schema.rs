@@ -264,7 +264,9 @@ pub enum Fill {
     /// Zeros: what fresh memory holds.
     #[default]
     Zero,
-    /// Pseudo-random bytes in every page (no page is zero).
+    /// Pseudo-random bytes in every page (no page is zero); on `kvm`,
+    /// every page from [`layout::IDLE_FILL`](super::layout::IDLE_FILL),
+    /// above the guest's program.
     Random,
 }
 

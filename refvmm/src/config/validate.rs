@@ -28,18 +28,11 @@ impl Config {
                 rounds,
                 huge_pages_per_vcpu,
             } => self.check_convert(*rounds, *huge_pages_per_vcpu)?,
-            Workload::Idle { duration_ms, fill } => {
+            Workload::Idle { duration_ms, .. } => {
                 if !(1..=86_400_000).contains(duration_ms) {
                     return Err(invalid(
                         "workload.duration_ms",
                         "must be between 1 and 86400000 (a day)",
-                    ));
-                }
-                if self.accel == Accel::Kvm && *fill == crate::config::Fill::Random {
-                    return Err(invalid(
-                        "workload.fill",
-                        "the kvm idle guest's memory holds its program: \"random\" fills the \
-                         soft accelerator's idle guest only",
                     ));
                 }
             }

@@ -18,7 +18,7 @@ use crate::events::{self, Metrics, STOP};
 use crate::guest_error::GuestError;
 use crate::migration::{self, Handover, SourcePlan, StateSections, Switch, WorkloadState};
 use crate::report::Report;
-use crate::{programs, snapshot};
+use crate::{fill, programs, snapshot};
 
 /// What a vCPU 0 exit says when a migration asked it to stop.
 pub(super) const MIGRATION_POINT: &str = "stopped for the switch-over";
@@ -38,8 +38,9 @@ fn load(config: &Config, vm: &Vm, vcpu: &VcpuFd) -> Result<(), RunError> {
             write_guest(&vm.region, layout::CODE, &programs::counter())?;
             real_mode(vcpu, layout::CODE)
         }
-        Workload::Idle { .. } => {
+        Workload::Idle { fill, .. } => {
             write_guest(&vm.region, layout::CODE, &programs::idle())?;
+            fill::write(&vm.memory_map(), *fill, layout::IDLE_FILL / 4096);
             real_mode(vcpu, layout::CODE)
         }
         Workload::Binary {
@@ -293,6 +294,10 @@ pub(super) fn resume(
             fix: "migrate between hosts whose KVM takes the same vCPU state".into(),
         })
     };
+    if let Workload::Idle { fill, .. } = config.workload.kind {
+        // The idle guest's check: its memory arrived as the source held it.
+        fill::verify(&vm.memory_map(), fill, layout::IDLE_FILL / 4096)?;
+    }
     let vcpu = create(0)?;
     restore(&vcpu, 0)?;
     let mut parked = Vec::new();
