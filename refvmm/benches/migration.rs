@@ -1,0 +1,426 @@
+//! Live migration against QEMU, side by side in one run: an idle guest
+//! with 1 GiB of non-zero memory moved over a unix socket with the
+//! bandwidth unlimited (refvmm's `idle` workload on `kvm` with a random
+//! fill; QEMU's `-M microvm` over a `memory-backend-file` holding random
+//! bytes, its guest a 64 KiB BIOS of `cli; hlt`), the same with all-zero
+//! memory, refvmm with two connections against a memcpy of the same
+//! bytes, a guest dirtying memory against `max_downtime_ms`, and a soft
+//! `dirty_log` guest on HugeTLB with eager splitting on and off.
+//!
+//! QEMU runs only where `qemu-system-x86_64` is installed
+//! (`scripts/install-qemu`); the refvmm rows need `/dev/kvm`, the HugeTLB
+//! rows 2 MiB pages (`scripts/setup`). Run with
+//! `cargo bench -p refvmm --bench migration`.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+const GIB: u64 = 1 << 30;
+const RUNS: usize = 3;
+
+/// What one migration took, as its source reported it.
+#[derive(Clone, Copy, Debug)]
+struct Moved {
+    total: Duration,
+    downtime: Duration,
+    bytes: u64,
+}
+
+impl Moved {
+    fn mib_s(&self) -> f64 {
+        self.bytes as f64 / (1 << 20) as f64 / self.total.as_secs_f64()
+    }
+}
+
+/// The run with the least total time, and the median total.
+fn best_and_median(mut runs: Vec<Moved>) -> (Moved, Duration) {
+    runs.sort_by_key(|run| run.total);
+    let median = runs[runs.len() / 2].total;
+    (runs[0], median)
+}
+
+fn ms(time: Duration) -> f64 {
+    time.as_secs_f64() * 1e3
+}
+
+/// A scratch directory for one row.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "refvmm-bench-migration-{}-{name}",
+        std::process::id()
+    ));
+    std::fs::create_dir_all(&dir).expect("scratch directory");
+    dir
+}
+
+/// Waits for a unix socket to appear at `path` (at most 10 s).
+fn wait_for(path: &Path) {
+    let start = Instant::now();
+    while !path.exists() {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Stops `child` (SIGTERM, then waits).
+fn stop(mut child: Child) {
+    // SAFETY: kill(2) of our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+}
+
+/// Moves one refvmm VM of `config` between two refvmm processes over a
+/// unix socket and returns the source's JSON report.
+fn refvmm_move(name: &str, config: &Value) -> Value {
+    let dir = scratch(name);
+    let vm = dir.join("vm.json");
+    std::fs::write(&vm, config.to_string()).expect("config written");
+    let socket = dir.join("m.sock");
+    let address = format!("unix:{}", socket.display());
+    let destination = Command::new(env!("CARGO_BIN_EXE_refvmm"))
+        .args(["--incoming", &address, "--report", "json"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("the destination starts");
+    wait_for(&socket);
+    let source = Command::new(env!("CARGO_BIN_EXE_refvmm"))
+        .args(["--config", vm.to_str().expect("utf-8"), "--report", "json"])
+        .args(["--migrate-to", &address])
+        .output()
+        .expect("the source runs");
+    stop(destination);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        source.status.success(),
+        "{name}: the source failed: {}",
+        String::from_utf8_lossy(&source.stderr)
+    );
+    let report: Value = serde_json::from_slice(&source.stdout).expect("a JSON report");
+    assert_eq!(
+        report["migration"]["outcome"], "completed",
+        "{name}: {report}"
+    );
+    report
+}
+
+fn moved(report: &Value) -> Moved {
+    let figure = |key: &str| report["migration"][key].as_f64().expect("a figure");
+    Moved {
+        total: Duration::from_secs_f64(figure("total_s")),
+        downtime: Duration::from_secs_f64(figure("downtime_s")),
+        bytes: report["migration"]["bytes"].as_u64().expect("bytes"),
+    }
+}
+
+/// The idle guest of 1 GiB: `fill` before it starts, `streams`
+/// connections.
+fn refvmm_idle(fill: &str, streams: u32) -> Moved {
+    let config = json!({
+        "vcpus": 1,
+        "accel": "kvm",
+        "memory": {"size_mib": 1024},
+        "workload": {"kind": "idle", "duration_ms": 600_000, "fill": fill},
+        "migration": {"after_ms": 100, "streams": streams},
+    });
+    moved(&refvmm_move(&format!("idle-{fill}-{streams}"), &config))
+}
+
+/// A single-threaded memcpy of `bytes` between two touched buffers: the
+/// machine's copy bound for one core (the best of three).
+fn memcpy(bytes: usize) -> Duration {
+    let from = vec![0x5au8; bytes];
+    let mut to = vec![0xa5u8; bytes];
+    (0..3)
+        .map(|_| {
+            let start = Instant::now();
+            to.copy_from_slice(&from);
+            std::hint::black_box(&mut to);
+            start.elapsed()
+        })
+        .min()
+        .expect("three runs")
+}
+
+/// A QMP connection to one QEMU.
+struct Qmp {
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+}
+
+impl Qmp {
+    fn connect(path: &Path) -> Self {
+        wait_for(path);
+        let writer = UnixStream::connect(path).expect("QMP connects");
+        let mut qmp = Self {
+            reader: BufReader::new(writer.try_clone().expect("a second handle")),
+            writer,
+        };
+        qmp.line(); // the greeting
+        qmp.execute("qmp_capabilities", json!({}));
+        qmp
+    }
+
+    fn line(&mut self) -> Value {
+        let mut line = String::new();
+        self.reader.read_line(&mut line).expect("QMP answers");
+        serde_json::from_str(&line).unwrap_or_else(|err| panic!("QMP said {line:?}: {err}"))
+    }
+
+    /// Runs `command` and returns its `return` (events in between are
+    /// dropped).
+    fn execute(&mut self, command: &str, arguments: Value) -> Value {
+        let request = json!({"execute": command, "arguments": arguments});
+        writeln!(self.writer, "{request}").expect("QMP takes the command");
+        loop {
+            let answer = self.line();
+            if let Some(value) = answer.get("return") {
+                return value.clone();
+            }
+            assert!(answer.get("error").is_none(), "QMP {command}: {answer}");
+        }
+    }
+}
+
+/// One QEMU process: `-M microvm` on KVM with 1 GiB from `memory`.
+fn qemu(dir: &Path, name: &str, memory: &str, incoming: Option<&str>) -> (Child, Qmp) {
+    let qmp = dir.join(format!("{name}.qmp"));
+    let mut command = Command::new("qemu-system-x86_64");
+    command
+        .args(["-M", "microvm", "-accel", "kvm", "-m", "1G", "-smp", "1"])
+        .args(["-nodefaults", "-display", "none", "-serial", "none"])
+        .args(["-bios", dir.join("bios.bin").to_str().expect("utf-8")])
+        .args(["-object", memory, "-machine", "memory-backend=mem"])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+    if let Some(address) = incoming {
+        command.args(["-incoming", address]);
+    }
+    let child = command
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("QEMU starts");
+    (child, Qmp::connect(&qmp))
+}
+
+/// Moves a QEMU guest whose memory is `memory` (a `-object` argument with
+/// `id=mem`) between two QEMU processes over a unix socket.
+fn qemu_move(dir: &Path, memory: &str) -> Moved {
+    let socket = dir.join("m.sock");
+    let address = format!("unix:{}", socket.display());
+    let (destination, _destination_qmp) = qemu(
+        dir,
+        "destination",
+        "memory-backend-ram,id=mem,size=1G",
+        Some(&address),
+    );
+    wait_for(&socket);
+    let (source, mut qmp) = qemu(dir, "source", memory, None);
+    // Let the guest reach its `hlt`.
+    std::thread::sleep(Duration::from_millis(200));
+    qmp.execute(
+        "migrate-set-parameters",
+        json!({"max-bandwidth": 1u64 << 40}),
+    );
+    qmp.execute("migrate", json!({"uri": address}));
+    let status = loop {
+        let status = qmp.execute("query-migrate", json!({}));
+        match status["status"].as_str() {
+            Some("completed") => break status,
+            Some("failed" | "cancelled") => panic!("QEMU's migration failed: {status}"),
+            _ => std::thread::sleep(Duration::from_millis(10)),
+        }
+    };
+    stop(source);
+    stop(destination);
+    let _ = std::fs::remove_file(&socket);
+    Moved {
+        total: Duration::from_millis(status["total-time"].as_u64().expect("total-time")),
+        downtime: Duration::from_millis(status["downtime"].as_u64().expect("downtime")),
+        bytes: status["ram"]["transferred"]
+            .as_u64()
+            .expect("ram.transferred"),
+    }
+}
+
+/// Writes `bytes` of pseudo-random data (no page is zero) to `path`.
+fn random_file(path: &Path, bytes: u64) {
+    let mut file =
+        std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).expect("file"));
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut block = vec![0u8; 1 << 20];
+    for _ in 0..bytes / block.len() as u64 {
+        for word in block.chunks_exact_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            word.copy_from_slice(&state.to_ne_bytes());
+        }
+        file.write_all(&block).expect("written");
+    }
+    file.flush().expect("flushed");
+}
+
+/// The QEMU rows: `(random, zero)`, or why there are none.
+fn qemu_rows() -> Result<(Vec<Moved>, Vec<Moved>), String> {
+    let found = Command::new("qemu-system-x86_64")
+        .arg("--version")
+        .output()
+        .map_err(|_| "qemu-system-x86_64 is not installed (scripts/install-qemu)".to_string())?;
+    let version = String::from_utf8_lossy(&found.stdout);
+    println!("{}", version.lines().next().unwrap_or("QEMU"));
+    let dir = scratch("qemu");
+    // The BIOS: `cli; hlt; jmp hlt` at the reset vector, `hlt` elsewhere.
+    let mut bios = vec![0xf4u8; 64 << 10];
+    bios[0xfff0..0xfff4].copy_from_slice(&[0xfa, 0xf4, 0xeb, 0xfd]);
+    std::fs::write(dir.join("bios.bin"), &bios).expect("BIOS written");
+    let data = Path::new("/dev/shm").join(format!("refvmm-bench-migration-{}", std::process::id()));
+    random_file(&data, GIB);
+    let random_memory = format!(
+        "memory-backend-file,id=mem,size=1G,share=off,mem-path={}",
+        data.display()
+    );
+    let random = (0..RUNS).map(|_| qemu_move(&dir, &random_memory)).collect();
+    let _ = std::fs::remove_file(&data);
+    let zero = (0..RUNS)
+        .map(|_| qemu_move(&dir, "memory-backend-ram,id=mem,size=1G"))
+        .collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok((random, zero))
+}
+
+fn row(name: &str, runs: Vec<Moved>) -> Moved {
+    let (best, median) = best_and_median(runs);
+    println!(
+        "{name:<34} total {:>8.1} ms (median {:>8.1})  downtime {:>6.1} ms  {:>7.0} MiB/s",
+        ms(best.total),
+        ms(median),
+        ms(best.downtime),
+        best.mib_s()
+    );
+    best
+}
+
+/// A guest that keeps dirtying memory (`kvm` dirty_log, every page of
+/// its share written each pass): downtime and convergence against
+/// `max_downtime_ms`.
+fn dirtying() {
+    let config = json!({
+        "vcpus": 2,
+        "accel": "kvm",
+        "memory": {"size_mib": 64},
+        "workload": {"kind": "dirty_log", "iterations": 400, "bytes_per_vcpu_mib": 8, "write_percent": 25},
+        "migration": {"after_ms": 200, "max_downtime_ms": 300},
+    });
+    let report = refvmm_move("dirtying", &config);
+    let migration = &report["migration"];
+    println!(
+        "{:<34} total {:>8.1} ms  downtime {:>6.1} ms (max_downtime_ms 300)  {} passes  converged {}",
+        "refvmm kvm dirty_log 64 MiB",
+        migration["total_s"].as_f64().unwrap_or(0.0) * 1e3,
+        migration["downtime_s"].as_f64().unwrap_or(0.0) * 1e3,
+        migration["passes"].as_array().map_or(0, Vec::len),
+        migration["converged"]
+    );
+}
+
+/// A soft dirty_log guest on 2 MiB HugeTLB pages with eager splitting on
+/// and off: what it changes in the setup, the first pass and the total.
+fn eager_split() {
+    let free = std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .unwrap_or(0);
+    if free < 2 * 512 + 16 {
+        println!(
+            "soft dirty_log on HugeTLB: skipped ({free} free 2 MiB pages; scripts/setup reserves them)"
+        );
+        return;
+    }
+    for eager in [true, false] {
+        let config = json!({
+            "vcpus": 2,
+            "accel": "soft",
+            "memory": {"size_mib": 1024, "backend": "hugetlb", "huge_page_size": "2M"},
+            "mmu": {"eager_split": eager},
+            "workload": {"kind": "dirty_log", "iterations": 20, "bytes_per_vcpu_mib": 256, "write_percent": 25},
+            "migration": {"after_ms": 100},
+        });
+        let report = refvmm_move(&format!("eager-{eager}"), &config);
+        let migration = &report["migration"];
+        let first = &migration["passes"][0];
+        println!(
+            "soft dirty_log HugeTLB 1 GiB eager_split {:<5}: setup {:>6.1} ms  first pass {:>7.1} ms ({} pages)  total {:>7.1} ms  downtime {:>5.1} ms",
+            eager,
+            migration["setup_s"].as_f64().unwrap_or(0.0) * 1e3,
+            first["seconds"].as_f64().unwrap_or(0.0) * 1e3,
+            first["pages"],
+            migration["total_s"].as_f64().unwrap_or(0.0) * 1e3,
+            migration["downtime_s"].as_f64().unwrap_or(0.0) * 1e3,
+        );
+    }
+}
+
+fn main() {
+    if std::env::args().any(|arg| arg == "--list") {
+        return;
+    }
+    if !Path::new("/dev/kvm").exists() {
+        println!("migration: skipped (no /dev/kvm)");
+        return;
+    }
+    println!(
+        "live migration of an idle 1 GiB guest over a unix socket, bandwidth unlimited (best of {RUNS})"
+    );
+    let qemu = qemu_rows();
+    let ours_one = row(
+        "refvmm random 1 stream",
+        (0..RUNS).map(|_| refvmm_idle("random", 1)).collect(),
+    );
+    let ours_two = row(
+        "refvmm random 2 streams",
+        (0..RUNS).map(|_| refvmm_idle("random", 2)).collect(),
+    );
+    let ours_zero = row(
+        "refvmm zero 1 stream",
+        (0..RUNS).map(|_| refvmm_idle("zero", 1)).collect(),
+    );
+    let copy = memcpy(GIB as usize);
+    let copy_mib_s = 1024.0 / copy.as_secs_f64();
+    println!(
+        "{:<34} {:>8.1} ms  {:>7.0} MiB/s",
+        "memcpy 1 GiB (1 thread)",
+        ms(copy),
+        copy_mib_s
+    );
+    match qemu {
+        Ok((random, zero)) => {
+            let theirs = row("QEMU random 1 stream", random);
+            let theirs_zero = row("QEMU zero 1 stream", zero);
+            println!(
+                "refvmm/QEMU total: random {:.3}x (goal <= 0.25x), zero {:.3}x",
+                ours_one.total.as_secs_f64() / theirs.total.as_secs_f64(),
+                ours_zero.total.as_secs_f64() / theirs_zero.total.as_secs_f64(),
+            );
+        }
+        Err(why) => println!("QEMU: skipped ({why})"),
+    }
+    println!(
+        "2 streams: {:.0} MiB/s = {:.2}x a 1-thread memcpy; idle downtime {:.1} ms (goal <= 50 ms)",
+        ours_two.mib_s(),
+        ours_two.mib_s() / copy_mib_s,
+        ms(ours_one.downtime),
+    );
+    dirtying();
+    eager_split();
+}
