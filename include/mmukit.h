@@ -131,6 +131,12 @@
 #define MMUKIT_CAP_SHMEM_THP 10
 
 /*
+ Host capability: transparent huge pages for private anonymous memory
+ that asks (`transparent_hugepage/enabled` is `always` or `madvise`).
+ */
+#define MMUKIT_CAP_ANONYMOUS_THP 11
+
+/*
  VM type: every frame shared (`KVM_X86_DEFAULT_VM`).
  */
 #define MMUKIT_VM_DEFAULT 0

@@ -44,6 +44,9 @@ pub const MMUKIT_CAP_HUGETLB_1G: u32 = 8;
 pub const MMUKIT_CAP_MEMFD_SECRET: u32 = 9;
 /// Host capability: transparent huge pages for shmem.
 pub const MMUKIT_CAP_SHMEM_THP: u32 = 10;
+/// Host capability: transparent huge pages for private anonymous memory
+/// that asks (`transparent_hugepage/enabled` is `always` or `madvise`).
+pub const MMUKIT_CAP_ANONYMOUS_THP: u32 = 11;
 
 /// Whether this host offers `capability` (one of `MMUKIT_CAP_*`): 1 when
 /// it does, 0 when it does not (or `MMUKIT_HIDE_CAPS` hides it), -EINVAL

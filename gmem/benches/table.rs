@@ -122,6 +122,126 @@ fn qemu_prealloc(size: u64, threads: usize) -> Duration {
     elapsed
 }
 
+/// QEMU's own prealloc of `size` bytes of `backend` (`memory-backend-ram`,
+/// `memory-backend-memfd`) with
+/// `threads` threads: the life of a QEMU process that preallocates and
+/// quits over QMP, less that of the same process without prealloc. `None`
+/// where QEMU is not installed (or fails).
+fn qemu_process_prealloc(backend: &str, size: u64, threads: usize) -> Option<Duration> {
+    let life = |prealloc: &str| -> Option<Duration> {
+        let start = Instant::now();
+        let mut child = std::process::Command::new("qemu-system-x86_64")
+            .args([
+                "-M",
+                "none",
+                "-nodefaults",
+                "-display",
+                "none",
+                "-qmp",
+                "stdio",
+            ])
+            .arg("-object")
+            .arg(format!(
+                "{backend},id=mem,size={size},prealloc={prealloc},prealloc-threads={threads}"
+            ))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .ok()?;
+        use std::io::Write;
+        child
+            .stdin
+            .take()?
+            .write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"quit\"}\n")
+            .ok()?;
+        child.wait().ok()?.success().then(|| start.elapsed())
+    };
+    let without = life("off")?;
+    let with = life("on")?;
+    Some(with.saturating_sub(without))
+}
+
+/// The default memory (private anonymous, 2 threads) against QEMU's
+/// prealloc, in paired runs: each pair runs QEMU's own process (where
+/// installed), the same steps QEMU takes in this process, and gmem, one
+/// after another, so that the host's state is alike for all three. Prints
+/// the minimum and the median of each and their ratios.
+fn default_memory_against_qemu(size: u64, pairs: usize) {
+    let mut qemu_process = Vec::new();
+    let mut qemu_steps = Vec::new();
+    let mut gmem_default = Vec::new();
+    let mut qemu_memfd = Vec::new();
+    let mut gmem_memfd = Vec::new();
+    let default = Row {
+        name: "anonymous",
+        backend: Backend::PrivateAnonymous,
+        log2: 0,
+    };
+    let memfd = Row {
+        name: "memfd",
+        backend: Backend::Memfd,
+        log2: 0,
+    };
+    for _ in 0..pairs {
+        if let Some(time) = qemu_process_prealloc("memory-backend-ram", size, 2) {
+            qemu_process.push(time);
+        }
+        qemu_steps.push(qemu_prealloc(size, 2));
+        let (Some(file), Some(memfd_file)) = (create(&default, size), create(&memfd, size)) else {
+            return;
+        };
+        gmem_default.push(prefault(&file, 2));
+        drop(file);
+        if let Some(time) = qemu_process_prealloc("memory-backend-memfd", size, 2) {
+            qemu_memfd.push(time);
+        }
+        gmem_memfd.push(prefault(&memfd_file, 2));
+    }
+    let min_median = |times: &mut Vec<Duration>| {
+        times.sort();
+        (times[0], times[times.len() / 2])
+    };
+    let (gmem_min, gmem_median) = min_median(&mut gmem_default);
+    println!(
+        "default memory against QEMU, {} GiB, 2 threads, {pairs} paired runs (min / median):",
+        size >> 30
+    );
+    println!("  gmem anonymous (private, MADV_HUGEPAGE)   {gmem_min:>8.1?} / {gmem_median:>8.1?}");
+    let compare = |name: &str, times: &mut Vec<Duration>| {
+        if times.is_empty() {
+            println!(
+                "  {name:<40}  skipped (qemu-system-x86_64 is not installed: scripts/install-qemu)"
+            );
+            return;
+        }
+        let (min, median) = min_median(times);
+        println!(
+            "  {name:<40} {min:>8.1?} / {median:>8.1?}   gmem/QEMU {:.2}x / {:.2}x",
+            gmem_min.as_secs_f64() / min.as_secs_f64(),
+            gmem_median.as_secs_f64() / median.as_secs_f64()
+        );
+    };
+    compare("QEMU's process (prealloc on - off)", &mut qemu_process);
+    compare(
+        "QEMU's steps (mmap, MADV_HUGEPAGE, populate)",
+        &mut qemu_steps,
+    );
+    // memfd memory is shmem on both sides: its huge pages follow the
+    // host's shmem mode, which this bench leaves as it is.
+    let (memfd_min, memfd_median) = min_median(&mut gmem_memfd);
+    if qemu_memfd.is_empty() {
+        println!("  gmem memfd {memfd_min:>8.1?} / {memfd_median:>8.1?}; QEMU skipped");
+        return;
+    }
+    let (min, median) = min_median(&mut qemu_memfd);
+    println!(
+        "  gmem memfd {memfd_min:>8.1?} / {memfd_median:>8.1?}, QEMU memory-backend-memfd {min:>8.1?} / {median:>8.1?}   gmem/QEMU {:.2}x / {:.2}x",
+        memfd_min.as_secs_f64() / min.as_secs_f64(),
+        memfd_median.as_secs_f64() / median.as_secs_f64()
+    );
+}
+
 fn gib_s(size: u64, time: Duration) -> f64 {
     size as f64 / (1u64 << 30) as f64 / time.as_secs_f64()
 }
@@ -292,6 +412,11 @@ fn main() {
     let mut rows = vec![
         Row {
             name: "anonymous",
+            backend: Backend::PrivateAnonymous,
+            log2: 0,
+        },
+        Row {
+            name: "anon-shared",
             backend: Backend::Anonymous,
             log2: 0,
         },
@@ -361,6 +486,9 @@ fn main() {
         for r in &rows {
             row(r, size);
         }
+    }
+    if available_bytes() >= 2 << 30 {
+        default_memory_against_qemu(1 << 30, 9);
     }
     split_merge(32);
     split_merge_1g();

@@ -225,7 +225,7 @@ impl HostCaps {
                 .filter_map(|cap| HugetlbPool::read(cap.hugetlb_page_size()?))
                 .collect(),
             memfd_secret: mmukit_sys::host::memfd_secret_works(),
-            thp: ThpModes::read().filter(|_| !Capability::ShmemThp.is_hidden()),
+            thp: ThpModes::read(),
             mem_available: mem_available(),
         }
     }
@@ -246,7 +246,12 @@ impl HostCaps {
                 self.hugetlb_pool(cap).is_some_and(|pool| pool.total > 0)
             }
             Capability::MemfdSecret => self.memfd_secret,
-            Capability::ShmemThp => self.thp.as_ref().is_some_and(ThpModes::shmem_allows),
+            Capability::ShmemThp => {
+                !cap.is_hidden() && self.thp.as_ref().is_some_and(ThpModes::shmem_allows)
+            }
+            Capability::AnonymousThp => {
+                !cap.is_hidden() && self.thp.as_ref().is_some_and(ThpModes::anonymous_allows)
+            }
             kvm_cap => self
                 .kvm
                 .as_ref()
@@ -266,8 +271,15 @@ impl HostCaps {
                 ),
             },
             (Capability::MemfdSecret, _) => "memfd_secret(2) fails".into(),
+            (Capability::ShmemThp | Capability::AnonymousThp, _) if cap.is_hidden() => {
+                format!("hidden by {}", mmukit_sys::host::HIDE_ENV)
+            }
             (Capability::ShmemThp, _) => match &self.thp {
                 Some(thp) => format!("shmem_enabled is {}", thp.shmem),
+                None => "no transparent huge pages".into(),
+            },
+            (Capability::AnonymousThp, _) => match &self.thp {
+                Some(thp) => format!("transparent_hugepage/enabled is {}", thp.anonymous),
                 None => "no transparent huge pages".into(),
             },
             (_, None) => self
@@ -385,6 +397,13 @@ impl HostCaps {
                 Some(thp) => format!(
                     "shmem_enabled {}, enabled {} (gmem's anonymous and memfd memory are shmem)",
                     thp.shmem, thp.anonymous
+                ),
+                None => "the kernel has no transparent huge pages".into(),
+            },
+            Capability::AnonymousThp => match &self.thp {
+                Some(thp) => format!(
+                    "enabled {} (gmem's private anonymous memory asks with MADV_HUGEPAGE)",
+                    thp.anonymous
                 ),
                 None => "the kernel has no transparent huge pages".into(),
             },

@@ -59,6 +59,7 @@ pub mod file;
 pub mod kvm;
 pub mod prefault;
 pub mod region;
+pub mod residency;
 /// The system calls, from the workspace's one home for them.
 use mmukit_sys as sys;
 
@@ -75,3 +76,4 @@ pub use kvm::{
 };
 pub use prefault::{PrefaultError, PrefaultReport};
 pub use region::{DirtyTracking, GuestMemoryLayout, GuestRegion, RegionError};
+pub use residency::Residency;

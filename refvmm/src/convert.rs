@@ -469,6 +469,7 @@ pub fn run(config: &Config, metrics: &Metrics) -> Result<Report, RunError> {
         memory_bytes: size,
         prefault_gib_s,
         transparent_huge_pages: shared_file.transparent_huge_pages(),
+        memory_pages: Some(crate::report::MemoryPages::of(&shared_file)),
         workload: "convert".into(),
         convert: Some(figures),
         tdx,

@@ -312,6 +312,19 @@ fn memory_backends(config: &Config) -> impl Iterator<Item = (&'static str, Backe
     .filter_map(|(field, backend)| Some((field, backend?)))
 }
 
+/// Whether pages of the VM's memory may become private (a TD, private
+/// memory, conversions): then its anonymous memory must be the shared form,
+/// whose views can hide a page; otherwise it is private anonymous memory,
+/// which gets transparent huge pages under the host's default THP mode.
+pub fn has_private_pages(config: &Config) -> bool {
+    config.tdx.enabled
+        || config.memory.private_backend.is_some()
+        || matches!(
+            config.workload.kind,
+            crate::config::Workload::Convert { .. }
+        )
+}
+
 /// What `config` needs of the host, in the order [`check_host`] checks it.
 pub fn host_needs(config: &Config) -> Vec<HostNeed> {
     let mut needs = Vec::new();
@@ -360,12 +373,21 @@ pub fn host_needs(config: &Config) -> Vec<HostNeed> {
         );
     }
     if config.memory.require_transparent_huge_pages {
-        need(
-            Capability::ShmemThp,
-            "memory.require_transparent_huge_pages",
-            "set /sys/kernel/mm/transparent_hugepage/shmem_enabled to advise (as root), or \
-             drop the requirement",
-        );
+        if config.memory.backend == BackendName::Anonymous && !has_private_pages(config) {
+            need(
+                Capability::AnonymousThp,
+                "memory.require_transparent_huge_pages",
+                "set /sys/kernel/mm/transparent_hugepage/enabled to madvise (as root), or drop \
+                 the requirement",
+            );
+        } else {
+            need(
+                Capability::ShmemThp,
+                "memory.require_transparent_huge_pages",
+                "set /sys/kernel/mm/transparent_hugepage/shmem_enabled to advise (as root), or \
+                 drop the requirement",
+            );
+        }
     }
     needs
 }
@@ -431,7 +453,7 @@ pub fn check_host(config: &Config, caps: &gmem::HostCaps) -> Result<(), RunError
 /// Creates the guest memory file the configuration asks for.
 pub fn create_memory(config: &Config, vm: Option<&Arc<KvmVm>>) -> Result<GuestMemFile, RunError> {
     let backend = match config.memory.backend {
-        BackendName::Anonymous => Backend::Anonymous,
+        BackendName::Anonymous => Backend::anonymous(has_private_pages(config)),
         BackendName::Memfd => Backend::Memfd,
         BackendName::Hugetlb => Backend::Hugetlb,
         BackendName::Secret => Backend::Secret,

@@ -124,6 +124,31 @@ pub struct ConvertFigures {
     pub run_s: f64,
 }
 
+/// What backs guest memory, read back from the kernel (`/proc/self/smaps`).
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct MemoryPages {
+    /// The backend's form: `private anonymous` (a VM with no private
+    /// pages), `shared anonymous`, or the backend's name.
+    pub form: String,
+    /// Bytes of guest memory resident.
+    pub resident_bytes: u64,
+    /// Of those, bytes in huge pages (transparent or HugeTLB).
+    pub huge_page_bytes: u64,
+}
+
+impl MemoryPages {
+    /// What backs `file` now; the sizes are left 0 where smaps cannot be
+    /// read.
+    pub fn of(file: &gmem::GuestMemFile) -> Self {
+        let seen = file.residency().unwrap_or_default();
+        Self {
+            form: file.form().into(),
+            resident_bytes: seen.resident,
+            huge_page_bytes: seen.huge,
+        }
+    }
+}
+
 /// The report of one run.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
 pub struct Report {
@@ -141,9 +166,13 @@ pub struct Report {
     pub memory_bytes: u64,
     /// Prefault throughput, when prefault was on.
     pub prefault_gib_s: Option<f64>,
-    /// Whether guest memory asked for transparent huge pages (anonymous and
-    /// memfd memory do where the host's shmem THP mode allows).
+    /// Whether guest memory asked for transparent huge pages where the
+    /// host gives them (private anonymous memory under the host's anonymous
+    /// THP mode, shared anonymous and memfd memory under its shmem mode).
     pub transparent_huge_pages: bool,
+    /// What backs guest memory at the end of the run, as the kernel says.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub memory_pages: Option<MemoryPages>,
     /// The workload kind.
     pub workload: String,
     /// dirty_log figures.
@@ -231,7 +260,20 @@ impl Report {
                 self.vcpus_parked
             );
         }
-        if self.transparent_huge_pages {
+        if let Some(pages) = &self.memory_pages {
+            let _ = writeln!(
+                out,
+                "  memory: {}{}, {} MiB resident, {} MiB of it in huge pages",
+                pages.form,
+                if self.transparent_huge_pages {
+                    " (asked for transparent huge pages)"
+                } else {
+                    ""
+                },
+                pages.resident_bytes >> 20,
+                pages.huge_page_bytes >> 20
+            );
+        } else if self.transparent_huge_pages {
             let _ = writeln!(out, "  memory asked for transparent huge pages");
         }
         if let Some(rate) = self.prefault_gib_s {

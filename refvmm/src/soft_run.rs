@@ -181,6 +181,7 @@ pub fn run_on(
     if let Some(plan) = migration {
         report.migration = Some(migration::source_figures(plan, switch.outcome()));
     }
+    report.memory_pages = Some(crate::report::MemoryPages::of(&memory.file));
     report.exit = match end {
         End::Done(exit) => exit.into(),
         End::Stopped => "stopped by a signal".into(),

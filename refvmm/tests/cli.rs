@@ -174,6 +174,48 @@ fn the_soft_mmu_maps_ordinary_memory_with_the_hosts_page_size() {
     }
 }
 
+/// Anonymous memory of a VM with no private pages is private anonymous
+/// memory: on a host in the stock `madvise` mode it gets transparent huge
+/// pages, and the report says what the kernel gave (read back from smaps).
+#[test]
+fn default_memory_gets_huge_pages_under_the_hosts_default_thp_mode() {
+    let config = write_config(
+        "default-memory-pages.json",
+        r#"{"vcpus": 1, "accel": "soft", "memory": {"size_mib": 32, "prefault": true},
+            "workload": {"kind": "dirty_log", "iterations": 1, "bytes_per_vcpu_mib": 16}}"#,
+    );
+    let report = json_report(&config);
+    let pages = &report["memory_pages"];
+    assert_eq!(pages["form"], "private anonymous", "{report}");
+    assert_eq!(pages["resident_bytes"], 32 << 20, "{report}");
+    if !host_allows(
+        "default_memory_gets_huge_pages_under_the_hosts_default_thp_mode",
+        &[Capability::AnonymousThp],
+    ) {
+        return;
+    }
+    assert_eq!(report["transparent_huge_pages"], true, "{report}");
+    // Prefaulted into 2 MiB pages, then the 16 MiB the vCPU writes was
+    // split for dirty logging in the MMU only: the host keeps its huge pages.
+    assert!(
+        pages["huge_page_bytes"].as_u64().unwrap() >= 16 << 20,
+        "{report}"
+    );
+    assert!(report["pages_before_enable"]["2m"].as_u64().unwrap() > 0);
+    // Memory that may hold private pages stays shared anonymous memory.
+    let convert = write_config(
+        "convert-anonymous.json",
+        r#"{"vcpus": 1, "accel": "soft",
+            "memory": {"size_mib": 8, "backend": "anonymous", "private_backend": "memfd"},
+            "workload": {"kind": "convert", "rounds": 1, "huge_pages_per_vcpu": 2}}"#,
+    );
+    let convert = json_report(&convert);
+    assert_eq!(
+        convert["memory_pages"]["form"], "shared anonymous",
+        "{convert}"
+    );
+}
+
 #[test]
 fn manual_protect_on_kvm_clears_and_catches_every_write() {
     if !host_allows(
@@ -775,24 +817,48 @@ fn memory_the_host_cannot_map_is_blamed_on_its_size() {
 #[test]
 fn missing_host_features_exit_2_before_any_guest_runs() {
     let caps = gmem::HostCaps::probe();
-    // Transparent huge pages, required.
-    let config = write_config(
-        "require-thp.json",
-        r#"{"vcpus": 1, "accel": "soft", "memory": {"size_mib": 4, "require_transparent_huge_pages": true},
-            "workload": {"kind": "dirty_log", "iterations": 1, "bytes_per_vcpu_mib": 1}}"#,
-    );
-    let out = run(&["--config", config.to_str().unwrap()]);
-    if caps.has(Capability::ShmemThp) {
-        assert!(out.status.success(), "the requirement is met");
-    } else {
-        assert_eq!(out.status.code(), Some(2));
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            stderr.contains("memory.require_transparent_huge_pages: needs shmem_thp"),
-            "{stderr}"
+    // Transparent huge pages, required: anonymous memory of a VM with no
+    // private pages is private anonymous memory (the anonymous THP mode
+    // decides), memfd memory is shmem (the shmem THP mode decides).
+    for (backend, capability, mode) in [
+        (
+            "anonymous",
+            Capability::AnonymousThp,
+            "transparent_hugepage/enabled",
+        ),
+        ("memfd", Capability::ShmemThp, "shmem_enabled"),
+    ] {
+        let config = write_config(
+            &format!("require-thp-{backend}.json"),
+            &format!(
+                r#"{{"vcpus": 1, "accel": "soft", "memory": {{"size_mib": 4, "backend": "{backend}", "require_transparent_huge_pages": true}},
+                    "workload": {{"kind": "dirty_log", "iterations": 1, "bytes_per_vcpu_mib": 1}}}}"#
+            ),
         );
-        assert!(stderr.contains("shmem"), "{stderr}");
-        assert!(out.stdout.is_empty(), "no guest ran: {:?}", out.stdout);
+        let refused = |out: &Output| {
+            assert_eq!(out.status.code(), Some(2), "{backend}");
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            let needs = format!(
+                "memory.require_transparent_huge_pages: needs {}",
+                capability.name()
+            );
+            assert!(stderr.contains(&needs), "{stderr}");
+            assert!(stderr.contains(mode), "{stderr}");
+            assert!(out.stdout.is_empty(), "no guest ran: {:?}", out.stdout);
+        };
+        let out = run(&["--config", config.to_str().unwrap()]);
+        if caps.has(capability) {
+            assert!(out.status.success(), "the requirement is met ({backend})");
+        } else {
+            refused(&out);
+        }
+        // Hidden, the mode counts as off on every host.
+        let out = refvmm()
+            .args(["--config", config.to_str().unwrap()])
+            .env("MMUKIT_HIDE_CAPS", capability.name())
+            .output()
+            .unwrap();
+        refused(&out);
     }
     // More HugeTLB pages than the pool has free.
     let free = caps.pool(2 << 20).map_or(0, |pool| pool.available);

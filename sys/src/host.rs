@@ -66,11 +66,14 @@ pub enum Capability {
     MemfdSecret,
     /// Transparent huge pages for shmem (`shmem_enabled` allows them).
     ShmemThp,
+    /// Transparent huge pages for private anonymous memory that asks
+    /// (`enabled` is `always` or `madvise`).
+    AnonymousThp,
 }
 
 impl Capability {
     /// Every capability, in the order reports list them.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::Kvm,
         Self::GuestMemfd,
         Self::GuestMemfdMmap,
@@ -82,6 +85,7 @@ impl Capability {
         Self::Hugetlb1G,
         Self::MemfdSecret,
         Self::ShmemThp,
+        Self::AnonymousThp,
     ];
 
     /// The name used in [`HIDE_ENV`], in skip lines and in reports.
@@ -98,6 +102,7 @@ impl Capability {
             Self::Hugetlb1G => "hugetlb_1g",
             Self::MemfdSecret => "memfd_secret",
             Self::ShmemThp => "shmem_thp",
+            Self::AnonymousThp => "anonymous_thp",
         }
     }
 

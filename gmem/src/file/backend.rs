@@ -129,6 +129,20 @@ pub(super) trait Storage: Send + Sync + std::fmt::Debug {
     fn transparent_huge_pages(&self) -> bool {
         false
     }
+
+    /// Where the backend's views are windows of one mapping of its memory
+    /// (private anonymous memory): the address of `offset` there. `None`
+    /// where each view is a mapping of its own.
+    fn window(&self, offset: u64) -> Option<usize> {
+        let _ = offset;
+        None
+    }
+
+    /// Whether pages can be private: the host's views can hide a page the
+    /// guest's view shows.
+    fn holds_private_pages(&self) -> bool {
+        true
+    }
 }
 
 /// Whether shmem mappings should ask for transparent huge pages: the
@@ -192,6 +206,7 @@ pub(super) fn create(
                 shmem_thp() && unsafe { ask_for_huge_pages(master.addr(), config.size as usize) };
             Box::new(AnonymousMemory { master, thp })
         }
+        Backend::PrivateAnonymous => Box::new(PrivateAnonymousMemory::create(config.size)?),
     })
 }
 
@@ -476,5 +491,105 @@ impl Storage for AnonymousMemory {
 
     fn transparent_huge_pages(&self) -> bool {
         self.thp
+    }
+}
+
+/// Private anonymous memory: one mapping, `MAP_PRIVATE` and asking for
+/// transparent huge pages, as a VMM's plain RAM is. Views are windows of it,
+/// so every view reaches the same pages; none can hide one, so every page
+/// stays shared.
+#[derive(Debug)]
+struct PrivateAnonymousMemory {
+    memory: Mapping,
+    /// Whether the memory asked for transparent huge pages and the host's
+    /// anonymous THP mode gives them to a mapping that asks.
+    thp: bool,
+}
+
+impl PrivateAnonymousMemory {
+    fn create(size: u64) -> Result<Self, GmemError> {
+        // On a 2 MiB boundary, so that every aligned 2 MiB of the file can
+        // be one huge page.
+        let memory = Mapping::reserve_aligned(size as usize, super::THP_SIZE as usize)
+            .map_err(GmemError::os("mmap"))?;
+        // NORESERVE: memory is taken as it is used, as on the other
+        // backends, whatever the commit limit says.
+        // SAFETY: the reservation was just made and is ours; nothing uses it.
+        unsafe {
+            sys::map_fixed_anonymous(
+                memory.addr(),
+                size as usize,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_NORESERVE,
+            )
+        }
+        .map_err(GmemError::os("mmap"))?;
+        let host_allows =
+            crate::caps::ThpModes::read().is_some_and(|modes| modes.anonymous_allows());
+        // SAFETY: the mapping was just made and is ours.
+        let thp = host_allows && unsafe { ask_for_huge_pages(memory.addr(), size as usize) };
+        Ok(Self { memory, thp })
+    }
+}
+
+impl Storage for PrivateAnonymousMemory {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Anonymous
+    }
+
+    fn fd(&self) -> Option<&OwnedFd> {
+        None
+    }
+
+    fn master(&self) -> Option<&Mapping> {
+        Some(&self.memory)
+    }
+
+    fn allocate(&self, _: &Inner, _: &FileState, start: u64, end: u64) -> Result<(), GmemError> {
+        populate(&self.memory, start, end - start)
+    }
+
+    fn punch(&self, _: &Inner, _: &FileState, start: u64, end: u64) -> Result<(), GmemError> {
+        // Private anonymous pages dropped read as zero afterwards.
+        // SAFETY: inside the mapping; dropping the pages is the point, and
+        // readers go through raw pointers only.
+        unsafe {
+            sys::madvise(
+                self.memory.addr().add(start as usize),
+                (end - start) as usize,
+                libc::MADV_DONTNEED,
+            )
+        }
+        .map_err(GmemError::os("madvise(MADV_DONTNEED)"))
+    }
+
+    fn map_view(&self, _: &Inner, _: &Mapping, _: u64, _: u64, _: i32) -> Result<(), GmemError> {
+        unreachable!("views of private anonymous memory are windows, never mappings of their own")
+    }
+
+    /// Every view is a window of the memory, already mapped: a shared page
+    /// is there.
+    unsafe fn map_memory(
+        &self,
+        _: &Inner,
+        _: &FileState,
+        addr: *mut u8,
+        offset: u64,
+        _: u64,
+    ) -> Result<(), GmemError> {
+        debug_assert_eq!(self.window(offset), Some(addr as usize));
+        Ok(())
+    }
+
+    fn transparent_huge_pages(&self) -> bool {
+        self.thp
+    }
+
+    fn window(&self, offset: u64) -> Option<usize> {
+        Some(self.memory.addr() as usize + offset as usize)
+    }
+
+    fn holds_private_pages(&self) -> bool {
+        false
     }
 }

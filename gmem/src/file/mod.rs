@@ -55,8 +55,17 @@ pub enum Backend {
     Hugetlb,
     /// memfd_secret: pages are not in the kernel's direct map.
     Secret,
-    /// Shared anonymous memory.
+    /// Shared anonymous memory: views are second mappings of the same
+    /// pages, so a host view can hide a private page the guest view shows.
+    /// Its transparent huge pages follow the host's shmem THP mode.
     Anonymous,
+    /// Private anonymous memory (`MAP_PRIVATE` with `MADV_HUGEPAGE`), a
+    /// VMM's plain RAM: transparent huge pages under the host's default
+    /// `madvise` mode. Views are windows of its one mapping, so they must
+    /// lie inside the file, and its pages stay shared (a file created
+    /// private or a conversion to private is refused). Its kind is
+    /// [`BackendKind::Anonymous`].
+    PrivateAnonymous,
 }
 
 /// The kind of a backend, without its VM.
@@ -70,7 +79,7 @@ pub enum BackendKind {
     Hugetlb,
     /// memfd_secret.
     Secret,
-    /// Shared anonymous memory.
+    /// Anonymous memory, shared or private.
     Anonymous,
 }
 
@@ -105,7 +114,27 @@ impl Backend {
             Self::Memfd => BackendKind::Memfd,
             Self::Hugetlb => BackendKind::Hugetlb,
             Self::Secret => BackendKind::Secret,
-            Self::Anonymous => BackendKind::Anonymous,
+            Self::Anonymous | Self::PrivateAnonymous => BackendKind::Anonymous,
+        }
+    }
+
+    /// Anonymous memory in the form a file needs: private anonymous
+    /// ([`Backend::PrivateAnonymous`], which gets transparent huge pages on
+    /// a stock host) where no page will ever be private, so no second host
+    /// view of the same pages is needed; shared anonymous
+    /// ([`Backend::Anonymous`]) where pages may become private.
+    ///
+    /// ```
+    /// use gmem::Backend;
+    ///
+    /// assert!(matches!(Backend::anonymous(false), Backend::PrivateAnonymous));
+    /// assert!(matches!(Backend::anonymous(true), Backend::Anonymous));
+    /// ```
+    pub fn anonymous(private_pages: bool) -> Self {
+        if private_pages {
+            Self::Anonymous
+        } else {
+            Self::PrivateAnonymous
         }
     }
 }
@@ -263,6 +292,12 @@ impl GuestMemFile {
         } else {
             Attribute::Private
         };
+        if initial == Attribute::Private && matches!(backend, Backend::PrivateAnonymous) {
+            return Err(Unsupported::PrivatePageOnPrivateAnonymous {
+                what: "a file created private (no GUEST_MEMFD_FLAG_INIT_SHARED)",
+            }
+            .into());
+        }
         let storage = backend::create(backend, config, granule)?;
         let size = match storage.fd() {
             Some(fd) => sys::file_size(fd).map_err(GmemError::os("fstat"))?,
@@ -292,6 +327,16 @@ impl GuestMemFile {
     /// The backend kind.
     pub fn backend(&self) -> BackendKind {
         self.inner.storage.kind()
+    }
+
+    /// The backend in words, with the form of anonymous memory: `private
+    /// anonymous` or `shared anonymous`, otherwise the kind's name.
+    pub fn form(&self) -> &'static str {
+        match self.backend() {
+            BackendKind::Anonymous if self.inner.storage.window(0).is_some() => "private anonymous",
+            BackendKind::Anonymous => "shared anonymous",
+            kind => kind.name(),
+        }
     }
 
     /// The size in bytes (fixed for the file's life).
@@ -357,10 +402,51 @@ impl GuestMemFile {
     }
 
     /// Whether the file's memory asks for transparent huge pages
-    /// (`MADV_HUGEPAGE`): anonymous and memfd memory do where the host's
-    /// shmem THP mode allows (see [`HostCaps`](crate::HostCaps)).
+    /// (`MADV_HUGEPAGE`) where the host gives them: private anonymous
+    /// memory under the host's anonymous THP mode (`always` or `madvise`),
+    /// shared anonymous and memfd memory under its shmem THP mode (see
+    /// [`HostCaps`](crate::HostCaps)). [`residency`](Self::residency) says
+    /// what the kernel actually gave.
     pub fn transparent_huge_pages(&self) -> bool {
         self.inner.storage.transparent_huge_pages()
+    }
+
+    /// What the kernel says backs the file's mappings now (its internal
+    /// mapping and every view that is a mapping of its own): resident bytes
+    /// and those in huge pages, read from `/proc/self/smaps`. A page mapped
+    /// by two mappings (a shared file and its views) counts in each. `None`
+    /// where smaps cannot be read.
+    ///
+    /// ```
+    /// use gmem::{Backend, GmemConfig, GuestMemFile};
+    /// use gmem::consts::{GUEST_MEMFD_FLAG_MMAP, GUEST_MEMFD_FLAG_INIT_SHARED};
+    ///
+    /// let file = GuestMemFile::create(&Backend::PrivateAnonymous, GmemConfig {
+    ///     size: 4 << 20,
+    ///     flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+    ///     huge_page_size_log2: 0,
+    /// })?;
+    /// file.prefault(0, 4 << 20, 1, &|_, _| {})?;
+    /// let seen = file.residency().expect("smaps is readable");
+    /// assert_eq!(seen.resident, 4 << 20);
+    /// # Ok::<(), gmem::GmemError>(())
+    /// ```
+    pub fn residency(&self) -> Option<crate::Residency> {
+        let mut ranges: Vec<(usize, usize)> = Vec::new();
+        if let Some(master) = self.inner.storage.master() {
+            ranges.push((master.addr() as usize, master.len()));
+        }
+        if self.inner.storage.window(0).is_none() {
+            let state = self.state();
+            ranges.extend(state.views.iter().map(|v| (v.addr, v.len as usize)));
+        }
+        let mut total = crate::Residency::default();
+        for (start, len) in ranges {
+            let seen = crate::Residency::of_range(start, len)?;
+            total.resident += seen.resident;
+            total.huge += seen.huge;
+        }
+        Some(total)
     }
 
     /// The largest page the host maps the file's memory with, the bound a
@@ -497,6 +583,12 @@ impl GuestMemFile {
         let inner = &self.inner;
         if inner.kernel_private() && to == Attribute::Shared {
             return Err(Unsupported::SharedConversionOfPrivateFile { offset, len }.into());
+        }
+        if to == Attribute::Private && !inner.storage.holds_private_pages() {
+            return Err(Unsupported::PrivatePageOnPrivateAnonymous {
+                what: "a conversion to private",
+            }
+            .into());
         }
         let mut state = self.state();
         let (first, last) = (offset / PAGE_SIZE, end / PAGE_SIZE);

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use crate::attrs::Attribute;
 use crate::sys::Mapping;
 
-use super::error::{GmemError, InvalidArgument};
+use super::error::{GmemError, InvalidArgument, Unsupported};
 use super::mapping::map_fault_source;
 use super::rules::{check_mmap, check_mmap_generic};
 use super::{FileState, GuestMemFile, Inner, PAGE_SIZE, ViewKind, ViewRecord};
@@ -51,6 +51,9 @@ impl GuestMemFile {
         } else {
             check_mmap(offset, len, map_flags, inner.flags, inner.granule)?
         };
+        if let Some(addr) = inner.storage.window(offset) {
+            return self.map_window(addr, offset, len, kind);
+        }
         let mapping =
             Mapping::reserve_aligned(len as usize, align).map_err(GmemError::os("mmap"))?;
         inner
@@ -66,7 +69,8 @@ impl GuestMemFile {
             // SAFETY: the tail of the fresh mapping, which nothing uses yet.
             unsafe { map_fault_source(mapping.addr().add(inside as usize), len - inside) }?;
         }
-        let view = self.register(mapping, offset, len, kind);
+        let addr = mapping.addr() as usize;
+        let view = self.register(Some(mapping), addr, offset, len, kind);
         {
             let state = self.state();
             if let Some(hugetlb) = inner.storage.hugetlb() {
@@ -81,13 +85,38 @@ impl GuestMemFile {
         Ok(view)
     }
 
-    fn register(&self, mapping: Mapping, offset: u64, len: u64, kind: ViewKind) -> View {
+    /// A view that is a window of the memory's one mapping at `addr`
+    /// (private anonymous memory): it must lie inside the file, and there
+    /// is nothing to map, since no page is private.
+    fn map_window(
+        &self,
+        addr: usize,
+        offset: u64,
+        len: u64,
+        kind: ViewKind,
+    ) -> Result<View, GmemError> {
+        let len = len.next_multiple_of(PAGE_SIZE);
+        let size = self.inner.size;
+        if offset.checked_add(len).is_none_or(|end| end > size) {
+            return Err(Unsupported::ViewPastEndOfPrivateAnonymous { offset, len, size }.into());
+        }
+        Ok(self.register(None, addr, offset, len, kind))
+    }
+
+    fn register(
+        &self,
+        mapping: Option<Mapping>,
+        addr: usize,
+        offset: u64,
+        len: u64,
+        kind: ViewKind,
+    ) -> View {
         let mut state = self.state();
         let id = state.next_view;
         state.next_view += 1;
         state.views.push(ViewRecord {
             id,
-            addr: mapping.addr() as usize,
+            addr,
             offset,
             len,
             kind,
@@ -95,8 +124,8 @@ impl GuestMemFile {
         View {
             file: self.inner.clone(),
             id,
-            addr: mapping.addr() as usize,
-            mapping: Some(mapping),
+            addr,
+            mapping,
             offset,
             len,
             kind,

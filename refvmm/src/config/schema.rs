@@ -88,9 +88,12 @@ pub struct MemoryConfig {
     /// software-protected VM. `backend` stays the shared memory. The file
     /// is as big as the memory; HugeTLB uses `huge_page_size`.
     pub private_backend: Option<BackendName>,
-    /// Refuse to run unless the memory gets transparent huge pages (the
-    /// host's shmem THP mode allows them: gmem's anonymous and memfd
-    /// memory are shmem). They are asked for wherever allowed either way.
+    /// Refuse to run unless the memory gets transparent huge pages: the
+    /// host's anonymous THP mode allows them for anonymous memory of a VM
+    /// with no private pages (private anonymous memory), its shmem THP mode
+    /// for memfd memory and for the anonymous memory of a VM with private
+    /// pages (shared anonymous memory, which is shmem). They are asked for
+    /// wherever allowed either way.
     pub require_transparent_huge_pages: bool,
 }
 

@@ -336,6 +336,7 @@ pub fn run(
             &mut report,
         )?,
     }
+    report.memory_pages = Some(crate::report::MemoryPages::of(vm.region.file()));
     Ok(report)
 }
 
@@ -365,8 +366,9 @@ pub fn resume(
             dirty_log::dirty_log(config, vm, plan, metrics, Some((state, workload)), None)?;
         report.dirty_log = Some(log);
         report.exit = "iterations done".into();
-        return Ok(report);
+    } else {
+        program::resume(config, vm, state, workload, serial, metrics, &mut report)?;
     }
-    program::resume(config, vm, state, workload, serial, metrics, &mut report)?;
+    report.memory_pages = Some(crate::report::MemoryPages::of(vm.region.file()));
     Ok(report)
 }

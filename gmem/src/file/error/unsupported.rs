@@ -52,4 +52,27 @@ pub enum Unsupported {
         /// The length of the range.
         len: u64,
     },
+    /// A private page in private anonymous memory, whose single mapping
+    /// cannot show a page to the guest and hide it from the host.
+    #[error(
+        "{what} on private anonymous memory: its pages stay shared; create the file on \
+         Backend::Anonymous (shared anonymous memory), whose views can differ"
+    )]
+    PrivatePageOnPrivateAnonymous {
+        /// What was asked: a conversion to private, or a file created private.
+        what: &'static str,
+    },
+    /// A view of private anonymous memory that passes the file's end.
+    #[error(
+        "mapping {offset:#x}+{len:#x} passes the end {size:#x} of private anonymous memory, whose \
+         views are windows of one mapping"
+    )]
+    ViewPastEndOfPrivateAnonymous {
+        /// The offset asked for.
+        offset: u64,
+        /// The length asked for.
+        len: u64,
+        /// The file's size.
+        size: u64,
+    },
 }
