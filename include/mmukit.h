@@ -294,11 +294,13 @@ struct mmukit_memory_fault {
    */
   uint64_t flags;
   /*
-   The address, as the guest used it.
+   The faulting page (`gfn_to_gpa(fault->gfn)`, as the kernel's
+   `kvm_mmu_prepare_memory_fault_exit()` reports it): page-aligned,
+   and on a TD without the shared bit.
    */
   uint64_t gpa;
   /*
-   The size of the range to convert.
+   The size of the range to convert: one page.
    */
   uint64_t size;
 };

@@ -55,9 +55,11 @@ pub const MMUKIT_ACCESS_PRIVATE: u32 = 2;
 pub struct mmukit_memory_fault {
     /// `MMUKIT_MEMORY_EXIT_FLAG_PRIVATE` for a private access, else 0.
     pub flags: u64,
-    /// The address, as the guest used it.
+    /// The faulting page (`gfn_to_gpa(fault->gfn)`, as the kernel's
+    /// `kvm_mmu_prepare_memory_fault_exit()` reports it): page-aligned,
+    /// and on a TD without the shared bit.
     pub gpa: u64,
-    /// The size of the range to convert.
+    /// The size of the range to convert: one page.
     pub size: u64,
 }
 

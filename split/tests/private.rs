@@ -100,11 +100,14 @@ fn a_mismatched_access_exits_with_a_memory_fault_and_the_kind_of_access() {
             MemoryAttribute::Private,
         )
         .unwrap_err();
+    // The exit names the faulting page, not the byte:
+    // kvm_mmu_prepare_memory_fault_exit() reports gfn_to_gpa(fault->gfn)
+    // with PAGE_SIZE.
     assert!(
         matches!(
             err,
             MmuError::MemoryFault {
-                gpa: Gpa(0x5123),
+                gpa: Gpa(0x5000),
                 size: 4096,
                 private: true
             }
@@ -463,4 +466,184 @@ fn a_failing_step_after_the_zap_leaves_the_attributes_as_they_were() {
         .fault(&mut vcpu, Gpa(0x4000), AccessKind::Write)
         .unwrap();
     assert_eq!(t.hpa, Pfn(SHARED_HOST + 4).hpa());
+}
+
+/// On a TD the exit's address has no shared bit: `kvm_mmu_do_page_fault()`
+/// strips it from the fault's gfn, and the exit reports
+/// `gfn_to_gpa(fault->gfn)`. A shared access at `shared_bit | 0x3abc` to a
+/// private page reports 0x3000 (bit 47: the top GPA bit of 4 levels).
+#[test]
+fn a_tds_memory_fault_reports_the_page_without_the_shared_bit() {
+    let shared_bit = 47;
+    let mmu = protected(VmType::Td { shared_bit }, FakeFile::new(9));
+    let mut vcpu = mmu.new_vcpu_caches();
+    mmu.set_memory_attributes(Gfn(3), Gfn(4), MemoryAttribute::Private)
+        .unwrap();
+    mmu.set_memory_attributes(Gfn(7), Gfn(8), MemoryAttribute::Shared)
+        .unwrap();
+    let shared_access = Gpa((1 << shared_bit) | 0x3abc);
+    let err = mmu
+        .fault(&mut vcpu, shared_access, AccessKind::Read)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MmuError::MemoryFault {
+                gpa: Gpa(0x3000),
+                size: 4096,
+                private: false
+            }
+        ),
+        "{err}"
+    );
+    // A private access (no shared bit) to a shared page: the page too.
+    let err = mmu
+        .fault(&mut vcpu, Gpa(0x7ff8), AccessKind::Write)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MmuError::MemoryFault {
+                gpa: Gpa(0x7000),
+                private: true,
+                ..
+            }
+        ),
+        "{err}"
+    );
+}
+
+/// A private fault on a frame no memslot holds (the slot was deleted) is a
+/// memory-fault exit with the private flag, not an MMIO (no-slot) fault:
+/// `kvm_mmu_faultin_pfn()` checks the access against the attribute before
+/// it looks for the slot, and `kvm_handle_noslot_fault()` sends a private
+/// fault to userspace with `kvm_mmu_prepare_memory_fault_exit()` (selftest
+/// `private_mem_kvm_exits_test`: `test_private_access_memslot_deleted`). A
+/// shared fault there is a no-slot fault unless the frame is private.
+#[test]
+fn a_private_fault_after_the_slot_is_deleted_exits_to_userspace_private() {
+    let mmu = protected(VmType::SoftwareProtected, FakeFile::new(9));
+    let mut vcpu = mmu.new_vcpu_caches();
+    mmu.set_memory_attributes(Gfn(0x10), Gfn(0x20), MemoryAttribute::Private)
+        .unwrap();
+    mmu.fault(&mut vcpu, Gpa(0x10_000), AccessKind::Write)
+        .expect("a private fault inside the slot maps");
+    mmu.remove_memslot(0).unwrap();
+    let before = mmu.counters().memory_faults;
+    // Private (the attribute says so, as the selftest's guest does).
+    let err = mmu
+        .fault(&mut vcpu, Gpa(0x10_123), AccessKind::Write)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            MmuError::MemoryFault {
+                gpa: Gpa(0x10_000),
+                size: 4096,
+                private: true
+            }
+        ),
+        "{err}"
+    );
+    // Flagged private by the hardware on a shared frame: the mismatch.
+    let err = mmu
+        .fault_as(
+            &mut vcpu,
+            Gpa(0x30_000),
+            AccessKind::Read,
+            MemoryAttribute::Private,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, MmuError::MemoryFault { private: true, .. }),
+        "{err}"
+    );
+    // Shared to a private frame: the mismatch, not private.
+    let err = mmu
+        .fault_as(
+            &mut vcpu,
+            Gpa(0x11_000),
+            AccessKind::Read,
+            MemoryAttribute::Shared,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(err, MmuError::MemoryFault { private: false, .. }),
+        "{err}"
+    );
+    assert_eq!(mmu.counters().memory_faults, before + 3);
+    // Shared to a shared frame: emulated MMIO.
+    let err = mmu
+        .fault(&mut vcpu, Gpa(0x30_000), AccessKind::Read)
+        .unwrap_err();
+    assert!(matches!(err, MmuError::NoSlot { .. }), "{err}");
+}
+
+/// Setting attributes a range already has changes nothing:
+/// `kvm_vm_set_mem_attributes()` returns before it zaps when
+/// `kvm_range_has_memory_attributes()` says the whole range has them. The
+/// private mappings stay, and no conversion is counted.
+#[test]
+fn setting_the_attributes_a_range_already_has_zaps_nothing() {
+    let mmu = protected(VmType::SoftwareProtected, FakeFile::new(0));
+    let mut vcpu = mmu.new_vcpu_caches();
+    mmu.set_memory_attributes(Gfn(0), Gfn(16), MemoryAttribute::Private)
+        .unwrap();
+    for page in 0..16 {
+        mmu.fault(&mut vcpu, Gfn(page).gpa(), AccessKind::Write)
+            .unwrap();
+    }
+    let conversions = mmu.counters().conversions;
+    let leaves = mmu.page_stats();
+    let change = mmu
+        .set_memory_attributes(Gfn(4), Gfn(12), MemoryAttribute::Private)
+        .unwrap();
+    assert_eq!(change, split::AttributeChange::default());
+    assert_eq!(mmu.counters().conversions, conversions);
+    assert_eq!(mmu.page_stats(), leaves);
+    for page in 0..16 {
+        assert!(mmu.translate(Gfn(page).gpa()).is_some(), "page {page}");
+    }
+    // The VMM's step between the zap and the recording does not run either.
+    let ran = AtomicBool::new(false);
+    mmu.set_memory_attributes_with(Gfn(0), Gfn(16), MemoryAttribute::Private, || {
+        ran.store(true, Ordering::Relaxed);
+        Ok(())
+    })
+    .unwrap();
+    assert!(!ran.load(Ordering::Relaxed));
+    // A range that is only partly private converts (and zaps) as before.
+    let change = mmu
+        .set_memory_attributes(Gfn(8), Gfn(24), MemoryAttribute::Private)
+        .unwrap();
+    assert_eq!(change.frames, 8);
+    assert!(change.zapped > 0 || mmu.translate(Gfn(8).gpa()).is_some());
+}
+
+/// On a VM with no private memory the supported mask is 0
+/// (`kvm_supported_mem_attributes()`), and
+/// `kvm_vm_ioctl_set_mem_attributes()` refuses only bits outside it: the
+/// attributes 0 (shared) succeed and change nothing; the private bit is
+/// EINVAL. The range is still checked.
+#[test]
+fn a_vm_with_no_private_memory_takes_attributes_zero_as_a_no_op() {
+    let (_, mmu) = mmu(MmuConfig::default());
+    mmu.add_memslot(Memslot::new(0, Gfn(0), 1024, Pfn(SHARED_HOST)).unwrap())
+        .unwrap();
+    let mut vcpu = mmu.new_vcpu_caches();
+    mmu.fault(&mut vcpu, Gpa(0x2000), AccessKind::Write)
+        .unwrap();
+    let change = mmu
+        .set_memory_attributes(Gfn(0), Gfn(1024), MemoryAttribute::Shared)
+        .unwrap();
+    assert_eq!(change, split::AttributeChange::default());
+    assert!(mmu.translate(Gpa(0x2000)).is_some(), "nothing was zapped");
+    assert!(matches!(
+        mmu.set_memory_attributes(Gfn(0), Gfn(1), MemoryAttribute::Private),
+        Err(MmuError::NoPrivateMemory { .. })
+    ));
+    assert!(matches!(
+        mmu.set_memory_attributes(Gfn(4), Gfn(4), MemoryAttribute::Shared),
+        Err(MmuError::AttributeRange { .. })
+    ));
 }

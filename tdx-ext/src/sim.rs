@@ -594,12 +594,18 @@ impl TdxModule for SimTdxModule {
             match (level, pamt_pair) {
                 (2, None) => return Err(TdxStatus::MissingPamtPagePair),
                 (2, Some(pair)) => {
-                    if pair[0] == pair[1] || pair.iter().any(|p| !p.is_multiple_of(PAGE)) {
+                    // The module's `pamt_demote()` (pamt_manager.c): each
+                    // page must be aligned (TDX_OPERAND_INVALID) and free
+                    // (TDX_PAGE_NOT_FREE); it never compares the two, so
+                    // the same page twice fails the second PAMT_PAGE_BITMAP
+                    // test-and-set: TDX_PAGE_NOT_FREE as well.
+                    if pair.iter().any(|p| !p.is_multiple_of(PAGE)) {
                         return Err(TdxStatus::OperandInvalid);
                     }
-                    if pair
-                        .iter()
-                        .any(|p| state.pages.contains_key(p) || *p == new_sept_page)
+                    if pair[0] == pair[1]
+                        || pair
+                            .iter()
+                            .any(|p| state.pages.contains_key(p) || *p == new_sept_page)
                     {
                         return Err(TdxStatus::PageNotFree);
                     }
@@ -693,10 +699,11 @@ impl TdxModule for SimTdxModule {
             {
                 return Err(TdxStatus::HpaRangeNotFree);
             }
-            if pages[0] == pages[1] {
-                return Err(TdxStatus::OperandInvalid);
-            }
-            if pages.iter().any(|p| state.pages.contains_key(p)) {
+            // `tdh_phymem_pamt_add()` never compares the two pages: given
+            // the same page twice, the second PAMT_PAGE_BITMAP test-and-set
+            // fails, and the answer is TDX_PAGE_NOT_FREE, as for a page in
+            // use.
+            if pages[0] == pages[1] || pages.iter().any(|p| state.pages.contains_key(p)) {
                 return Err(TdxStatus::PageNotFree);
             }
             for page in pages {

@@ -118,6 +118,11 @@ pub enum TdxStatus {
     /// still the module's.
     #[error("TDX_PAMT_PAGE_NOT_EMPTY")]
     PamtPageNotEmpty,
+    /// TDX_INTERRUPTED_PAMT: an import stopped at a page whose range has no
+    /// 4K PAMT (Dynamic PAMT), as an interrupt would stop it; the VMM adds
+    /// the pair and resumes. This module has no import, so only decodes it.
+    #[error("TDX_INTERRUPTED_PAMT")]
+    InterruptedPamt,
     /// TDX_MISSING_PAMT_PAGE_PAIR: a 4K page handed to the module lies in a
     /// range without a 4K PAMT (Dynamic PAMT); recoverable: add the pair
     /// and call again.
@@ -155,13 +160,12 @@ pub enum TdxStatus {
     Other(u64),
 }
 
-/// The encodings. TDX_PAGE_NOT_FREE and TDX_HPA_RANGE_NOT_FREE are the
-/// module's published values; the three statuses of Dynamic PAMT that have
-/// none in this crate's references (NO_PAMT_PAGE_PAIR, PAMT_PAGE_NOT_EMPTY,
-/// MISSING_PAMT_PAGE_PAIR) take the next codes of the same page class, the
-/// last one with the recoverable class bit. Match on the variants, not on
-/// these three numbers.
-const TABLE: [(TdxStatus, u64); 19] = [
+/// The encodings, each the module's published value: the general ones from
+/// `include/auto_gen/tdx_error_codes_defs.h`, those of Dynamic PAMT
+/// (HPA_RANGE_NOT_FREE, NO_PAMT_PAGE_PAIR, PAMT_PAGE_NOT_EMPTY,
+/// INTERRUPTED_PAMT, MISSING_PAMT_PAGE_PAIR) from
+/// `include/auto_gen_2_0/tdx_error_codes_defs.h` of the TDX module source.
+const TABLE: [(TdxStatus, u64); 20] = [
     (TdxStatus::Success, 0),
     (TdxStatus::OperandBusy, 0x8000_0200_0000_0000),
     (TdxStatus::OperandInvalid, 0xC000_0100_0000_0000),
@@ -170,7 +174,8 @@ const TABLE: [(TdxStatus, u64); 19] = [
     (TdxStatus::HpaRangeNotFree, 0xC000_0304_0000_0000),
     (TdxStatus::NoPamtPagePair, 0xC000_0305_0000_0000),
     (TdxStatus::PamtPageNotEmpty, 0xC000_0306_0000_0000),
-    (TdxStatus::MissingPamtPagePair, 0x8000_0307_0000_0000),
+    (TdxStatus::InterruptedPamt, 0x8000_0307_0000_0000),
+    (TdxStatus::MissingPamtPagePair, 0x8000_0308_0000_0000),
     (TdxStatus::LifecycleStateIncorrect, 0xC000_0607_0000_0000),
     (TdxStatus::EptWalkFailed, 0xC000_0B00_0000_0000),
     (TdxStatus::EptEntryNotFree, 0xC000_0B02_0000_0000),
@@ -237,6 +242,17 @@ mod tests {
             assert_eq!(TdxStatus::from_raw(*raw | 0x92), *status);
         }
         assert_eq!(TdxStatus::OperandBusy.raw(), 0x8000020000000000);
+        // Dynamic PAMT, as include/auto_gen_2_0/tdx_error_codes_defs.h of
+        // the TDX module defines them.
+        assert_eq!(TdxStatus::HpaRangeNotFree.raw(), 0xC000030400000000);
+        assert_eq!(TdxStatus::NoPamtPagePair.raw(), 0xC000030500000000);
+        assert_eq!(TdxStatus::PamtPageNotEmpty.raw(), 0xC000030600000000);
+        assert_eq!(TdxStatus::InterruptedPamt.raw(), 0x8000030700000000);
+        assert_eq!(TdxStatus::MissingPamtPagePair.raw(), 0x8000030800000000);
+        assert_eq!(
+            TdxStatus::from_raw(0x8000_0308_0000_0063),
+            TdxStatus::MissingPamtPagePair
+        );
         assert_eq!(TdxStatus::EptEntryStateIncorrect.raw(), 0xC0000B0D00000000);
         assert_eq!(
             TdxStatus::from_raw(0xC000_0999_0000_0000),

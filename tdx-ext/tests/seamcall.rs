@@ -257,6 +257,29 @@ fn demote_needs_a_blocked_tracked_leaf_a_new_page_and_takes_the_range_pamt_pair(
         Err(TdxStatus::PageNotFree),
         "a pair page that holds PAMT already"
     );
+    // The same page twice: `pamt_demote()` in the module's pamt_manager.c
+    // checks each page alone and test-and-sets its PAMT_PAGE_BITMAP bit,
+    // so the second one finds its bit set: TDX_PAGE_NOT_FREE.
+    assert_eq!(
+        module.page_demote(
+            Gpa(0x20_0000),
+            Level::L2M,
+            Hpa(new_page),
+            Some([Hpa(PAMT + 0x4000), Hpa(PAMT + 0x4000)])
+        ),
+        Err(TdxStatus::PageNotFree),
+        "the same pair page twice"
+    );
+    assert_eq!(
+        module.page_demote(
+            Gpa(0x20_0000),
+            Level::L2M,
+            Hpa(new_page),
+            Some([Hpa(PAMT + 0x4000), Hpa(PAMT + 0x5008)])
+        ),
+        Err(TdxStatus::OperandInvalid),
+        "a pair page not 4K-aligned"
+    );
     module
         .page_demote(Gpa(0x20_0000), Level::L2M, Hpa(new_page), pair)
         .unwrap();
@@ -411,4 +434,28 @@ fn injected_statuses_hit_the_nth_call_and_are_counted() {
     assert_eq!(module.calls(Seamcall::MemTrack), 3);
     assert_eq!(module.failures(Seamcall::MemTrack), 1);
     assert_eq!(module.epoch(), 2, "the failed call did nothing");
+}
+
+/// TDH.PHYMEM.PAMT.ADD given the same page twice: the module's
+/// `tdh_phymem_pamt_add()` never compares HPA0 with HPA1; it walks each
+/// (free, PT_NDA) and then test-and-sets each one's PAMT_PAGE_BITMAP bit,
+/// and the second test-and-set fails: TDX_PAGE_NOT_FREE (operand R8), not
+/// TDX_OPERAND_INVALID. Nothing is added.
+#[test]
+fn pamt_add_of_the_same_page_twice_is_page_not_free() {
+    let module = SimTdxModule::new(4);
+    assert_eq!(
+        module.pamt_add(Hpa(GUEST_REGION), [Hpa(PAMT), Hpa(PAMT)]),
+        Err(TdxStatus::PageNotFree)
+    );
+    assert_eq!(module.pamt_pair(Hpa(GUEST_REGION)), None);
+    assert_eq!(module.page_state(Hpa(PAMT)), None);
+    // Misaligned is the operand check, which comes first.
+    assert_eq!(
+        module.pamt_add(Hpa(GUEST_REGION), [Hpa(PAMT + 8), Hpa(PAMT + 8)]),
+        Err(TdxStatus::OperandInvalid)
+    );
+    module
+        .pamt_add(Hpa(GUEST_REGION), [Hpa(PAMT), Hpa(PAMT + 0x1000)])
+        .unwrap();
 }

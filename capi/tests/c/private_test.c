@@ -35,7 +35,8 @@ static void software_protected(void) {
     /* Shared at first: a private access exits with a memory fault. */
     CHECK(mmukit_tdp_mmu_access(mmu, 0x1008, true, MMUKIT_ACCESS_PRIVATE, &hpa, &fault)
           == -EFAULT);
-    CHECK(fault.flags == MMUKIT_MEMORY_EXIT_FLAG_PRIVATE && fault.gpa == 0x1008
+    /* The faulting page, as kvm_mmu_prepare_memory_fault_exit() reports it. */
+    CHECK(fault.flags == MMUKIT_MEMORY_EXIT_FLAG_PRIVATE && fault.gpa == 0x1000
           && fault.size == 4096);
     CHECK(mmukit_tdp_mmu_access(mmu, 0x1000, true, MMUKIT_ACCESS_AUTO, &hpa, NULL) == 0);
     CHECK(hpa == HOST_BASE + 0x1000);
@@ -89,7 +90,11 @@ static void td(void) {
     /* With it: a shared access to private memory exits. */
     CHECK(mmukit_tdp_mmu_access(mmu, shared_bit | 0x2000, true, MMUKIT_ACCESS_AUTO, &hpa,
                                 &fault) == -EFAULT);
-    CHECK(fault.flags == 0 && fault.gpa == (shared_bit | 0x2000));
+    /* The exit names the page without the shared bit (the fault's gfn has
+       it stripped before kvm_mmu_prepare_memory_fault_exit()). */
+    CHECK(mmukit_tdp_mmu_access(mmu, shared_bit | 0x2abc, true, MMUKIT_ACCESS_AUTO, &hpa,
+                                &fault) == -EFAULT);
+    CHECK(fault.flags == 0 && fault.gpa == 0x2000 && fault.size == 4096);
     /* The guest makes the page shared (MapGPA): the VMM converts it. */
     CHECK(mmukit_tdp_mmu_set_memory_attributes(mmu, 2, 1, 0) == 0);
     CHECK(mmukit_tdp_mmu_access(mmu, shared_bit | 0x2000, true, MMUKIT_ACCESS_AUTO, &hpa,

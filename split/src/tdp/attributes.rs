@@ -121,7 +121,11 @@ impl TdpMmu {
         attribute: MemoryAttribute,
         after_zap: impl FnOnce() -> Result<(), crate::memslot::PrivateMemoryError>,
     ) -> Result<AttributeChange, MmuError> {
-        if !self.config.vm_type.has_private_memory() {
+        // The supported mask of a VM with no private memory is 0
+        // (`kvm_supported_mem_attributes()`): only the private bit is
+        // refused there (`attributes & ~supported`, EINVAL); shared, the
+        // attributes 0, passes the check.
+        if attribute == MemoryAttribute::Private && !self.config.vm_type.has_private_memory() {
             return Err(MmuError::NoPrivateMemory {
                 what: "setting memory attributes",
             });
@@ -132,6 +136,20 @@ impl TdpMmu {
         };
         if start >= end || end.0 > 1 << (width - 12) {
             return Err(MmuError::AttributeRange { start, end, width });
+        }
+        // Nothing to do where the whole range already has the attribute
+        // (`kvm_vm_set_mem_attributes()` returns at once when
+        // `kvm_range_has_memory_attributes()` holds): no zap, no split, no
+        // VMM step, no conversion counted. A VM with no private memory has
+        // every frame shared, so this is where its attributes 0 end.
+        let already = self
+            .attributes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .uniform(start, end)
+            == Some(attribute);
+        if already {
+            return Ok(AttributeChange::default());
         }
         let _invalidation = Invalidation::begin(self);
         let mut change = AttributeChange::default();

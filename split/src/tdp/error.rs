@@ -98,15 +98,18 @@ pub enum MmuError {
         width: u32,
     },
     /// The access's kind (private or shared) differs from the frame's
-    /// memory attribute, or a private access found no private memory: the
-    /// vCPU exits to the VMM (`KVM_EXIT_MEMORY_FAULT`, with
-    /// `KVM_MEMORY_EXIT_FLAG_PRIVATE` when `private`), which converts the
-    /// range and runs the vCPU again.
+    /// memory attribute, a private access found no private memory, or a
+    /// private access found no memslot: the vCPU exits to the VMM
+    /// (`KVM_EXIT_MEMORY_FAULT`, with `KVM_MEMORY_EXIT_FLAG_PRIVATE` when
+    /// `private`), which converts the range (or restores the slot) and runs
+    /// the vCPU again.
     #[error("memory fault at {gpa}: a {} access to {} memory", if *.private { "private" } else { "shared" }, if *.private { "shared (or no private)" } else { "private" })]
     MemoryFault {
-        /// The faulting address (with a TD's shared bit, as the guest used it).
+        /// The faulting page: `gfn_to_gpa(fault->gfn)`, page-aligned and,
+        /// on a TD, without the shared bit (the fault's gfn has it
+        /// stripped), as `kvm_mmu_prepare_memory_fault_exit()` reports it.
         gpa: Gpa,
-        /// The size of the range to convert.
+        /// The size of the range to convert: one page (`PAGE_SIZE`).
         size: u64,
         /// Whether the access was private.
         private: bool,

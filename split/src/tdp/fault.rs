@@ -76,10 +76,9 @@ impl TdpMmu {
         // The slot list, loaded without a lock or a shared write; the guard
         // keeps it for the whole fault.
         let slots = self.slots.load();
-        let slot: &Memslot = slots
-            .iter()
-            .find(|slot| slot.contains(gfn))
-            .ok_or(MmuError::NoSlot { gpa })?;
+        let Some(slot) = slots.iter().find(|slot| slot.contains(gfn)) else {
+            return Err(self.noslot_fault(gpa, gfn, private));
+        };
         self.counters.add(Count::Faults, 1);
         let capacity = self.config.vcpu_cache_capacity;
         loop {
@@ -127,6 +126,42 @@ impl TdpMmu {
         }
     }
 
+    /// A fault whose `gfn` no memslot holds. On a VM with private memory
+    /// the private/shared check comes first (`kvm_mmu_faultin_pfn()` tests
+    /// `fault->is_private != kvm_mem_is_private()` before it looks at the
+    /// slot), and `kvm_handle_noslot_fault()` turns a private fault into a
+    /// memory-fault exit: so a private fault, or a shared one to a frame
+    /// whose attribute is private, exits to the VMM with the private flag
+    /// as the access had it (the selftest `private_mem_kvm_exits_test`'s
+    /// `test_private_access_memslot_deleted`). Any other is
+    /// [`MmuError::NoSlot`] (emulated MMIO).
+    fn noslot_fault(&self, gpa: Gpa, gfn: Gfn, private: bool) -> MmuError {
+        if self.config.vm_type.has_private_memory() {
+            let attribute = self
+                .attributes
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(gfn);
+            if private || attribute == MemoryAttribute::Private {
+                return self.memory_fault_exit(gfn, private);
+            }
+        }
+        MmuError::NoSlot { gpa }
+    }
+
+    /// The memory-fault exit of a fault at `gfn`, counted: the page, as
+    /// `kvm_mmu_prepare_memory_fault_exit()` reports it
+    /// (`gfn_to_gpa(fault->gfn)` and `PAGE_SIZE`), so page-aligned and, on
+    /// a TD, without the shared bit (the fault's gfn has it stripped).
+    fn memory_fault_exit(&self, gfn: Gfn, private: bool) -> MmuError {
+        self.counters.add(Count::MemoryFaults, 1);
+        MmuError::MemoryFault {
+            gpa: gfn.gpa(),
+            size: PAGE_BYTES,
+            private,
+        }
+    }
+
     /// Where the frame of a fault at `gfn` comes from, and the largest leaf
     /// the memory attributes allow there; checked before the lock, as the
     /// kernel's `kvm_mmu_faultin_pfn` does.
@@ -144,14 +179,7 @@ impl TdpMmu {
             let attributes = self.attributes.read().unwrap_or_else(|p| p.into_inner());
             (attributes.get(gfn), attributes.max_level(gfn))
         };
-        let memory_fault = || {
-            self.counters.add(Count::MemoryFaults, 1);
-            MmuError::MemoryFault {
-                gpa,
-                size: PAGE_BYTES,
-                private,
-            }
-        };
+        let memory_fault = || self.memory_fault_exit(gfn, private);
         if (attribute == MemoryAttribute::Private) != private {
             return Err(memory_fault());
         }
