@@ -3,8 +3,14 @@
 //! times: every mapping left agrees with its frame's attribute (private
 //! frames from the slot's private memory, shared ones from the slot), no
 //! huge leaf spans a mixed range, a mismatched access is a memory-fault
-//! exit, a failed conversion changes no attribute, and stats equal a
-//! recount. On the TD, the module's S-EPT holds exactly the private leaves.
+//! exit naming the faulting page without the shared bit
+//! (`kvm_mmu_prepare_memory_fault_exit()`), a private fault with the slot
+//! deleted exits the same way (`kvm_handle_noslot_fault()`), attributes a
+//! range already has change nothing (`kvm_vm_set_mem_attributes()`), a
+//! fault on a uniform range maps the huge leaf over any table left there
+//! except on a TD's mirror (`kvm_tdp_mmu_map()`), a failed conversion
+//! changes no attribute, and stats equal a recount. On the TD, the module's
+//! S-EPT holds exactly the private leaves.
 #![no_main]
 
 use std::sync::Arc;
@@ -47,9 +53,12 @@ enum Op {
     },
     FaultAs {
         page: u16,
+        offset: u16,
         write: bool,
         private: bool,
     },
+    /// Deletes the slot, or adds it back.
+    ToggleSlot,
     Convert {
         first: u16,
         pages: u16,
@@ -99,13 +108,19 @@ fuzz_target!(|input: Input| {
     mmu.add_memslot(
         Memslot::new(0, Gfn(0), PAGES, Pfn(SHARED_HOST))
             .unwrap()
-            .with_private_memory(private),
+            .with_private_memory(private.clone()),
     )
     .unwrap();
     let shared_gpa = |gfn: u64| match vm_type {
         VmType::Td { shared_bit } => Gpa(Gfn(gfn).gpa().0 | 1 << shared_bit),
         _ => Gfn(gfn).gpa(),
     };
+    let slot = || {
+        Memslot::new(0, Gfn(0), PAGES, Pfn(SHARED_HOST))
+            .unwrap()
+            .with_private_memory(private.clone())
+    };
+    let mut slot_present = true;
     let mut vcpu = mmu.new_vcpu_caches();
     for op in input.ops.into_iter().take(64) {
         match op {
@@ -124,6 +139,20 @@ fuzz_target!(|input: Input| {
                             MemoryAttribute::Shared => Pfn(SHARED_HOST + gfn),
                         };
                         assert_eq!(t.hpa.pfn(), expected, "gfn {gfn:#x}");
+                        // A shared fault on a uniform 2 MiB range maps 2M,
+                        // over any 4K table a conversion left there.
+                        let region = Gfn(gfn).align_down(512);
+                        let uniform = mmu.memory_attributes().uniform(region, region + 512);
+                        if attribute == MemoryAttribute::Shared && uniform.is_some() {
+                            assert_eq!(t.level, Level::L2M, "gfn {gfn:#x}");
+                        }
+                    }
+                    Err(MmuError::NoSlot { .. }) => {
+                        assert!(!slot_present && attribute == MemoryAttribute::Shared);
+                    }
+                    Err(MmuError::MemoryFault { private: true, .. }) => {
+                        // `kvm_handle_noslot_fault()` on a private fault.
+                        assert!(!slot_present && attribute == MemoryAttribute::Private);
                     }
                     Err(MmuError::Cache(_) | MmuError::Hook(_)) => {}
                     Err(other) => panic!("fault of gfn {gfn:#x}: {other}"),
@@ -131,14 +160,16 @@ fuzz_target!(|input: Input| {
             }
             Op::FaultAs {
                 page,
+                offset,
                 write,
                 private,
             } => {
                 let gfn = u64::from(page) % PAGES;
+                let within = u64::from(offset) % 4096;
                 let gpa = if private {
-                    Gfn(gfn).gpa()
+                    Gpa(Gfn(gfn).gpa().0 | within)
                 } else {
-                    shared_gpa(gfn)
+                    Gpa(shared_gpa(gfn).0 | within)
                 };
                 let attribute = mmu.memory_attribute(Gfn(gfn));
                 match mmu.fault_as(
@@ -147,10 +178,27 @@ fuzz_target!(|input: Input| {
                     AccessKind::data(write),
                     MemoryAttribute::of_access(private),
                 ) {
-                    Ok(_) => assert_eq!(attribute == MemoryAttribute::Private, private),
-                    Err(MmuError::MemoryFault { private: p, .. }) => {
+                    Ok(_) => {
+                        assert!(slot_present);
+                        assert_eq!(attribute == MemoryAttribute::Private, private);
+                    }
+                    Err(MmuError::MemoryFault {
+                        gpa: exit_gpa,
+                        size,
+                        private: p,
+                    }) => {
+                        // The page, without the shared bit, one page long.
+                        assert_eq!((exit_gpa, size), (Gfn(gfn).gpa(), 4096));
                         assert_eq!(p, private);
-                        assert_ne!(attribute == MemoryAttribute::Private, private);
+                        // A mismatch, or a private fault with no slot.
+                        assert!(
+                            (attribute == MemoryAttribute::Private) != private
+                                || (!slot_present && private)
+                        );
+                    }
+                    Err(MmuError::NoSlot { .. }) => {
+                        assert!(!slot_present && !private);
+                        assert_eq!(attribute, MemoryAttribute::Shared);
                     }
                     Err(MmuError::Cache(_) | MmuError::Hook(_)) => {}
                     Err(other) => panic!("fault_as of gfn {gfn:#x}: {other}"),
@@ -169,12 +217,19 @@ fuzz_target!(|input: Input| {
                     MemoryAttribute::Shared
                 };
                 let before = mmu.memory_attributes();
+                let stats = mmu.page_stats();
+                let already = before.uniform(Gfn(start), Gfn(end)) == Some(attribute);
                 match mmu.set_memory_attributes(Gfn(start), Gfn(end), attribute) {
-                    Ok(_) => {
+                    Ok(change) => {
                         assert_eq!(
                             mmu.memory_attributes().uniform(Gfn(start), Gfn(end)),
                             Some(attribute)
                         );
+                        if already {
+                            // Nothing to do: nothing zapped or split.
+                            assert_eq!(change, split::AttributeChange::default());
+                            assert_eq!(mmu.page_stats(), stats);
+                        }
                     }
                     Err(MmuError::Cache(_) | MmuError::Hook(_)) => {
                         // Nothing recorded: the attributes are as they were.
@@ -190,6 +245,17 @@ fuzz_target!(|input: Input| {
                 let start = u64::from(first) % PAGES;
                 let end = (start + 1 + u64::from(pages) % 1100).min(PAGES);
                 let _ = mmu.zap_range(Gfn(start), Gfn(end));
+            }
+            Op::ToggleSlot => {
+                if slot_present {
+                    mmu.remove_memslot(0).expect("the slot is there");
+                } else {
+                    // A slot add may fail while the allocator fails.
+                    if mmu.add_memslot(slot()).is_err() {
+                        continue;
+                    }
+                }
+                slot_present = !slot_present;
             }
             Op::Fail { k } => failing.set_policy(match k % 8 {
                 0 => FailPolicy::Never,

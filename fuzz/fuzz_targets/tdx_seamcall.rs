@@ -52,6 +52,8 @@ enum Op {
         gpa: u8,
         page: u8,
         pair: Option<u8>,
+        /// The same page as both halves of the pair.
+        same: bool,
     },
     Unblock {
         gpa: u16,
@@ -64,6 +66,8 @@ enum Op {
         region: u8,
         pages: u8,
         undo: bool,
+        /// The same page as both halves of the pair.
+        same: bool,
     },
     PamtRemove {
         region: u8,
@@ -168,10 +172,15 @@ fuzz_target!(|ops: Vec<Op>| {
                 let _ =
                     module.sept_remove(Gpa(u64::from(gpa) << (12 + 9 * u32::from(lvl.get()))), lvl);
             }
-            Op::Demote { gpa, page, pair } => {
+            Op::Demote {
+                gpa,
+                page,
+                pair,
+                same,
+            } => {
                 let pair = pair.map(|p| {
                     let base = PAMT + (1 << 30) + u64::from(p) * 8192;
-                    [Hpa(base), Hpa(base + 4096)]
+                    [Hpa(base), Hpa(if same { base } else { base + 4096 })]
                 });
                 let result = module.page_demote(
                     Gpa(u64::from(gpa) << 21),
@@ -181,6 +190,13 @@ fuzz_target!(|ops: Vec<Op>| {
                 );
                 if result.is_ok() {
                     assert!(pair.is_some(), "a 2M DEMOTE needs the PAMT pair");
+                    assert!(!same, "DEMOTE took one page as both PAMT pages");
+                }
+                // `pamt_demote()` never compares the two: the second bitmap
+                // test-and-set fails, TDX_PAGE_NOT_FREE, never
+                // TDX_OPERAND_INVALID.
+                if same {
+                    assert_ne!(result, Err(tdx_ext::TdxStatus::OperandInvalid));
                 }
             }
             Op::Wbinvd { page } => {
@@ -190,13 +206,13 @@ fuzz_target!(|ops: Vec<Op>| {
                 region,
                 pages,
                 undo,
+                same,
             } => {
                 let region =
                     [SEPT, GUEST][usize::from(region & 1)] + (u64::from(region >> 1) << 21);
-                let pair = [
-                    Hpa(PAMT + u64::from(pages) * 8192),
-                    Hpa(PAMT + u64::from(pages) * 8192 + 4096),
-                ];
+                let first = PAMT + u64::from(pages) * 8192;
+                let pair = [Hpa(first), Hpa(if same { first } else { first + 4096 })];
+                let had_pair = module.pamt_pair(Hpa(region)).is_some();
                 let mapped_2m = module.leaves().values().any(|&(page, _)| {
                     page == Hpa(region)
                         && module.page_state(page) == Some(PageState::Guest { level: 2 })
@@ -204,6 +220,15 @@ fuzz_target!(|ops: Vec<Op>| {
                 let added = module.pamt_add(Hpa(region), pair);
                 if mapped_2m {
                     assert_eq!(added, Err(tdx_ext::TdxStatus::HpaRangeNotFree));
+                } else if same && !had_pair {
+                    // `tdh_phymem_pamt_add()`: the second PAMT_PAGE_BITMAP
+                    // test-and-set fails.
+                    assert_eq!(added, Err(tdx_ext::TdxStatus::PageNotFree));
+                }
+                // Decoding the module's published values (Dynamic PAMT
+                // codes from tdx_error_codes_defs.h) gives each status back.
+                if let Err(status) = added {
+                    assert_eq!(tdx_ext::TdxStatus::from_raw(status.raw()), status);
                 }
                 if added.is_ok() && undo {
                     assert_eq!(

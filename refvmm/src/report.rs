@@ -112,9 +112,11 @@ pub struct ConvertFigures {
     pub pages_before: Pages,
     /// Leaf counts at the end.
     pub pages_after: Pages,
-    /// HugeTLB pages the private file split.
+    /// Split steps of the private HugeTLB file (`FileMetrics::splits`): a
+    /// 2 MiB page onto 4 KiB pages counts one; a 1 GiB page counts one for
+    /// its 2 MiB pieces and one more for each piece that goes on to 4 KiB.
     pub hugetlb_splits: u64,
-    /// HugeTLB pages merged back.
+    /// Merge steps, the reverse of each split step, counted the same way.
     pub hugetlb_merges: u64,
     /// PAMT pages in use at the end (a TD).
     pub pamt_pages: Option<u64>,
@@ -346,7 +348,7 @@ impl Report {
                 .map_or_else(String::new, |p| format!(", {p} PAMT pages in use"));
             let _ = writeln!(
                 out,
-                "  HugeTLB pages split {}, merged {}; {} pages checked{pamt}",
+                "  HugeTLB split steps {}, merge steps {}; {} pages checked{pamt}",
                 c.hugetlb_splits, c.hugetlb_merges, c.pages_checked
             );
         }

@@ -164,6 +164,15 @@ pub trait ExternalPageTable: Send + Sync {
         false
     }
 
+    /// Whether the hooks keep a mirror of the tree (a TD's S-EPT): then a
+    /// fault never puts a huge leaf over an existing table, as the kernel
+    /// disallows page merging on the mirror root (the external side would
+    /// need a PROMOTE). Only hooks that mirror nothing say no. Read once,
+    /// at construction.
+    fn mirrors(&self) -> bool {
+        true
+    }
+
     /// The largest leaf the external side maps (a TD maps 4K and 2M only,
     /// so KVM caps its private leaves at 2M). Read once, at construction.
     fn max_leaf_level(&self) -> Level {
@@ -261,4 +270,8 @@ pub trait ExternalPageTable: Send + Sync {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct NoExternal;
 
-impl ExternalPageTable for NoExternal {}
+impl ExternalPageTable for NoExternal {
+    fn mirrors(&self) -> bool {
+        false
+    }
+}

@@ -647,3 +647,111 @@ fn a_vm_with_no_private_memory_takes_attributes_zero_as_a_no_op() {
         Err(MmuError::AttributeRange { .. })
     ));
 }
+
+/// Once a range is uniform again, the next fault with a 2 MiB goal puts the
+/// 2 MiB leaf over the 4 KiB table the conversion left, and the table goes:
+/// `kvm_tdp_mmu_map()` stops at the goal level and
+/// `tdp_mmu_map_handle_target_level()` replaces whatever is there, a
+/// non-leaf SPTE included (whose child table `handle_removed_pt()` frees).
+/// The TDX huge-page series adds "Disallow page merging for the mirror
+/// root" because direct roots do merge: on a TD only the mirror keeps its
+/// table.
+#[test]
+fn a_fault_on_a_uniform_range_puts_the_huge_leaf_over_the_old_table() {
+    let mmu = protected(VmType::SoftwareProtected, FakeFile::new(9));
+    let mut vcpu = mmu.new_vcpu_caches();
+    let region = Gfn(0x200);
+    mmu.fault(&mut vcpu, region.gpa(), AccessKind::Write)
+        .unwrap();
+    assert_eq!(mmu.translate(region.gpa()).unwrap().level, Level::L2M);
+    // One page private: the huge leaf goes, and shared faults map 4K.
+    mmu.set_memory_attributes(region + 1, region + 2, MemoryAttribute::Private)
+        .unwrap();
+    for page in [0, 2, 3, 100] {
+        let t = mmu
+            .fault(&mut vcpu, (region + page).gpa(), AccessKind::Write)
+            .unwrap();
+        assert_eq!(t.level, Level::L4K);
+    }
+    let t = mmu
+        .fault(&mut vcpu, (region + 1).gpa(), AccessKind::Write)
+        .unwrap();
+    assert_eq!(
+        (t.level, t.hpa),
+        (Level::L4K, Pfn(PRIVATE_HOST + 0x201).hpa())
+    );
+    let before = checked_stats(&mmu);
+    assert_eq!((before.pages_4k, before.pages_2m), (5, 0));
+    let tables = mmu.live_tables();
+    // Uniform again: the conversion zaps only the private page.
+    mmu.set_memory_attributes(region + 1, region + 2, MemoryAttribute::Shared)
+        .unwrap();
+    assert_eq!(checked_stats(&mmu).pages_4k, 4);
+    // A fault anywhere in the region maps 2M over the table.
+    let t = mmu
+        .fault(&mut vcpu, (region + 7).gpa(), AccessKind::Read)
+        .unwrap();
+    assert_eq!(t.level, Level::L2M);
+    assert_eq!(t.hpa, Pfn(SHARED_HOST + 0x207).hpa());
+    assert_eq!(mmu.counters().merges, 1);
+    let after = checked_stats(&mmu);
+    assert_eq!((after.pages_4k, after.pages_2m), (0, 1));
+    assert_eq!(mmu.live_tables(), tables - 1, "the 4K table is freed");
+    for page in [0, 2, 3, 100, 511] {
+        assert_eq!(
+            mmu.translate((region + page).gpa()).unwrap().level,
+            Level::L2M
+        );
+    }
+}
+
+#[test]
+fn a_tds_mirror_keeps_its_table_and_its_shared_tree_merges() {
+    let shared_bit = 47;
+    let mmu = protected(VmType::Td { shared_bit }, FakeFile::new(9));
+    let mut vcpu = mmu.new_vcpu_caches();
+    let region = Gfn(0x400);
+    mmu.set_memory_attributes(region, region + 512, MemoryAttribute::Private)
+        .unwrap();
+    mmu.set_memory_attributes(region + 5, region + 6, MemoryAttribute::Shared)
+        .unwrap();
+    // Mixed: private 4K leaves in the mirror, a shared 4K leaf in the
+    // shared tree.
+    for page in [0, 1, 2] {
+        let t = mmu
+            .fault(&mut vcpu, (region + page).gpa(), AccessKind::Write)
+            .unwrap();
+        assert_eq!(t.level, Level::L4K);
+    }
+    let shared = |gfn: Gfn| Gpa((1 << shared_bit) | gfn.gpa().0);
+    let t = mmu
+        .fault(&mut vcpu, shared(region + 5), AccessKind::Write)
+        .unwrap();
+    assert_eq!(t.level, Level::L4K);
+    // Uniform private: the mirror does not merge, it maps 4K in its table.
+    mmu.set_memory_attributes(region + 5, region + 6, MemoryAttribute::Private)
+        .unwrap();
+    let t = mmu
+        .fault(&mut vcpu, (region + 9).gpa(), AccessKind::Write)
+        .unwrap();
+    assert_eq!(t.level, Level::L4K);
+    assert_eq!(mmu.counters().merges, 0);
+    // The shared tree: the range uniform shared again after a mixed spell.
+    let low = Gfn(0x800);
+    mmu.set_memory_attributes(low, low + 512, MemoryAttribute::Shared)
+        .unwrap();
+    mmu.set_memory_attributes(low + 3, low + 4, MemoryAttribute::Private)
+        .unwrap();
+    let t = mmu
+        .fault(&mut vcpu, shared(low), AccessKind::Write)
+        .unwrap();
+    assert_eq!(t.level, Level::L4K);
+    mmu.set_memory_attributes(low + 3, low + 4, MemoryAttribute::Shared)
+        .unwrap();
+    let t = mmu
+        .fault(&mut vcpu, shared(low + 8), AccessKind::Write)
+        .unwrap();
+    assert_eq!(t.level, Level::L2M);
+    assert_eq!(mmu.counters().merges, 1);
+    checked_stats(&mmu);
+}

@@ -563,8 +563,12 @@ impl GuestMemFile {
 
     /// Converts `[offset, offset + len)` (page aligned, inside the file) to
     /// `to`. Host views fault on private pages from now on. On HugeTLB, a
-    /// huge page that becomes mixed is split into 4 KiB backing, and one
-    /// that becomes uniform again is merged back; data is kept either way.
+    /// huge page that becomes mixed is split, and one that becomes uniform
+    /// again is merged back; data is kept either way. A 2 MiB page splits
+    /// onto 4 KiB pages in one step; a 1 GiB page in two tiers, into 2 MiB
+    /// pieces and then only its mixed pieces onto 4 KiB pages (or onto 4 KiB
+    /// pages whole where the 2 MiB pool is short). [`FileMetrics`] counts
+    /// each step.
     ///
     /// The caller must not let the guest access the range while it is
     /// converted (as KVM requires of private/shared conversions).

@@ -47,8 +47,8 @@ impl TdpMmu {
         gfn: u64,
     ) -> Option<(&[AtomicU64; 512], usize, Level, Entry)> {
         let shared = tree == Tree::Shared;
-        // Stable while the caller holds the lock: it moves only under the
-        // write lock.
+        // A fault that merges may move it under the shared lock too; the
+        // table it unlinks stays allocated until the write lock.
         let generation = self.table_generation.load(Ordering::Relaxed);
         let cached = *walk;
         if cached.mmu == self.id
@@ -57,9 +57,11 @@ impl TdpMmu {
             && cached.shared == shared
         {
             // SAFETY: the table was linked for this region of this MMU when
-            // it was cached, and no table has been unlinked since (the
-            // generation is unchanged), so it is still linked there; the
-            // caller's lock keeps it so.
+            // it was cached, and no table had been unlinked since when the
+            // generation was read. A merge may unlink it now, under the
+            // shared lock, but it is only retired (its entries frozen, read
+            // as not present) and freed under the write lock, which the
+            // caller's lock excludes.
             let table = unsafe { entries(cached.table_hpa) };
             let index = Level::L4K.index(gfn);
             let entry = load(table, index);

@@ -243,8 +243,20 @@ impl TdpMmu {
                 return Next::Stop(Ok(self.touch_leaf(step, write)));
             }
             if entry.is_present() && !entry.is_leaf(level) {
-                // A table, above the goal or where a huge leaf could go (left
-                // by dirty logging): map inside it.
+                // A table where the huge leaf of the goal goes (left by a
+                // conversion or by dirty logging): `kvm_tdp_mmu_map()`
+                // stops at the goal level and puts the leaf over it, on
+                // every tree but a TD's mirror, which keeps its tables.
+                if at_goal && self.merges_tables(tree) {
+                    return Next::Stop(self.merge_table(
+                        step,
+                        slot,
+                        frame.source,
+                        write,
+                        caches.hook_state(),
+                    ));
+                }
+                // A table above the goal: map inside it.
                 return Next::Descend(entry.addr(level));
             }
             if at_goal {
@@ -329,15 +341,7 @@ impl TdpMmu {
             ..
         } = step;
         let base_gfn = step.base_gfn();
-        let base_pfn = match source {
-            FrameSource::Slot => slot.host_pfn(Gfn(base_gfn)),
-            FrameSource::Private { pfn, .. } => Pfn(pfn.0 - (gfn - base_gfn)),
-        };
-        let mut leaf =
-            Entry::leaf(level, base_pfn.hpa().0, ept::RWX, self.config.memtype)?.with(ACCESSED);
-        if write {
-            leaf = leaf.with(DIRTY);
-        }
+        let leaf = self.new_leaf(slot, source, level, gfn, base_gfn, write)?;
         let old = Entry::NON_PRESENT;
         if !cas(table, index, old, Entry::from_bits(FROZEN)) {
             return Ok(None);
@@ -355,6 +359,26 @@ impl TdpMmu {
         table[index].store(leaf.bits(), Ordering::Release);
         self.counters.add_leaves(level, 1);
         Ok(Some(self.translation(leaf, level, gfn)))
+    }
+
+    /// The leaf of `level` that maps `gfn` (its first frame `base_gfn`)
+    /// from `source`, accessed, and dirty for a write.
+    pub(super) fn new_leaf(
+        &self,
+        slot: &Memslot,
+        source: FrameSource,
+        level: Level,
+        gfn: u64,
+        base_gfn: u64,
+        write: bool,
+    ) -> Result<Entry, MmuError> {
+        let base_pfn = match source {
+            FrameSource::Slot => slot.host_pfn(Gfn(base_gfn)),
+            FrameSource::Private { pfn, .. } => Pfn(pfn.0 - (gfn - base_gfn)),
+        };
+        let leaf =
+            Entry::leaf(level, base_pfn.hpa().0, ept::RWX, self.config.memtype)?.with(ACCESSED);
+        Ok(if write { leaf.with(DIRTY) } else { leaf })
     }
 
     /// Links a new empty table at the walk's non-present entry. Returns the

@@ -8,6 +8,7 @@ mod config;
 mod dirty;
 mod error;
 mod fault;
+mod merge;
 mod split;
 mod stats;
 mod vcpu;
@@ -124,6 +125,8 @@ pub struct TdpMmu {
     split_caches: Mutex<VcpuCaches>,
     hooks: Arc<dyn ExternalPageTable>,
     external_tables: bool,
+    /// Whether the hooks mirror the main tree (no merges there).
+    mirrored: bool,
     external_pool: Arc<PagePool<ExternalTablePage>>,
     /// The largest leaf the hooks take.
     max_leaf: Level,
@@ -131,9 +134,15 @@ pub struct TdpMmu {
     counters: Counters,
     /// Tells this MMU's entries in the per-vCPU walk caches from another's.
     id: u64,
-    /// Bumped whenever a table is unlinked (under the write lock): a walk
-    /// cache entry taken at an older generation may name a freed table.
+    /// Bumped whenever a table is unlinked: a walk cache entry taken at an
+    /// older generation may name an unlinked table (still allocated while
+    /// any shared holder may see it, see `retired`).
     table_generation: AtomicU64,
+    /// Tables a fault unlinked under the shared lock (a huge leaf put over
+    /// them): a stack threaded through each table's first entry, freed
+    /// when the write lock is next taken, when no walker can be inside one
+    /// (the grace period the kernel gets from RCU). 0: empty.
+    retired: AtomicU64,
 }
 
 /// Identifiers of MMUs; 0 is never given, so an empty walk cache matches
@@ -207,6 +216,7 @@ impl TdpMmu {
         };
         let header_slab = Slab::new(pool.for_kind(), None)?;
         let external_tables = hooks.external_tables();
+        let mirrored = hooks.mirrors();
         let max_leaf = hooks.max_leaf_level();
         let external_pool = hooks.external_pool().unwrap_or_else(|| pool.for_kind());
         let split_caches = VcpuCaches {
@@ -236,12 +246,14 @@ impl TdpMmu {
             split_caches: Mutex::new(split_caches),
             hooks,
             external_tables,
+            mirrored,
             external_pool,
             max_leaf,
             torn_down: std::sync::atomic::AtomicBool::new(false),
             counters: Counters::default(),
             id: NEXT_MMU_ID.fetch_add(1, Ordering::Relaxed),
             table_generation: AtomicU64::new(0),
+            retired: AtomicU64::new(0),
         })
     }
     /// Whether the MMU provides an external page for every table.
@@ -269,8 +281,12 @@ impl TdpMmu {
         self.lock.read()
     }
 
+    /// The write lock; tables retired under the shared lock are freed
+    /// first, now that no walker can be inside one.
     fn write_lock(&self) -> WriteGuard<'_> {
-        self.lock.write()
+        let guard = self.lock.write();
+        self.free_retired_tables();
+        guard
     }
 
     fn table_map(&self) -> MutexGuard<'_, PageMap<mmu_cache::SlabBox<TableHeader>>> {

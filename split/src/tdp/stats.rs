@@ -37,6 +37,9 @@ pub struct MmuCounters {
     pub memory_faults: u64,
     /// Calls of [`TdpMmu::set_memory_attributes`] that changed frames.
     pub conversions: u64,
+    /// Tables a fault replaced with a huge leaf at its goal level (a range
+    /// uniform again, on a tree that merges).
+    pub merges: u64,
 }
 
 /// The MMU's counters, each a slot of [`Counters`].
@@ -53,10 +56,11 @@ pub(super) enum Count {
     ExternalLeaked,
     MemoryFaults,
     Conversions,
+    Merges,
 }
 
 /// Leaf counts come after the work counters.
-const LEAVES: usize = Count::Conversions as usize + 1;
+const LEAVES: usize = Count::Merges as usize + 1;
 
 /// Work counters and leaf counts, sharded per thread: a fault bumps its own
 /// thread's cache line, never one that every vCPU writes.
@@ -170,6 +174,7 @@ impl TdpMmu {
             external_leaked: c.get(Count::ExternalLeaked),
             memory_faults: c.get(Count::MemoryFaults),
             conversions: c.get(Count::Conversions),
+            merges: c.get(Count::Merges),
         }
     }
 }

@@ -186,7 +186,7 @@ impl TdpMmu {
         }
     }
 
-    fn free_table(&self, hpa: u64) {
+    pub(super) fn free_table(&self, hpa: u64) {
         let header = self.remove_table(hpa);
         debug_assert!(header.is_some(), "table {hpa:#x} has no header");
         drop(header);
