@@ -209,8 +209,9 @@ pub unsafe extern "C" fn mmukit_tdp_mmu_add_private_slot(
 /// private (`MMUKIT_MEMORY_ATTRIBUTE_PRIVATE`) or shared (0). Their old
 /// mappings are zapped first (a TD's private huge leaf split at the edges),
 /// and the bound guest memory files convert too (splitting or merging
-/// HugeTLB pages). -EINVAL for unknown bits, an empty or too wide range, or
-/// a VM without private memory.
+/// HugeTLB pages). Attributes a range already has change nothing (0 on a
+/// VM without private memory included). -EINVAL for unknown bits, an empty
+/// or too wide range, or the private bit on a VM without private memory.
 ///
 /// # Safety
 ///

@@ -66,10 +66,13 @@ static void software_protected(void) {
     mmukit_tdp_mmu_destroy(mmu);
     mmukit_gmem_destroy(file);
 
-    /* A default VM has no memory attributes. */
+    /* A default VM supports no attribute bits: private is -EINVAL, and
+       attributes 0 pass the mask check (attributes & ~supported) and change
+       nothing, as kvm_vm_ioctl_set_mem_attributes() has it. */
     CHECK(mmukit_tdp_mmu_new(4, true, &mmu) == 0);
     CHECK(mmukit_tdp_mmu_set_memory_attributes(mmu, 0, 1, MMUKIT_MEMORY_ATTRIBUTE_PRIVATE)
           == -EINVAL);
+    CHECK(mmukit_tdp_mmu_set_memory_attributes(mmu, 0, 16, 0) == 0);
     mmukit_tdp_mmu_destroy(mmu);
 }
 
