@@ -312,29 +312,42 @@ fn split_merge_1g() {
     };
     let view = file.map(0, gib).expect("map");
     view.fill(0, gib, 0x44).expect("fill");
-    let start = Instant::now();
-    file.convert(0x5000, 4096, Attribute::Private)
-        .expect("split");
-    let split = start.elapsed();
-    let after_split = file.metrics();
-    let order_elsewhere = file.page_order(gib / 2);
-    let start = Instant::now();
-    file.convert(0x5000, 4096, Attribute::Shared)
-        .expect("merge");
-    let merge = start.elapsed();
+    // Best of three round trips: the first also pays the host's first
+    // touch of the 2 MiB pages the pieces take.
+    let (mut split, mut merge, mut split_copy) = (Duration::MAX, Duration::MAX, Duration::MAX);
+    let (mut tiers, mut order_elsewhere) = (0, 0);
+    for _ in 0..3 {
+        let before = file.metrics();
+        let start = Instant::now();
+        file.convert(0x5000, 4096, Attribute::Private)
+            .expect("split");
+        let elapsed = start.elapsed();
+        let after = file.metrics();
+        tiers = after.splits - before.splits;
+        if elapsed < split {
+            split = elapsed;
+            split_copy = after.copy_time - before.copy_time;
+        }
+        order_elsewhere = file.page_order(gib / 2);
+        let start = Instant::now();
+        file.convert(0x5000, 4096, Attribute::Shared)
+            .expect("merge");
+        merge = merge.min(start.elapsed());
+    }
+
     let src = vec![1u8; gib as usize];
     let mut dst = vec![0u8; gib as usize];
     dst.copy_from_slice(&src);
     let start = Instant::now();
     black_box(&mut dst).copy_from_slice(black_box(&src));
     let copy = start.elapsed();
-    let (pieces, pages) = if after_split.splits == 2 {
+    let (pieces, pages) = if tiers == 2 {
         ("1 GiB of 2 MiB pieces", "2 MiB")
     } else {
         ("no 2 MiB pieces (pool too small)", "1 GiB")
     };
     println!(
-        "hugetlb 1G 4 KiB conversion: split {split:>8.1?}  merge {merge:>8.1?}  (1 GiB copy {copy:>7.1?}: ratios {:.2} / {:.2}); held while split: {pieces}, {pages} of 4 KiB pages; the other pieces map at order {order_elsewhere}",
+        "hugetlb 1G 4 KiB conversion: split {split:>8.1?} (copying {split_copy:>7.1?})  merge {merge:>8.1?}  (1 GiB copy {copy:>7.1?}: ratios {:.2} / {:.2}); held while split: {pieces}, {pages} of 4 KiB pages; the other pieces map at order {order_elsewhere}",
         split.as_secs_f64() / copy.as_secs_f64(),
         merge.as_secs_f64() / copy.as_secs_f64(),
     );

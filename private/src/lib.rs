@@ -313,6 +313,7 @@ impl PrivateMemoryVm {
             sum.split_now += m.split_now;
             sum.split_time += m.split_time;
             sum.merge_time += m.merge_time;
+            sum.copy_time += m.copy_time;
             sum.to_private += m.to_private;
             sum.to_shared += m.to_shared;
         }

@@ -89,21 +89,37 @@ fn main() {
             .unwrap();
     }
     let (mut to_shared, mut to_private) = (Duration::ZERO, Duration::ZERO);
+    // Where the time goes: the file's copy (the destination pages taken as
+    // they are written) and remaps (split_time and merge_time less the
+    // copies); the rest is the MMU and the SEAMCALLs (BLOCK, TRACK, DEMOTE,
+    // PAGE.REMOVE; PAGE.AUG on the way back).
+    let (mut shared_copy, mut shared_file) = (Duration::ZERO, Duration::ZERO);
+    let (mut private_copy, mut private_file) = (Duration::ZERO, Duration::ZERO);
+    let mut shared_calls = 0;
     for huge in 0..huge_pages {
         let page = Gfn(huge * MIB2_PAGES + 77);
+        let (before, calls) = (td.vm.file_metrics(), seamcalls(&td));
         let start = Instant::now();
         let report = td
             .vm
             .convert(page, page + 1, MemoryAttribute::Shared)
             .unwrap();
         to_shared += start.elapsed();
+        let after = td.vm.file_metrics();
+        shared_copy += after.copy_time - before.copy_time;
+        shared_file += after.split_time - before.split_time;
+        shared_calls += seamcalls(&td) - calls;
         assert_eq!((report.mmu.splits, report.file_splits), (1, 1));
+        let before = after;
         let start = Instant::now();
         let report = td
             .vm
             .convert(page, page + 1, MemoryAttribute::Private)
             .unwrap();
         to_private += start.elapsed();
+        let after = td.vm.file_metrics();
+        private_copy += after.copy_time - before.copy_time;
+        private_file += after.merge_time - before.merge_time;
         assert_eq!(report.file_merges, 1);
     }
     let per = |total: Duration| total / huge_pages as u32;
@@ -123,6 +139,29 @@ fn main() {
         per(to_private).as_secs_f64() / copy.as_secs_f64()
     );
     println!("({huge_pages} round trips)");
+    println!();
+    println!("| where the time goes | copy | remap views | MMU and SEAMCALLs |");
+    println!("|---|---|---|---|");
+    let part = |what: Duration, total: Duration| {
+        format!(
+            "{:?} ({:.0}%)",
+            per(what),
+            100.0 * what.as_secs_f64() / total.as_secs_f64()
+        )
+    };
+    println!(
+        "| to shared ({} SEAMCALLs each) | {} | {} | {} |",
+        shared_calls / huge_pages,
+        part(shared_copy, to_shared),
+        part(shared_file - shared_copy, to_shared),
+        part(to_shared.saturating_sub(shared_file), to_shared)
+    );
+    println!(
+        "| back to private | {} | {} | {} |",
+        part(private_copy, to_private),
+        part(private_file - private_copy, to_private),
+        part(to_private.saturating_sub(private_file), to_private)
+    );
     drop(vcpu);
     td.mmu().teardown().unwrap();
     drop(td);

@@ -3,7 +3,8 @@
 //! that makes an access raise SIGBUS. A leaf: it knows descriptors and
 //! mappings, nothing of files or views.
 
-use std::os::fd::OwnedFd;
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
 
 use super::error::GmemError;
 use crate::sys::{self, Mapping};
@@ -113,6 +114,175 @@ pub(super) unsafe fn copy_range(from: &Mapping, to: &Mapping, offset: u64, len: 
             len as usize,
         )
     };
+}
+
+/// Writes `[offset, offset + len)` of the internal mapping `from` into the
+/// same offsets of the shmem file `to` with `pwrite(2)`: the kernel takes
+/// each page and fills it from the data in one pass (a write of whole pages
+/// leaves them uncleared), where populating first would clear every page
+/// and then copy over it.
+///
+/// # Safety
+///
+/// Nothing may access the source range while it runs (a split moves a page
+/// nothing uses).
+pub(super) unsafe fn write_range_into(
+    from: &Mapping,
+    to: &OwnedFd,
+    offset: u64,
+    len: u64,
+) -> Result<(), GmemError> {
+    assert!(offset + len <= from.len() as u64);
+    let mut done = 0;
+    while done < len {
+        // SAFETY: inside the mapping (asserted); the kernel reads it.
+        let src = unsafe { from.addr().add((offset + done) as usize) };
+        // SAFETY: `src` is valid for reads of the rest of the range.
+        let wrote = unsafe {
+            libc::pwrite(
+                to.as_raw_fd(),
+                src.cast(),
+                (len - done) as usize,
+                (offset + done) as libc::off_t,
+            )
+        };
+        if wrote <= 0 {
+            let err = if wrote == 0 {
+                io::Error::from_raw_os_error(libc::ENOSPC)
+            } else {
+                io::Error::last_os_error()
+            };
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(GmemError::os("pwrite")(err));
+        }
+        done += wrote as u64;
+    }
+    Ok(())
+}
+
+/// Reads `[offset, offset + len)` of the file `from` into the same offsets
+/// of the internal mapping `to` with `pread(2)`: no fault on a mapping of
+/// the file, whose pages a write put in the file only.
+///
+/// # Safety
+///
+/// Nothing may access the destination range while it runs (a merge moves a
+/// page nothing uses).
+pub(super) unsafe fn read_range_from(
+    from: &OwnedFd,
+    to: &Mapping,
+    offset: u64,
+    len: u64,
+) -> Result<(), GmemError> {
+    assert!(offset + len <= to.len() as u64);
+    let mut done = 0;
+    while done < len {
+        // SAFETY: inside the mapping (asserted); the kernel writes it.
+        let dst = unsafe { to.addr().add((offset + done) as usize) };
+        // SAFETY: `dst` is valid for writes of the rest of the range.
+        let read = unsafe {
+            libc::pread(
+                from.as_raw_fd(),
+                dst.cast(),
+                (len - done) as usize,
+                (offset + done) as libc::off_t,
+            )
+        };
+        if read <= 0 {
+            let err = if read == 0 {
+                io::Error::from_raw_os_error(libc::EIO)
+            } else {
+                io::Error::last_os_error()
+            };
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(GmemError::os("pread")(err));
+        }
+        done += read as u64;
+    }
+    Ok(())
+}
+
+/// Copies `[offset, offset + len)` from the internal mapping `from` into
+/// the same offsets of `to`, taking `to`'s pages as it goes: the range is
+/// cut in `granule`-aligned parts, and each of up to `threads` threads
+/// populates a part of `to` (the kernel clears each new page) and copies
+/// into it while the page is still in cache, so the clearing and the copy
+/// run on every thread at once. A page the destination cannot take fails
+/// the populate, with ENOMEM.
+///
+/// # Safety
+///
+/// Nothing may access either range while it runs (a split moves a page
+/// nothing uses); the two mappings are of different files.
+pub(super) unsafe fn populate_and_copy(
+    from: &Mapping,
+    to: &Mapping,
+    offset: u64,
+    len: u64,
+    granule: u64,
+    threads: usize,
+) -> Result<(), GmemError> {
+    let end = offset + len;
+    assert!(end <= from.len() as u64 && end <= to.len() as u64 && from.addr() != to.addr());
+    let parts = len.div_ceil(granule).max(1);
+    let threads = (threads.max(1) as u64).min(parts);
+    let per_thread = parts.div_ceil(threads) * granule;
+    let (from_addr, to_addr) = (from.addr() as usize, to.addr() as usize);
+    let part = |start: u64| -> Result<(), GmemError> {
+        let stop = (start + per_thread).min(end);
+        let mut at = start;
+        // A granule at a time: populate, then copy while it is warm.
+        while at < stop {
+            let step = granule.min(stop - at);
+            // SAFETY: inside `to` (asserted); populating changes no data.
+            unsafe {
+                sys::madvise(
+                    (to_addr + at as usize) as *mut u8,
+                    step as usize,
+                    libc::MADV_POPULATE_WRITE,
+                )
+            }
+            .map_err(|err| {
+                // A HugeTLB page the pool cannot give is a SIGBUS the
+                // populate reports as EFAULT: the pool is short.
+                let err = if err.raw_os_error() == Some(libc::EFAULT) {
+                    io::Error::from_raw_os_error(libc::ENOMEM)
+                } else {
+                    err
+                };
+                GmemError::os("madvise(MADV_POPULATE_WRITE)")(err)
+            })?;
+            // SAFETY: both inside their mappings (asserted), of different
+            // files, unused while the split runs (the caller's word).
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    (from_addr + at as usize) as *const u8,
+                    (to_addr + at as usize) as *mut u8,
+                    step as usize,
+                )
+            };
+            at += step;
+        }
+        Ok(())
+    };
+    std::thread::scope(|scope| {
+        let others: Vec<_> = (1..threads)
+            .map(|t| {
+                let part = &part;
+                scope.spawn(move || part(offset + t * per_thread))
+            })
+            .collect();
+        let mut result = part(offset);
+        for other in others {
+            let joined = other.join().expect("a copy thread does not panic");
+            result = result.and(joined);
+        }
+        result
+    })
 }
 
 /// Asks for transparent huge pages on `[addr, addr + len)`; false when the

@@ -190,6 +190,10 @@ pub struct FileMetrics {
     pub split_time: Duration,
     /// Time spent merging.
     pub merge_time: Duration,
+    /// Of `split_time` and `merge_time`, the part that moved the data
+    /// (with what allocating the destination pages took); the rest remapped
+    /// the views.
+    pub copy_time: Duration,
     /// Pages converted to private.
     pub to_private: u64,
     /// Pages converted to shared.

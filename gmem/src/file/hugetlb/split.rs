@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use super::super::error::GmemError;
 use super::super::mapping::{
-    PUNCH_HOLE, copy_range, fallocate, map_whole, map_whole_sparse, populate,
+    PUNCH_HOLE, copy_range, fallocate, map_whole, map_whole_sparse, populate_and_copy,
+    read_range_from, write_range_into,
 };
 use super::super::{FileMetrics, FileState};
 use super::{Backing, HugetlbFile, Memory, PIECE, PageBacking, PieceBacking};
@@ -101,16 +102,26 @@ impl HugetlbFile {
         let start = Instant::now();
         let (offset, len) = (huge * self.page_size, self.page_size);
         let pieces = self.piece_backing(state)?;
-        fallocate(
-            &pieces.backing.fd,
-            libc::FALLOC_FL_KEEP_SIZE,
-            offset,
-            offset + len,
-        )?;
-        // SAFETY: the page is not accessed while it is split; the piece
-        // range was just allocated.
-        unsafe { copy_range(&self.master, &pieces.backing.map, offset, len) };
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+        // SAFETY: the page is not accessed while it is split, and the piece
+        // range is this page's alone.
+        let copied = unsafe {
+            populate_and_copy(
+                &self.master,
+                &pieces.backing.map,
+                offset,
+                len,
+                PIECE,
+                threads,
+            )
+        };
+        if let Err(err) = copied {
+            // Give back the pieces taken before the pool ran short.
+            let _ = fallocate(&pieces.backing.fd, PUNCH_HOLE, offset, offset + len);
+            return Err(err);
+        }
         pieces.tiered.insert(huge);
+        state.metrics.copy_time += start.elapsed();
         for view in &state.views {
             self.remap_view_huge_page(state, view.id, huge)?;
         }
@@ -125,13 +136,13 @@ impl HugetlbFile {
         self.page_backing(state)?;
         let unit = self.unit_of(&state.splits, offset);
         let (from, to) = match (unit.memory, &state.splits.on_pages) {
-            (Memory::Pieces(from), Some(to)) => (&from.map, &to.backing.map),
+            (Memory::Pieces(from), Some(to)) => (&from.map, &to.backing.fd),
             // Already on 4 KiB pages (or not in a tiered page at all).
             _ => return Ok(()),
         };
-        populate(to, offset, PIECE)?;
         // SAFETY: the piece is not accessed while it is split.
-        unsafe { copy_range(from, to, offset, PIECE) };
+        unsafe { write_range_into(from, to, offset, PIECE) }?;
+        state.metrics.copy_time += start.elapsed();
         self.set_piece_on_pages(state, piece, true);
         self.remap_views(state, offset, offset + PIECE)?;
         state.metrics.count_split(start);
@@ -147,7 +158,8 @@ impl HugetlbFile {
             return Ok(());
         };
         // SAFETY: as in `split_piece`.
-        unsafe { copy_range(&pages.backing.map, &pieces.backing.map, offset, PIECE) };
+        unsafe { read_range_from(&pages.backing.fd, &pieces.backing.map, offset, PIECE) }?;
+        state.metrics.copy_time += start.elapsed();
         self.set_piece_on_pages(state, piece, false);
         if let Err(err) = self.remap_views(state, offset, offset + PIECE) {
             // Views already moved see the same data as those left behind.
@@ -211,6 +223,7 @@ impl HugetlbFile {
         };
         // SAFETY: as in `split_tiered`.
         unsafe { copy_range(&pieces.backing.map, &self.master, offset, len) };
+        state.metrics.copy_time += start.elapsed();
         self.set_tiered(state, huge, false);
         if let Err(err) = self.remap_views(state, offset, offset + len) {
             self.set_tiered(state, huge, true);
@@ -253,10 +266,10 @@ impl HugetlbFile {
         let start = Instant::now();
         let offset = huge * self.page_size;
         let pages = self.page_backing(state)?;
-        populate(&pages.backing.map, offset, self.page_size)?;
         // SAFETY: the page is not accessed while it is split.
-        unsafe { copy_range(&self.master, &pages.backing.map, offset, self.page_size) };
+        unsafe { write_range_into(&self.master, &pages.backing.fd, offset, self.page_size) }?;
         pages.whole.insert(huge);
+        state.metrics.copy_time += start.elapsed();
         if let Some(pages) = &state.splits.on_pages {
             for view in &state.views {
                 self.remap_view_whole(state, view.id, huge, Memory::Pages(&pages.backing))?;
@@ -288,7 +301,8 @@ impl HugetlbFile {
             return Ok(());
         };
         // SAFETY: a merge expects no access to the page (see above).
-        unsafe { copy_range(&pages.backing.map, &self.master, offset, self.page_size) };
+        unsafe { read_range_from(&pages.backing.fd, &self.master, offset, self.page_size) }?;
+        state.metrics.copy_time += start.elapsed();
         let ids: Vec<u64> = state.views.iter().map(|v| v.id).collect();
         for (done, &id) in ids.iter().enumerate() {
             if let Err(err) = self.remap_view_whole(state, id, huge, Memory::File) {
