@@ -68,9 +68,11 @@ pub struct PassReport {
 /// What a migration did, for the source's report.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct SendReport {
-    /// Connecting and the header's answer.
+    /// Connecting and the header's answer (the destination prepares its
+    /// memory before it answers).
     pub setup_s: f64,
-    /// From the start of the full copy to the destination's word.
+    /// From connecting to the destination's word: the setup, every pass and
+    /// the switch-over.
     pub total_s: f64,
     /// From the vCPUs' stop to the destination's word.
     pub downtime_s: f64,
@@ -342,7 +344,9 @@ impl Sender {
         drop(writer);
         let reply = Reader::new(&mut self.control).reply()?;
         report.downtime_s = stopped.elapsed().as_secs_f64();
-        report.total_s = started.elapsed().as_secs_f64();
+        // From the connection on: the setup (header, the destination's
+        // preparation, accept) counts, as QEMU's `total-time` counts it.
+        report.total_s = self.setup_s + started.elapsed().as_secs_f64();
         report.bytes = report.passes.iter().map(|p| p.bytes).sum();
         match reply {
             Reply::TakenOver => Ok(report),

@@ -136,6 +136,10 @@ fn live_migration(address: Address, streams: u32) {
         assert!(report.passes.len() >= 2, "{report:?}");
         assert!(report.zero_pages_skipped > 0, "{report:?}");
         assert!(report.downtime_s > 0.0 && report.total_s >= report.downtime_s);
+        assert!(
+            report.total_s >= report.setup_s,
+            "the total counts the setup"
+        );
     });
     assert!(
         same(&source, &destination),

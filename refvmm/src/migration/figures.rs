@@ -33,7 +33,8 @@ pub struct MigrationFigures {
     pub why: Option<String>,
     /// Connecting and the header's answer (source).
     pub setup_s: f64,
-    /// From the start of the full copy to the take-over.
+    /// From connecting to the take-over, the setup included (source); from
+    /// the connection to the end of the stream (destination).
     pub total_s: f64,
     /// From the vCPUs' stop to the take-over (source).
     pub downtime_s: f64,
