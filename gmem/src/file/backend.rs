@@ -407,6 +407,27 @@ impl Storage for SecretFile {
     }
 }
 
+/// Drops the pages of `[start, end)` (inside `map`, checked by the caller)
+/// with `advice`, a punch of anonymous memory.
+fn drop_pages(
+    map: &Mapping,
+    start: u64,
+    end: u64,
+    advice: i32,
+    name: &'static str,
+) -> Result<(), GmemError> {
+    // SAFETY: inside the internal mapping; dropping the pages is the point,
+    // and readers go through raw pointers only.
+    unsafe {
+        sys::madvise(
+            map.addr().add(start as usize),
+            (end - start) as usize,
+            advice,
+        )
+    }
+    .map_err(GmemError::os(name))
+}
+
 /// Shared anonymous memory: views are second mappings of the same pages.
 #[derive(Debug)]
 struct AnonymousMemory {
@@ -433,16 +454,14 @@ impl Storage for AnonymousMemory {
     }
 
     fn punch(&self, _: &Inner, _: &FileState, start: u64, end: u64) -> Result<(), GmemError> {
-        // SAFETY: inside the internal mapping; dropping the pages is the
-        // point, and readers go through raw pointers only.
-        unsafe {
-            sys::madvise(
-                self.master.addr().add(start as usize),
-                (end - start) as usize,
-                libc::MADV_REMOVE,
-            )
-        }
-        .map_err(GmemError::os("madvise(MADV_REMOVE)"))
+        // Shmem pages dropped from the file read as zero afterwards.
+        drop_pages(
+            &self.master,
+            start,
+            end,
+            libc::MADV_REMOVE,
+            "madvise(MADV_REMOVE)",
+        )
     }
 
     /// A second mapping of the same pages (mremap with an old size of 0);
@@ -551,16 +570,13 @@ impl Storage for PrivateAnonymousMemory {
 
     fn punch(&self, _: &Inner, _: &FileState, start: u64, end: u64) -> Result<(), GmemError> {
         // Private anonymous pages dropped read as zero afterwards.
-        // SAFETY: inside the mapping; dropping the pages is the point, and
-        // readers go through raw pointers only.
-        unsafe {
-            sys::madvise(
-                self.memory.addr().add(start as usize),
-                (end - start) as usize,
-                libc::MADV_DONTNEED,
-            )
-        }
-        .map_err(GmemError::os("madvise(MADV_DONTNEED)"))
+        drop_pages(
+            &self.memory,
+            start,
+            end,
+            libc::MADV_DONTNEED,
+            "madvise(MADV_DONTNEED)",
+        )
     }
 
     fn map_view(&self, _: &Inner, _: &Mapping, _: u64, _: u64, _: i32) -> Result<(), GmemError> {

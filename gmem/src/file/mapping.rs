@@ -116,6 +116,63 @@ pub(super) unsafe fn copy_range(from: &Mapping, to: &Mapping, offset: u64, len: 
     };
 }
 
+/// The direction of a [`file_io`] between a mapping and a file.
+#[derive(Clone, Copy)]
+enum FileIo {
+    /// `pwrite(2)`: the mapping into the file.
+    Write,
+    /// `pread(2)`: the file into the mapping.
+    Read,
+}
+
+/// Moves `[offset, offset + len)` between the internal mapping `map` and
+/// the same offsets of the file `fd`, one `pwrite`/`pread` after another
+/// until all of it moved.
+///
+/// # Safety
+///
+/// Nothing may access the mapping's range while it runs.
+unsafe fn file_io(
+    io_kind: FileIo,
+    map: &Mapping,
+    fd: &OwnedFd,
+    offset: u64,
+    len: u64,
+) -> Result<(), GmemError> {
+    assert!(offset + len <= map.len() as u64);
+    let (name, at_end) = match io_kind {
+        FileIo::Write => ("pwrite", libc::ENOSPC),
+        FileIo::Read => ("pread", libc::EIO),
+    };
+    let mut done = 0;
+    while done < len {
+        // SAFETY: inside the mapping (asserted).
+        let at = unsafe { map.addr().add((offset + done) as usize) };
+        let (rest, file_offset) = ((len - done) as usize, (offset + done) as libc::off_t);
+        // SAFETY: `at` is valid for the rest of the range, which the
+        // caller keeps unused.
+        let moved = unsafe {
+            match io_kind {
+                FileIo::Write => libc::pwrite(fd.as_raw_fd(), at.cast(), rest, file_offset),
+                FileIo::Read => libc::pread(fd.as_raw_fd(), at.cast(), rest, file_offset),
+            }
+        };
+        if moved <= 0 {
+            let err = if moved == 0 {
+                io::Error::from_raw_os_error(at_end)
+            } else {
+                io::Error::last_os_error()
+            };
+            if err.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(GmemError::os(name)(err));
+        }
+        done += moved as u64;
+    }
+    Ok(())
+}
+
 /// Writes `[offset, offset + len)` of the internal mapping `from` into the
 /// same offsets of the shmem file `to` with `pwrite(2)`: the kernel takes
 /// each page and fills it from the data in one pass (a write of whole pages
@@ -132,34 +189,8 @@ pub(super) unsafe fn write_range_into(
     offset: u64,
     len: u64,
 ) -> Result<(), GmemError> {
-    assert!(offset + len <= from.len() as u64);
-    let mut done = 0;
-    while done < len {
-        // SAFETY: inside the mapping (asserted); the kernel reads it.
-        let src = unsafe { from.addr().add((offset + done) as usize) };
-        // SAFETY: `src` is valid for reads of the rest of the range.
-        let wrote = unsafe {
-            libc::pwrite(
-                to.as_raw_fd(),
-                src.cast(),
-                (len - done) as usize,
-                (offset + done) as libc::off_t,
-            )
-        };
-        if wrote <= 0 {
-            let err = if wrote == 0 {
-                io::Error::from_raw_os_error(libc::ENOSPC)
-            } else {
-                io::Error::last_os_error()
-            };
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(GmemError::os("pwrite")(err));
-        }
-        done += wrote as u64;
-    }
-    Ok(())
+    // SAFETY: guaranteed by the caller.
+    unsafe { file_io(FileIo::Write, from, to, offset, len) }
 }
 
 /// Reads `[offset, offset + len)` of the file `from` into the same offsets
@@ -176,34 +207,8 @@ pub(super) unsafe fn read_range_from(
     offset: u64,
     len: u64,
 ) -> Result<(), GmemError> {
-    assert!(offset + len <= to.len() as u64);
-    let mut done = 0;
-    while done < len {
-        // SAFETY: inside the mapping (asserted); the kernel writes it.
-        let dst = unsafe { to.addr().add((offset + done) as usize) };
-        // SAFETY: `dst` is valid for writes of the rest of the range.
-        let read = unsafe {
-            libc::pread(
-                from.as_raw_fd(),
-                dst.cast(),
-                (len - done) as usize,
-                (offset + done) as libc::off_t,
-            )
-        };
-        if read <= 0 {
-            let err = if read == 0 {
-                io::Error::from_raw_os_error(libc::EIO)
-            } else {
-                io::Error::last_os_error()
-            };
-            if err.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
-            return Err(GmemError::os("pread")(err));
-        }
-        done += read as u64;
-    }
-    Ok(())
+    // SAFETY: guaranteed by the caller.
+    unsafe { file_io(FileIo::Read, to, from, offset, len) }
 }
 
 /// Copies `[offset, offset + len)` from the internal mapping `from` into
