@@ -49,7 +49,8 @@
 #define MMUKIT_VERSION_PATCH 0
 
 /*
- Backend: shared anonymous memory.
+ Backend: shared anonymous memory (shmem: its views alias its pages, so
+ pages can be private).
  */
 #define MMUKIT_GMEM_ANONYMOUS 0
 
@@ -73,6 +74,14 @@
  caller's with `mmukit_gmem_create_on_vm`).
  */
 #define MMUKIT_GMEM_GUEST_MEMFD 4
+
+/*
+ Backend: private anonymous memory asking for transparent huge pages (a
+ VMM's plain RAM: 2 MiB pages under the host's default `madvise` THP
+ mode). Its pages stay shared: a conversion to private, or a file without
+ `INIT_SHARED`, is -EOPNOTSUPP.
+ */
+#define MMUKIT_GMEM_PRIVATE_ANONYMOUS 5
 
 /*
  Host capability: a usable `/dev/kvm`.

@@ -9,7 +9,8 @@ use gmem::{
 
 use crate::{guard, read_config, with_handle};
 
-/// Backend: shared anonymous memory.
+/// Backend: shared anonymous memory (shmem: its views alias its pages, so
+/// pages can be private).
 pub const MMUKIT_GMEM_ANONYMOUS: u32 = 0;
 /// Backend: memfd.
 pub const MMUKIT_GMEM_MEMFD: u32 = 1;
@@ -20,6 +21,11 @@ pub const MMUKIT_GMEM_SECRET: u32 = 3;
 /// Backend: KVM guest_memfd (on a VM the library creates, or on the
 /// caller's with `mmukit_gmem_create_on_vm`).
 pub const MMUKIT_GMEM_GUEST_MEMFD: u32 = 4;
+/// Backend: private anonymous memory asking for transparent huge pages (a
+/// VMM's plain RAM: 2 MiB pages under the host's default `madvise` THP
+/// mode). Its pages stay shared: a conversion to private, or a file without
+/// `INIT_SHARED`, is -EOPNOTSUPP.
+pub const MMUKIT_GMEM_PRIVATE_ANONYMOUS: u32 = 5;
 
 /// Host capability: a usable `/dev/kvm`.
 pub const MMUKIT_CAP_KVM: u32 = 0;
@@ -181,6 +187,7 @@ unsafe fn create(
     }
     let backend = match config.backend {
         MMUKIT_GMEM_ANONYMOUS => Backend::Anonymous,
+        MMUKIT_GMEM_PRIVATE_ANONYMOUS => Backend::PrivateAnonymous,
         MMUKIT_GMEM_MEMFD => Backend::Memfd,
         MMUKIT_GMEM_HUGETLB => Backend::Hugetlb,
         MMUKIT_GMEM_SECRET => Backend::Secret,

@@ -57,6 +57,24 @@ int main(void) {
     CHECK(mmukit_gmem_fd(gmem) == -ENOTSUP);
     mmukit_gmem_destroy(gmem);
 
+    /* Private anonymous memory: the same file contract, and no private page. */
+    struct mmukit_gmem_config plain = {sizeof(struct mmukit_gmem_config),
+                                       MMUKIT_GMEM_PRIVATE_ANONYMOUS, total, 3, 0};
+    CHECK(mmukit_gmem_create(&plain, &gmem) == 0);
+    CHECK(mmukit_gmem_host_addr(gmem, &addr) == 0);
+    memset((void *)(uintptr_t)addr, 0x5a, total);
+    CHECK(mmukit_gmem_fallocate(gmem, PUNCH, page, page) == 0);
+    CHECK(((unsigned char *)(uintptr_t)addr)[page] == 0);
+    CHECK(((unsigned char *)(uintptr_t)addr)[0] == 0x5a);
+    CHECK(mmukit_gmem_convert(gmem, page, page, true) == -EOPNOTSUPP);
+    CHECK(mmukit_gmem_convert(gmem, page, page, false) == 0);
+    CHECK(mmukit_gmem_prefault(gmem, 2) == 0);
+    CHECK(mmukit_gmem_fd(gmem) == -ENOTSUP);
+    mmukit_gmem_destroy(gmem);
+    struct mmukit_gmem_config created_private = {sizeof(struct mmukit_gmem_config),
+                                                 MMUKIT_GMEM_PRIVATE_ANONYMOUS, total, 1, 0};
+    CHECK(mmukit_gmem_create(&created_private, &gmem) == -EOPNOTSUPP);
+
     CHECK(mmukit_gmem_create(NULL, &gmem) == -EINVAL);
     struct mmukit_gmem_config unknown = {sizeof(struct mmukit_gmem_config), 99, total, 3, 0};
     CHECK(mmukit_gmem_create(&unknown, &gmem) == -EINVAL);
