@@ -755,3 +755,97 @@ fn a_tds_mirror_keeps_its_table_and_its_shared_tree_merges() {
     assert_eq!(mmu.counters().merges, 1);
     checked_stats(&mmu);
 }
+
+/// Faults racing each other over a table that one of them replaces with a
+/// huge leaf: vCPU threads fault and access pages of two 2 MiB regions
+/// while the main thread makes one page private and shared again, over
+/// and over. Every fault maps the right frame, and afterwards the stats
+/// equal a recount, the table map holds just the linked tables, and every
+/// table retired by a merge went back to the pool.
+#[test]
+fn faults_racing_a_merge_map_the_right_frames_and_leave_no_table_behind() {
+    let mmu = Arc::new(protected(VmType::SoftwareProtected, FakeFile::new(9)));
+    let stop = Arc::new(AtomicBool::new(false));
+    let faulted = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..3u64)
+        .map(|t| {
+            let (mmu, stop, faulted) = (mmu.clone(), stop.clone(), faulted.clone());
+            std::thread::spawn(move || {
+                let mut vcpu = mmu.new_vcpu_caches();
+                let mut seed = 0x2545_f491_4f6c_dd1du64.wrapping_mul(t + 1);
+                while !stop.load(Ordering::Relaxed) {
+                    faulted.fetch_add(1, Ordering::Relaxed);
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    let gfn = seed % 1024;
+                    match mmu.fault(&mut vcpu, Gfn(gfn).gpa(), AccessKind::data(seed & 1 == 0)) {
+                        Ok(t) => {
+                            let host = match mmu.memory_attribute(Gfn(gfn)) {
+                                MemoryAttribute::Private => PRIVATE_HOST,
+                                MemoryAttribute::Shared => SHARED_HOST,
+                            };
+                            // The attribute may have moved since; a shared
+                            // frame is always the slot's own.
+                            if host == SHARED_HOST && t.hpa.pfn() != Pfn(PRIVATE_HOST + gfn) {
+                                assert_eq!(t.hpa.pfn(), Pfn(SHARED_HOST + gfn));
+                            }
+                        }
+                        Err(MmuError::MemoryFault { .. }) => {}
+                        Err(other) => panic!("{other}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    // Enough rounds, and enough faults among them, whatever the scheduler.
+    let mut round = 0u64;
+    while round < 300 || faulted.load(Ordering::Relaxed) < 10_000 {
+        round += 1;
+        let page = Gfn(5 + (round % 2) * 512);
+        mmu.set_memory_attributes(page, page + 1, MemoryAttribute::Private)
+            .unwrap();
+        mmu.set_memory_attributes(page, page + 1, MemoryAttribute::Shared)
+            .unwrap();
+    }
+    stop.store(true, Ordering::Relaxed);
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    eprintln!(
+        "{round} conversion rounds, {} faults, {} merges among them",
+        faulted.load(Ordering::Relaxed),
+        mmu.counters().merges
+    );
+    // Each region gets a 4K table while mixed; uniform again, the next
+    // fault there puts the 2M leaf over it.
+    let mut vcpu = mmu.new_vcpu_caches();
+    for region in [0u64, 512] {
+        let page = Gfn(region + 5);
+        mmu.set_memory_attributes(page, page + 1, MemoryAttribute::Private)
+            .unwrap();
+        let t = mmu
+            .fault(&mut vcpu, Gfn(region + 7).gpa(), AccessKind::Write)
+            .unwrap();
+        assert_eq!(t.level, Level::L4K);
+        mmu.set_memory_attributes(page, page + 1, MemoryAttribute::Shared)
+            .unwrap();
+        let merges = mmu.counters().merges;
+        let t = mmu
+            .fault(&mut vcpu, Gfn(region + 9).gpa(), AccessKind::Write)
+            .unwrap();
+        assert_eq!(t.level, Level::L2M);
+        assert_eq!(t.hpa, Pfn(SHARED_HOST + region + 9).hpa());
+        assert_eq!(mmu.counters().merges, merges + 1);
+    }
+    let stats = checked_stats(&mmu);
+    assert_eq!((stats.pages_4k, stats.pages_2m), (0, 2));
+    // Linked: the 1G-level table and the 2M-level table under the root.
+    assert_eq!(mmu.live_tables(), 2);
+    let counters = mmu.counters();
+    assert_eq!(
+        counters.tables_linked - counters.tables_freed,
+        2,
+        "every retired table was freed"
+    );
+}
