@@ -265,6 +265,70 @@ fn hugetlb_1g_split_and_merge_keep_data() {
     hugetlb_split_and_merge(30);
 }
 
+/// A 2 MiB page that no host view maps splits in place: only its order
+/// changes (the kernel's guest_memfd splits a huge folio without moving
+/// it), its memory stays on the HugeTLB page and nothing is copied. A host
+/// view that comes to map it moves it to 4 KiB pages first, so that the
+/// view faults on its private page alone; the data goes along.
+#[test]
+fn a_2m_page_no_host_view_maps_splits_in_place_and_moves_when_one_comes() {
+    let huge = 2u64 << 20;
+    let total = 2 * huge;
+    if !hugetlb_available(huge, 2) {
+        return;
+    }
+    let file = GuestMemFile::create(
+        &Backend::Hugetlb,
+        GmemConfig {
+            size: total,
+            flags: SHARED_MMAP,
+            huge_page_size_log2: 21,
+        },
+    )
+    .unwrap();
+    let guest = file.map_guest(0, total).unwrap();
+    fill_pattern(&guest, total);
+    let frame = guest.host_frame(0x3000).unwrap();
+    file.convert(0x3000, 4096, Attribute::Private).unwrap();
+    let metrics = file.metrics();
+    assert_eq!((metrics.splits, metrics.split_now), (1, 1));
+    assert_eq!(
+        metrics.copy_time,
+        std::time::Duration::ZERO,
+        "nothing copied"
+    );
+    assert_eq!(file.split_huge_pages(), vec![0]);
+    assert_eq!((file.page_order(0x3000), file.page_order(huge)), (0, 9));
+    assert_eq!(guest.host_frame(0x3000), Some(frame));
+    let base = guest.as_ptr() as usize;
+    assert_eq!(kernel_page_size(base), Some(huge), "still the HugeTLB page");
+    assert_pattern(&guest, 0, total, "split in place");
+    // Merged back with no host view: the order again, nothing copied.
+    file.convert(0x3000, 4096, Attribute::Shared).unwrap();
+    assert!(file.split_huge_pages().is_empty());
+    assert_eq!(file.page_order(0x3000), 9);
+    assert_eq!(file.metrics().merges, 1);
+    assert_eq!(file.metrics().copy_time, std::time::Duration::ZERO);
+
+    // Split in place again; then a host view comes.
+    file.convert(0x3000, 4096, Attribute::Private).unwrap();
+    let host = file.map(0, total).unwrap();
+    let metrics = file.metrics();
+    assert_eq!((metrics.splits, metrics.split_now), (2, 1), "no new split");
+    assert!(
+        metrics.copy_time > std::time::Duration::ZERO,
+        "moved to 4 KiB"
+    );
+    assert_eq!(kernel_page_size(base), Some(4096), "the guest view follows");
+    assert!(host.read_at(0x3000, &mut [0; 8]).is_err(), "private");
+    assert_pattern(&host, 0x4000, huge - 0x4000, "host view, after the move");
+    assert_pattern(&guest, 0, total, "guest view, after the move");
+    file.convert(0x3000, 4096, Attribute::Shared).unwrap();
+    assert!(file.split_huge_pages().is_empty());
+    assert_eq!(kernel_page_size(base), Some(huge));
+    assert_pattern(&host, 0, total, "merged");
+}
+
 #[test]
 fn a_hugetlb_shortfall_fails_at_creation_with_the_numbers() {
     let available = gmem::HostCaps::probe()

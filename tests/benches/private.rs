@@ -129,7 +129,7 @@ fn main() {
     println!("|---|---|---|");
     println!("| 2 MiB memcpy (bound) | {:?} | 1.0 |", copy);
     println!(
-        "| to shared: DEMOTE, PAGE.REMOVE, file split | {:?} | {:.1} |",
+        "| to shared: DEMOTE, PAGE.REMOVE, file split (in place: no host view maps the private file) | {:?} | {:.1} |",
         per(to_shared),
         per(to_shared).as_secs_f64() / copy.as_secs_f64()
     );

@@ -176,7 +176,9 @@ pub enum Protection {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FileMetrics {
     /// Split steps on a HugeTLB file, each counted once: a 2 MiB page onto
-    /// 4 KiB pages; a 1 GiB page into 2 MiB pieces (the first tier), or
+    /// 4 KiB pages (in place, with nothing copied, while no host view maps
+    /// it; moved to 4 KiB pages when one comes, which counts no new step);
+    /// a 1 GiB page into 2 MiB pieces (the first tier), or
     /// onto 4 KiB pages whole where the 2 MiB pool is short; a 2 MiB piece
     /// of a tiered 1 GiB page onto 4 KiB pages (the second tier). So a
     /// 4 KiB conversion inside a whole 1 GiB page counts two.
@@ -569,7 +571,8 @@ impl GuestMemFile {
     /// `to`. Host views fault on private pages from now on. On HugeTLB, a
     /// huge page that becomes mixed is split, and one that becomes uniform
     /// again is merged back; data is kept either way. A 2 MiB page splits
-    /// onto 4 KiB pages in one step; a 1 GiB page in two tiers, into 2 MiB
+    /// in one step: in place (only its order changes) while no host view
+    /// maps it, onto 4 KiB pages otherwise; a 1 GiB page in two tiers, into 2 MiB
     /// pieces and then only its mixed pieces onto 4 KiB pages (or onto 4 KiB
     /// pages whole where the 2 MiB pool is short). [`FileMetrics`] counts
     /// each step.

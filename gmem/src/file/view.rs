@@ -72,8 +72,11 @@ impl GuestMemFile {
         let addr = mapping.addr() as usize;
         let view = self.register(Some(mapping), addr, offset, len, kind);
         {
-            let state = self.state();
+            let mut state = self.state();
             if let Some(hugetlb) = inner.storage.hugetlb() {
+                if kind == ViewKind::Host {
+                    hugetlb.move_in_place_splits(&mut state, offset, len)?;
+                }
                 hugetlb.remap_new_view(&state, view.id)?;
             }
             let end_page = offset

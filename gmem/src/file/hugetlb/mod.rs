@@ -3,7 +3,10 @@
 //!
 //! A huge page that becomes mixed (private and shared pages) is split so
 //! that host views can fault on its private pages alone; one that becomes
-//! uniform again is merged back. A 2 MiB page splits into 4 KiB backing. A
+//! uniform again is merged back. A 2 MiB page that no host view maps
+//! splits in place (its order drops to 0, its memory stays put, as the
+//! kernel splits a folio); one a host view maps splits into 4 KiB backing,
+//! and so does one split in place when a host view comes to map it. A
 //! 1 GiB page splits only what it must: into 2 MiB pieces (a HugeTLB file
 //! of 2 MiB pages, the piece backing), and only the pieces that are mixed
 //! go on down to 4 KiB; where the 2 MiB pool cannot hold the pieces, it
@@ -75,6 +78,12 @@ struct PieceBacking {
 pub(super) struct SplitState {
     on_pages: Option<PageBacking>,
     in_pieces: Option<PieceBacking>,
+    /// 2 MiB pages split in place: no host view maps them, so nothing
+    /// has to hide their private pages, and their memory stays on the
+    /// file's page (as the kernel splits a folio without moving it); their
+    /// order is 0. A host view that comes to cover one moves it to the
+    /// 4 KiB backing first.
+    in_place: BTreeSet<u64>,
 }
 
 impl SplitState {
@@ -85,9 +94,11 @@ impl SplitState {
             .is_some_and(|pieces| pieces.tiered.contains(&huge))
     }
 
-    /// Whether huge page `huge` is split (whole on 4 KiB pages, or tiered).
+    /// Whether huge page `huge` is split (in place, whole on 4 KiB pages,
+    /// or tiered).
     fn is_split(&self, huge: u64) -> bool {
         self.is_tiered(huge)
+            || self.in_place.contains(&huge)
             || self
                 .on_pages
                 .as_ref()
@@ -105,7 +116,7 @@ impl SplitState {
     pub(super) fn split_pages(&self) -> Vec<u64> {
         let whole = self.on_pages.iter().flat_map(|pages| &pages.whole);
         let tiered = self.in_pieces.iter().flat_map(|pieces| &pieces.tiered);
-        let all: BTreeSet<u64> = whole.chain(tiered).copied().collect();
+        let all: BTreeSet<u64> = whole.chain(tiered).chain(&self.in_place).copied().collect();
         all.into_iter().collect()
     }
 }
@@ -228,8 +239,12 @@ impl HugetlbFile {
 
     /// The order of the page behind `offset` (what `kvm_gmem_get_pfn`
     /// returns as `max_order`): that of the huge page while it is whole, of
-    /// a 2 MiB piece of a tiered page, 0 on 4 KiB pages.
+    /// a 2 MiB piece of a tiered page, 0 on 4 KiB pages and in a page split
+    /// in place.
     pub(super) fn page_order(&self, splits: &SplitState, offset: u64) -> u8 {
+        if splits.in_place.contains(&(offset / self.page_size)) {
+            return 0;
+        }
         let size = match self.unit_of(splits, offset).memory {
             Memory::File => self.page_size,
             Memory::Pieces(_) => PIECE,

@@ -84,6 +84,13 @@ impl HugetlbFile {
     /// when the 2 MiB pool can hold them, else (and a 2 MiB page) into
     /// 4 KiB backing.
     pub(super) fn split(&self, state: &mut FileState, huge: u64) -> Result<(), GmemError> {
+        if self.page_size == PIECE && !self.host_view_covers(state, huge) {
+            // Nothing maps the page for the host: only its order changes.
+            let start = Instant::now();
+            state.splits.in_place.insert(huge);
+            state.metrics.count_split(start);
+            return Ok(());
+        }
         if self.page_size > PIECE {
             match self.split_tiered(state, huge) {
                 Ok(()) => return Ok(()),
@@ -261,6 +268,40 @@ impl HugetlbFile {
         unsafe { remap_whole_page(addr, self.fd_of(memory), hs, self.page_size) }
     }
 
+    /// Whether a host view maps any of huge page `huge`.
+    fn host_view_covers(&self, state: &FileState, huge: u64) -> bool {
+        let (hs, he) = (huge * self.page_size, (huge + 1) * self.page_size);
+        state.views.iter().any(|view| {
+            view.kind == super::super::ViewKind::Host
+                && view.offset < he
+                && hs < view.offset.saturating_add(view.len)
+        })
+    }
+
+    /// Before a host view of `[offset, offset + len)` is mapped: the pages
+    /// split in place that it covers move to the 4 KiB backing (every view
+    /// remapped onto it), so that the host view can fault on their private
+    /// pages alone. The split was counted when it was made.
+    pub(in super::super) fn move_in_place_splits(
+        &self,
+        state: &mut FileState,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), GmemError> {
+        let first = offset / self.page_size;
+        let last = offset.saturating_add(len).div_ceil(self.page_size);
+        let covered: Vec<u64> = state.splits.in_place.range(first..last).copied().collect();
+        for huge in covered {
+            let (splits, split_time) = (state.metrics.splits, state.metrics.split_time);
+            self.split_to_pages(state, huge)?;
+            state.splits.in_place.remove(&huge);
+            state.metrics.splits = splits;
+            state.metrics.split_now -= 1;
+            state.metrics.split_time = split_time;
+        }
+        Ok(())
+    }
+
     /// A huge page into 4 KiB backing, whole.
     fn split_to_pages(&self, state: &mut FileState, huge: u64) -> Result<(), GmemError> {
         let start = Instant::now();
@@ -291,6 +332,12 @@ impl HugetlbFile {
     /// Like a split, a merge expects no access to the huge page's range
     /// while it runs (a VMM converts memory the guest is not using).
     pub(super) fn merge(&self, state: &mut FileState, huge: u64) -> Result<(), GmemError> {
+        if state.splits.in_place.contains(&huge) {
+            let start = Instant::now();
+            state.splits.in_place.remove(&huge);
+            state.metrics.count_merge(start);
+            return Ok(());
+        }
         if state.splits.is_tiered(huge) {
             return self.merge_tiered(state, huge);
         }
