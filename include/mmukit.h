@@ -146,6 +146,12 @@
 #define MMUKIT_CAP_ANONYMOUS_THP 11
 
 /*
+ Host capability: `userfaultfd(2)` with `UFFDIO_COPY`, so a HugeTLB
+ split fills its new pages in one pass instead of clearing them first.
+ */
+#define MMUKIT_CAP_USERFAULTFD 12
+
+/*
  VM type: every frame shared (`KVM_X86_DEFAULT_VM`).
  */
 #define MMUKIT_VM_DEFAULT 0

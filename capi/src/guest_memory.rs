@@ -53,6 +53,9 @@ pub const MMUKIT_CAP_SHMEM_THP: u32 = 10;
 /// Host capability: transparent huge pages for private anonymous memory
 /// that asks (`transparent_hugepage/enabled` is `always` or `madvise`).
 pub const MMUKIT_CAP_ANONYMOUS_THP: u32 = 11;
+/// Host capability: `userfaultfd(2)` with `UFFDIO_COPY`, so a HugeTLB
+/// split fills its new pages in one pass instead of clearing them first.
+pub const MMUKIT_CAP_USERFAULTFD: u32 = 12;
 
 /// Whether this host offers `capability` (one of `MMUKIT_CAP_*`): 1 when
 /// it does, 0 when it does not (or `MMUKIT_HIDE_CAPS` hides it), -EINVAL

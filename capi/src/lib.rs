@@ -158,6 +158,7 @@ mod tests {
             (super::MMUKIT_CAP_MEMFD_SECRET, Capability::MemfdSecret),
             (super::MMUKIT_CAP_SHMEM_THP, Capability::ShmemThp),
             (super::MMUKIT_CAP_ANONYMOUS_THP, Capability::AnonymousThp),
+            (super::MMUKIT_CAP_USERFAULTFD, Capability::Userfaultfd),
         ];
         assert_eq!(numbers.len(), Capability::ALL.len());
         for (number, cap) in numbers {
@@ -167,7 +168,7 @@ mod tests {
                 i32::from(gmem::HostCaps::get().has(cap))
             );
         }
-        assert_eq!(super::mmukit_host_has(12), -libc::EINVAL);
+        assert_eq!(super::mmukit_host_has(13), -libc::EINVAL);
     }
 }
 

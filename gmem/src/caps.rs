@@ -182,6 +182,8 @@ pub struct HostCaps {
     pub hugetlb: Vec<HugetlbPool>,
     /// Whether `memfd_secret(2)` works.
     pub memfd_secret: bool,
+    /// Whether `userfaultfd(2)` fills pages (`UFFDIO_COPY`).
+    pub userfaultfd: bool,
     /// The transparent huge page modes, when the kernel has THP.
     pub thp: Option<ThpModes>,
     /// `MemAvailable` of `/proc/meminfo` in bytes: what the host can give
@@ -225,6 +227,7 @@ impl HostCaps {
                 .filter_map(|cap| HugetlbPool::read(cap.hugetlb_page_size()?))
                 .collect(),
             memfd_secret: mmukit_sys::host::memfd_secret_works(),
+            userfaultfd: mmukit_sys::userfault::userfaultfd_works(),
             thp: ThpModes::read(),
             mem_available: mem_available(),
         }
@@ -246,6 +249,7 @@ impl HostCaps {
                 self.hugetlb_pool(cap).is_some_and(|pool| pool.total > 0)
             }
             Capability::MemfdSecret => self.memfd_secret,
+            Capability::Userfaultfd => self.userfaultfd,
             Capability::ShmemThp => {
                 !cap.is_hidden() && self.thp.as_ref().is_some_and(ThpModes::shmem_allows)
             }
@@ -271,6 +275,7 @@ impl HostCaps {
                 ),
             },
             (Capability::MemfdSecret, _) => "memfd_secret(2) fails".into(),
+            (Capability::Userfaultfd, _) => "userfaultfd(2) with UFFD_USER_MODE_ONLY fails".into(),
             (Capability::ShmemThp | Capability::AnonymousThp, _) if cap.is_hidden() => {
                 format!("hidden by {}", mmukit_sys::host::HIDE_ENV)
             }
@@ -407,9 +412,13 @@ impl HostCaps {
                 ),
                 None => "the kernel has no transparent huge pages".into(),
             },
+            Capability::Userfaultfd if self.userfaultfd => {
+                "UFFDIO_COPY (a HugeTLB split fills its new pages without clearing them)".into()
+            }
             Capability::MemoryAttributes
             | Capability::SoftwareProtectedVm
-            | Capability::MemfdSecret => String::new(),
+            | Capability::MemfdSecret
+            | Capability::Userfaultfd => String::new(),
         }
     }
 }

@@ -69,11 +69,14 @@ pub enum Capability {
     /// Transparent huge pages for private anonymous memory that asks
     /// (`enabled` is `always` or `madvise`).
     AnonymousThp,
+    /// `userfaultfd(2)` with `UFFDIO_COPY`: new pages filled in one pass,
+    /// not cleared first (a HugeTLB split's copy).
+    Userfaultfd,
 }
 
 impl Capability {
     /// Every capability, in the order reports list them.
-    pub const ALL: [Self; 12] = [
+    pub const ALL: [Self; 13] = [
         Self::Kvm,
         Self::GuestMemfd,
         Self::GuestMemfdMmap,
@@ -86,6 +89,7 @@ impl Capability {
         Self::MemfdSecret,
         Self::ShmemThp,
         Self::AnonymousThp,
+        Self::Userfaultfd,
     ];
 
     /// The name used in [`HIDE_ENV`], in skip lines and in reports.
@@ -103,6 +107,7 @@ impl Capability {
             Self::MemfdSecret => "memfd_secret",
             Self::ShmemThp => "shmem_thp",
             Self::AnonymousThp => "anonymous_thp",
+            Self::Userfaultfd => "userfaultfd",
         }
     }
 

@@ -4,7 +4,8 @@
 //! kernel's errno as an [`io::Error`]: memfd files (and `memfd_secret(2)`,
 //! which no crate wraps), their size and allocation, mappings owned by a
 //! value ([`Mapping`]) and the fixed-address calls that replace parts of
-//! them, and the HugeTLB pools ([`hugetlb`]). The calls go through rustix
+//! them, the HugeTLB pools ([`hugetlb`]), and filling new pages in one pass
+//! ([`userfault`]). The calls go through rustix
 //! where it covers them; only `memfd_secret` is a raw system call.
 //!
 //! ```
@@ -29,6 +30,7 @@ use rustix::mm::{Advice, MapFlags, MremapFlags, ProtFlags};
 pub mod host;
 pub mod hugetlb;
 pub mod size;
+pub mod userfault;
 
 use host::Capability;
 

@@ -7,7 +7,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 
 use super::error::GmemError;
-use crate::sys::{self, Mapping};
+use crate::sys::{self, Mapping, userfault::PageFiller};
 
 /// The `fallocate` mode that frees a range and keeps the size.
 pub(super) const PUNCH_HOLE: i32 = libc::FALLOC_FL_KEEP_SIZE | libc::FALLOC_FL_PUNCH_HOLE;
@@ -212,67 +212,104 @@ pub(super) unsafe fn read_range_from(
 }
 
 /// Copies `[offset, offset + len)` from the internal mapping `from` into
-/// the same offsets of `to`, taking `to`'s pages as it goes: the range is
-/// cut in `granule`-aligned parts, and each of up to `threads` threads
-/// populates a part of `to` (the kernel clears each new page) and copies
-/// into it while the page is still in cache, so the clearing and the copy
-/// run on every thread at once. A page the destination cannot take fails
-/// the populate, with ENOMEM.
+/// the same offsets of `to`, whose pages in that range are all missing, on
+/// up to `threads` threads, each taking a share of `page_size`-aligned
+/// pages (`page_size` is `to`'s page size).
+///
+/// Where the host offers userfaultfd, each page is taken and filled in one
+/// pass (`UFFDIO_COPY`), so it is never cleared first. Elsewhere each
+/// thread populates a page (the kernel clears it) and copies into it while
+/// it is still in cache. A page the destination cannot take (its HugeTLB
+/// pool is short) fails the copy with ENOMEM.
 ///
 /// # Safety
 ///
 /// Nothing may access either range while it runs (a split moves a page
 /// nothing uses); the two mappings are of different files.
-pub(super) unsafe fn populate_and_copy(
+pub(super) unsafe fn copy_into_new_pages(
     from: &Mapping,
     to: &Mapping,
     offset: u64,
     len: u64,
-    granule: u64,
+    page_size: u64,
     threads: usize,
+) -> Result<(), GmemError> {
+    assert!(offset + len <= to.len() as u64);
+    let at = to.addr().wrapping_add(offset as usize);
+    // SAFETY: the range lies in `to` (asserted) and nothing touches it
+    // while the split runs (the caller's word), so no access waits on the
+    // registration.
+    let filler = match unsafe { PageFiller::register(at, len as usize) } {
+        Ok(filler) => Some(filler),
+        Err(err) if PageFiller::unavailable(&err) => None,
+        Err(err) => return Err(GmemError::os("userfaultfd: UFFDIO_REGISTER")(err)),
+    };
+    // SAFETY: the caller's word, passed on; the filler covers the range.
+    unsafe { copy_pages(from, to, offset, len, page_size, threads, filler.as_ref()) }
+}
+
+/// [`copy_into_new_pages`] with the filler given (or none: populate, then
+/// copy).
+///
+/// # Safety
+///
+/// As [`copy_into_new_pages`]; `filler`, if any, covers the range of `to`.
+unsafe fn copy_pages(
+    from: &Mapping,
+    to: &Mapping,
+    offset: u64,
+    len: u64,
+    page_size: u64,
+    threads: usize,
+    filler: Option<&PageFiller>,
 ) -> Result<(), GmemError> {
     let end = offset + len;
     assert!(end <= from.len() as u64 && end <= to.len() as u64 && from.addr() != to.addr());
-    let parts = len.div_ceil(granule).max(1);
-    let threads = (threads.max(1) as u64).min(parts);
-    let per_thread = parts.div_ceil(threads) * granule;
     let (from_addr, to_addr) = (from.addr() as usize, to.addr() as usize);
+    let copy_page = |at: u64| -> Result<(), GmemError> {
+        let (src, dst) = (
+            (from_addr + at as usize) as *const u8,
+            (to_addr + at as usize) as *mut u8,
+        );
+        if let Some(filler) = filler {
+            // SAFETY: one page inside the registered range, from the same
+            // offset of `from`.
+            match unsafe { filler.copy(dst, src, page_size as usize) } {
+                Ok(()) => return Ok(()),
+                // Already there (a page left behind): copy over it below;
+                // it is present, so nothing waits on the registration.
+                Err(err) if err.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(err) => return Err(GmemError::os("userfaultfd: UFFDIO_COPY")(err)),
+            }
+        } else {
+            // SAFETY: inside `to` (asserted); populating changes no data.
+            unsafe { sys::madvise(dst, page_size as usize, libc::MADV_POPULATE_WRITE) }.map_err(
+                |err| {
+                    // A HugeTLB page the pool cannot give is a SIGBUS the
+                    // populate reports as EFAULT: the pool is short.
+                    let err = if err.raw_os_error() == Some(libc::EFAULT) {
+                        io::Error::from_raw_os_error(libc::ENOMEM)
+                    } else {
+                        err
+                    };
+                    GmemError::os("madvise(MADV_POPULATE_WRITE)")(err)
+                },
+            )?;
+        }
+        // SAFETY: both inside their mappings (asserted), of different
+        // files, unused while the split runs (the caller's word); the
+        // destination page is present.
+        unsafe { std::ptr::copy_nonoverlapping(src, dst, page_size as usize) };
+        Ok(())
+    };
+    let pages = len.div_ceil(page_size).max(1);
+    let threads = (threads.max(1) as u64).min(pages);
+    let per_thread = pages.div_ceil(threads) * page_size;
     let part = |start: u64| -> Result<(), GmemError> {
         let stop = (start + per_thread).min(end);
-        let mut at = start;
-        // A granule at a time: populate, then copy while it is warm.
-        while at < stop {
-            let step = granule.min(stop - at);
-            // SAFETY: inside `to` (asserted); populating changes no data.
-            unsafe {
-                sys::madvise(
-                    (to_addr + at as usize) as *mut u8,
-                    step as usize,
-                    libc::MADV_POPULATE_WRITE,
-                )
-            }
-            .map_err(|err| {
-                // A HugeTLB page the pool cannot give is a SIGBUS the
-                // populate reports as EFAULT: the pool is short.
-                let err = if err.raw_os_error() == Some(libc::EFAULT) {
-                    io::Error::from_raw_os_error(libc::ENOMEM)
-                } else {
-                    err
-                };
-                GmemError::os("madvise(MADV_POPULATE_WRITE)")(err)
-            })?;
-            // SAFETY: both inside their mappings (asserted), of different
-            // files, unused while the split runs (the caller's word).
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    (from_addr + at as usize) as *const u8,
-                    (to_addr + at as usize) as *mut u8,
-                    step as usize,
-                )
-            };
-            at += step;
-        }
-        Ok(())
+        (start..stop)
+            .step_by(page_size as usize)
+            .try_for_each(&copy_page)
     };
     std::thread::scope(|scope| {
         let others: Vec<_> = (1..threads)
@@ -326,4 +363,89 @@ pub(super) unsafe fn map_fault_source(addr: *mut u8, len: u64) -> Result<(), Gme
     // SAFETY: guaranteed by the caller.
     unsafe { sys::map_fixed(addr, len as usize, READ_WRITE, fd, 0) }
         .map_err(GmemError::os("mmap(MAP_FIXED)"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fresh shared file mapping of `len` bytes, of 4 KiB pages or (with
+    /// `hugetlb`) 2 MiB ones.
+    fn fresh(len: u64, hugetlb: bool) -> (OwnedFd, Mapping) {
+        let flags = if hugetlb {
+            libc::MFD_CLOEXEC | libc::MFD_HUGETLB | (21 << libc::MFD_HUGE_SHIFT)
+        } else {
+            libc::MFD_CLOEXEC
+        };
+        let fd = sys::memfd_create(c"mapping-test", flags).unwrap();
+        sys::ftruncate(&fd, len).unwrap();
+        let map = Mapping::new(
+            len as usize,
+            READ_WRITE,
+            libc::MAP_SHARED | libc::MAP_NORESERVE,
+            Some(&fd),
+            0,
+        )
+        .unwrap();
+        (fd, map)
+    }
+
+    /// Copies pages `[page_size, len - page_size)` of a patterned source
+    /// both ways (filled by userfaultfd where the host has it, and
+    /// populated then copied) on 3 threads, and checks every byte, and that
+    /// the first and last pages stay untouched.
+    fn both_ways(len: u64, page_size: u64, hugetlb: bool) {
+        let (_source_fd, source) = fresh(len, hugetlb);
+        // SAFETY: our own mapping, written through its pointer alone.
+        let bytes = unsafe { std::slice::from_raw_parts_mut(source.addr(), len as usize) };
+        for (i, byte) in bytes.iter_mut().enumerate() {
+            *byte = (i / 4096 + i % 251) as u8;
+        }
+        let (offset, copied) = (page_size, len - 2 * page_size);
+        for with_filler in [true, false] {
+            let (_fd, to) = fresh(len, hugetlb);
+            // SAFETY: the test's own mappings; nothing else touches them.
+            let filler = with_filler.then(|| unsafe {
+                PageFiller::register(to.addr().add(offset as usize), copied as usize)
+            });
+            let filler = match filler {
+                None => None,
+                Some(Ok(filler)) => Some(filler),
+                Some(Err(err)) if PageFiller::unavailable(&err) => {
+                    crate::HostCaps::get().allows(
+                        "copy_pages with userfaultfd",
+                        &[sys::host::Capability::Userfaultfd],
+                    );
+                    continue;
+                }
+                Some(Err(err)) => panic!("register: {err}"),
+            };
+            // SAFETY: as above; the filler covers the copied range.
+            unsafe { copy_pages(&source, &to, offset, copied, page_size, 3, filler.as_ref()) }
+                .unwrap();
+            drop(filler);
+            // SAFETY: our mapping, every page now readable.
+            let back = unsafe { std::slice::from_raw_parts(to.addr(), len as usize) };
+            let (head, rest) = back.split_at(offset as usize);
+            let (middle, tail) = rest.split_at(copied as usize);
+            assert!(head.iter().all(|&b| b == 0), "first page untouched");
+            assert!(tail.iter().all(|&b| b == 0), "last page untouched");
+            assert!(
+                middle == &bytes[offset as usize..(offset + copied) as usize],
+                "every copied byte (filler: {with_filler})"
+            );
+        }
+    }
+
+    #[test]
+    fn new_pages_get_every_byte_filled_or_populated() {
+        both_ways(64 * 4096, 4096, false);
+    }
+
+    #[test]
+    fn new_hugetlb_pages_get_every_byte_filled_or_populated() {
+        if crate::caps::hugetlb_pages_free("copy_pages on HugeTLB", 2 << 20, 10) {
+            both_ways(5 * (2 << 20), 2 << 20, true);
+        }
+    }
 }

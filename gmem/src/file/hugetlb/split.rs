@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use super::super::error::GmemError;
 use super::super::mapping::{
-    PUNCH_HOLE, copy_range, fallocate, map_whole, map_whole_sparse, populate_and_copy,
+    PUNCH_HOLE, copy_into_new_pages, copy_range, fallocate, map_whole, map_whole_sparse,
     read_range_from, write_range_into,
 };
 use super::super::{FileMetrics, FileState};
@@ -113,7 +113,7 @@ impl HugetlbFile {
         // SAFETY: the page is not accessed while it is split, and the piece
         // range is this page's alone.
         let copied = unsafe {
-            populate_and_copy(
+            copy_into_new_pages(
                 &self.master,
                 &pieces.backing.map,
                 offset,
