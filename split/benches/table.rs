@@ -1,10 +1,12 @@
 //! Side-by-side costs of the software MMU, from one run:
-//! eager split of 2M and of 1G leaves to 4K (time per new table, GiB/s of
-//! guest memory covered), a memset of as many pages as tables created (the
-//! bandwidth bound), and a software dirty_log_perf_test with eager splitting
-//! on and off. `MMUKIT_BENCH_GIB` sets the slot size (default 16).
-//! Run with `cargo bench -p mmukit-split --bench table`; add `-- scaling` for the
-//! fault-scaling curve over 1, 2, 4 ... threads (see [`scaling`]).
+//! eager split of 2M and of 1G leaves to 4K on the TDP MMU and of 2M leaves
+//! on the shadow MMU (time per new table, GiB/s of guest memory covered)
+//! against a memset of as many pages (the bandwidth bound), in paired runs
+//! ([`paired_row`]), and a software dirty_log_perf_test with eager
+//! splitting on and off. `MMUKIT_BENCH_GIB` sets the slot size (default 16).
+//! Run with `cargo bench -p mmukit-split --bench table`; add `-- split` for
+//! the split rows alone, `-- shadow` for the shadow row, `-- scaling` for
+//! the fault-scaling curve over 1, 2, 4 ... threads (see [`scaling`]).
 
 use split::{Gfn, Gpa, Pfn};
 use std::sync::{Arc, Barrier};
@@ -54,22 +56,15 @@ fn populate(mmu: &TdpMmu, gib: u64, step: u64) {
     }
 }
 
-fn memset_bound(pages: usize) -> Duration {
-    let pool = warm_pool(pages);
-    let held: Vec<Page> = (0..pages).map(|_| pool.get().unwrap()).collect();
-    let mut best = Duration::MAX;
-    for _ in 0..3 {
-        let start = Instant::now();
-        for page in &held {
-            // SAFETY: each page is PAGE_SIZE writable bytes owned here.
-            unsafe { std::ptr::write_bytes(std::hint::black_box(page.as_ptr()), 0x80, PAGE_SIZE) };
-        }
-        best = best.min(start.elapsed());
-    }
-    best
+/// An eager split of 2M or 1G leaves to 4K on the TDP MMU, against a memset
+/// of as many pages (see [`paired_row`]).
+fn split_row(name: &str, gib: u64, leaf: Level) {
+    paired_row(name, || split_once(gib, leaf));
 }
 
-fn split_row(name: &str, gib: u64, leaf: Level) {
+/// One eager split of a `gib` GiB slot mapped with `leaf` leaves: its time
+/// and the tables it made.
+fn split_once(gib: u64, leaf: Level) -> (Duration, usize) {
     // Host frames aligned only as far as the leaf size: the slot maps with
     // leaves of exactly that size.
     let host_base_pfn = (1 << 30) + if leaf == Level::L2M { 512 } else { 0 };
@@ -84,19 +79,69 @@ fn split_row(name: &str, gib: u64, leaf: Level) {
     let elapsed = start.elapsed();
     let tables = mmu.live_tables() - tables_before;
     assert_eq!(splits as usize, tables);
-    let bound = memset_bound(tables);
-    let per_table = elapsed.as_nanos() as f64 / tables as f64;
-    let bound_per_table = bound.as_nanos() as f64 / tables as f64;
-    println!(
-        "{name:<22} {tables:>8} tables  {per_table:>8.0} ns/table  {:>7.1} GiB/s  memset {bound_per_table:>6.0} ns/page  ratio {:>5.2}",
-        gib as f64 / elapsed.as_secs_f64(),
-        per_table / bound_per_table
-    );
+    (elapsed, tables)
 }
 
 /// The shadow MMU's eager split of 2M leaves (a nested guest whose own EPT
-/// maps the whole slot with 2M pages), without a vCPU.
+/// maps the whole slot with 2M pages), without a vCPU, against a memset of
+/// as many pages (see [`paired_row`]).
 fn shadow_split_row(gib: u64) {
+    paired_row("shadow split 2M -> 4K", || shadow_split_once(gib));
+}
+
+/// Prints a split against a memset of as many pages, in paired runs: each
+/// pair splits on a fresh MMU whose tables come from a pool touched once
+/// (`split` returns its time and the tables it made), and memsets as many
+/// pages of another such pool once, so both write pages in the same state;
+/// pairs alternate which goes first. The machine's speed drifts between
+/// runs; a pair's ratio drifts less. The median pair is printed.
+fn paired_row(name: &str, mut split: impl FnMut() -> (Duration, usize)) {
+    const PAIRS: usize = 7;
+    let tables = split().1;
+    let mut pairs: Vec<(Duration, Duration, usize)> = (0..PAIRS)
+        .map(|pair| {
+            if pair % 2 == 0 {
+                let (time, tables) = split();
+                (time, memset_once(tables), tables)
+            } else {
+                let memset = memset_once(tables);
+                let (time, tables) = split();
+                (time, memset, tables)
+            }
+        })
+        .collect();
+    let ratio = |(split, memset, _): &(Duration, Duration, usize)| {
+        split.as_secs_f64() / memset.as_secs_f64()
+    };
+    pairs.sort_by(|a, b| ratio(a).total_cmp(&ratio(b)));
+    let (time, memset, tables) = pairs[PAIRS / 2];
+    let per_table = time.as_nanos() as f64 / tables as f64;
+    let memset_per_page = memset.as_nanos() as f64 / tables as f64;
+    let gib = (tables as f64 * 512.0 * PAGE_SIZE as f64) / (1u64 << 30) as f64;
+    println!(
+        "{name:<22} {tables:>8} tables  {per_table:>8.0} ns/table  {:>7.1} GiB/s  memset {memset_per_page:>6.0} ns/page  ratio {:>5.2} (median of {PAIRS} pairs; min {:.2})",
+        gib / time.as_secs_f64(),
+        ratio(&pairs[PAIRS / 2]),
+        ratio(&pairs[0]),
+    );
+}
+
+/// One memset of `pages` pages of a pool touched once, as a split's tables
+/// are.
+fn memset_once(pages: usize) -> Duration {
+    let pool = warm_pool(pages);
+    let held: Vec<Page> = (0..pages).map(|_| pool.get().unwrap()).collect();
+    let start = Instant::now();
+    for page in &held {
+        // SAFETY: each page is PAGE_SIZE writable bytes owned here.
+        unsafe { std::ptr::write_bytes(std::hint::black_box(page.as_ptr()), 0x80, PAGE_SIZE) };
+    }
+    start.elapsed()
+}
+
+/// One eager split of a `gib` GiB slot mapped with 2M leaves: its time and
+/// the tables it made.
+fn shadow_split_once(gib: u64) -> (Duration, usize) {
     let pool = warm_pool((gib as usize) * 530);
     let mmu = ShadowMmu::new(pool.for_kind(), ShadowConfig::default()).unwrap();
     let npages = gib << 18;
@@ -123,15 +168,7 @@ fn shadow_split_row(gib: u64) {
         .unwrap() as usize;
     let elapsed = start.elapsed();
     assert_eq!(mmu.page_stats().pages_4k, npages);
-    let bound = memset_bound(tables);
-    let per_table = elapsed.as_nanos() as f64 / tables as f64;
-    let bound_per_table = bound.as_nanos() as f64 / tables as f64;
-    println!(
-        "{:<22} {tables:>8} tables  {per_table:>8.0} ns/table  {:>7.1} GiB/s  memset {bound_per_table:>6.0} ns/page  ratio {:>5.2}",
-        "shadow split 2M -> 4K",
-        gib as f64 / elapsed.as_secs_f64(),
-        per_table / bound_per_table
-    );
+    (elapsed, tables)
 }
 
 /// One dirty-memory pass: every vCPU writes every page of its share.
@@ -287,11 +324,15 @@ fn main() {
         scaling();
         return;
     }
-    if std::env::args().any(|arg| arg == "shadow") {
+    if std::env::args().any(|arg| arg == "shadow" || arg == "split") {
         let gib = std::env::var("MMUKIT_BENCH_GIB")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(16);
+        if std::env::args().any(|arg| arg == "split") {
+            split_row("eager split 2M -> 4K", gib, Level::L2M);
+            split_row("eager split 1G -> 4K", gib, Level::L1G);
+        }
         shadow_split_row(gib);
         return;
     }

@@ -475,6 +475,20 @@ impl Entry {
     }
 }
 
+/// Writes a split's new table: `words[i] = first + i * step`, the children
+/// of one huge leaf (`Entry::split_child(level, i)`, whose frame bits never
+/// carry into the others, so child i is child 0 advanced by `i` child
+/// pages). Written as an induction (one add per word), which the compiler
+/// turns into vector adds and stores; a multiply by a step it cannot see
+/// would not vectorize as well.
+pub fn fill_split_children(words: &mut [u64], first: u64, step: u64) {
+    let mut child = first;
+    for word in words {
+        *word = child;
+        child = child.wrapping_add(step);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -656,6 +670,29 @@ mod tests {
                 .validate_with(Level::PML4, narrow)
                 .is_ok()
         );
+    }
+
+    #[test]
+    fn a_filled_split_table_holds_every_child_of_the_leaf() {
+        for level in [Level::L2M, Level::L1G] {
+            let leaf = Entry::leaf(level, 0x40_0000_0000, READ | WRITE | EXEC, MemType::Wb)
+                .unwrap()
+                .with(1 << 8);
+            let below = level.below().unwrap();
+            let mut words = [0u64; 512];
+            fill_split_children(
+                &mut words,
+                leaf.split_child(level, 0).bits(),
+                below.entry_bytes(),
+            );
+            for (i, &word) in words.iter().enumerate() {
+                assert_eq!(
+                    Entry::from_bits(word),
+                    leaf.split_child(level, i),
+                    "child {i}"
+                );
+            }
+        }
     }
 
     #[test]

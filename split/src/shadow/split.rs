@@ -86,12 +86,6 @@ impl ShadowMmu {
         let gfn = state.leaf_gfn(huge, level);
         let role = Role::direct(below, guest_access(huge));
         let (child, created) = self.get_sp(state, caches, None, gfn, role)?;
-        // The next split's table: its lines come in while this one is
-        // written (a new page has every line written, and the cache's
-        // pages were not filled, so they may be far from the CPU).
-        if let Some(next) = caches.tables.peek() {
-            next.prefetch();
-        }
         let si = state
             .slot_index(gfn)
             .expect("huge leaves lie inside a memslot");
@@ -117,9 +111,7 @@ impl ShadowMmu {
             // A new shadow page over frames no other entry maps, as in a
             // first split: its entries are one run of stores, and the run
             // of rmaps records the page instead of 512 lists.
-            for (index, word) in words.iter_mut().enumerate() {
-                *word = first_child + index as u64 * step;
-            }
+            ept::fill_split_children(words, first_child, step);
             rmaps.imply_run(below, gfn, child);
             added = words.len() as u64;
         } else if created {

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use mmu_cache::alloc::NoAllocSection;
 
 use crate::addr::{Gfn, Hpa};
-use crate::ept::{Entry, Level};
+use crate::ept::{self, Entry, Level};
 use crate::hooks::{HookError, TableRef, Topup};
 use crate::lock::{ReadGuard, SPLITS_PER_YIELD, WriteGuard};
 use crate::tdp::{MmuError, TableHeader, TdpMmu, VcpuCaches};
@@ -182,20 +182,10 @@ impl TdpMmu {
         let gfn = step.base_gfn();
         let below = level.below().expect("huge leaves are above 4K");
         let mut page = caches.tables.alloc()?;
-        // The next split's table comes in while this one is written.
-        if let Some(next) = caches.tables.peek() {
-            next.prefetch();
-        }
         let hpa = page.addr() as u64;
-        // The page is ours and not yet linked: plain stores, which the
-        // compiler vectorizes. Child i is child 0 with the frame advanced by
-        // i child pages (`Entry::split_child`); the frame bits never carry
-        // into the others.
+        // The page is ours and not yet linked: plain stores.
         let first = leaf.split_child(level, 0).bits();
-        let step = below.entry_bytes();
-        for (i, word) in page.words_mut().iter_mut().enumerate() {
-            *word = first + i as u64 * step;
-        }
+        ept::fill_split_children(page.words_mut(), first, below.entry_bytes());
         debug_assert_eq!(page.words()[511], leaf.split_child(level, 511).bits());
         let external = if self.external_of(tree) {
             Some(caches.external.alloc()?)
