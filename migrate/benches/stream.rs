@@ -3,8 +3,9 @@
 //! bytes through a bare socket pair (one thread writing 1 MiB at a time,
 //! one reading, no format and no checksum), both between memory touched
 //! before, so that what the host does on first touch stays out of it.
-//! Pairs alternate which runs first; the medians are printed, with their
-//! ratio, and a 1-thread memcpy of 1 GiB.
+//! The stream runs with one connection and with two; the runs alternate
+//! their order; the medians are printed, with their ratio, and a 1-thread
+//! memcpy of 1 GiB.
 //!
 //! Run with `cargo bench -p mmukit-migrate --bench stream`.
 
@@ -50,8 +51,9 @@ fn memory(random: bool) -> (GuestMemFile, View) {
     (file, view)
 }
 
-/// One migration of `source` into `destination` over a unix socket.
-fn stream(source: &GuestMemoryMap, destination: &GuestMemoryMap) -> Duration {
+/// One migration of `source` into `destination` over a unix socket, memory
+/// on `streams` connections.
+fn stream(source: &GuestMemoryMap, destination: &GuestMemoryMap, streams: u32) -> Duration {
     let path =
         std::env::temp_dir().join(format!("mmukit-bench-stream-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&path);
@@ -66,8 +68,11 @@ fn stream(source: &GuestMemoryMap, destination: &GuestMemoryMap) -> Duration {
                 memory_bytes: source.bytes(),
                 config: "{}".into(),
             };
-            let mut sender =
-                Sender::connect(&address, header, SendOptions::default()).expect("connected");
+            let options = SendOptions {
+                streams,
+                ..SendOptions::default()
+            };
+            let mut sender = Sender::connect(&address, header, options).expect("connected");
             let mut log = Quiescent {
                 pages: source.pages(),
             };
@@ -127,14 +132,16 @@ fn main() {
     let (source_view, destination_view) = (Arc::new(source_view), Arc::new(destination_view));
     let source = GuestMemoryMap::new(vec![source_view.clone()]);
     let destination = GuestMemoryMap::new(vec![destination_view.clone()]);
-    let (mut ours, mut bare) = (Vec::new(), Vec::new());
+    let (mut ours, mut two, mut bare) = (Vec::new(), Vec::new(), Vec::new());
     for pair in 0..PAIRS {
         if pair % 2 == 0 {
-            ours.push(stream(&source, &destination));
+            ours.push(stream(&source, &destination, 1));
+            two.push(stream(&source, &destination, 2));
             bare.push(bare_socket(&source_view, &destination_view));
         } else {
             bare.push(bare_socket(&source_view, &destination_view));
-            ours.push(stream(&source, &destination));
+            two.push(stream(&source, &destination, 2));
+            ours.push(stream(&source, &destination, 1));
         }
     }
     let mut page = vec![0u8; 4096];
@@ -153,12 +160,16 @@ fn main() {
         })
         .min()
         .expect("three runs");
-    let (ours, bare) = (median(ours), median(bare));
+    let (ours, two, bare) = (median(ours), median(two), median(bare));
     let mib_s = |time: Duration| 1024.0 / time.as_secs_f64();
     println!("1 GiB of random memory between touched memory, in-process, median of {PAIRS} pairs:");
     println!(
         "  stream (format, CRC-32, 1 connection) {ours:>10.1?}  {:>6.0} MiB/s",
         mib_s(ours)
+    );
+    println!(
+        "  stream, 2 connections                 {two:>10.1?}  {:>6.0} MiB/s",
+        mib_s(two)
     );
     println!(
         "  bare unix socket                      {bare:>10.1?}  {:>6.0} MiB/s",
