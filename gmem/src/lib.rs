@@ -17,7 +17,8 @@
 //!   accessors of a [`View`] return EFAULT instead, before touching a byte.
 //!   On HugeTLB a huge page that becomes mixed is split into 4 KiB backing
 //!   and merged back when it is uniform again, with its data kept and every
-//!   view following.
+//!   view following; a 1 GiB page splits into 2 MiB pieces first, filled in
+//!   one pass (`UFFDIO_COPY`) where the host has userfaultfd.
 //! - [`GuestMemFile::prefault`]: parallel `MADV_POPULATE_WRITE`.
 //! - [`GuestRegion`] and [`GuestMemoryLayout`]: owned mappings seen as
 //!   vm-memory `GuestRegionMmap` / `GuestMemoryMmap` (optionally with a dirty
