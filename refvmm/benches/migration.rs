@@ -5,8 +5,10 @@
 //! bytes, its guest a 64 KiB BIOS of `cli; hlt`), the same with all-zero
 //! memory, refvmm with two connections against a memcpy of the same
 //! bytes, the unix socket alone (1 GiB through a socket pair into fresh and
-//! into touched memory: what no sender over it can beat), a guest dirtying
-//! memory against `max_downtime_ms`, and a soft
+//! into touched memory: what no sender over it can beat) and a memcpy into
+//! fresh memory (what no destination can beat), a guest dirtying
+//! memory against `max_downtime_ms`, destinations that prefault and that
+//! use memfd (4 KiB pages) instead of the default's huge pages, and a soft
 //! `dirty_log` guest on HugeTLB with eager splitting on and off.
 //!
 //! QEMU runs only where `qemu-system-x86_64` is installed
@@ -168,14 +170,16 @@ fn memcpy(bytes: usize) -> Duration {
         .expect("three runs")
 }
 
-/// The transport's own bound: 1 GiB of random bytes from touched memory
-/// through a unix socket pair, one thread writing 1 MiB at a time and one
-/// reading, with no format and no checksum, into memory the kernel gives
-/// fresh (private anonymous with `MADV_HUGEPAGE`, refvmm's default guest
-/// memory) or into memory touched before. The best of three each.
-fn socket_floor(random: &[u8]) -> (Duration, Duration) {
-    let once = |fresh: bool| {
-        let len = random.len();
+/// Memory the kernel gives fresh on first touch: private anonymous with
+/// `MADV_HUGEPAGE`, refvmm's default guest memory; unmapped on drop.
+struct FreshMemory {
+    raw: *mut libc::c_void,
+    len: usize,
+    align: usize,
+}
+
+impl FreshMemory {
+    fn new(len: usize) -> Self {
         let align = 2usize << 20;
         // SAFETY: a new private anonymous mapping nothing else knows of.
         let raw = unsafe {
@@ -189,11 +193,53 @@ fn socket_floor(random: &[u8]) -> (Duration, Duration) {
             )
         };
         assert_ne!(raw, libc::MAP_FAILED, "mmap");
-        let to = (raw as usize).next_multiple_of(align) as *mut u8;
+        let memory = Self { raw, len, align };
         // SAFETY: inside the mapping; the advice changes no contents.
-        unsafe { libc::madvise(to.cast(), len, libc::MADV_HUGEPAGE) };
-        // SAFETY: `len` bytes of the mapping, ours alone until unmapped.
-        let to = unsafe { std::slice::from_raw_parts_mut(to, len) };
+        unsafe { libc::madvise(memory.start().cast(), len, libc::MADV_HUGEPAGE) };
+        memory
+    }
+
+    fn start(&self) -> *mut u8 {
+        (self.raw as usize).next_multiple_of(self.align) as *mut u8
+    }
+
+    fn bytes(&mut self) -> &mut [u8] {
+        // SAFETY: `len` bytes of the mapping, borrowed from `self` alone.
+        unsafe { std::slice::from_raw_parts_mut(self.start(), self.len) }
+    }
+}
+
+impl Drop for FreshMemory {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, unused from here on.
+        unsafe { libc::munmap(self.raw, self.len + self.align) };
+    }
+}
+
+/// The least any destination does: the bytes copied into fresh memory in
+/// one pass (a 1-thread memcpy from touched memory). The best of three.
+fn memcpy_into_fresh(random: &[u8]) -> Duration {
+    (0..RUNS)
+        .map(|_| {
+            let mut memory = FreshMemory::new(random.len());
+            let start = Instant::now();
+            memory.bytes().copy_from_slice(random);
+            let elapsed = start.elapsed();
+            std::hint::black_box(memory.bytes());
+            elapsed
+        })
+        .min()
+        .expect("runs")
+}
+
+/// The transport's own bound: 1 GiB of random bytes from touched memory
+/// through a unix socket pair, one thread writing 1 MiB at a time and one
+/// reading, with no format and no checksum, into fresh memory
+/// ([`FreshMemory`]) or into memory touched before. The best of three each.
+fn socket_floor(random: &[u8]) -> (Duration, Duration) {
+    let once = |fresh: bool| {
+        let mut memory = FreshMemory::new(random.len());
+        let to = memory.bytes();
         if !fresh {
             to.fill(0x5a);
         }
@@ -209,8 +255,6 @@ fn socket_floor(random: &[u8]) -> (Duration, Duration) {
         });
         let elapsed = start.elapsed();
         assert!(to[..4096] == random[..4096], "the bytes arrived");
-        // SAFETY: the mapping made above, unused from here on.
-        unsafe { libc::munmap(raw, len + align) };
         elapsed
     };
     let best = |fresh: bool| (0..RUNS).map(|_| once(fresh)).min().expect("runs");
@@ -483,6 +527,16 @@ fn main() {
             .map(|_| refvmm_idle_to("random", 1, Some(&prefault)))
             .collect(),
     );
+    // The destination on memfd: 4 KiB shmem pages, where the default takes
+    // transparent huge pages, which a host may have to compact or back
+    // afresh for each one.
+    let memfd = json!({"memory": {"backend": "memfd"}});
+    row(
+        "refvmm random 1 stream, dest memfd",
+        (0..RUNS)
+            .map(|_| refvmm_idle_to("random", 1, Some(&memfd)))
+            .collect(),
+    );
     let copy = memcpy(GIB as usize);
     let copy_mib_s = 1024.0 / copy.as_secs_f64();
     println!(
@@ -493,7 +547,14 @@ fn main() {
     );
     let random = random_bytes(GIB as usize);
     let (floor_fresh, floor_touched) = socket_floor(&random);
+    let fresh_copy = memcpy_into_fresh(&random);
     drop(random);
+    println!(
+        "{:<34} {:>8.1} ms  {:>7.0} MiB/s",
+        "memcpy 1 GiB into fresh memory",
+        ms(fresh_copy),
+        1024.0 / fresh_copy.as_secs_f64()
+    );
     println!(
         "{:<34} {:>8.1} ms  {:>7.0} MiB/s",
         "unix socket 1 GiB, fresh memory",
@@ -521,9 +582,10 @@ fn main() {
                 ours_zero.total.as_secs_f64() / theirs_zero.total.as_secs_f64(),
             );
             println!(
-                "the unix socket alone / QEMU random: {:.3}x into fresh memory, {:.3}x into touched memory (no sender over this transport can go below these)",
+                "the unix socket alone / QEMU random: {:.3}x into fresh memory, {:.3}x into touched memory (no sender over this transport can go below these); a memcpy into fresh memory / QEMU random: {:.3}x (no destination can go below it)",
                 floor_fresh.as_secs_f64() / theirs.total.as_secs_f64(),
                 floor_touched.as_secs_f64() / theirs.total.as_secs_f64(),
+                fresh_copy.as_secs_f64() / theirs.total.as_secs_f64(),
             );
         }
         Err(why) => println!("QEMU: skipped ({why})"),
