@@ -272,6 +272,10 @@ mod tests {
         }
     }
 
+    /// `UFFDIO_COPY` fills only missing pages: the kernel's
+    /// `mfill_atomic_pte_copy` (shmem: `shmem_mfill_atomic_pte`) answers
+    /// EEXIST where a page is already there, and unregistered pages fault
+    /// in cleared as ever.
     #[test]
     fn a_copy_fills_missing_pages_and_refuses_present_ones() {
         let fd = crate::memfd_create(c"userfault-test", libc::MFD_CLOEXEC).unwrap();
