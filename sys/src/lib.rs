@@ -5,8 +5,8 @@
 //! which no crate wraps), their size and allocation, mappings owned by a
 //! value ([`Mapping`]) and the fixed-address calls that replace parts of
 //! them, the HugeTLB pools ([`hugetlb`]), and filling new pages in one pass
-//! ([`userfault`]). The calls go through rustix
-//! where it covers them; only `memfd_secret` is a raw system call.
+//! ([`userfault`]). The calls go through rustix where it covers them; only
+//! `memfd_secret` and the userfaultfd ioctls are made raw.
 //!
 //! ```
 //! use mmukit_sys::{Mapping, memfd_create, ftruncate, file_size};

@@ -50,6 +50,8 @@ const UFFD_API: u64 = 0xaa;
 const UFFD_USER_MODE_ONLY: u32 = 1;
 /// `UFFDIO_REGISTER_MODE_MISSING`.
 const REGISTER_MODE_MISSING: u64 = 1;
+/// `1 << _UFFDIO_COPY` in the ioctls a registration offers.
+const OFFERS_COPY: u64 = 1 << 3;
 
 /// `_IOWR(0xAA, 0x3F, struct uffdio_api)`.
 const UFFDIO_API: libc::c_ulong = 0xc018_aa3f;
@@ -70,7 +72,7 @@ struct UffdioApi {
 
 /// `struct uffdio_range`.
 #[repr(C)]
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug)]
 struct UffdioRange {
     start: u64,
     len: u64,
@@ -99,7 +101,7 @@ struct UffdioCopy {
 #[derive(Debug)]
 pub struct PageFiller {
     fd: OwnedFd,
-    range: (u64, u64),
+    range: UffdioRange,
 }
 
 impl PageFiller {
@@ -139,20 +141,13 @@ impl PageFiller {
         // SAFETY: UFFDIO_REGISTER reads and writes one `uffdio_register`;
         // the range is the caller's (its contract).
         unsafe { ioctl(&fd, UFFDIO_REGISTER, &mut register) }?;
-        if register.ioctls & (1 << 3) == 0 {
-            // `_UFFDIO_COPY` is not offered on this range (so it would
-            // never fill it): unregister and say so.
-            let filler = Self {
-                fd,
-                range: (range.start, range.len),
-            };
-            drop(filler);
+        let filler = Self { fd, range };
+        if register.ioctls & OFFERS_COPY == 0 {
+            // Nothing on this range could be filled: dropping the filler
+            // unregisters it.
             return Err(io::Error::from_raw_os_error(libc::EOPNOTSUPP));
         }
-        Ok(Self {
-            fd,
-            range: (range.start, range.len),
-        })
+        Ok(filler)
     }
 
     /// Whether `err` (from [`register`](Self::register)) means this host
@@ -175,7 +170,10 @@ impl PageFiller {
     /// `[dst, dst + len)` must lie in the registered range, page-aligned;
     /// `src` must be readable for `len` bytes.
     pub unsafe fn copy(&self, dst: *mut u8, src: *const u8, len: usize) -> io::Result<()> {
-        let (start, range_len) = self.range;
+        let UffdioRange {
+            start,
+            len: range_len,
+        } = self.range;
         let (dst, src, len) = (dst as u64, src as u64, len as u64);
         assert!(
             dst >= start && dst + len <= start + range_len,
@@ -208,10 +206,7 @@ impl PageFiller {
 
 impl Drop for PageFiller {
     fn drop(&mut self) {
-        let mut range = UffdioRange {
-            start: self.range.0,
-            len: self.range.1,
-        };
+        let mut range = self.range;
         // SAFETY: UFFDIO_UNREGISTER reads one `uffdio_range`, the one
         // registered.
         if let Err(err) = unsafe { ioctl(&self.fd, UFFDIO_UNREGISTER, &mut range) } {
