@@ -118,6 +118,24 @@ impl GuestMemoryMap {
         unsafe { std::ptr::copy_nonoverlapping(host as *const u8, buf.as_mut_ptr(), buf.len()) };
     }
 
+    /// Pages `[first_page, first_page + count)`, which the caller sized
+    /// with [`run_from`](Self::run_from), as a slice of the live mapping.
+    ///
+    /// # Safety
+    ///
+    /// The guest (or a device) may write these bytes while the slice
+    /// lives, so the caller must treat what it reads as a moment's view,
+    /// byte by byte, and nothing more: read it, never rely on two reads
+    /// agreeing. Nothing may unmap the memory meanwhile (the map keeps it
+    /// mapped).
+    pub(crate) unsafe fn racy_pages(&self, first_page: u64, count: u64) -> &[u8] {
+        let (host, left) = self.locate(first_page).expect("a page inside memory");
+        assert!(count <= left, "a run inside one range");
+        // SAFETY: the run lies inside a mapping this map keeps alive (the
+        // range's owner); the caller takes on that others may write it.
+        unsafe { std::slice::from_raw_parts(host as *const u8, (count * PAGE_SIZE) as usize) }
+    }
+
     /// Copies `buf` (whole pages) into pages from `first_page`, inside one
     /// range, as a device model writes guest memory: a running guest sees
     /// the bytes arrive in no particular order.

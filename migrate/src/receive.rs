@@ -6,12 +6,17 @@
 //! still there resumes its VM at once) and reported: the caller runs
 //! nothing of it.
 
+use std::io::BufReader;
 use std::time::{Duration, Instant};
 
 use crate::error::MigrateError;
 use crate::format::{self, Header, PageSink, Reader, Record, Reply, Writer};
 use crate::memory::GuestMemoryMap;
 use crate::transport::{Connection, Listener};
+
+/// The read buffer of a connection: a record's head and the start of its
+/// contents in one read; longer contents go straight into guest memory.
+const READ_BUFFER_BYTES: usize = 8 << 10;
 
 /// What a destination accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -51,6 +56,10 @@ pub struct ReceiveReport {
     pub bytes: u64,
     /// From the accept of the header to the end marker.
     pub seconds: f64,
+    /// Pages that arrived changed after the source took their checksum
+    /// (the guest wrote them while they were sent) and came again in a
+    /// later pass.
+    pub pages_changed_in_flight: u64,
 }
 
 /// An accepted stream whose header the caller may now judge.
@@ -208,13 +217,17 @@ impl<'a> Incoming<'a> {
         streams: Vec<Connection>,
     ) -> Result<(StateSections, ReceiveReport), MigrateError> {
         let mut report = ReceiveReport::default();
-        let mut control = Reader::new(&mut self.control);
+        let mut control = Reader::new(BufReader::with_capacity(
+            READ_BUFFER_BYTES,
+            &mut self.control,
+        ));
         if streams.is_empty() {
             // SAFETY: the caller's guarantee; one sink, every chunk.
             let mut sink = unsafe { memory.sink(0, 1) };
             let read = read_memory(&mut control, &mut sink)?;
             report.pages = read.pages;
             report.passes = read.passes;
+            report.pages_changed_in_flight = control.mismatched_pages();
         } else {
             let parts = streams.len() as u32;
             let outcomes: Vec<Result<StreamRead, MigrateError>> = std::thread::scope(|scope| {
@@ -226,9 +239,13 @@ impl<'a> Incoming<'a> {
                             // SAFETY: the caller's guarantee; each sink its
                             // own part of the chunks.
                             let mut sink = unsafe { memory.sink(part as u32, parts) };
-                            let mut reader = Reader::new(&mut connection);
+                            let mut reader = Reader::new(BufReader::with_capacity(
+                                READ_BUFFER_BYTES,
+                                &mut connection,
+                            ));
                             let mut read = read_memory(&mut reader, &mut sink)?;
                             read.bytes = reader.position();
+                            read.changed = reader.mismatched_pages();
                             Ok(read)
                         })
                     })
@@ -243,6 +260,7 @@ impl<'a> Incoming<'a> {
                 report.pages += read.pages;
                 report.passes = report.passes.max(read.passes);
                 report.bytes += read.bytes;
+                report.pages_changed_in_flight += read.changed;
             }
         }
         let mut state = Vec::new();
@@ -296,6 +314,8 @@ struct StreamRead {
     pages: u64,
     passes: u32,
     bytes: u64,
+    /// Pages that arrived changed (and came again).
+    changed: u64,
 }
 
 /// Reads page records into `sink` until the connection's end, checking
@@ -308,6 +328,7 @@ fn read_memory<R: std::io::Read>(
         pages: 0,
         passes: 0,
         bytes: 0,
+        changed: 0,
     };
     loop {
         match reader.record(sink)? {

@@ -10,8 +10,12 @@
 //! pages, the state, the end marker, and the destination's word that it
 //! took over. Any error leaves the VM the caller's to resume.
 
+use std::io::{BufWriter, Write as _};
+use std::os::fd::AsFd as _;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+
+use mmukit_sys::splice::{PageSplicer, SpliceError};
 
 use crate::dirty::{DirtyLog, count};
 use crate::error::MigrateError;
@@ -34,6 +38,11 @@ pub struct SendOptions {
     pub streams: u32,
     /// How long to wait for the destination to listen and to answer.
     pub patience: Duration,
+    /// Splice pages from guest memory into the connections, so that the
+    /// source copies nothing (the destination's read is the one copy);
+    /// memory the kernel will not splice is written instead. `false`
+    /// always writes (the kernel copies the pages into the socket).
+    pub zero_copy: bool,
 }
 
 impl Default for SendOptions {
@@ -44,6 +53,7 @@ impl Default for SendOptions {
             bandwidth: None,
             streams: 1,
             patience: Duration::from_secs(10),
+            zero_copy: true,
         }
     }
 }
@@ -375,14 +385,14 @@ impl Sender {
             limit: self.options.bandwidth,
         };
         let parts = self.memory.len() as u64;
+        let zero_copy = self.options.zero_copy;
         let outcomes: Vec<Result<StreamPass, MigrateError>> = if parts == 1 {
             vec![send_chunks(
                 &mut self.memory[0],
                 memory,
                 bitmap,
                 (0, 1),
-                pass,
-                skip_zeros,
+                (pass, skip_zeros, zero_copy),
                 &budget,
             )]
         } else {
@@ -399,8 +409,7 @@ impl Sender {
                                 memory,
                                 bitmap,
                                 (part as u64, parts),
-                                pass,
-                                skip_zeros,
+                                (pass, skip_zeros, zero_copy),
                                 budget,
                             )
                         })
@@ -436,23 +445,32 @@ struct StreamPass {
 }
 
 /// Sends the chunks of `bitmap` that fall to `(part, parts)` on
-/// `connection`, then the pass's end.
+/// `connection`, then the pass's end. Pages go straight from guest memory:
+/// each record's checksum is taken from memory the guest may be writing,
+/// and the contents are spliced (or written) after it; a page the guest
+/// changed in between no longer matches, and the destination owes it until
+/// the next pass sends it again, as the dirty log makes it.
 fn send_chunks(
     connection: &mut Connection,
     memory: &GuestMemoryMap,
     bitmap: &[u64],
     (part, parts): (u64, u64),
-    pass: u32,
-    skip_zeros: bool,
+    (pass, skip_zeros, zero_copy): (u32, bool, bool),
     budget: &Budget,
 ) -> Result<StreamPass, MigrateError> {
-    let mut writer = Writer::new(std::io::BufWriter::with_capacity(256 << 10, connection));
+    let mut writer = Writer::new(BufWriter::with_capacity(64 << 10, connection));
     let mut sent = StreamPass {
         pages: 0,
         zero_pages: 0,
         bytes: 0,
     };
-    let mut buf = vec![0u8; (CHUNK_PAGES * PAGE_SIZE) as usize];
+    let mut splicer = if zero_copy {
+        PageSplicer::new()
+            .inspect_err(|err| tracing::debug!(%err, "no pipe to splice through: writing pages"))
+            .ok()
+    } else {
+        None
+    };
     let chunks = memory.pages().div_ceil(CHUNK_PAGES);
     let send = |what| MigrateError::send(what);
     for chunk in (part..chunks).step_by(parts as usize) {
@@ -471,8 +489,12 @@ fn send_chunks(
                 run += 1;
             }
             let run = memory.run_from(page, run);
-            let bytes = &mut buf[..(run * PAGE_SIZE) as usize];
-            memory.read(page, bytes);
+            // SAFETY: the run lies in one range and the map keeps its
+            // mapping alive. The guest may write these pages while the
+            // slice lives: it is only read, to find zero pages, to take
+            // the checksum and to send it, and whatever a read sees is
+            // judged by the destination against that checksum.
+            let bytes = unsafe { memory.racy_pages(page, run) };
             let before = writer.written();
             let mut at = 0;
             while at < run {
@@ -492,7 +514,9 @@ fn send_chunks(
                 } else {
                     let data = &bytes[(at * PAGE_SIZE) as usize..((at + len) * PAGE_SIZE) as usize];
                     writer
-                        .pages(page + at, data)
+                        .pages_with(page + at, data, |out, data| {
+                            send_contents(out, data, &mut splicer)
+                        })
                         .map_err(send("a page record"))?;
                     sent.pages += len;
                 }
@@ -506,6 +530,30 @@ fn send_chunks(
     writer.flush().map_err(send("a pass end"))?;
     sent.bytes = writer.written();
     Ok(sent)
+}
+
+/// Puts a page record's contents on the connection after its head:
+/// spliced, or written where there is no splicer or the kernel refuses
+/// this memory (then the connection writes from here on).
+fn send_contents(
+    out: &mut BufWriter<&mut Connection>,
+    data: &[u8],
+    splicer: &mut Option<PageSplicer>,
+) -> std::io::Result<()> {
+    let Some(pipe) = splicer else {
+        return out.write_all(data);
+    };
+    // The head, still in the buffer, goes first.
+    out.flush()?;
+    match pipe.send(out.get_ref().as_fd(), data) {
+        Ok(()) => Ok(()),
+        Err(SpliceError::Refused { sent, source }) => {
+            tracing::debug!(%source, "the kernel will not splice guest memory: writing pages");
+            *splicer = None;
+            out.write_all(&data[sent..])
+        }
+        Err(SpliceError::Socket(err)) => Err(err),
+    }
 }
 
 fn is_set(bitmap: &[u64], page: u64) -> bool {

@@ -4,8 +4,9 @@
 //! kernel's errno as an [`io::Error`]: memfd files (and `memfd_secret(2)`,
 //! which no crate wraps), their size and allocation, mappings owned by a
 //! value ([`Mapping`]) and the fixed-address calls that replace parts of
-//! them, the HugeTLB pools ([`hugetlb`]), and filling new pages in one pass
-//! ([`userfault`]). The calls go through rustix where it covers them; only
+//! them, the HugeTLB pools ([`hugetlb`]), filling new pages in one pass
+//! ([`userfault`]), and sending memory into a socket without copying it
+//! ([`splice`]). The calls go through rustix where it covers them; only
 //! `memfd_secret` and the userfaultfd ioctls are made raw.
 //!
 //! ```
@@ -30,6 +31,7 @@ use rustix::mm::{Advice, MapFlags, MremapFlags, ProtFlags};
 pub mod host;
 pub mod hugetlb;
 pub mod size;
+pub mod splice;
 pub mod userfault;
 
 use host::Capability;

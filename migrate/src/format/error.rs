@@ -46,6 +46,21 @@ pub enum StreamError {
         /// Where the checksum starts.
         at: u64,
     },
+    /// A connection ended while pages whose contents did not match their
+    /// checksum had not come again.
+    #[error(
+        "{what}: {pages} page(s) did not match their contents checksum and never came again, the first page {page} (checksum at byte {at}): the stream is damaged"
+    )]
+    Owed {
+        /// The unit that ended the connection.
+        what: &'static str,
+        /// The first page owed.
+        page: u64,
+        /// Where its record's contents checksum starts.
+        at: u64,
+        /// Pages owed.
+        pages: u64,
+    },
     /// A record tag this reader does not know.
     #[error("unknown record tag {tag:#04x} at byte {at}")]
     Tag {

@@ -1,8 +1,17 @@
-//! The migration stream, version 1 (specified in `STREAM.md` at the crate
+//! The migration stream, version 2 (specified in `STREAM.md` at the crate
 //! root): a header, then records, each with its own CRC-32, and replies
 //! from the destination. [`Writer`] writes it; [`Reader`] reads it and
 //! refuses anything malformed, truncated, of an unknown version or with a
 //! checksum that does not match, saying what and at which byte.
+//!
+//! Each page carries its own checksum (XXH3-64), announced in the
+//! record's checked head before the contents. A sender may send pages straight
+//! from the memory of a running guest, which can change a page between
+//! its checksum and its copy; so contents that do not match their checksum
+//! are not yet an error: the reader writes them and marks the pages
+//! *owed*. A later record of the same pages settles the debt (the dirty
+//! log sends every page written after its checksum again), and a
+//! connection that ends while it owes pages is refused as damaged.
 //!
 //! ```
 //! use migrate::format::{Header, Reader, Record, VecPages, Writer};
@@ -24,6 +33,7 @@
 
 mod error;
 
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 
 pub use error::StreamError;
@@ -33,7 +43,7 @@ pub const MAGIC: [u8; 8] = *b"MMUKITMG";
 /// The first bytes of each extra memory connection.
 pub const STREAM_MAGIC: [u8; 8] = *b"MMUKITMS";
 /// The format version this crate writes and reads.
-pub const VERSION: u32 = 1;
+pub const VERSION: u32 = 2;
 /// The page size of the stream.
 pub const PAGE_SIZE: u64 = mmukit_sys::size::PAGE_4K;
 /// Pages in one chunk: a record never crosses a chunk, and with several
@@ -228,13 +238,33 @@ impl<W: Write> Writer<W> {
 
     /// Pages from `first_page`: `data` is whole pages.
     pub fn pages(&mut self, first_page: u64, data: &[u8]) -> std::io::Result<()> {
+        self.pages_with(first_page, data, |out, data| out.write_all(data))
+    }
+
+    /// Pages from `first_page`, whose contents `send_contents` puts on the
+    /// output itself after the record's head (a sender that splices them
+    /// from guest memory flushes its buffer first). `data` is whole pages,
+    /// checksummed here; it may change before `send_contents` sends it:
+    /// the reader then owes the pages until they come again.
+    pub fn pages_with(
+        &mut self,
+        first_page: u64,
+        data: &[u8],
+        send_contents: impl FnOnce(&mut W, &[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
         debug_assert!((data.len() as u64).is_multiple_of(PAGE_SIZE));
         let count = (data.len() as u64 / PAGE_SIZE) as u32;
-        let mut fixed = [0u8; 13];
-        fixed[0] = TAG_PAGES;
-        fixed[1..9].copy_from_slice(&first_page.to_le_bytes());
-        fixed[9..13].copy_from_slice(&count.to_le_bytes());
-        self.checked(&[&fixed, data])
+        let mut fixed = Vec::with_capacity(13 + 8 * count as usize);
+        fixed.push(TAG_PAGES);
+        fixed.extend_from_slice(&first_page.to_le_bytes());
+        fixed.extend_from_slice(&count.to_le_bytes());
+        for page in data.chunks_exact(PAGE_SIZE as usize) {
+            fixed.extend_from_slice(&contents_checksum(page).to_le_bytes());
+        }
+        self.checked(&[&fixed])?;
+        send_contents(&mut self.out, data)?;
+        self.written += data.len() as u64;
+        Ok(())
     }
 
     /// `count` pages of zeros from `first_page`.
@@ -310,6 +340,13 @@ pub struct Reader<R> {
     /// Bytes consumed: where the next field starts.
     at: u64,
     crc: crc32fast::Hasher,
+    /// Pages whose last contents did not match their checksum, each with
+    /// where its checksum starts.
+    owed: BTreeMap<u64, u64>,
+    /// The page checksums of the record being read.
+    sums: Vec<u8>,
+    /// Pages that arrived not matching their checksum, settled or not.
+    mismatched: u64,
 }
 
 impl<R: Read> Reader<R> {
@@ -319,7 +356,80 @@ impl<R: Read> Reader<R> {
             input,
             at: 0,
             crc: crc32fast::Hasher::new(),
+            owed: BTreeMap::new(),
+            sums: Vec::new(),
+            mismatched: 0,
         }
+    }
+
+    /// Pages that arrived not matching their checksum so far (each time
+    /// one did), whether a later record settled them or not: on a live
+    /// source, pages the guest changed while they were sent.
+    pub fn mismatched_pages(&self) -> u64 {
+        self.mismatched
+    }
+
+    /// Pages whose contents did not match their checksum and have not come
+    /// again since.
+    pub fn owed_pages(&self) -> u64 {
+        self.owed.len() as u64
+    }
+
+    /// Refuses the end of a connection that still owes pages.
+    fn settled(&self, what: &'static str) -> Result<(), StreamError> {
+        match self.owed.iter().next() {
+            None => Ok(()),
+            Some((&page, &at)) => Err(StreamError::Owed {
+                what,
+                page,
+                at,
+                pages: self.owed.len() as u64,
+            }),
+        }
+    }
+
+    /// Settles the zeroed pages `[first_page, first_page + count)`.
+    fn settle(&mut self, first_page: u64, count: u32) {
+        if !self.owed.is_empty() {
+            for page in first_page..first_page + u64::from(count) {
+                self.owed.remove(&page);
+            }
+        }
+    }
+
+    /// Reads page contents into `pages` a piece at a time, and checks each
+    /// page against its checksum in `self.sums` (read from byte
+    /// `sums_at`) while it is still in the cache: a page that matches is
+    /// settled, one that does not is owed.
+    fn contents(
+        &mut self,
+        pages: &mut [u8],
+        first_page: u64,
+        sums_at: u64,
+    ) -> Result<(), StreamError> {
+        let page_bytes = PAGE_SIZE as usize;
+        for (piece_index, piece) in pages.chunks_mut(CONTENTS_PIECE_BYTES).enumerate() {
+            let at = self.at;
+            read_all(&mut self.input, piece)
+                .map_err(|err| StreamError::read("page contents", at, err))?;
+            self.at += piece.len() as u64;
+            let first = piece_index * (CONTENTS_PIECE_BYTES / page_bytes);
+            for (i, page) in piece.chunks_exact(page_bytes).enumerate() {
+                let index = first + i;
+                let sum = &self.sums[8 * index..8 * index + 8];
+                let expected = u64::from_le_bytes(sum.try_into().expect("8 bytes"));
+                let number = first_page + index as u64;
+                if contents_checksum(page) == expected {
+                    if !self.owed.is_empty() {
+                        self.owed.remove(&number);
+                    }
+                } else {
+                    self.owed.insert(number, sums_at + 8 * index as u64);
+                    self.mismatched += 1;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Bytes read so far.
@@ -472,24 +582,34 @@ impl<R: Read> Reader<R> {
                         limit: CHUNK_PAGES,
                     });
                 }
-                let Some(pages) = sink.pages_mut(first_page, count) else {
-                    return Err(StreamError::OutsideMemory {
-                        first_page,
-                        count,
-                        at,
-                    });
-                };
                 if tag == TAG_PAGES {
-                    let at = self.at;
-                    read_all(&mut self.input, pages)
-                        .map_err(|err| StreamError::read("page contents", at, err))?;
-                    self.crc.update(pages);
-                    self.at += pages.len() as u64;
-                    self.end("a page record")?;
+                    let sums_at = self.at;
+                    let mut sums = std::mem::take(&mut self.sums);
+                    sums.resize(8 * count as usize, 0);
+                    let head = self.fill(&mut sums, "a page record's checksums");
+                    self.sums = sums;
+                    head?;
+                    self.end("a page record's head")?;
+                    let Some(pages) = sink.pages_mut(first_page, count) else {
+                        return Err(StreamError::OutsideMemory {
+                            first_page,
+                            count,
+                            at,
+                        });
+                    };
+                    self.contents(pages, first_page, sums_at)?;
                     Record::Pages { first_page, count }
                 } else {
                     self.end("a zero record")?;
+                    let Some(pages) = sink.pages_mut(first_page, count) else {
+                        return Err(StreamError::OutsideMemory {
+                            first_page,
+                            count,
+                            at,
+                        });
+                    };
                     pages.fill(0);
+                    self.settle(first_page, count);
                     Record::Zeros { first_page, count }
                 }
             }
@@ -501,6 +621,7 @@ impl<R: Read> Reader<R> {
             TAG_STREAM_END => {
                 let pages = self.u64("a connection's end")?;
                 self.end("a connection's end")?;
+                self.settled("a connection's end")?;
                 Record::StreamEnd { pages }
             }
             TAG_STATE => {
@@ -534,6 +655,7 @@ impl<R: Read> Reader<R> {
                 let passes = self.u32("the stream's end")?;
                 let pages = self.u64("the stream's end")?;
                 self.end("the stream's end")?;
+                self.settled("the stream's end")?;
                 Record::Done { passes, pages }
             }
             tag => return Err(StreamError::Tag { tag, at }),
@@ -565,6 +687,15 @@ impl<R: Read> Reader<R> {
             tag => Err(StreamError::Tag { tag, at }),
         }
     }
+}
+
+/// Page contents are read and checked this much at a time, so that each
+/// page is checked while it is still in the cache.
+const CONTENTS_PIECE_BYTES: usize = 64 << 10;
+
+/// The checksum of a page's contents: XXH3-64, seed 0.
+pub fn contents_checksum(data: &[u8]) -> u64 {
+    twox_hash::XxHash3_64::oneshot(data)
 }
 
 /// `read_exact` that retries an interrupted read and keeps the error.

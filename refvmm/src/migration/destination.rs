@@ -254,6 +254,7 @@ impl Destination {
             throughput_mib_s: received.report.bytes as f64
                 / received.report.seconds.max(1e-9)
                 / f64::from(1 << 20),
+            pages_changed_in_flight: received.report.pages_changed_in_flight,
             ..MigrationFigures::default()
         };
         // The source stops only once it hears this; a destination that

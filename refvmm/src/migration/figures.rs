@@ -54,6 +54,9 @@ pub struct MigrationFigures {
     pub throughput_mib_s: f64,
     /// Connections that carried memory.
     pub streams: u32,
+    /// Pages that arrived changed after the source took their checksum
+    /// and came again in a later pass (destination).
+    pub pages_changed_in_flight: u64,
 }
 
 impl MigrationFigures {
@@ -74,11 +77,13 @@ impl MigrationFigures {
         if self.role == "destination" {
             let _ = writeln!(
                 out,
-                "  migration: received {} pages ({} MiB) in {} at {:.0} MiB/s",
+                "  migration: received {} pages ({} MiB) in {} at {:.0} MiB/s, {} changed in flight \
+                 and came again",
                 self.pages,
                 self.bytes >> 20,
                 Seconds(self.total_s),
-                self.throughput_mib_s
+                self.throughput_mib_s,
+                self.pages_changed_in_flight
             );
             return;
         }
