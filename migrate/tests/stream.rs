@@ -162,7 +162,10 @@ fn a_flipped_record_head_is_a_checksum_error_before_any_page_is_written() {
     let mut memory = VecPages::new(header.memory_bytes);
     let err = reader.record(&mut memory).unwrap_err();
     assert!(matches!(err, StreamError::Checksum { .. }), "{err}");
-    assert!(memory.bytes().iter().all(|&b| b == 0), "nothing was written");
+    assert!(
+        memory.bytes().iter().all(|&b| b == 0),
+        "nothing was written"
+    );
 }
 
 #[test]

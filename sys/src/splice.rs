@@ -108,10 +108,9 @@ impl PageSplicer {
                 } else {
                     SpliceFlags::empty()
                 };
-                let moved = retry(|| {
-                    rustix::pipe::splice(&self.read, None, socket, None, left, flags)
-                })
-                .map_err(|errno| SpliceError::Socket(errno.into()))?;
+                let moved =
+                    retry(|| rustix::pipe::splice(&self.read, None, socket, None, left, flags))
+                        .map_err(|errno| SpliceError::Socket(errno.into()))?;
                 if moved == 0 {
                     let err = io::Error::new(io::ErrorKind::WriteZero, "the socket took nothing");
                     return Err(SpliceError::Socket(err));
@@ -145,7 +144,9 @@ mod tests {
     #[test]
     fn pages_arrive_whole_and_in_order_past_the_pipe_size() {
         let (mut reader, writer) = UnixStream::pair().unwrap();
-        let data: Vec<u8> = (0..3 * PIPE_BYTES + 12345).map(|i| (i % 251) as u8).collect();
+        let data: Vec<u8> = (0..3 * PIPE_BYTES + 12345)
+            .map(|i| (i % 251) as u8)
+            .collect();
         let expected = data.clone();
         let sending = std::thread::spawn(move || {
             let mut splicer = PageSplicer::new().unwrap();
