@@ -136,6 +136,29 @@ impl GuestMemoryMap {
         unsafe { std::slice::from_raw_parts(host as *const u8, (count * PAGE_SIZE) as usize) }
     }
 
+    /// Populates pages `[first_page, first_page + count)` for writing
+    /// (`MADV_POPULATE_WRITE`), range by range, changing no contents.
+    pub fn populate(&self, first_page: u64, count: u64) -> std::io::Result<()> {
+        let mut page = first_page;
+        let end = first_page.saturating_add(count).min(self.pages);
+        while page < end {
+            let (host, left) = self.locate(page).expect("a page inside memory");
+            let run = left.min(end - page);
+            // SAFETY: the run lies inside a mapping this map keeps alive;
+            // populating faults pages in as a write would and changes no
+            // contents, so no reader or writer of them can tell.
+            unsafe {
+                mmukit_sys::madvise(
+                    host as *mut u8,
+                    (run * PAGE_SIZE) as usize,
+                    libc::MADV_POPULATE_WRITE,
+                )
+            }?;
+            page += run;
+        }
+        Ok(())
+    }
+
     /// Copies `buf` (whole pages) into pages from `first_page`, inside one
     /// range, as a device model writes guest memory: a running guest sees
     /// the bytes arrive in no particular order.

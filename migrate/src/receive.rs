@@ -7,6 +7,7 @@
 //! nothing of it.
 
 use std::io::BufReader;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::error::MigrateError;
@@ -32,6 +33,10 @@ pub struct Limits {
     /// How long to wait for the sender to connect (`None`: as long as it
     /// takes).
     pub wait_for_sender: Option<Duration>,
+    /// Populate guest memory a little ahead of the pages received, on a
+    /// thread of its own, so that the receiving threads do not wait for
+    /// the kernel to clear each new page.
+    pub populate_ahead: bool,
 }
 
 impl Default for Limits {
@@ -41,6 +46,7 @@ impl Default for Limits {
             max_config_bytes: format::MAX_CONFIG_BYTES,
             timeout: Duration::from_secs(10),
             wait_for_sender: None,
+            populate_ahead: true,
         }
     }
 }
@@ -221,16 +227,25 @@ impl<'a> Incoming<'a> {
             READ_BUFFER_BYTES,
             &mut self.control,
         ));
-        if streams.is_empty() {
-            // SAFETY: the caller's guarantee; one sink, every chunk.
-            let mut sink = unsafe { memory.sink(0, 1) };
-            let read = read_memory(&mut control, &mut sink)?;
-            report.pages = read.pages;
-            report.passes = read.passes;
-            report.pages_changed_in_flight = control.mismatched_pages();
-        } else {
-            let parts = streams.len() as u32;
-            let outcomes: Vec<Result<StreamRead, MigrateError>> = std::thread::scope(|scope| {
+        let frontier = AtomicU64::new(0);
+        let received = AtomicBool::new(false);
+        let populate = self.limits.populate_ahead;
+        let outcomes: Vec<Result<StreamRead, MigrateError>> = std::thread::scope(|scope| {
+            if populate {
+                scope.spawn(|| populate_ahead(memory, &frontier, &received));
+            }
+            let outcomes = if streams.is_empty() {
+                // SAFETY: the caller's guarantee; one sink, every chunk.
+                let sink = unsafe { memory.sink(0, 1) };
+                let mut sink = Tracked(sink, &frontier);
+                let read = read_memory(&mut control, &mut sink).map(|mut read| {
+                    read.changed = control.mismatched_pages();
+                    read
+                });
+                vec![read]
+            } else {
+                let parts = streams.len() as u32;
+                let frontier = &frontier;
                 let handles: Vec<_> = streams
                     .into_iter()
                     .enumerate()
@@ -238,7 +253,8 @@ impl<'a> Incoming<'a> {
                         scope.spawn(move || {
                             // SAFETY: the caller's guarantee; each sink its
                             // own part of the chunks.
-                            let mut sink = unsafe { memory.sink(part as u32, parts) };
+                            let sink = unsafe { memory.sink(part as u32, parts) };
+                            let mut sink = Tracked(sink, frontier);
                             let mut reader = Reader::new(BufReader::with_capacity(
                                 READ_BUFFER_BYTES,
                                 &mut connection,
@@ -254,14 +270,16 @@ impl<'a> Incoming<'a> {
                     .into_iter()
                     .map(|h| h.join().expect("receiver threads do not panic"))
                     .collect()
-            });
-            for outcome in outcomes {
-                let read = outcome?;
-                report.pages += read.pages;
-                report.passes = report.passes.max(read.passes);
-                report.bytes += read.bytes;
-                report.pages_changed_in_flight += read.changed;
-            }
+            };
+            received.store(true, Ordering::Relaxed);
+            outcomes
+        });
+        for outcome in outcomes {
+            let read = outcome?;
+            report.pages += read.pages;
+            report.passes = report.passes.max(read.passes);
+            report.bytes += read.bytes;
+            report.pages_changed_in_flight += read.changed;
         }
         let mut state = Vec::new();
         let mut no_memory = NoMemory;
@@ -359,6 +377,53 @@ fn read_memory<R: std::io::Read>(
     }
 }
 
+/// A sink that records the end of the highest run of pages written (0:
+/// none yet), for [`populate_ahead`].
+struct Tracked<'a, S>(S, &'a AtomicU64);
+
+impl<S: PageSink> PageSink for Tracked<'_, S> {
+    fn pages_mut(&mut self, first_page: u64, count: u32) -> Option<&mut [u8]> {
+        self.1
+            .fetch_max(first_page.saturating_add(count.into()), Ordering::Relaxed);
+        self.0.pages_mut(first_page, count)
+    }
+}
+
+/// Pages [`populate_ahead`] populates at a time: one 2 MiB huge page.
+const POPULATE_STEP_PAGES: u64 = 512;
+/// How far ahead of the highest page received it populates: far enough
+/// that the receivers find their pages ready, near enough that memory the
+/// source skips (zero pages) costs little.
+const POPULATE_LEAD_PAGES: u64 = 16 * POPULATE_STEP_PAGES;
+
+/// Takes the first touch of guest memory (the kernel clearing each new
+/// page) off the receiving threads, on a core of its own: populates memory
+/// in order, a little ahead of `frontier` (the end of the highest run of
+/// pages received), until `received` or the end of memory. Populating
+/// changes no contents, so it may meet the receivers' writes anywhere.
+/// Memory that cannot be populated this way is left to the receivers.
+fn populate_ahead(memory: &GuestMemoryMap, frontier: &AtomicU64, received: &AtomicBool) {
+    let mut next = 0;
+    while next < memory.pages() && !received.load(Ordering::Relaxed) {
+        let front = frontier.load(Ordering::Relaxed);
+        if next < front {
+            // The receivers passed it: their pages are in.
+            next = front.div_ceil(POPULATE_STEP_PAGES) * POPULATE_STEP_PAGES;
+            continue;
+        }
+        if next >= front + POPULATE_LEAD_PAGES {
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
+        }
+        let count = POPULATE_STEP_PAGES.min(memory.pages() - next);
+        if let Err(err) = memory.populate(next, count) {
+            tracing::debug!(%err, "guest memory does not populate: the receivers take its first touch");
+            return;
+        }
+        next += count;
+    }
+}
+
 /// A sink that takes no pages: memory records where none may come.
 struct NoMemory;
 
@@ -372,5 +437,95 @@ impl PageSink for NoMemory {
 fn refuse(control: &mut Connection, why: &str) {
     if let Err(err) = Writer::new(&mut *control).reply(&Reply::Refused(why.into())) {
         tracing::debug!(%err, "the sender did not hear the refusal");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use gmem::consts::{GUEST_MEMFD_FLAG_INIT_SHARED, GUEST_MEMFD_FLAG_MMAP};
+    use gmem::{Backend, GmemConfig, GuestMemFile, View};
+
+    use super::*;
+    use crate::format::PAGE_SIZE;
+
+    const BYTES: u64 = 128 << 20;
+
+    fn memory() -> (GuestMemFile, Arc<View>) {
+        let file = GuestMemFile::create(
+            &Backend::Anonymous,
+            GmemConfig {
+                size: BYTES,
+                flags: GUEST_MEMFD_FLAG_MMAP | GUEST_MEMFD_FLAG_INIT_SHARED,
+                huge_page_size_log2: 0,
+            },
+        )
+        .unwrap();
+        let view = Arc::new(file.map(0, BYTES).unwrap());
+        (file, view)
+    }
+
+    /// Pages of `view` that are resident.
+    fn resident(view: &View) -> u64 {
+        let mut vec = vec![0u8; (BYTES / PAGE_SIZE) as usize];
+        // SAFETY: the view is mapped for BYTES; `vec` has a byte per page.
+        let rc = unsafe { libc::mincore(view.as_ptr().cast(), BYTES as usize, vec.as_mut_ptr()) };
+        assert_eq!(rc, 0);
+        vec.iter().filter(|&&b| b & 1 != 0).count() as u64
+    }
+
+    /// Waits (up to 30 s) until at least `pages` of `view` are resident.
+    fn wait_for_resident(view: &View, pages: u64) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let now = resident(view);
+            if now >= pages || Instant::now() > deadline {
+                assert!(now >= pages, "{now} pages resident, waited for {pages}");
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    struct Stop<'a>(&'a AtomicBool);
+
+    impl Drop for Stop<'_> {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn population_keeps_a_lead_on_the_frontier_and_stops_when_told() {
+        let (_file, view) = memory();
+        let map = GuestMemoryMap::new(vec![view.clone()]);
+        let frontier = AtomicU64::new(0);
+        let received = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let helper = scope.spawn(|| populate_ahead(&map, &frontier, &received));
+            // Whatever happens below, the helper is told to stop, so that a
+            // failing check ends the test rather than hanging it.
+            let _stop = Stop(&received);
+            // Nothing received yet: it populates its lead and waits there.
+            let first = wait_for_resident(&view, POPULATE_LEAD_PAGES);
+            std::thread::sleep(Duration::from_millis(50));
+            let waiting = resident(&view);
+            assert!(
+                waiting <= POPULATE_LEAD_PAGES + POPULATE_STEP_PAGES,
+                "{waiting} pages populated before anything arrived ({first} a moment before)"
+            );
+            // The receivers moved on: it follows, past what they wrote.
+            frontier.store(POPULATE_LEAD_PAGES, Ordering::Relaxed);
+            let second =
+                wait_for_resident(&view, waiting + POPULATE_LEAD_PAGES - POPULATE_STEP_PAGES);
+            assert!(second <= waiting + POPULATE_LEAD_PAGES + POPULATE_STEP_PAGES);
+            // Everything arrived: it stops waiting at its lead (the join
+            // returns) without populating the rest of memory.
+            received.store(true, Ordering::Relaxed);
+            helper.join().unwrap();
+        });
+        let last = resident(&view);
+        assert!(last <= 2 * POPULATE_LEAD_PAGES, "{last} pages populated");
     }
 }
