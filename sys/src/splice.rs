@@ -22,15 +22,20 @@
 //! use mmukit_sys::splice::PageSplicer;
 //!
 //! let (mut reader, writer) = UnixStream::pair()?;
+//! // The socket holds references to these pages, not copies: they must
+//! // stay as they are until the reader has read them.
 //! let data = vec![0x5au8; 64 << 10];
-//! let mut splicer = PageSplicer::new()?;
-//! let sending = std::thread::spawn(move || {
-//!     splicer.send(writer.as_fd(), &data).map_err(|err| err.to_string())
-//! });
 //! let mut got = vec![0u8; 64 << 10];
-//! reader.read_exact(&mut got)?;
-//! sending.join().unwrap()?;
-//! assert!(got.iter().all(|&b| b == 0x5a));
+//! std::thread::scope(|scope| -> Result<(), Box<dyn std::error::Error>> {
+//!     let sending = scope.spawn(|| {
+//!         let mut splicer = PageSplicer::new().map_err(|err| err.to_string())?;
+//!         splicer.send(writer.as_fd(), &data).map_err(|err| err.to_string())
+//!     });
+//!     reader.read_exact(&mut got)?;
+//!     sending.join().unwrap()?;
+//!     Ok(())
+//! })?;
+//! assert_eq!(got, data);
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 
