@@ -152,15 +152,18 @@ mod tests {
         let data: Vec<u8> = (0..3 * PIPE_BYTES + 12345)
             .map(|i| (i % 251) as u8)
             .collect();
-        let expected = data.clone();
-        let sending = std::thread::spawn(move || {
-            let mut splicer = PageSplicer::new().unwrap();
-            splicer.send(writer.as_fd(), &data).unwrap();
-            splicer.send(writer.as_fd(), &data[..100]).unwrap();
+        let mut got = vec![0u8; data.len() + 100];
+        // The socket holds references to `data`'s pages: it outlives the read.
+        std::thread::scope(|scope| {
+            let sending = scope.spawn(|| {
+                let mut splicer = PageSplicer::new().unwrap();
+                splicer.send(writer.as_fd(), &data).unwrap();
+                splicer.send(writer.as_fd(), &data[..100]).unwrap();
+            });
+            reader.read_exact(&mut got).unwrap();
+            sending.join().unwrap();
         });
-        let mut got = vec![0u8; expected.len() + 100];
-        reader.read_exact(&mut got).unwrap();
-        sending.join().unwrap();
+        let expected = data;
         assert!(got[..expected.len()] == expected[..], "the bytes arrived");
         assert_eq!(got[expected.len()..], expected[..100]);
     }
