@@ -19,6 +19,11 @@ use crate::transport::{Connection, Listener};
 /// contents in one read; longer contents go straight into guest memory.
 const READ_BUFFER_BYTES: usize = 8 << 10;
 
+/// The most threads [`Limits::default`] populates memory on. It takes
+/// half the cores, the rest being the receivers' and the sender's: on two
+/// cores a second populating thread only takes time from them.
+const MAX_POPULATE_THREADS: usize = 4;
+
 /// What a destination accepts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
@@ -33,10 +38,13 @@ pub struct Limits {
     /// How long to wait for the sender to connect (`None`: as long as it
     /// takes).
     pub wait_for_sender: Option<Duration>,
-    /// Populate guest memory a little ahead of the pages received, on a
-    /// thread of its own, so that the receiving threads do not wait for
-    /// the kernel to clear each new page.
-    pub populate_ahead: bool,
+    /// Threads that populate guest memory a little ahead of the pages
+    /// received, so that the receiving threads do not wait for the kernel
+    /// to clear each new page (0: the receivers take each first touch
+    /// themselves). Where the host backs fresh memory lazily (a guest
+    /// whose hypervisor takes back free pages), first touches run faster
+    /// on more threads.
+    pub populate_threads: usize,
 }
 
 impl Default for Limits {
@@ -46,7 +54,9 @@ impl Default for Limits {
             max_config_bytes: format::MAX_CONFIG_BYTES,
             timeout: Duration::from_secs(10),
             wait_for_sender: None,
-            populate_ahead: true,
+            populate_threads: std::thread::available_parallelism()
+                .map_or(1, |n| n.get() / 2)
+                .clamp(1, MAX_POPULATE_THREADS),
         }
     }
 }
@@ -229,10 +239,10 @@ impl<'a> Incoming<'a> {
         ));
         let frontier = AtomicU64::new(0);
         let received = AtomicBool::new(false);
-        let populate = self.limits.populate_ahead;
+        let populated = AtomicU64::new(0);
         let outcomes: Vec<Result<StreamRead, MigrateError>> = std::thread::scope(|scope| {
-            if populate {
-                scope.spawn(|| populate_ahead(memory, &frontier, &received));
+            for _ in 0..self.limits.populate_threads {
+                scope.spawn(|| populate_ahead(memory, &populated, &frontier, &received));
             }
             let outcomes = if streams.is_empty() {
                 // SAFETY: the caller's guarantee; one sink, every chunk.
@@ -397,30 +407,50 @@ const POPULATE_STEP_PAGES: u64 = 512;
 const POPULATE_LEAD_PAGES: u64 = 16 * POPULATE_STEP_PAGES;
 
 /// Takes the first touch of guest memory (the kernel clearing each new
-/// page) off the receiving threads, on a core of its own: populates memory
-/// in order, a little ahead of `frontier` (the end of the highest run of
-/// pages received), until `received` or the end of memory. Populating
+/// page) off the receiving threads: populates memory in order, a step at a
+/// time, a little ahead of `frontier` (the end of the highest run of pages
+/// received), until `received` or the end of memory. Several threads may
+/// run it on one `populated` (the start of the next step no thread has
+/// claimed); each claims the next step and populates it. Populating
 /// changes no contents, so it may meet the receivers' writes anywhere.
 /// Memory that cannot be populated this way is left to the receivers.
-fn populate_ahead(memory: &GuestMemoryMap, frontier: &AtomicU64, received: &AtomicBool) {
-    let mut next = 0;
-    while next < memory.pages() && !received.load(Ordering::Relaxed) {
+fn populate_ahead(
+    memory: &GuestMemoryMap,
+    populated: &AtomicU64,
+    frontier: &AtomicU64,
+    received: &AtomicBool,
+) {
+    let end = memory.pages();
+    while !received.load(Ordering::Relaxed) {
+        let next = populated.load(Ordering::Relaxed);
+        if next >= end {
+            return;
+        }
         let front = frontier.load(Ordering::Relaxed);
         if next < front {
             // The receivers passed it: their pages are in.
-            next = front.div_ceil(POPULATE_STEP_PAGES) * POPULATE_STEP_PAGES;
+            let past = front.div_ceil(POPULATE_STEP_PAGES) * POPULATE_STEP_PAGES;
+            let _ = populated.compare_exchange(next, past, Ordering::Relaxed, Ordering::Relaxed);
             continue;
         }
         if next >= front + POPULATE_LEAD_PAGES {
             std::thread::sleep(Duration::from_micros(200));
             continue;
         }
-        let count = POPULATE_STEP_PAGES.min(memory.pages() - next);
+        let count = POPULATE_STEP_PAGES.min(end - next);
+        if populated
+            .compare_exchange(next, next + count, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
+        {
+            // Another thread claimed it first.
+            continue;
+        }
         if let Err(err) = memory.populate(next, count) {
             tracing::debug!(%err, "guest memory does not populate: the receivers take its first touch");
+            // Let every thread stop: what is left is the receivers'.
+            populated.store(end, Ordering::Relaxed);
             return;
         }
-        next += count;
     }
 }
 
@@ -498,34 +528,84 @@ mod tests {
 
     #[test]
     fn population_keeps_a_lead_on_the_frontier_and_stops_when_told() {
+        const THREADS: u64 = 2;
+        // Steps claimed at once may each end a step past the lead.
+        const SLACK: u64 = THREADS * POPULATE_STEP_PAGES;
         let (_file, view) = memory();
         let map = GuestMemoryMap::new(vec![view.clone()]);
+        let populated = AtomicU64::new(0);
         let frontier = AtomicU64::new(0);
         let received = AtomicBool::new(false);
         std::thread::scope(|scope| {
-            let helper = scope.spawn(|| populate_ahead(&map, &frontier, &received));
-            // Whatever happens below, the helper is told to stop, so that a
-            // failing check ends the test rather than hanging it.
+            let helpers: Vec<_> = (0..THREADS)
+                .map(|_| scope.spawn(|| populate_ahead(&map, &populated, &frontier, &received)))
+                .collect();
+            // Whatever happens below, the helpers are told to stop, so that
+            // a failing check ends the test rather than hanging it.
             let _stop = Stop(&received);
-            // Nothing received yet: it populates its lead and waits there.
+            // Nothing received yet: they populate the lead and wait there.
             let first = wait_for_resident(&view, POPULATE_LEAD_PAGES);
             std::thread::sleep(Duration::from_millis(50));
             let waiting = resident(&view);
             assert!(
-                waiting <= POPULATE_LEAD_PAGES + POPULATE_STEP_PAGES,
+                waiting <= POPULATE_LEAD_PAGES + SLACK,
                 "{waiting} pages populated before anything arrived ({first} a moment before)"
             );
-            // The receivers moved on: it follows, past what they wrote.
+            // The receivers moved on: they follow, past what was written.
             frontier.store(POPULATE_LEAD_PAGES, Ordering::Relaxed);
-            let second =
-                wait_for_resident(&view, waiting + POPULATE_LEAD_PAGES - POPULATE_STEP_PAGES);
-            assert!(second <= waiting + POPULATE_LEAD_PAGES + POPULATE_STEP_PAGES);
-            // Everything arrived: it stops waiting at its lead (the join
-            // returns) without populating the rest of memory.
+            let second = wait_for_resident(&view, 2 * POPULATE_LEAD_PAGES);
+            std::thread::sleep(Duration::from_millis(50));
+            let second = resident(&view).max(second);
+            assert!(
+                second <= 2 * POPULATE_LEAD_PAGES + SLACK,
+                "{second} pages populated"
+            );
+            // Everything arrived: they stop waiting at the lead (the joins
+            // return) without populating the rest of memory.
             received.store(true, Ordering::Relaxed);
-            helper.join().unwrap();
+            for helper in helpers {
+                helper.join().unwrap();
+            }
         });
         let last = resident(&view);
-        assert!(last <= 2 * POPULATE_LEAD_PAGES, "{last} pages populated");
+        assert!(
+            last <= 2 * POPULATE_LEAD_PAGES + SLACK,
+            "{last} pages populated"
+        );
+        assert_eq!(
+            populated.load(Ordering::Relaxed) % POPULATE_STEP_PAGES,
+            0,
+            "steps are claimed whole"
+        );
+    }
+
+    #[test]
+    fn population_ends_by_itself_at_the_end_of_memory() {
+        let (_file, view) = memory();
+        let map = GuestMemoryMap::new(vec![view.clone()]);
+        let populated = AtomicU64::new(0);
+        // The receivers are at the end: everything is within the lead.
+        let frontier = AtomicU64::new(0);
+        let received = AtomicBool::new(false);
+        let pages = BYTES / PAGE_SIZE;
+        std::thread::scope(|scope| {
+            let _stop = Stop(&received);
+            let helpers: Vec<_> = (0..3)
+                .map(|_| scope.spawn(|| populate_ahead(&map, &populated, &frontier, &received)))
+                .collect();
+            // The frontier walks through memory as a receiver's would.
+            let mut front = 0;
+            while front < pages {
+                front = (front + POPULATE_STEP_PAGES).min(pages);
+                frontier.store(front, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_micros(300));
+            }
+            // With the frontier at the end, the helpers return by
+            // themselves: there is nothing left to populate.
+            for helper in helpers {
+                helper.join().unwrap();
+            }
+        });
+        assert!(populated.load(Ordering::Relaxed) >= pages);
     }
 }
