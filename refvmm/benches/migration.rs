@@ -2,14 +2,19 @@
 //! with 1 GiB of non-zero memory moved over a unix socket with the
 //! bandwidth unlimited (refvmm's `idle` workload on `kvm` with a random
 //! fill; QEMU's `-M microvm` over a `memory-backend-file` holding random
-//! bytes, its guest a 64 KiB BIOS of `cli; hlt`), the same with all-zero
-//! memory, refvmm with two connections against a memcpy of the same
-//! bytes, the unix socket alone (1 GiB through a socket pair into fresh and
-//! into touched memory: what no sender over it can beat) and a memcpy into
-//! fresh memory (what no destination can beat), a guest dirtying
-//! memory against `max_downtime_ms`, destinations that prefault and that
-//! use memfd (4 KiB pages) instead of the default's huge pages, and a soft
-//! `dirty_log` guest on HugeTLB with eager splitting on and off.
+//! bytes, its guest a 64 KiB BIOS of `cli; hlt`), refvmm and QEMU runs
+//! alternating, from two states of the host: warm (3 GiB touched and freed
+//! just before, so that the destination takes memory the host below
+//! backs) and as found (after 3 s of quiet, when a host with free page
+//! reporting has handed its free memory back and each page the destination
+//! takes is backed anew on first touch, whichever VMM takes it). Then, on
+//! a warm host: all-zero memory, refvmm with two connections against a
+//! memcpy of the same bytes, the unix socket alone (1 GiB through a socket
+//! pair into fresh and into touched memory) and a memcpy into fresh memory
+//! (what no destination that copies can beat), destinations that prefault,
+//! that use memfd (4 KiB pages) and that use a reserved HugeTLB pool, a
+//! guest dirtying memory against `max_downtime_ms`, and a soft `dirty_log`
+//! guest on HugeTLB with eager splitting on and off.
 //!
 //! QEMU runs only where `qemu-system-x86_64` is installed
 //! (`scripts/install-qemu`); the refvmm rows need `/dev/kvm`, the HugeTLB
@@ -393,32 +398,125 @@ fn fill_random(block: &mut [u8], state: &mut u64) {
     }
 }
 
-/// The QEMU rows: `(random, zero)`, or why there are none.
-fn qemu_rows() -> Result<(Vec<Moved>, Vec<Moved>), String> {
-    let found = Command::new("qemu-system-x86_64")
-        .arg("--version")
-        .output()
-        .map_err(|_| "qemu-system-x86_64 is not installed (scripts/install-qemu)".to_string())?;
-    let version = String::from_utf8_lossy(&found.stdout);
-    println!("{}", version.lines().next().unwrap_or("QEMU"));
-    let dir = scratch("qemu");
-    // The BIOS: `cli; hlt; jmp hlt` at the reset vector, `hlt` elsewhere.
-    let mut bios = vec![0xf4u8; 64 << 10];
-    bios[0xfff0..0xfff4].copy_from_slice(&[0xfa, 0xf4, 0xeb, 0xfd]);
-    std::fs::write(dir.join("bios.bin"), &bios).expect("BIOS written");
-    let data = Path::new("/dev/shm").join(format!("refvmm-bench-migration-{}", std::process::id()));
-    random_file(&data, GIB);
-    let random_memory = format!(
-        "memory-backend-file,id=mem,size=1G,share=off,mem-path={}",
-        data.display()
-    );
-    let random = (0..RUNS).map(|_| qemu_move(&dir, &random_memory)).collect();
-    let _ = std::fs::remove_file(&data);
-    let zero = (0..RUNS)
-        .map(|_| qemu_move(&dir, "memory-backend-ram,id=mem,size=1G"))
-        .collect();
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok((random, zero))
+/// QEMU, ready to move its guests: the BIOS and the random memory file
+/// in a scratch directory, removed on drop.
+struct Qemu {
+    dir: PathBuf,
+    data: PathBuf,
+}
+
+impl Qemu {
+    /// QEMU where it is installed, or why not.
+    fn new() -> Result<Self, String> {
+        let found = Command::new("qemu-system-x86_64")
+            .arg("--version")
+            .output()
+            .map_err(|_| {
+                "qemu-system-x86_64 is not installed (scripts/install-qemu)".to_string()
+            })?;
+        let version = String::from_utf8_lossy(&found.stdout);
+        println!("{}", version.lines().next().unwrap_or("QEMU"));
+        let dir = scratch("qemu");
+        // The BIOS: `cli; hlt; jmp hlt` at the reset vector, `hlt` elsewhere.
+        let mut bios = vec![0xf4u8; 64 << 10];
+        bios[0xfff0..0xfff4].copy_from_slice(&[0xfa, 0xf4, 0xeb, 0xfd]);
+        std::fs::write(dir.join("bios.bin"), &bios).expect("BIOS written");
+        let data =
+            Path::new("/dev/shm").join(format!("refvmm-bench-migration-{}", std::process::id()));
+        random_file(&data, GIB);
+        Ok(Self { dir, data })
+    }
+
+    /// Moves the guest with 1 GiB of random memory.
+    fn random(&self) -> Moved {
+        let memory = format!(
+            "memory-backend-file,id=mem,size=1G,share=off,mem-path={}",
+            self.data.display()
+        );
+        qemu_move(&self.dir, &memory)
+    }
+
+    /// Moves the guest with all-zero memory.
+    fn zero(&self) -> Moved {
+        qemu_move(&self.dir, "memory-backend-ram,id=mem,size=1G")
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.data);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The state of the host's free memory a migration starts from.
+#[derive(Clone, Copy, PartialEq)]
+enum Host {
+    /// 3 GiB touched and freed just before: memory the host below backs.
+    Warm,
+    /// 3 s of quiet before: on a host that hands free memory back to the
+    /// hypervisor below (free page reporting, which reports memory freed
+    /// 2 s before), each page the destination takes is backed anew there
+    /// on first touch.
+    AsFound,
+}
+
+impl Host {
+    /// Brings the host to this state.
+    fn prepare(self) {
+        match self {
+            Self::Warm => {
+                let mut memory = FreshMemory::new(3 * GIB as usize);
+                memory.bytes().fill(1);
+                std::hint::black_box(memory.bytes());
+            }
+            Self::AsFound => std::thread::sleep(Duration::from_secs(3)),
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Self::Warm => "host warm",
+            Self::AsFound => "host as found",
+        }
+    }
+}
+
+/// `RUNS` runs of `ours` and of `theirs` (where there is a QEMU), each
+/// from `host`, alternating which goes first.
+fn pairs(
+    host: Host,
+    ours: impl Fn() -> Moved,
+    theirs: Option<&dyn Fn() -> Moved>,
+) -> (Vec<Moved>, Vec<Moved>) {
+    let (mut our_runs, mut their_runs) = (Vec::new(), Vec::new());
+    for run in 0..RUNS {
+        let mut theirs_once = || {
+            if let Some(theirs) = theirs {
+                host.prepare();
+                their_runs.push(theirs());
+            }
+        };
+        if run % 2 == 0 {
+            theirs_once();
+        }
+        host.prepare();
+        our_runs.push(ours());
+        if run % 2 == 1 {
+            theirs_once();
+        }
+    }
+    (our_runs, their_runs)
+}
+
+/// `runs` of `what` from `host`.
+fn runs(host: Host, what: impl Fn() -> Moved) -> Vec<Moved> {
+    (0..RUNS)
+        .map(|_| {
+            host.prepare();
+            what()
+        })
+        .collect()
 }
 
 fn row(name: &str, runs: Vec<Moved>) -> Moved {
@@ -456,16 +554,21 @@ fn dirtying() {
     );
 }
 
+/// Free 2 MiB HugeTLB pages.
+fn free_huge_pages() -> u64 {
+    std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
+        .ok()
+        .and_then(|text| text.trim().parse::<u64>().ok())
+        .unwrap_or(0)
+}
+
 /// A soft dirty_log guest on 2 MiB HugeTLB pages with eager splitting on
 /// and off: what it changes in the setup, the first pass and the total.
 fn eager_split() {
-    let free = std::fs::read_to_string("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages")
-        .ok()
-        .and_then(|text| text.trim().parse::<u64>().ok())
-        .unwrap_or(0);
+    let free = free_huge_pages();
     if free < 2 * 512 + 16 {
         println!(
-            "soft dirty_log on HugeTLB: skipped ({free} free 2 MiB pages; scripts/setup reserves them)"
+            "soft dirty_log on HugeTLB: skipped ({free} free 2 MiB pages of the 1040 both sides take; scripts/bench reserves them)"
         );
         return;
     }
@@ -502,41 +605,86 @@ fn main() {
         return;
     }
     println!(
-        "live migration of an idle 1 GiB guest over a unix socket, bandwidth unlimited (best of {RUNS})"
+        "live migration of an idle 1 GiB guest over a unix socket, bandwidth unlimited (best of {RUNS}; refvmm and QEMU runs alternate)"
     );
-    let qemu = qemu_rows();
-    let ours_one = row(
-        "refvmm random 1 stream",
-        (0..RUNS).map(|_| refvmm_idle("random", 1)).collect(),
+    let qemu = Qemu::new();
+    if let Err(why) = &qemu {
+        println!("QEMU: skipped ({why})");
+    }
+    let qemu = qemu.ok();
+    let qemu_random = || qemu.as_ref().expect("QEMU").random();
+    let qemu_zero = || qemu.as_ref().expect("QEMU").zero();
+    let mut warm = None;
+    for host in [Host::Warm, Host::AsFound] {
+        let (ours, theirs) = pairs(
+            host,
+            || refvmm_idle("random", 1),
+            qemu.as_ref().map(|_| &qemu_random as &dyn Fn() -> Moved),
+        );
+        let ours = row(&format!("refvmm random 1 stream, {}", host.name()), ours);
+        let theirs = (!theirs.is_empty())
+            .then(|| row(&format!("QEMU random 1 stream, {}", host.name()), theirs));
+        if let Some(theirs) = theirs {
+            println!(
+                "  refvmm/QEMU total, {}: {:.3}x (goal <= 0.25x)",
+                host.name(),
+                ours.total.as_secs_f64() / theirs.total.as_secs_f64()
+            );
+        }
+        if host == Host::Warm {
+            warm = Some((ours, theirs));
+        }
+    }
+    let (ours_one, theirs_random) = warm.expect("the warm rows ran");
+    let host = Host::Warm;
+    let (ours_zero, theirs_zero) = pairs(
+        host,
+        || refvmm_idle("zero", 1),
+        qemu.as_ref().map(|_| &qemu_zero as &dyn Fn() -> Moved),
     );
+    let ours_zero = row("refvmm zero 1 stream, host warm", ours_zero);
+    if !theirs_zero.is_empty() {
+        let theirs_zero = row("QEMU zero 1 stream, host warm", theirs_zero);
+        println!(
+            "  refvmm/QEMU total, zero: {:.3}x",
+            ours_zero.total.as_secs_f64() / theirs_zero.total.as_secs_f64()
+        );
+    }
     let ours_two = row(
-        "refvmm random 2 streams",
-        (0..RUNS).map(|_| refvmm_idle("random", 2)).collect(),
-    );
-    let ours_zero = row(
-        "refvmm zero 1 stream",
-        (0..RUNS).map(|_| refvmm_idle("zero", 1)).collect(),
+        "refvmm random 2 streams, host warm",
+        runs(host, || refvmm_idle("random", 2)),
     );
     // The destination populates its memory on its threads before it
     // accepts (its `memory.prefault`), instead of taking each page as the
     // stream writes it; the setup counts in the total.
     let prefault = json!({"memory": {"prefault": true}});
-    let ours_prefault = row(
+    row(
         "refvmm random 1 stream, dest prefault",
-        (0..RUNS)
-            .map(|_| refvmm_idle_to("random", 1, Some(&prefault)))
-            .collect(),
+        runs(host, || refvmm_idle_to("random", 1, Some(&prefault))),
     );
     // The destination on memfd: 4 KiB shmem pages, where the default takes
-    // transparent huge pages, which a host may have to compact or back
-    // afresh for each one.
+    // transparent huge pages.
     let memfd = json!({"memory": {"backend": "memfd"}});
     row(
         "refvmm random 1 stream, dest memfd",
-        (0..RUNS)
-            .map(|_| refvmm_idle_to("random", 1, Some(&memfd)))
-            .collect(),
+        runs(host, || refvmm_idle_to("random", 1, Some(&memfd))),
     );
+    // The destination on a reserved HugeTLB pool: memory the host backed
+    // when it was first used, whatever the host did with its free memory
+    // since (the first run takes that first use).
+    if free_huge_pages() >= 512 {
+        let hugetlb = json!({"memory": {"backend": "hugetlb", "huge_page_size": "2M"}});
+        row(
+            "refvmm random 1 stream, dest HugeTLB, host as found",
+            runs(Host::AsFound, || {
+                refvmm_idle_to("random", 1, Some(&hugetlb))
+            }),
+        );
+    } else {
+        println!(
+            "refvmm dest HugeTLB: skipped (fewer than 512 free 2 MiB pages; scripts/setup reserves them)"
+        );
+    }
     let copy = memcpy(GIB as usize);
     let copy_mib_s = 1024.0 / copy.as_secs_f64();
     println!(
@@ -571,29 +719,19 @@ fn main() {
         "refvmm random 1 stream / unix socket into fresh memory: {:.2}x (the transport alone, no format or checksum, 1 thread each side)",
         ours_one.total.as_secs_f64() / floor_fresh.as_secs_f64()
     );
-    match qemu {
-        Ok((random, zero)) => {
-            let theirs = row("QEMU random 1 stream", random);
-            let theirs_zero = row("QEMU zero 1 stream", zero);
-            println!(
-                "refvmm/QEMU total: random {:.3}x (goal <= 0.25x), with destination prefault {:.3}x, zero {:.3}x",
-                ours_one.total.as_secs_f64() / theirs.total.as_secs_f64(),
-                ours_prefault.total.as_secs_f64() / theirs.total.as_secs_f64(),
-                ours_zero.total.as_secs_f64() / theirs_zero.total.as_secs_f64(),
-            );
-            println!(
-                "the unix socket alone / QEMU random: {:.3}x into fresh memory, {:.3}x into touched memory (no sender over this transport can go below these); a memcpy into fresh memory / QEMU random: {:.3}x (no destination can go below it)",
-                floor_fresh.as_secs_f64() / theirs.total.as_secs_f64(),
-                floor_touched.as_secs_f64() / theirs.total.as_secs_f64(),
-                fresh_copy.as_secs_f64() / theirs.total.as_secs_f64(),
-            );
-        }
-        Err(why) => println!("QEMU: skipped ({why})"),
+    if let Some(theirs) = theirs_random {
+        println!(
+            "the unix socket alone / QEMU random, host warm: {:.3}x into fresh memory, {:.3}x into touched memory; a memcpy into fresh memory / QEMU random: {:.3}x (no destination that copies can go below it)",
+            floor_fresh.as_secs_f64() / theirs.total.as_secs_f64(),
+            floor_touched.as_secs_f64() / theirs.total.as_secs_f64(),
+            fresh_copy.as_secs_f64() / theirs.total.as_secs_f64(),
+        );
     }
     println!(
-        "2 streams: {:.0} MiB/s = {:.2}x a 1-thread memcpy; idle downtime {:.1} ms (goal <= 50 ms)",
+        "2 streams: {:.0} MiB/s = {:.2}x a 1-thread memcpy, {:.2}x a memcpy into fresh memory; idle downtime {:.1} ms (goal <= 50 ms)",
         ours_two.mib_s(),
         ours_two.mib_s() / copy_mib_s,
+        ours_two.total.as_secs_f64().recip() * fresh_copy.as_secs_f64(),
         ms(ours_one.downtime),
     );
     dirtying();
