@@ -4,10 +4,11 @@
 //! fill; QEMU's `-M microvm` over a `memory-backend-file` holding random
 //! bytes, its guest a 64 KiB BIOS of `cli; hlt`), refvmm and QEMU runs
 //! alternating, from two states of the host: warm (3 GiB touched and freed
-//! just before, so that the destination takes memory the host below
-//! backs) and as found (after 3 s of quiet, when a host with free page
-//! reporting has handed its free memory back and each page the destination
-//! takes is backed anew on first touch, whichever VMM takes it). Then, on
+//! just before the source starts, so that the destination takes memory
+//! the host below backs) and as found (3 s of quiet between the source's
+//! start and the migration, when a host with free page reporting has
+//! handed its free memory back and each page the destination takes may be
+//! backed anew on first touch, whichever VMM takes it). Then, on
 //! a warm host: all-zero memory, refvmm with two connections against a
 //! memcpy of the same bytes, the unix socket alone (1 GiB through a socket
 //! pair into fresh and into touched memory) and a memcpy into fresh memory
@@ -139,18 +140,23 @@ fn moved(report: &Value) -> Moved {
 
 /// The idle guest of 1 GiB: `fill` before it starts, `streams`
 /// connections.
-fn refvmm_idle(fill: &str, streams: u32) -> Moved {
-    refvmm_idle_to(fill, streams, None)
+fn refvmm_idle(host: Host, fill: &str, streams: u32) -> Moved {
+    refvmm_idle_to(host, fill, streams, None)
 }
 
 /// [`refvmm_idle`] to a destination that changes `destination_config`.
-fn refvmm_idle_to(fill: &str, streams: u32, destination_config: Option<&Value>) -> Moved {
+fn refvmm_idle_to(
+    host: Host,
+    fill: &str,
+    streams: u32,
+    destination_config: Option<&Value>,
+) -> Moved {
     let config = json!({
         "vcpus": 1,
         "accel": "kvm",
         "memory": {"size_mib": 1024},
         "workload": {"kind": "idle", "duration_ms": 600_000, "fill": fill},
-        "migration": {"after_ms": 100, "streams": streams},
+        "migration": {"after_ms": host.quiet().as_millis() as u64, "streams": streams},
     });
     moved(&refvmm_move(
         &format!("idle-{fill}-{streams}"),
@@ -330,7 +336,7 @@ fn qemu(dir: &Path, name: &str, memory: &str, incoming: Option<&str>) -> (Child,
 
 /// Moves a QEMU guest whose memory is `memory` (a `-object` argument with
 /// `id=mem`) between two QEMU processes over a unix socket.
-fn qemu_move(dir: &Path, memory: &str) -> Moved {
+fn qemu_move(dir: &Path, memory: &str, quiet: Duration) -> Moved {
     let socket = dir.join("m.sock");
     let address = format!("unix:{}", socket.display());
     let (destination, _destination_qmp) = qemu(
@@ -341,8 +347,8 @@ fn qemu_move(dir: &Path, memory: &str) -> Moved {
     );
     wait_for(&socket);
     let (source, mut qmp) = qemu(dir, "source", memory, None);
-    // Let the guest reach its `hlt`.
-    std::thread::sleep(Duration::from_millis(200));
+    // The guest reaches its `hlt`; the host is quiet.
+    std::thread::sleep(quiet);
     qmp.execute(
         "migrate-set-parameters",
         json!({"max-bandwidth": 1u64 << 40}),
@@ -428,17 +434,17 @@ impl Qemu {
     }
 
     /// Moves the guest with 1 GiB of random memory.
-    fn random(&self) -> Moved {
+    fn random(&self, host: Host) -> Moved {
         let memory = format!(
             "memory-backend-file,id=mem,size=1G,share=off,mem-path={}",
             self.data.display()
         );
-        qemu_move(&self.dir, &memory)
+        qemu_move(&self.dir, &memory, host.quiet())
     }
 
     /// Moves the guest with all-zero memory.
-    fn zero(&self) -> Moved {
-        qemu_move(&self.dir, "memory-backend-ram,id=mem,size=1G")
+    fn zero(&self, host: Host) -> Moved {
+        qemu_move(&self.dir, "memory-backend-ram,id=mem,size=1G", host.quiet())
     }
 }
 
@@ -452,25 +458,31 @@ impl Drop for Qemu {
 /// The state of the host's free memory a migration starts from.
 #[derive(Clone, Copy, PartialEq)]
 enum Host {
-    /// 3 GiB touched and freed just before: memory the host below backs.
+    /// 3 GiB touched and freed just before the source starts: memory the
+    /// host below backs.
     Warm,
-    /// 3 s of quiet before: on a host that hands free memory back to the
-    /// hypervisor below (free page reporting, which reports memory freed
-    /// 2 s before), each page the destination takes is backed anew there
-    /// on first touch.
+    /// 3 s of quiet between the source's start and the migration: on a
+    /// host that hands free memory back to the hypervisor below (free page
+    /// reporting, which reports memory freed 2 s before), each page the
+    /// destination takes may have to be backed anew there on first touch.
     AsFound,
 }
 
 impl Host {
-    /// Brings the host to this state.
+    /// Brings the host to this state before a source starts.
     fn prepare(self) {
+        if self == Self::Warm {
+            let mut memory = FreshMemory::new(3 * GIB as usize);
+            memory.bytes().fill(1);
+            std::hint::black_box(memory.bytes());
+        }
+    }
+
+    /// How long a source runs before it migrates.
+    fn quiet(self) -> Duration {
         match self {
-            Self::Warm => {
-                let mut memory = FreshMemory::new(3 * GIB as usize);
-                memory.bytes().fill(1);
-                std::hint::black_box(memory.bytes());
-            }
-            Self::AsFound => std::thread::sleep(Duration::from_secs(3)),
+            Self::Warm => Duration::from_millis(200),
+            Self::AsFound => Duration::from_secs(3),
         }
     }
 
@@ -486,22 +498,22 @@ impl Host {
 /// from `host`, alternating which goes first.
 fn pairs(
     host: Host,
-    ours: impl Fn() -> Moved,
-    theirs: Option<&dyn Fn() -> Moved>,
+    ours: impl Fn(Host) -> Moved,
+    theirs: Option<&dyn Fn(Host) -> Moved>,
 ) -> (Vec<Moved>, Vec<Moved>) {
     let (mut our_runs, mut their_runs) = (Vec::new(), Vec::new());
     for run in 0..RUNS {
         let mut theirs_once = || {
             if let Some(theirs) = theirs {
                 host.prepare();
-                their_runs.push(theirs());
+                their_runs.push(theirs(host));
             }
         };
         if run % 2 == 0 {
             theirs_once();
         }
         host.prepare();
-        our_runs.push(ours());
+        our_runs.push(ours(host));
         if run % 2 == 1 {
             theirs_once();
         }
@@ -509,12 +521,12 @@ fn pairs(
     (our_runs, their_runs)
 }
 
-/// `runs` of `what` from `host`.
-fn runs(host: Host, what: impl Fn() -> Moved) -> Vec<Moved> {
+/// `RUNS` runs of `what` from `host`.
+fn runs(host: Host, what: impl Fn(Host) -> Moved) -> Vec<Moved> {
     (0..RUNS)
         .map(|_| {
             host.prepare();
-            what()
+            what(host)
         })
         .collect()
 }
@@ -612,14 +624,15 @@ fn main() {
         println!("QEMU: skipped ({why})");
     }
     let qemu = qemu.ok();
-    let qemu_random = || qemu.as_ref().expect("QEMU").random();
-    let qemu_zero = || qemu.as_ref().expect("QEMU").zero();
+    let qemu_random = |host| qemu.as_ref().expect("QEMU").random(host);
+    let qemu_zero = |host| qemu.as_ref().expect("QEMU").zero(host);
     let mut warm = None;
     for host in [Host::Warm, Host::AsFound] {
         let (ours, theirs) = pairs(
             host,
-            || refvmm_idle("random", 1),
-            qemu.as_ref().map(|_| &qemu_random as &dyn Fn() -> Moved),
+            |host| refvmm_idle(host, "random", 1),
+            qemu.as_ref()
+                .map(|_| &qemu_random as &dyn Fn(Host) -> Moved),
         );
         let ours = row(&format!("refvmm random 1 stream, {}", host.name()), ours);
         let theirs = (!theirs.is_empty())
@@ -639,8 +652,8 @@ fn main() {
     let host = Host::Warm;
     let (ours_zero, theirs_zero) = pairs(
         host,
-        || refvmm_idle("zero", 1),
-        qemu.as_ref().map(|_| &qemu_zero as &dyn Fn() -> Moved),
+        |host| refvmm_idle(host, "zero", 1),
+        qemu.as_ref().map(|_| &qemu_zero as &dyn Fn(Host) -> Moved),
     );
     let ours_zero = row("refvmm zero 1 stream, host warm", ours_zero);
     if !theirs_zero.is_empty() {
@@ -652,7 +665,7 @@ fn main() {
     }
     let ours_two = row(
         "refvmm random 2 streams, host warm",
-        runs(host, || refvmm_idle("random", 2)),
+        runs(host, |host| refvmm_idle(host, "random", 2)),
     );
     // The destination populates its memory on its threads before it
     // accepts (its `memory.prefault`), instead of taking each page as the
@@ -660,14 +673,16 @@ fn main() {
     let prefault = json!({"memory": {"prefault": true}});
     row(
         "refvmm random 1 stream, dest prefault",
-        runs(host, || refvmm_idle_to("random", 1, Some(&prefault))),
+        runs(host, |host| {
+            refvmm_idle_to(host, "random", 1, Some(&prefault))
+        }),
     );
     // The destination on memfd: 4 KiB shmem pages, where the default takes
     // transparent huge pages.
     let memfd = json!({"memory": {"backend": "memfd"}});
     row(
         "refvmm random 1 stream, dest memfd",
-        runs(host, || refvmm_idle_to("random", 1, Some(&memfd))),
+        runs(host, |host| refvmm_idle_to(host, "random", 1, Some(&memfd))),
     );
     // The destination on a reserved HugeTLB pool: memory the host backed
     // when it was first used, whatever the host did with its free memory
@@ -676,8 +691,8 @@ fn main() {
         let hugetlb = json!({"memory": {"backend": "hugetlb", "huge_page_size": "2M"}});
         row(
             "refvmm random 1 stream, dest HugeTLB, host as found",
-            runs(Host::AsFound, || {
-                refvmm_idle_to("random", 1, Some(&hugetlb))
+            runs(Host::AsFound, |host| {
+                refvmm_idle_to(host, "random", 1, Some(&hugetlb))
             }),
         );
     } else {
