@@ -2,10 +2,12 @@
 //!
 //! Live migration of a VM's memory over the dirty log, for a Rust VMM:
 //!
-//! - [`format`]: the stream (version 1, specified in `STREAM.md`): a
-//!   header with the configuration, page records with a CRC-32 each, state
-//!   sections, an end marker, and the destination's replies. The reader
-//!   refuses anything malformed, truncated, foreign or damaged.
+//! - [`mod@format`]: the stream (version 2, specified in `STREAM.md`): a
+//!   header with the configuration, page records (a CRC-32 over each head,
+//!   an XXH3 checksum per page), state sections, an end marker, and the
+//!   destination's replies. The reader refuses anything malformed,
+//!   truncated, foreign or damaged, and owes a page that arrived changed
+//!   until a later record settles it.
 //! - [`dirty`]: where dirtied pages come from: [`KvmDirtyLog`] (KVM's log,
 //!   manual protect where offered) and [`SoftDirtyLog`] (mmukit's software
 //!   MMU), behind the [`DirtyLog`] trait.
