@@ -237,17 +237,15 @@ impl<'a> Incoming<'a> {
             READ_BUFFER_BYTES,
             &mut self.control,
         ));
-        let frontier = AtomicU64::new(0);
-        let received = AtomicBool::new(false);
-        let populated = AtomicU64::new(0);
+        let progress = Progress::default();
         let outcomes: Vec<Result<StreamRead, MigrateError>> = std::thread::scope(|scope| {
             for _ in 0..self.limits.populate_threads {
-                scope.spawn(|| populate_ahead(memory, &populated, &frontier, &received));
+                scope.spawn(|| populate_ahead(memory, &progress));
             }
             let outcomes = if streams.is_empty() {
                 // SAFETY: the caller's guarantee; one sink, every chunk.
                 let sink = unsafe { memory.sink(0, 1) };
-                let mut sink = Tracked(sink, &frontier);
+                let mut sink = Tracked(sink, &progress);
                 let read = read_memory(&mut control, &mut sink).map(|mut read| {
                     read.changed = control.mismatched_pages();
                     read
@@ -255,7 +253,7 @@ impl<'a> Incoming<'a> {
                 vec![read]
             } else {
                 let parts = streams.len() as u32;
-                let frontier = &frontier;
+                let progress = &progress;
                 let handles: Vec<_> = streams
                     .into_iter()
                     .enumerate()
@@ -264,7 +262,7 @@ impl<'a> Incoming<'a> {
                             // SAFETY: the caller's guarantee; each sink its
                             // own part of the chunks.
                             let sink = unsafe { memory.sink(part as u32, parts) };
-                            let mut sink = Tracked(sink, frontier);
+                            let mut sink = Tracked(sink, progress);
                             let mut reader = Reader::new(BufReader::with_capacity(
                                 READ_BUFFER_BYTES,
                                 &mut connection,
@@ -281,7 +279,7 @@ impl<'a> Incoming<'a> {
                     .map(|h| h.join().expect("receiver threads do not panic"))
                     .collect()
             };
-            received.store(true, Ordering::Relaxed);
+            progress.received.store(true, Ordering::Relaxed);
             outcomes
         });
         for outcome in outcomes {
@@ -387,68 +385,95 @@ fn read_memory<R: std::io::Read>(
     }
 }
 
-/// A sink that records the end of the highest run of pages written (0:
-/// none yet), for [`populate_ahead`].
-struct Tracked<'a, S>(S, &'a AtomicU64);
+/// How far the receivers and the populating threads have come.
+#[derive(Debug, Default)]
+struct Progress {
+    /// The end of the highest run of pages written (0: none yet).
+    frontier: AtomicU64,
+    /// Pages written (zero runs included).
+    written: AtomicU64,
+    /// Where the next step to populate starts: steps before it are claimed.
+    claimed: AtomicU64,
+    /// Pages populated.
+    populated: AtomicU64,
+    /// Every memory record is in: populating stops.
+    received: AtomicBool,
+}
+
+/// A sink that keeps [`Progress`]'s `frontier` and `written`, for
+/// [`populate_ahead`].
+struct Tracked<'a, S>(S, &'a Progress);
 
 impl<S: PageSink> PageSink for Tracked<'_, S> {
     fn pages_mut(&mut self, first_page: u64, count: u32) -> Option<&mut [u8]> {
-        self.1
-            .fetch_max(first_page.saturating_add(count.into()), Ordering::Relaxed);
-        self.0.pages_mut(first_page, count)
+        let pages = self.0.pages_mut(first_page, count)?;
+        let progress = self.1;
+        progress
+            .frontier
+            .fetch_max(first_page + u64::from(count), Ordering::Relaxed);
+        progress
+            .written
+            .fetch_add(u64::from(count), Ordering::Relaxed);
+        Some(pages)
     }
 }
 
 /// Pages [`populate_ahead`] populates at a time: one 2 MiB huge page.
 const POPULATE_STEP_PAGES: u64 = 512;
-/// How far ahead of the highest page received it populates: far enough
-/// that the receivers find their pages ready, near enough that memory the
-/// source skips (zero pages) costs little.
+/// How far ahead of the highest page received it populates, and how far
+/// the pages it populated may outnumber those written: far enough that the
+/// receivers find their pages ready, near enough that memory the source
+/// skips (zero pages) costs little, however sparse the guest's.
 const POPULATE_LEAD_PAGES: u64 = 16 * POPULATE_STEP_PAGES;
 
 /// Takes the first touch of guest memory (the kernel clearing each new
 /// page) off the receiving threads: populates memory in order, a step at a
-/// time, a little ahead of `frontier` (the end of the highest run of pages
-/// received), until `received` or the end of memory. Several threads may
-/// run it on one `populated` (the start of the next step no thread has
-/// claimed); each claims the next step and populates it. Populating
-/// changes no contents, so it may meet the receivers' writes anywhere.
-/// Memory that cannot be populated this way is left to the receivers.
-fn populate_ahead(
-    memory: &GuestMemoryMap,
-    populated: &AtomicU64,
-    frontier: &AtomicU64,
-    received: &AtomicBool,
-) {
+/// time, a little ahead of the frontier, until every record is in or the
+/// end of memory. Several threads may run it on one [`Progress`]; each
+/// claims the next step and populates it. It waits while it has populated
+/// [`POPULATE_LEAD_PAGES`] more than were written, so that a sparse guest
+/// (runs of pages far apart, zero pages skipped between) does not become
+/// wholly resident on the destination. Populating changes no contents, so
+/// it may meet the receivers' writes anywhere. Memory that cannot be
+/// populated this way is left to the receivers.
+fn populate_ahead(memory: &GuestMemoryMap, progress: &Progress) {
     let end = memory.pages();
-    while !received.load(Ordering::Relaxed) {
-        let next = populated.load(Ordering::Relaxed);
+    while !progress.received.load(Ordering::Relaxed) {
+        let next = progress.claimed.load(Ordering::Relaxed);
         if next >= end {
             return;
         }
-        let front = frontier.load(Ordering::Relaxed);
+        let front = progress.frontier.load(Ordering::Relaxed);
         if next < front {
             // The receivers passed it: their pages are in.
             let past = front.div_ceil(POPULATE_STEP_PAGES) * POPULATE_STEP_PAGES;
-            let _ = populated.compare_exchange(next, past, Ordering::Relaxed, Ordering::Relaxed);
+            let _ =
+                progress
+                    .claimed
+                    .compare_exchange(next, past, Ordering::Relaxed, Ordering::Relaxed);
             continue;
         }
-        if next >= front + POPULATE_LEAD_PAGES {
+        let ahead = progress.populated.load(Ordering::Relaxed);
+        if next >= front + POPULATE_LEAD_PAGES
+            || ahead >= progress.written.load(Ordering::Relaxed) + POPULATE_LEAD_PAGES
+        {
             std::thread::sleep(Duration::from_micros(200));
             continue;
         }
         let count = POPULATE_STEP_PAGES.min(end - next);
-        if populated
+        if progress
+            .claimed
             .compare_exchange(next, next + count, Ordering::Relaxed, Ordering::Relaxed)
             .is_err()
         {
             // Another thread claimed it first.
             continue;
         }
+        progress.populated.fetch_add(count, Ordering::Relaxed);
         if let Err(err) = memory.populate(next, count) {
             tracing::debug!(%err, "guest memory does not populate: the receivers take its first touch");
             // Let every thread stop: what is left is the receivers'.
-            populated.store(end, Ordering::Relaxed);
+            progress.claimed.store(end, Ordering::Relaxed);
             return;
         }
     }
@@ -518,12 +543,20 @@ mod tests {
         }
     }
 
-    struct Stop<'a>(&'a AtomicBool);
+    /// Tells the populating threads to stop when dropped, so that a
+    /// failing check ends a test rather than hanging it.
+    struct Stop<'a>(&'a Progress);
 
     impl Drop for Stop<'_> {
         fn drop(&mut self) {
-            self.0.store(true, Ordering::Relaxed);
+            self.0.received.store(true, Ordering::Relaxed);
         }
+    }
+
+    /// The receivers wrote `pages` pages ending at `frontier`.
+    fn wrote(progress: &Progress, frontier: u64, pages: u64) {
+        progress.written.fetch_add(pages, Ordering::Relaxed);
+        progress.frontier.fetch_max(frontier, Ordering::Relaxed);
     }
 
     #[test]
@@ -533,16 +566,12 @@ mod tests {
         const SLACK: u64 = THREADS * POPULATE_STEP_PAGES;
         let (_file, view) = memory();
         let map = GuestMemoryMap::new(vec![view.clone()]);
-        let populated = AtomicU64::new(0);
-        let frontier = AtomicU64::new(0);
-        let received = AtomicBool::new(false);
+        let progress = Progress::default();
         std::thread::scope(|scope| {
             let helpers: Vec<_> = (0..THREADS)
-                .map(|_| scope.spawn(|| populate_ahead(&map, &populated, &frontier, &received)))
+                .map(|_| scope.spawn(|| populate_ahead(&map, &progress)))
                 .collect();
-            // Whatever happens below, the helpers are told to stop, so that
-            // a failing check ends the test rather than hanging it.
-            let _stop = Stop(&received);
+            let _stop = Stop(&progress);
             // Nothing received yet: they populate the lead and wait there.
             let first = wait_for_resident(&view, POPULATE_LEAD_PAGES);
             std::thread::sleep(Duration::from_millis(50));
@@ -551,8 +580,8 @@ mod tests {
                 waiting <= POPULATE_LEAD_PAGES + SLACK,
                 "{waiting} pages populated before anything arrived ({first} a moment before)"
             );
-            // The receivers moved on: they follow, past what was written.
-            frontier.store(POPULATE_LEAD_PAGES, Ordering::Relaxed);
+            // The receivers wrote the lead: they follow, past it.
+            wrote(&progress, POPULATE_LEAD_PAGES, POPULATE_LEAD_PAGES);
             let second = wait_for_resident(&view, 2 * POPULATE_LEAD_PAGES);
             std::thread::sleep(Duration::from_millis(50));
             let second = resident(&view).max(second);
@@ -562,7 +591,7 @@ mod tests {
             );
             // Everything arrived: they stop waiting at the lead (the joins
             // return) without populating the rest of memory.
-            received.store(true, Ordering::Relaxed);
+            progress.received.store(true, Ordering::Relaxed);
             for helper in helpers {
                 helper.join().unwrap();
             }
@@ -573,9 +602,42 @@ mod tests {
             "{last} pages populated"
         );
         assert_eq!(
-            populated.load(Ordering::Relaxed) % POPULATE_STEP_PAGES,
+            progress.claimed.load(Ordering::Relaxed) % POPULATE_STEP_PAGES,
             0,
             "steps are claimed whole"
+        );
+    }
+
+    #[test]
+    fn population_of_a_sparse_guest_stays_near_what_was_written() {
+        let (_file, view) = memory();
+        let map = GuestMemoryMap::new(vec![view.clone()]);
+        let progress = Progress::default();
+        let pages = BYTES / PAGE_SIZE;
+        std::thread::scope(|scope| {
+            let _stop = Stop(&progress);
+            let helpers: Vec<_> = (0..2)
+                .map(|_| scope.spawn(|| populate_ahead(&map, &progress)))
+                .collect();
+            // One page written in every lead's worth of memory, the rest
+            // zero pages the source skips: the frontier walks through all
+            // of memory with next to nothing written.
+            let mut front = 0;
+            while front < pages {
+                front = (front + POPULATE_LEAD_PAGES).min(pages);
+                wrote(&progress, front, 1);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            progress.received.store(true, Ordering::Relaxed);
+            for helper in helpers {
+                helper.join().unwrap();
+            }
+        });
+        let written = progress.written.load(Ordering::Relaxed);
+        let populated = resident(&view);
+        assert!(
+            populated <= written + POPULATE_LEAD_PAGES + 2 * POPULATE_STEP_PAGES,
+            "{populated} pages populated for {written} written, of {pages}"
         );
     }
 
@@ -583,21 +645,20 @@ mod tests {
     fn population_ends_by_itself_at_the_end_of_memory() {
         let (_file, view) = memory();
         let map = GuestMemoryMap::new(vec![view.clone()]);
-        let populated = AtomicU64::new(0);
-        // The receivers are at the end: everything is within the lead.
-        let frontier = AtomicU64::new(0);
-        let received = AtomicBool::new(false);
+        let progress = Progress::default();
         let pages = BYTES / PAGE_SIZE;
         std::thread::scope(|scope| {
-            let _stop = Stop(&received);
+            let _stop = Stop(&progress);
             let helpers: Vec<_> = (0..3)
-                .map(|_| scope.spawn(|| populate_ahead(&map, &populated, &frontier, &received)))
+                .map(|_| scope.spawn(|| populate_ahead(&map, &progress)))
                 .collect();
-            // The frontier walks through memory as a receiver's would.
+            // A dense guest: the frontier walks through memory as the
+            // receivers write every page.
             let mut front = 0;
             while front < pages {
-                front = (front + POPULATE_STEP_PAGES).min(pages);
-                frontier.store(front, Ordering::Relaxed);
+                let next = (front + POPULATE_STEP_PAGES).min(pages);
+                wrote(&progress, next, next - front);
+                front = next;
                 std::thread::sleep(Duration::from_micros(300));
             }
             // With the frontier at the end, the helpers return by
@@ -606,6 +667,6 @@ mod tests {
                 helper.join().unwrap();
             }
         });
-        assert!(populated.load(Ordering::Relaxed) >= pages);
+        assert!(progress.claimed.load(Ordering::Relaxed) >= pages);
     }
 }
