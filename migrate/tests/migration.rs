@@ -66,8 +66,9 @@ fn same(a: &GuestMemoryMap, b: &GuestMemoryMap) -> bool {
 /// software MMU) keeps writing during pre-copy; checks the destination
 /// holds exactly the source's memory once the writers stopped. Pages the
 /// guest changed between their checksum and their copy arrive owed and
-/// are settled by a later pass.
-fn live_migration(address: Address, streams: u32, zero_copy: bool) {
+/// are settled by a later pass. The destination populates its memory on
+/// `populate_threads` threads of its own.
+fn live_migration(address: Address, streams: u32, zero_copy: bool, populate_threads: usize) {
     let bytes = 16 * MIB;
     let view = memory(bytes);
     let source = map(&view);
@@ -129,7 +130,11 @@ fn live_migration(address: Address, streams: u32, zero_copy: bool) {
             }
             written.store(1, Ordering::Relaxed);
         });
-        let incoming = Incoming::accept(&listener, Limits::default()).unwrap();
+        let limits = Limits {
+            populate_threads,
+            ..Limits::default()
+        };
+        let incoming = Incoming::accept(&listener, limits).unwrap();
         assert_eq!(incoming.header().config, r#"{"test": true}"#);
         // SAFETY: nothing runs on the destination's memory.
         let received = unsafe { incoming.receive(&destination) }.unwrap();
@@ -152,12 +157,17 @@ fn live_migration(address: Address, streams: u32, zero_copy: bool) {
 
 #[test]
 fn memory_written_during_precopy_arrives_over_one_unix_connection() {
-    live_migration(unix("one"), 1, true);
+    live_migration(unix("one"), 1, true, 1);
+}
+
+#[test]
+fn memory_written_during_precopy_arrives_with_the_receiver_taking_each_first_touch() {
+    live_migration(unix("unpopulated"), 1, true, 0);
 }
 
 #[test]
 fn memory_written_during_precopy_arrives_written_rather_than_spliced() {
-    live_migration(unix("written"), 2, false);
+    live_migration(unix("written"), 2, false, 2);
 }
 
 #[test]
@@ -165,7 +175,7 @@ fn memory_written_during_precopy_arrives_over_three_tcp_connections() {
     let listener = Listener::bind(&"tcp:127.0.0.1:0".parse().unwrap()).unwrap();
     let address = listener.address().unwrap();
     drop(listener);
-    live_migration(address, 3, true);
+    live_migration(address, 3, true, 3);
 }
 
 #[test]
