@@ -543,14 +543,39 @@ mod tests {
         }
     }
 
-    /// Tells the populating threads to stop when dropped, so that a
-    /// failing check ends a test rather than hanging it.
-    struct Stop<'a>(&'a Progress);
+    /// Tells the populating threads to stop if a check fails (the thread
+    /// unwinds), so that the test fails rather than hangs.
+    struct StopOnPanic<'a>(&'a Progress);
 
-    impl Drop for Stop<'_> {
+    impl Drop for StopOnPanic<'_> {
         fn drop(&mut self) {
-            self.0.received.store(true, Ordering::Relaxed);
+            if std::thread::panicking() {
+                self.0.received.store(true, Ordering::Relaxed);
+            }
         }
+    }
+
+    /// Runs `threads` populating threads over `map` while `receivers`
+    /// plays the receivers' part, then joins them: they must have ended by
+    /// themselves or been told to by `receivers`.
+    fn populating(
+        map: &GuestMemoryMap,
+        progress: &Progress,
+        threads: u64,
+        receivers: impl FnOnce(),
+    ) {
+        std::thread::scope(|scope| {
+            let helpers: Vec<_> = (0..threads)
+                .map(|_| scope.spawn(|| populate_ahead(map, progress)))
+                .collect();
+            {
+                let _stop = StopOnPanic(progress);
+                receivers();
+            }
+            for helper in helpers {
+                helper.join().unwrap();
+            }
+        });
     }
 
     /// The receivers wrote `pages` pages ending at `frontier`.
@@ -567,11 +592,7 @@ mod tests {
         let (_file, view) = memory();
         let map = GuestMemoryMap::new(vec![view.clone()]);
         let progress = Progress::default();
-        std::thread::scope(|scope| {
-            let helpers: Vec<_> = (0..THREADS)
-                .map(|_| scope.spawn(|| populate_ahead(&map, &progress)))
-                .collect();
-            let _stop = Stop(&progress);
+        populating(&map, &progress, THREADS, || {
             // Nothing received yet: they populate the lead and wait there.
             let first = wait_for_resident(&view, POPULATE_LEAD_PAGES);
             std::thread::sleep(Duration::from_millis(50));
@@ -592,9 +613,6 @@ mod tests {
             // Everything arrived: they stop waiting at the lead (the joins
             // return) without populating the rest of memory.
             progress.received.store(true, Ordering::Relaxed);
-            for helper in helpers {
-                helper.join().unwrap();
-            }
         });
         let last = resident(&view);
         assert!(
@@ -614,11 +632,7 @@ mod tests {
         let map = GuestMemoryMap::new(vec![view.clone()]);
         let progress = Progress::default();
         let pages = BYTES / PAGE_SIZE;
-        std::thread::scope(|scope| {
-            let _stop = Stop(&progress);
-            let helpers: Vec<_> = (0..2)
-                .map(|_| scope.spawn(|| populate_ahead(&map, &progress)))
-                .collect();
+        populating(&map, &progress, 2, || {
             // One page written in every lead's worth of memory, the rest
             // zero pages the source skips: the frontier walks through all
             // of memory with next to nothing written.
@@ -629,9 +643,6 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(5));
             }
             progress.received.store(true, Ordering::Relaxed);
-            for helper in helpers {
-                helper.join().unwrap();
-            }
         });
         let written = progress.written.load(Ordering::Relaxed);
         let populated = resident(&view);
@@ -647,24 +658,16 @@ mod tests {
         let map = GuestMemoryMap::new(vec![view.clone()]);
         let progress = Progress::default();
         let pages = BYTES / PAGE_SIZE;
-        std::thread::scope(|scope| {
-            let _stop = Stop(&progress);
-            let helpers: Vec<_> = (0..3)
-                .map(|_| scope.spawn(|| populate_ahead(&map, &progress)))
-                .collect();
-            // A dense guest: the frontier walks through memory as the
-            // receivers write every page.
+        // A dense guest: the frontier walks through memory as the
+        // receivers write every page; nothing tells the threads to stop,
+        // so the joins return only because they reached the end.
+        populating(&map, &progress, 3, || {
             let mut front = 0;
             while front < pages {
                 let next = (front + POPULATE_STEP_PAGES).min(pages);
                 wrote(&progress, next, next - front);
                 front = next;
                 std::thread::sleep(Duration::from_micros(300));
-            }
-            // With the frontier at the end, the helpers return by
-            // themselves: there is nothing left to populate.
-            for helper in helpers {
-                helper.join().unwrap();
             }
         });
         assert!(progress.claimed.load(Ordering::Relaxed) >= pages);
