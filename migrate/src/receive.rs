@@ -453,9 +453,9 @@ fn populate_ahead(memory: &GuestMemoryMap, progress: &Progress) {
                     .compare_exchange(next, past, Ordering::Relaxed, Ordering::Relaxed);
             continue;
         }
-        let ahead = progress.populated.load(Ordering::Relaxed);
+        let populated = progress.populated.load(Ordering::Relaxed);
         if next >= front + POPULATE_LEAD_PAGES
-            || ahead >= progress.written.load(Ordering::Relaxed) + POPULATE_LEAD_PAGES
+            || populated >= progress.written.load(Ordering::Relaxed) + POPULATE_LEAD_PAGES
         {
             std::thread::sleep(Duration::from_micros(200));
             continue;
