@@ -330,6 +330,9 @@ mod tests {
         }
     }
 
+    /// The send buffer a unix connection ends up with follows the kernel's
+    /// `SO_SNDBUF` rule (`sk_setsockopt` in `net/core/sock.c`): the request
+    /// is capped at `sysctl_wmem_max`, then doubled.
     #[test]
     fn unix_connections_ask_for_a_wide_send_buffer() {
         let dir = std::env::temp_dir().join(format!("mmukit-transport-{}", std::process::id()));
@@ -353,8 +356,6 @@ mod tests {
             )
         };
         assert_eq!(rc, 0);
-        // The kernel caps the request at `net.core.wmem_max` and doubles
-        // it (room for its own bookkeeping).
         let cap = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
             .ok()
             .and_then(|text| text.trim().parse::<libc::c_int>().ok());
