@@ -146,6 +146,9 @@ mod tests {
 
     use super::*;
 
+    /// `vmsplice` into a pipe takes references to the user pages, not
+    /// copies (`iter_to_pipe` in `fs/splice.c`), so the bytes sent must
+    /// stay as they are until the reader has them.
     #[test]
     fn pages_arrive_whole_and_in_order_past_the_pipe_size() {
         let (mut reader, writer) = UnixStream::pair().unwrap();
