@@ -494,19 +494,20 @@ impl Host {
     }
 }
 
-/// `RUNS` runs of `ours` and of `theirs` (where there is a QEMU), each
-/// from `host`, alternating which goes first.
+/// `RUNS` runs of `ours` and of `theirs` on `qemu` (where there is one),
+/// each from `host`, alternating which goes first.
 fn pairs(
     host: Host,
     ours: impl Fn(Host) -> Moved,
-    theirs: Option<&dyn Fn(Host) -> Moved>,
+    qemu: Option<&Qemu>,
+    theirs: fn(&Qemu, Host) -> Moved,
 ) -> (Vec<Moved>, Vec<Moved>) {
     let (mut our_runs, mut their_runs) = (Vec::new(), Vec::new());
     for run in 0..RUNS {
         let mut theirs_once = || {
-            if let Some(theirs) = theirs {
+            if let Some(qemu) = qemu {
                 host.prepare();
-                their_runs.push(theirs(host));
+                their_runs.push(theirs(qemu, host));
             }
         };
         if run % 2 == 0 {
@@ -624,15 +625,13 @@ fn main() {
         println!("QEMU: skipped ({why})");
     }
     let qemu = qemu.ok();
-    let qemu_random = |host| qemu.as_ref().expect("QEMU").random(host);
-    let qemu_zero = |host| qemu.as_ref().expect("QEMU").zero(host);
     let mut warm = None;
     for host in [Host::Warm, Host::AsFound] {
         let (ours, theirs) = pairs(
             host,
             |host| refvmm_idle(host, "random", 1),
-            qemu.as_ref()
-                .map(|_| &qemu_random as &dyn Fn(Host) -> Moved),
+            qemu.as_ref(),
+            Qemu::random,
         );
         let ours = row(&format!("refvmm random 1 stream, {}", host.name()), ours);
         let theirs = (!theirs.is_empty())
@@ -653,7 +652,8 @@ fn main() {
     let (ours_zero, theirs_zero) = pairs(
         host,
         |host| refvmm_idle(host, "zero", 1),
-        qemu.as_ref().map(|_| &qemu_zero as &dyn Fn(Host) -> Moved),
+        qemu.as_ref(),
+        Qemu::zero,
     );
     let ours_zero = row("refvmm zero 1 stream, host warm", ours_zero);
     if !theirs_zero.is_empty() {
