@@ -337,6 +337,18 @@ fn qemu(dir: &Path, name: &str, memory: &str, incoming: Option<&str>) -> (Child,
 /// Moves a QEMU guest whose memory is `memory` (a `-object` argument with
 /// `id=mem`) between two QEMU processes over a unix socket.
 fn qemu_move(dir: &Path, memory: &str, quiet: Duration) -> Moved {
+    for _ in 0..3 {
+        match qemu_move_once(dir, memory, quiet) {
+            Ok(moved) => return moved,
+            Err(status) => println!("  (QEMU reported no total time, run again: {status})"),
+        }
+    }
+    panic!("QEMU reported no total time three times");
+}
+
+/// One QEMU migration, or its `query-migrate` status where that status
+/// says it took no time (no measurement).
+fn qemu_move_once(dir: &Path, memory: &str, quiet: Duration) -> Result<Moved, Value> {
     let socket = dir.join("m.sock");
     let address = format!("unix:{}", socket.display());
     let (destination, _destination_qmp) = qemu(
@@ -365,13 +377,17 @@ fn qemu_move(dir: &Path, memory: &str, quiet: Duration) -> Moved {
     stop(source);
     stop(destination);
     let _ = std::fs::remove_file(&socket);
-    Moved {
-        total: Duration::from_millis(status["total-time"].as_u64().expect("total-time")),
+    let total = status["total-time"].as_u64().expect("total-time");
+    if total == 0 {
+        return Err(status);
+    }
+    Ok(Moved {
+        total: Duration::from_millis(total),
         downtime: Duration::from_millis(status["downtime"].as_u64().expect("downtime")),
         bytes: status["ram"]["transferred"]
             .as_u64()
             .expect("ram.transferred"),
-    }
+    })
 }
 
 /// Writes `bytes` of pseudo-random data (no page is zero) to `path`.
