@@ -1249,13 +1249,21 @@ fn a_spinning_guest_is_stopped_at_the_workload_timeout_with_its_registers() {
 /// is).
 #[test]
 fn prefault_past_the_hosts_available_memory_is_refused_naming_the_size() {
-    let available = HostCaps::probe().mem_available.expect("MemAvailable") >> 20;
+    // Past all the host's memory, not just what is available now: tests
+    // running beside this one free memory between a count and the run.
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
+    let total_kib: u64 = meminfo
+        .lines()
+        .find_map(|line| line.strip_prefix("MemTotal:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("MemTotal");
+    assert!(HostCaps::probe().mem_available.expect("MemAvailable") <= total_kib << 10);
     let config = write_config(
         "prefault-too-big.json",
         &format!(
             r#"{{"accel": "soft", "memory": {{"size_mib": {}, "prefault": true}},
                 "workload": {{"kind": "dirty_log", "iterations": 1, "bytes_per_vcpu_mib": 1}}}}"#,
-            available + 1024
+            (total_kib >> 10) + 1024
         ),
     );
     let out = run(&["--config", config.to_str().unwrap(), "--report", "json"]);
