@@ -2,20 +2,21 @@
 //! with 1 GiB of non-zero memory moved over a unix socket with the
 //! bandwidth unlimited (refvmm's `idle` workload on `kvm` with a random
 //! fill; QEMU's `-M microvm` over a `memory-backend-file` holding random
-//! bytes, its guest a 64 KiB BIOS of `cli; hlt`), refvmm and QEMU runs
-//! alternating, from two states of the host: warm (3 GiB touched and freed
-//! just before the source starts, so that the destination takes memory
-//! the host below backs) and as found (3 s of quiet between the source's
-//! start and the migration, when a host with free page reporting has
-//! handed its free memory back and each page the destination takes may be
-//! backed anew on first touch, whichever VMM takes it). Then, on
-//! a warm host: all-zero memory, refvmm with two connections against a
-//! memcpy of the same bytes, the unix socket alone (1 GiB through a socket
-//! pair into fresh and into touched memory) and a memcpy into fresh memory
-//! (what no destination that copies can beat), destinations that prefault,
-//! that use memfd (4 KiB pages) and that use a reserved HugeTLB pool, a
-//! guest dirtying memory against `max_downtime_ms`, and a soft `dirty_log`
-//! guest on HugeTLB with eager splitting on and off.
+//! bytes, copied as its source starts so that each source takes fresh
+//! memory as it starts; its guest a 64 KiB BIOS of `cli; hlt`), refvmm and
+//! QEMU runs alternating, from two states of the host: warm (3 GiB touched
+//! and freed just before the source starts, so that the destination takes
+//! memory the host below backs) and as found (3 s of quiet between the
+//! source's start and the migration, when a host with free page reporting
+//! has handed its free memory back and each page the destination takes may
+//! be backed anew on first touch, whichever VMM takes it). Then, on a warm
+//! host: all-zero memory, refvmm with two connections against a memcpy of
+//! the same bytes, the unix socket alone (1 GiB through a socket pair into
+//! fresh and into touched memory) and a memcpy into fresh memory (what no
+//! destination that copies can beat), destinations that prefault, that use
+//! memfd (4 KiB pages) and that use a reserved HugeTLB pool, a guest
+//! dirtying memory against `max_downtime_ms`, and a soft `dirty_log` guest
+//! on HugeTLB with eager splitting on and off.
 //!
 //! QEMU runs only where `qemu-system-x86_64` is installed
 //! (`scripts/install-qemu`); the refvmm rows need `/dev/kvm`, the HugeTLB
@@ -334,11 +335,21 @@ fn qemu(dir: &Path, name: &str, memory: &str, incoming: Option<&str>) -> (Child,
     (child, Qmp::connect(&qmp))
 }
 
+/// A file a QEMU source's memory maps, copied from `from` to `to` right
+/// before the source starts and removed after the move: the source takes
+/// fresh memory when it starts, as refvmm's source does when it fills its
+/// guest, so that both destinations find the host's free memory alike.
+struct SourceFile<'a> {
+    from: &'a Path,
+    to: &'a Path,
+}
+
 /// Moves a QEMU guest whose memory is `memory` (a `-object` argument with
-/// `id=mem`) between two QEMU processes over a unix socket.
-fn qemu_move(dir: &Path, memory: &str, quiet: Duration) -> Moved {
+/// `id=mem`, mapping `file` where there is one) between two QEMU processes
+/// over a unix socket.
+fn qemu_move(dir: &Path, memory: &str, file: Option<SourceFile>, quiet: Duration) -> Moved {
     for _ in 0..3 {
-        match qemu_move_once(dir, memory, quiet) {
+        match qemu_move_once(dir, memory, file.as_ref(), quiet) {
             Ok(moved) => return moved,
             Err(status) => println!("  (QEMU reported no total time, run again: {status})"),
         }
@@ -348,7 +359,12 @@ fn qemu_move(dir: &Path, memory: &str, quiet: Duration) -> Moved {
 
 /// One QEMU migration, or its `query-migrate` status where that status
 /// says it took no time (no measurement).
-fn qemu_move_once(dir: &Path, memory: &str, quiet: Duration) -> Result<Moved, Value> {
+fn qemu_move_once(
+    dir: &Path,
+    memory: &str,
+    file: Option<&SourceFile>,
+    quiet: Duration,
+) -> Result<Moved, Value> {
     let socket = dir.join("m.sock");
     let address = format!("unix:{}", socket.display());
     let (destination, _destination_qmp) = qemu(
@@ -358,6 +374,9 @@ fn qemu_move_once(dir: &Path, memory: &str, quiet: Duration) -> Result<Moved, Va
         Some(&address),
     );
     wait_for(&socket);
+    if let Some(file) = file {
+        std::fs::copy(file.from, file.to).expect("the source's memory file copied");
+    }
     let (source, mut qmp) = qemu(dir, "source", memory, None);
     // The guest reaches its `hlt`; the host is quiet.
     std::thread::sleep(quiet);
@@ -377,6 +396,9 @@ fn qemu_move_once(dir: &Path, memory: &str, quiet: Duration) -> Result<Moved, Va
     stop(source);
     stop(destination);
     let _ = std::fs::remove_file(&socket);
+    if let Some(file) = file {
+        let _ = std::fs::remove_file(file.to);
+    }
     let total = status["total-time"].as_u64().expect("total-time");
     if total == 0 {
         return Err(status);
@@ -449,18 +471,29 @@ impl Qemu {
         Ok(Self { dir, data })
     }
 
-    /// Moves the guest with 1 GiB of random memory.
+    /// Moves the guest with 1 GiB of random memory, from a copy of the
+    /// random file made as the source starts.
     fn random(&self, host: Host) -> Moved {
+        let copy = self.data.with_extension("source");
         let memory = format!(
             "memory-backend-file,id=mem,size=1G,share=off,mem-path={}",
-            self.data.display()
+            copy.display()
         );
-        qemu_move(&self.dir, &memory, host.quiet())
+        let file = SourceFile {
+            from: &self.data,
+            to: &copy,
+        };
+        qemu_move(&self.dir, &memory, Some(file), host.quiet())
     }
 
     /// Moves the guest with all-zero memory.
     fn zero(&self, host: Host) -> Moved {
-        qemu_move(&self.dir, "memory-backend-ram,id=mem,size=1G", host.quiet())
+        qemu_move(
+            &self.dir,
+            "memory-backend-ram,id=mem,size=1G",
+            None,
+            host.quiet(),
+        )
     }
 }
 
