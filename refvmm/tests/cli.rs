@@ -1251,19 +1251,18 @@ fn a_spinning_guest_is_stopped_at_the_workload_timeout_with_its_registers() {
 fn prefault_past_the_hosts_available_memory_is_refused_naming_the_size() {
     // Past all the host's memory, not just what is available now: tests
     // running beside this one free memory between a count and the run.
-    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap();
-    let total_kib: u64 = meminfo
-        .lines()
-        .find_map(|line| line.strip_prefix("MemTotal:"))
-        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("MemTotal");
-    assert!(HostCaps::probe().mem_available.expect("MemAvailable") <= total_kib << 10);
+    // SAFETY: a `sysinfo` struct is plain integers, valid all zero.
+    let mut info: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: sysinfo(2) only fills the struct it is given, ours.
+    assert_eq!(unsafe { libc::sysinfo(&mut info) }, 0);
+    let total = info.totalram * u64::from(info.mem_unit);
+    assert!(HostCaps::probe().mem_available.expect("MemAvailable") <= total);
     let config = write_config(
         "prefault-too-big.json",
         &format!(
             r#"{{"accel": "soft", "memory": {{"size_mib": {}, "prefault": true}},
                 "workload": {{"kind": "dirty_log", "iterations": 1, "bytes_per_vcpu_mib": 1}}}}"#,
-            (total_kib >> 10) + 1024
+            (total >> 20) + 1024
         ),
     );
     let out = run(&["--config", config.to_str().unwrap(), "--report", "json"]);
