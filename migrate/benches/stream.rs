@@ -97,25 +97,14 @@ fn stream(source: &GuestMemoryMap, destination: &GuestMemoryMap, streams: u32) -
 }
 
 /// The send buffer the stream's unix connections ask for.
-const WIDE_SEND_BUFFER: libc::c_int = 4 << 20;
+const WIDE_SEND_BUFFER: usize = 4 << 20;
 
 /// The same bytes through a bare socket pair, its writer's send buffer
 /// `send_buffer` bytes (`None`: the kernel's default).
-fn bare_socket(source: &View, destination: &View, send_buffer: Option<libc::c_int>) -> Duration {
+fn bare_socket(source: &View, destination: &View, send_buffer: Option<usize>) -> Duration {
     let (mut reader, mut writer) = UnixStream::pair().expect("a socket pair");
     if let Some(bytes) = send_buffer {
-        // SAFETY: setsockopt(2) on the writer's own socket, reading an int
-        // that lives for the call.
-        let rc = unsafe {
-            libc::setsockopt(
-                std::os::fd::AsRawFd::as_raw_fd(&writer),
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
-                (&raw const bytes).cast(),
-                std::mem::size_of_val(&bytes) as libc::socklen_t,
-            )
-        };
-        assert_eq!(rc, 0, "SO_SNDBUF");
+        mmukit_sys::set_send_buffer_size(&writer, bytes).expect("SO_SNDBUF");
     }
     // SAFETY: both views are ours, of `BYTES` bytes, and nothing else
     // touches them while this runs; the source is only read.

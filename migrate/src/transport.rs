@@ -4,7 +4,6 @@
 
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -274,25 +273,13 @@ impl Drop for Listener {
 /// The send buffer a unix connection asks for: a few MiB in flight lets
 /// the sender run ahead of the reader instead of waking it for each 200
 /// KiB (the kernel's default). The kernel caps it at `net.core.wmem_max`.
-const UNIX_SEND_BUFFER_BYTES: libc::c_int = 4 << 20;
+const UNIX_SEND_BUFFER_BYTES: usize = 4 << 20;
 
 /// Asks for [`UNIX_SEND_BUFFER_BYTES`] of send buffer on `stream`; a
 /// smaller buffer only means more wake-ups, so a refusal is ignored.
 fn widen_send_buffer(stream: &UnixStream) {
-    let bytes = UNIX_SEND_BUFFER_BYTES;
-    // SAFETY: setsockopt(2) on a socket this stream owns, reading an int
-    // that lives for the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            stream.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&raw const bytes).cast(),
-            std::mem::size_of_val(&bytes) as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        tracing::debug!(err = %io::Error::last_os_error(), "the send buffer keeps its size");
+    if let Err(err) = mmukit_sys::set_send_buffer_size(stream, UNIX_SEND_BUFFER_BYTES) {
+        tracing::debug!(%err, "the send buffer keeps its size");
     }
 }
 
@@ -343,22 +330,10 @@ mod tests {
         let Connection::Unix(stream) = &connection else {
             panic!("a unix address gives a unix connection");
         };
-        let mut bytes: libc::c_int = 0;
-        let mut len = std::mem::size_of_val(&bytes) as libc::socklen_t;
-        // SAFETY: getsockopt(2) on our socket into an int and its length.
-        let rc = unsafe {
-            libc::getsockopt(
-                stream.as_raw_fd(),
-                libc::SOL_SOCKET,
-                libc::SO_SNDBUF,
-                (&raw mut bytes).cast(),
-                &raw mut len,
-            )
-        };
-        assert_eq!(rc, 0);
+        let bytes = mmukit_sys::send_buffer_size(stream).unwrap();
         let cap = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
             .ok()
-            .and_then(|text| text.trim().parse::<libc::c_int>().ok());
+            .and_then(|text| text.trim().parse::<usize>().ok());
         if let Some(cap) = cap {
             assert_eq!(bytes, 2 * UNIX_SEND_BUFFER_BYTES.min(cap));
         }

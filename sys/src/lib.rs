@@ -5,8 +5,8 @@
 //! which no crate wraps), their size and allocation, mappings owned by a
 //! value ([`Mapping`]) and the fixed-address calls that replace parts of
 //! them, the HugeTLB pools ([`hugetlb`]), filling new pages in one pass
-//! ([`userfault`]), and sending memory into a socket without copying it
-//! ([`splice`]). The calls go through rustix where it covers them; only
+//! ([`userfault`]), sending memory into a socket without copying it
+//! ([`splice`]) and sizing a socket's send buffer. The calls go through rustix where it covers them; only
 //! `memfd_secret` and the userfaultfd ioctls are made raw.
 //!
 //! ```
@@ -92,6 +92,20 @@ pub fn fallocate(fd: impl AsFd, mode: i32, offset: u64, len: u64) -> io::Result<
 /// The size of the file behind `fd`.
 pub fn file_size(fd: impl AsFd) -> io::Result<u64> {
     Ok(rustix::fs::fstat(fd)?.st_size as u64)
+}
+
+/// Asks for a send buffer of `bytes` on the socket `fd` (`SO_SNDBUF`).
+/// The kernel caps the request at `net.core.wmem_max` and keeps twice
+/// what it grants (`sk_setsockopt`), as [`send_buffer_size`] then reads.
+pub fn set_send_buffer_size(fd: impl AsFd, bytes: usize) -> io::Result<()> {
+    Ok(rustix::net::sockopt::set_socket_send_buffer_size(
+        fd, bytes,
+    )?)
+}
+
+/// The send buffer of the socket `fd` in bytes (`SO_SNDBUF`).
+pub fn send_buffer_size(fd: impl AsFd) -> io::Result<usize> {
+    Ok(rustix::net::sockopt::socket_send_buffer_size(fd)?)
 }
 
 /// A memory mapping owned by this value and unmapped on drop.
